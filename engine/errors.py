@@ -1,0 +1,202 @@
+"""The exceptions cowchain raises.
+
+Every failure a caller can see is an :class:`EngineError`.  The subclasses are split by what
+the caller can do about it; each carries its facts as attributes and a message that says what
+is wrong and what to do.  Where a builtin exception fits, the class also derives from it, so
+``except FileNotFoundError`` or ``except OSError`` keep working.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+
+
+class EngineError(Exception):
+    """Base of every error cowchain raises on purpose.
+
+    Attributes:
+        path (str | None): the file the error is about, when there is one.
+        hint (str): what the caller can do about it.
+    """
+
+    exit_code = 1
+    default_hint = ""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
+        self.path = path
+        self.hint = self.default_hint if hint is None else hint
+        self.message = message
+        text = message if path is None else f"{path}: {message}"
+        if self.hint:
+            text = f"{text} ({self.hint})"
+        super().__init__(text)
+
+
+class ImageNotFound(EngineError, FileNotFoundError):
+    """The image file does not exist. Check the path."""
+
+    exit_code = 2
+    default_hint = "check the path"
+
+
+class ImageFormatError(EngineError):
+    """The bytes are not an image in a format we read (bad magic, unsupported version,
+    a header field outside what the format allows)."""
+
+    exit_code = 3
+    default_hint = "the file is not a valid QCOW2 image; open it with format='raw' if it is raw"
+
+
+class UnsupportedFeature(EngineError):
+    """The image uses a feature this engine does not implement (an unknown incompatible bit,
+    encryption, an external data file, writes to extended-L2 images, ...).
+
+    Attributes:
+        feature (str): the feature's name.
+    """
+
+    exit_code = 4
+    default_hint = "convert the image with qemu-img to a plain qcow2 image first"
+
+    def __init__(self, feature: str, message: str | None = None, **kw):
+        self.feature = feature
+        super().__init__(message or f"unsupported feature: {feature}", **kw)
+
+
+class CorruptImage(EngineError):
+    """The image's metadata is inconsistent (entries past the end of the file, misaligned
+    tables, reserved bits, refcount mismatches).
+
+    Attributes:
+        offset (int | None): the host offset of the bad structure, when known.
+    """
+
+    exit_code = 5
+    default_hint = "run 'cowchain check --repair all' or 'qemu-img check -r all' on a copy"
+
+    def __init__(self, message: str, *, offset: int | None = None, **kw):
+        self.offset = offset
+        super().__init__(message, **kw)
+
+
+class SafetyLimitExceeded(EngineError):
+    """A size or count in the image or the request is over a limit we enforce (QEMU's limits
+    for tables, snapshots, names; our own for chain depth).
+
+    Attributes:
+        limit (int | None): the limit that was exceeded.
+    """
+
+    exit_code = 6
+    default_hint = "the image asks for more than QEMU would allow; it is likely corrupt or hostile"
+
+    def __init__(self, message: str, *, limit: int | None = None, **kw):
+        self.limit = limit
+        super().__init__(message, **kw)
+
+
+class ChainError(EngineError):
+    """The backing chain cannot be assembled: a backing file is missing, the chain loops, or
+    it is deeper than the configured limit."""
+
+    exit_code = 7
+    default_hint = "check the backing files with 'qemu-img info --backing-chain'"
+
+
+class UnsafeBackingReference(ChainError):
+    """A backing reference we refuse to follow by policy: an absolute path, a name leaving the
+    overlay's folder, a ``json:`` or protocol name, or a missing backing format.
+
+    Attributes:
+        reference (str): the backing name as stored in the image.
+    """
+
+    exit_code = 8
+    default_hint = ("backing files must be named relative to the overlay's folder, with the "
+                    "format recorded; pass allow_unsafe_backing=True only for images you trust")
+
+    def __init__(self, reference: str, message: str, **kw):
+        self.reference = reference
+        super().__init__(message, **kw)
+
+
+class ImageLocked(EngineError):
+    """Another process (QEMU or another cowchain) holds the image in a way that conflicts
+    with this open."""
+
+    exit_code = 9
+    default_hint = "is another process using the image? close it, or open read-only"
+
+
+class ReadOnlyImage(EngineError):
+    """A write was attempted on an image opened read-only (or an image whose corrupt bit is
+    set, which may only be opened read-only)."""
+
+    exit_code = 10
+    default_hint = "open the image with readonly=False"
+
+
+class ImageClosed(EngineError, ValueError):
+    """The image (or chain, or repository) was used after close()."""
+
+    exit_code = 11
+    default_hint = "open it again"
+
+
+class InvalidArgument(EngineError, ValueError):
+    """A call's arguments are out of range (offset past the end of the disk, a negative length,
+    an unknown option)."""
+
+    exit_code = 12
+
+
+class EngineIOError(EngineError, OSError):
+    """The operating system reported an I/O error.
+
+    Attributes:
+        errno (int): the OS error number.
+
+    A failed flush is sticky: every later flush on the same handle fails too, until the image
+    is closed, reopened and checked (a failed fsync may have dropped dirty pages).
+    """
+
+    exit_code = 13
+    default_hint = "check the disk and the kernel log, then reopen the image and run check"
+
+    def __init__(self, err: int, message: str, **kw):
+        self.errno = err
+        self.strerror = _os.strerror(err) if err else message
+        super().__init__(f"{message}: {_os.strerror(err)}" if err else message, **kw)
+
+
+class NoSpace(EngineIOError):
+    """The filesystem is full (ENOSPC/EDQUOT). Nothing acknowledged by flush() is lost; the
+    operation that failed did not take effect."""
+
+    exit_code = 14
+    default_hint = "free space on the filesystem, then retry"
+
+
+class RepositoryError(EngineError):
+    """A repository, chain or snapshot request cannot be carried out (unknown name, a volume
+    still used by a clone, an operation not allowed in the chain's state)."""
+
+    exit_code = 15
+
+
+class NotFound(RepositoryError, LookupError):
+    """A chain, snapshot or volume with that name or id does not exist."""
+
+    exit_code = 16
+
+
+def io_error(err: int, message: str, *, path: str | None = None) -> EngineIOError:
+    """The one place that turns an OS error number into an EngineError subclass."""
+    if err in (_errno.ENOSPC, _errno.EDQUOT):
+        return NoSpace(err, message, path=path)
+    return EngineIOError(err, message, path=path)
+
+
+__all__ = [name for name, obj in list(globals().items())
+           if isinstance(obj, type) and issubclass(obj, EngineError)] + ["io_error"]
