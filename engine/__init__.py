@@ -1,0 +1,43 @@
+"""cowchain: a QCOW2 snapshot-chain storage engine, byte-compatible with QEMU.
+
+Public API: :func:`open`, :func:`create`, :class:`Image`, :class:`Extent`,
+:class:`Repository`, :class:`Chain`, :class:`Snapshot` and the :mod:`engine.errors` classes.
+Everything else in the package is private.
+
+The compiled core is loaded on first use of the API, so the pure-Python modules
+(``engine.format``, ``engine.errors``) import even where the extension is not built.
+"""
+
+from engine.errors import *  # noqa: F401,F403
+from engine.errors import __all__ as _error_names
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open": "engine.image",
+    "create": "engine.image",
+    "Image": "engine.image",
+    "Extent": "engine.image",
+    "CheckResult": "engine.check",
+    "Repository": "engine.repository",
+    "Chain": "engine.repository",
+    "Snapshot": "engine.repository",
+    "Volume": "engine.repository",
+}
+
+__all__ = ["__version__", *_LAZY, *_error_names]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
