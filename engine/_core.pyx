@@ -1,0 +1,1611 @@
+# cython: language_level=3
+"""The hot path of cowchain: QCOW2 cluster lookup, reads and writes over memory-mapped files.
+
+This module knows bytes and clusters; image.py knows files, headers and policy.  Everything
+per cluster runs here in C with the GIL released; Python is crossed once per request.
+
+Data path (DESIGN.md):
+
+- Each file is mapped once with a reserved length larger than the file; the file grows by
+  fallocate() before a byte of the new range is touched, so a full disk is a clean ENOSPC, not
+  a SIGBUS.  Ranges below the size at open may be sparse (QEMU punches holes): the first write
+  into such a cluster fallocates it first (bitmap ``backed``).
+- Every table pointer read from the file is checked against the file size before use.
+
+Refcount and write-ordering rules (QEMU's invariant: the on-disk refcount is never lower than
+the number of references; a crash may leak, never corrupt):
+
+1. refcount_bits is 1..64 (order 0..6); a refcount never wraps: raising past rc_max is an
+   error (E_LIMIT); lowering from 0 is corruption (E_CORRUPT).
+2. Raising a refcount is written to the mapping at once (a premature raise only leaks).
+3. L2 changes go to a private dirty copy of the table (l2_cache), never to the mapping, until
+   writeback; the L1 is a private array, written back last.
+4. Writeback (flush): fdatasync [new data, raised refcounts] -> copy dirty L2 tables into the
+   mapping -> fdatasync if a new L2 table must be durable before the L1 points to it -> write
+   the L1 -> fdatasync -> lower the refcounts of clusters that lost their last reference
+   (pend_free) -> fdatasync.
+5. A new refblock is written and synced before the reftable entry that points to it; a grown
+   reftable is synced before the header points to it, and the old one is freed after.
+
+Thread model: readers of one image may run on many threads at once; writers exclude readers
+and each other (a pthread rwlock on the top image).  Volumes below the top are immutable.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset, memcmp
+from libc.stdlib cimport malloc, calloc, free, realloc
+from libc.errno cimport errno, ENOMEM, EINVAL, ENOSPC, EOPNOTSUPP
+from posix.unistd cimport close as c_close, ftruncate, fdatasync, lseek, pwrite
+from posix.types cimport off_t
+
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+    int munmap(void *addr, size_t length)
+    void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...)
+    int madvise(void *addr, size_t length, int advice)
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE, MREMAP_MAYMOVE
+    void *MAP_FAILED
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t len)
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+cdef extern from "<unistd.h>" nogil:
+    int SEEK_DATA, SEEK_HOLE
+
+# --- Error codes (the one translation point is _raise_layer_error) --------------------------
+DEF E_OK = 0
+DEF E_IO = -1          # err_errno holds the OS error
+DEF E_CORRUPT = -2     # err_msg, err_offset
+DEF E_NOMEM = -3
+DEF E_UNSUPPORTED = -4
+DEF E_LIMIT = -5
+DEF E_PYERR = -6       # a Python exception is pending (decompression)
+
+# --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; qcow2-facts.md section 4) ------------
+
+cdef extern from *:
+    """
+    #define CC_L1E_OFFSET_MASK ((uint64_t)0x00fffffffffffe00ULL)
+    #define CC_L1E_RESERVED ((uint64_t)0x7f000000000001ffULL)
+    #define CC_L2E_OFFSET_MASK ((uint64_t)0x00fffffffffffe00ULL)
+    #define CC_L2E_RESERVED ((uint64_t)0x3f000000000001feULL)
+    #define CC_QCOW_OFLAG_COPIED ((uint64_t)0x8000000000000000ULL)
+    #define CC_QCOW_OFLAG_COMPRESSED ((uint64_t)0x4000000000000000ULL)
+    #define CC_QCOW_OFLAG_ZERO ((uint64_t)0x1ULL)
+    #define CC_RT_OFFSET_MASK ((uint64_t)0xfffffffffffffe00ULL)
+    #define CC_RT_RESERVED ((uint64_t)0x1ffULL)
+    #define CC_MAX_CLUSTER_OFFSET ((uint64_t)0x0100000000000000ULL)
+    """
+    const uint64_t L1E_OFFSET_MASK "CC_L1E_OFFSET_MASK"
+    const uint64_t L1E_RESERVED "CC_L1E_RESERVED"
+    const uint64_t L2E_OFFSET_MASK "CC_L2E_OFFSET_MASK"
+    const uint64_t L2E_RESERVED "CC_L2E_RESERVED"
+    const uint64_t QCOW_OFLAG_COPIED "CC_QCOW_OFLAG_COPIED"
+    const uint64_t QCOW_OFLAG_COMPRESSED "CC_QCOW_OFLAG_COMPRESSED"
+    const uint64_t QCOW_OFLAG_ZERO "CC_QCOW_OFLAG_ZERO"
+    const uint64_t RT_OFFSET_MASK "CC_RT_OFFSET_MASK"
+    const uint64_t RT_RESERVED "CC_RT_RESERVED"
+    const uint64_t MAX_CLUSTER_OFFSET "CC_MAX_CLUSTER_OFFSET"
+
+# Cluster kinds as the resolver reports them.
+DEF K_UNALLOC = 0
+DEF K_ZERO = 1          # reads as zeros (ZERO_PLAIN, or ZERO_ALLOC: host set too)
+DEF K_DATA = 2
+DEF K_COMPRESSED = 3
+
+# Map flags (extents), same meaning as qemu-img map's JSON booleans.
+DEF F_PRESENT = 1
+DEF F_ZERO = 2
+DEF F_DATA = 4
+DEF F_OFFSET = 8
+DEF F_COMPRESSED = 16
+
+DEF MAX_DEPTH = 4096
+
+# Write modes
+DEF W_DATA = 0
+DEF W_ZEROBYTES = 1
+
+# Zero/discard modes
+DEF Z_DISCARD = 0
+DEF Z_ZERO_UNMAP = 1
+DEF Z_ZERO_KEEP = 2
+
+cdef uint64_t LOW32 = 0xffffffff
+cdef uint64_t GROW_MIN = 1 << 20
+cdef uint64_t GROW_MAX = 64 << 20
+cdef uint64_t L2_CACHE_LIMIT_BYTES = 256 << 20
+
+# --- errors ---------------------------------------------------------------------------------
+
+cdef inline int fail(Layer *L, int code, const char *msg, uint64_t off) noexcept nogil:
+    L.err_code = code
+    L.err_msg = msg
+    L.err_offset = off
+    return code
+
+cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
+    L.err_errno = errno
+    return fail(L, E_IO, msg, off)
+
+
+# --- file growth and mapping ----------------------------------------------------------------
+
+cdef int ensure_size(Layer *L, uint64_t end) noexcept nogil:
+    """Make the file (and the mapping) cover [0, end): fallocate in large steps."""
+    cdef uint64_t step, new_size, new_len
+    cdef void *p
+    if end <= L.file_size:
+        return 0
+    step = L.file_size // 8
+    if step < GROW_MIN:
+        step = GROW_MIN
+    if step > GROW_MAX:
+        step = GROW_MAX
+    new_size = end
+    if new_size < L.file_size + step:
+        new_size = L.file_size + step
+    new_size = (new_size + L.cluster_size - 1) & ~(L.cluster_size - 1)
+    if new_size > L.map_len:
+        new_len = L.map_len * 2
+        if new_len < new_size:
+            new_len = new_size
+        new_len += (1 << 30)
+        p = mremap(L.base, L.map_len, new_len, MREMAP_MAYMOVE)
+        if p == MAP_FAILED:
+            return fail_io(L, "cannot extend the mapping", end)
+        L.base = <uint8_t *>p
+        L.map_len = new_len
+    if fallocate(L.fd, 0, <off_t>L.file_size, <off_t>(new_size - L.file_size)) != 0:
+        if errno == EOPNOTSUPP:
+            # Filesystems without fallocate: extend with ftruncate; stores may still fault
+            # with SIGBUS on ENOSPC there, which nothing short of pwrite can prevent.
+            if ftruncate(L.fd, <off_t>new_size) != 0:
+                return fail_io(L, "cannot grow the image file", end)
+        else:
+            # Try the exact size before giving up: the step is only an optimisation.
+            if new_size > end and fallocate(L.fd, 0, <off_t>L.file_size,
+                                             <off_t>(end - L.file_size)) == 0:
+                new_size = end
+            else:
+                return fail_io(L, "cannot grow the image file", end)
+    L.file_size = new_size
+    return 0
+
+
+cdef inline int ensure_backed(Layer *L, uint64_t host) noexcept nogil:
+    """Before the first store into a cluster that existed at open, make sure it is not a
+    hole: a store into a hole on a full disk would raise SIGBUS instead of ENOSPC."""
+    cdef uint64_t idx = host >> L.cluster_bits
+    if idx >= L.safe_clusters:
+        return 0
+    if L.backed[idx >> 3] & (1 << (idx & 7)):
+        return 0
+    if fallocate(L.fd, FALLOC_FL_KEEP_SIZE, <off_t>(idx << L.cluster_bits),
+                 <off_t>L.cluster_size) != 0:
+        if errno != EOPNOTSUPP:
+            return fail_io(L, "cannot allocate disk space for a cluster", host)
+    L.backed[idx >> 3] |= <uint8_t>(1 << (idx & 7))
+    return 0
+
+
+cdef inline int overlaps_fixed_meta(Layer *L, uint64_t host, uint64_t length) noexcept nogil:
+    cdef int i
+    for i in range(4):
+        if L.meta_hi[i] > L.meta_lo[i] and host < L.meta_hi[i] and host + length > L.meta_lo[i]:
+            return 1
+    return 0
+
+
+# --- refcounts --------------------------------------------------------------------------------
+
+cdef inline uint8_t *refblock_ptr(Layer *L, uint64_t rti, int *rc) noexcept nogil:
+    """Pointer to refblock rti in the mapping, or NULL if it does not exist; rc<0 on corruption."""
+    cdef uint64_t rte, rb
+    rc[0] = 0
+    if rti >= L.rt_entries:
+        return NULL
+    rte = load_be64(L.base + L.rt_offset + rti * 8)
+    if rte & RT_RESERVED:
+        rc[0] = fail(L, E_CORRUPT, "reserved bits set in a refcount table entry", L.rt_offset + rti * 8)
+        return NULL
+    rb = rte & RT_OFFSET_MASK
+    if rb == 0:
+        return NULL
+    if (rb & (L.cluster_size - 1)) or rb + L.cluster_size > L.file_size or rb >= MAX_CLUSTER_OFFSET:
+        rc[0] = fail(L, E_CORRUPT, "refcount block offset unaligned or past the end of the file", rb)
+        return NULL
+    return L.base + rb
+
+
+cdef inline uint64_t rb_get(Layer *L, uint8_t *rb, uint64_t i) noexcept nogil:
+    cdef int order = L.refcount_order
+    cdef uint64_t bits, shift
+    if order == 4:
+        return load_be16(rb + i * 2)
+    if order == 3:
+        return rb[i]
+    if order == 5:
+        return load_be32(rb + i * 4)
+    if order == 6:
+        return load_be64(rb + i * 8)
+    bits = 1 << order
+    shift = (i * bits) & 7
+    return (rb[(i * bits) >> 3] >> shift) & ((1 << bits) - 1)
+
+
+cdef inline void rb_set(Layer *L, uint8_t *rb, uint64_t i, uint64_t v) noexcept nogil:
+    cdef int order = L.refcount_order
+    cdef uint64_t bits, shift, mask
+    if order == 4:
+        store_be16(rb + i * 2, <uint16_t>v)
+    elif order == 3:
+        rb[i] = <uint8_t>v
+    elif order == 5:
+        store_be32(rb + i * 4, <uint32_t>v)
+    elif order == 6:
+        store_be64(rb + i * 8, v)
+    else:
+        bits = 1 << order
+        shift = (i * bits) & 7
+        mask = ((1 << bits) - 1) << shift
+        rb[(i * bits) >> 3] = <uint8_t>((rb[(i * bits) >> 3] & ~mask) | ((v << shift) & mask))
+
+
+cdef int get_refcount(Layer *L, uint64_t idx, uint64_t *out) noexcept nogil:
+    cdef int rc
+    cdef uint8_t *rb = refblock_ptr(L, idx >> L.rb_shift, &rc)
+    if rc < 0:
+        return rc
+    if rb == NULL:
+        out[0] = 0
+        return 0
+    out[0] = rb_get(L, rb, idx & ((1 << L.rb_shift) - 1))
+    return 0
+
+
+cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
+    """Move the refcount table to a new, larger, self-describing area past everything the
+    old table covers (qcow2-facts 5.3): [new refblocks][new reftable], synced, then the header
+    pointer is switched (synced), then the old table clusters are freed."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t rbe = 1 << L.rb_shift
+    cdef uint64_t start, n_rb, n_rt, new_entries, end, i, j, k, first_rti, old_off, old_clusters
+    cdef uint64_t covered = L.rt_entries * rbe
+    cdef uint8_t *rb
+    cdef uint8_t *hdr
+    cdef int rc
+    start = L.alloc_end >> L.cluster_bits
+    if start < covered:
+        start = covered
+    new_entries = need_entries
+    if new_entries < L.rt_entries:
+        new_entries = L.rt_entries
+    new_entries = new_entries + new_entries // 2 + 1
+    n_rb = 1
+    while True:
+        n_rt = (new_entries * 8 + C - 1) // C
+        end = start + n_rb + n_rt
+        k = (end - 1) // rbe - start // rbe + 1
+        if (end - 1) // rbe + 1 > new_entries:
+            new_entries = (end - 1) // rbe + 1
+            new_entries += new_entries // 2
+            continue
+        if k == n_rb:
+            break
+        n_rb = k
+    if n_rt * C > (8 << 20):
+        return fail(L, E_LIMIT, "the refcount table would exceed QEMU's 8 MiB limit", n_rt * C)
+    rc = ensure_size(L, end * C)
+    if rc < 0:
+        return rc
+    # new refblocks at start .. start+n_rb-1, reftable at start+n_rb ..
+    memset(L.base + start * C, 0, (n_rb + n_rt) * C)
+    first_rti = start // rbe
+    for i in range(start, end):
+        rb = L.base + (start + (i // rbe - first_rti)) * C
+        rb_set(L, rb, i & (rbe - 1), 1)
+    memcpy(L.base + (start + n_rb) * C, L.base + L.rt_offset, L.rt_entries * 8)
+    for j in range(n_rb):
+        store_be64(L.base + (start + n_rb) * C + (first_rti + j) * 8, (start + j) * C)
+    if end * C > L.alloc_end:
+        L.alloc_end = end * C
+    if fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed while growing the refcount table", 0)
+    old_off = L.rt_offset
+    old_clusters = (L.rt_entries * 8 + C - 1) // C
+    hdr = L.base
+    store_be64(hdr + 48, (start + n_rb) * C)
+    store_be32(hdr + 56, <uint32_t>n_rt)
+    if fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed while switching the refcount table", 0)
+    L.rt_offset = (start + n_rb) * C
+    L.rt_entries = n_rt * C // 8
+    L.meta_lo[2] = L.rt_offset
+    L.meta_hi[2] = L.rt_offset + n_rt * C
+    for i in range(old_clusters):
+        rc = pend_free(L, (old_off >> L.cluster_bits) + i)
+        if rc < 0:
+            return rc
+    return 0
+
+
+cdef int find_free(Layer *L, uint64_t *out) noexcept nogil:
+    """Lowest cluster index >= free_hint with refcount 0 that is not fixed metadata."""
+    cdef uint64_t idx = L.free_hint
+    cdef uint64_t v, rti, rbe = 1 << L.rb_shift
+    cdef uint8_t *rb
+    cdef int rc
+    if idx == 0:
+        idx = 1
+    while True:
+        rti = idx >> L.rb_shift
+        rb = refblock_ptr(L, rti, &rc)
+        if rc < 0:
+            return rc
+        if rb == NULL:
+            if not overlaps_fixed_meta(L, idx << L.cluster_bits, L.cluster_size):
+                out[0] = idx
+                return 0
+            idx += 1
+            continue
+        v = rb_get(L, rb, idx & (rbe - 1))
+        if v == 0 and not overlaps_fixed_meta(L, idx << L.cluster_bits, L.cluster_size):
+            out[0] = idx
+            return 0
+        idx += 1
+        if idx >= MAX_CLUSTER_OFFSET >> L.cluster_bits:
+            return fail(L, E_LIMIT, "no free cluster below the 2^56 host offset limit", 0)
+
+
+cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
+    """Make refblock rti exist. A new refblock is zeroed, counts itself when it lies in its own
+    range, and is synced before the reftable entry that points to it."""
+    cdef int rc
+    cdef uint64_t j, C = L.cluster_size
+    cdef uint8_t *rb
+    created[0] = 0
+    if rti >= L.rt_entries:
+        rc = grow_reftable(L, rti + 1)
+        if rc < 0:
+            return rc
+        created[0] = 1
+    rb = refblock_ptr(L, rti, &rc)
+    if rc < 0:
+        return rc
+    if rb != NULL:
+        return 0
+    created[0] = 1
+    rc = find_free(L, &j)
+    if rc < 0:
+        return rc
+    rc = ensure_size(L, (j + 1) * C)
+    if rc < 0:
+        return rc
+    rc = ensure_backed(L, j * C)
+    if rc < 0:
+        return rc
+    memset(L.base + j * C, 0, C)
+    if (j >> L.rb_shift) == rti:
+        rb_set(L, L.base + j * C, j & ((1 << L.rb_shift) - 1), 1)
+    if (j + 1) * C > L.alloc_end:
+        L.alloc_end = (j + 1) * C
+    if fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed while adding a refcount block", j * C)
+    store_be64(L.base + L.rt_offset + rti * 8, j * C)
+    if (j >> L.rb_shift) != rti:
+        # The block lives in another block's range: count it there (may recurse once more).
+        rc = set_refcount(L, j, 1)
+        if rc < 0:
+            return rc
+    if L.free_hint <= j:
+        L.free_hint = j + 1
+    return 0
+
+
+cdef int set_refcount(Layer *L, uint64_t idx, uint64_t value) noexcept nogil:
+    cdef int rc, created
+    cdef uint8_t *rb
+    if value > L.rc_max:
+        return fail(L, E_LIMIT, "refcount would overflow the image's refcount width", idx << L.cluster_bits)
+    rc = ensure_refblock(L, idx >> L.rb_shift, &created)
+    if rc < 0:
+        return rc
+    rb = refblock_ptr(L, idx >> L.rb_shift, &rc)
+    if rc < 0:
+        return rc
+    rc = ensure_backed(L, <uint64_t>(rb - L.base))
+    if rc < 0:
+        return rc
+    rb_set(L, rb, idx & ((1 << L.rb_shift) - 1), value)
+    return 0
+
+
+cdef int alloc_cluster(Layer *L, uint64_t *host) noexcept nogil:
+    """Allocate one cluster (refcount 1) and return its host offset; the file covers it."""
+    cdef uint64_t idx, v
+    cdef int rc, created
+    while True:
+        rc = find_free(L, &idx)
+        if rc < 0:
+            return rc
+        rc = ensure_refblock(L, idx >> L.rb_shift, &created)
+        if rc < 0:
+            return rc
+        if created:
+            continue     # the new refblock may have taken idx: look again
+        break
+    rc = ensure_size(L, (idx + 1) << L.cluster_bits)
+    if rc < 0:
+        return rc
+    rc = ensure_backed(L, idx << L.cluster_bits)
+    if rc < 0:
+        return rc
+    rc = set_refcount(L, idx, 1)
+    if rc < 0:
+        return rc
+    L.free_hint = idx + 1
+    if (idx + 1) << L.cluster_bits > L.alloc_end:
+        L.alloc_end = (idx + 1) << L.cluster_bits
+    host[0] = idx << L.cluster_bits
+    return 0
+
+
+cdef int pend_free(Layer *L, uint64_t idx) noexcept nogil:
+    cdef uint64_t *p
+    cdef uint64_t cap
+    if L.n_pend == L.cap_pend:
+        cap = L.cap_pend * 2 if L.cap_pend else 256
+        p = <uint64_t *>realloc(L.pend_free, cap * 8)
+        if p == NULL:
+            return fail(L, E_NOMEM, "out of memory", 0)
+        L.pend_free = p
+        L.cap_pend = cap
+    L.pend_free[L.n_pend] = idx
+    L.n_pend += 1
+    return 0
+
+
+cdef int pend_free_compressed(Layer *L, uint64_t entry) noexcept nogil:
+    cdef uint64_t host, nb, first, last, i
+    cdef int rc
+    compressed_extent(L, entry, &host, &nb)
+    first = host >> L.cluster_bits
+    last = (host + nb - 1) >> L.cluster_bits
+    for i in range(first, last + 1):
+        rc = pend_free(L, i)
+        if rc < 0:
+            return rc
+    return 0
+
+
+# --- lookup -----------------------------------------------------------------------------------
+
+cdef inline void compressed_extent(Layer *L, uint64_t e, uint64_t *host, uint64_t *nbytes) noexcept nogil:
+    cdef int x = 70 - L.cluster_bits
+    cdef uint64_t off = e & ((<uint64_t>1 << x) - 1)
+    cdef uint64_t nsec = (e >> x) & ((<uint64_t>1 << (L.cluster_bits - 8)) - 1)
+    host[0] = off
+    nbytes[0] = (nsec + 1) * 512 - (off & 511)
+
+
+cdef inline int l2_table(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
+    """The L2 table for L1 index l1i (dirty copy first), or NULL when unallocated."""
+    cdef uint64_t e, off
+    if L.l2_cache != NULL and L.l2_cache[l1i] != NULL:
+        out[0] = L.l2_cache[l1i]
+        return 0
+    e = L.l1[l1i]
+    if e & L1E_RESERVED:
+        return fail(L, E_CORRUPT, "reserved bits set in an L1 entry", L.l1_offset + l1i * 8)
+    off = e & L1E_OFFSET_MASK
+    if off == 0:
+        out[0] = NULL
+        return 0
+    if (off & (L.cluster_size - 1)) or off + L.cluster_size > L.file_size:
+        return fail(L, E_CORRUPT, "L2 table offset unaligned or past the end of the file", off)
+    out[0] = L.base + off
+    return 0
+
+
+cdef int resolve(Layer *L, uint64_t vaddr, uint64_t maxlen, int *kind, uint64_t *host,
+                 uint64_t *run, uint64_t *entry) noexcept nogil:
+    """Classify the guest range starting at vaddr: kind, host offset of vaddr (data/zero-alloc)
+    and the run length (<= maxlen) over which kind stays the same and host stays contiguous.
+    Runs never cross an L2 table; compressed runs never cross a cluster."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t l2n = 1 << L.l2_bits
+    cdef uint64_t ci = vaddr >> L.cluster_bits
+    cdef uint64_t l1i = ci >> L.l2_bits
+    cdef uint64_t l2i = ci & (l2n - 1)
+    cdef uint64_t in_off = vaddr & (C - 1)
+    cdef uint8_t *t
+    cdef uint64_t e, e2, off, n, h0, h, bm, sc, scsize, k0, k
+    cdef int rc, kd, first = 1
+    if l1i >= L.l1_size:
+        return fail(L, E_CORRUPT, "L1 table too small for the virtual size", vaddr)
+    rc = l2_table(L, l1i, &t)
+    if rc < 0:
+        return rc
+    if t == NULL:
+        kind[0] = K_UNALLOC
+        host[0] = 0
+        entry[0] = 0
+        n = (l2n - l2i) * C - in_off
+        run[0] = n if n < maxlen else maxlen
+        return 0
+    if L.ext_l2:
+        return resolve_ext(L, t, vaddr, maxlen, kind, host, run, entry)
+    n = 0
+    h0 = 0
+    while l2i < l2n and n < maxlen:
+        e = load_be64(t + l2i * 8)
+        if e & QCOW_OFLAG_COMPRESSED:
+            kd = K_COMPRESSED
+            if (e & QCOW_OFLAG_COPIED):
+                return fail(L, E_CORRUPT, "compressed L2 entry with the COPIED bit", vaddr)
+        else:
+            if e & L2E_RESERVED:
+                return fail(L, E_CORRUPT, "reserved bits set in an L2 entry", ci << L.cluster_bits)
+            off = e & L2E_OFFSET_MASK
+            if e & QCOW_OFLAG_ZERO:
+                if L.version < 3:
+                    return fail(L, E_CORRUPT, "zero flag set in a version 2 image", ci << L.cluster_bits)
+                kd = K_ZERO
+            elif off == 0:
+                kd = K_UNALLOC
+            else:
+                kd = K_DATA
+                if (off & (C - 1)) or off >= L.file_size or off >= MAX_CLUSTER_OFFSET:
+                    return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+        if first:
+            kind[0] = kd
+            entry[0] = e
+            h0 = e & L2E_OFFSET_MASK
+            host[0] = h0 + in_off if kd == K_DATA or (kd == K_ZERO and h0) else 0
+            n = C - in_off
+            first = 0
+            if kd == K_COMPRESSED:
+                break
+        else:
+            if kd != kind[0]:
+                break
+            if kd == K_DATA and (e & L2E_OFFSET_MASK) != h0 + (n + in_off):
+                break
+            if kd == K_COMPRESSED:
+                break
+            n += C
+        l2i += 1
+        ci += 1
+    run[0] = n if n < maxlen else maxlen
+    return 0
+
+
+cdef int resolve_ext(Layer *L, uint8_t *t, uint64_t vaddr, uint64_t maxlen, int *kind,
+                     uint64_t *host, uint64_t *run, uint64_t *entry) noexcept nogil:
+    """Extended L2 (subclusters): classify within one cluster, subcluster by subcluster."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t scsize = C >> 5
+    cdef uint64_t ci = vaddr >> L.cluster_bits
+    cdef uint64_t l2i = ci & ((1 << L.l2_bits) - 1)
+    cdef uint64_t in_off = vaddr & (C - 1)
+    cdef uint64_t e = load_be64(t + l2i * 16)
+    cdef uint64_t bm = load_be64(t + l2i * 16 + 8)
+    cdef uint64_t off = e & L2E_OFFSET_MASK
+    cdef uint64_t sc, n
+    cdef int kd, k0 = -1
+    entry[0] = e
+    if e & QCOW_OFLAG_COMPRESSED:
+        if bm != 0:
+            return fail(L, E_CORRUPT, "compressed extended L2 entry with a non-zero bitmap", vaddr)
+        kind[0] = K_COMPRESSED
+        host[0] = 0
+        n = C - in_off
+        run[0] = n if n < maxlen else maxlen
+        return 0
+    if e & (L2E_RESERVED | QCOW_OFLAG_ZERO):
+        return fail(L, E_CORRUPT, "reserved bits set in an extended L2 entry", ci << L.cluster_bits)
+    if off != 0 and ((off & (C - 1)) or off >= L.file_size):
+        return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+    if (bm & LOW32) & (bm >> 32):
+        return fail(L, E_CORRUPT, "subcluster both allocated and zero", ci << L.cluster_bits)
+    if off == 0 and (bm & LOW32):
+        return fail(L, E_CORRUPT, "allocated subclusters without a host cluster", ci << L.cluster_bits)
+    sc = in_off // scsize
+    n = 0
+    while sc < 32:
+        if (bm >> sc) & 1:
+            kd = K_DATA
+        elif (bm >> (32 + sc)) & 1:
+            kd = K_ZERO
+        else:
+            kd = K_UNALLOC
+        if k0 < 0:
+            k0 = kd
+            n = (sc + 1) * scsize - in_off
+        elif kd != k0:
+            break
+        else:
+            n += scsize
+        if n >= maxlen:
+            break
+        sc += 1
+    kind[0] = k0
+    host[0] = off + in_off if k0 == K_DATA else 0
+    run[0] = n if n < maxlen else maxlen
+    return 0
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+cdef object _decompressor = None
+
+
+def set_decompressor(fn):
+    """Install the Python callable that inflates one compressed cluster:
+    fn(compression_type: int, data: bytes, cluster_size: int) -> bytes of exactly cluster_size.
+    Compressed clusters are the one read path that crosses into Python (once per cluster)."""
+    global _decompressor
+    _decompressor = fn
+
+
+cdef int inflate_cluster(Layer *L, uint64_t e, uint8_t *dst) noexcept with gil:
+    cdef uint64_t host, nb
+    cdef bytes out
+    compressed_extent(L, e, &host, &nb)
+    if host >= L.file_size:
+        return fail(L, E_CORRUPT, "compressed cluster past the end of the file", host)
+    if host + nb > L.file_size:
+        nb = L.file_size - host
+    try:
+        out = _decompressor(L.compression_type, (<char *>(L.base + host))[:nb], L.cluster_size)
+    except BaseException:
+        return fail(L, E_PYERR, "compressed cluster does not decompress", host)
+    if len(out) != L.cluster_size:
+        return fail(L, E_CORRUPT, "compressed cluster does not inflate to one cluster", host)
+    memcpy(dst, <char *>out, L.cluster_size)
+    return 0
+
+
+cdef int read_compressed(Layer *L, uint64_t e, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
+    cdef int rc
+    if L.zbuf == NULL:
+        L.zbuf = <uint8_t *>malloc(L.cluster_size)
+        if L.zbuf == NULL:
+            return fail(L, E_NOMEM, "out of memory", 0)
+        L.zbuf_key = 0
+    if L.zbuf_key != e:
+        L.zbuf_key = 0
+        rc = inflate_cluster(L, e, L.zbuf)
+        if rc < 0:
+            return rc
+        L.zbuf_key = e
+    memcpy(dst, L.zbuf + (vaddr & (L.cluster_size - 1)), n)
+    return 0
+
+
+cdef inline void copy_host(Layer *L, uint64_t host, uint8_t *dst, uint64_t n) noexcept nogil:
+    """Copy n bytes at host offset; bytes past the end of the file read as zeros."""
+    cdef uint64_t avail
+    if host >= L.file_size:
+        memset(dst, 0, n)
+        return
+    avail = L.file_size - host
+    if avail >= n:
+        memcpy(dst, L.base + host, n)
+    else:
+        memcpy(dst, L.base + host, avail)
+        memset(dst + avail, 0, n - avail)
+
+
+cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
+    """Read n guest bytes at vaddr through L and its backing chain into dst."""
+    cdef int rc, kind
+    cdef uint64_t host, run, e, m
+    while n > 0:
+        if vaddr >= L.size:
+            memset(dst, 0, n)
+            return 0
+        m = L.size - vaddr
+        if m > n:
+            m = n
+        if L.raw:
+            copy_host(L, vaddr, dst, m)
+            dst += m
+            vaddr += m
+            n -= m
+            continue
+        rc = resolve(L, vaddr, m, &kind, &host, &run, &e)
+        if rc < 0:
+            return rc
+        if kind == K_DATA:
+            copy_host(L, host, dst, run)
+        elif kind == K_ZERO:
+            memset(dst, 0, run)
+        elif kind == K_UNALLOC:
+            if L.backing != NULL:
+                rc = layer_read(L.backing, vaddr, dst, run)
+                if rc < 0:
+                    L.err_code = L.backing.err_code
+                    L.err_errno = L.backing.err_errno
+                    L.err_msg = L.backing.err_msg
+                    L.err_offset = L.backing.err_offset
+                    return rc
+            else:
+                memset(dst, 0, run)
+        else:
+            rc = read_compressed(L, e, vaddr, dst, run)
+            if rc < 0:
+                return rc
+        dst += run
+        vaddr += run
+        n -= run
+    return 0
+
+
+# --- writes -------------------------------------------------------------------------------------
+
+cdef int l2_for_write(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
+    """A private, writable copy of the L2 table for l1i, allocating or un-sharing it."""
+    cdef uint64_t e, off, newoff
+    cdef uint8_t *buf
+    cdef int rc
+    cdef uint64_t C = L.cluster_size
+    if L.l2_cache[l1i] != NULL:
+        out[0] = L.l2_cache[l1i]
+        return 0
+    rc = l2_table(L, l1i, out)
+    if rc < 0:
+        return rc
+    buf = <uint8_t *>malloc(C)
+    if buf == NULL:
+        return fail(L, E_NOMEM, "out of memory", 0)
+    e = L.l1[l1i]
+    off = e & L1E_OFFSET_MASK
+    if off == 0 or not (e & QCOW_OFLAG_COPIED):
+        rc = alloc_cluster(L, &newoff)
+        if rc < 0:
+            free(buf)
+            return rc
+        if off == 0:
+            memset(buf, 0, C)
+        else:
+            memcpy(buf, L.base + off, C)    # shared with a snapshot: copy, drop our reference
+            rc = pend_free(L, off >> L.cluster_bits)
+            if rc < 0:
+                free(buf)
+                return rc
+        L.l1[l1i] = newoff | QCOW_OFLAG_COPIED
+        L.l1_dirty = 1
+        L.new_tables = 1
+    else:
+        if overlaps_fixed_meta(L, off, C):
+            free(buf)
+            return fail(L, E_CORRUPT, "L2 table overlaps other metadata", off)
+        memcpy(buf, L.base + off, C)
+    L.l2_cache[l1i] = buf
+    L.n_cached += 1
+    out[0] = buf
+    return 0
+
+
+cdef int writeback(Layer *L) noexcept nogil:
+    """Make every write so far durable in the order of the module docstring."""
+    cdef uint64_t i, off, v, idx
+    cdef int rc
+    cdef int had_frees = 0
+    if L.sticky_errno:
+        L.err_errno = L.sticky_errno
+        return fail(L, E_IO, "an earlier sync failed; reopen and check the image", 0)
+    if not (L.data_dirty or L.n_cached or L.l1_dirty or L.n_pend):
+        return 0
+    if fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed", 0)
+    if L.n_cached:
+        for i in range(L.l1_size):
+            if L.l2_cache[i] != NULL:
+                off = L.l1[i] & L1E_OFFSET_MASK
+                if overlaps_fixed_meta(L, off, L.cluster_size):
+                    return fail(L, E_CORRUPT, "L2 table overlaps other metadata", off)
+                rc = ensure_backed(L, off)
+                if rc < 0:
+                    return rc
+                memcpy(L.base + off, L.l2_cache[i], L.cluster_size)
+                free(L.l2_cache[i])
+                L.l2_cache[i] = NULL
+        L.n_cached = 0
+    if L.l1_dirty:
+        if L.new_tables:
+            if fdatasync(L.fd) != 0:
+                L.sticky_errno = errno
+                return fail_io(L, "sync failed", 0)
+        rc = ensure_backed(L, L.l1_offset)
+        if rc < 0:
+            return rc
+        for i in range(L.l1_size):
+            off = L.l1_offset + i * 8
+            if ((off & (L.cluster_size - 1)) == 0) and i:
+                rc = ensure_backed(L, off)
+                if rc < 0:
+                    return rc
+            store_be64(L.base + off, L.l1[i])
+        L.l1_dirty = 0
+        L.new_tables = 0
+    if fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed", 0)
+    if L.n_pend:
+        for i in range(L.n_pend):
+            idx = L.pend_free[i]
+            rc = get_refcount(L, idx, &v)
+            if rc < 0:
+                return rc
+            if v == 0:
+                return fail(L, E_CORRUPT, "refcount underflow while freeing a cluster", idx << L.cluster_bits)
+            rc = set_refcount(L, idx, v - 1)
+            if rc < 0:
+                return rc
+            if v == 1 and idx < L.free_hint:
+                L.free_hint = idx
+        L.n_pend = 0
+        had_frees = 1
+    if had_frees and fdatasync(L.fd) != 0:
+        L.sticky_errno = errno
+        return fail_io(L, "sync failed", 0)
+    L.data_dirty = 0
+    return 0
+
+
+cdef inline int maybe_writeback(Layer *L) noexcept nogil:
+    if L.n_cached * L.cluster_size > L2_CACHE_LIMIT_BYTES or L.n_pend > (1 << 20):
+        return writeback(L)
+    return 0
+
+
+cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) noexcept nogil:
+    """Store n bytes at a host offset inside one cluster (src NULL: zeros)."""
+    cdef int rc
+    if overlaps_fixed_meta(L, host, n):
+        return fail(L, E_CORRUPT, "data cluster overlaps image metadata", host)
+    rc = ensure_backed(L, host)
+    if rc < 0:
+        return rc
+    if src == NULL:
+        memset(L.base + host, 0, n)
+    else:
+        memcpy(L.base + host, src, n)
+    return 0
+
+
+cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) noexcept nogil:
+    """Write n bytes (src NULL: zeros) at vaddr into L, copying clusters up as needed."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t l2n = 1 << L.l2_bits
+    cdef uint64_t ci, l1i, l2i, in_off, chunk, e, off, newoff, cbase, valid
+    cdef uint8_t *t
+    cdef int rc, kind
+    cdef uint64_t h, r, ee
+    while n > 0:
+        ci = vaddr >> L.cluster_bits
+        l1i = ci >> L.l2_bits
+        l2i = ci & (l2n - 1)
+        in_off = vaddr & (C - 1)
+        chunk = C - in_off
+        if chunk > n:
+            chunk = n
+        if l1i >= L.l1_size:
+            return fail(L, E_CORRUPT, "L1 table too small for the virtual size", vaddr)
+        rc = l2_for_write(L, l1i, &t)
+        if rc < 0:
+            return rc
+        e = load_be64(t + l2i * 8)
+        off = e & L2E_OFFSET_MASK
+        if (e & QCOW_OFLAG_COPIED) and not (e & QCOW_OFLAG_COMPRESSED) and off != 0:
+            if (e & L2E_RESERVED) or (off & (C - 1)) or off + C > L.file_size:
+                return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+            if e & QCOW_OFLAG_ZERO:
+                # preallocated zero cluster we own: zero what the write does not cover
+                if in_off:
+                    rc = store(L, off, NULL, in_off)
+                    if rc < 0:
+                        return rc
+                if in_off + chunk < C:
+                    rc = store(L, off + in_off + chunk, NULL, C - in_off - chunk)
+                    if rc < 0:
+                        return rc
+                store_be64(t + l2i * 8, off | QCOW_OFLAG_COPIED)
+            rc = store(L, off + in_off, src, chunk)
+            if rc < 0:
+                return rc
+        else:
+            rc = alloc_cluster(L, &newoff)
+            if rc < 0:
+                return rc
+            cbase = vaddr - in_off
+            if chunk < C:
+                # copy-up: the old content of the cluster, from wherever it lives now
+                valid = L.size - cbase
+                if valid > C:
+                    valid = C
+                rc = layer_read(L, cbase, L.scratch, valid)
+                if rc < 0:
+                    return rc
+                if valid < C:
+                    memset(L.scratch + valid, 0, C - valid)
+                if src == NULL:
+                    memset(L.scratch + in_off, 0, chunk)
+                else:
+                    memcpy(L.scratch + in_off, src, chunk)
+                rc = store(L, newoff, L.scratch, C)
+            else:
+                rc = store(L, newoff, src, C)
+            if rc < 0:
+                return rc
+            if e & QCOW_OFLAG_COMPRESSED:
+                rc = pend_free_compressed(L, e)
+            elif off != 0:
+                rc = pend_free(L, off >> L.cluster_bits)
+            if rc < 0:
+                return rc
+            store_be64(t + l2i * 8, newoff | QCOW_OFLAG_COPIED)
+            if L.zbuf_key == e:
+                L.zbuf_key = 0
+        L.data_dirty = 1
+        vaddr += chunk
+        if src != NULL:
+            src += chunk
+        n -= chunk
+        rc = maybe_writeback(L)
+        if rc < 0:
+            return rc
+    return 0
+
+
+cdef int layer_zero(Layer *L, uint64_t vaddr, uint64_t n, int mode) noexcept nogil:
+    """Discard or zero whole clusters [vaddr, vaddr+n) (both cluster-aligned, or n reaching
+    the end of the disk) by rewriting L2 entries only."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t l2n = 1 << L.l2_bits
+    cdef uint64_t ci, l1i, l2i, e, off, ne, end = vaddr + n
+    cdef uint8_t *t
+    cdef int rc
+    while vaddr < end:
+        ci = vaddr >> L.cluster_bits
+        l1i = ci >> L.l2_bits
+        l2i = ci & (l2n - 1)
+        if mode == Z_DISCARD and L.l2_cache[l1i] == NULL and (L.l1[l1i] & L1E_OFFSET_MASK) == 0:
+            vaddr = (l1i + 1) << (L.l2_bits + L.cluster_bits)     # nothing mapped in this table
+            continue
+        rc = l2_for_write(L, l1i, &t)
+        if rc < 0:
+            return rc
+        e = load_be64(t + l2i * 8)
+        off = e & L2E_OFFSET_MASK
+        if mode == Z_DISCARD:
+            ne = 0
+        elif mode == Z_ZERO_KEEP and (e & QCOW_OFLAG_COPIED) and off != 0 and not (e & QCOW_OFLAG_COMPRESSED):
+            ne = off | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO
+        else:
+            ne = QCOW_OFLAG_ZERO
+        if ne != e:
+            if e & QCOW_OFLAG_COMPRESSED:
+                rc = pend_free_compressed(L, e)
+                if L.zbuf_key == e:
+                    L.zbuf_key = 0
+            elif off != 0 and (ne & L2E_OFFSET_MASK) != off:
+                if (off & (C - 1)) or off >= L.file_size:
+                    return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+                rc = pend_free(L, off >> L.cluster_bits)
+            else:
+                rc = 0
+            if rc < 0:
+                return rc
+            store_be64(t + l2i * 8, ne)
+            L.data_dirty = 1
+        vaddr += C
+        rc = maybe_writeback(L)
+        if rc < 0:
+            return rc
+    return 0
+
+
+# --- block status (extents) --------------------------------------------------------------------
+
+ctypedef struct RunBuf:
+    uint64_t *v        # 5 words per run: start, length, depth, flags, offset
+    uint64_t n
+    uint64_t cap
+
+
+cdef int runs_push(RunBuf *rb, uint64_t start, uint64_t length, uint64_t depth,
+                   uint64_t flags, uint64_t offset) noexcept nogil:
+    cdef uint64_t *p
+    cdef uint64_t *last
+    if rb.n:
+        last = rb.v + (rb.n - 1) * 5
+        if (last[2] == depth and last[3] == flags and last[0] + last[1] == start and
+                (not (flags & F_OFFSET) or last[4] + last[1] == offset)):
+            last[1] += length
+            return 0
+    if rb.n == rb.cap:
+        rb.cap = rb.cap * 2 if rb.cap else 64
+        p = <uint64_t *>realloc(rb.v, rb.cap * 5 * 8)
+        if p == NULL:
+            return E_NOMEM
+        rb.v = p
+    p = rb.v + rb.n * 5
+    p[0] = start
+    p[1] = length
+    p[2] = depth
+    p[3] = flags
+    p[4] = offset
+    rb.n += 1
+    return 0
+
+
+cdef int raw_status(Layer *L, uint64_t vaddr, uint64_t n, uint64_t depth, RunBuf *out) noexcept nogil:
+    """Data and holes of a raw file (SEEK_DATA/SEEK_HOLE), as qemu's file driver reports them."""
+    cdef off_t d, h
+    cdef uint64_t end = vaddr + n, run
+    cdef int rc
+    while vaddr < end:
+        if vaddr >= L.file_size:
+            return runs_push(out, vaddr, end - vaddr, depth, F_PRESENT | F_ZERO | F_OFFSET, vaddr)
+        d = lseek(L.fd, <off_t>vaddr, SEEK_DATA)
+        if d < 0 or <uint64_t>d > vaddr:
+            # a hole up to d (or to EOF)
+            run = (<uint64_t>d if d >= 0 else L.file_size) - vaddr
+            if run > end - vaddr:
+                run = end - vaddr
+            rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_ZERO | F_OFFSET, vaddr)
+        else:
+            h = lseek(L.fd, <off_t>vaddr, SEEK_HOLE)
+            run = (<uint64_t>h if h >= 0 else L.file_size) - vaddr
+            if run == 0:
+                run = L.file_size - vaddr
+            if run > end - vaddr:
+                run = end - vaddr
+            rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_DATA | F_OFFSET, vaddr)
+        if rc < 0:
+            return rc
+        vaddr += run
+    return 0
+
+
+cdef int layer_status(Layer *L, uint64_t vaddr, uint64_t n, uint64_t depth, RunBuf *out) noexcept nogil:
+    cdef int rc, kind
+    cdef uint64_t host, run, e, m, flags
+    while n > 0:
+        if vaddr >= L.size:
+            # past the end of a shorter backing file: reads as zeros
+            return runs_push(out, vaddr, n, depth, F_ZERO, 0)
+        m = L.size - vaddr
+        if m > n:
+            m = n
+        if L.raw:
+            rc = raw_status(L, vaddr, m, depth, out)
+            if rc < 0:
+                return rc
+            vaddr += m
+            n -= m
+            continue
+        rc = resolve(L, vaddr, m, &kind, &host, &run, &e)
+        if rc < 0:
+            return rc
+        if kind == K_UNALLOC:
+            if L.backing != NULL:
+                rc = layer_status(L.backing, vaddr, run, depth + 1, out)
+                if rc < 0:
+                    L.err_code = L.backing.err_code
+                    L.err_msg = L.backing.err_msg
+                    L.err_offset = L.backing.err_offset
+                    return rc
+            else:
+                rc = runs_push(out, vaddr, run, depth, F_ZERO, 0)
+        elif kind == K_ZERO:
+            if host:
+                rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_ZERO | F_OFFSET, host)
+            else:
+                rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_ZERO, 0)
+        elif kind == K_DATA:
+            rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_DATA | F_OFFSET, host)
+        else:
+            rc = runs_push(out, vaddr, run, depth, F_PRESENT | F_DATA | F_COMPRESSED, 0)
+        if rc < 0:
+            return fail(L, E_NOMEM, "out of memory", 0)
+        vaddr += run
+        n -= run
+    return 0
+
+
+# --- the Python-facing handle -------------------------------------------------------------------
+
+cdef class CoreImage:
+    """One mapped image file (internal; use engine.open / engine.create).
+
+    Arguments of the constructor:
+        fd (int): a descriptor open O_RDWR (writable) or O_RDONLY; the core dups it.
+        writable (bool), raw (bool)
+        geometry (dict): for qcow2, the header fields cluster_bits, size, version,
+            l1_table_offset, l1_size, refcount_table_offset, refcount_table_clusters,
+            refcount_order, extended_l2, compression_type, snapshots_offset,
+            snapshots_size; all validated by engine.format first.
+    """
+
+    cdef Layer L
+    cdef object _backing       # keeps the backing CoreImage alive
+    cdef bint _open
+
+    def __cinit__(self):
+        memset(&self.L, 0, sizeof(Layer))
+        self.L.fd = -1
+        self._open = False
+        pthread_rwlock_init(&self.L.lock, NULL)
+
+    def __init__(self, int fd, bint writable, bint raw, dict geometry):
+        import os
+        cdef Layer *L = &self.L
+        cdef uint64_t fsize = os.fstat(fd).st_size
+        cdef uint64_t C, reserve, i
+        cdef int prot
+        cdef void *p
+        L.fd = os.dup(fd)
+        L.writable = writable
+        L.raw = raw
+        L.file_size = fsize
+        if raw:
+            L.size = fsize
+            L.cluster_bits = 16
+        else:
+            L.cluster_bits = geometry["cluster_bits"]
+            L.size = geometry["size"]
+            L.version = geometry["version"]
+            L.ext_l2 = geometry["extended_l2"]
+            L.entry_shift = 4 if L.ext_l2 else 3
+            L.l2_bits = L.cluster_bits - L.entry_shift
+            L.l1_offset = geometry["l1_table_offset"]
+            L.l1_size = geometry["l1_size"]
+            L.rt_offset = geometry["refcount_table_offset"]
+            L.rt_entries = (<uint64_t>geometry["refcount_table_clusters"] << L.cluster_bits) // 8
+            L.refcount_order = geometry["refcount_order"]
+            L.rb_shift = L.cluster_bits + 3 - L.refcount_order
+            L.rc_max = 0xffffffffffffffff if L.refcount_order == 6 else ((<uint64_t>1 << (1 << L.refcount_order)) - 1)
+            L.compression_type = geometry.get("compression_type", 0)
+        C = <uint64_t>1 << L.cluster_bits
+        L.cluster_size = C
+        L.alloc_end = (fsize + C - 1) & ~(C - 1)
+        # fixed metadata: header cluster, L1, reftable, snapshot table
+        if not raw:
+            L.meta_lo[0] = 0
+            L.meta_hi[0] = C
+            L.meta_lo[1] = L.l1_offset & ~(C - 1)
+            L.meta_hi[1] = (L.l1_offset + L.l1_size * 8 + C - 1) & ~(C - 1)
+            L.meta_lo[2] = L.rt_offset
+            L.meta_hi[2] = L.rt_offset + L.rt_entries * 8
+            L.meta_lo[3] = geometry.get("snapshots_offset", 0) & ~(C - 1)
+            L.meta_hi[3] = (geometry.get("snapshots_offset", 0) + geometry.get("snapshots_size", 0) + C - 1) & ~(C - 1)
+        # map
+        if writable:
+            reserve = fsize + (fsize // 2) + (<uint64_t>1 << 30)
+            if not raw:
+                reserve += L.size + L.size // 4
+            if reserve > (<uint64_t>1 << 46):
+                reserve = <uint64_t>1 << 46
+            prot = PROT_READ | PROT_WRITE
+        else:
+            reserve = fsize
+            prot = PROT_READ
+        reserve = (reserve + 4095) & ~(<uint64_t>4095)
+        if reserve:
+            p = mmap(NULL, reserve, prot, MAP_SHARED | MAP_NORESERVE, L.fd, 0)
+            if p == MAP_FAILED:
+                err = errno
+                c_close(L.fd)
+                L.fd = -1
+                raise OSError(err, "cannot map the image file")
+            L.base = <uint8_t *>p
+            L.map_len = reserve
+        self._open = True
+        if raw:
+            return
+        if L.l1_offset + L.l1_size * 8 > fsize or L.rt_offset + L.rt_entries * 8 > fsize:
+            self.close()
+            raise ValueError("tables past the end of the file")
+        L.l1 = <uint64_t *>malloc(max(L.l1_size, 1) * 8)
+        if L.l1 == NULL:
+            self.close()
+            raise MemoryError()
+        for i in range(L.l1_size):
+            L.l1[i] = load_be64(L.base + L.l1_offset + i * 8)
+        if writable:
+            L.l2_cache = <uint8_t **>calloc(max(L.l1_size, 1), sizeof(uint8_t *))
+            L.scratch = <uint8_t *>malloc(C)
+            L.safe_clusters = L.alloc_end >> L.cluster_bits
+            L.backed = <uint8_t *>calloc((L.safe_clusters >> 3) + 1, 1)
+            if L.l2_cache == NULL or L.scratch == NULL or L.backed == NULL:
+                self.close()
+                raise MemoryError()
+
+    def __dealloc__(self):
+        self._release()
+        pthread_rwlock_destroy(&self.L.lock)
+
+    cdef void _release(self) noexcept:
+        cdef Layer *L = &self.L
+        cdef uint64_t i
+        if L.l2_cache != NULL:
+            for i in range(L.l1_size):
+                if L.l2_cache[i] != NULL:
+                    free(L.l2_cache[i])
+            free(L.l2_cache)
+            L.l2_cache = NULL
+        free(L.l1); L.l1 = NULL
+        free(L.scratch); L.scratch = NULL
+        free(L.zbuf); L.zbuf = NULL
+        free(L.backed); L.backed = NULL
+        free(L.pend_free); L.pend_free = NULL
+        L.n_pend = L.cap_pend = 0
+        if L.base != NULL:
+            munmap(L.base, L.map_len)
+            L.base = NULL
+        if L.fd >= 0:
+            c_close(L.fd)
+            L.fd = -1
+        self._open = False
+
+    # -- error translation: the one place codes become exceptions --------------------------
+    cdef int _raise(self, int rc) except -1:
+        from engine import errors
+        cdef Layer *L = &self.L
+        msg = (<bytes>L.err_msg).decode() if L.err_msg != NULL else "error"
+        if rc == E_IO:
+            raise errors.io_error(L.err_errno, msg)
+        if rc == E_CORRUPT:
+            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset)
+        if rc == E_NOMEM:
+            raise MemoryError(msg)
+        if rc == E_LIMIT:
+            raise errors.SafetyLimitExceeded(msg)
+        if rc == E_PYERR:
+            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset)
+        raise errors.EngineError(msg)
+
+    cdef inline void _check_open(self) except *:
+        if not self._open:
+            from engine.errors import ImageClosed
+            raise ImageClosed("image is closed")
+
+    # -- public (internal) API ---------------------------------------------------------------
+    def set_backing(self, CoreImage backing):
+        """Link the backing image (opened read-only by the caller) or None."""
+        self._backing = backing
+        self.L.backing = &backing.L if backing is not None else NULL
+
+    @property
+    def file_size(self):
+        return self.L.file_size
+
+    @property
+    def alloc_end(self):
+        return self.L.alloc_end
+
+    @property
+    def l1_table_offset(self):
+        return self.L.l1_offset
+
+    @property
+    def refcount_table_offset(self):
+        return self.L.rt_offset
+
+    @property
+    def refcount_table_clusters(self):
+        return (self.L.rt_entries * 8) >> self.L.cluster_bits
+
+    @property
+    def dirty(self):
+        return bool(self.L.data_dirty or self.L.n_cached or self.L.l1_dirty or self.L.n_pend)
+
+    def readinto(self, uint64_t offset, uint8_t[::1] buf not None):
+        """Read len(buf) guest bytes at offset through the chain into buf. Returns len(buf)."""
+        self._check_open()
+        cdef uint64_t n = buf.shape[0]
+        cdef int rc = 0
+        if n == 0:
+            return 0
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            rc = layer_read(&self.L, offset, &buf[0], n)
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+        return n
+
+    def readv(self, cnp.uint64_t[::1] offsets not None, uint64_t length, uint8_t[::1] out not None):
+        """Batch read: for each offset, `length` bytes into consecutive slices of out
+        (len(out) >= len(offsets) * length). One crossing for the whole batch."""
+        self._check_open()
+        cdef uint64_t i, k = offsets.shape[0]
+        cdef int rc = 0
+        if <uint64_t>out.shape[0] < k * length:
+            raise ValueError("output buffer too small for the batch")
+        for i in range(k):
+            if offsets[i] > self.L.size or self.L.size - offsets[i] < length:
+                raise ValueError(f"batch offset {offsets[i]} past the end of the disk")
+        if k == 0 or length == 0:
+            return 0
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            for i in range(k):
+                rc = layer_read(&self.L, offsets[i], &out[0] + i * length, length)
+                if rc < 0:
+                    break
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+        return k * length
+
+    def write(self, uint64_t offset, const uint8_t[::1] data not None):
+        """Write data at offset into this (top) image."""
+        self._check_open()
+        cdef uint64_t n = data.shape[0]
+        cdef int rc = 0
+        cdef ssize_t w
+        if n == 0:
+            return 0
+        if self.L.raw:
+            return self._raw_pwrite(offset, &data[0], n)
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            rc = layer_write(&self.L, offset, &data[0], n)
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+        return n
+
+    cdef object _raw_pwrite(self, uint64_t offset, const uint8_t *p, uint64_t n):
+        # Raw files are written with pwrite, never through the mapping: a store into a sparse
+        # raw file on a full disk would be a SIGBUS; pwrite says ENOSPC.
+        cdef ssize_t w
+        cdef uint64_t done = 0
+        cdef int err = 0
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            while done < n:
+                w = pwrite(self.L.fd, p + done, n - done, <off_t>(offset + done))
+                if w < 0:
+                    err = errno
+                    break
+                done += <uint64_t>w
+            self.L.data_dirty = 1
+            pthread_rwlock_unlock(&self.L.lock)
+        if err:
+            from engine.errors import io_error
+            raise io_error(err, "write failed")
+        return n
+
+    def write_zero_bytes(self, uint64_t offset, uint64_t length):
+        """Write zero bytes over [offset, offset+length) (allocating; used for partial clusters)."""
+        self._check_open()
+        cdef int rc = 0
+        cdef bytes z
+        if length == 0:
+            return
+        if self.L.raw:
+            z = bytes(min(length, 1 << 20))
+            while length:
+                k = min(length, len(z))
+                self._raw_pwrite(offset, <const uint8_t *><char *>z, k)
+                offset += k
+                length -= k
+            return
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            rc = layer_write(&self.L, offset, NULL, length)
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+
+    def zero_clusters(self, uint64_t offset, uint64_t length, int mode):
+        """mode 0: discard (drop the mapping), 1: zero flag and free, 2: zero flag, keep the
+        allocation. offset and length must be cluster-aligned (or reach the end of the disk)."""
+        self._check_open()
+        cdef int rc = 0
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            rc = layer_zero(&self.L, offset, length, mode)
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+
+    def raw_punch(self, uint64_t offset, uint64_t length):
+        """Raw files: deallocate a range so it reads as zeros."""
+        self._check_open()
+        cdef int r
+        with nogil:
+            r = fallocate(self.L.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset, <off_t>length)
+        if r != 0:
+            self.write_zero_bytes(offset, length)
+
+    def flush(self):
+        """Write back caches and make every write before this call durable."""
+        self._check_open()
+        cdef int rc = 0
+        cdef int err = 0
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if self.L.raw:
+                if self.L.sticky_errno:
+                    err = self.L.sticky_errno
+                elif self.L.data_dirty:
+                    if fdatasync(self.L.fd) != 0:
+                        err = errno
+                        self.L.sticky_errno = err
+                    else:
+                        self.L.data_dirty = 0
+            elif self.L.writable:
+                rc = writeback(&self.L)
+            pthread_rwlock_unlock(&self.L.lock)
+        if err:
+            from engine.errors import io_error
+            raise io_error(err, "sync failed")
+        if rc < 0:
+            self._raise(rc)
+
+    def trim(self):
+        """Shrink the file to the end of the last cluster in use (after a flush)."""
+        if self._open and self.L.writable and not self.L.raw and self.L.alloc_end < self.L.file_size:
+            if ftruncate(self.L.fd, <off_t>self.L.alloc_end) == 0:
+                self.L.file_size = self.L.alloc_end
+
+    def block_status(self, uint64_t offset, uint64_t length):
+        """Coalesced runs over [offset, offset+length) through the chain, as an (n, 5) uint64
+        array: start, length, depth, flags (1 present, 2 zero, 4 data, 8 offset valid,
+        16 compressed), host offset."""
+        self._check_open()
+        cdef RunBuf rb
+        cdef int rc = 0
+        rb.v = NULL
+        rb.n = rb.cap = 0
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            rc = layer_status(&self.L, offset, length, 0, &rb)
+            pthread_rwlock_unlock(&self.L.lock)
+        try:
+            if rc < 0:
+                self._raise(rc)
+            arr = np.empty((rb.n, 5), dtype=np.uint64)
+            if rb.n:
+                memcpy(cnp.PyArray_DATA(arr), rb.v, rb.n * 5 * 8)
+            return arr
+        finally:
+            free(rb.v)
+
+    def get_refcount(self, uint64_t cluster_index):
+        """Stored refcount of a host cluster (test and check helper)."""
+        self._check_open()
+        cdef uint64_t v = 0
+        cdef int rc = get_refcount(&self.L, cluster_index, &v)
+        if rc < 0:
+            self._raise(rc)
+        return v
+
+    def grow_l1(self, uint64_t new_l1_size, uint64_t new_size):
+        """Resize support: move the L1 to a new, larger table and set the virtual size
+        (header fields at 24 and 36..47 updated with a sync around each step)."""
+        self._check_open()
+        cdef Layer *L = &self.L
+        cdef uint64_t C = L.cluster_size, n_cl, first, i, host, old_off = L.l1_offset
+        cdef uint64_t old_clusters = (L.l1_size * 8 + C - 1) // C
+        cdef uint64_t *nl1
+        cdef uint8_t **ncache
+        cdef int rc = 0
+        if new_l1_size <= L.l1_size:
+            with nogil:
+                pthread_rwlock_wrlock(&L.lock)
+                rc = writeback(L)
+                if rc == 0:
+                    store_be64(L.base + 24, new_size)
+                    if fdatasync(L.fd) != 0:
+                        rc = fail_io(L, "sync failed", 0)
+                    else:
+                        L.size = new_size
+                pthread_rwlock_unlock(&L.lock)
+            if rc < 0:
+                self._raise(rc)
+            return
+        n_cl = (new_l1_size * 8 + C - 1) // C
+        nl1 = <uint64_t *>calloc(new_l1_size, 8)
+        ncache = <uint8_t **>calloc(new_l1_size, sizeof(uint8_t *))
+        if nl1 == NULL or ncache == NULL:
+            free(nl1); free(ncache)
+            raise MemoryError()
+        with nogil:
+            pthread_rwlock_wrlock(&L.lock)
+            rc = writeback(L)
+            if rc == 0:
+                # n_cl contiguous clusters at the end of the file
+                first = L.alloc_end >> L.cluster_bits
+                for i in range(n_cl):
+                    rc = ensure_refblock(L, (first + i) >> L.rb_shift, <int *>&host)
+                    if rc < 0:
+                        break
+                if rc == 0:
+                    first = L.alloc_end >> L.cluster_bits
+                    rc = ensure_size(L, (first + n_cl) * C)
+                if rc == 0:
+                    for i in range(n_cl):
+                        rc = set_refcount(L, first + i, 1)
+                        if rc < 0:
+                            break
+                if rc == 0:
+                    L.alloc_end = (first + n_cl) * C
+                    memset(L.base + first * C, 0, n_cl * C)
+                    memcpy(nl1, L.l1, L.l1_size * 8)
+                    for i in range(L.l1_size):
+                        store_be64(L.base + first * C + i * 8, L.l1[i])
+                    if fdatasync(L.fd) != 0:
+                        rc = fail_io(L, "sync failed", 0)
+                if rc == 0:
+                    store_be64(L.base + 24, new_size)
+                    store_be32(L.base + 36, <uint32_t>new_l1_size)
+                    store_be64(L.base + 40, first * C)
+                    if fdatasync(L.fd) != 0:
+                        rc = fail_io(L, "sync failed", 0)
+                if rc == 0:
+                    free(L.l1)
+                    free(L.l2_cache)
+                    L.l1 = nl1
+                    L.l2_cache = ncache
+                    nl1 = NULL
+                    ncache = NULL
+                    L.l1_size = new_l1_size
+                    L.l1_offset = first * C
+                    L.size = new_size
+                    L.meta_lo[1] = L.l1_offset
+                    L.meta_hi[1] = L.l1_offset + n_cl * C
+                    for i in range(old_clusters):
+                        rc = pend_free(L, (old_off >> L.cluster_bits) + i)
+                        if rc < 0:
+                            break
+                if rc == 0:
+                    rc = writeback(L)
+            pthread_rwlock_unlock(&L.lock)
+        free(nl1)
+        free(ncache)
+        if rc < 0:
+            self._raise(rc)
+
+    def close(self):
+        """Unmap and close (the caller flushes first). Idempotent."""
+        if self._open:
+            self._release()
+        self._backing = None
+        self.L.backing = NULL
+
+    @property
+    def closed(self):
+        return not self._open
+
+
+def selftest():
+    """A tiny fixed set of checks that catch a broken build (byte order, masks)."""
+    cdef uint8_t buf[8]
+    store_be64(buf, 0x0102030405060708)
+    if buf[0] != 1 or buf[7] != 8 or load_be64(buf) != 0x0102030405060708:
+        raise AssertionError("byte order helpers are broken")
+    store_be16(buf, 0xabcd)
+    if load_be16(buf) != 0xabcd:
+        raise AssertionError("16-bit byte order helpers are broken")
+    if (0x8000000000050000 & L2E_OFFSET_MASK) != 0x50000:
+        raise AssertionError("L2 offset mask is broken")
+    return True
