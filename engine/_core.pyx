@@ -402,13 +402,13 @@ cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while adding a refcount block", j * C)
     store_be64(L.base + L.rt_offset + rti * 8, j * C)
+    if L.free_hint <= j:
+        L.free_hint = j + 1      # j's own refcount is still 0 until set below: never hand it out
     if (j >> L.rb_shift) != rti:
         # The block lives in another block's range: count it there (may recurse once more).
         rc = set_refcount(L, j, 1)
         if rc < 0:
             return rc
-    if L.free_hint <= j:
-        L.free_hint = j + 1
     return 0
 
 
@@ -580,6 +580,9 @@ cdef int resolve(Layer *L, uint64_t vaddr, uint64_t maxlen, int *kind, uint64_t 
             if kd != kind[0]:
                 break
             if kd == K_DATA and (e & L2E_OFFSET_MASK) != h0 + (n + in_off):
+                break
+            if kd == K_ZERO and (((e & L2E_OFFSET_MASK) == 0) != (h0 == 0) or
+                                 (h0 != 0 and (e & L2E_OFFSET_MASK) != h0 + (n + in_off))):
                 break
             if kd == K_COMPRESSED:
                 break
@@ -1508,7 +1511,7 @@ cdef class CoreImage:
         cdef uint64_t old_clusters = (L.l1_size * 8 + C - 1) // C
         cdef uint64_t *nl1
         cdef uint8_t **ncache
-        cdef int rc = 0
+        cdef int rc = 0, created = 0
         if new_l1_size <= L.l1_size:
             with nogil:
                 pthread_rwlock_wrlock(&L.lock)
@@ -1536,7 +1539,7 @@ cdef class CoreImage:
                 # n_cl contiguous clusters at the end of the file
                 first = L.alloc_end >> L.cluster_bits
                 for i in range(n_cl):
-                    rc = ensure_refblock(L, (first + i) >> L.rb_shift, <int *>&host)
+                    rc = ensure_refblock(L, (first + i) >> L.rb_shift, &created)
                     if rc < 0:
                         break
                 if rc == 0:

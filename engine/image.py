@@ -1,0 +1,845 @@
+"""Image: one QCOW2 or RAW file, its backing chain, locks and policy.
+
+The hot path lives in engine._core; this module opens files, validates headers (through
+engine.format), decides what may be followed and written, and shapes results the way qemu-img
+shows them.
+
+Thread model: one Image may be read from many threads at once; writes, flushes and metadata
+changes exclude each other and readers (a read-write lock inside the core).  Closing while
+another thread uses the image is the caller's error.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import struct
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+
+from engine import _core
+from engine import format as fmt
+from engine.errors import (
+    ChainError,
+    CorruptImage,
+    EngineError,
+    ImageClosed,
+    ImageFormatError,
+    ImageLocked,
+    ImageNotFound,
+    InvalidArgument,
+    ReadOnlyImage,
+    SafetyLimitExceeded,
+    UnsafeBackingReference,
+    UnsupportedFeature,
+    io_error,
+)
+
+#: Deepest backing chain we open by default (each level costs one file descriptor and one
+#: mapping; reads recurse once per level on a miss).
+MAX_CHAIN_DEPTH = 1024
+
+#: Largest header area we read: cluster 0 can be at most 2 MiB.
+_HEADER_READ = 2 << 20
+
+_PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+class Extent(NamedTuple):
+    """A run of guest bytes with one allocation status; the fields mean what the fields of
+    ``qemu-img map --output=json`` mean.
+
+    Attributes:
+        start (int): guest offset, bytes.   length (int): bytes.
+        data (bool): reading touches stored data.   zero (bool): reads as zeros.
+        depth (int): 0 = this image, 1 = its backing file, ...
+        offset (int | None): host offset in the file at ``depth``, when the data sits there raw.
+        present (bool): some layer allocates the range.   compressed (bool)
+    """
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    depth: int
+    offset: int | None
+    present: bool = True
+    compressed: bool = False
+
+    def to_dict(self) -> dict:
+        d = {"start": self.start, "length": self.length, "depth": self.depth,
+             "present": self.present, "zero": self.zero, "data": self.data,
+             "compressed": self.compressed}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Extent":
+        return cls(d["start"], d["length"], d["data"], d["zero"], d["depth"], d.get("offset"),
+                   d.get("present", True), d.get("compressed", False))
+
+
+# --- decompression (the one core path that crosses into Python, once per cluster) -----------
+
+def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
+    if ctype == 0:
+        d = zlib.decompressobj(-15)
+        out = d.decompress(data, cluster_size)
+    elif ctype == 1:
+        try:
+            import zstandard
+        except ImportError:
+            raise UnsupportedFeature("zstd", "the image has zstd-compressed clusters and the "
+                                     "'zstandard' module is not installed",
+                                     hint="pip install 'cowchain[zstd]'") from None
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out = d.decompress(data)
+    else:
+        raise UnsupportedFeature(f"compression type {ctype}")
+    if len(out) < cluster_size:
+        raise CorruptImage("compressed cluster inflates to less than one cluster")
+    return out[:cluster_size]
+
+
+_core.set_decompressor(_decompress)
+
+
+# --- QEMU-compatible image locks (qcow2-facts.md section 9) ---------------------------------
+
+_PERM_CONSISTENT_READ, _PERM_WRITE, _PERM_RESIZE = 0, 1, 3
+_LOCK_BASE_USE, _LOCK_BASE_SHARE = 100, 200
+_FLOCK = "=hh4xqqi4x"     # struct flock on 64-bit Linux
+
+
+def _ofd(fd: int, cmd: int, ltype: int, byte: int) -> int:
+    arg = struct.pack(_FLOCK, ltype, os.SEEK_SET, byte, 1, 0)
+    res = fcntl.fcntl(fd, cmd, arg)
+    return struct.unpack(_FLOCK, res)[0]
+
+
+class _Lock:
+    """QEMU's lock bytes on a dedicated descriptor: a read-write user takes 100, 101, 103 and
+    201, 203; a reader takes 100 and 201, 203 (it does not share write or resize); a
+    force-share reader takes 100 only."""
+
+    def __init__(self, path: str, writable: bool, force_share: bool):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        use = [_PERM_CONSISTENT_READ] + ([_PERM_WRITE, _PERM_RESIZE] if writable else [])
+        unshared = [] if force_share else [_PERM_WRITE, _PERM_RESIZE]
+        try:
+            for p in use:
+                _ofd(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_USE + p)
+            for p in unshared:
+                _ofd(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_SHARE + p)
+            for p in use:
+                if _ofd(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_BASE_SHARE + p) != fcntl.F_UNLCK:
+                    raise ImageLocked(f'Failed to get "{_PERM_NAMES[p]}" lock', path=path)
+            for p in unshared:
+                if _ofd(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_BASE_USE + p) != fcntl.F_UNLCK:
+                    raise ImageLocked(f'Failed to get shared "{_PERM_NAMES[p]}" lock', path=path)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ImageLocked("the image is locked by another process", path=path) from None
+            raise io_error(e.errno or errno.EIO, "cannot lock the image", path=path) from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def release(self):
+        if self.fd >= 0:
+            os.close(self.fd)      # closing the description drops every OFD lock on it
+            self.fd = -1
+
+
+_PERM_NAMES = {0: "consistent read", 1: "write", 3: "resize"}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _os_open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageNotFound("no such file", path=path) from None
+    except IsADirectoryError:
+        raise InvalidArgument("is a directory, not an image file", path=path) from None
+    except OSError as e:
+        raise io_error(e.errno, "cannot open", path=path) from None
+
+
+def _read_head(fd: int, path: str) -> tuple[bytes, int]:
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, min(size, _HEADER_READ), 0), size
+    except OSError as e:
+        raise io_error(e.errno, "cannot read the header", path=path) from None
+
+
+def _is_qcow2(head: bytes) -> bool:
+    return head[:4] == fmt.QCOW2_MAGIC
+
+
+def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool) -> str:
+    """Policy for backing references (S2): a plain name relative to the overlay's folder
+    that resolves, symlinks included, inside that folder. Returns the resolved path."""
+    if "\0" in name:
+        raise UnsafeBackingReference(name, "backing file name contains a NUL byte")
+    if not allow_unsafe:
+        if name.startswith("json:") or _PROTOCOL_RE.match(name):
+            raise UnsafeBackingReference(name, f"backing file {name!r} is a json: or protocol name")
+        if os.path.isabs(name):
+            raise UnsafeBackingReference(name, f"backing file {name!r} is an absolute path")
+        if ".." in name.split("/"):
+            raise UnsafeBackingReference(name, f"backing file {name!r} leaves the overlay's folder")
+    full = os.path.join(overlay_dir, name)
+    if not allow_unsafe:
+        root = os.path.realpath(overlay_dir)
+        real = os.path.realpath(full)
+        if not real.startswith(root + os.sep):
+            raise UnsafeBackingReference(name, f"backing file {name!r} resolves outside the "
+                                         "overlay's folder")
+    return full
+
+
+# --- Image ------------------------------------------------------------------------------------
+
+class Image:
+    """An open QCOW2 or RAW image with its backing chain (use :func:`open` / :func:`create`).
+
+    Reads go through the whole chain; writes go to this image only.  Sizes and offsets are
+    bytes.  Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self):  # built by _open_image only
+        raise TypeError("use engine.open() or engine.create()")
+
+    # construction ---------------------------------------------------------------------
+    @classmethod
+    def _new(cls, path, fd, fmt_name, header, core, backing, readonly, lock, backing_path):
+        self = object.__new__(cls)
+        self._path = path
+        self._fd = fd
+        self._format = fmt_name
+        self._header = header
+        self._core = core
+        self._backing = backing
+        self._readonly = readonly
+        self._lock = lock
+        self._backing_path = backing_path
+        self._closed = False
+        return self
+
+    # properties -------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def format(self) -> str:
+        return self._format
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        self._check_open()
+        return self._header.size if self._header is not None else self._core.file_size
+
+    @property
+    def cluster_size(self) -> int | None:
+        return self._header.cluster_size if self._header is not None else None
+
+    @property
+    def backing(self) -> "Image | None":
+        return self._backing
+
+    @property
+    def backing_name(self) -> str | None:
+        return self._header.backing_file if self._header is not None else None
+
+    @property
+    def backing_format(self) -> str | None:
+        return self._header.backing_format if self._header is not None else None
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def header(self) -> "fmt.Header | None":
+        """The parsed QCOW2 header (None for raw)."""
+        return self._header
+
+    def chain(self) -> list["Image"]:
+        """This image and its backing files, top first."""
+        out, img = [], self
+        while img is not None:
+            out.append(img)
+            img = img._backing
+        return out
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("ro" if self._readonly else "rw")
+        return f"<engine.Image {self._path!r} {self._format} {state}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if not getattr(self, "_closed", True):
+                self.close()
+        except Exception:
+            pass
+
+    # checks -----------------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ImageClosed("image is closed", path=self._path)
+
+    def _check_writable(self):
+        self._check_open()
+        if self._readonly:
+            raise ReadOnlyImage("image is open read-only", path=self._path)
+
+    def _check_range(self, offset: int, length: int):
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
+                                  f"({self.size} bytes)", path=self._path)
+
+    # I/O ----------------------------------------------------------------------------------
+    def readinto(self, offset: int, buffer) -> int:
+        """Fill ``buffer`` (any writable buffer: bytearray, memoryview, numpy array) with the
+        guest bytes at ``offset``. Returns the number of bytes read (len of the buffer)."""
+        self._check_open()
+        mv = memoryview(buffer).cast("B")
+        self._check_range(offset, len(mv))
+        return self._core.readinto(offset, mv)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` guest bytes at ``offset``, read through the chain."""
+        self._check_open()
+        self._check_range(offset, length)
+        buf = bytearray(length)
+        if length:
+            self._core.readinto(offset, buf)
+        return bytes(buf)
+
+    def readv(self, offsets, length: int, out=None):
+        """Batch read: ``length`` bytes at each offset of ``offsets`` (array-like of ints),
+        into consecutive slices of ``out`` (allocated when None). One crossing into the core
+        for the whole batch. Returns ``out``."""
+        self._check_open()
+        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+        if out is None:
+            out = np.empty(len(offs) * length, dtype=np.uint8)
+        mv = memoryview(out).cast("B")
+        try:
+            self._core.readv(offs, length, mv)
+        except ValueError as e:
+            raise InvalidArgument(str(e), path=self._path) from None
+        return out
+
+    def write(self, offset: int, data) -> int:
+        """Write ``data`` (any buffer) at ``offset``. Durable after :meth:`flush`."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if self._header is not None and self._header.extended_l2:
+            raise UnsupportedFeature("extended L2 writes", "writing to images with extended L2 "
+                                     "entries (subclusters) is not supported yet", path=self._path)
+        return self._core.write(offset, mv)
+
+    def writev(self, offsets, length: int, data) -> None:
+        """Batch write: consecutive ``length``-byte slices of ``data`` to each offset."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        offs = np.asarray(offsets, dtype=np.uint64)
+        if len(mv) < len(offs) * length:
+            raise InvalidArgument("data shorter than len(offsets) * length")
+        for i, off in enumerate(offs.tolist()):
+            self.write(off, mv[i * length:(i + 1) * length])
+
+    def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole clusters inside [offset, offset+length); a partial last cluster at the
+        end of the disk counts as whole."""
+        c = self.cluster_size
+        start = -(-offset // c) * c
+        end = offset + length
+        if end != self.size:
+            end = end // c * c
+        return start, max(start, end)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros. With QCOW2 v3 whole clusters get the
+        zero flag (their allocation kept, or freed with ``unmap=True``); partial clusters are
+        written with zero bytes."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        if self._header is None:
+            self._core.raw_punch(offset, length)
+            return
+        if self._header.extended_l2:
+            raise UnsupportedFeature("extended L2 writes", path=self._path)
+        start, end = self._aligned_span(offset, length)
+        if self._header.version < 3 or start >= end:
+            if self._header.version < 3 and unmap and self._backing is None and start < end:
+                self._core.zero_clusters(start, end - start, 0)
+                self._core.write_zero_bytes(offset, start - offset)
+                self._core.write_zero_bytes(end, offset + length - end)
+            else:
+                self._core.write_zero_bytes(offset, length)
+            return
+        if start > offset:
+            self._core.write_zero_bytes(offset, start - offset)
+        self._core.zero_clusters(start, end - start, 1 if unmap else 2)
+        if offset + length > end:
+            self._core.write_zero_bytes(end, offset + length - end)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the mapping of the whole clusters inside the range, so the backing file (or
+        zeros, without one) shows through there. Partial clusters are left as they are."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if self._header is None:
+            self._core.raw_punch(offset, length)
+            return
+        if self._header.extended_l2:
+            raise UnsupportedFeature("extended L2 writes", path=self._path)
+        start, end = self._aligned_span(offset, length)
+        if start < end:
+            self._core.zero_clusters(start, end - start, 0)
+
+    def flush(self) -> None:
+        """Make every write issued before this call durable (D1). A failed flush is sticky."""
+        self._check_open()
+        if not self._readonly:
+            self._core.flush()
+
+    def close(self) -> None:
+        """Flush, trim the file, unmap, release locks; close the backing chain. Idempotent."""
+        if self._closed:
+            return
+        err = None
+        try:
+            if not self._readonly:
+                self._core.flush()
+                self._core.trim()
+        except EngineError as e:
+            err = e
+        finally:
+            self._closed = True
+            self._core.close()
+            os.close(self._fd)
+            self._lock.release()
+            if self._backing is not None:
+                self._backing.close()
+        if err is not None:
+            raise err
+
+    # metadata ---------------------------------------------------------------------------
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Allocation runs over the range, merged as ``qemu-img map --output=json`` merges
+        them (one run per change of depth/zero/data/offset-contiguity)."""
+        self._check_open()
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        if length == 0:
+            return []
+        runs = self._core.block_status(offset, length).tolist()
+        bottom = len(self.chain()) - 1
+        out = []
+        for start, ln, depth, flags, off in runs:
+            present = bool(flags & 1)
+            if not present:
+                depth = bottom
+            out.append(Extent(start, ln, bool(flags & 4), bool(flags & 2), depth,
+                              off if flags & 8 else None, present, bool(flags & 16)))
+        return _merge_extents(out)
+
+    def info(self, *, backing_chain: bool = False):
+        """``qemu-img info --output=json`` for this image (a list, top first, with
+        ``backing_chain=True``)."""
+        self._check_open()
+        if backing_chain:
+            return [img.info() for img in self.chain()]
+        st = os.fstat(self._fd)
+        d = {"filename": self._path, "format": self._format, "virtual-size": self.size,
+             "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        h = self._header
+        if h is None:
+            return d
+        d["dirty-flag"] = bool(h.dirty)
+        d["cluster-size"] = h.cluster_size
+        if h.backing_file is not None:
+            d["backing-filename"] = h.backing_file
+            d["full-backing-filename"] = (self._backing_path if self._backing_path is not None
+                                          else os.path.join(os.path.dirname(self._path), h.backing_file))
+            if h.backing_format is not None:
+                d["backing-filename-format"] = h.backing_format
+        snaps = self.snapshots()
+        if snaps:
+            d["snapshots"] = snaps
+        d["format-specific"] = {"type": "qcow2", "data": fmt.info_fields(h)}
+        return d
+
+    def snapshots(self) -> list[dict]:
+        """Internal snapshots (qemu-img info's SnapshotInfo objects)."""
+        h = self._header
+        if h is None or not h.nb_snapshots:
+            return []
+        size = self._core.file_size
+        if h.snapshots_offset >= size:
+            raise CorruptImage("snapshot table past the end of the file", path=self._path)
+        buf = os.pread(self._fd, min(size - h.snapshots_offset, fmt.MAX_SNAPSHOTS_SIZE),
+                       h.snapshots_offset)
+        out = []
+        for s in fmt.parse_snapshot_table(buf, h):
+            e = {"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                 "vm-clock-sec": s.vm_clock_nsec // 10**9,
+                 "vm-clock-nsec": s.vm_clock_nsec % 10**9}
+            if s.icount is not None:
+                e["icount"] = s.icount
+            out.append(e)
+        return out
+
+    def check(self, repair: str | None = None):
+        """Consistency check with ``qemu-img check`` semantics; see engine.check.CheckResult.
+        ``repair`` is None, "leaks" or "all" (needs a read-write image)."""
+        from engine import check as _check
+        self._check_open()
+        if repair not in (None, "leaks", "all"):
+            raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+        if self._header is None:
+            raise UnsupportedFeature("check of raw images", "raw images have no metadata to "
+                                     "check (qemu-img check exits 63)", path=self._path)
+        if repair is not None:
+            self._check_writable()
+            self._core.flush()
+            self._core.trim()
+        res = _check.check_file(self._fd, filename=self._path, repair=repair)
+        if repair is not None:
+            self._reload()
+        return res
+
+    def rebase(self, backing_name: str | None, backing_format: str | None = None, *,
+               allow_unsafe_backing: bool = False) -> None:
+        """Change the backing file recorded in the header only, like ``qemu-img rebase -u``:
+        the caller guarantees that the content stays right."""
+        self._check_writable()
+        if self._header is None:
+            raise UnsupportedFeature("backing files for raw images", path=self._path)
+        if backing_name is not None:
+            if backing_format not in ("raw", "qcow2"):
+                raise InvalidArgument("a backing format ('raw' or 'qcow2') must be given")
+            _check_backing_name(backing_name, os.path.dirname(self._path) or ".",
+                                allow_unsafe_backing)
+        self._core.flush()
+        h = self._read_header()
+        h.backing_file = backing_name
+        h.backing_format = backing_format if backing_name is not None else None
+        self._write_header(h)
+        self._reload()
+
+    def resize(self, new_size: int) -> None:
+        """Grow the virtual disk to ``new_size`` bytes (shrinking is refused)."""
+        self._check_writable()
+        if new_size < self.size:
+            raise UnsupportedFeature("shrink", "shrinking an image is not supported",
+                                     path=self._path)
+        if self._header is None:
+            os.ftruncate(self._fd, new_size)
+            self._reload()
+            return
+        new_size = -(-new_size // 512) * 512
+        per_l1 = self._header.cluster_size * self._header.l2_entries
+        need = -(-new_size // per_l1)
+        if need * 8 > fmt.MAX_L1_SIZE:
+            raise SafetyLimitExceeded("the L1 table would exceed QEMU's 32 MiB limit")
+        self._core.grow_l1(need, new_size)
+        self._reload()
+
+    # header I/O -----------------------------------------------------------------------------
+    def _read_header(self) -> "fmt.Header":
+        head, size = _read_head(self._fd, self._path)
+        return fmt.parse_header(head, size, path=self._path)
+
+    def _write_header(self, h: "fmt.Header") -> None:
+        data = fmt.encode_header(h)
+        try:
+            os.pwrite(self._fd, data, 0)
+            os.fsync(self._fd)
+        except OSError as e:
+            raise io_error(e.errno, "cannot write the header", path=self._path) from None
+
+    def _reload(self) -> None:
+        """Re-read the header and re-map after a metadata change made outside the core."""
+        self._core.flush()
+        self._core.close()
+        head, size = _read_head(self._fd, self._path)
+        if self._format == "raw":
+            self._core = _core.CoreImage(self._fd, not self._readonly, True, {})
+        else:
+            self._header = fmt.parse_header(head, size, path=self._path)
+            self._core = _core.CoreImage(self._fd, not self._readonly, False,
+                                         _geometry(self._header))
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
+        self._backing, self._backing_path = _open_backing(
+            self._path, self._header, self._opts, depth=self._depth, seen=set())
+        self._core.set_backing(self._backing._core if self._backing is not None else None)
+
+
+def _merge_extents(exts: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in exts:
+        if out:
+            p = out[-1]
+            if (p.depth == e.depth and p.present == e.present and p.zero == e.zero and
+                    p.data == e.data and p.compressed == e.compressed and
+                    p.start + p.length == e.start and
+                    ((p.offset is None and e.offset is None) or
+                     (p.offset is not None and e.offset is not None and
+                      p.offset + p.length == e.offset))):
+                out[-1] = p._replace(length=p.length + e.length)
+                continue
+        out.append(e)
+    return out
+
+
+def _geometry(h: "fmt.Header") -> dict:
+    snap_size = 0
+    if h.nb_snapshots:
+        # an upper bound is enough for the "never allocate over it" ranges
+        snap_size = min(h.nb_snapshots * (40 + 1024 + 128 + 256 + 8), fmt.MAX_SNAPSHOTS_SIZE)
+    return {
+        "cluster_bits": h.cluster_bits, "size": h.size, "version": h.version,
+        "l1_table_offset": h.l1_table_offset, "l1_size": h.l1_size,
+        "refcount_table_offset": h.refcount_table_offset,
+        "refcount_table_clusters": h.refcount_table_clusters,
+        "refcount_order": h.refcount_order, "extended_l2": bool(h.extended_l2),
+        "compression_type": h.compression_type,
+        "snapshots_offset": h.snapshots_offset if h.nb_snapshots else 0,
+        "snapshots_size": snap_size,
+    }
+
+
+def _open_backing(path, header, opts, *, depth, seen):
+    """Open the backing chain of an image read-only, by policy. Returns (Image|None, path)."""
+    if header is None or header.backing_file is None or not opts["backing"]:
+        return None, None
+    name = header.backing_file
+    bdir = os.path.dirname(path) or "."
+    full = _check_backing_name(name, bdir, opts["allow_unsafe_backing"])
+    if header.backing_format is None:
+        raise UnsafeBackingReference(name, f"backing file {name!r} has no recorded format; "
+                                     "cowchain never guesses a format",
+                                     hint="record it with 'qemu-img rebase -u -b NAME -F FMT'")
+    if header.backing_format not in ("raw", "qcow2"):
+        raise UnsupportedFeature(f"backing format {header.backing_format}", path=path)
+    if depth + 1 > opts["max_chain_depth"]:
+        raise ChainError(f"backing chain deeper than {opts['max_chain_depth']} images",
+                         path=path)
+    img = _open_image(full, header.backing_format, True, opts, depth=depth + 1, seen=seen)
+    return img, full
+
+
+def _open_image(path, format, readonly, opts, *, depth=0, seen=None):
+    if seen is None:
+        seen = set()
+    fd = _os_open(path, os.O_RDONLY if readonly else os.O_RDWR)
+    lock = None
+    core = None
+    try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise ChainError("backing chain loops back to an image already in the chain",
+                             path=path)
+        seen.add(key)
+        if not os.path.isfile(path) and not _is_regular(st):
+            raise InvalidArgument("not a regular file", path=path)
+        head, size = _read_head(fd, path)
+        if format is None:
+            format = "qcow2" if _is_qcow2(head) else "raw"
+        if format not in ("raw", "qcow2"):
+            raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
+        header = None
+        if format == "qcow2":
+            header = fmt.parse_header(head, size, path=path)
+            if not readonly:
+                header = _prepare_rw(fd, path, header, size)
+        lock = _Lock(path, not readonly, opts["force_share"])
+        try:
+            core = _core.CoreImage(fd, not readonly, format == "raw",
+                                   _geometry(header) if header is not None else {})
+        except ValueError as e:
+            raise CorruptImage(str(e), path=path) from None
+        except OSError as e:
+            raise io_error(e.errno or errno.EIO, "cannot map the image", path=path) from None
+        img = Image._new(path, fd, format, header, core, None, readonly, lock, None)
+        img._opts = opts
+        img._depth = depth
+        backing, bpath = _open_backing(path, header, opts, depth=depth, seen=seen)
+        img._backing = backing
+        img._backing_path = bpath
+        core.set_backing(backing._core if backing is not None else None)
+        return img
+    except BaseException:
+        if core is not None:
+            core.close()
+        if lock is not None:
+            lock.release()
+        os.close(fd)
+        raise
+
+
+def _is_regular(st) -> bool:
+    import stat
+    return stat.S_ISREG(st.st_mode)
+
+
+def _prepare_rw(fd: int, path: str, h: "fmt.Header", size: int) -> "fmt.Header":
+    """What QEMU does before the first write: refuse a corrupt image, repair a dirty one,
+    drop autoclear bits we do not maintain (the bitmaps extension then no longer counts)."""
+    if h.corrupt:
+        raise CorruptImage("the image is marked corrupt; it may only be opened read-only",
+                           path=path, hint="run check(repair='all') in a repair tool, or "
+                           "'qemu-img check -r all'")
+    if h.dirty:
+        from engine import check as _check
+        res = _check.check_file(fd, filename=path, repair="all")
+        if res.corruptions or res.check_errors:
+            raise CorruptImage("could not repair the dirty image", path=path)
+        head, size = _read_head(fd, path)
+        h = fmt.parse_header(head, size, path=path)
+    if h.version >= 3 and h.autoclear_features:
+        h.autoclear_features = 0
+        h.bitmaps_ext = None
+        try:
+            os.pwrite(fd, fmt.encode_header(h), 0)
+            os.fsync(fd)
+        except OSError as e:
+            raise io_error(e.errno, "cannot write the header", path=path) from None
+        head, size = _read_head(fd, path)
+        h = fmt.parse_header(head, size, path=path)
+    return h
+
+
+def open(path, *, format: str | None = None, readonly: bool = False, backing: bool = True,
+         allow_unsafe_backing: bool = False, max_chain_depth: int = MAX_CHAIN_DEPTH,
+         force_share: bool = False) -> Image:
+    """Open an image and (by default) its backing chain, read-only below the top.
+
+    Arguments:
+        path (str | os.PathLike): the image file.
+        format (str | None): "qcow2" or "raw"; None means qcow2 if the file starts with the
+            QCOW2 magic, raw otherwise (top level only: backing files use the format recorded
+            in their overlay, never a guess).
+        readonly (bool): open read-only.
+        backing (bool): open the backing chain (reads of unallocated clusters then fall
+            through); False reads them as zeros.
+        allow_unsafe_backing (bool): follow absolute, ``..`` and protocol backing names.
+        max_chain_depth (int): refuse deeper chains (ChainError).
+        force_share (bool): read-only open that shares every permission (qemu's -U).
+
+    Raises:
+        ImageNotFound, ImageFormatError, UnsupportedFeature, CorruptImage,
+        SafetyLimitExceeded, ChainError, UnsafeBackingReference, ImageLocked, EngineIOError.
+    """
+    path = os.fspath(path)
+    if force_share and not readonly:
+        raise InvalidArgument("force_share needs readonly=True")
+    opts = {"backing": backing, "allow_unsafe_backing": allow_unsafe_backing,
+            "max_chain_depth": max_chain_depth, "force_share": force_share}
+    return _open_image(path, format, readonly, opts)
+
+
+def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int = 65536,
+           backing: str | None = None, backing_format: str | None = None, compat: str = "1.1",
+           refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
+           overwrite: bool = False, allow_unsafe_backing: bool = False) -> Image:
+    """Create an image (laid out exactly as ``qemu-img create`` lays it out) and open it
+    read-write.
+
+    Arguments:
+        path: the new file. It must not exist unless ``overwrite=True``.
+        size (int | None): virtual size in bytes (rounded up to 512 for qcow2); None takes
+            the backing file's size.
+        backing (str | None): backing file name, relative to the new file's folder.
+        backing_format (str): "raw" or "qcow2"; required with ``backing`` (never probed).
+    """
+    path = os.fspath(path)
+    if format not in ("raw", "qcow2"):
+        raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
+    bdir = os.path.dirname(path) or "."
+    if backing is not None:
+        if format != "qcow2":
+            raise InvalidArgument("only qcow2 images can have a backing file")
+        if backing_format is None:
+            raise InvalidArgument("backing file specified without backing format; cowchain "
+                                  "never probes a format", hint="pass backing_format='raw' or 'qcow2'")
+        if backing_format not in ("raw", "qcow2"):
+            raise InvalidArgument(f"unknown backing format {backing_format!r}")
+        full = _check_backing_name(backing, bdir, allow_unsafe_backing)
+        if size is None:
+            with open(full, format=backing_format, readonly=True, backing=False,
+                      force_share=True) as b:
+                size = b.size
+    if size is None or size < 0:
+        raise InvalidArgument("a non-negative size is required")
+    if format == "qcow2":
+        header, data = fmt.new_image_layout(
+            size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
+            lazy_refcounts=lazy_refcounts, backing_file=backing, backing_format=backing_format,
+            extended_l2=extended_l2)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise InvalidArgument("file exists", path=path, hint="pass overwrite=True to replace it") from None
+    except FileNotFoundError:
+        raise ImageNotFound("folder does not exist", path=path) from None
+    except OSError as e:
+        raise io_error(e.errno, "cannot create", path=path) from None
+    try:
+        if format == "qcow2":
+            os.pwrite(fd, data, 0)
+        else:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as e:
+        os.close(fd)
+        raise io_error(e.errno, "cannot write the new image", path=path) from None
+    os.close(fd)
+    try:
+        dfd = os.open(bdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
+
+
+__all__ = ["Image", "Extent", "open", "create", "MAX_CHAIN_DEPTH"]
