@@ -182,7 +182,7 @@ def _read_head(fd: int, path: str) -> tuple[bytes, int]:
 
 
 def _is_qcow2(head: bytes) -> bool:
-    return head[:4] == fmt.QCOW2_MAGIC
+    return head[:4] == fmt.QCOW_MAGIC_BYTES
 
 
 def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool) -> str:
