@@ -1,0 +1,1674 @@
+"""Consistency check and repair of a QCOW2 image, with ``qemu-img check`` semantics.
+
+:func:`check_file` recomputes every reference count of the image from its metadata and
+compares it with the refcounts stored on disk, as QEMU 7.2's ``qcow2_co_check_locked`` does
+(qcow2-facts.md section 7.3). The result, :class:`CheckResult`, carries the counts that
+``qemu-img check --output=json`` prints, with the same names, presence rules and exit codes.
+
+What carries a reference (one +1 per reference met in each traversal):
+
+- the header cluster; the active L1 table and each snapshot's L1 table (the clusters their
+  bytes span); each L2 table, once per L1 entry pointing to it; each NORMAL or ZERO_ALLOC data
+  cluster, once per traversal of an L2 table holding it; each compressed entry, +1 on every
+  host cluster its byte range overlaps (section 4.5);
+- the snapshot table, the refcount table, the LUKS header area, the bitmap directory, the
+  bitmap tables and bitmap data clusters; each refcount block (which must end up at exactly 1).
+
+Verdicts, as QEMU gives them:
+
+- stored < computed: a corruption ("ERROR cluster N refcount=S reference=R"); a stored 0 for a
+  referenced cluster also means the refcount structures must be rebuilt;
+- stored > computed: a leak ("Leaked cluster N refcount=S reference=R");
+- structural corruptions: reserved bits in L1/L2/reftable entries, unaligned tables or data
+  clusters, references running one cluster or more past the end of the file, COPIED not
+  agreeing with refcount == 1 in the active tree, COPIED on compressed entries, invalid
+  extended-L2 bitmaps, refcount blocks whose refcount is not 1 or that lie outside the file,
+  invalid snapshot table entries, and (beyond what ``qemu-img check`` 7.2 counts) the zero flag
+  in a version 2 image, which QEMU's read path treats as corruption.
+- check errors: the check could not look at something (an unaligned refcount block cannot be
+  read, the snapshot table cannot be read, the header is inconsistent); exit code 1.
+
+Repair (``repair="leaks"`` or ``"all"``) follows ``qemu-img check -r``, with every write ordered
+so that a crash part-way leaves an image a second repair fixes:
+
+1. (all) refcounts that are too low are raised; fsync.
+2. refcounts that are too high are lowered; fsync. A refcount is never lowered before every
+   raise is durable, so no crash point leaves a refcount below the true reference count.
+3. (all) when a referenced cluster has no refcount block, or a block is bad, the refcount
+   structures are rebuilt: new refcount blocks and a new refcount table are written past every
+   cluster in use (so they overwrite nothing anyone references), they count themselves, the
+   file is synced, and only then the 12-byte header pointer (offset 48) is switched with a
+   write + fsync. The old structures are then simply unreferenced (free).
+4. COPIED flags are made to agree with the new refcounts ("leaks" mode does this only if
+   nothing else is wrong, as QEMU does).
+5. When no corruption and no check error remain, the dirty and corrupt bits are cleared
+   (8 bytes at offset 72, write + fsync), in both repair modes as QEMU does.
+
+After any repair the check runs again, and the result holds the post-repair counts plus
+``corruptions_fixed`` / ``leaks_fixed``, like ``qemu-img check -r``.
+
+Known differences from ``qemu-img check`` 7.2:
+
+- a rebuild places the new structures at the end of the file, where QEMU may reuse free
+  clusters inside it (so ``image-end-offset`` after a rebuild can differ; the repaired images
+  are equally valid);
+- the zero flag in a v2 image counts as a corruption (see above) and is not repaired;
+- snapshot table entries that ``-r all`` would rewrite (v3 entries with less than 16 bytes of
+  extra data, oversized extra data) are reported but the table is not rewritten;
+- each L2 table shared by several L1 tables is read and scanned once; its findings are printed
+  once and counted once per traversal, so the counts match QEMU's;
+- findings are capped at :data:`MAX_FINDINGS_PER_KIND` lines per kind of message, with a
+  summary line for the rest (QEMU prints every line to stderr).
+
+The work is done with numpy over whole tables (and over batches of tables): no Python loop
+runs per cluster or per table entry. Memory is bounded by the file size: the tables read are
+bounded by their QEMU limits and by the end of the file, and reference counts are kept per
+referenced cluster, not per cluster of the virtual disk or of the reftable's reach.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import (
+    CorruptImage,
+    EngineError,
+    EngineIOError,
+    ImageFormatError,
+    InvalidArgument,
+    SafetyLimitExceeded,
+    UnsupportedFeature,
+    io_error,
+)
+
+__all__ = ["CheckResult", "check_file", "MAX_FINDINGS_PER_KIND"]
+
+# --- Format constants (qcow2-facts.md; QEMU's block/qcow2.h names in comments) ----------------
+
+# Header field offsets (section 1.1) that a repair writes in place.
+_HDR_REFTABLE_PTR = 48          # u64 refcount_table_offset + u32 refcount_table_clusters
+_HDR_NB_SNAPSHOTS = 60          # u32 nb_snapshots
+_HDR_INCOMPAT = 72              # u64 incompatible_features (v3 only)
+_INCOMPAT_DIRTY = 1 << 0
+_INCOMPAT_CORRUPT = 1 << 1
+_INCOMPAT_DATA_FILE = 1 << 2
+_INCOMPAT_EXTL2 = 1 << 4
+_AUTOCLEAR_BITMAPS = 1 << 0
+
+# L1 entries (section 4.3): L1E_OFFSET_MASK, L1E_RESERVED_MASK.
+_L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+_L1E_RESERVED_MASK = 0x7F000000000001FF
+# L2 entries (section 4.4): L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_*.
+_L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+_L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+_OFLAG_COPIED = 1 << 63
+_OFLAG_COMPRESSED = 1 << 62
+_OFLAG_ZERO = 1
+# Extended L2 bitmap (section 4.6): low half allocated, high half zero.
+_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+# Reftable entries (section 5.1): REFT_OFFSET_MASK, REFT_RESERVED_MASK.
+_REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+_REFT_RESERVED_MASK = 0x1FF
+# Compressed descriptors are counted in 512-byte sectors (QCOW2_COMPRESSED_SECTOR_SIZE).
+_COMPRESSED_SECTOR = 512
+
+# QEMU's limits (section 8.1), which its check also applies.
+_MAX_L1_BYTES = 32 << 20                 # QCOW_MAX_L1_SIZE
+_MAX_REFTABLE_BYTES = 8 << 20            # QCOW_MAX_REFTABLE_SIZE
+_MAX_SNAPSHOTS = 65536                   # QCOW_MAX_SNAPSHOTS
+_MAX_SNAPSHOTS_BYTES = 1024 * 65536      # QCOW_MAX_SNAPSHOTS_SIZE
+_MAX_SNAPSHOT_EXTRA = 1024               # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+_SNAPSHOT_HEADER = 40                    # fixed part of a snapshot table entry (section 6.1)
+_SNAPSHOT_KNOWN_EXTRA = 24               # vm_state_size_large, disk_size, icount
+_SNAPSHOT_V3_MIN_EXTRA = 16              # v3 entries must carry vm_state_size_large, disk_size
+_INT_MAX = (1 << 31) - 1                 # QEMU refuses to check files of more clusters
+
+# Bitmaps extension (section 2.2) and its tables (docs/interop/qcow2.rst "Bitmaps").
+_EXT_BITMAPS = 0x23852875
+_EXT_FDE = 0x0537BE77
+_BME_MAX_DIR_BYTES = 1024 * 65535
+_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+_BME_RESERVED_MASK = 0xFF000000000001FE
+_BME_ALL_ONES = 1
+_BME_DIR_ENTRY = 24                      # fixed part of a bitmap directory entry
+
+# A repair may extend the file to cover a refcount block past its end (as QEMU does), but not
+# by more than this: a block pointer far past the end is rebuilt instead of making a huge file.
+_MAX_EXTEND = 1 << 30
+
+# Work and I/O granularity: how many bytes of tables one numpy batch holds, and the longest
+# single read.
+_BATCH_BYTES = 16 << 20
+_MAX_READ = 8 << 20
+
+MAX_FINDINGS_PER_KIND = 1000
+"""Detailed finding lines kept per kind of message; the rest are summarised in one line."""
+
+# Repair modes, as QEMU's BdrvCheckMode bits.
+_FIX_LEAKS = 1
+_FIX_ERRORS = 2
+_MODES = {None: 0, "leaks": _FIX_LEAKS, "all": _FIX_LEAKS | _FIX_ERRORS}
+
+_U64 = np.uint64
+
+
+# --- The result -------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    """What a check found (and, after a repair, what remains), shaped like qemu-img's ImageCheck.
+
+    Attributes:
+        filename (str): the name given to :func:`check_file`.
+        format (str): always "qcow2".
+        check_errors (int): things the check could not examine (exit code 1).
+        corruptions (int): inconsistencies that can lose data (exit code 2).
+        leaks (int): clusters whose refcount is higher than their use (exit code 3).
+        corruptions_fixed, leaks_fixed (int): what a repair fixed.
+        image_end_offset (int): bytes: end of the highest cluster in use or refcounted.
+        total_clusters (int): clusters of the virtual disk.
+        allocated_clusters, fragmented_clusters, compressed_clusters (int): active-tree
+            statistics, as qemu-img computes them.
+        findings (list[str]): one human-readable line per problem found (and per repair).
+        rebuilt (bool): the refcount structures were rebuilt.
+    """
+
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    findings: list[str] = field(default_factory=list)
+    rebuilt: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's exit code: 0 clean, 1 check errors (or the check could not
+        complete), 2 corruptions, 3 only leaks. After a repair it describes the repaired image."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_dict(self) -> dict:
+        """The object ``qemu-img check --output=json`` prints: filename, format and check-errors
+        always; every other count only when it is non-zero."""
+        d = {"filename": self.filename, "format": self.format, "check-errors": self.check_errors}
+        for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
+                           ("corruptions-fixed", self.corruptions_fixed),
+                           ("leaks-fixed", self.leaks_fixed),
+                           ("image-end-offset", self.image_end_offset),
+                           ("total-clusters", self.total_clusters),
+                           ("allocated-clusters", self.allocated_clusters),
+                           ("fragmented-clusters", self.fragmented_clusters),
+                           ("compressed-clusters", self.compressed_clusters)):
+            if value:
+                d[key] = value
+        return d
+
+    def to_text(self) -> str:
+        """The lines ``qemu-img check`` prints on stdout in human mode."""
+        out = []
+        if self.corruptions_fixed or self.leaks_fixed:
+            out.append("The following inconsistencies were found and repaired:\n\n"
+                       f"    {self.leaks_fixed} leaked clusters\n"
+                       f"    {self.corruptions_fixed} corruptions\n\n"
+                       "Double checking the fixed image now...")
+        if not (self.corruptions or self.leaks or self.check_errors):
+            out.append("No errors were found on the image.")
+        else:
+            if self.corruptions:
+                out.append(f"\n{self.corruptions} errors were found on the image.\n"
+                           "Data may be corrupted, or further writes to the image may "
+                           "corrupt it.")
+            if self.leaks:
+                out.append(f"\n{self.leaks} leaked clusters were found on the image.\n"
+                           "This means waste of disk space, but no harm to data.")
+            if self.check_errors:
+                out.append(f"\n{self.check_errors} internal errors have occurred during the "
+                           "check.")
+        if self.total_clusters and self.allocated_clusters:
+            out.append(f"{self.allocated_clusters}/{self.total_clusters} = "
+                       f"{self.allocated_clusters * 100.0 / self.total_clusters:0.2f}% "
+                       "allocated, "
+                       f"{self.fragmented_clusters * 100.0 / self.allocated_clusters:0.2f}% "
+                       "fragmented, "
+                       f"{self.compressed_clusters * 100.0 / self.allocated_clusters:0.2f}% "
+                       "compressed clusters")
+        if self.image_end_offset:
+            out.append(f"Image end offset: {self.image_end_offset}")
+        return "\n".join(out) + "\n"
+
+
+# --- Entry point ------------------------------------------------------------------------------
+
+def check_file(fd: int, *, filename: str, repair: str | None = None) -> CheckResult:
+    """Check (and optionally repair) the QCOW2 image open on ``fd``, as ``qemu-img check``.
+
+    Arguments:
+        fd (int): an open descriptor of the image; read-write when ``repair`` is given. Nobody
+            else may write the file during the call.
+        filename (str): the name reported in the result and in error messages.
+        repair (str | None): None to only check, "leaks" to lower leaked refcounts, "all" to
+            also fix corruptions (raise refcounts, rebuild refcount structures, fix COPIED
+            flags, clear the dirty and corrupt bits).
+
+    Returns:
+        CheckResult: after a repair, the counts of the re-check plus what was fixed.
+
+    Raises:
+        InvalidArgument: ``repair`` is not None, "leaks" or "all".
+        ImageFormatError: the file does not start with a QCOW2 header we can read.
+        EngineIOError: the operating system failed a read, write or sync.
+
+    A corrupt image never raises: every inconsistency is reported in the result.
+    """
+    if repair not in _MODES:
+        raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}",
+                              path=filename)
+    fix = _MODES[repair]
+    first = _check_once(fd, filename, fix)
+    if not (first.corruptions_fixed or first.leaks_fixed):
+        return first.result(filename)
+    # As qemu-img: report the state of the repaired image, plus what the repair fixed.
+    second = _check_once(fd, filename, 0)
+    res = second.result(filename)
+    res.corruptions_fixed = first.corruptions_fixed
+    res.leaks_fixed = first.leaks_fixed
+    res.rebuilt = first.rebuilt
+    res.findings = (first.findings.lines() + ["Double checking the fixed image now..."]
+                    + res.findings)
+    return res
+
+
+# --- Reading helpers --------------------------------------------------------------------------
+
+class _Findings:
+    """Finding lines, capped per kind."""
+
+    def __init__(self):
+        self._lines: list[str] = []
+        self._count: dict[str, int] = {}
+
+    def add(self, kind: str, line: str) -> None:
+        n = self._count.get(kind, 0) + 1
+        self._count[kind] = n
+        if n <= MAX_FINDINGS_PER_KIND:
+            self._lines.append(line)
+
+    def add_many(self, kind: str, total: int, lines) -> None:
+        """Record ``total`` findings of one kind; ``lines`` yields the text of the first ones
+        (it is only consumed up to the cap)."""
+        if total <= 0:
+            return
+        n = self._count.get(kind, 0)
+        room = max(0, MAX_FINDINGS_PER_KIND - n)
+        if room:
+            for i, line in enumerate(lines):
+                if i >= room:
+                    break
+                self._lines.append(line)
+        self._count[kind] = n + total
+
+    def lines(self) -> list[str]:
+        out = list(self._lines)
+        for kind, n in self._count.items():
+            if n > MAX_FINDINGS_PER_KIND:
+                out.append(f"... {n - MAX_FINDINGS_PER_KIND} more {kind} findings not listed")
+        return out
+
+
+class _Image:
+    """The header facts and the file the check works on (re-read for every pass)."""
+
+    def __init__(self, fd: int, path: str, h, head: bytes, file_size: int):
+        self.fd = fd
+        self.path = path
+        self.h = h
+        self.file_size = file_size
+        self.version = h.version
+        self.cb = h.cluster_bits
+        self.C = 1 << self.cb
+        self.size = h.size
+        self.incompat = h.incompatible_features if h.version >= 3 else 0
+        self.autoclear = h.autoclear_features if h.version >= 3 else 0
+        self.ext = bool(self.incompat & _INCOMPAT_EXTL2)
+        self.esize = 16 if self.ext else 8
+        self.l2n = self.C // self.esize
+        self.data_file = bool(self.incompat & _INCOMPAT_DATA_FILE)
+        self.rorder = h.refcount_order if h.version >= 3 else 4
+        self.rbits = 1 << self.rorder
+        self.rmax = (1 << self.rbits) - 1
+        self.rb_bits = self.cb + 3 - self.rorder          # log2(refblock entries)
+        self.E = 1 << self.rb_bits
+        self.l1_off = h.l1_table_offset
+        self.l1_size = h.l1_size
+        self.rt_off = h.refcount_table_offset
+        self.rt_clusters = h.refcount_table_clusters
+        self.rt_size = self.rt_clusters * self.C // 8
+        self.nb_snapshots = h.nb_snapshots
+        self.snapshots_offset = h.snapshots_offset
+        # Compressed descriptor geometry (section 4.5).
+        self.csize_shift = 62 - (self.cb - 8)
+        self.csize_mask = (1 << (self.cb - 8)) - 1
+        self.coff_mask = (1 << self.csize_shift) - 1
+        self.bitmaps, self.crypto = _extensions(head, h, self.C)
+
+    # I/O. Reads past the end of the file return zeros, as QEMU's block layer does.
+    def pread(self, offset: int, length: int) -> bytes:
+        if length <= 0 or offset >= self.file_size:
+            return b"\0" * max(length, 0)
+        want = min(length, self.file_size - offset)
+        data = _pread(self.fd, offset, want, self.path)
+        if len(data) < length:
+            data += b"\0" * (length - len(data))
+        return data
+
+    def read_rows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        """The ``length`` bytes at each of ``offsets`` (ascending, distinct), as a 2-D uint8
+        array; adjacent rows are fetched with one read."""
+        n = len(offsets)
+        out = np.zeros((n, length), dtype=np.uint8)
+        if n == 0:
+            return out
+        offs = offsets.astype(np.int64)
+        brk = np.flatnonzero(np.diff(offs) != length) + 1
+        starts = np.concatenate(([0], brk))
+        ends = np.concatenate((brk, [n]))
+        flat = out.reshape(-1)
+        per_read = max(1, _MAX_READ // length)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            while s < e:
+                k = min(e - s, per_read)
+                off = int(offs[s])
+                if off < self.file_size:
+                    want = min(k * length, self.file_size - off)
+                    data = _pread(self.fd, off, want, self.path)
+                    flat[s * length:s * length + len(data)] = np.frombuffer(data, np.uint8)
+                s += k
+        return out
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        try:
+            n = os.pwrite(self.fd, data, offset)
+            while n < len(data):
+                n += os.pwrite(self.fd, data[n:], offset + n)
+        except OSError as e:
+            raise io_error(e.errno, f"cannot write {len(data)} bytes at offset {offset}",
+                           path=self.path) from None
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise io_error(e.errno, "cannot sync the image", path=self.path) from None
+
+    def u64_table(self, offset: int, entries: int) -> np.ndarray:
+        """A table of big-endian u64 entries at ``offset`` as native uint64; only the part
+        inside the file is read (the rest is zero)."""
+        if entries <= 0:
+            return np.zeros(0, dtype=_U64)
+        inside = 0 if offset >= self.file_size else min(entries, -(-(self.file_size - offset) // 8))
+        out = np.zeros(entries, dtype=_U64)
+        if inside:
+            data = self.pread(offset, inside * 8)
+            out[:inside] = np.frombuffer(data, dtype=">u8")
+        return out
+
+
+def _pread(fd: int, offset: int, length: int, path: str) -> bytes:
+    parts = []
+    try:
+        while length > 0:
+            b = os.pread(fd, length, offset)
+            if not b:
+                break
+            parts.append(b)
+            offset += len(b)
+            length -= len(b)
+    except OSError as e:
+        raise io_error(e.errno, f"cannot read {length} bytes at offset {offset}",
+                       path=path) from None
+    return b"".join(parts)
+
+
+def _extensions(head: bytes, h, C: int):
+    """(bitmaps, crypto) from the header extensions: bitmaps is (nb, directory size, directory
+    offset) or None, crypto is (offset, length) or None. Only what the check counts."""
+    bitmaps = crypto = None
+    start = (h.header_length if h.version >= 3 else 72)
+    end = h.backing_file_offset or C
+    end = min(end, C, len(head))
+    off = start
+    while off + 8 <= end:
+        typ, length = struct.unpack_from(">II", head, off)
+        off += 8
+        if typ == 0 or length > end - off:
+            break
+        data = head[off:off + length]
+        if typ == _EXT_BITMAPS and length >= 24:
+            nb, _reserved, dsize, doff = struct.unpack_from(">IIQQ", data)
+            bitmaps = (nb, dsize, doff)
+        elif typ == _EXT_FDE and length >= 16:
+            crypto = struct.unpack_from(">QQ", data)
+        off += (length + 7) & ~7
+    if not (getattr(h, "autoclear_features", 0) & _AUTOCLEAR_BITMAPS) or h.version < 3:
+        bitmaps = None     # QEMU ignores the extension unless the autoclear bit vouches for it
+    return bitmaps, crypto
+
+
+# --- Refcount blocks --------------------------------------------------------------------------
+
+def _decode_refblocks(raw: np.ndarray, order: int) -> np.ndarray:
+    """Refcount blocks (rows of C bytes) to a (rows, entries) uint64 array (section 5.1)."""
+    bits = 1 << order
+    if bits >= 8:
+        return raw.view(f">u{bits // 8}").astype(_U64)
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    vals = (raw[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(raw.shape[0], -1).astype(_U64)
+
+
+def _encode_refblocks(vals: np.ndarray, order: int) -> bytes:
+    """The inverse of :func:`_decode_refblocks`."""
+    bits = 1 << order
+    if bits >= 8:
+        return np.ascontiguousarray(vals.astype(f">u{bits // 8}")).tobytes()
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    v = vals.astype(np.uint8).reshape(vals.shape[0], -1, per)
+    return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8).tobytes()
+
+
+class _StoredRefcounts:
+    """The refcounts stored on disk, looked up through the reftable (qcow2_get_refcount)."""
+
+    def __init__(self, img: _Image):
+        self.img = img
+        self.rt = img.u64_table(img.rt_off, img.rt_size)
+        self._blocks: dict[int, np.ndarray | None] = {}
+
+    def block(self, index: int):
+        """Decoded refblock ``index``; None when it cannot be read (unaligned offset);
+        an empty array when it does not exist (every refcount 0)."""
+        if index in self._blocks:
+            return self._blocks[index]
+        img = self.img
+        if index >= len(self.rt):
+            blk = np.zeros(0, dtype=_U64)
+        else:
+            off = int(self.rt[index]) & _REFT_OFFSET_MASK
+            if off == 0:
+                blk = np.zeros(0, dtype=_U64)
+            elif off & (img.C - 1):
+                blk = None
+            else:
+                raw = np.frombuffer(img.pread(off, img.C), np.uint8).reshape(1, -1)
+                blk = _decode_refblocks(raw, img.rorder)[0]
+        self._blocks[index] = blk
+        return blk
+
+    def get(self, clusters: np.ndarray):
+        """(values, readable) for an array of cluster indexes."""
+        clusters = clusters.astype(np.int64)
+        vals = np.zeros(len(clusters), dtype=_U64)
+        ok = np.ones(len(clusters), dtype=bool)
+        if len(clusters) == 0:
+            return vals, ok
+        rbi = clusters >> self.img.rb_bits
+        uniq, inv = np.unique(rbi, return_inverse=True)
+        for k, index in enumerate(uniq.tolist()):
+            sel = inv == k
+            blk = self.block(index)
+            if blk is None:
+                ok[sel] = False
+            elif len(blk):
+                vals[sel] = blk[clusters[sel] & (self.img.E - 1)]
+        return vals, ok
+
+
+# --- One check pass ---------------------------------------------------------------------------
+
+class _Refs:
+    """Computed references, kept sparse: pieces of (cluster index, weight) arrays."""
+
+    def __init__(self):
+        self.idx: list[np.ndarray] = []
+        self.w: list[np.ndarray] = []
+
+    def add(self, idx: np.ndarray, w: np.ndarray) -> None:
+        if len(idx):
+            self.idx.append(idx.astype(np.int64))
+            self.w.append(np.broadcast_to(np.asarray(w, dtype=np.int64), idx.shape).copy())
+
+    def totals(self):
+        """(sorted distinct cluster indexes, summed weights)."""
+        if not self.idx:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        idx = np.concatenate(self.idx)
+        w = np.concatenate(self.w)
+        order = np.argsort(idx, kind="stable")
+        idx = idx[order]
+        w = w[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(idx)) + 1))
+        return idx[starts], np.add.reduceat(w, starts)
+
+
+def _lookup(uidx: np.ndarray, ucnt: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Counts of ``clusters`` in the sparse (uidx, ucnt) table (0 where absent)."""
+    if len(uidx) == 0:
+        return np.zeros(len(clusters), np.int64)
+    pos = np.searchsorted(uidx, clusters)
+    pos_c = np.minimum(pos, len(uidx) - 1)
+    hit = uidx[pos_c] == clusters
+    return np.where(hit, ucnt[pos_c], 0)
+
+
+class _Pass:
+    """One run of QEMU's qcow2_co_check_locked: counters, findings and the computed refs."""
+
+    def __init__(self, fd: int, path: str, fix: int):
+        self.fd = fd
+        self.path = path
+        self.fix = fix
+        self.check_errors = 0
+        self.corruptions = 0
+        self.leaks = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+        self.allocated = 0
+        self.fragmented = 0
+        self.compressed = 0
+        self.total_clusters = 0
+        self.image_end_offset = 0
+        self.rebuilt = False
+        self.findings = _Findings()
+        self.img: _Image | None = None
+
+    def result(self, filename: str) -> CheckResult:
+        return CheckResult(filename=filename, check_errors=self.check_errors,
+                           corruptions=self.corruptions, leaks=self.leaks,
+                           corruptions_fixed=self.corruptions_fixed,
+                           leaks_fixed=self.leaks_fixed,
+                           image_end_offset=self.image_end_offset,
+                           total_clusters=self.total_clusters,
+                           allocated_clusters=self.allocated,
+                           fragmented_clusters=self.fragmented,
+                           compressed_clusters=self.compressed,
+                           findings=self.findings.lines(), rebuilt=self.rebuilt)
+
+    def fail(self, message: str) -> "_Pass":
+        """The check cannot complete (qemu-img prints no result and exits 1)."""
+        self.check_errors += 1
+        self.findings.add("fatal", message)
+        return self
+
+
+def _load(fd: int, path: str):
+    """(header, head bytes, file size); raises only for an unreadable header."""
+    from engine import format as fmt
+
+    try:
+        file_size = os.fstat(fd).st_size
+    except OSError as e:
+        raise io_error(e.errno, "cannot stat the image", path=path) from None
+    head = _pread(fd, 0, min(file_size, 2 << 20), path)
+    return fmt, head, file_size
+
+
+def _check_once(fd: int, path: str, fix: int) -> _Pass:
+    """qcow2_co_check_locked: the snapshot table, the refcounts, then the header bits."""
+    p = _Pass(fd, path, fix)
+    fmt, head, file_size = _load(fd, path)
+    if len(head) < 72 or head[:4] != b"QFI\xfb" or struct.unpack_from(">I", head, 4)[0] not in (2, 3):
+        # Not a QCOW2 header we can read: parse_header raises the right ImageFormatError.
+        fmt.parse_header(head, file_size, path=path)
+        raise ImageFormatError("not a QCOW2 image", path=path)
+    try:
+        h = fmt.parse_header(head, file_size, path=path)
+    except (EngineIOError, InvalidArgument):
+        raise
+    except EngineError as e:
+        # qemu-img cannot open such an image either: "Check failed", exit code 1.
+        return p.fail(f"ERROR the image header cannot be used: {e}")
+    try:
+        img = _Image(fd, path, h, head, file_size)
+    except (struct.error, ValueError) as e:
+        return p.fail(f"ERROR the image header cannot be used: {e}")
+    p.img = img
+    if not _validate_open(p, img):
+        return p
+
+    snapshots = _read_snapshot_table(p, img)
+    if snapshots is None:
+        return p
+    _check_refcounts(p, img, snapshots)
+    if p.check_errors and p.findings._count.get("fatal"):
+        return p
+    if fix and p.check_errors == 0 and p.corruptions == 0:
+        _mark_clean(p, img)
+    return p
+
+
+def _validate_open(p: _Pass, img: _Image) -> bool:
+    """The checks of qcow2_do_open that parse_header may not make; a failure means qemu-img
+    cannot open the image (check error, nothing else is examined)."""
+    C = img.C
+    if img.rt_size * 8 > _MAX_REFTABLE_BYTES:
+        p.fail("ERROR Reference count table too large")
+        return False
+    if img.rt_off & (C - 1) or img.rt_off > (1 << 63) - 1 - img.rt_size * 8:
+        p.fail("ERROR Reference count table offset invalid")
+        return False
+    if img.l1_size * 8 > _MAX_L1_BYTES:
+        p.fail("ERROR Active L1 table too large")
+        return False
+    if img.l1_off & (C - 1) or img.l1_off > (1 << 63) - 1 - img.l1_size * 8:
+        p.fail("ERROR Active L1 table offset invalid")
+        return False
+    l2_reach = img.C * img.l2n
+    if img.l1_size < -(-img.size // l2_reach):
+        p.fail("ERROR L1 table is too small")
+        return False
+    nb = -(-img.file_size // C)
+    if nb > _INT_MAX:
+        p.fail("ERROR the image file has too many clusters to check")
+        return False
+    return True
+
+
+# --- Snapshot table ---------------------------------------------------------------------------
+
+@dataclass
+class _Snap:
+    l1_table_offset: int
+    l1_size: int
+    extra_data_size: int
+    id_str: str
+    name: str
+
+
+def _read_snapshot_table(p: _Pass, img: _Image):
+    """qcow2_check_read_snapshot_table: the snapshot list, or None when the check cannot go on.
+    Sets img.snapshots_size."""
+    nb = img.nb_snapshots
+    off = img.snapshots_offset
+    repair = bool(p.fix & _FIX_ERRORS)
+    reduced = dropped = 0
+    if nb > _MAX_SNAPSHOTS and repair:
+        p.findings.add("snapshot", f"Discarding {nb - _MAX_SNAPSHOTS} overhanging snapshots")
+        reduced += nb - _MAX_SNAPSHOTS
+        nb = _MAX_SNAPSHOTS
+    if nb > _MAX_SNAPSHOTS:
+        p.fail("ERROR snapshot table too large")
+        return None
+    if (1 << 63) - 1 - nb * _SNAPSHOT_HEADER < off or off & (img.C - 1):
+        p.fail("ERROR snapshot table offset invalid")
+        return None
+
+    snaps: list[_Snap] = []
+    table_length = 0
+    pos = off
+    for i in range(nb):   # one iteration per snapshot: each is a table tree of its own
+        pre = pos
+        table_length = (table_length + 7) & ~7
+        pos = (pos + 7) & ~7
+        hdr = img.pread(pos, _SNAPSHOT_HEADER)
+        pos += _SNAPSHOT_HEADER
+        l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms, extra = struct.unpack(
+            ">QIHHIIQII", hdr)
+        truncate = False
+        if extra > _MAX_SNAPSHOT_EXTRA:
+            if not repair:
+                p.fail(f"ERROR failed to read the snapshot table: Too much extra metadata in "
+                       f"snapshot table entry {i}")
+                return None
+            p.findings.add("snapshot", f"Discarding too much extra metadata in snapshot table "
+                           f"entry {i} ({extra} > {_MAX_SNAPSHOT_EXTRA})")
+            dropped += 1
+            truncate = True
+        pos += min(_SNAPSHOT_KNOWN_EXTRA, extra)
+        if extra > _SNAPSHOT_KNOWN_EXTRA:
+            extra_end = pos + extra - _SNAPSHOT_KNOWN_EXTRA
+            if truncate:
+                extra = _MAX_SNAPSHOT_EXTRA
+            pos = extra_end
+        sid = img.pread(pos, id_len)
+        pos += id_len
+        name = img.pread(pos, name_len)
+        pos += name_len
+        table_length += _SNAPSHOT_HEADER + extra + id_len + name_len
+        if table_length > _MAX_SNAPSHOTS_BYTES or pos - off > _INT_MAX:
+            if not repair:
+                p.fail("ERROR failed to read the snapshot table: Snapshot table is too big")
+                return None
+            p.findings.add("snapshot", f"Discarding {nb - i} overhanging snapshots (snapshot "
+                           "table is too big)")
+            reduced += nb - i
+            nb = i
+            pos = pre
+            break
+        snaps.append(_Snap(l1_off, l1_size, extra, sid.decode("utf-8", "replace"),
+                           name.decode("utf-8", "replace")))
+    img.snapshots_size = pos - off if nb else 0
+    p.corruptions += reduced + dropped
+    if reduced:
+        # As QEMU: shorten the table in the header now (this only leaks clusters).
+        img.pwrite(_HDR_NB_SNAPSHOTS, struct.pack(">I", nb))
+        img.sync()
+        img.nb_snapshots = nb
+        p.corruptions_fixed += reduced
+        p.corruptions -= reduced
+    if img.version >= 3:
+        bad = [i for i, s in enumerate(snaps) if s.extra_data_size < _SNAPSHOT_V3_MIN_EXTRA]
+        p.corruptions += len(bad)
+        p.findings.add_many("snapshot", len(bad), (
+            f"{'Repairing' if repair else 'ERROR'} snapshot table entry {i} is incomplete"
+            for i in bad))
+    return snaps
+
+
+# --- Computing the references -----------------------------------------------------------------
+
+class _Calc:
+    """calculate_refcounts: the in-memory reference counts and the structural checks."""
+
+    def __init__(self, p: _Pass, img: _Image, snaps: list[_Snap], fix: int, stats: bool):
+        self.p = p
+        self.img = img
+        self.snaps = snaps
+        self.fix = fix
+        self.stats = stats
+        self.file_size = img.file_size
+        self.main = _Refs()          # everything but the refcount structures
+        self.rt_refs = _Refs()       # the reftable
+        self.rb_refs = _Refs()       # the refblocks
+        self.rebuild = False
+        self.max_ptr = 0             # highest cluster any pointer names (even past EOF)
+        self.active_l2: np.ndarray = np.zeros(0, np.int64)
+
+    # qcow2_inc_refcounts_imrt, for one range and for many.
+    def inc(self, refs: _Refs, offset: int, size: int, weight: int = 1) -> None:
+        if size <= 0:
+            return
+        C = self.img.C
+        if offset >= (1 << 62) or offset + size - self.file_size >= C:
+            self.p.corruptions += weight
+            self.p.findings.add("eof", "ERROR: counting reference for region exceeding the end "
+                                f"of the file by one cluster or more: offset {offset:#x} "
+                                f"size {size:#x}")
+            return
+        first = offset >> self.img.cb
+        last = (offset + size - 1) >> self.img.cb
+        refs.add(np.arange(first, last + 1, dtype=np.int64), weight)
+
+    def inc_many(self, refs: _Refs, offs: np.ndarray, sizes, weights) -> None:
+        if len(offs) == 0:
+            return
+        img = self.img
+        offs = offs.astype(np.int64)
+        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offs.shape)
+        weights = np.broadcast_to(np.asarray(weights, dtype=np.int64), offs.shape)
+        self.max_ptr = max(self.max_ptr, int(((offs + sizes - 1) >> img.cb).max()))
+        bad = offs + sizes - self.file_size >= img.C
+        if bad.any():
+            self.p.corruptions += int(weights[bad].sum())
+            bo = offs[bad]
+            bs = sizes[bad]
+            self.p.findings.add_many("eof", int(bad.sum()), (
+                "ERROR: counting reference for region exceeding the end of the file by one "
+                f"cluster or more: offset {o:#x} size {s:#x}"
+                for o, s in zip(bo.tolist(), bs.tolist())))
+            good = ~bad
+            offs, sizes, weights = offs[good], sizes[good], weights[good]
+        first = offs >> img.cb
+        n = ((offs + sizes - 1) >> img.cb) - first + 1
+        if len(n) and int(n.max()) == 1:
+            refs.add(first, weights)
+            return
+        total = int(n.sum())
+        starts = np.repeat(np.cumsum(n) - n, n)
+        idx = np.repeat(first, n) + (np.arange(total, dtype=np.int64) - starts)
+        refs.add(idx, np.repeat(weights, n))
+
+    # The walk.
+    def run(self) -> None:
+        img = self.img
+        p = self.p
+        # header
+        self.inc(self.main, 0, img.C)
+        # L1 tables: the active one, then every snapshot's.
+        l1s = [(img.l1_off, img.l1_size, True)]
+        if img.data_file and self.snaps:
+            p.corruptions += 1
+            p.findings.add("snapshot", f"ERROR {len(self.snaps)} snapshots in image with data "
+                           "file")
+        for s in self.snaps:
+            if s.l1_table_offset & (img.C - 1):
+                p.corruptions += 1
+                p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
+                               f"l1_offset={s.l1_table_offset:#x}: L1 table is not cluster "
+                               "aligned; snapshot table entry corrupted")
+                continue
+            if s.l1_size > _MAX_L1_BYTES // 8:
+                p.corruptions += 1
+                p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
+                               f"l1_size={s.l1_size:#x}: L1 table is too large; snapshot "
+                               "table entry corrupted")
+                continue
+            l1s.append((s.l1_table_offset, s.l1_size, False))
+        self.walk_l1s(l1s)
+        # snapshot table, reftable, LUKS header, bitmaps
+        self.inc(self.main, img.snapshots_offset, img.snapshots_size)
+        self.inc(self.rt_refs, img.rt_off, img.rt_size * 8)
+        if img.crypto is not None and img.crypto[1]:
+            self.inc(self.main, img.crypto[0], img.crypto[1])
+        self.count_bitmaps()
+
+    def walk_l1s(self, l1s) -> None:
+        """check_refcounts_l1 for every L1 table; identical tables are read once."""
+        img = self.img
+        p = self.p
+        groups: dict[tuple, int] = {}
+        for key in l1s:
+            groups[key] = groups.get(key, 0) + 1
+        l2_offs, l2_w, l2_act = [], [], []
+        for (off, size, active), k in groups.items():
+            if size == 0:
+                continue
+            self.inc(self.main, off, size * 8, k)
+            e = img.u64_table(off, size)
+            nz = e[e != 0]
+            if active:
+                self.active_l1 = e
+            if len(nz) == 0:
+                continue
+            resv = (nz & _U64(_L1E_RESERVED_MASK)) != 0
+            if resv.any():
+                p.corruptions += int(resv.sum()) * k
+                p.findings.add_many("l1", int(resv.sum()), (
+                    f"ERROR found L1 entry with reserved bits set: {v:x}"
+                    for v in nz[resv].tolist()))
+            l2 = (nz & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
+            self.inc_many(self.main, l2, img.C, k)
+            unal = (l2 & (img.C - 1)) != 0
+            if unal.any():
+                p.corruptions += int(unal.sum()) * k
+                p.findings.add_many("l1", int(unal.sum()), (
+                    f"ERROR l2_offset={v:x}: Table is not cluster aligned; L1 entry corrupted"
+                    for v in l2[unal].tolist()))
+            l2_offs.append(l2)
+            l2_w.append(np.full(len(l2), k, np.int64))
+            l2_act.append(np.full(len(l2), k if active else 0, np.int64))
+        if not l2_offs:
+            return
+        offs = np.concatenate(l2_offs)
+        uoffs, inv = np.unique(offs, return_inverse=True)
+        m_tot = np.bincount(inv, weights=np.concatenate(l2_w)).astype(np.int64)
+        m_act = np.bincount(inv, weights=np.concatenate(l2_act)).astype(np.int64)
+        self.active_l2 = uoffs[m_act > 0]
+        rows = max(1, _BATCH_BYTES // img.C)
+        for s in range(0, len(uoffs), rows):
+            self.scan_l2(uoffs[s:s + rows], m_tot[s:s + rows], m_act[s:s + rows])
+
+    def scan_l2(self, offs: np.ndarray, m_tot: np.ndarray, m_act: np.ndarray) -> None:
+        """check_refcounts_l2 for a batch of distinct L2 tables; each table's counts are
+        multiplied by the number of traversals that meet it (m_tot; m_act for the active tree,
+        which alone feeds the statistics)."""
+        img = self.img
+        p = self.p
+        C = img.C
+        raw = img.read_rows(offs, C)
+        words = raw.view(">u8").astype(_U64)
+        if img.ext:
+            e, bm = words[:, 0::2], words[:, 1::2]
+        else:
+            e, bm = words, None
+        W = m_tot[:, None]
+        comp = (e & _U64(_OFLAG_COMPRESSED)) != 0
+        copied = (e & _U64(_OFLAG_COPIED)) != 0
+        off = (e & _U64(_L2E_OFFSET_MASK)).astype(np.int64)
+        if img.ext:
+            zero = np.zeros_like(comp)
+        else:
+            zero = ((e & _U64(_OFLAG_ZERO)) != 0) & ~comp
+        has_off = off != 0
+        if img.data_file:
+            has_off = has_off | copied
+        normal = ~comp & has_off                   # NORMAL or ZERO_ALLOC
+        unalloc = ~comp & ~zero & ~has_off
+
+        def count(mask, kind, fmt_line):
+            n = int(mask.sum())
+            if not n:
+                return
+            p.corruptions += int((mask * W).sum())
+            r, c = np.nonzero(mask)
+            p.findings.add_many(kind, n, (fmt_line(int(e[i, j]), i, j)
+                                          for i, j in zip(r.tolist(), c.tolist())))
+
+        count(~comp & ((e & _U64(_L2E_STD_RESERVED_MASK)) != 0), "l2",
+              lambda v, i, j: f"ERROR found l2 entry with reserved bits set: {v:x}")
+        if img.version < 3:
+            count(zero, "l2", lambda v, i, j: f"ERROR zero flag in a version 2 image: l2_offset="
+                  f"{int(offs[i]):x} index {j} entry {v:x}")
+        # compressed clusters
+        count(comp & copied, "l2", lambda v, i, j: f"ERROR: coffset={v & img.coff_mask:#x}: "
+              "copied flag must never be set for compressed clusters")
+        good_comp = comp
+        if img.data_file:
+            count(comp, "l2", lambda v, i, j: f"ERROR compressed cluster {j} with data file, "
+                  f"entry={v & ~_OFLAG_COPIED:#x}")
+            good_comp = np.zeros_like(comp)
+        elif bm is not None:
+            bad = comp & (bm != 0)
+            count(bad, "l2", lambda v, i, j: f"ERROR compressed cluster {j} with non-zero "
+                  f"subcluster allocation bitmap, entry={v & ~_OFLAG_COPIED:#x}")
+            good_comp = comp & ~bad
+        # normal and preallocated-zero clusters
+        if bm is not None:
+            count(normal & (((bm >> _U64(32)) & bm) != 0), "l2",
+                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Allocated cluster "
+                  "has corrupted subcluster allocation bitmap")
+            count(unalloc & ((bm & _U64(_L2_BITMAP_ALL_ALLOC)) != 0), "l2",
+                  lambda v, i, j: "ERROR: Unallocated cluster has non-zero subcluster "
+                  "allocation map")
+        unal = normal & ((off & (C - 1)) != 0)
+        if unal.any():
+            if bm is not None:
+                has_data = (bm & _U64(_L2_BITMAP_ALL_ALLOC)) != 0
+            else:
+                has_data = ~zero
+            prealloc = unal & ~has_data
+            fixable = prealloc if (self.fix & _FIX_ERRORS) else np.zeros_like(prealloc)
+            count(unal & ~has_data & ~fixable, "l2",
+                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Preallocated "
+                  "cluster is not properly aligned; L2 entry corrupted.")
+            count(unal & has_data, "l2",
+                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Data cluster is "
+                  "not properly aligned; L2 entry corrupted.")
+            if fixable.any():
+                fixed = self.fix_prealloc(offs, e, bm, raw, fixable)
+                normal = normal & ~fixed
+        # statistics (active tree only)
+        if self.stats and m_act.any():
+            A = m_act[:, None]
+            self.p.allocated += int(((normal | good_comp) * A).sum())
+            self.p.compressed += int((good_comp * A).sum())
+            r, c = np.nonzero(normal)
+            o = off[r, c]
+            same = r[1:] == r[:-1]
+            frag = same & (o[1:] != o[:-1] + C)
+            self.p.fragmented += int((good_comp * A).sum()) + int(m_act[r[1:][frag]].sum())
+        # references
+        if not img.data_file:
+            r, c = np.nonzero(normal)
+            self.inc_many(self.main, off[r, c], C, m_tot[r])
+        if good_comp.any():
+            r, c = np.nonzero(good_comp)
+            v = e[r, c]
+            coff = (v & _U64(img.coff_mask)).astype(np.int64)
+            nsec = ((v >> _U64(img.csize_shift)) & _U64(img.csize_mask)).astype(np.int64) + 1
+            csize = nsec * _COMPRESSED_SECTOR - (coff & (_COMPRESSED_SECTOR - 1))
+            self.inc_many(self.main, coff, csize, m_tot[r])
+
+    def fix_prealloc(self, offs, e, bm, raw, fixable) -> np.ndarray:
+        """fix_l2_entry_by_zero: misaligned preallocated-zero entries become plain zero entries
+        (the data is zeros anyway). Returns the entries fixed (they carry no reference)."""
+        img = self.img
+        p = self.p
+        fixed = np.zeros_like(fixable)
+        for i in np.flatnonzero(fixable.any(axis=1)).tolist():   # per L2 table
+            l2_off = int(offs[i])
+            cols = np.flatnonzero(fixable[i])
+            if _overlaps_metadata(img, self.snaps, l2_off, img.C, skip_l2=True):
+                p.check_errors += 1
+                p.corruptions += len(cols)
+                p.findings.add("l2", "ERROR: Overlap check failed")
+                continue
+            row = raw[i].view(">u8").copy()
+            if img.ext:
+                b = bm[i, cols]
+                b = (b | (b << _U64(32))) & _U64(0xFFFFFFFF00000000)
+                row[2 * cols] = 0
+                row[2 * cols + 1] = b
+            else:
+                row[cols] = _OFLAG_ZERO
+            img.pwrite(l2_off, row.astype(">u8").tobytes())
+            img.sync()
+            fixed[i, cols] = True
+            p.corruptions_fixed += len(cols)
+            p.findings.add_many("l2", len(cols), (
+                f"Repairing offset={int(e[i, j]) & _L2E_OFFSET_MASK:x}: Preallocated cluster is "
+                "not properly aligned; L2 entry corrupted." for j in cols.tolist()))
+        return fixed
+
+    def count_bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts: the directory, each bitmap table, each data cluster."""
+        img = self.img
+        p = self.p
+        if img.bitmaps is None or img.bitmaps[0] == 0:
+            return
+        nb, dsize, doff = img.bitmaps
+        self.inc(self.main, doff, dsize)
+        if dsize > _BME_MAX_DIR_BYTES or doff & (img.C - 1) or doff + dsize > img.file_size:
+            p.corruptions += 1
+            p.findings.add("bitmap", "ERROR bitmap directory is invalid")
+            self.fatal_bitmaps = True
+            return
+        d = img.pread(doff, dsize)
+        pos = 0
+        tables = []
+        for _ in range(nb):       # one iteration per bitmap (each has a table of its own)
+            if pos + _BME_DIR_ENTRY > len(d):
+                p.corruptions += 1
+                p.findings.add("bitmap", "ERROR bitmap directory is truncated")
+                self.fatal_bitmaps = True
+                return
+            toff, tsize, _flags, _type, _gran, name_len, extra = struct.unpack_from(
+                ">QIIBBHI", d, pos)
+            tables.append((toff, tsize))
+            pos += (_BME_DIR_ENTRY + extra + name_len + 7) & ~7
+        for toff, tsize in tables:
+            self.inc(self.main, toff, tsize * 8)
+            if toff & (img.C - 1) or tsize * 8 > _MAX_L1_BYTES:
+                p.corruptions += 1
+                p.findings.add("bitmap", f"ERROR bitmap table at {toff:#x} is invalid")
+                break
+            t = img.u64_table(toff, tsize)
+            bad = ((t & _U64(_BME_RESERVED_MASK)) != 0) | (
+                ((t & _U64(_BME_OFFSET_MASK)) != 0)
+                & (((t & _U64(_BME_ALL_ONES)) != 0) | ((t & _U64(img.C - 1)) != 0)))
+            if bad.any():
+                p.corruptions += 1
+                p.findings.add("bitmap", f"ERROR bitmap table at {toff:#x} has invalid entries")
+                break
+            data = (t & _U64(_BME_OFFSET_MASK)).astype(np.int64)
+            data = data[data != 0]
+            self.inc_many(self.main, data, img.C, 1)
+
+    def check_refblocks(self, base_idx: np.ndarray, base_cnt: np.ndarray, nb: int) -> int:
+        """check_refblocks: each refcount block must be aligned, inside the file, and counted
+        exactly once. Returns the (possibly grown) number of clusters of the file."""
+        img = self.img
+        p = self.p
+        C = img.C
+        rt = _StoredRefcounts(img).rt if not hasattr(self, "rt") else self.rt
+        self.rt = rt
+        if len(rt) == 0:
+            return nb
+        idx = np.arange(len(rt), dtype=np.int64)
+        resv = (rt & _U64(_REFT_RESERVED_MASK)) != 0
+        off = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64) if len(rt) else rt
+        unal = ~resv & ((off & (C - 1)) != 0)
+        for mask, text in ((resv, "ERROR refcount table entry {} has reserved bits set"),
+                           (unal, "ERROR refcount block {} is not cluster aligned; refcount "
+                                  "table entry corrupted")):
+            n = int(mask.sum())
+            if n:
+                p.corruptions += n
+                self.rebuild = True
+                p.findings.add_many("refblock", n, (text.format(i)
+                                                    for i in idx[mask].tolist()))
+        rest = ~resv & ~unal & (off != 0)
+        cl = off >> img.cb
+        grow_fix = bool(self.fix & _FIX_ERRORS)
+        if grow_fix:
+            # A block past the end extends the file to cover it; later blocks are then judged
+            # against the grown file (a running maximum of the blocks seen so far).
+            ends = np.where(rest, cl + 1, 0)
+            running = np.maximum.accumulate(np.concatenate(([nb], ends[:-1])))
+            limit = np.maximum(running, nb)
+        else:
+            limit = np.full(len(rt), nb, np.int64)
+        outside = rest & (cl >= limit)
+        inside = rest & ~outside
+        n_out = int(outside.sum())
+        if n_out:
+            p.corruptions += n_out
+            word = "Repairing" if grow_fix else "ERROR"
+            p.findings.add_many("refblock", n_out, (
+                f"{word} refcount block {i} is outside image" for i in idx[outside].tolist()))
+            if grow_fix:
+                new_size = int((off[outside] + C).max())
+                ok = new_size <= img.file_size + _MAX_EXTEND
+                if ok:
+                    try:
+                        os.ftruncate(img.fd, new_size)
+                    except OSError as e:
+                        ok = False
+                        p.findings.add("refblock", f"ERROR could not resize image: "
+                                       f"{os.strerror(e.errno)}")
+                else:
+                    p.findings.add("refblock", "ERROR could not resize image: the block lies "
+                                   "too far past the end of the file")
+                if ok:
+                    img.file_size = new_size
+                    self.file_size = new_size
+                    nb = max(nb, -(-new_size // C))
+                    p.corruptions -= n_out
+                    p.corruptions_fixed += n_out
+                    self.inc_many(self.rb_refs, off[outside], C, 1)
+                else:
+                    self.rebuild = True
+        # The blocks inside the file: counted, and each must then read exactly 1.
+        sel = np.flatnonzero(inside)
+        if len(sel) == 0:
+            return nb
+        o = off[sel]
+        c = cl[sel]
+        good = o + C - self.file_size < C
+        if (~good).any():
+            p.corruptions += int((~good).sum())
+            p.findings.add_many("eof", int((~good).sum()), (
+                "ERROR: counting reference for region exceeding the end of the file by one "
+                f"cluster or more: offset {v:#x} size {C:#x}" for v in o[~good].tolist()))
+        # Sequential semantics: block i sees the references counted before it, including the
+        # blocks before it that share its cluster.
+        order = np.argsort(c, kind="stable")
+        cs = c[order]
+        gs = good[order].astype(np.int64)
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(cs)) + 1))
+        grp = np.repeat(starts, np.diff(np.concatenate((starts, [len(cs)]))))
+        csum = np.cumsum(gs)
+        k_sorted = csum - np.concatenate(([0], csum))[grp]
+        k = np.empty_like(k_sorted)
+        k[order] = k_sorted
+        base = _lookup(base_idx, base_cnt, c)
+        rmax = img.rmax
+        if rmax < (1 << 62):
+            over = good & (base + k - 1 >= rmax)
+            if over.any():
+                p.corruptions += int(over.sum())
+                p.findings.add_many("overflow", int(over.sum()), (
+                    f"ERROR: overflow cluster offset={v:#x}" for v in o[over].tolist()))
+            seen = np.minimum(base + k, rmax)
+        else:
+            seen = base + k
+        self.inc_many(self.rb_refs, o[good], C, 1)
+        bad = seen != 1
+        if bad.any():
+            p.corruptions += int(bad.sum())
+            self.rebuild = True
+            p.findings.add_many("refblock", int(bad.sum()), (
+                f"ERROR refcount block {i} refcount={v}"
+                for i, v in zip(sel[bad].tolist(), seen[bad].tolist())))
+        return nb
+
+
+def _overlaps_metadata(img: _Image, snaps, offset: int, size: int, *, skip_l2: bool) -> bool:
+    """qcow2_check_metadata_overlap with QEMU's default ("cached") template, at cluster
+    granularity: does [offset, offset+size) touch the header, an L1 table, an active L2 table
+    (unless skip_l2), the reftable, a refblock, the snapshot table or the bitmap directory?"""
+    C = img.C
+    if offset < C:
+        return True
+    a = offset & ~(C - 1)
+    b = (offset + size + C - 1) & ~(C - 1)
+
+    def hit(o, n):
+        return n > 0 and o < b and a < o + n
+
+    if hit(img.l1_off, img.l1_size * 8) or hit(img.rt_off, img.rt_size * 8):
+        return True
+    if hit(img.snapshots_offset, getattr(img, "snapshots_size", 0)):
+        return True
+    for s in snaps:
+        if hit(s.l1_table_offset, s.l1_size * 8):
+            return True
+    if img.bitmaps is not None and hit(img.bitmaps[2], img.bitmaps[1]):
+        return True
+    l1 = img.u64_table(img.l1_off, img.l1_size)
+    l2 = (l1 & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
+    if not skip_l2 and np.any((l2 != 0) & (l2 < b) & (a < l2 + C)):
+        return True
+    rt = img.u64_table(img.rt_off, img.rt_size)
+    rb = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+    return bool(np.any((rb != 0) & (rb < b) & (a < rb + C)))
+
+
+# --- Comparing with the stored refcounts ------------------------------------------------------
+
+@dataclass
+class _Mismatches:
+    idx: np.ndarray
+    stored: np.ndarray
+    computed: np.ndarray
+    highest: int
+    eio_clusters: int
+    eio_blocks: list
+
+
+def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Mismatches:
+    """compare_refcounts without fixing: every cluster < nb whose stored refcount differs
+    from the computed one, the highest cluster in use, and the clusters whose refblock cannot
+    be read."""
+    C = img.C
+    E = img.E
+    st = _StoredRefcounts(img)
+    rt = st.rt
+    n_rb = -(-nb // E)
+    n_rt = min(n_rb, len(rt))
+    offs = (rt[:n_rt] & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+    present = (offs != 0) & ((offs & (C - 1)) == 0)
+    eio = (offs != 0) & ((offs & (C - 1)) != 0)
+    uidx_nb = uidx < nb
+    uidx, ucnt = uidx[uidx_nb], ucnt[uidx_nb]
+    rbi = uidx >> img.rb_bits
+    out_idx, out_st, out_cp = [], [], []
+    highest = -1
+    # Ranges without a refblock: every computed reference there mismatches a stored 0.
+    absent_rb = np.ones(n_rb, dtype=bool)
+    absent_rb[:n_rt] = ~(present | eio)
+    sel = absent_rb[rbi] if len(rbi) else np.zeros(0, bool)
+    sel &= ucnt > 0
+    if sel.any():
+        out_idx.append(uidx[sel])
+        out_st.append(np.zeros(int(sel.sum()), _U64))
+        out_cp.append(ucnt[sel].astype(_U64))
+        highest = max(highest, int(uidx[sel].max()))
+    # Unreadable refblocks: every cluster of their range is a check error.
+    eio_blocks = np.flatnonzero(eio).tolist()
+    eio_clusters = 0
+    for b in eio_blocks:
+        eio_clusters += min(E, nb - b * E)
+    # Present refblocks, in batches.
+    pres = np.flatnonzero(present)
+    rows = max(1, _BATCH_BYTES // C)
+    for s in range(0, len(pres), rows):
+        blk = pres[s:s + rows]
+        boffs = offs[blk]
+        order = np.argsort(boffs, kind="stable")
+        raw = np.empty((len(blk), C), np.uint8)
+        # read_rows wants ascending distinct offsets: read the distinct ones, then scatter.
+        ub, uinv = np.unique(boffs, return_inverse=True)
+        raw[:] = img.read_rows(ub, C)[uinv]
+        del order
+        stored = _decode_refblocks(raw, img.rorder)
+        comp = np.zeros(stored.shape, _U64)
+        pos = np.searchsorted(blk, rbi)
+        pos_c = np.minimum(pos, len(blk) - 1)
+        hit = (len(blk) > 0) & (blk[pos_c] == rbi)
+        comp[pos_c[hit], uidx[hit] & (E - 1)] = ucnt[hit].astype(_U64)
+        # Clusters at or past nb are not compared (nor counted for the end offset).
+        last = int(blk[-1])
+        if (last + 1) * E > nb:
+            valid = nb - last * E
+            stored[-1, valid:] = 0
+            comp[-1, valid:] = 0
+        nzr, nzc = np.nonzero((stored != 0) | (comp != 0))
+        if len(nzr):
+            highest = max(highest, int((blk[nzr] * E + nzc).max()))
+        mr, mc = np.nonzero(stored != comp)
+        if len(mr):
+            out_idx.append(blk[mr] * E + mc)
+            out_st.append(stored[mr, mc])
+            out_cp.append(comp[mr, mc])
+    if out_idx:
+        idx = np.concatenate(out_idx)
+        order = np.argsort(idx, kind="stable")
+        mis = _Mismatches(idx[order], np.concatenate(out_st)[order],
+                          np.concatenate(out_cp)[order], max(highest, 0), eio_clusters,
+                          eio_blocks)
+    else:
+        mis = _Mismatches(np.zeros(0, np.int64), np.zeros(0, _U64), np.zeros(0, _U64),
+                          max(highest, 0), eio_clusters, eio_blocks)
+    return mis
+
+
+def _report_mismatches(p: _Pass, img: _Image, mis: _Mismatches, fix: int):
+    """The verdicts of compare_refcounts for one set of mismatches. Returns (rebuild,
+    clusters to raise, clusters to lower) and counts what stays unfixed."""
+    if mis.eio_clusters:
+        p.check_errors += mis.eio_clusters
+        p.findings.add_many("eio", len(mis.eio_blocks), (
+            f"Can't get refcount for clusters {b * img.E}..{b * img.E + img.E - 1}: "
+            "Input/output error (refcount block not cluster aligned)" for b in mis.eio_blocks))
+    st, cp = mis.stored, mis.computed
+    rebuild = bool(np.any(st == 0))   # a referenced cluster without refcount
+    raise_ = (st != 0) & (st < cp) & bool(fix & _FIX_ERRORS)
+    lower = (st > cp) & bool(fix & _FIX_LEAKS)
+    fixing = raise_ | lower
+    under = st < cp
+    p.corruptions += int((under & ~fixing).sum())
+    p.leaks += int((~under & ~fixing).sum())
+    words = np.where(fixing, "Repairing", np.where(under, "ERROR", "Leaked"))
+    p.findings.add_many("refcount", len(st), (
+        f"{w} cluster {i} refcount={s} reference={c}"
+        for w, i, s, c in zip(words.tolist(), mis.idx.tolist(), st.tolist(), cp.tolist())))
+    return rebuild, raise_, lower
+
+
+def _write_refcounts(img: _Image, clusters: np.ndarray, values: np.ndarray) -> None:
+    """Store new refcounts for the given clusters (their refblocks exist and are aligned):
+    one read-modify-write per refblock, then fsync."""
+    if len(clusters) == 0:
+        return
+    st = _StoredRefcounts(img)
+    rbi = clusters >> img.rb_bits
+    for b in np.unique(rbi).tolist():           # per refblock
+        sel = rbi == b
+        off = int(st.rt[b]) & _REFT_OFFSET_MASK
+        raw = np.frombuffer(img.pread(off, img.C), np.uint8).reshape(1, -1)
+        vals = _decode_refblocks(raw, img.rorder)
+        vals[0, clusters[sel] & (img.E - 1)] = values[sel].astype(_U64)
+        img.pwrite(off, _encode_refblocks(vals, img.rorder))
+    img.sync()
+
+
+# --- The refcount check as a whole ------------------------------------------------------------
+
+def _calculate(p: _Pass, img: _Image, snaps, fix: int, stats: bool):
+    """calculate_refcounts: returns (calc, sparse counts (idx, cnt), nb_clusters)."""
+    calc = _Calc(p, img, snaps, fix, stats)
+    calc.run()
+    idx, cnt = calc.main.totals()
+    ridx, rcnt = calc.rt_refs.totals()
+    idx, cnt = _merge(idx, cnt, ridx, rcnt)
+    nb = -(-img.file_size // img.C)
+    if len(idx):
+        nb = max(nb, int(idx[-1]) + 1)
+    clamped = _clamp(p, img, idx, cnt)
+    nb = calc.check_refblocks(idx, clamped, nb)
+    bidx, bcnt = calc.rb_refs.totals()
+    idx, cnt = _merge(idx, cnt, bidx, bcnt)
+    if len(idx):
+        nb = max(nb, int(idx[-1]) + 1)
+    cnt = np.minimum(cnt, img.rmax) if img.rmax < (1 << 62) else cnt
+    return calc, idx, cnt, nb
+
+
+def _merge(a_idx, a_cnt, b_idx, b_cnt):
+    if len(b_idx) == 0:
+        return a_idx, a_cnt
+    if len(a_idx) == 0:
+        return b_idx, b_cnt
+    r = _Refs()
+    r.add(a_idx, a_cnt)
+    r.add(b_idx, b_cnt)
+    return r.totals()
+
+
+def _clamp(p: _Pass, img: _Image, idx, cnt):
+    """Refcounts cannot exceed the maximum: each increment past it is an overflow error."""
+    if img.rmax >= (1 << 62) or len(cnt) == 0:
+        return cnt
+    over = cnt > img.rmax
+    if over.any():
+        p.corruptions += int((cnt[over] - img.rmax).sum())
+        p.findings.add_many("overflow", int((cnt[over] - img.rmax).sum()), (
+            f"ERROR: overflow cluster offset={int(i) << img.cb:#x}" for i in idx[over].tolist()))
+        return np.minimum(cnt, img.rmax)
+    return cnt
+
+
+def _check_refcounts(p: _Pass, img: _Image, snaps) -> None:
+    """qcow2_check_refcounts (and its repairs), then check_oflag_copied."""
+    fix = p.fix
+    img.snapshots = snaps
+    p.total_clusters = -(-((img.size // 512) * 512) // img.C)
+    calc, idx, cnt, nb = _calculate(p, img, snaps, fix, True)
+    pre = _counters(p)
+    mis = _compare(img, idx, cnt, nb)
+    rebuild, _, _ = _report_mismatches(p, img, mis, 0)
+    rebuild = rebuild or calc.rebuild
+    highest = mis.highest
+
+    if rebuild and fix & _FIX_ERRORS:
+        old_corruptions, old_leaks = p.corruptions, p.leaks
+        p.findings.add("rebuild", "Rebuilding refcount structure")
+        if not _rebuild(p, img, calc, nb):
+            return
+        p.rebuilt = True
+        # Re-read the header (the reftable moved) and count again; what remains are the
+        # corruptions a rebuild does not fix.
+        img2 = _reload(p, img)
+        if img2 is None:
+            return
+        img2.snapshots_size = img.snapshots_size
+        q = _Pass(p.fd, p.path, 0)
+        calc2, idx2, cnt2, nb2 = _calculate(q, img2, snaps, 0, False)
+        mis2 = _compare(img2, idx2, cnt2, nb2)
+        # Leaks left by the rebuild itself are freed (none are expected: the new structures
+        # do not count the old ones).
+        r = _Pass(p.fd, p.path, 0)
+        rb2, _, lower2 = _report_mismatches(r, img2, mis2, _FIX_LEAKS)
+        if rb2 or calc2.rebuild:
+            p.findings.add("rebuild", "ERROR rebuilt refcount structure is still broken")
+        _write_refcounts(img2, mis2.idx[lower2], mis2.computed[lower2])
+        fresh_leaks = r.leaks
+        p.corruptions = q.corruptions
+        p.leaks = 0
+        p.check_errors += q.check_errors + r.check_errors
+        if p.corruptions < old_corruptions:
+            p.corruptions_fixed += old_corruptions - p.corruptions
+        if p.leaks < old_leaks:
+            p.leaks_fixed += old_leaks - p.leaks
+        p.leaks += fresh_leaks
+        p.corruptions += r.corruptions
+        highest = mis2.highest
+        img = img2
+    elif fix:
+        if rebuild:
+            p.findings.add("fatal", "ERROR need to rebuild refcount structures")
+            p.check_errors += 1
+            return
+        if p.leaks or p.corruptions:
+            _restore(p, pre)
+            # The refcount fixes of compare_refcounts, ordered for crash safety: every raise
+            # is durable before any refcount is lowered.
+            _, raise_, lower = _report_mismatches(p, img, mis, fix)
+            _write_refcounts(img, mis.idx[raise_], mis.computed[raise_])
+            _write_refcounts(img, mis.idx[lower], mis.computed[lower])
+            p.corruptions_fixed += int(raise_.sum())
+            p.leaks_fixed += int(lower.sum())
+    _check_copied(p, img)
+    p.image_end_offset = (highest + 1) * img.C
+
+
+def _counters(p: _Pass):
+    return (p.check_errors, p.corruptions, p.leaks, p.corruptions_fixed, p.leaks_fixed)
+
+
+def _restore(p: _Pass, saved) -> None:
+    (p.check_errors, p.corruptions, p.leaks, p.corruptions_fixed, p.leaks_fixed) = saved
+
+
+def _reload(p: _Pass, img: _Image) -> _Image | None:
+    fmt, head, file_size = _load(img.fd, img.path)
+    try:
+        h = fmt.parse_header(head, file_size, path=img.path)
+    except (EngineIOError, InvalidArgument):
+        raise
+    except EngineError as e:
+        p.fail(f"ERROR the repaired header cannot be read: {e}")
+        return None
+    return _Image(img.fd, img.path, h, head, file_size)
+
+
+def _rebuild(p: _Pass, img: _Image, calc: _Calc, nb: int) -> bool:
+    """rebuild_refcount_structure: new refblocks and a new reftable past every cluster in use,
+    holding the computed refcounts (without the old structures) plus themselves; then the
+    header pointer is switched. Returns False (with a check error) when it cannot be done."""
+    C, E = img.C, img.E
+    idx, cnt = calc.main.totals()
+    if img.rmax < (1 << 62):
+        cnt = np.minimum(cnt, img.rmax)
+    keep = cnt > 0
+    idx, cnt = idx[keep], cnt[keep]
+    file_clusters = -(-img.file_size // C)
+    start = max(file_clusters, nb, calc.max_ptr + 1, int(idx[-1]) + 1 if len(idx) else 0)
+    used_rb = np.unique(idx >> img.rb_bits) if len(idx) else np.zeros(0, np.int64)
+    n_rb, n_rt = len(used_rb) + 1, 1
+    for _ in range(64):
+        n_new = n_rb + n_rt
+        new_rb = np.arange(start >> img.rb_bits, ((start + n_new - 1) >> img.rb_bits) + 1,
+                           dtype=np.int64)
+        blocks = np.union1d(used_rb, new_rb)
+        entries = int(blocks[-1]) + 1
+        t = -(-entries * 8 // C)
+        if (len(blocks), t) == (n_rb, n_rt):
+            break
+        n_rb, n_rt = len(blocks), t
+    else:
+        p.fail("ERROR cannot lay out the new refcount structures")
+        return False
+    if n_rt * C > _MAX_REFTABLE_BYTES or (start + n_new) * C >= (1 << 56):
+        p.fail("ERROR rebuilding the refcount structures would need a refcount table larger "
+               "than QEMU allows")
+        return False
+    # New refcounts: the references, plus 1 for every new cluster.
+    new_idx = np.arange(start, start + n_new, dtype=np.int64)
+    all_idx = np.concatenate((idx, new_idx))
+    all_cnt = np.concatenate((cnt, np.ones(n_new, np.int64)))
+    rb_off = {int(b): (start + k) * C for k, b in enumerate(blocks.tolist())}
+    reftable = np.zeros(n_rt * C // 8, dtype=">u8")
+    reftable[blocks] = [rb_off[int(b)] for b in blocks.tolist()]
+    rbi = all_idx >> img.rb_bits
+    rows = max(1, _BATCH_BYTES // C)
+    for s in range(0, len(blocks), rows):
+        chunk = blocks[s:s + rows]
+        vals = np.zeros((len(chunk), E), _U64)
+        pos = np.searchsorted(chunk, rbi)
+        pos_c = np.minimum(pos, len(chunk) - 1)
+        hit = chunk[pos_c] == rbi
+        vals[pos_c[hit], all_idx[hit] & (E - 1)] = all_cnt[hit].astype(_U64)
+        # The new blocks are contiguous from `start`, in the order of `blocks`.
+        img.pwrite((start + s) * C, _encode_refblocks(vals, img.rorder))
+    rt_off = (start + n_rb) * C
+    img.pwrite(rt_off, reftable.tobytes())
+    img.sync()
+    img.pwrite(_HDR_REFTABLE_PTR, struct.pack(">QI", rt_off, n_rt))
+    img.sync()
+    p.findings.add("rebuild", f"Wrote {n_rb} refcount blocks and a {n_rt}-cluster refcount "
+                   f"table at offset {start * C:#x}")
+    return True
+
+
+def _check_copied(p: _Pass, img: _Image) -> None:
+    """check_oflag_copied: in the active tree, COPIED must be set exactly where the stored
+    refcount is 1."""
+    fix = p.fix
+    if fix & _FIX_ERRORS:
+        repair = True
+    elif fix & _FIX_LEAKS:
+        repair = not (p.check_errors or p.corruptions or p.leaks)
+    else:
+        repair = False
+    word = "Repairing" if repair else "ERROR"
+    st = _StoredRefcounts(img)
+    l1 = img.u64_table(img.l1_off, img.l1_size)
+    l2 = (l1 & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
+    use = np.flatnonzero(l2 != 0)
+    if len(use) == 0:
+        return
+    rc, ok = st.get(l2[use] >> img.cb)
+    use, rc = use[ok], rc[ok]
+    bad = (rc == 1) != ((l1[use] & _U64(_OFLAG_COPIED)) != 0)
+    if bad.any():
+        bi = use[bad]
+        p.corruptions += len(bi)
+        p.findings.add_many("copied", len(bi), (
+            f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={int(l1[i]):x} "
+            f"refcount={int(r)}" for i, r in zip(bi.tolist(), rc[bad].tolist())))
+        if repair:
+            new = l1.copy()
+            fixed = np.where(rc[bad] == 1, new[bi] | _U64(_OFLAG_COPIED),
+                             new[bi] & _U64(~_OFLAG_COPIED & (2**64 - 1)))
+            new[bi] = fixed
+            be = new.astype(">u8")
+            for i in bi.tolist():                  # one 8-byte write per fixed L1 entry
+                img.pwrite(img.l1_off + 8 * i, be[i:i + 1].tobytes())
+            img.sync()
+            p.corruptions -= len(bi)
+            p.corruptions_fixed += len(bi)
+    # The L2 tables of the active tree, each once per L1 entry that points to it.
+    uoffs, mult = np.unique(l2[use], return_counts=True)
+    C = img.C
+    rows = max(1, _BATCH_BYTES // C)
+    for s in range(0, len(uoffs), rows):
+        offs = uoffs[s:s + rows]
+        m = mult[s:s + rows]
+        raw = img.read_rows(offs, C)
+        words = raw.view(">u8").astype(_U64)
+        e = words[:, 0::2] if img.ext else words
+        comp = (e & _U64(_OFLAG_COMPRESSED)) != 0
+        copied = (e & _U64(_OFLAG_COPIED)) != 0
+        off = (e & _U64(_L2E_OFFSET_MASK)).astype(np.int64)
+        if img.ext:
+            zero = np.zeros_like(comp)
+        else:
+            zero = ((e & _U64(_OFLAG_ZERO)) != 0) & ~comp
+        normal = ~comp & (off != 0)
+        if img.data_file:
+            normal = ~comp & ((off != 0) | copied)
+        del zero
+        r, c = np.nonzero(normal)
+        if len(r) == 0:
+            continue
+        if img.data_file:
+            rc = np.ones(len(r), _U64)
+            ok = np.ones(len(r), bool)
+        else:
+            rc, ok = st.get(off[r, c] >> img.cb)
+        r, c, rc = r[ok], c[ok], rc[ok]
+        bad = (rc == 1) != copied[r, c]
+        if not bad.any():
+            continue
+        br, bc, brc = r[bad], c[bad], rc[bad]
+        if repair:
+            p.corruptions_fixed += len(br)
+        else:
+            p.corruptions += int(m[br].sum())
+        p.findings.add_many("copied", len(br), (
+            f"{word} OFLAG_COPIED data cluster: l2_entry={int(e[i, j]):x} refcount={int(v)}"
+            for i, j, v in zip(br.tolist(), bc.tolist(), brc.tolist())))
+        if repair:
+            col = 2 * bc if img.ext else bc
+            cur = words[br, col]
+            words[br, col] = np.where(brc == 1, cur | _U64(_OFLAG_COPIED),
+                                      cur & _U64(~_OFLAG_COPIED & (2**64 - 1)))
+            for i in np.unique(br).tolist():       # one write per fixed L2 table
+                l2_off = int(offs[i])
+                if _overlaps_metadata(img, getattr(img, "snapshots", []), l2_off, C,
+                                      skip_l2=True):
+                    n = int((br == i).sum())
+                    p.corruptions_fixed -= n
+                    p.corruptions += n
+                    p.check_errors += 1
+                    p.findings.add("copied", "ERROR: Could not write L2 table; metadata "
+                                   "overlap check failed")
+                    continue
+                img.pwrite(l2_off, words[i].astype(">u8").tobytes())
+            img.sync()
+
+
+def _mark_clean(p: _Pass, img: _Image) -> None:
+    """qcow2_mark_clean + qcow2_mark_consistent: clear the dirty and corrupt bits."""
+    if img.version < 3:
+        return
+    word = _pread(img.fd, _HDR_INCOMPAT, 8, img.path)
+    if len(word) < 8:
+        return
+    incompat = struct.unpack(">Q", word)[0]
+    if incompat & (_INCOMPAT_DIRTY | _INCOMPAT_CORRUPT):
+        img.sync()      # everything repaired is durable before the bits say so
+        img.pwrite(_HDR_INCOMPAT,
+                   struct.pack(">Q", incompat & ~(_INCOMPAT_DIRTY | _INCOMPAT_CORRUPT)))
+        img.sync()
+        p.findings.add("header", "Cleared the dirty/corrupt bits in the header")
