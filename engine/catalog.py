@@ -1,0 +1,355 @@
+"""The repository catalog: chains, volumes, snapshots and the operation journal, in SQLite.
+
+The catalog is the truth about snapshots (which exist, their descriptions, which volume each
+owns) and about the chain a caller sees; the QCOW2 headers are the truth about which file
+backs which (``Repository.check`` reconciles the two).
+
+Durability: WAL journal mode with ``synchronous=FULL``, so a committed transaction survives a
+crash or power loss.  Every multi-row change runs in one :meth:`Catalog.transaction`, taken
+with ``BEGIN IMMEDIATE`` so that it cannot fail half way on a lock.
+
+Journal: an operation that touches files first inserts an intent row (op, args as JSON,
+step, state ``running``), updates ``step`` after each file step, and sets state
+``committed`` in the same transaction that applies its catalog changes.  What remains after
+that (removing files the operation made unused) is listed in the committed row's args, and
+the row is deleted when it is done.  ``Repository.open`` finds rows left by a crash and
+rolls each operation forward or back.
+
+Timestamps are ISO 8601 strings in UTC (``2026-01-02T03:04:05.123456Z``).
+
+Thread model: one owner thread; the connection refuses use from another thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
+
+from engine.errors import RepositoryError
+
+#: The version of the schema below.  A catalog with a newer version is refused (a newer
+#: cowchain wrote it); an older one would be migrated here when there is a version 2.
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE schema_version (
+    version     INTEGER NOT NULL,
+    applied     TEXT NOT NULL
+);
+CREATE TABLE chains (
+    name            TEXT PRIMARY KEY,
+    size            INTEGER NOT NULL,          -- virtual size, bytes
+    cluster_size    INTEGER NOT NULL,          -- of the chain's qcow2 volumes, bytes
+    created         TEXT NOT NULL,
+    leaf            TEXT NOT NULL REFERENCES volumes(id) DEFERRABLE INITIALLY DEFERRED,
+    preview         TEXT,                      -- id of the snapshot being previewed
+    saved_leaf      TEXT REFERENCES volumes(id) DEFERRABLE INITIALLY DEFERRED,
+                                               -- the leaf kept aside during a preview
+    origin_chain    TEXT,                      -- a clone: the chain and snapshot it
+    origin_snapshot TEXT                       --   was cloned from
+);
+CREATE TABLE volumes (
+    id          TEXT PRIMARY KEY,              -- uuid
+    chain       TEXT NOT NULL REFERENCES chains(name) DEFERRABLE INITIALLY DEFERRED,
+    path        TEXT NOT NULL UNIQUE,          -- relative to the repository folder
+    format      TEXT NOT NULL CHECK (format IN ('raw', 'qcow2')),
+    role        TEXT NOT NULL CHECK (role IN ('base', 'internal', 'leaf', 'shared')),
+    parent      TEXT REFERENCES volumes(id) DEFERRABLE INITIALLY DEFERRED,
+    legality    TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
+    created     TEXT NOT NULL
+);
+CREATE INDEX volumes_parent ON volumes(parent);
+CREATE INDEX volumes_chain ON volumes(chain);
+CREATE TABLE snapshots (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order
+    id          TEXT NOT NULL UNIQUE,                -- uuid
+    chain       TEXT NOT NULL REFERENCES chains(name) DEFERRABLE INITIALLY DEFERRED,
+    created     TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    volume      TEXT NOT NULL REFERENCES volumes(id) DEFERRABLE INITIALLY DEFERRED
+);
+CREATE INDEX snapshots_chain ON snapshots(chain);
+CREATE TABLE journal (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    op          TEXT NOT NULL,
+    chain       TEXT,
+    args        TEXT NOT NULL,                 -- JSON object
+    step        TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('running', 'committed')),
+    started     TEXT NOT NULL
+);
+"""
+
+
+def now() -> str:
+    """The current time as the catalog stores it."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> _dt.datetime:
+    return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.timezone.utc)
+
+
+@dataclass
+class ChainRow:
+    name: str
+    size: int
+    cluster_size: int
+    created: str
+    leaf: str
+    preview: str | None = None
+    saved_leaf: str | None = None
+    origin_chain: str | None = None
+    origin_snapshot: str | None = None
+
+
+@dataclass
+class VolumeRow:
+    id: str
+    chain: str
+    path: str
+    format: str
+    role: str
+    parent: str | None
+    legality: str
+    created: str
+
+
+@dataclass
+class SnapshotRow:
+    id: str
+    chain: str
+    created: str
+    description: str
+    volume: str
+    seq: int | None = None
+
+
+@dataclass
+class JournalRow:
+    id: int
+    op: str
+    chain: str | None
+    args: dict
+    step: str
+    state: str
+    started: str
+
+
+def _columns(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+class Catalog:
+    """The SQLite catalog of one repository.
+
+    Arguments:
+        path (str): the database file.
+        create (bool): make a new catalog (the file must not exist).
+
+    Raises:
+        RepositoryError: the file is not a cowchain catalog, or its schema is newer than
+            this version understands.
+    """
+
+    def __init__(self, path: str, *, create: bool = False):
+        if create and os.path.exists(path):
+            raise RepositoryError(f"catalog already exists: {path}")
+        if not create and not os.path.exists(path):
+            raise RepositoryError(f"catalog is missing: {path}")
+        self.path = path
+        self._depth = 0
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise RepositoryError(f"catalog {path}: cannot use WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if create:
+                # executescript commits any open transaction first, so the script carries
+                # its own: the schema and its version appear together or not at all.
+                self._db.executescript(
+                    "BEGIN IMMEDIATE;" + _SCHEMA +
+                    f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION}, '{now()}');"
+                    "COMMIT;")
+            self._check_schema()
+        except sqlite3.DatabaseError as e:
+            raise RepositoryError(f"catalog {path} cannot be used: {e}") from e
+
+    def _check_schema(self) -> None:
+        try:
+            row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise RepositoryError(f"{self.path} is not a cowchain catalog ({e})") from e
+        version = row[0]
+        if version is None or version > SCHEMA_VERSION:
+            raise RepositoryError(
+                f"catalog {self.path} has schema version {version}; this cowchain "
+                f"understands version {SCHEMA_VERSION}", hint="upgrade cowchain")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def closed(self) -> bool:
+        return self._db is None
+
+    # --- transactions ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One durable transaction; a nested use joins the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (a deferred foreign key, a full disk) leaves the transaction
+            # open in SQLite: end it, so the catalog stays as it was before.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def _insert(self, table: str, row) -> None:
+        cols = [c for c in _columns(type(row)) if not (c == "seq" and row.seq is None)]
+        vals = [getattr(row, c) for c in cols]
+        self._exec(f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                   f"({', '.join('?' * len(cols))})", vals)
+
+    def _update(self, table: str, cls, key: str, key_value: Any, changes: dict) -> None:
+        allowed = _columns(cls)
+        bad = [k for k in changes if k not in allowed or k == key]
+        if bad:
+            raise ValueError(f"cannot update {table} columns {bad}")
+        if not changes:
+            return
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        self._exec(f"UPDATE {table} SET {sets} WHERE {key} = ?", [*changes.values(), key_value])
+
+    # --- chains ------------------------------------------------------------------------------
+
+    def chain(self, name: str) -> ChainRow | None:
+        row = self._exec("SELECT * FROM chains WHERE name = ?", (name,)).fetchone()
+        return ChainRow(**dict(row)) if row else None
+
+    def chains(self) -> list[ChainRow]:
+        return [ChainRow(**dict(r)) for r in self._exec("SELECT * FROM chains ORDER BY name")]
+
+    def insert_chain(self, row: ChainRow) -> None:
+        self._insert("chains", row)
+
+    def update_chain(self, name: str, **changes) -> None:
+        self._update("chains", ChainRow, "name", name, changes)
+
+    def delete_chain(self, name: str) -> None:
+        self._exec("DELETE FROM chains WHERE name = ?", (name,))
+
+    # --- volumes -----------------------------------------------------------------------------
+
+    def volume(self, vid: str) -> VolumeRow | None:
+        row = self._exec("SELECT * FROM volumes WHERE id = ?", (vid,)).fetchone()
+        return VolumeRow(**dict(row)) if row else None
+
+    def volumes(self) -> dict[str, VolumeRow]:
+        """Every volume of the repository, by id."""
+        return {r["id"]: VolumeRow(**dict(r)) for r in self._exec("SELECT * FROM volumes")}
+
+    def children(self, vid: str) -> list[VolumeRow]:
+        return [VolumeRow(**dict(r)) for r in
+                self._exec("SELECT * FROM volumes WHERE parent = ? ORDER BY created", (vid,))]
+
+    def insert_volume(self, row: VolumeRow) -> None:
+        self._insert("volumes", row)
+
+    def update_volume(self, vid: str, **changes) -> None:
+        self._update("volumes", VolumeRow, "id", vid, changes)
+
+    def delete_volume(self, vid: str) -> None:
+        self._exec("DELETE FROM volumes WHERE id = ?", (vid,))
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, sid: str) -> SnapshotRow | None:
+        row = self._exec("SELECT * FROM snapshots WHERE id = ?", (sid,)).fetchone()
+        return SnapshotRow(**dict(row)) if row else None
+
+    def snapshots(self, chain: str | None = None) -> list[SnapshotRow]:
+        """The snapshots of CHAIN (of every chain when None), oldest first."""
+        if chain is None:
+            cur = self._exec("SELECT * FROM snapshots ORDER BY seq")
+        else:
+            cur = self._exec("SELECT * FROM snapshots WHERE chain = ? ORDER BY seq", (chain,))
+        return [SnapshotRow(**dict(r)) for r in cur]
+
+    def insert_snapshot(self, row: SnapshotRow) -> None:
+        self._insert("snapshots", row)
+
+    def update_snapshot(self, sid: str, **changes) -> None:
+        self._update("snapshots", SnapshotRow, "id", sid, changes)
+
+    def delete_snapshot(self, sid: str) -> None:
+        self._exec("DELETE FROM snapshots WHERE id = ?", (sid,))
+
+    # --- journal -----------------------------------------------------------------------------
+
+    def journal_begin(self, op: str, chain: str | None, args: dict, *,
+                      state: str = "running") -> int:
+        """Record the intent of OP (call inside a transaction with its other changes)."""
+        cur = self._exec(
+            "INSERT INTO journal (op, chain, args, step, state, started) VALUES (?,?,?,?,?,?)",
+            (op, chain, json.dumps(args, sort_keys=True), "intent", state, now()))
+        return int(cur.lastrowid)
+
+    def journal_step(self, jid: int, step: str) -> None:
+        self._exec("UPDATE journal SET step = ? WHERE id = ?", (step, jid))
+
+    def journal_commit(self, jid: int, args: dict) -> None:
+        """Mark OP committed, with the args its remaining (roll-forward) steps need."""
+        self._exec("UPDATE journal SET state = 'committed', step = 'committed', args = ? "
+                   "WHERE id = ?", (json.dumps(args, sort_keys=True), jid))
+
+    def journal_end(self, jid: int) -> None:
+        self._exec("DELETE FROM journal WHERE id = ?", (jid,))
+
+    def journal(self) -> list[JournalRow]:
+        """The operations in flight, oldest first."""
+        out = []
+        for r in self._exec("SELECT * FROM journal ORDER BY id"):
+            d = dict(r)
+            d["args"] = json.loads(d["args"])
+            out.append(JournalRow(**d))
+        return out
+
+    # --- maintenance -------------------------------------------------------------------------
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own integrity and foreign-key checks: an empty list when all is well."""
+        out = [r[0] for r in self._exec("PRAGMA integrity_check") if r[0] != "ok"]
+        out += [f"foreign key: {tuple(r)}" for r in self._exec("PRAGMA foreign_key_check")]
+        return out

@@ -1,0 +1,32 @@
+"""Commit: copy what a top volume holds down into its backing volume."""
+
+from __future__ import annotations
+
+from engine.ops._copy import Meter, Progress, copy_runs, runs_total
+from engine.ops.measure import layer_runs
+
+
+def commit(top, base, *, progress: Progress | None = None, hook: str | None = None) -> int:
+    """Write every range TOP holds (data and zero clusters) into BASE at the same offsets.
+
+    Afterwards BASE reads what the chain TOP→BASE read before, so overlays of TOP can be
+    rebased onto BASE (header only) and TOP removed.  Ranges TOP does not hold are not
+    touched.  Re-running a partly done commit gives the same result (it is idempotent), which
+    is what crash recovery relies on.
+
+    Arguments:
+        top (Image): the upper volume, opened read-only *without* its backing chain
+            (``backing=False``: BASE must not be open read-only while we write it).
+        base (Image): the volume under TOP, opened read-write.
+        progress (callable | None): ``progress(done_bytes, total_bytes)``.
+        hook (str | None): kill-point name per chunk (crash tests).
+
+    Returns:
+        int: bytes processed (data copied plus zero ranges written).
+    """
+    runs = layer_runs(top, 0)
+    meter = Meter(runs_total(runs), progress)
+    copy_runs(top, base, runs, meter, hook=hook)
+    base.flush()
+    meter.finish()
+    return meter.total

@@ -1,0 +1,78 @@
+"""Diff: which guest ranges differ between two points of a chain, from the tables alone."""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+
+class Change(NamedTuple):
+    """A guest range that may differ between two points, and how it reads at the later one.
+
+    Attributes:
+        start (int): guest offset, bytes.
+        length (int): bytes.
+        zero (bool): the range reads as zeros at the later point.
+        data (bool): reading it at the later point touches stored data.
+    """
+
+    start: int
+    length: int
+    zero: bool
+    data: bool
+
+    def to_dict(self) -> dict:
+        return self._asdict()
+
+
+def allocated_ranges(images: Iterable) -> list[tuple[int, int]]:
+    """Union of the ranges each image holds itself (depth 0), merged: [(start, end)].
+
+    Arguments:
+        images (iterable of Image): volumes opened alone (``backing=False``) or with their
+            chain; only depth-0 extents count.
+    """
+    spans: list[tuple[int, int]] = []
+    for img in images:
+        spans.extend((e.start, e.start + e.length) for e in img.extents()
+                     if e.present and e.depth == 0)
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            if e > merged[-1][1]:
+                merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def annotate(ranges: list[tuple[int, int]], view) -> list[Change]:
+    """Split RANGES along VIEW's extents and label each piece with how VIEW reads it.
+
+    A two-pointer walk over two sorted lists: one Python step per range or extent.
+
+    Arguments:
+        ranges (list of (start, end)): sorted, disjoint.
+        view (Image): the later point, opened with its chain.
+    """
+    out: list[Change] = []
+    if not ranges:
+        return out
+    extents = view.extents()
+    j = 0
+    for s, e in ranges:
+        while j < len(extents) and extents[j].start + extents[j].length <= s:
+            j += 1
+        k, pos = j, s
+        while pos < e and k < len(extents):
+            x = extents[k]
+            end = min(e, x.start + x.length)
+            zero, data = bool(x.zero) and not x.data, bool(x.data)
+            last = out[-1] if out else None
+            if last and last.start + last.length == pos and (last.zero, last.data) == (zero, data):
+                out[-1] = last._replace(length=last.length + end - pos)
+            else:
+                out.append(Change(pos, end - pos, zero, data))
+            pos = end
+            k += 1
+    return out

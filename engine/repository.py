@@ -1,0 +1,1522 @@
+"""Repository, Chain, Snapshot: snapshot chains as Red Hat Virtualization (oVirt) runs them.
+
+A repository is a folder::
+
+    <repo>/catalog.db          the SQLite catalog (engine.catalog): chains, volumes,
+                               snapshots, the journal of operations in flight
+    <repo>/volumes/<uuid>.qcow2|.raw
+                               one file per volume; every overlay names its backing file by
+                               its bare file name (same folder) and records its format
+    <repo>/repository.lock     held (flock) by the process that has the repository open
+
+The model:
+
+- A chain starts as one base volume, RAW or QCOW2.  It is also the chain's leaf: the one
+  writable volume, which ``Chain.read``/``write`` go to.
+- ``snapshot()`` makes the leaf read-only and puts a new QCOW2 overlay that holds only
+  metadata on top of it as the new leaf: O(1) in the disk size.  The snapshot owns the volume
+  that was the leaf; its content is the chain read from that volume down.
+- ``delete_snapshot()`` merges the snapshot's volume with its child, in whichever direction
+  copies less: *commit* the child down into the snapshot's volume (the child file goes), or
+  *pull* the snapshot volume's clusters up into the child (the snapshot's file goes).  What
+  the leaf and every other snapshot read does not change.
+- ``revert()``, ``preview()``/``commit_preview()``/``undo_preview()`` and ``clone()`` put a new
+  empty overlay on top of a snapshot's volume.  A clone is a chain of its own whose leaf is
+  backed by the snapshot's volume; volumes used by more than one chain are "shared" and are
+  never merged or removed while a clone uses them.
+
+Crash safety: every operation that touches files records its intent in the catalog journal
+before it touches any file, does idempotent steps, and applies its catalog changes in one
+transaction.  ``Repository.open`` rolls an interrupted operation back (snapshot, revert,
+preview, clone, create, export: remove what it created) or forward (delete_snapshot: the
+merge is redone from the last recorded step; removals after a commit are finished).  A volume
+being written by a merge is marked ILLEGAL until the merge completes.
+
+The QCOW2 headers are the truth about which file backs which; the catalog is the truth about
+snapshots.  ``Repository.check`` compares the two, runs the image check on every volume, and
+explains (and with ``repair=True`` fixes) what does not match.
+
+Thread model: a Repository and its Chains belong to one thread.  A repository is open in one
+process at a time (an exclusive lock on ``repository.lock``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import re
+import shutil
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from engine import ops
+from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
+from engine.errors import (ChainError, EngineError, ImageClosed, InvalidArgument, NotFound,
+                           RepositoryError)
+from engine.ops import kill_point
+
+CATALOG_NAME = "catalog.db"
+VOLUMES_DIR = "volumes"
+LOCK_NAME = "repository.lock"
+LOST_FOUND = "lost+found"
+
+#: Chain names: what fits in a file name and a shell word without quoting.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VOLUME_FILE_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+                             r"\.(qcow2|raw)$")
+
+#: Snapshot ids may be given by a unique prefix of at least this many characters.
+MIN_ID_PREFIX = 4
+
+#: Operations that are undone when interrupted before their catalog commit: nothing they
+#: wrote is visible until then, so removing the files they created restores the old state.
+_ROLLBACK_OPS = frozenset({"create_chain", "snapshot", "revert", "preview", "clone", "export"})
+#: Operations that are redone when interrupted: a merge writes into an existing volume, and
+#: redoing it from its last recorded step is what restores a consistent chain.
+_FORWARD_OPS = frozenset({"delete_snapshot"})
+
+Progress = Callable[[int, int], None]
+
+
+# --- public value types ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Volume:
+    """One volume of a chain, as the catalog records it.
+
+    Attributes:
+        id (str): uuid.   chain (str): the chain that created it.
+        path (str): absolute path of the file.   format (str): "raw" or "qcow2".
+        role (str): "leaf" (no volume on top of it), "shared" (used by another chain than
+            its own, e.g. under a clone), "base" (no backing file) or "internal".
+        parent (str | None): id of the volume it is backed by.
+        legality (str): "LEGAL", or "ILLEGAL" while an operation is changing it.
+        created (datetime): UTC.
+    """
+
+    id: str
+    chain: str
+    path: str
+    format: str
+    role: str
+    parent: str | None
+    legality: str
+    created: _dt.datetime
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "chain": self.chain, "path": self.path, "format": self.format,
+                "role": self.role, "parent": self.parent, "legality": self.legality,
+                "created": _iso(self.created)}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A point in a chain's history.
+
+    Attributes:
+        id (str): uuid.   chain (str): its chain.   created (datetime): UTC.
+        description (str): free text.
+        volume (str): id of the volume that was the leaf when it was taken; the snapshot's
+            content is the chain read from that volume down.
+    """
+
+    id: str
+    chain: str
+    created: _dt.datetime
+    description: str
+    volume: str
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "chain": self.chain, "created": _iso(self.created),
+                "description": self.description, "volume": self.volume}
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``Chain.delete_snapshot`` did.
+
+    Attributes:
+        snapshot (str): the deleted snapshot's id.
+        direction (str): "commit" (the child volume was committed down into the snapshot's
+            volume, and the child file removed) or "pull" (the snapshot volume's clusters
+            were pulled up into its child, and the snapshot's file removed).
+        removed_volume (str): id of the volume whose file is gone.
+        kept_volume (str): id of the volume that now holds the merged content.
+        copied_bytes (int): guest bytes the merge wrote (data and zero ranges).
+        commit_bytes, pull_bytes (int): the two costs compared to choose the direction.
+    """
+
+    snapshot: str
+    direction: str
+    removed_volume: str
+    kept_volume: str
+    copied_bytes: int
+    commit_bytes: int
+    pull_bytes: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``Chain.export`` wrote.
+
+    Attributes:
+        path (str): the new image.   format (str): "raw" or "qcow2".
+        size (int): virtual size, bytes.   snapshot (str | None): the exported snapshot.
+        data_bytes (int): bytes of data written (zero ranges are not written).
+    """
+
+    path: str
+    format: str
+    size: int
+    snapshot: str | None
+    data_bytes: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Problem:
+    """One mismatch found by ``Repository.check``.
+
+    Attributes:
+        kind (str): a stable keyword (see ``Repository.check``).
+        message (str): what is wrong, in one sentence.
+        chain, volume, snapshot (str | None): what it is about.
+        repaired (bool): ``check(repair=True)`` fixed it.
+        repair (str | None): what the repair did, or why it could not.
+        leaks_only (bool): only leaked clusters (harmless; repair reclaims them).
+    """
+
+    kind: str
+    message: str
+    chain: str | None = None
+    volume: str | None = None
+    snapshot: str | None = None
+    repaired: bool = False
+    repair: str | None = None
+    leaks_only: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RepositoryCheck:
+    """The result of ``Repository.check``.
+
+    Attributes:
+        problems (list[Problem]): everything found, repaired or not.
+        volumes (list[dict]): per volume: id, chain, path, format and the image check
+            result (``qemu-img check`` JSON fields) or None for raw volumes.
+        ok (bool): nothing is left unrepaired.
+        exit_code (int): 0 clean (or all repaired), 2 problems remain, 3 only leaked
+            clusters remain (the meanings of ``qemu-img check``'s codes).
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    volumes: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(not p.repaired for p in self.problems)
+
+    @property
+    def exit_code(self) -> int:
+        left = [p for p in self.problems if not p.repaired]
+        if not left:
+            return 0
+        return 3 if all(p.leaks_only for p in left) else 2
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "exit_code": self.exit_code,
+                "problems": [p.to_dict() for p in self.problems],
+                "volumes": self.volumes}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _iso(t: _dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _ancestry(vols: dict[str, VolumeRow], vid: str | None) -> list[VolumeRow]:
+    """VID and the volumes under it, top first."""
+    out: list[VolumeRow] = []
+    seen: set[str] = set()
+    while vid is not None:
+        if vid in seen:
+            raise ChainError(f"the catalog's parent links loop at volume {vid}")
+        row = vols.get(vid)
+        if row is None:
+            raise RepositoryError(f"volume {vid} is missing from the catalog",
+                                  hint="run 'cowchain chain check --repair'")
+        out.append(row)
+        seen.add(vid)
+        vid = row.parent
+    return out
+
+
+def _volume_users(vols: dict[str, VolumeRow], chains: Iterable[ChainRow]) -> dict[str, set[str]]:
+    """For each volume id, the names of the chains that read through it."""
+    users: dict[str, set[str]] = {}
+    for c in chains:
+        for top in (c.leaf, c.saved_leaf):
+            if top is None:
+                continue
+            for v in _ancestry(vols, top):
+                users.setdefault(v.id, set()).add(c.name)
+    return users
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(f"invalid chain name {name!r}: use 1-128 letters, digits, "
+                              "'.', '_' or '-', starting with a letter or digit")
+
+
+# --- Repository -------------------------------------------------------------------------------
+
+class Repository:
+    """A folder of chains, their volumes and one catalog.
+
+    Use :meth:`create` or :meth:`open`; both return an open repository (a context manager).
+    Opening runs the recovery of operations a crash interrupted.
+
+    >>> import engine, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> with engine.Repository.create(os.path.join(d, "repo")) as repo:
+    ...     disk = repo.create_chain("vm1", 1 << 20)
+    ...     disk.write(0, b"hello")
+    ...     snap = disk.snapshot("before the update")
+    ...     disk.write(0, b"HELLO")
+    ...     disk.revert(snap.id)
+    ...     disk.read(0, 5)
+    b'hello'
+    """
+
+    def __init__(self, path: str, *, _create: bool = False):
+        self._path = os.path.abspath(os.fspath(path))
+        self._closed = True
+        self._chains: dict[str, Chain] = {}
+        self._blocked: dict[str, str] = {}
+        self._lock_fd: int | None = None
+        self._lock()
+        try:
+            self._cat = Catalog(os.path.join(self._path, CATALOG_NAME), create=_create)
+        except BaseException:
+            self._unlock()
+            raise
+        self._closed = False
+        if not _create:
+            try:
+                self.recover()
+            except BaseException:
+                self.close()
+                raise
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path) -> "Repository":
+        """Make a new repository in PATH (a new or empty folder) and open it.
+
+        Raises:
+            RepositoryError: PATH exists and is not an empty folder.
+        """
+        path = os.path.abspath(os.fspath(path))
+        if os.path.exists(path):
+            if not os.path.isdir(path) or os.listdir(path):
+                raise RepositoryError("exists and is not an empty folder", path=path)
+        else:
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                raise NotFound("the parent folder does not exist", path=path)
+            os.mkdir(path)
+            _fsync_dir(parent)
+        os.mkdir(os.path.join(path, VOLUMES_DIR))
+        repo = cls(path, _create=True)
+        _fsync_dir(path)
+        return repo
+
+    @classmethod
+    def open(cls, path) -> "Repository":
+        """Open the repository in PATH and recover interrupted operations.
+
+        Raises:
+            NotFound: PATH holds no repository.
+            RepositoryError: another process has it open, or the catalog is unusable.
+        """
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.isfile(os.path.join(path, CATALOG_NAME)):
+            raise NotFound("no cowchain repository here", path=path,
+                           hint="create one with 'cowchain repo init DIR'")
+        return cls(path)
+
+    def _lock(self) -> None:
+        lock_path = os.path.join(self._path, LOCK_NAME)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise RepositoryError(f"cannot open the lock file: {e.strerror}",
+                                  path=lock_path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RepositoryError(f"the repository is in use by another process (pid {holder})",
+                                  path=self._path, hint="close it there first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self) -> None:
+        """Flush and close every chain, the catalog and the lock. Idempotent."""
+        if self._closed:
+            return
+        err = None
+        for c in list(self._chains.values()):
+            try:
+                c.close()
+            except EngineError as e:
+                err = err or e
+        self._chains.clear()
+        self._cat.close()
+        self._unlock()
+        self._closed = True
+        if err is not None:
+            raise err
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Repository {self._path}{' closed' if self._closed else ''}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ImageClosed("the repository is closed", path=self._path)
+
+    # --- chains -----------------------------------------------------------------------------
+
+    def chain(self, name: str) -> "Chain":
+        """The chain NAME (the same object each call while it is open).
+
+        Raises:
+            NotFound: no such chain.
+        """
+        self._check_open()
+        c = self._chains.get(name)
+        if c is not None and not c.closed:
+            return c
+        self._chain_row(name)
+        c = self._chains[name] = Chain(self, name)
+        return c
+
+    def chains(self) -> list["Chain"]:
+        """Every chain, by name."""
+        self._check_open()
+        return [self.chain(r.name) for r in self._cat.chains()]
+
+    def create_chain(self, name: str, size: int, *, base_format: str = "raw",
+                     cluster_size: int = 65536) -> "Chain":
+        """Make a chain of one base volume (also its leaf) of SIZE bytes, reading as zeros.
+
+        Arguments:
+            name (str): the chain's name (letters, digits, '.', '_', '-').
+            size (int): virtual size in bytes, a multiple of 512.
+            base_format (str): "raw" or "qcow2".
+            cluster_size (int): cluster size of the chain's qcow2 volumes, a power of two
+                from 512 to 2 MiB (bytes).
+
+        Raises:
+            InvalidArgument, RepositoryError (the name is taken).
+        """
+        self._check_open()
+        _check_name(name)
+        if base_format not in ("raw", "qcow2"):
+            raise InvalidArgument(f"base_format must be 'raw' or 'qcow2', not {base_format!r}")
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            raise InvalidArgument(f"size must be a positive multiple of 512 bytes, not {size!r}")
+        if (not isinstance(cluster_size, int) or cluster_size < 512 or cluster_size > 2 << 20
+                or cluster_size & (cluster_size - 1)):
+            raise InvalidArgument(f"cluster_size must be a power of two from 512 to 2 MiB, "
+                                  f"not {cluster_size!r}")
+        if self._cat.chain(name) is not None:
+            raise RepositoryError(f"a chain named {name!r} exists already")
+        vid, rel = self._new_volume(base_format)
+        jid = self._begin("create_chain", name, {"created": [rel]})
+        try:
+            import engine
+
+            engine.create(self._abs(rel), size, format=base_format,
+                          cluster_size=cluster_size).close()
+            self._step(jid, "create_chain", "created")
+            with self._cat.transaction():
+                self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
+                self._cat.insert_volume(VolumeRow(vid, name, rel, base_format, "leaf", None,
+                                                  "LEGAL", now()))
+                self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, name)
+            raise
+        kill_point("create_chain.committed")
+        return self.chain(name)
+
+    def delete_chain(self, name: str) -> None:
+        """Remove chain NAME with its snapshots and the volumes only it uses.
+
+        Raises:
+            NotFound; RepositoryError: a clone uses one of its volumes (the message names it).
+        """
+        self._check_open()
+        row = self._chain_row(name)
+        self._check_not_blocked(name)
+        vols = self._cat.volumes()
+        chains = self._cat.chains()
+        users = _volume_users(vols, chains)
+        for v in vols.values():
+            if v.chain == name:
+                others = sorted(users.get(v.id, set()) - {name})
+                if others:
+                    raise RepositoryError(
+                        f"chain {name!r} cannot be deleted: clone {others[0]!r} uses its "
+                        f"volume {v.id}", hint=f"delete chain {others[0]!r} first")
+        c = self._chains.pop(name, None)
+        if c is not None:
+            c.close()
+        with self._cat.transaction():
+            candidates = [v.id for v in vols.values() if v.chain == name]
+            for top in (row.leaf, row.saved_leaf):
+                if top:
+                    candidates += [v.id for v in _ancestry(vols, top)]
+            for s in self._cat.snapshots(name):
+                self._cat.delete_snapshot(s.id)
+            self._cat.delete_chain(name)
+            remove = self._collect_garbage(candidates)
+            self._refresh_roles()
+            jid = self._cat.journal_begin("delete_chain", name, {"remove": remove},
+                                          state="committed")
+        kill_point("delete_chain.committed")
+        self._finish(jid, "delete_chain", remove)
+
+    # --- recovery and check -----------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Finish or undo every operation the journal shows in flight (``open`` calls this).
+
+        Returns:
+            list[str]: one line per operation recovered, saying what was done.
+        """
+        self._check_open()
+        done = []
+        for j in self._cat.journal():
+            done.append(self._recover_row(j))
+            self._blocked.pop(j.chain, None)
+        return done
+
+    def _recover_row(self, j) -> str:
+        if j.state == "committed":
+            self._finish(j.id, j.op, j.args.get("remove", []))
+            return f"{j.op} on {j.chain}: finished (removed {len(j.args.get('remove', []))} files)"
+        if j.op in _FORWARD_OPS:
+            self._merge_run(j.id, j.args, j.step)
+            return f"{j.op} on {j.chain}: rolled forward from step {j.step}"
+        if j.op in _ROLLBACK_OPS:
+            for rel in j.args.get("created", []):
+                _unlink(self._abs(rel))
+            for path in j.args.get("tmp_files", []):
+                _unlink(path)
+            _fsync_dir(os.path.join(self._path, VOLUMES_DIR))
+            self._cat.journal_end(j.id)
+            return f"{j.op} on {j.chain}: rolled back"
+        raise RepositoryError(f"the journal holds an unknown operation {j.op!r} (id {j.id}); "
+                              "a newer cowchain wrote it", hint="upgrade cowchain")
+
+    def check(self, repair: bool = False, *, chain: str | None = None) -> RepositoryCheck:
+        """Compare the catalog with the volume files and run the image check on each volume.
+
+        Kinds of problem reported (``Problem.kind``):
+
+        - ``catalog``: SQLite's integrity or foreign-key check failed (not repairable here).
+        - ``pending``: an operation is in flight in the journal (repair: recover it).
+        - ``missing-file``: a volume's file is gone (not repairable: restore it from backup).
+        - ``unreadable``: a volume's file cannot be opened (not repairable).
+        - ``size``: a volume's virtual size differs from its chain's (not repairable).
+        - ``backing``: the header's backing file differs from the catalog's parent.  The
+          header is the truth: repair points the catalog at the volume the header names, when
+          the catalog knows it.
+        - ``image``: the image check found corruption or leaks (repair: the image repair,
+          ``qemu-img check -r all`` semantics).
+        - ``illegal``: a volume is ILLEGAL with no operation in flight (repair: mark it LEGAL
+          when its image check is clean).
+        - ``snapshot``: a snapshot's volume is missing or not under its chain's leaf (repair:
+          drop the snapshot record; its content is gone).
+        - ``role``: a volume's recorded role is stale (repair: recompute).
+        - ``stray-file``: a file in ``volumes/`` the catalog does not know (repair: move it to
+          ``lost+found/``).
+
+        Arguments:
+            repair (bool): fix what can be fixed.
+            chain (str | None): check only that chain's volumes and snapshots.
+
+        Returns:
+            RepositoryCheck
+        """
+        self._check_open()
+        return _run_check(self, repair, chain)
+
+    # --- internals: catalog views -----------------------------------------------------------
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self._path, rel)
+
+    def _chain_row(self, name: str) -> ChainRow:
+        row = self._cat.chain(name)
+        if row is None:
+            raise NotFound(f"no chain named {name!r}")
+        return row
+
+    def _volume(self, row: VolumeRow) -> Volume:
+        return Volume(row.id, row.chain, self._abs(row.path), row.format, row.role, row.parent,
+                      row.legality, parse_time(row.created))
+
+    def _snapshot(self, row: SnapshotRow) -> Snapshot:
+        return Snapshot(row.id, row.chain, parse_time(row.created), row.description,
+                        row.volume)
+
+    def _find_snapshot(self, chain: str, sid: str) -> SnapshotRow:
+        """The snapshot of CHAIN with id SID, or with a unique prefix SID."""
+        if not isinstance(sid, str) or not sid:
+            raise InvalidArgument(f"a snapshot id is required, not {sid!r}")
+        rows = self._cat.snapshots(chain)
+        exact = [r for r in rows if r.id == sid]
+        if exact:
+            return exact[0]
+        if len(sid) >= MIN_ID_PREFIX:
+            hits = [r for r in rows if r.id.startswith(sid)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise InvalidArgument(f"snapshot id prefix {sid!r} is ambiguous in chain "
+                                      f"{chain!r}; give more characters")
+        raise NotFound(f"chain {chain!r} has no snapshot {sid!r}")
+
+    def _chain_volumes(self, name: str) -> list[Volume]:
+        row = self._chain_row(name)
+        vols = self._cat.volumes()
+        main = list(reversed(_ancestry(vols, row.leaf)))
+        seen = {v.id for v in main}
+        extra = []
+        if row.saved_leaf:
+            extra = [v for v in reversed(_ancestry(vols, row.saved_leaf)) if v.id not in seen]
+        return [self._volume(v) for v in main + extra]
+
+    def _new_volume(self, fmt: str) -> tuple[str, str]:
+        vid = str(uuid.uuid4())
+        ext = "qcow2" if fmt == "qcow2" else "raw"
+        return vid, f"{VOLUMES_DIR}/{vid}.{ext}"
+
+    def _refresh_roles(self) -> None:
+        """Recompute every volume's role from the parent links (inside a transaction)."""
+        vols = self._cat.volumes()
+        users = _volume_users(vols, self._cat.chains())
+        has_child = {v.parent for v in vols.values() if v.parent}
+        for v in vols.values():
+            if v.id not in has_child:
+                role = "leaf"
+            elif users.get(v.id, set()) - {v.chain}:
+                role = "shared"
+            elif v.parent is None:
+                role = "base"
+            else:
+                role = "internal"
+            if role != v.role:
+                self._cat.update_volume(v.id, role=role)
+
+    def _collect_garbage(self, candidates: Iterable[str]) -> list[str]:
+        """Drop the catalog rows of CANDIDATES no chain reads through any more (inside a
+        transaction); return their files' relative paths, for removal after the commit."""
+        vols = self._cat.volumes()
+        users = _volume_users(vols, self._cat.chains())
+        owned = {s.volume for s in self._cat.snapshots()}
+        remove = []
+        for vid in dict.fromkeys(candidates):
+            row = vols.get(vid)
+            if row is None or users.get(vid) or vid in owned:
+                continue
+            self._cat.delete_volume(vid)
+            remove.append(row.path)
+        return remove
+
+    # --- internals: journal -----------------------------------------------------------------
+
+    def _begin(self, op: str, chain: str, args: dict, *, illegal: Iterable[str] = ()) -> int:
+        with self._cat.transaction():
+            jid = self._cat.journal_begin(op, chain, args)
+            for vid in illegal:
+                self._cat.update_volume(vid, legality="ILLEGAL")
+        kill_point(f"{op}.intent")
+        return jid
+
+    def _step(self, jid: int, op: str, step: str) -> None:
+        self._cat.journal_step(jid, step)
+        kill_point(f"{op}.{step}")
+
+    def _finish(self, jid: int, op: str, remove: list[str]) -> None:
+        """The roll-forward tail of a committed operation: remove the files it made unused."""
+        for rel in remove:
+            _unlink(self._abs(rel))
+            kill_point(f"{op}.removed")
+        if remove:
+            _fsync_dir(os.path.join(self._path, VOLUMES_DIR))
+        self._cat.journal_end(jid)
+
+    def _abort(self, jid: int, chain: str) -> None:
+        """An operation failed in this process: undo it now, or leave it to recovery."""
+        try:
+            rows = [j for j in self._cat.journal() if j.id == jid]
+            if not rows:
+                return
+            j = rows[0]
+            if j.state != "committed" and j.op in _FORWARD_OPS:
+                self._blocked[chain] = j.op
+                return
+            self._recover_row(j)
+        except Exception:
+            # Keep the original error for the caller; the journal row stays for recovery.
+            self._blocked[chain] = "an interrupted operation"
+
+    def _check_not_blocked(self, name: str) -> None:
+        op = self._blocked.get(name)
+        if op is not None:
+            raise RepositoryError(f"chain {name!r} has an interrupted {op} in flight",
+                                  hint="call Repository.recover() or reopen the repository")
+
+    # --- internals: volume files ------------------------------------------------------------
+
+    def _open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True):
+        import engine
+
+        return engine.open(self._abs(row.path), format=row.format, readonly=readonly,
+                           backing=backing)
+
+    def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int) -> None:
+        """A new empty qcow2 overlay backed by PARENT (bare name, format recorded)."""
+        import engine
+
+        engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
+                      backing=os.path.basename(parent.path),
+                      backing_format=parent.format).close()
+
+    # --- chain operations (Chain methods call these) ----------------------------------------
+
+    def _prepare(self, chain: "Chain", *, allow_preview: bool = False) -> ChainRow:
+        """Common checks before a chain operation; closes the chain's leaf handle."""
+        self._check_open()
+        row = self._chain_row(chain.name)
+        self._check_not_blocked(chain.name)
+        if row.preview and not allow_preview:
+            raise RepositoryError(
+                f"chain {chain.name!r} is previewing snapshot {row.preview}",
+                hint="commit_preview() or undo_preview() first")
+        chain._release()
+        return row
+
+    def _op_snapshot(self, chain: "Chain", description: str) -> Snapshot:
+        if not isinstance(description, str):
+            raise InvalidArgument("description must be a string")
+        row = self._prepare(chain)
+        leaf = self._cat.volume(row.leaf)
+        vid, rel = self._new_volume("qcow2")
+        sid = str(uuid.uuid4())
+        jid = self._begin("snapshot", row.name, {"created": [rel], "snapshot": sid})
+        try:
+            self._create_overlay(rel, leaf, row.size, row.cluster_size)
+            self._step(jid, "snapshot", "created")
+            with self._cat.transaction():
+                self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", leaf.id,
+                                                  "LEGAL", now()))
+                self._cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
+                                                      leaf.id))
+                self._cat.update_chain(row.name, leaf=vid)
+                self._refresh_roles()
+                self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, row.name)
+            raise
+        kill_point("snapshot.committed")
+        return self._snapshot(self._cat.snapshot(sid))
+
+    def _new_leaf_on(self, op: str, row: ChainRow, snap: SnapshotRow, apply) -> None:
+        """Revert and preview: a new empty leaf on top of SNAP's volume, then APPLY(vid)
+        inside the commit transaction (it returns the files to remove afterwards)."""
+        base = self._cat.volume(snap.volume)
+        if base.legality != "LEGAL":
+            raise RepositoryError(f"snapshot {snap.id}'s volume {base.id} is ILLEGAL",
+                                  hint="run 'cowchain chain check --repair'")
+        vid, rel = self._new_volume("qcow2")
+        jid = self._begin(op, row.name, {"created": [rel], "snapshot": snap.id})
+        try:
+            self._create_overlay(rel, base, row.size, row.cluster_size)
+            self._step(jid, op, "created")
+            with self._cat.transaction():
+                self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", base.id,
+                                                  "LEGAL", now()))
+                remove = apply(vid)
+                self._refresh_roles()
+                if remove:
+                    self._cat.journal_commit(jid, {"remove": remove})
+                else:
+                    self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, row.name)
+            raise
+        kill_point(f"{op}.committed")
+        if remove:
+            self._finish(jid, op, remove)
+
+    def _drop_newer(self, row: ChainRow, snap: SnapshotRow) -> None:
+        for s in self._cat.snapshots(row.name):
+            if s.seq > snap.seq:
+                self._cat.delete_snapshot(s.id)
+
+    def _op_revert(self, chain: "Chain", sid: str) -> None:
+        row = self._prepare(chain)
+        snap = self._find_snapshot(row.name, sid)
+        vols = self._cat.volumes()
+        old = [v.id for v in _ancestry(vols, row.leaf)]
+
+        def apply(vid):
+            self._drop_newer(row, snap)
+            self._cat.update_chain(row.name, leaf=vid)
+            return self._collect_garbage(old)
+
+        self._new_leaf_on("revert", row, snap, apply)
+
+    def _op_preview(self, chain: "Chain", sid: str) -> None:
+        row = self._prepare(chain)
+        snap = self._find_snapshot(row.name, sid)
+
+        def apply(vid):
+            self._cat.update_chain(row.name, leaf=vid, saved_leaf=row.leaf, preview=snap.id)
+            return []
+
+        self._new_leaf_on("preview", row, snap, apply)
+
+    def _op_end_preview(self, chain: "Chain", keep: bool) -> None:
+        op = "commit_preview" if keep else "undo_preview"
+        row = self._prepare(chain, allow_preview=True)
+        if not row.preview:
+            raise RepositoryError(f"chain {row.name!r} is not previewing a snapshot")
+        vols = self._cat.volumes()
+        with self._cat.transaction():
+            if keep:
+                snap = self._cat.snapshot(row.preview)
+                self._drop_newer(row, snap)
+                self._cat.update_chain(row.name, saved_leaf=None, preview=None)
+                candidates = [v.id for v in _ancestry(vols, row.saved_leaf)]
+            else:
+                self._cat.update_chain(row.name, leaf=row.saved_leaf, saved_leaf=None,
+                                       preview=None)
+                candidates = [v.id for v in _ancestry(vols, row.leaf)]
+            remove = self._collect_garbage(candidates)
+            self._refresh_roles()
+            jid = self._cat.journal_begin(op, row.name, {"remove": remove}, state="committed")
+        kill_point(f"{op}.committed")
+        self._finish(jid, op, remove)
+
+    def _op_clone(self, chain: "Chain", sid: str, name: str) -> "Chain":
+        row = self._prepare(chain, allow_preview=True)
+        _check_name(name)
+        snap = self._find_snapshot(row.name, sid)
+        if self._cat.chain(name) is not None:
+            raise RepositoryError(f"a chain named {name!r} exists already")
+        base = self._cat.volume(snap.volume)
+        vid, rel = self._new_volume("qcow2")
+        jid = self._begin("clone", name, {"created": [rel], "snapshot": snap.id,
+                                          "origin": row.name})
+        try:
+            self._create_overlay(rel, base, row.size, row.cluster_size)
+            self._step(jid, "clone", "created")
+            with self._cat.transaction():
+                self._cat.insert_chain(ChainRow(name, row.size, row.cluster_size, now(), vid,
+                                                origin_chain=row.name, origin_snapshot=snap.id))
+                self._cat.insert_volume(VolumeRow(vid, name, rel, "qcow2", "leaf", base.id,
+                                                  "LEGAL", now()))
+                self._refresh_roles()
+                self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, name)
+            raise
+        kill_point("clone.committed")
+        return self.chain(name)
+
+    def _op_delete_snapshot(self, chain: "Chain", sid: str,
+                            progress: Progress | None) -> MergeResult:
+        row = self._prepare(chain)
+        snap = self._find_snapshot(row.name, sid)
+        vols = self._cat.volumes()
+        users = _volume_users(vols, self._cat.chains())
+        others = sorted(users.get(snap.volume, set()) - {row.name})
+        if others:
+            raise RepositoryError(
+                f"snapshot {snap.id} of chain {row.name!r} cannot be deleted: clone "
+                f"{others[0]!r} uses its volume {snap.volume}",
+                hint=f"delete chain {others[0]!r} first")
+        line = _ancestry(vols, row.leaf)
+        ids = [v.id for v in line]
+        if snap.volume not in ids or ids.index(snap.volume) == 0:
+            raise RepositoryError(f"snapshot {snap.id}'s volume is not under the leaf of chain "
+                                  f"{row.name!r}", hint="run 'cowchain chain check'")
+        vol = vols[snap.volume]
+        child = line[ids.index(snap.volume) - 1]
+        kids = self._cat.children(vol.id)
+        if [k.id for k in kids] != [child.id]:
+            raise RepositoryError(f"volume {vol.id} has other children than {child.id}",
+                                  hint="run 'cowchain chain check'")
+        grandchildren = [k.id for k in self._cat.children(child.id)]
+        commit_bytes, pull_bytes = self._merge_costs(vol, child)
+        direction = "commit" if commit_bytes <= pull_bytes else "pull"
+        target = vol if direction == "commit" else child
+        # Take the write lock before recording anything: if someone holds the volume open
+        # (an open_snapshot image, qemu-img), fail now with nothing to recover.
+        self._open_volume(target).close()
+        args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
+                "child": child.id, "grandchildren": grandchildren}
+        jid = self._begin("delete_snapshot", row.name, args, illegal=[target.id])
+        try:
+            copied = self._merge_run(jid, args, "intent", progress)
+        except BaseException:
+            self._abort(jid, row.name)
+            raise
+        return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
+                           target.id, copied, commit_bytes, pull_bytes)
+
+    def _merge_costs(self, vol: VolumeRow, child: VolumeRow) -> tuple[int, int]:
+        """(bytes a commit of CHILD into VOL writes, bytes a pull of VOL into CHILD writes)."""
+        with self._open_volume(child, readonly=True) as img:
+            exts = img.extents()
+        commit = sum(e.length for e in exts if e.present and e.depth == 0)
+        keep_zeros = vol.parent is not None
+        pull = sum(e.length for e in exts if e.present and e.depth == 1
+                   and (keep_zeros or e.data or not e.zero))
+        return commit, pull
+
+    def _merge_run(self, jid: int, args: dict, step: str,
+                   progress: Progress | None = None) -> int:
+        """The steps of a merge from STEP on; each is idempotent (recovery re-runs them)."""
+        cat = self._cat
+        vol = cat.volume(args["volume"])
+        child = cat.volume(args["child"])
+        commit = args["direction"] == "commit"
+        parent = cat.volume(vol.parent) if vol.parent else None
+        copied = 0
+        if step == "intent":
+            if commit:
+                with self._open_volume(child, readonly=True, backing=False) as top, \
+                        self._open_volume(vol) as base:
+                    copied = ops.commit(top, base, progress=progress,
+                                        hook="delete_snapshot.copy")
+            else:
+                with self._open_volume(child) as img:
+                    copied = ops.stream(img, depth=1, keep_zeros=parent is not None,
+                                        progress=progress, hook="delete_snapshot.copy")
+            self._step(jid, "delete_snapshot", "copied")
+            step = "copied"
+        if step == "copied":
+            if commit:
+                for gid in args["grandchildren"]:
+                    with self._open_volume(cat.volume(gid), backing=False) as img:
+                        img.rebase(os.path.basename(vol.path), vol.format)
+            else:
+                with self._open_volume(child, backing=False) as img:
+                    if parent is None:
+                        img.rebase(None, None)
+                    else:
+                        img.rebase(os.path.basename(parent.path), parent.format)
+            self._step(jid, "delete_snapshot", "rebased")
+        with cat.transaction():
+            if commit:
+                for gid in args["grandchildren"]:
+                    cat.update_volume(gid, parent=vol.id)
+                for c in cat.chains():
+                    if c.leaf == child.id:
+                        cat.update_chain(c.name, leaf=vol.id)
+                    if c.saved_leaf == child.id:
+                        cat.update_chain(c.name, saved_leaf=vol.id)
+                for s in cat.snapshots(vol.chain):
+                    if s.volume == child.id:
+                        cat.update_snapshot(s.id, volume=vol.id)
+                cat.delete_snapshot(args["snapshot"])
+                cat.delete_volume(child.id)
+                cat.update_volume(vol.id, legality="LEGAL")
+                remove = [child.path]
+            else:
+                cat.update_volume(child.id, parent=vol.parent, legality="LEGAL")
+                cat.delete_snapshot(args["snapshot"])
+                cat.delete_volume(vol.id)
+                remove = [vol.path]
+            self._refresh_roles()
+            cat.journal_commit(jid, {"remove": remove})
+        kill_point("delete_snapshot.committed")
+        self._finish(jid, "delete_snapshot", remove)
+        return copied
+
+    def _op_export(self, chain: "Chain", path, fmt: str, sid: str | None,
+                   progress: Progress | None, overwrite: bool) -> ExportResult:
+        self._check_open()
+        if fmt not in ("raw", "qcow2"):
+            raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
+        row = self._chain_row(chain.name)
+        dest = os.path.abspath(os.fspath(path))
+        if os.path.isdir(dest):
+            raise InvalidArgument("is a folder", path=dest)
+        if os.path.exists(dest) and not overwrite:
+            raise InvalidArgument("file exists", path=dest, hint="pass overwrite=True (--force)")
+        if not os.path.isdir(os.path.dirname(dest)):
+            raise NotFound("the destination folder does not exist", path=dest)
+        if sid is not None:
+            snap = self._find_snapshot(row.name, sid)
+            src_row = self._cat.volume(snap.volume)
+            sid = snap.id
+        else:
+            chain._release()
+            src_row = self._cat.volume(row.leaf)
+        tmp = os.path.join(os.path.dirname(dest),
+                           f".{os.path.basename(dest)}.{uuid.uuid4().hex[:12]}.part")
+        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest})
+        try:
+            with self._open_volume(src_row, readonly=True) as src:
+                written = ops.convert(src, tmp, format=fmt, cluster_size=row.cluster_size,
+                                      progress=progress, hook="export.copy")
+            self._step(jid, "export", "written")
+            os.replace(tmp, dest)
+            _fsync_dir(os.path.dirname(dest))
+            kill_point("export.renamed")
+            self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, row.name)
+            raise
+        return ExportResult(dest, fmt, row.size, sid, written)
+
+    def _op_diff(self, chain: "Chain", from_id: str, to_id: str | None) -> list[ops.Change]:
+        self._check_open()
+        row = self._chain_row(chain.name)
+        a = self._find_snapshot(row.name, from_id).volume
+        b = self._find_snapshot(row.name, to_id).volume if to_id is not None else row.leaf
+        vols = self._cat.volumes()
+        path_a = [v.id for v in _ancestry(vols, a)]
+        path_b = [v.id for v in _ancestry(vols, b)]
+        in_b = set(path_b)
+        lca = next((v for v in path_a if v in in_b), None)
+        between = path_a[:path_a.index(lca)] if lca else path_a
+        between += path_b[:path_b.index(lca)] if lca else path_b
+        if not between:
+            return []
+        if row.leaf in between or b == row.leaf:
+            chain._release()
+        images = []
+        try:
+            for vid in between:
+                images.append(self._open_volume(vols[vid], readonly=True, backing=False))
+            ranges = ops.allocated_ranges(images)
+        finally:
+            for img in images:
+                img.close()
+        with self._open_volume(vols[b], readonly=True) as view:
+            return ops.annotate(ranges, view)
+
+
+# --- check ------------------------------------------------------------------------------------
+
+def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCheck:
+    """Repository.check (see its docstring for the kinds of problem)."""
+    res = RepositoryCheck()
+    cat = repo._cat
+    add = res.problems.append
+    for msg in cat.integrity_problems():
+        add(Problem("catalog", f"the catalog database is damaged: {msg}",
+                    repair="not repairable here: restore catalog.db from a backup"))
+    if only is not None:
+        repo._chain_row(only)
+    for j in cat.journal():
+        if only is not None and j.chain != only:
+            continue
+        p = Problem("pending", f"operation {j.op} is in flight (step {j.step})", chain=j.chain)
+        if repair:
+            try:
+                p.repair = repo._recover_row(j)
+                p.repaired = True
+                repo._blocked.pop(j.chain, None)
+            except EngineError as e:
+                p.repair = f"recovery failed: {e}"
+        add(p)
+    # Our own handles hold locks that a repair (and an accurate check) must not meet.
+    for c in repo._chains.values():
+        c._release()
+    vols = cat.volumes()
+    chains = cat.chains()
+    scope_chains = [c for c in chains if only is None or c.name == only]
+    in_scope: dict[str, VolumeRow] = {}
+    reachable: dict[str, set[str]] = {}
+    for c in scope_chains:
+        seen: set[str] = set()
+        for top in (c.leaf, c.saved_leaf):
+            if top is None:
+                continue
+            try:
+                line = _ancestry(vols, top)
+            except EngineError as e:
+                add(Problem("backing", f"the chain cannot be followed from volume {top}: "
+                            f"{e.message}", chain=c.name, volume=top,
+                            repair="not repairable automatically"))
+                continue
+            for v in line:
+                in_scope[v.id] = v
+                seen.add(v.id)
+        reachable[c.name] = seen
+        for v in vols.values():
+            if v.chain == c.name:
+                in_scope.setdefault(v.id, v)
+        for s in cat.snapshots(c.name):
+            if s.volume in seen:
+                continue
+            why = ("its volume is missing from the catalog" if s.volume not in vols
+                   else "its volume is not under the chain's leaf")
+            p = Problem("snapshot", f"snapshot {s.id} is broken: {why}", chain=c.name,
+                        snapshot=s.id, volume=s.volume)
+            if repair:
+                cat.delete_snapshot(s.id)
+                p.repaired, p.repair = True, "dropped the snapshot record"
+            add(p)
+    by_file = {os.path.basename(v.path): v for v in vols.values()}
+    pending_vols = {vid for j in cat.journal() for key in ("volume", "child")
+                    for vid in [j.args.get(key)] if vid}
+    sizes = {c.name: c.size for c in chains}
+    for v in in_scope.values():
+        entry = {"id": v.id, "chain": v.chain, "path": repo._abs(v.path), "format": v.format,
+                 "check": None}
+        res.volumes.append(entry)
+        image_clean = _check_volume(repo, v, vols, by_file, sizes, entry, add, repair)
+        if v.legality != "LEGAL" and v.id not in pending_vols:
+            p = Problem("illegal", f"volume {v.id} is ILLEGAL but no operation is changing it",
+                        chain=v.chain, volume=v.id)
+            if repair and image_clean:
+                cat.update_volume(v.id, legality="LEGAL")
+                p.repaired, p.repair = True, "marked LEGAL (its image check is clean)"
+            elif repair:
+                p.repair = "left ILLEGAL: its image check is not clean"
+            add(p)
+    vols = cat.volumes()
+    users = _volume_users(vols, cat.chains())
+    has_child = {v.parent for v in vols.values() if v.parent}
+    stale = []
+    for v in vols.values():
+        role = ("leaf" if v.id not in has_child else
+                "shared" if users.get(v.id, set()) - {v.chain} else
+                "base" if v.parent is None else "internal")
+        if role != v.role and v.id in in_scope:
+            stale.append(Problem("role", f"volume {v.id} is recorded as {v.role} but is {role}",
+                                 chain=v.chain, volume=v.id))
+    if stale and repair:
+        with cat.transaction():
+            repo._refresh_roles()
+        for p in stale:
+            p.repaired, p.repair = True, "recomputed"
+    res.problems.extend(stale)
+    if only is None:
+        vdir = os.path.join(repo._path, VOLUMES_DIR)
+        known = set(by_file)
+        for name in sorted(os.listdir(vdir)):
+            if name in known:
+                continue
+            p = Problem("stray-file", f"volumes/{name} is not in the catalog")
+            if repair:
+                lost = os.path.join(repo._path, LOST_FOUND)
+                os.makedirs(lost, exist_ok=True)
+                shutil.move(os.path.join(vdir, name), os.path.join(lost, name))
+                _fsync_dir(vdir)
+                p.repaired, p.repair = True, f"moved to {LOST_FOUND}/{name}"
+            add(p)
+    return res
+
+
+def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, entry, add, repair) -> bool:
+    """Check one volume's file against the catalog; returns True when its image is clean."""
+    cat = repo._cat
+    path = repo._abs(v.path)
+    if not os.path.exists(path):
+        add(Problem("missing-file", f"volume {v.id}: {v.path} does not exist", chain=v.chain,
+                    volume=v.id, repair="not repairable: restore the file from a backup"))
+        return False
+    try:
+        img = repo._open_volume(v, readonly=True, backing=False)
+    except EngineError as e:
+        add(Problem("unreadable", f"volume {v.id} cannot be opened as {v.format}: {e}",
+                    chain=v.chain, volume=v.id, repair="not repairable automatically"))
+        return False
+    with img:
+        if sizes.get(v.chain) is not None and img.size != sizes[v.chain]:
+            add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain "
+                        f"{sizes[v.chain]}", chain=v.chain, volume=v.id,
+                        repair="not repairable automatically"))
+        if v.format == "raw":
+            if v.parent is not None:
+                add(Problem("backing", f"raw volume {v.id} cannot have a parent ({v.parent})",
+                            chain=v.chain, volume=v.id, repair="not repairable automatically"))
+            return True
+        name, fmt = img.backing_name, img.backing_format
+        result = img.check()
+    expected = vols.get(v.parent) if v.parent else None
+    named = by_file.get(name) if name else None
+    if name is None and expected is not None or name is not None and (
+            named is None or expected is None or named.id != expected.id
+            or fmt != named.format):
+        want = (f"{os.path.basename(expected.path)} ({expected.format})" if expected
+                else "no backing file")
+        has = f"{name} ({fmt})" if name else "no backing file"
+        p = Problem("backing", f"volume {v.id}: the header says {has}, the catalog says {want}",
+                    chain=v.chain, volume=v.id)
+        if name is None or (named is not None and fmt == named.format):
+            if repair:
+                cat.update_volume(v.id, parent=named.id if named else None)
+                p.repaired = True
+            p.repair = "the catalog follows the header (the header is the truth about backing)"
+        else:
+            p.repair = ("not repairable: the header names a file the catalog does not know, "
+                        "or the wrong format")
+        add(p)
+    entry["check"] = result.to_dict()
+    if result.exit_code == 0:
+        return True
+    d = result.to_dict()
+    p = Problem("image", f"volume {v.id}: image check found {d.get('corruptions', 0)} "
+                f"corruptions, {d.get('leaks', 0)} leaked clusters, "
+                f"{d.get('check-errors', 0)} check errors", chain=v.chain, volume=v.id,
+                leaks_only=result.exit_code == 3)
+    if repair:
+        with repo._open_volume(v, backing=False) as img:
+            img.check(repair="all")
+            again = img.check()
+        entry["check"] = again.to_dict()
+        p.repaired = again.exit_code == 0
+        p.repair = "repaired (qemu-img check -r all semantics)" if p.repaired else \
+            f"repair left problems: {again.to_dict()}"
+    add(p)
+    return p.repaired
+
+
+# --- Chain ------------------------------------------------------------------------------------
+
+class Chain:
+    """One virtual disk: its volumes (base first, leaf last) and its snapshots.
+
+    Reads and writes go to the leaf, through the whole chain.  Get chains from
+    ``Repository.create_chain``, ``Repository.chain`` or ``Chain.clone``; a chain belongs to
+    its repository's thread.  ``close()`` flushes and releases the leaf; after it any call
+    raises ImageClosed (``repo.chain(name)`` gives a new handle).
+    """
+
+    def __init__(self, repo: Repository, name: str):
+        self._repo = repo
+        self._name = name
+        self._img = None
+        self._closed = False
+        self._views: weakref.WeakSet = weakref.WeakSet()
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def repository(self) -> Repository:
+        return self._repo
+
+    def _row(self) -> ChainRow:
+        self._check_open()
+        return self._repo._chain_row(self._name)
+
+    @property
+    def size(self) -> int:
+        """Virtual size, bytes."""
+        return self._row().size
+
+    @property
+    def cluster_size(self) -> int:
+        """Cluster size of the chain's qcow2 volumes, bytes."""
+        return self._row().cluster_size
+
+    @property
+    def volumes(self) -> list[Volume]:
+        """The volumes the leaf reads through, base first, leaf last; during a preview, then
+        the volumes kept aside for ``undo_preview`` (those not already listed)."""
+        self._check_open()
+        return self._repo._chain_volumes(self._name)
+
+    @property
+    def leaf(self) -> Volume:
+        """The writable volume."""
+        row = self._row()
+        return self._repo._volume(self._repo._cat.volume(row.leaf))
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The chain's snapshots, oldest first."""
+        self._check_open()
+        return [self._repo._snapshot(r) for r in self._repo._cat.snapshots(self._name)]
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        """The snapshot with that id (or a unique prefix of it, 4 characters or more)."""
+        self._check_open()
+        return self._repo._snapshot(self._repo._find_snapshot(self._name, snapshot_id))
+
+    @property
+    def previewing(self) -> Snapshot | None:
+        """The snapshot being previewed, or None."""
+        row = self._row()
+        if not row.preview:
+            return None
+        return self._repo._snapshot(self._repo._cat.snapshot(row.preview))
+
+    @property
+    def origin(self) -> tuple[str, str] | None:
+        """For a clone, (origin chain name, snapshot id); None otherwise."""
+        row = self._row()
+        if row.origin_chain is None:
+            return None
+        return row.origin_chain, row.origin_snapshot
+
+    def to_dict(self) -> dict:
+        """The chain as the CLI's JSON shows it."""
+        row = self._row()
+        return {
+            "name": row.name, "size": row.size, "cluster_size": row.cluster_size,
+            "created": row.created, "leaf": row.leaf, "previewing": row.preview,
+            "origin": (None if row.origin_chain is None else
+                       {"chain": row.origin_chain, "snapshot": row.origin_snapshot}),
+            "volumes": [v.to_dict() for v in self.volumes],
+            "snapshots": [s.to_dict() for s in self.snapshots],
+        }
+
+    # --- data path --------------------------------------------------------------------------
+
+    def _image(self):
+        img = self._img
+        if img is None:
+            row = self._row()
+            self._repo._check_not_blocked(self._name)
+            img = self._img = self._repo._open_volume(self._repo._cat.volume(row.leaf))
+        return img
+
+    def read(self, offset: int, length: int) -> bytes:
+        """LENGTH bytes of the disk at OFFSET (bytes), through the chain."""
+        return self._image().read(offset, length)
+
+    def readinto(self, offset: int, buffer) -> int:
+        """Fill BUFFER (any writable buffer) from the disk at OFFSET; returns bytes read."""
+        return self._image().readinto(offset, buffer)
+
+    def write(self, offset: int, data) -> int:
+        """Write DATA (any buffer) at OFFSET into the leaf."""
+        return self._image().write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make the range read as zeros (zero clusters in the leaf; no data written)."""
+        self._image().write_zeroes(offset, length, unmap=unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the leaf's mapping of the whole clusters in the range: the snapshot below
+        (or zeros, with no snapshot) shows through there."""
+        self._image().discard(offset, length)
+
+    def flush(self) -> None:
+        """Make every write so far durable."""
+        if self._img is not None:
+            self._img.flush()
+        else:
+            self._check_open()
+
+    def extents(self, offset: int = 0, length: int | None = None):
+        """Allocation runs of the disk (``qemu-img map`` meanings; depth 0 is the leaf)."""
+        return self._image().extents(offset, length)
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self, description: str = "") -> Snapshot:
+        """Take a snapshot: the leaf becomes read-only and a new empty overlay becomes the leaf.
+
+        O(1) in the disk size: no data is copied.  Writes made so far are flushed first.
+        """
+        return self._repo._op_snapshot(self, description)
+
+    def open_snapshot(self, snapshot_id: str):
+        """A read-only Image showing the disk exactly as it was at that snapshot.
+
+        Close it when done (it is also closed with the chain).  While it is open, deleting
+        that snapshot or the next one fails with ImageLocked.
+        """
+        self._check_open()
+        snap = self._repo._find_snapshot(self._name, snapshot_id)
+        row = self._repo._cat.volume(snap.volume)
+        if row.legality != "LEGAL":
+            raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
+                                  hint="run 'cowchain chain check --repair'")
+        img = self._repo._open_volume(row, readonly=True)
+        self._views.add(img)
+        return img
+
+    def revert(self, snapshot_id: str) -> None:
+        """Make the disk read what it read at that snapshot.  Unsnapshotted writes and the
+        snapshots newer than it are dropped (volumes a clone uses are kept for the clone)."""
+        self._repo._op_revert(self, snapshot_id)
+
+    def preview(self, snapshot_id: str) -> None:
+        """Run on that snapshot's content for a while (writes go to a new leaf over it),
+        keeping the current leaf aside; then ``commit_preview`` or ``undo_preview``."""
+        self._repo._op_preview(self, snapshot_id)
+
+    def commit_preview(self) -> None:
+        """Keep the previewed state: like ``revert`` to the previewed snapshot, keeping the
+        writes made during the preview."""
+        self._repo._op_end_preview(self, keep=True)
+
+    def undo_preview(self) -> None:
+        """Drop the preview and its writes; the leaf kept aside is the leaf again."""
+        self._repo._op_end_preview(self, keep=False)
+
+    def delete_snapshot(self, snapshot_id: str, *, progress: Progress | None = None) -> MergeResult:
+        """Remove a snapshot by merging its volume with the next one, in the cheaper direction.
+
+        What the leaf and every other snapshot read does not change.
+
+        Arguments:
+            snapshot_id (str): the snapshot (id or unique prefix).
+            progress (callable | None): ``progress(done_bytes, total_bytes)`` during the copy.
+
+        Returns:
+            MergeResult: the direction taken ("commit" or "pull") and the bytes copied.
+
+        Raises:
+            RepositoryError: a clone uses the snapshot's volume (the message names it), or the
+                chain is previewing.
+            ImageLocked: the volume to write is held open (an open_snapshot image, qemu-img).
+        """
+        return self._repo._op_delete_snapshot(self, snapshot_id, progress)
+
+    def clone(self, snapshot_id: str, name: str) -> "Chain":
+        """A new chain NAME whose disk starts as that snapshot's content (a linked clone).
+
+        The clone's leaf is a new overlay on the snapshot's volume; the volumes below are
+        shared and read-only, and writes on either side stay on that side.
+        """
+        return self._repo._op_clone(self, snapshot_id, name)
+
+    def export(self, path, *, format: str = "raw", snapshot_id: str | None = None,
+               progress: Progress | None = None, overwrite: bool = False) -> ExportResult:
+        """Write the disk (or a snapshot of it) as one self-contained image at PATH.
+
+        The file appears complete or not at all (written beside PATH and renamed).  Only
+        allocated data is copied; zero ranges stay sparse.
+
+        Arguments:
+            path (str): the new file.
+            format (str): "raw" or "qcow2" (with the chain's cluster size).
+            snapshot_id (str | None): export that snapshot instead of the current disk.
+            progress (callable | None): ``progress(done_bytes, total_bytes)``.
+            overwrite (bool): replace an existing file.
+        """
+        return self._repo._op_export(self, path, format, snapshot_id, progress, overwrite)
+
+    def diff(self, from_snapshot_id: str, to_snapshot_id: str | None = None) -> list[ops.Change]:
+        """The guest ranges that may differ between two snapshots (or a snapshot and the
+        current disk, when TO is None), from the volumes' tables alone: the union of what the
+        volumes between the two points hold.  Each range says how it reads at the TO point
+        (``zero``/``data``), so a backup tool can skip zero ranges.
+
+        Returns:
+            list[Change(start, length, zero, data)], sorted and disjoint.
+        """
+        return self._repo._op_diff(self, from_snapshot_id, to_snapshot_id)
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Flush and close the leaf handle (it reopens on the next I/O)."""
+        img, self._img = self._img, None
+        if img is not None:
+            img.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ImageClosed(f"chain {self._name!r} is closed")
+        self._repo._check_open()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Flush and close the leaf and every image from open_snapshot. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for img in list(self._views):
+            img.close()
+        img, self._img = self._img, None
+        if img is not None:
+            img.close()
+
+    def __enter__(self) -> "Chain":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Chain {self._name!r}{' closed' if self._closed else ''}>"
+
+
+__all__ = ["Repository", "Chain", "Snapshot", "Volume", "MergeResult", "ExportResult",
+           "Problem", "RepositoryCheck"]
