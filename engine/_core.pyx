@@ -7,7 +7,7 @@ per cluster runs here in C with the GIL released; Python is crossed once per req
 Data path (DESIGN.md):
 
 - Each file is mapped once with a reserved length larger than the file; the file grows by
-  fallocate() before a byte of the new range is touched, so a full disk is a clean ENOSPC, not
+  io_fallocate() before a byte of the new range is touched, so a full disk is a clean ENOSPC, not
   a SIGBUS.  Ranges below the size at open may be sparse (QEMU punches holes): the first write
   into such a cluster fallocates it first (bitmap ``backed``).
 - Every table pointer read from the file is checked against the file size before use.
@@ -135,6 +135,183 @@ cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
     return fail(L, E_IO, msg, off)
 
 
+
+# --- test seams: I/O shim, named hooks, barrier callback (RELIABILITY.md C1) -------------------
+#
+# Every OS call that can fail on the write path goes through io_*: a counter per call kind and
+# an optional injected fault (fail the n-th call, once or from then on, with an errno).  Hooks
+# sit between the steps of each metadata transition; armed, they raise EIO or SIGKILL the
+# process.  The barrier callback sees every successful sync.  Unused, each costs a branch.
+
+cdef extern from "<signal.h>" nogil:
+    int kill(int pid, int sig)
+    int SIGKILL
+cdef extern from "<unistd.h>" nogil:
+    int getpid()
+
+DEF N_IO = 5
+DEF IO_SYNC = 0
+DEF IO_FALLOCATE = 1
+DEF IO_FTRUNCATE = 2
+DEF IO_PWRITE = 3
+DEF IO_MREMAP = 4
+IO_NAMES = ("sync", "fallocate", "ftruncate", "pwrite", "mremap")
+
+cdef uint64_t io_calls[N_IO]
+cdef int fault_op = -1
+cdef uint64_t fault_nth = 0
+cdef int fault_errno = 0
+cdef int fault_persistent = 0
+cdef uint64_t fault_hits = 0
+
+HOOK_NAMES = (
+    "cluster_alloc",          # refcount of a new cluster raised
+    "refblock_alloc",         # new refblock written and synced, reftable entry not yet
+    "reftable_written",       # grown reftable written and synced, header not yet switched
+    "reftable_switched",      # header points at the new reftable, old one not yet freed
+    "l2_alloc",               # a new L2 table allocated (in the cache)
+    "cow_read",               # copy-up source read, new cluster not yet written
+    "cow_write",              # new cluster written, L2 entry not yet updated
+    "wb_data_synced",         # writeback: data and refcounts durable, L2 not written back
+    "wb_l2_written",          # writeback: L2 tables in the page cache, L1 not yet
+    "wb_l1_written",          # writeback: L1 written, not yet synced
+    "wb_synced",              # writeback: tables durable, frees not yet applied
+    "wb_frees_applied",       # writeback: refcounts of freed clusters lowered, not synced
+    "l1_grow_written",        # resize: new L1 written and synced, header not switched
+    "l1_grow_switched",       # resize: header points at the new L1, old not freed
+)
+DEF N_HOOKS = 14
+cdef uint64_t hook_hits[N_HOOKS]
+cdef int hook_armed = -1
+cdef uint64_t hook_nth = 0
+cdef int hook_action = 0          # 1: fail with EIO, 2: SIGKILL
+cdef object _barrier_cb = None
+cdef int have_barrier_cb = 0
+
+
+cdef inline int io_fault(int op) noexcept nogil:
+    global fault_hits
+    io_calls[op] += 1
+    if fault_op == op and (io_calls[op] == fault_nth or (fault_persistent and io_calls[op] > fault_nth)):
+        fault_hits += 1
+        errno = fault_errno
+        return 1
+    return 0
+
+
+cdef int barrier_notify(int fd) noexcept with gil:
+    try:
+        _barrier_cb(fd)
+    except BaseException:
+        pass
+    return 0
+
+
+cdef inline int io_fdatasync(int fd) noexcept nogil:
+    if io_fault(IO_SYNC):
+        return -1
+    # msync is not needed on Linux: fdatasync writes back pages dirtied through a shared
+    # mapping too (they are marked dirty at fault time), which is what msync(MS_SYNC) does.
+    if fdatasync(fd) != 0:
+        return -1
+    if have_barrier_cb:
+        barrier_notify(fd)
+    return 0
+
+
+cdef inline int io_fallocate(int fd, int mode, off_t off, off_t n) noexcept nogil:
+    if io_fault(IO_FALLOCATE):
+        return -1
+    return fallocate(fd, mode, off, n)
+
+
+cdef inline int io_ftruncate(int fd, off_t n) noexcept nogil:
+    if io_fault(IO_FTRUNCATE):
+        return -1
+    return ftruncate(fd, n)
+
+
+cdef inline ssize_t io_pwrite(int fd, const void *p, size_t n, off_t off) noexcept nogil:
+    if io_fault(IO_PWRITE):
+        return -1
+    return pwrite(fd, p, n, off)
+
+
+cdef inline void *io_mremap(void *p, size_t old, size_t new, int flags) noexcept nogil:
+    if io_fault(IO_MREMAP):
+        return MAP_FAILED
+    return mremap(p, old, new, flags)
+
+
+cdef inline int hook(Layer *L, int hid) noexcept nogil:
+    hook_hits[hid] += 1
+    if hook_armed == hid and hook_hits[hid] == hook_nth:
+        if hook_action == 2:
+            kill(getpid(), SIGKILL)
+        errno = 5    # EIO
+        return fail_io(L, "injected fault at a hook point", 0)
+    return 0
+
+
+def set_fault(op, nth=1, err=5, persistent=False):
+    """Fail the nth call (counted from now) of I/O kind op ('sync', 'fallocate', 'ftruncate',
+    'pwrite', 'mremap') with errno err; persistent: that call and every later one.
+    op None disarms. Test seam."""
+    global fault_op, fault_nth, fault_errno, fault_persistent, fault_hits
+    cdef int i
+    for i in range(N_IO):
+        io_calls[i] = 0
+    fault_hits = 0
+    if op is None:
+        fault_op = -1
+        return
+    fault_op = IO_NAMES.index(op)
+    fault_nth = nth
+    fault_errno = err
+    fault_persistent = 1 if persistent else 0
+
+
+def fault_stats():
+    """(calls per I/O kind since set_fault, injected faults delivered)."""
+    return {IO_NAMES[i]: io_calls[i] for i in range(N_IO)}, fault_hits
+
+
+def arm_hook(name, nth=1, action="error"):
+    """Arm hook `name` to fail ('error') or SIGKILL ('kill') on its nth hit from now; None
+    disarms. Test seam; also set from COWCHAIN_HOOK=name:nth:action at import."""
+    global hook_armed, hook_nth, hook_action
+    cdef int i
+    for i in range(N_HOOKS):
+        hook_hits[i] = 0
+    if name is None:
+        hook_armed = -1
+        return
+    hook_armed = HOOK_NAMES.index(name)
+    hook_nth = nth
+    hook_action = 2 if action == "kill" else 1
+
+
+def hook_counts():
+    """Hits per hook since the last arm_hook/reset."""
+    return {HOOK_NAMES[i]: hook_hits[i] for i in range(N_HOOKS)}
+
+
+def set_barrier_callback(fn):
+    """Call fn(fd) after every successful sync (None: off). Test seam for the power-loss
+    simulator: the file's content at that moment is durable."""
+    global _barrier_cb, have_barrier_cb
+    _barrier_cb = fn
+    have_barrier_cb = 1 if fn is not None else 0
+
+
+def _arm_from_env():
+    import os
+    spec = os.environ.get("COWCHAIN_HOOK")
+    if spec:
+        name, nth, action = (spec.split(":") + ["1", "kill"])[:3]
+        arm_hook(name, int(nth), action)
+
+
 # --- file growth and mapping ----------------------------------------------------------------
 
 cdef int ensure_size(Layer *L, uint64_t end) noexcept nogil:
@@ -157,20 +334,20 @@ cdef int ensure_size(Layer *L, uint64_t end) noexcept nogil:
         if new_len < new_size:
             new_len = new_size
         new_len += (1 << 30)
-        p = mremap(L.base, L.map_len, new_len, MREMAP_MAYMOVE)
+        p = io_mremap(L.base, L.map_len, new_len, MREMAP_MAYMOVE)
         if p == MAP_FAILED:
             return fail_io(L, "cannot extend the mapping", end)
         L.base = <uint8_t *>p
         L.map_len = new_len
-    if fallocate(L.fd, 0, <off_t>L.file_size, <off_t>(new_size - L.file_size)) != 0:
+    if io_fallocate(L.fd, 0, <off_t>L.file_size, <off_t>(new_size - L.file_size)) != 0:
         if errno == EOPNOTSUPP:
             # Filesystems without fallocate: extend with ftruncate; stores may still fault
             # with SIGBUS on ENOSPC there, which nothing short of pwrite can prevent.
-            if ftruncate(L.fd, <off_t>new_size) != 0:
+            if io_ftruncate(L.fd, <off_t>new_size) != 0:
                 return fail_io(L, "cannot grow the image file", end)
         else:
             # Try the exact size before giving up: the step is only an optimisation.
-            if new_size > end and fallocate(L.fd, 0, <off_t>L.file_size,
+            if new_size > end and io_fallocate(L.fd, 0, <off_t>L.file_size,
                                              <off_t>(end - L.file_size)) == 0:
                 new_size = end
             else:
@@ -187,7 +364,7 @@ cdef inline int ensure_backed(Layer *L, uint64_t host) noexcept nogil:
         return 0
     if L.backed[idx >> 3] & (1 << (idx & 7)):
         return 0
-    if fallocate(L.fd, FALLOC_FL_KEEP_SIZE, <off_t>(idx << L.cluster_bits),
+    if io_fallocate(L.fd, FALLOC_FL_KEEP_SIZE, <off_t>(idx << L.cluster_bits),
                  <off_t>L.cluster_size) != 0:
         if errno != EOPNOTSUPP:
             return fail_io(L, "cannot allocate disk space for a cluster", host)
@@ -316,21 +493,27 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
         store_be64(L.base + (start + n_rb) * C + (first_rti + j) * 8, (start + j) * C)
     if end * C > L.alloc_end:
         L.alloc_end = end * C
-    if fdatasync(L.fd) != 0:
+    if io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while growing the refcount table", 0)
+    rc = hook(L, 2)
+    if rc < 0:
+        return rc
     old_off = L.rt_offset
     old_clusters = (L.rt_entries * 8 + C - 1) // C
     hdr = L.base
     store_be64(hdr + 48, (start + n_rb) * C)
     store_be32(hdr + 56, <uint32_t>n_rt)
-    if fdatasync(L.fd) != 0:
+    if io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while switching the refcount table", 0)
     L.rt_offset = (start + n_rb) * C
     L.rt_entries = n_rt * C // 8
     L.meta_lo[2] = L.rt_offset
     L.meta_hi[2] = L.rt_offset + n_rt * C
+    rc = hook(L, 3)
+    if rc < 0:
+        return rc
     for i in range(old_clusters):
         rc = pend_free(L, (old_off >> L.cluster_bits) + i)
         if rc < 0:
@@ -398,9 +581,12 @@ cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
         rb_set(L, L.base + j * C, j & ((1 << L.rb_shift) - 1), 1)
     if (j + 1) * C > L.alloc_end:
         L.alloc_end = (j + 1) * C
-    if fdatasync(L.fd) != 0:
+    if io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while adding a refcount block", j * C)
+    rc = hook(L, 1)
+    if rc < 0:
+        return rc
     store_be64(L.base + L.rt_offset + rti * 8, j * C)
     if L.free_hint <= j:
         L.free_hint = j + 1      # j's own refcount is still 0 until set below: never hand it out
@@ -454,6 +640,10 @@ cdef int alloc_cluster(Layer *L, uint64_t *host) noexcept nogil:
     if rc < 0:
         return rc
     L.free_hint = idx + 1
+    rc = hook(L, 0)
+    if rc < 0:
+        set_refcount(L, idx, 0)
+        return rc
     if (idx + 1) << L.cluster_bits > L.alloc_end:
         L.alloc_end = (idx + 1) << L.cluster_bits
     host[0] = idx << L.cluster_bits
@@ -790,6 +980,10 @@ cdef int l2_for_write(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
         L.l1[l1i] = newoff | QCOW_OFLAG_COPIED
         L.l1_dirty = 1
         L.new_tables = 1
+        rc = hook(L, 4)
+        if rc < 0:
+            free(buf)
+            return rc
     else:
         if overlaps_fixed_meta(L, off, C):
             free(buf)
@@ -811,9 +1005,12 @@ cdef int writeback(Layer *L) noexcept nogil:
         return fail(L, E_IO, "an earlier sync failed; reopen and check the image", 0)
     if not (L.data_dirty or L.n_cached or L.l1_dirty or L.n_pend):
         return 0
-    if fdatasync(L.fd) != 0:
+    if io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
+    rc = hook(L, 7)
+    if rc < 0:
+        return rc
     if L.n_cached:
         for i in range(L.l1_size):
             if L.l2_cache[i] != NULL:
@@ -827,9 +1024,12 @@ cdef int writeback(Layer *L) noexcept nogil:
                 free(L.l2_cache[i])
                 L.l2_cache[i] = NULL
         L.n_cached = 0
+        rc = hook(L, 8)
+        if rc < 0:
+            return rc
     if L.l1_dirty:
         if L.new_tables:
-            if fdatasync(L.fd) != 0:
+            if io_fdatasync(L.fd) != 0:
                 L.sticky_errno = errno
                 return fail_io(L, "sync failed", 0)
         rc = ensure_backed(L, L.l1_offset)
@@ -844,9 +1044,15 @@ cdef int writeback(Layer *L) noexcept nogil:
             store_be64(L.base + off, L.l1[i])
         L.l1_dirty = 0
         L.new_tables = 0
-    if fdatasync(L.fd) != 0:
+        rc = hook(L, 9)
+        if rc < 0:
+            return rc
+    if io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
+    rc = hook(L, 10)
+    if rc < 0:
+        return rc
     if L.n_pend:
         for i in range(L.n_pend):
             idx = L.pend_free[i]
@@ -862,7 +1068,10 @@ cdef int writeback(Layer *L) noexcept nogil:
                 L.free_hint = idx
         L.n_pend = 0
         had_frees = 1
-    if had_frees and fdatasync(L.fd) != 0:
+        rc = hook(L, 11)
+        if rc < 0:
+            return rc
+    if had_frees and io_fdatasync(L.fd) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     L.data_dirty = 0
@@ -941,7 +1150,10 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
                 if valid > C:
                     valid = C
                 rc = layer_read(L, cbase, L.scratch, valid)
+                if rc == 0:
+                    rc = hook(L, 5)
                 if rc < 0:
+                    set_refcount(L, newoff >> L.cluster_bits, 0)   # never referenced: no leak
                     return rc
                 if valid < C:
                     memset(L.scratch + valid, 0, C - valid)
@@ -952,7 +1164,10 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
                 rc = store(L, newoff, L.scratch, C)
             else:
                 rc = store(L, newoff, src, C)
+            if rc == 0:
+                rc = hook(L, 6)
             if rc < 0:
+                set_refcount(L, newoff >> L.cluster_bits, 0)
                 return rc
             if e & QCOW_OFLAG_COMPRESSED:
                 rc = pend_free_compressed(L, e)
@@ -1384,7 +1599,7 @@ cdef class CoreImage:
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
             while done < n:
-                w = pwrite(self.L.fd, p + done, n - done, <off_t>(offset + done))
+                w = io_pwrite(self.L.fd, p + done, n - done, <off_t>(offset + done))
                 if w < 0:
                     err = errno
                     break
@@ -1435,7 +1650,7 @@ cdef class CoreImage:
         self._check_open()
         cdef int r
         with nogil:
-            r = fallocate(self.L.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset, <off_t>length)
+            r = io_fallocate(self.L.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset, <off_t>length)
         if r != 0:
             self.write_zero_bytes(offset, length)
 
@@ -1450,7 +1665,7 @@ cdef class CoreImage:
                 if self.L.sticky_errno:
                     err = self.L.sticky_errno
                 elif self.L.data_dirty:
-                    if fdatasync(self.L.fd) != 0:
+                    if io_fdatasync(self.L.fd) != 0:
                         err = errno
                         self.L.sticky_errno = err
                     else:
@@ -1467,7 +1682,7 @@ cdef class CoreImage:
     def trim(self):
         """Shrink the file to the end of the last cluster in use (after a flush)."""
         if self._open and self.L.writable and not self.L.raw and self.L.alloc_end < self.L.file_size:
-            if ftruncate(self.L.fd, <off_t>self.L.alloc_end) == 0:
+            if io_ftruncate(self.L.fd, <off_t>self.L.alloc_end) == 0:
                 self.L.file_size = self.L.alloc_end
 
     def block_status(self, uint64_t offset, uint64_t length):
@@ -1518,7 +1733,7 @@ cdef class CoreImage:
                 rc = writeback(L)
                 if rc == 0:
                     store_be64(L.base + 24, new_size)
-                    if fdatasync(L.fd) != 0:
+                    if io_fdatasync(L.fd) != 0:
                         rc = fail_io(L, "sync failed", 0)
                     else:
                         L.size = new_size
@@ -1556,13 +1771,15 @@ cdef class CoreImage:
                     memcpy(nl1, L.l1, L.l1_size * 8)
                     for i in range(L.l1_size):
                         store_be64(L.base + first * C + i * 8, L.l1[i])
-                    if fdatasync(L.fd) != 0:
+                    if io_fdatasync(L.fd) != 0:
                         rc = fail_io(L, "sync failed", 0)
+                    else:
+                        rc = hook(L, 12)
                 if rc == 0:
                     store_be64(L.base + 24, new_size)
                     store_be32(L.base + 36, <uint32_t>new_l1_size)
                     store_be64(L.base + 40, first * C)
-                    if fdatasync(L.fd) != 0:
+                    if io_fdatasync(L.fd) != 0:
                         rc = fail_io(L, "sync failed", 0)
                 if rc == 0:
                     free(L.l1)
@@ -1576,10 +1793,11 @@ cdef class CoreImage:
                     L.size = new_size
                     L.meta_lo[1] = L.l1_offset
                     L.meta_hi[1] = L.l1_offset + n_cl * C
+                    rc = hook(L, 13)
                     for i in range(old_clusters):
-                        rc = pend_free(L, (old_off >> L.cluster_bits) + i)
                         if rc < 0:
                             break
+                        rc = pend_free(L, (old_off >> L.cluster_bits) + i)
                 if rc == 0:
                     rc = writeback(L)
             pthread_rwlock_unlock(&L.lock)
@@ -1612,3 +1830,6 @@ def selftest():
     if (0x8000000000050000 & L2E_OFFSET_MASK) != 0x50000:
         raise AssertionError("L2 offset mask is broken")
     return True
+
+
+_arm_from_env()
