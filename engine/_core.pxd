@@ -33,6 +33,28 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_unlock(pthread_rwlock_t *)
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *, void *)
+    int pthread_mutex_destroy(pthread_mutex_t *)
+    int pthread_mutex_lock(pthread_mutex_t *)
+    int pthread_mutex_unlock(pthread_mutex_t *)
+
+ctypedef struct Layer
+
+# The owner map of an immutable backing chain: for each chunk of guest space (the smallest
+# cluster or subcluster size in the chain), the index of the layer that answers a read of it.
+# Filled lazily one block of chunks at a time, so a leaf miss costs one lookup at any depth.
+ctypedef struct OwnerMap:
+    Layer **layers              # layers[0] is the top of the immutable part (the leaf's backing)
+    int depth
+    int gbits                   # log2 of the chunk size
+    uint64_t size               # virtual size of layers[0]
+    uint64_t nblocks
+    uint16_t **blocks           # per block of 2^OMAP_BLOCK_BITS chunks; NULL until filled
+    pthread_mutex_t mu          # serialises filling; filled blocks are read without it
+
 # One open image file. The fields of a volume below the leaf never change after open, which
 # is what makes the owner map (and lock-free reads of backing files) possible.
 ctypedef struct Layer:
@@ -77,6 +99,7 @@ ctypedef struct Layer:
     uint8_t *zbuf               # one decompressed cluster
     uint64_t zbuf_key           # host descriptor held in zbuf (0 = none)
     Layer *backing
+    OwnerMap *omap              # set on a backing layer that has a backing of its own
     int err_code                # last error: one of the E_* codes
     int err_errno
     uint64_t err_offset

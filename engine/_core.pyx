@@ -51,6 +51,14 @@ cdef extern from "<sys/mman.h>" nogil:
     int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE, MREMAP_MAYMOVE
     void *MAP_FAILED
 
+cdef extern from *:
+    """
+    #define cc_atomic_load_ptr(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define cc_atomic_store_ptr(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    """
+    uint16_t *atomic_load_ptr "cc_atomic_load_ptr"(uint16_t **p) noexcept nogil
+    void atomic_store_ptr "cc_atomic_store_ptr"(uint16_t **p, uint16_t *v) noexcept nogil
+
 cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, off_t offset, off_t len)
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
@@ -926,7 +934,10 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
             memset(dst, 0, run)
         elif kind == K_UNALLOC:
             if L.backing != NULL:
-                rc = layer_read(L.backing, vaddr, dst, run)
+                if L.backing.omap != NULL:
+                    rc = omap_read(L.backing.omap, vaddr, dst, run)
+                else:
+                    rc = layer_read(L.backing, vaddr, dst, run)
                 if rc < 0:
                     L.err_code = L.backing.err_code
                     L.err_errno = L.backing.err_errno
@@ -937,6 +948,166 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
                 memset(dst, 0, run)
         else:
             rc = read_compressed(L, e, vaddr, dst, run)
+            if rc < 0:
+                return rc
+        dst += run
+        vaddr += run
+        n -= run
+    return 0
+
+
+
+# --- owner map ---------------------------------------------------------------------------------
+
+DEF OMAP_BLOCK_BITS = 9
+DEF OWN_ZERO = 0xfffe       # no layer holds the chunk: zeros
+DEF OWN_MIXED = 0xfffd      # a layer's end falls inside the chunk: resolve layer by layer
+DEF OWN_UNKNOWN = 0xffff
+
+
+cdef OwnerMap *omap_new(Layer *top) noexcept nogil:
+    cdef OwnerMap *M
+    cdef Layer *p = top
+    cdef int depth = 0, i, gbits = 30, g
+    while p != NULL:
+        if not p.raw:
+            g = p.cluster_bits - 5 if p.ext_l2 else p.cluster_bits
+            if g < gbits:
+                gbits = g
+        depth += 1
+        p = p.backing
+    if depth > OWN_MIXED:
+        return NULL
+    M = <OwnerMap *>calloc(1, sizeof(OwnerMap))
+    if M == NULL:
+        return NULL
+    M.layers = <Layer **>calloc(depth, sizeof(Layer *))
+    M.gbits = gbits
+    M.size = top.size
+    M.depth = depth
+    M.nblocks = ((top.size >> gbits) >> OMAP_BLOCK_BITS) + 1
+    M.blocks = <uint16_t **>calloc(M.nblocks, sizeof(uint16_t *))
+    if M.layers == NULL or M.blocks == NULL:
+        free(M.layers)
+        free(M.blocks)
+        free(M)
+        return NULL
+    p = top
+    for i in range(depth):
+        M.layers[i] = p
+        p = p.backing
+    pthread_mutex_init(&M.mu, NULL)
+    return M
+
+
+cdef void omap_free(OwnerMap *M) noexcept nogil:
+    cdef uint64_t i
+    if M == NULL:
+        return
+    for i in range(M.nblocks):
+        free(M.blocks[i])
+    free(M.blocks)
+    free(M.layers)
+    pthread_mutex_destroy(&M.mu)
+    free(M)
+
+
+cdef int omap_fill(OwnerMap *M, uint64_t blk, uint16_t **out) noexcept nogil:
+    """Work out the owner of every chunk of block blk, walking the layers top-down by runs."""
+    cdef uint64_t nch = 1 << OMAP_BLOCK_BITS
+    cdef uint64_t g = 1 << M.gbits
+    cdef uint64_t start = blk << (OMAP_BLOCK_BITS + M.gbits)
+    cdef uint64_t end = start + (nch << M.gbits)
+    cdef uint64_t v, stop, run, host, e, c, c0, c1
+    cdef uint16_t *b
+    cdef Layer *Lz
+    cdef int d, kind, rc
+    if end > M.size:
+        end = M.size
+    b = <uint16_t *>malloc(nch * 2)
+    if b == NULL:
+        return E_NOMEM
+    for c in range(nch):
+        b[c] = OWN_UNKNOWN
+    for d in range(M.depth):
+        Lz = M.layers[d]
+        if Lz.size > start and Lz.size < end and (Lz.size & (g - 1)):
+            c = (Lz.size - start) >> M.gbits
+            if b[c] == OWN_UNKNOWN:
+                b[c] = OWN_MIXED
+    for d in range(M.depth):
+        Lz = M.layers[d]
+        v = start
+        while v < end:
+            stop = end if Lz.size > end else Lz.size
+            if v >= stop:
+                run = end - v       # past this layer's end: it answers with zeros
+                kind = K_ZERO
+            elif Lz.raw:
+                run = stop - v
+                kind = K_DATA
+            else:
+                rc = resolve(Lz, v, stop - v, &kind, &host, &run, &e)
+                if rc < 0:
+                    free(b)
+                    M.layers[0].err_code = Lz.err_code
+                    M.layers[0].err_msg = Lz.err_msg
+                    M.layers[0].err_offset = Lz.err_offset
+                    return rc
+            if kind != K_UNALLOC:
+                c0 = (v - start) >> M.gbits
+                c1 = (v + run - start + g - 1) >> M.gbits
+                for c in range(c0, c1):
+                    if b[c] == OWN_UNKNOWN:
+                        b[c] = <uint16_t>d
+            v += run
+    for c in range(nch):
+        if b[c] == OWN_UNKNOWN:
+            b[c] = OWN_ZERO
+    out[0] = b
+    return 0
+
+
+cdef int omap_read(OwnerMap *M, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
+    """Read through the immutable chain: one owner lookup per run of chunks."""
+    cdef uint64_t chunk, blk, i, run, m, g = 1 << M.gbits, mask = (1 << OMAP_BLOCK_BITS) - 1
+    cdef uint16_t *b
+    cdef uint16_t own
+    cdef int rc
+    cdef Layer *top = M.layers[0]
+    while n > 0:
+        if vaddr >= M.size:
+            memset(dst, 0, n)
+            return 0
+        m = M.size - vaddr
+        if m > n:
+            m = n
+        chunk = vaddr >> M.gbits
+        blk = chunk >> OMAP_BLOCK_BITS
+        b = atomic_load_ptr(&M.blocks[blk])
+        if b == NULL:
+            pthread_mutex_lock(&M.mu)
+            b = M.blocks[blk]
+            if b == NULL:
+                rc = omap_fill(M, blk, &b)
+                if rc < 0:
+                    pthread_mutex_unlock(&M.mu)
+                    return rc
+                atomic_store_ptr(&M.blocks[blk], b)
+            pthread_mutex_unlock(&M.mu)
+        i = chunk & mask
+        own = b[i]
+        run = ((chunk + 1) << M.gbits) - vaddr
+        i += 1
+        while run < m and i <= mask and b[i] == own:
+            run += g
+            i += 1
+        if run > m:
+            run = m
+        if own == OWN_ZERO:
+            memset(dst, 0, run)
+        else:
+            rc = layer_read(M.layers[0] if own == OWN_MIXED else M.layers[own], vaddr, dst, run)
             if rc < 0:
                 return rc
         dst += run
@@ -1472,6 +1643,7 @@ cdef class CoreImage:
         free(L.zbuf); L.zbuf = NULL
         free(L.backed); L.backed = NULL
         free(L.pend_free); L.pend_free = NULL
+        omap_free(L.omap); L.omap = NULL
         L.n_pend = L.cap_pend = 0
         if L.base != NULL:
             munmap(L.base, L.map_len)
@@ -1508,6 +1680,8 @@ cdef class CoreImage:
         """Link the backing image (opened read-only by the caller) or None."""
         self._backing = backing
         self.L.backing = &backing.L if backing is not None else NULL
+        if backing is not None and backing.L.backing != NULL and backing.L.omap == NULL:
+            backing.L.omap = omap_new(&backing.L)
 
     @property
     def file_size(self):
