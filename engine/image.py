@@ -533,6 +533,8 @@ class Image:
                                      "check (qemu-img check exits 63)", path=self._path)
         if repair is not None:
             self._check_writable()
+        if not self._readonly:
+            # the check reads the file: write back what is cached first
             self._core.flush()
             self._core.trim()
         res = _check.check_file(self._fd, filename=self._path, repair=repair)
