@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine import format as fmt
 from engine.errors import (
     CorruptImage,
     EngineError,
@@ -87,50 +88,50 @@ from engine.errors import (
 
 __all__ = ["CheckResult", "check_file", "MAX_FINDINGS_PER_KIND"]
 
-# --- Format constants (qcow2-facts.md; QEMU's block/qcow2.h names in comments) ----------------
+# --- Format constants ---------------------------------------------------------------------------
+# The masks, header offsets and QEMU limits come from engine.format (one place for the format);
+# the names below are short local aliases.
 
-# Header field offsets (section 1.1) that a repair writes in place.
-_HDR_REFTABLE_PTR = 48          # u64 refcount_table_offset + u32 refcount_table_clusters
-_HDR_NB_SNAPSHOTS = 60          # u32 nb_snapshots
-_HDR_INCOMPAT = 72              # u64 incompatible_features (v3 only)
-_INCOMPAT_DIRTY = 1 << 0
-_INCOMPAT_CORRUPT = 1 << 1
-_INCOMPAT_DATA_FILE = 1 << 2
-_INCOMPAT_EXTL2 = 1 << 4
-_AUTOCLEAR_BITMAPS = 1 << 0
+_HDR_REFTABLE_PTR = fmt.HDR_REFCOUNT_TABLE_OFFSET   # u64 offset + u32 clusters: 12 bytes
+_HDR_NB_SNAPSHOTS = fmt.HDR_NB_SNAPSHOTS             # u32
+_HDR_INCOMPAT = fmt.HDR_INCOMPATIBLE_FEATURES        # u64, v3 only
+_INCOMPAT_DIRTY = fmt.INCOMPAT_DIRTY
+_INCOMPAT_CORRUPT = fmt.INCOMPAT_CORRUPT
+_INCOMPAT_DATA_FILE = fmt.INCOMPAT_DATA_FILE
+_INCOMPAT_EXTL2 = fmt.INCOMPAT_EXTL2
+_AUTOCLEAR_BITMAPS = fmt.AUTOCLEAR_BITMAPS
 
-# L1 entries (section 4.3): L1E_OFFSET_MASK, L1E_RESERVED_MASK.
-_L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_L1E_RESERVED_MASK = 0x7F000000000001FF
-# L2 entries (section 4.4): L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_*.
-_L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-_OFLAG_COPIED = 1 << 63
-_OFLAG_COMPRESSED = 1 << 62
-_OFLAG_ZERO = 1
+# L1 entries (section 4.3), L2 entries (4.4), reftable entries (5.1).
+_L1E_OFFSET_MASK = fmt.L1E_OFFSET_MASK
+_L1E_RESERVED_MASK = fmt.L1E_RESERVED_MASK
+_L2E_OFFSET_MASK = fmt.L2E_OFFSET_MASK
+_L2E_STD_RESERVED_MASK = fmt.L2E_RESERVED_MASK
+_OFLAG_COPIED = fmt.QCOW_OFLAG_COPIED
+_OFLAG_COMPRESSED = fmt.QCOW_OFLAG_COMPRESSED
+_OFLAG_ZERO = fmt.QCOW_OFLAG_ZERO
+_REFT_OFFSET_MASK = fmt.REFT_OFFSET_MASK
+_REFT_RESERVED_MASK = fmt.REFT_RESERVED_MASK
 # Extended L2 bitmap (section 4.6): low half allocated, high half zero.
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-# Reftable entries (section 5.1): REFT_OFFSET_MASK, REFT_RESERVED_MASK.
-_REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-_REFT_RESERVED_MASK = 0x1FF
-# Compressed descriptors are counted in 512-byte sectors (QCOW2_COMPRESSED_SECTOR_SIZE).
+# Compressed descriptors count 512-byte sectors (QCOW2_COMPRESSED_SECTOR_SIZE, section 4.5).
 _COMPRESSED_SECTOR = 512
 
 # QEMU's limits (section 8.1), which its check also applies.
-_MAX_L1_BYTES = 32 << 20                 # QCOW_MAX_L1_SIZE
-_MAX_REFTABLE_BYTES = 8 << 20            # QCOW_MAX_REFTABLE_SIZE
-_MAX_SNAPSHOTS = 65536                   # QCOW_MAX_SNAPSHOTS
-_MAX_SNAPSHOTS_BYTES = 1024 * 65536      # QCOW_MAX_SNAPSHOTS_SIZE
-_MAX_SNAPSHOT_EXTRA = 1024               # QCOW_MAX_SNAPSHOT_EXTRA_DATA
-_SNAPSHOT_HEADER = 40                    # fixed part of a snapshot table entry (section 6.1)
-_SNAPSHOT_KNOWN_EXTRA = 24               # vm_state_size_large, disk_size, icount
-_SNAPSHOT_V3_MIN_EXTRA = 16              # v3 entries must carry vm_state_size_large, disk_size
-_INT_MAX = (1 << 31) - 1                 # QEMU refuses to check files of more clusters
+_MAX_L1_BYTES = fmt.MAX_L1_SIZE
+_MAX_REFTABLE_BYTES = fmt.MAX_REFTABLE_SIZE
+_MAX_SNAPSHOTS = fmt.MAX_SNAPSHOTS
+_MAX_SNAPSHOTS_BYTES = fmt.MAX_SNAPSHOTS_SIZE
+_MAX_SNAPSHOT_EXTRA = fmt.MAX_SNAPSHOT_EXTRA
+_SNAPSHOT_HEADER = fmt.SNAPSHOT_HEADER_SIZE          # fixed part of a snapshot table entry
+_SNAPSHOT_KNOWN_EXTRA = fmt.SNAPSHOT_EXTRA_SIZE      # vm_state_size_large, disk_size, icount
+_SNAPSHOT_V3_MIN_EXTRA = fmt.SNAPSHOT_EXTRA_DISK_SIZE_END  # v3 entries need up to disk_size
+_INT_MAX = fmt.INT_MAX                               # QEMU refuses files of more clusters
+_INT64_MAX = fmt.INT64_MAX
 
 # Bitmaps extension (section 2.2) and its tables (docs/interop/qcow2.rst "Bitmaps").
-_EXT_BITMAPS = 0x23852875
-_EXT_FDE = 0x0537BE77
-_BME_MAX_DIR_BYTES = 1024 * 65535
+_EXT_BITMAPS = fmt.EXT_MAGIC_BITMAPS
+_EXT_FDE = fmt.EXT_MAGIC_CRYPTO_HEADER
+_BME_MAX_DIR_BYTES = fmt.MAX_BITMAP_DIRECTORY_SIZE
 _BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _BME_RESERVED_MASK = 0xFF000000000001FE
 _BME_ALL_ONES = 1
@@ -620,45 +621,76 @@ class _Pass:
 
 
 def _load(fd: int, path: str):
-    """(header, head bytes, file size); raises only for an unreadable header."""
-    from engine import format as fmt
+    """(header or None, head bytes, file size, the parse problem or None).
 
+    Raises only when the file is not a QCOW2 image at all (bad magic, version, cluster size,
+    too short). A header that engine.format refuses for what its tables contain is re-read
+    leniently: QEMU's check opens such images (a reftable past the end of a truncated file,
+    no reftable at all, encryption) and we must report on them, not refuse them.
+    """
     try:
         file_size = os.fstat(fd).st_size
     except OSError as e:
         raise io_error(e.errno, "cannot stat the image", path=path) from None
     head = _pread(fd, 0, min(file_size, 2 << 20), path)
-    return fmt, head, file_size
+    if not _looks_like_qcow2(head):
+        fmt.parse_header(head, file_size, path=path)    # raises the precise ImageFormatError
+        raise ImageFormatError("not a QCOW2 image", path=path)
+    try:
+        return fmt.parse_header(head, file_size, path=path), head, file_size, None
+    except (EngineIOError, InvalidArgument):
+        raise
+    except (CorruptImage, SafetyLimitExceeded, UnsupportedFeature) as e:
+        return _lenient_header(head), head, file_size, e
+    except EngineError as e:
+        return None, head, file_size, e
+
+
+def _looks_like_qcow2(head: bytes) -> bool:
+    if len(head) < fmt.V2_HEADER_LENGTH or head[:4] != fmt.QCOW_MAGIC_BYTES:
+        return False
+    version, = struct.unpack_from(">I", head, fmt.HDR_VERSION)
+    cb, = struct.unpack_from(">I", head, fmt.HDR_CLUSTER_BITS)
+    if version not in fmt.SUPPORTED_VERSIONS or not fmt.MIN_CLUSTER_BITS <= cb <= fmt.MAX_CLUSTER_BITS:
+        return False
+    return version == 2 or len(head) >= fmt.V3_MIN_HEADER_LENGTH
+
+
+def _lenient_header(head: bytes):
+    """The fixed header fields without engine.format's table checks (QEMU's check opens
+    images with tables past the end of the file, or without a reftable)."""
+    (_magic, version, bfo, bfs, cb, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
+     snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", head)
+    kw = {}
+    if version >= 3:
+        incompat, compat, autoclear, order, hlen = struct.unpack_from(
+            ">QQQII", head, fmt.V2_HEADER_LENGTH)
+        kw = dict(incompatible_features=incompat, compatible_features=compat,
+                  autoclear_features=autoclear, refcount_order=order, header_length=hlen)
+    else:
+        kw = dict(header_length=fmt.V2_HEADER_LENGTH)
+    return fmt.Header(version=version, backing_file_offset=bfo, backing_file_size=bfs,
+                      cluster_bits=cb, size=size, crypt_method=crypt, l1_size=l1_size,
+                      l1_table_offset=l1_off, refcount_table_offset=rt_off,
+                      refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
+                      snapshots_offset=snap_off, **kw)
 
 
 def _check_once(fd: int, path: str, fix: int) -> _Pass:
     """qcow2_co_check_locked: the snapshot table, the refcounts, then the header bits."""
     p = _Pass(fd, path, fix)
-    fmt, head, file_size = _load(fd, path)
-    if len(head) < 72 or head[:4] != b"QFI\xfb" or struct.unpack_from(">I", head, 4)[0] not in (2, 3):
-        # Not a QCOW2 header we can read: parse_header raises the right ImageFormatError.
-        fmt.parse_header(head, file_size, path=path)
-        raise ImageFormatError("not a QCOW2 image", path=path)
-    try:
-        h = fmt.parse_header(head, file_size, path=path)
-    except (EngineIOError, InvalidArgument):
-        raise
-    except EngineError as e:
+    h, head, file_size, problem = _load(fd, path)
+    if h is None:
         # qemu-img cannot open such an image either: "Check failed", exit code 1.
-        return p.fail(f"ERROR the image header cannot be used: {e}")
-    try:
-        img = _Image(fd, path, h, head, file_size)
-    except (struct.error, ValueError) as e:
-        return p.fail(f"ERROR the image header cannot be used: {e}")
+        return p.fail(f"ERROR the image header cannot be used: {problem}")
+    img = _Image(fd, path, h, head, file_size)
     p.img = img
     if not _validate_open(p, img):
         return p
-
     snapshots = _read_snapshot_table(p, img)
     if snapshots is None:
         return p
-    _check_refcounts(p, img, snapshots)
-    if p.check_errors and p.findings._count.get("fatal"):
+    if not _check_refcounts(p, img, snapshots):
         return p
     if fix and p.check_errors == 0 and p.corruptions == 0:
         _mark_clean(p, img)
@@ -666,27 +698,43 @@ def _check_once(fd: int, path: str, fix: int) -> _Pass:
 
 
 def _validate_open(p: _Pass, img: _Image) -> bool:
-    """The checks of qcow2_do_open that parse_header may not make; a failure means qemu-img
-    cannot open the image (check error, nothing else is examined)."""
+    """What qcow2_do_open refuses even in check mode (beyond the basic header checks); a
+    failure means qemu-img cannot check the image (a check error, nothing else examined)."""
     C = img.C
+    h = img.h
+    if img.incompat & ~fmt.INCOMPAT_MASK:
+        p.fail(f"ERROR Unsupported qcow2 feature(s): incompatible bits "
+               f"{img.incompat & ~fmt.INCOMPAT_MASK:#x}")
+        return False
+    if img.ext and C < fmt.EXTL2_MIN_CLUSTER_SIZE:
+        p.fail(f"ERROR Unsupported subcluster size: {C // 32}")
+        return False
+    if img.rorder > fmt.MAX_REFCOUNT_ORDER:
+        p.fail("ERROR Refcount width can be at most 64 bits")
+        return False
+    if h.backing_file_offset > C:
+        p.fail("ERROR Invalid backing file offset")
+        return False
     if img.rt_size * 8 > _MAX_REFTABLE_BYTES:
         p.fail("ERROR Reference count table too large")
         return False
-    if img.rt_off & (C - 1) or img.rt_off > (1 << 63) - 1 - img.rt_size * 8:
+    if img.rt_off & (C - 1) or img.rt_off > _INT64_MAX - img.rt_size * 8:
         p.fail("ERROR Reference count table offset invalid")
         return False
     if img.l1_size * 8 > _MAX_L1_BYTES:
         p.fail("ERROR Active L1 table too large")
         return False
-    if img.l1_off & (C - 1) or img.l1_off > (1 << 63) - 1 - img.l1_size * 8:
-        p.fail("ERROR Active L1 table offset invalid")
+    need = fmt.l1_entries_for(img.size, img.cb, img.ext)
+    if need > _INT_MAX:
+        p.fail("ERROR Image is too big")
         return False
-    l2_reach = img.C * img.l2n
-    if img.l1_size < -(-img.size // l2_reach):
+    if img.l1_size < need:
         p.fail("ERROR L1 table is too small")
         return False
-    nb = -(-img.file_size // C)
-    if nb > _INT_MAX:
+    if img.l1_off & (C - 1) or img.l1_off > _INT64_MAX - img.l1_size * 8:
+        p.fail("ERROR Active L1 table offset invalid")
+        return False
+    if -(-img.file_size // C) > _INT_MAX:
         p.fail("ERROR the image file has too many clusters to check")
         return False
     return True
@@ -799,7 +847,10 @@ class _Calc:
         self.rt_refs = _Refs()       # the reftable
         self.rb_refs = _Refs()       # the refblocks
         self.rebuild = False
-        self.max_ptr = 0             # highest cluster any pointer names (even past EOF)
+        # Cluster ranges that something names but that are not counted (pointers past the
+        # end of the file, bad reftable entries, skipped snapshot L1 tables): a rebuild must
+        # not place its new structures there.
+        self.uncounted: list[tuple[np.ndarray, np.ndarray]] = []
         self.active_l2: np.ndarray = np.zeros(0, np.int64)
 
     # qcow2_inc_refcounts_imrt, for one range and for many.
@@ -808,6 +859,9 @@ class _Calc:
             return
         C = self.img.C
         if offset >= (1 << 62) or offset + size - self.file_size >= C:
+            if offset < (1 << 62):
+                self.uncounted.append((np.array([offset >> self.img.cb]),
+                                       np.array([(offset + size - 1) >> self.img.cb])))
             self.p.corruptions += weight
             self.p.findings.add("eof", "ERROR: counting reference for region exceeding the end "
                                 f"of the file by one cluster or more: offset {offset:#x} "
@@ -824,9 +878,9 @@ class _Calc:
         offs = offs.astype(np.int64)
         sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offs.shape)
         weights = np.broadcast_to(np.asarray(weights, dtype=np.int64), offs.shape)
-        self.max_ptr = max(self.max_ptr, int(((offs + sizes - 1) >> img.cb).max()))
         bad = offs + sizes - self.file_size >= img.C
         if bad.any():
+            self.uncounted.append((offs[bad] >> img.cb, (offs[bad] + sizes[bad] - 1) >> img.cb))
             self.p.corruptions += int(weights[bad].sum())
             bo = offs[bad]
             bs = sizes[bad]
@@ -846,6 +900,27 @@ class _Calc:
         idx = np.repeat(first, n) + (np.arange(total, dtype=np.int64) - starts)
         refs.add(idx, np.repeat(weights, n))
 
+    def uncount_range(self, offset: int, size: int) -> None:
+        if size > 0 and offset < (1 << 62):
+            self.uncounted.append((np.array([offset >> self.img.cb]),
+                                   np.array([(offset + size - 1) >> self.img.cb])))
+
+    def protected(self, nb: int) -> np.ndarray:
+        """The clusters of :attr:`uncounted` and of every reftable entry, up to a little past
+        what a rebuild can reach (the rest cannot collide with anything it writes)."""
+        limit = nb + nb // 16 + 4096
+        rt = self.img.u64_table(self.img.rt_off, self.img.rt_size)
+        rb = (rt[rt != 0] & _U64(_REFT_OFFSET_MASK)).astype(np.int64) >> self.img.cb
+        parts = [rb[rb < limit]]
+        for first, last in self.uncounted:
+            first = np.minimum(first, limit)
+            last = np.minimum(last, limit - 1)
+            n = np.maximum(last - first + 1, 0)
+            if n.sum():
+                starts = np.repeat(np.cumsum(n) - n, n)
+                parts.append(np.repeat(first, n) + (np.arange(int(n.sum())) - starts))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
     # The walk.
     def run(self) -> None:
         img = self.img
@@ -864,12 +939,14 @@ class _Calc:
                 p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
                                f"l1_offset={s.l1_table_offset:#x}: L1 table is not cluster "
                                "aligned; snapshot table entry corrupted")
+                self.uncount_range(s.l1_table_offset, s.l1_size * 8)
                 continue
             if s.l1_size > _MAX_L1_BYTES // 8:
                 p.corruptions += 1
                 p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
                                f"l1_size={s.l1_size:#x}: L1 table is too large; snapshot "
                                "table entry corrupted")
+                self.uncount_range(s.l1_table_offset, min(s.l1_size * 8, _MAX_L1_BYTES))
                 continue
             l1s.append((s.l1_table_offset, s.l1_size, False))
         self.walk_l1s(l1s)
@@ -1108,13 +1185,12 @@ class _Calc:
         img = self.img
         p = self.p
         C = img.C
-        rt = _StoredRefcounts(img).rt if not hasattr(self, "rt") else self.rt
-        self.rt = rt
+        rt = img.u64_table(img.rt_off, img.rt_size)
         if len(rt) == 0:
             return nb
         idx = np.arange(len(rt), dtype=np.int64)
         resv = (rt & _U64(_REFT_RESERVED_MASK)) != 0
-        off = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64) if len(rt) else rt
+        off = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
         unal = ~resv & ((off & (C - 1)) != 0)
         for mask, text in ((resv, "ERROR refcount table entry {} has reserved bits set"),
                            (unal, "ERROR refcount block {} is not cluster aligned; refcount "
@@ -1252,6 +1328,7 @@ class _Mismatches:
     highest: int
     eio_clusters: int
     eio_blocks: list
+    nb: int
 
 
 def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Mismatches:
@@ -1324,10 +1401,10 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
         order = np.argsort(idx, kind="stable")
         mis = _Mismatches(idx[order], np.concatenate(out_st)[order],
                           np.concatenate(out_cp)[order], max(highest, 0), eio_clusters,
-                          eio_blocks)
+                          eio_blocks, nb)
     else:
         mis = _Mismatches(np.zeros(0, np.int64), np.zeros(0, _U64), np.zeros(0, _U64),
-                          max(highest, 0), eio_clusters, eio_blocks)
+                          max(highest, 0), eio_clusters, eio_blocks, nb)
     return mis
 
 
@@ -1337,8 +1414,9 @@ def _report_mismatches(p: _Pass, img: _Image, mis: _Mismatches, fix: int):
     if mis.eio_clusters:
         p.check_errors += mis.eio_clusters
         p.findings.add_many("eio", len(mis.eio_blocks), (
-            f"Can't get refcount for clusters {b * img.E}..{b * img.E + img.E - 1}: "
-            "Input/output error (refcount block not cluster aligned)" for b in mis.eio_blocks))
+            f"Can't get refcount for clusters {b * img.E}..{min(b * img.E + img.E, mis.nb) - 1}"
+            ": Input/output error (refcount block not cluster aligned)"
+            for b in mis.eio_blocks))
     st, cp = mis.stored, mis.computed
     rebuild = bool(np.any(st == 0))   # a referenced cluster without refcount
     raise_ = (st != 0) & (st < cp) & bool(fix & _FIX_ERRORS)
@@ -1417,8 +1495,24 @@ def _clamp(p: _Pass, img: _Image, idx, cnt):
     return cnt
 
 
-def _check_refcounts(p: _Pass, img: _Image, snaps) -> None:
-    """qcow2_check_refcounts (and its repairs), then check_oflag_copied."""
+def _check_refcounts(p: _Pass, img: _Image, snaps) -> bool:
+    """qcow2_check_refcounts (and its repairs), then check_oflag_copied. Returns False when
+    the check could not complete (qemu-img then prints no result).
+
+    The counts of the snapshot table check are set aside meanwhile and added back at the
+    end, as QEMU keeps them in a separate result (a rebuild resets only the refcount ones)."""
+    outer = _counters(p)
+    _restore(p, (0, 0, 0, 0, 0))
+    ok = _check_refcounts_inner(p, img, snaps)
+    p.check_errors += outer[0]
+    p.corruptions += outer[1]
+    p.leaks += outer[2]
+    p.corruptions_fixed += outer[3]
+    p.leaks_fixed += outer[4]
+    return ok
+
+
+def _check_refcounts_inner(p: _Pass, img: _Image, snaps) -> bool:
     fix = p.fix
     img.snapshots = snaps
     p.total_clusters = -(-((img.size // 512) * 512) // img.C)
@@ -1432,53 +1526,51 @@ def _check_refcounts(p: _Pass, img: _Image, snaps) -> None:
     if rebuild and fix & _FIX_ERRORS:
         old_corruptions, old_leaks = p.corruptions, p.leaks
         p.findings.add("rebuild", "Rebuilding refcount structure")
-        if not _rebuild(p, img, calc, nb):
-            return
+        if not _rebuild(p, img, idx, cnt, nb, calc.protected(nb)):
+            return False
         p.rebuilt = True
-        # Re-read the header (the reftable moved) and count again; what remains are the
-        # corruptions a rebuild does not fix.
+        # Count again against the new structures: what remains are the corruptions a
+        # rebuild does not fix. The old structures are now leaks, which are freed.
         img2 = _reload(p, img)
         if img2 is None:
-            return
+            return False
         img2.snapshots_size = img.snapshots_size
         q = _Pass(p.fd, p.path, 0)
         calc2, idx2, cnt2, nb2 = _calculate(q, img2, snaps, 0, False)
         mis2 = _compare(img2, idx2, cnt2, nb2)
-        # Leaks left by the rebuild itself are freed (none are expected: the new structures
-        # do not count the old ones).
         r = _Pass(p.fd, p.path, 0)
         rb2, _, lower2 = _report_mismatches(r, img2, mis2, _FIX_LEAKS)
         if rb2 or calc2.rebuild:
             p.findings.add("rebuild", "ERROR rebuilt refcount structure is still broken")
         _write_refcounts(img2, mis2.idx[lower2], mis2.computed[lower2])
-        fresh_leaks = r.leaks
         p.corruptions = q.corruptions
         p.leaks = 0
-        p.check_errors += q.check_errors + r.check_errors
+        p.check_errors += q.check_errors
         if p.corruptions < old_corruptions:
             p.corruptions_fixed += old_corruptions - p.corruptions
         if p.leaks < old_leaks:
             p.leaks_fixed += old_leaks - p.leaks
-        p.leaks += fresh_leaks
-        p.corruptions += r.corruptions
+        p.leaks += r.leaks          # leaks the rebuild made and could not free
         highest = mis2.highest
         img = img2
     elif fix:
         if rebuild:
             p.findings.add("fatal", "ERROR need to rebuild refcount structures")
             p.check_errors += 1
-            return
+            return False
         if p.leaks or p.corruptions:
             _restore(p, pre)
-            # The refcount fixes of compare_refcounts, ordered for crash safety: every raise
-            # is durable before any refcount is lowered.
+            # The fixes of compare_refcounts, ordered for crash safety: every raise is
+            # durable before any refcount is lowered.
             _, raise_, lower = _report_mismatches(p, img, mis, fix)
             _write_refcounts(img, mis.idx[raise_], mis.computed[raise_])
             _write_refcounts(img, mis.idx[lower], mis.computed[lower])
             p.corruptions_fixed += int(raise_.sum())
             p.leaks_fixed += int(lower.sum())
-    _check_copied(p, img)
+    if not _check_copied(p, img):
+        return False
     p.image_end_offset = (highest + 1) * img.C
+    return True
 
 
 def _counters(p: _Pass):
@@ -1490,79 +1582,180 @@ def _restore(p: _Pass, saved) -> None:
 
 
 def _reload(p: _Pass, img: _Image) -> _Image | None:
-    fmt, head, file_size = _load(img.fd, img.path)
-    try:
-        h = fmt.parse_header(head, file_size, path=img.path)
-    except (EngineIOError, InvalidArgument):
-        raise
-    except EngineError as e:
-        p.fail(f"ERROR the repaired header cannot be read: {e}")
+    """The image as it is on disk after a repair wrote its header."""
+    h, head, file_size, problem = _load(img.fd, img.path)
+    if h is None:
+        p.fail(f"ERROR the repaired header cannot be read: {problem}")
         return None
     return _Image(img.fd, img.path, h, head, file_size)
 
 
-def _rebuild(p: _Pass, img: _Image, calc: _Calc, nb: int) -> bool:
-    """rebuild_refcount_structure: new refblocks and a new reftable past every cluster in use,
-    holding the computed refcounts (without the old structures) plus themselves; then the
-    header pointer is switched. Returns False (with a check error) when it cannot be done."""
+class _Imrt:
+    """QEMU's in-memory refcount table for a rebuild: one refcount per cluster of the file
+    (dense, so its size is bounded by the file size, as QEMU's), which can grow at the end.
+
+    Clusters that something names but the count does not include (a refcount block with a bad
+    reftable entry, a skipped snapshot L1 table, a pointer past the end of the file) are
+    *blocked*: a rebuild never places anything there, so that no new structure can be
+    overwritten through such a pointer (QEMU relies on its metadata overlap check, which does
+    not cover all of them)."""
+
+    def __init__(self, img: _Image, idx: np.ndarray, cnt: np.ndarray, n: int,
+                 protect: np.ndarray):
+        self.dtype = {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
+                      32: np.uint32, 64: np.uint64}[img.rbits]
+        self.n = n
+        cap = max(n, 1) + 1024
+        self.vals = np.zeros(cap, dtype=self.dtype)
+        self.vals[idx] = cnt.astype(self.dtype)
+        self.blocked = np.zeros(cap, dtype=bool)
+        self.far = np.unique(protect[protect >= 0]) if len(protect) else np.zeros(0, np.int64)
+        self._mark_blocked()
+
+    def _mark_blocked(self) -> None:
+        inside = self.far[self.far < len(self.vals)]
+        self.blocked[inside] = True
+
+    def grow(self, n: int) -> None:
+        if n > len(self.vals):
+            cap = max(n, 2 * len(self.vals))
+            vals = np.zeros(cap, dtype=self.dtype)
+            vals[:len(self.vals)] = self.vals
+            blocked = np.zeros(cap, dtype=bool)
+            blocked[:len(self.blocked)] = self.blocked
+            self.vals, self.blocked = vals, blocked
+            self._mark_blocked()
+        self.n = max(self.n, n)
+
+    def _first(self, start: int, end: int, want_free: bool) -> int:
+        """First cluster in [start, end) that is free (or in use); -1 if none. Searches in
+        growing windows, so a hit near ``start`` costs little."""
+        w = 4096
+        while start < end:
+            stop = min(end, start + w)
+            seg = self.vals[start:stop]
+            if want_free:
+                hits = np.flatnonzero((seg == 0) & ~self.blocked[start:stop])
+            else:
+                hits = np.flatnonzero(seg)
+            if len(hits):
+                return start + int(hits[0])
+            start = stop
+            w *= 4
+        return -1
+
+    def _append_at(self, c: int, count: int) -> int:
+        """The first c' >= c where ``count`` unblocked clusters follow (past the table end)."""
+        while True:
+            self.grow(c + count)
+            bad = np.flatnonzero(self.blocked[c:c + count])
+            if not len(bad):
+                return c
+            c += int(bad[-1]) + 1
+
+    def alloc(self, count: int, first_free: int):
+        """alloc_clusters_imrt: the first run of ``count`` free clusters at or after
+        first_free (growing the table at its end if needed); they get refcount 1.
+        Returns (cluster index, updated first_free)."""
+        c = -1
+        if count == 1:
+            c = self._first(first_free, self.n, True)
+            if c >= 0:
+                first_free = c
+        elif first_free < self.n:
+            free = np.flatnonzero((self.vals[first_free:self.n] == 0)
+                                  & ~self.blocked[first_free:self.n])
+            if len(free):
+                brk = np.flatnonzero(np.diff(free) != 1) + 1
+                starts = free[np.concatenate(([0], brk))]
+                ends = free[np.concatenate((brk - 1, [len(free) - 1]))] + 1
+                ok = np.flatnonzero(ends - starts >= count)
+                if len(ok):
+                    c = first_free + int(starts[ok[0]])
+                elif first_free + int(ends[-1]) == self.n:     # a free run reaching the end
+                    tail = first_free + int(starts[-1])
+                    c = self._append_at(tail, count)
+                first_free = first_free + int(free[0])
+        if c < 0:
+            c = self._append_at(max(first_free, self.n), count)
+        self.grow(c + count)
+        self.vals[c:c + count] = 1
+        return c, first_free
+
+
+def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
+             protect: np.ndarray) -> bool:
+    """rebuild_refcount_structure, step for step as QEMU 7.2 does it, so that the new layout
+    is the one ``qemu-img check -r all`` would write: refblocks go into the first free
+    clusters (clusters nothing references), each refblock range being written in order, then
+    the reftable into the first free run, repeating while the reftable grows; then the header
+    pointer is switched. The old structures are then unreferenced: the caller frees them.
+
+    Ordering: every new refblock and the reftable are written to clusters no structure
+    references and synced before the 12-byte header pointer is written and synced, so a crash
+    at any point leaves either the old structures (and the same repair to do again) or the
+    new ones."""
     C, E = img.C, img.E
-    idx, cnt = calc.main.totals()
-    if img.rmax < (1 << 62):
-        cnt = np.minimum(cnt, img.rmax)
-    keep = cnt > 0
-    idx, cnt = idx[keep], cnt[keep]
-    file_clusters = -(-img.file_size // C)
-    start = max(file_clusters, nb, calc.max_ptr + 1, int(idx[-1]) + 1 if len(idx) else 0)
-    used_rb = np.unique(idx >> img.rb_bits) if len(idx) else np.zeros(0, np.int64)
-    n_rb, n_rt = len(used_rb) + 1, 1
+    imrt = _Imrt(img, idx, cnt, nb, protect)
+    reftable = np.zeros(0, dtype=np.int64)
+
+    def write_refblocks(first: int, end: int) -> bool:
+        nonlocal reftable
+        first_free = 0
+        grown = False
+        cluster = first
+        while cluster < end:
+            cluster = imrt._first(cluster, min(end, imrt.n), False)
+            if cluster < 0:
+                break
+            ri = cluster >> img.rb_bits
+            rstart = ri << img.rb_bits
+            if ri < len(reftable) and reftable[ri]:
+                roff = int(reftable[ri])
+            else:
+                first_free = max(first_free, rstart)
+                rc, first_free = imrt.alloc(1, first_free)
+                roff = rc * C
+                if rc >= end:
+                    end = rc + 1           # that refblock's own refcount must be written too
+                if ri >= len(reftable):
+                    entries = -(-(ri + 1) * 8 // C) * C // 8
+                    reftable = np.concatenate((reftable, np.zeros(entries - len(reftable),
+                                                                  np.int64)))
+                    grown = True
+                reftable[ri] = roff
+            block = np.zeros((1, E), _U64)
+            hi = min(rstart + E, imrt.n)
+            if hi > rstart:
+                block[0, :hi - rstart] = imrt.vals[rstart:hi]
+            img.pwrite(roff, _encode_refblocks(block, img.rorder))
+            cluster = rstart + E
+        return grown
+
+    write_refblocks(0, nb)
     for _ in range(64):
-        n_new = n_rb + n_rt
-        new_rb = np.arange(start >> img.rb_bits, ((start + n_new - 1) >> img.rb_bits) + 1,
-                           dtype=np.int64)
-        blocks = np.union1d(used_rb, new_rb)
-        entries = int(blocks[-1]) + 1
-        t = -(-entries * 8 // C)
-        if (len(blocks), t) == (n_rb, n_rt):
+        n_rt = -(-len(reftable) * 8 // C)
+        rt_cluster, _ff = imrt.alloc(n_rt, 0)
+        if not write_refblocks(rt_cluster, rt_cluster + n_rt):
             break
-        n_rb, n_rt = len(blocks), t
     else:
         p.fail("ERROR cannot lay out the new refcount structures")
         return False
-    if n_rt * C > _MAX_REFTABLE_BYTES or (start + n_new) * C >= (1 << 56):
+    rt_off = rt_cluster * C
+    if n_rt * C > _MAX_REFTABLE_BYTES or (rt_off + n_rt * C) >= fmt.MAX_CLUSTER_OFFSET:
         p.fail("ERROR rebuilding the refcount structures would need a refcount table larger "
                "than QEMU allows")
         return False
-    # New refcounts: the references, plus 1 for every new cluster.
-    new_idx = np.arange(start, start + n_new, dtype=np.int64)
-    all_idx = np.concatenate((idx, new_idx))
-    all_cnt = np.concatenate((cnt, np.ones(n_new, np.int64)))
-    rb_off = {int(b): (start + k) * C for k, b in enumerate(blocks.tolist())}
-    reftable = np.zeros(n_rt * C // 8, dtype=">u8")
-    reftable[blocks] = [rb_off[int(b)] for b in blocks.tolist()]
-    rbi = all_idx >> img.rb_bits
-    rows = max(1, _BATCH_BYTES // C)
-    for s in range(0, len(blocks), rows):
-        chunk = blocks[s:s + rows]
-        vals = np.zeros((len(chunk), E), _U64)
-        pos = np.searchsorted(chunk, rbi)
-        pos_c = np.minimum(pos, len(chunk) - 1)
-        hit = chunk[pos_c] == rbi
-        vals[pos_c[hit], all_idx[hit] & (E - 1)] = all_cnt[hit].astype(_U64)
-        # The new blocks are contiguous from `start`, in the order of `blocks`.
-        img.pwrite((start + s) * C, _encode_refblocks(vals, img.rorder))
-    rt_off = (start + n_rb) * C
-    img.pwrite(rt_off, reftable.tobytes())
+    img.pwrite(rt_off, reftable.astype(">u8").tobytes())
     img.sync()
     img.pwrite(_HDR_REFTABLE_PTR, struct.pack(">QI", rt_off, n_rt))
     img.sync()
-    p.findings.add("rebuild", f"Wrote {n_rb} refcount blocks and a {n_rt}-cluster refcount "
-                   f"table at offset {start * C:#x}")
     return True
 
 
-def _check_copied(p: _Pass, img: _Image) -> None:
+def _check_copied(p: _Pass, img: _Image) -> bool:
     """check_oflag_copied: in the active tree, COPIED must be set exactly where the stored
-    refcount is 1."""
+    refcount is 1. Returns False when a repair write was refused (QEMU then fails the check)."""
     fix = p.fix
     if fix & _FIX_ERRORS:
         repair = True
@@ -1576,7 +1769,7 @@ def _check_copied(p: _Pass, img: _Image) -> None:
     l2 = (l1 & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
     use = np.flatnonzero(l2 != 0)
     if len(use) == 0:
-        return
+        return True
     rc, ok = st.get(l2[use] >> img.cb)
     use, rc = use[ok], rc[ok]
     bad = (rc == 1) != ((l1[use] & _U64(_OFLAG_COPIED)) != 0)
@@ -1651,11 +1844,13 @@ def _check_copied(p: _Pass, img: _Image) -> None:
                     p.corruptions_fixed -= n
                     p.corruptions += n
                     p.check_errors += 1
-                    p.findings.add("copied", "ERROR: Could not write L2 table; metadata "
+                    p.findings.add("fatal", "ERROR: Could not write L2 table; metadata "
                                    "overlap check failed")
-                    continue
+                    img.sync()
+                    return False
                 img.pwrite(l2_off, words[i].astype(">u8").tobytes())
             img.sync()
+    return True
 
 
 def _mark_clean(p: _Pass, img: _Image) -> None:
