@@ -502,44 +502,42 @@ class _StoredRefcounts:
     def __init__(self, img: _Image):
         self.img = img
         self.rt = img.u64_table(img.rt_off, img.rt_size)
-        self._blocks: dict[int, np.ndarray | None] = {}
-
-    def block(self, index: int):
-        """Decoded refblock ``index``; None when it cannot be read (unaligned offset);
-        an empty array when it does not exist (every refcount 0)."""
-        if index in self._blocks:
-            return self._blocks[index]
-        img = self.img
-        if index >= len(self.rt):
-            blk = np.zeros(0, dtype=_U64)
-        else:
-            off = int(self.rt[index]) & _REFT_OFFSET_MASK
-            if off == 0:
-                blk = np.zeros(0, dtype=_U64)
-            elif off & (img.C - 1):
-                blk = None
-            else:
-                raw = np.frombuffer(img.pread(off, img.C), np.uint8).reshape(1, -1)
-                blk = _decode_refblocks(raw, img.rorder)[0]
-        self._blocks[index] = blk
-        return blk
 
     def get(self, clusters: np.ndarray):
-        """(values, readable) for an array of cluster indexes."""
+        """(values, readable) for an array of cluster indexes: a cluster without a refblock
+        reads 0; one whose refblock offset is not cluster-aligned cannot be read (QEMU: EIO).
+        The refblocks are read in batches, once each."""
+        img = self.img
         clusters = clusters.astype(np.int64)
         vals = np.zeros(len(clusters), dtype=_U64)
         ok = np.ones(len(clusters), dtype=bool)
         if len(clusters) == 0:
             return vals, ok
-        rbi = clusters >> self.img.rb_bits
-        uniq, inv = np.unique(rbi, return_inverse=True)
-        for k, index in enumerate(uniq.tolist()):
-            sel = inv == k
-            blk = self.block(index)
-            if blk is None:
-                ok[sel] = False
-            elif len(blk):
-                vals[sel] = blk[clusters[sel] & (self.img.E - 1)]
+        rbi = clusters >> img.rb_bits
+        order = np.argsort(rbi, kind="stable")
+        srbi = rbi[order]
+        uniq = np.unique(srbi)
+        offs = np.zeros(len(uniq), dtype=np.int64)
+        inrt = uniq < len(self.rt)
+        offs[inrt] = (self.rt[uniq[inrt]] & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+        unal = (offs & (img.C - 1)) != 0
+        if unal.any():
+            bad = np.isin(rbi, uniq[unal])
+            ok[bad] = False
+        present = np.flatnonzero((offs != 0) & ~unal)
+        rows = max(1, _BATCH_BYTES // (img.E * 8))
+        for s in range(0, len(present), rows):        # per batch of refblocks
+            sel = present[s:s + rows]
+            boffs = offs[sel]
+            ub, uinv = np.unique(boffs, return_inverse=True)
+            table = _decode_refblocks(img.read_rows(ub, img.C), img.rorder)[uinv]
+            lo = np.searchsorted(srbi, uniq[sel[0]], "left")
+            hi = np.searchsorted(srbi, uniq[sel[-1]], "right")
+            idx = order[lo:hi]
+            row = np.searchsorted(uniq[sel], rbi[idx])
+            hit = uniq[sel][np.minimum(row, len(sel) - 1)] == rbi[idx]
+            idx, row = idx[hit], row[hit]
+            vals[idx] = table[row, clusters[idx] & (img.E - 1)]
         return vals, ok
 
 
