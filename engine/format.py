@@ -550,14 +550,13 @@ def _read_extensions(c0: _Reader, start: int, end: int, h_autoclear: int, crypt_
         data = c0.bytes(off, length)
         off += (length + EXT_ALIGN - 1) & ~(EXT_ALIGN - 1)
         if magic in KNOWN_EXTENSIONS:
-            if magic in seen:
-                if lenient:
-                    continue
+            if magic in seen and not lenient:
                 raise _format_error(f"duplicate header extension {magic:#010x} "
                                     f"({KNOWN_EXTENSIONS[magic]})", path)
             seen.add(magic)
         if magic == EXT_MAGIC_FEATURE_TABLE:
-            ext.feature_table = _parse_feature_table(data)
+            # (lenient: every table counts for naming bits)
+            ext.feature_table += _parse_feature_table(data)
         elif lenient:
             continue
         elif magic == EXT_MAGIC_BACKING_FORMAT:
@@ -1085,9 +1084,21 @@ class _CreateAllocator:
         cur = first
         try:
             while cur <= last:
+                # QEMU walks cluster by cluster and calls alloc_refcount_block at each new
+                # refblock; we jump over every refblock that already exists in one step
+                # (QEMU restarts the whole range after each new refblock, so a per-refblock
+                # walk here would be quadratic in Python).
                 ti = cur >> self.rb_bits
-                chunk_end = min(last + 1, (ti + 1) << self.rb_bits)
-                self.alloc_refcount_block(cur)
+                lim = min((last >> self.rb_bits) + 1, len(self.reftable))
+                try:
+                    missing = self.reftable.index(0, ti, lim) if ti < lim else ti
+                except ValueError:
+                    missing = lim
+                if missing > ti:
+                    chunk_end = min(last + 1, missing << self.rb_bits)
+                else:
+                    self.alloc_refcount_block(cur)
+                    chunk_end = min(last + 1, (ti + 1) << self.rb_bits)
                 if decrease:
                     self.used.remove(cur, chunk_end)
                     self.free_cluster_index = min(self.free_cluster_index, cur)
