@@ -291,6 +291,15 @@ def _volume_users(vols: dict[str, VolumeRow], chains: Iterable[ChainRow]) -> dic
     return users
 
 
+def _close_quietly(img) -> None:
+    """Close IMG on an error path without hiding the error being handled."""
+    if img is not None:
+        try:
+            img.close()
+        except EngineError:
+            pass
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InvalidArgument(f"invalid chain name {name!r}: use 1-128 letters, digits, "
@@ -699,7 +708,11 @@ class Repository:
         return jid
 
     def _step(self, jid: int, op: str, step: str) -> None:
-        self._cat.journal_step(jid, step)
+        """Step boundary.  Only roll-forward operations record it (recovery resumes there);
+        a rolled-back operation undoes the same whatever its step, and skipping the write
+        saves a durable commit on every snapshot."""
+        if op in _FORWARD_OPS:
+            self._cat.journal_step(jid, step)
         kill_point(f"{op}.{step}")
 
     def _finish(self, jid: int, op: str, remove: list[str]) -> None:
@@ -740,13 +753,15 @@ class Repository:
         return engine.open(self._abs(row.path), format=row.format, readonly=readonly,
                            backing=backing)
 
-    def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int) -> None:
-        """A new empty qcow2 overlay backed by PARENT (bare name, format recorded)."""
+    def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int):
+        """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
+        open read-write with its chain: the caller makes it the chain's leaf handle, so that
+        the chain is not opened a second time (opening costs one step per level)."""
         import engine
 
-        engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
-                      backing=os.path.basename(parent.path),
-                      backing_format=parent.format).close()
+        return engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
+                             backing=os.path.basename(parent.path),
+                             backing_format=parent.format)
 
     # --- chain operations (Chain methods call these) ----------------------------------------
 
@@ -770,8 +785,9 @@ class Repository:
         vid, rel = self._new_volume("qcow2")
         sid = str(uuid.uuid4())
         jid = self._begin("snapshot", row.name, {"created": [rel], "snapshot": sid})
+        img = None
         try:
-            self._create_overlay(rel, leaf, row.size, row.cluster_size)
+            img = self._create_overlay(rel, leaf, row.size, row.cluster_size)
             self._step(jid, "snapshot", "created")
             with self._cat.transaction():
                 self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", leaf.id,
@@ -782,12 +798,15 @@ class Repository:
                 self._refresh_roles()
                 self._cat.journal_end(jid)
         except BaseException:
+            _close_quietly(img)
             self._abort(jid, row.name)
             raise
+        chain._img = img
         kill_point("snapshot.committed")
         return self._snapshot(self._cat.snapshot(sid))
 
-    def _new_leaf_on(self, op: str, row: ChainRow, snap: SnapshotRow, apply) -> None:
+    def _new_leaf_on(self, op: str, chain: "Chain", row: ChainRow, snap: SnapshotRow,
+                     apply) -> None:
         """Revert and preview: a new empty leaf on top of SNAP's volume, then APPLY(vid)
         inside the commit transaction (it returns the files to remove afterwards)."""
         base = self._cat.volume(snap.volume)
@@ -796,8 +815,9 @@ class Repository:
                                   hint="run 'cowchain chain check --repair'")
         vid, rel = self._new_volume("qcow2")
         jid = self._begin(op, row.name, {"created": [rel], "snapshot": snap.id})
+        img = None
         try:
-            self._create_overlay(rel, base, row.size, row.cluster_size)
+            img = self._create_overlay(rel, base, row.size, row.cluster_size)
             self._step(jid, op, "created")
             with self._cat.transaction():
                 self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", base.id,
@@ -809,8 +829,10 @@ class Repository:
                 else:
                     self._cat.journal_end(jid)
         except BaseException:
+            _close_quietly(img)
             self._abort(jid, row.name)
             raise
+        chain._img = img
         kill_point(f"{op}.committed")
         if remove:
             self._finish(jid, op, remove)
@@ -831,7 +853,7 @@ class Repository:
             self._cat.update_chain(row.name, leaf=vid)
             return self._collect_garbage(old)
 
-        self._new_leaf_on("revert", row, snap, apply)
+        self._new_leaf_on("revert", chain, row, snap, apply)
 
     def _op_preview(self, chain: "Chain", sid: str) -> None:
         row = self._prepare(chain)
@@ -841,7 +863,7 @@ class Repository:
             self._cat.update_chain(row.name, leaf=vid, saved_leaf=row.leaf, preview=snap.id)
             return []
 
-        self._new_leaf_on("preview", row, snap, apply)
+        self._new_leaf_on("preview", chain, row, snap, apply)
 
     def _op_end_preview(self, chain: "Chain", keep: bool) -> None:
         op = "commit_preview" if keep else "undo_preview"
@@ -875,8 +897,9 @@ class Repository:
         vid, rel = self._new_volume("qcow2")
         jid = self._begin("clone", name, {"created": [rel], "snapshot": snap.id,
                                           "origin": row.name})
+        img = None
         try:
-            self._create_overlay(rel, base, row.size, row.cluster_size)
+            img = self._create_overlay(rel, base, row.size, row.cluster_size)
             self._step(jid, "clone", "created")
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, row.size, row.cluster_size, now(), vid,
@@ -886,10 +909,13 @@ class Repository:
                 self._refresh_roles()
                 self._cat.journal_end(jid)
         except BaseException:
+            _close_quietly(img)
             self._abort(jid, name)
             raise
         kill_point("clone.committed")
-        return self.chain(name)
+        clone = self.chain(name)
+        clone._img = img
+        return clone
 
     def _op_delete_snapshot(self, chain: "Chain", sid: str,
                             progress: Progress | None) -> MergeResult:
