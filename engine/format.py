@@ -236,7 +236,6 @@ COMPAT_VERSIONS = {COMPAT_V2: 2, COMPAT_V3: 3, "v2": 2, "v3": 3}
 CREATE_HEADER_CLUSTERS = 3
 
 
-_U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -938,6 +937,11 @@ def encode_header(h: Header) -> bytes:
 # New image layout: a replay of QEMU's cluster allocator during qemu-img create
 # =========================================================================================
 
+def _internal(what: str) -> EngineError:
+    # A broken invariant of the replay below: a bug here, never a property of user input.
+    return EngineError(f"internal error in the qemu-img create replay: {what}")
+
+
 class _Again(Exception):
     """QEMU's -EAGAIN: a new refcount block was allocated, restart the free-space search."""
 
@@ -968,7 +972,7 @@ class _IntervalSet:
         if a >= b:
             return
         if self.first_overlap(a, b) is not None:
-            raise AssertionError("refcount overflow in the create simulation")
+            raise _internal("refcount overflow")
         i = bisect.bisect_left(self.starts, a)
         # merge with neighbours that touch
         if i > 0 and self.ends[i - 1] == a:
@@ -985,7 +989,7 @@ class _IntervalSet:
         if a >= b:
             return
         if not self.covers(a, b):
-            raise AssertionError("refcount underflow in the create simulation")
+            raise _internal("refcount underflow")
         i = bisect.bisect_right(self.starts, a) - 1
         s, e = self.starts[i], self.ends[i]
         del self.starts[i], self.ends[i]
@@ -1132,7 +1136,7 @@ class _CreateAllocator:
         new_block = self.alloc_noref(self.C)
         nb_index = new_block >> self.cb
         if new_block == 0:
-            raise AssertionError("refblock allocated at offset 0")
+            raise _internal("refblock allocated at offset 0")
         if nb_index >> self.rb_bits == ti:
             self.used.add(nb_index, nb_index + 1)      # the block describes itself
         else:
@@ -1342,7 +1346,7 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
     sim = _CreateAllocator(cluster_bits, refcount_order)
     # qcow2_co_create: open the new image and take references on the first three clusters.
     if sim.alloc(CREATE_HEADER_CLUSTERS * cluster_size) != 0:
-        raise AssertionError("create simulation: header clusters not at offset 0")
+        raise _internal("header clusters not at offset 0")
     # blk_truncate -> qcow2_grow_l1_table(exact): a zeroed L1 of exactly l1_size entries,
     # written with its byte length (the file is not padded to a cluster).
     if l1_size:
@@ -1396,7 +1400,8 @@ def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str
     off = 0
 
     def short(needed: int) -> tuple[bool, int]:
-        if needed > MAX_SNAPSHOTS_SIZE + SNAPSHOT_ENTRY_ALIGN:
+        # Whatever the rest of the entry holds, it would end past the limit.
+        if needed > MAX_SNAPSHOTS_SIZE:
             raise SafetyLimitExceeded(f"snapshot table is too big (over {MAX_SNAPSHOTS_SIZE} "
                                       "bytes)", limit=MAX_SNAPSHOTS_SIZE, path=path)
         return False, needed
@@ -1416,7 +1421,7 @@ def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str
                                f"of extra data, v3 needs {SNAPSHOT_EXTRA_DISK_SIZE_END}",
                                offset=h.snapshots_offset + off, path=path)
         end = off + SNAPSHOT_HEADER_SIZE + extra_size + id_len + name_len
-        if end - 0 > MAX_SNAPSHOTS_SIZE:
+        if end > MAX_SNAPSHOTS_SIZE:
             raise SafetyLimitExceeded(f"snapshot table is too big (over {MAX_SNAPSHOTS_SIZE} "
                                       "bytes)", limit=MAX_SNAPSHOTS_SIZE, path=path)
         if end > len(mv):

@@ -455,10 +455,17 @@ def test_snapshot_table_too_big():
     h, _ = fmt.new_image_layout(1 * MiB)
     h.nb_snapshots = fmt.MAX_SNAPSHOTS
     one = _snap_header(id_len=1000, name_len=0, extra=1024) + b"\0" * 2024
+    # Entries that add up to more than 64 MiB: a caller reading incrementally as told is
+    # stopped by SafetyLimitExceeded and never asked for more than 64 MiB.
+    table = one * (fmt.MAX_SNAPSHOTS_SIZE // len(one) + 2)
+    n = 0
     with pytest.raises(SafetyLimitExceeded):
-        # entries claim more than 64 MiB in total; found without reading 64 MiB
-        fmt.snapshot_table_size(one * 70, h)
-        fmt.snapshot_table_size(one * 70000, h)
+        while True:
+            want = fmt.snapshot_table_size(table[:n], h)
+            assert n < want <= fmt.MAX_SNAPSHOTS_SIZE
+            n = max(want, 2 * n)
+    with pytest.raises(SafetyLimitExceeded):
+        fmt.parse_snapshot_table(table, h)
 
 
 def test_snapshot_lenient_mode():
