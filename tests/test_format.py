@@ -36,10 +36,10 @@ HEAD_MAX = 2 * MiB                      # parse_header gets at most this much of
 QEMU_IMG = shutil.which("qemu-img")
 
 
-def _qemu_img(*args, check=True) -> subprocess.CompletedProcess:
+def _qemu_img(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
     # Fails (does not skip) when qemu-img is missing: these tests are the compatibility proof.
     assert QEMU_IMG is not None, "qemu-img not found: install Debian's qemu-utils"
-    proc = subprocess.run([QEMU_IMG, *map(str, args)], capture_output=True, timeout=120,
+    proc = subprocess.run([QEMU_IMG, *map(str, args)], capture_output=True, timeout=timeout,
                           env={**os.environ, "LC_ALL": "C"})
     if check and proc.returncode:
         raise AssertionError(f"qemu-img {' '.join(map(str, args))} exited {proc.returncode}: "
@@ -55,7 +55,9 @@ def _qemu_create(path, size, opts: dict, backing=None, backing_fmt=None) -> byte
     if backing is not None:
         # -u: the backing file need not exist; the size is given explicitly.
         args += ["-u", "-b", backing, "-F", backing_fmt]
-    _qemu_img(*args, path, size)
+    # qemu-img syncs after every refblock it adds: the 100 GiB / 512-byte cases (long
+    # profile) take a minute or more on a loaded machine.
+    _qemu_img(*args, path, size, timeout=900)
     with open(path, "rb") as f:
         return f.read()
 
