@@ -496,6 +496,17 @@ def _encode_refblocks(vals: np.ndarray, order: int) -> bytes:
     return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8).tobytes()
 
 
+def _refblock_offsets(rt: np.ndarray, C: int) -> np.ndarray:
+    """Refblock offsets of reftable entries as int64. Offsets past 2**62 (which no file
+    reaches) are pinned there, keeping their misalignment, so they read as zeros and count as
+    outside the file."""
+    off = rt & _U64(_REFT_OFFSET_MASK)
+    huge = off >= _U64(1 << 62)
+    if huge.any():
+        off = np.where(huge, _U64(1 << 62) | (off & _U64(C - 1)), off)
+    return off.astype(np.int64)
+
+
 class _StoredRefcounts:
     """The refcounts stored on disk, looked up through the reftable (qcow2_get_refcount)."""
 
@@ -519,7 +530,7 @@ class _StoredRefcounts:
         uniq = np.unique(srbi)
         offs = np.zeros(len(uniq), dtype=np.int64)
         inrt = uniq < len(self.rt)
-        offs[inrt] = (self.rt[uniq[inrt]] & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+        offs[inrt] = _refblock_offsets(self.rt[uniq[inrt]], img.C)
         unal = (offs & (img.C - 1)) != 0
         if unal.any():
             bad = np.isin(rbi, uniq[unal])
@@ -908,7 +919,7 @@ class _Calc:
         what a rebuild can reach (the rest cannot collide with anything it writes)."""
         limit = nb + nb // 16 + 4096
         rt = self.img.u64_table(self.img.rt_off, self.img.rt_size)
-        rb = (rt[rt != 0] & _U64(_REFT_OFFSET_MASK)).astype(np.int64) >> self.img.cb
+        rb = _refblock_offsets(rt[rt != 0], self.img.C) >> self.img.cb
         parts = [rb[rb < limit]]
         for first, last in self.uncounted:
             first = np.minimum(first, limit)
@@ -1188,7 +1199,7 @@ class _Calc:
             return nb
         idx = np.arange(len(rt), dtype=np.int64)
         resv = (rt & _U64(_REFT_RESERVED_MASK)) != 0
-        off = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+        off = _refblock_offsets(rt, C)
         unal = ~resv & ((off & (C - 1)) != 0)
         for mask, text in ((resv, "ERROR refcount table entry {} has reserved bits set"),
                            (unal, "ERROR refcount block {} is not cluster aligned; refcount "
@@ -1312,7 +1323,7 @@ def _overlaps_metadata(img: _Image, snaps, offset: int, size: int, *, skip_l2: b
     if not skip_l2 and np.any((l2 != 0) & (l2 < b) & (a < l2 + C)):
         return True
     rt = img.u64_table(img.rt_off, img.rt_size)
-    rb = (rt & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+    rb = _refblock_offsets(rt, C)
     return bool(np.any((rb != 0) & (rb < b) & (a < rb + C)))
 
 
@@ -1339,7 +1350,7 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
     rt = st.rt
     n_rb = -(-nb // E)
     n_rt = min(n_rb, len(rt))
-    offs = (rt[:n_rt] & _U64(_REFT_OFFSET_MASK)).astype(np.int64)
+    offs = _refblock_offsets(rt[:n_rt], C)
     present = (offs != 0) & ((offs & (C - 1)) == 0)
     eio = (offs != 0) & ((offs & (C - 1)) != 0)
     uidx_nb = uidx < nb
