@@ -427,3 +427,19 @@ def test_hostile_summary(results, summary):
     print(line)
     assert rs, "no hostile case ran"
     assert (crashes, hangs, untyped) == (0, 0, 0), line
+
+
+def test_open_watch_sees_an_open(tmp_path):
+    """The open audit is not vacuous: an open of the watched file is seen, also through a
+    symlink and by a child process (which is how the engine's worker runs)."""
+    secret = tmp_path / "secret.qcow2"
+    secret.write_bytes(b"x")
+    os.symlink(secret, tmp_path / "alias")
+    watch = OpenWatch([secret, tmp_path])
+    try:
+        assert watch.events() == []
+        subprocess.run([sys.executable, "-c", f"open({str(tmp_path / 'alias')!r}).close()"],
+                       check=True)
+        assert any("secret" in e or "watched" in e for e in watch.events())
+    finally:
+        watch.close()
