@@ -113,8 +113,29 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class CommandFailed(RuntimeError):
+    pass
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    """Run a command; a failure raises CommandFailed with the command's own message."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise CommandFailed(f"{' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''} exited "
+                            f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[:300]}")
+    return proc
+
+
+def core_build() -> str:
+    """Which compiled core is measured, and whether it is older than its source."""
+    import engine._core as core
+    so = os.path.abspath(core.__file__)
+    built = datetime.datetime.fromtimestamp(os.path.getmtime(so)).astimezone()
+    text = f"{so} (built {built.isoformat(timespec='seconds')})"
+    pyx = os.path.join(os.path.dirname(so), "_core.pyx")
+    if os.path.exists(pyx) and os.path.getmtime(pyx) > os.path.getmtime(so):
+        text += " WARNING: older than _core.pyx beside it (stale build)"
+    return text
 
 
 def qemu_version() -> str:
@@ -845,7 +866,7 @@ def main(argv=None) -> int:
         "qemu": qemu_version(), "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "engine": engine.__file__, "params": p, "batch": args.batch,
-        "loadavg_start": meta_load(),
+        "loadavg_start": meta_load(), "core": core_build(),
     }
     try:
         log(f"building the chain in {d} ({p['base'] // MiB} MiB base, {p['overlays']} "
@@ -865,21 +886,28 @@ def main(argv=None) -> int:
         q = QemuBench(chain["top"])
         meta["aio"] = q.aio
 
-        if "reads" in groups:
-            fig_random_reads(res, q, chain, p, args.batch)
-        if "seq" in groups:
-            fig_seq_reads(res, q, chain, p)
-        if "writes" in groups:
-            fig_writes(res, q, chain, p, d)
-        if "depth" in groups:
-            fig_depth(res, p, d, args.batch)
-        if "snapshot" in groups:
-            fig_snapshot(res, p, d)
-        if "threads" in groups:
-            fig_cpu(res, p)
-            fig_threads(res, chain, p)
-        if "rss" in groups:
-            fig_rss(res, p, d)
+        steps = [
+            ("reads", ["rand4k_loop", "rand4k_batch", "rand4k_batch_abs", "rand4k_batch_ceiling"],
+             lambda: fig_random_reads(res, q, chain, p, args.batch)),
+            ("seq", ["seq1m_vs_qemu", "seq1m_vs_mmap"], lambda: fig_seq_reads(res, q, chain, p)),
+            ("writes", ["write_copyup", "write_rewrite"], lambda: fig_writes(res, q, chain, p, d)),
+            ("depth", ["depth200_loop", "depth200_batch"], lambda: fig_depth(res, p, d, args.batch)),
+            ("snapshot", ["snapshot_ratio", "snapshot_abs"], lambda: fig_snapshot(res, p, d)),
+            ("threads", ["cpu_parallel"], lambda: fig_cpu(res, p)),
+            ("threads", ["threads_2v1", "threads_ceiling"], lambda: fig_threads(res, chain, p)),
+            ("rss", ["rss_open200"], lambda: fig_rss(res, p, d)),
+        ]
+        for group, keys, fn in steps:
+            if group not in groups:
+                continue
+            try:
+                fn()
+            except (CommandFailed, engine.EngineError, OSError) as e:
+                # a figure that cannot be measured here says why; the others still run
+                log(f"{group}: cannot measure: {e}")
+                for k in keys:
+                    if k not in res.rows:
+                        res.na(k, k, "-", f"could not be measured: {type(e).__name__}: {e}")
     finally:
         if cleanup:
             shutil.rmtree(d, ignore_errors=True)
@@ -889,6 +917,7 @@ def main(argv=None) -> int:
     print(f"cowchain vs QEMU ({meta['profile']} profile), {meta['date']}")
     print(f"{meta['qemu']}; qemu-img bench -d 1 -t writeback -i {meta['aio']}; "
           f"Python {meta['python']}; {meta['machine']}")
+    print(f"core: {meta['core']}")
     print(f"chain: {p['base'] // MiB} MiB base fully written + {p['overlays']} overlays x "
           f"{p['overlay_bytes'] // MiB} MiB of scattered 64 KiB writes; qemu-img bench is "
           f"sequential with a step, so a large odd step scatters its requests (4 MiB + 4 KiB "
