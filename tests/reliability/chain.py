@@ -215,7 +215,7 @@ def read_all(img) -> tuple[bytes, np.ndarray]:
 
 def verify(top_path: str, oracle: Oracle, *, hashes: dict | None = None, label: str = "",
            convert: bool = False, rw: bool = True, repair: bool = True,
-           qemu: bool = True, tmpdir: str | None = None) -> Report:
+           qemu: bool = True, qemu_after: bool = True, tmpdir: str | None = None) -> Report:
     """Everything C2 asks after a crash, on the image file ``top_path`` (its backing files
     beside it): qemu-img check (exit 0 or 3), RO open + check() + oracle, RW open + check() +
     oracle + repair('leaks') (then 0 leaks, qemu-img check exit 0), backing hashes, and with
@@ -250,10 +250,11 @@ def verify(top_path: str, oracle: Oracle, *, hashes: dict | None = None, label: 
     if rw:
         try:
             with engine.open(top_path) as img:
-                data, obs2 = read_all(img)
+                data = img.read(0, img.size)
                 if ro_data is not None and data != ro_data:
                     rep.rw_changed = 1
                     rep.details.append("RW open reads differently from the RO open")
+                obs2 = stamps.decode(data) if ro_data is None else None
                 res = img.check()
                 if res.corruptions or res.check_errors:
                     rep.corruptions = max(rep.corruptions, res.corruptions)
@@ -277,7 +278,7 @@ def verify(top_path: str, oracle: Oracle, *, hashes: dict | None = None, label: 
         except Exception as e:  # noqa: BLE001
             rep.untyped = 1
             rep.details.append(f"RW: untyped {type(e).__name__}: {e}\n{traceback.format_exc()}")
-        if qemu and repair and not rep.failed:
+        if qemu and qemu_after and repair and not rep.failed:
             code, out = qemu_check(top_path)
             if code != 0:
                 rep.qemu_after_repair = 1
