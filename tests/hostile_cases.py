@@ -131,10 +131,11 @@ def chain(d: Path, base_fmt: str = "qcow2") -> Path:
     return top
 
 
-def overlay_named(d: Path, name: str, fmt: str | None = "qcow2", file: str = "top.qcow2") -> Path:
+def overlay_named(d: Path, name: str, fmt: str | None = "qcow2", file: str = "top.qcow2",
+                  cluster: int = 65536) -> Path:
     """An overlay whose backing reference is NAME (not checked by qemu-img: -u)."""
     path = d / file
-    args = ["create", "-q", "-f", "qcow2", "-u", "-b", name]
+    args = ["create", "-q", "-f", "qcow2", "-u", "-o", f"cluster_size={cluster}", "-b", name]
     if fmt:
         args += ["-F", fmt]
     qemu.qemu_img(*args, path, 4 * MiB)
@@ -670,12 +671,12 @@ def _deep_chain(d, depth):
     """DEPTH qcow2 files, each backed by the previous one (names of equal length, so the
     template's backing name can be patched in place)."""
     bottom = d / "v0000.qcow2"
-    qemu.create(bottom, 1 * MiB)
+    qemu.create(bottom, 4 * MiB, cluster_size=512)
     qemu.qemu_io(bottom, "write -q -P 0x77 0 4k")
-    tmpl = overlay_named(d, "v0000.qcow2", "qcow2", file="tmpl.qcow2")
+    # 512-byte clusters keep each file at a few KiB.
+    tmpl = overlay_named(d, "v0000.qcow2", "qcow2", file="tmpl.qcow2", cluster=512)
     data = bytearray(tmpl.read_bytes())
     os.unlink(tmpl)
-    boff = poke.get(bottom, "backing_file_offset")  # 0 for the bottom; read from data:
     boff = struct.unpack(">Q", data[8:16])[0]
     for i in range(1, depth):
         data[boff:boff + 11] = f"v{i - 1:04d}.qcow2".encode()
