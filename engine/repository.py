@@ -961,12 +961,7 @@ class Repository:
     def _merge_costs(self, vol: VolumeRow, child: VolumeRow) -> tuple[int, int]:
         """(bytes a commit of CHILD into VOL writes, bytes a pull of VOL into CHILD writes)."""
         with self._open_volume(child, readonly=True) as img:
-            exts = img.extents()
-        commit = sum(e.length for e in exts if e.present and e.depth == 0)
-        keep_zeros = vol.parent is not None
-        pull = sum(e.length for e in exts if e.present and e.depth == 1
-                   and (keep_zeros or e.data or not e.zero))
-        return commit, pull
+            return ops.merge_costs(img, keep_zeros=vol.parent is not None)
 
     def _merge_run(self, jid: int, args: dict, step: str,
                    progress: Progress | None = None) -> int:

@@ -12,9 +12,9 @@ from engine.ops._hooks import kill_point
 from engine.ops.commit import commit
 from engine.ops.convert import convert
 from engine.ops.diff import Change, allocated_ranges, annotate
-from engine.ops.measure import allocated_bytes, layer_runs
+from engine.ops.measure import allocated_bytes, layer_runs, merge_costs
 from engine.ops.stream import stream
 
 __all__ = ["CHUNK", "Change", "Meter", "allocated_bytes", "allocated_ranges", "annotate",
-           "commit", "convert", "copy_runs", "kill_point", "layer_runs", "nonzero_blocks",
-           "stream"]
+           "commit", "convert", "copy_runs", "kill_point", "layer_runs", "merge_costs",
+           "nonzero_blocks", "stream"]

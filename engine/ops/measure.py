@@ -38,3 +38,27 @@ def layer_runs(image, depth: int = 0, *, keep_zeros: bool = True,
 def allocated_bytes(image, depth: int = 0, *, keep_zeros: bool = True) -> int:
     """Bytes of the guest disk that layer DEPTH of IMAGE's chain holds (see layer_runs)."""
     return sum(r[1] for r in layer_runs(image, depth, keep_zeros=keep_zeros))
+
+
+def merge_costs(image, *, keep_zeros: bool = True) -> tuple[int, int]:
+    """The two ways to merge IMAGE with its backing volume, priced in guest bytes to write.
+
+    Arguments:
+        image (Image): the upper volume, opened with its chain (depth 1 is the volume under).
+        keep_zeros (bool): a pull must also copy the lower volume's zero ranges (False when
+            nothing remains under the lower volume, so zeros read as zeros anyway).
+
+    Returns:
+        (commit, pull): bytes a commit of IMAGE down into its backing volume writes (all IMAGE
+        holds), and bytes a pull of the backing volume up into IMAGE writes (what the backing
+        volume holds and IMAGE does not).  One ``extents`` call answers both.
+    """
+    commit = pull = 0
+    for e in image.extents():
+        if not e.present:
+            continue
+        if e.depth == 0:
+            commit += e.length
+        elif e.depth == 1 and (keep_zeros or e.data or not e.zero):
+            pull += e.length
+    return commit, pull
