@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno as _errno
 import json
 import os
 import sqlite3
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
-from engine.errors import RepositoryError
+from engine.errors import EngineError, RepositoryError, io_error
 
 #: The version of the schema below.  A catalog with a newer version is refused (a newer
 #: cowchain wrote it); an older one would be migrated here when there is a version 2.
@@ -141,6 +142,17 @@ class JournalRow:
     started: str
 
 
+def _translate(e: sqlite3.Error, path: str) -> EngineError:
+    """The one place that turns an SQLite error into an EngineError."""
+    text = str(e)
+    code = getattr(e, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in text:
+        return io_error(_errno.ENOSPC, f"catalog: {text}", path=path)
+    if code == sqlite3.SQLITE_IOERR or "disk I/O error" in text:
+        return io_error(_errno.EIO, f"catalog: {text}", path=path)
+    return RepositoryError(f"catalog: {text}", path=path)
+
+
 def _columns(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
@@ -215,17 +227,18 @@ class Catalog:
             finally:
                 self._depth -= 1
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        self._exec("BEGIN IMMEDIATE")
         self._depth = 1
         try:
             yield
         except BaseException:
             self._depth = 0
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._depth = 0
         try:
-            self._db.execute("COMMIT")
+            self._exec("COMMIT")
         except BaseException:
             # A failed COMMIT (a deferred foreign key, a full disk) leaves the transaction
             # open in SQLite: end it, so the catalog stays as it was before.
@@ -234,7 +247,14 @@ class Catalog:
             raise
 
     def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
-        return self._db.execute(sql, args)
+        if self._db is None:
+            raise RepositoryError("the catalog is closed", path=self.path)
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.IntegrityError:
+            raise   # a broken invariant in our own code: keep it loud and distinct
+        except sqlite3.Error as e:
+            raise _translate(e, self.path) from None
 
     def _insert(self, table: str, row) -> None:
         cols = [c for c in _columns(type(row)) if not (c == "seq" and row.seq is None)]

@@ -424,6 +424,14 @@ class Repository:
         if err is not None:
             raise err
 
+    def __del__(self):
+        # An unclosed repository must not keep its lock (and its leaf handles) forever.
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
     @property
     def closed(self) -> bool:
         return self._closed
