@@ -425,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Manage QCOW2 snapshot chains (oVirt-style) in a "
                                     "repository.",
                         epilog="Sizes take K, M, G, T suffixes (powers of 1024). Snapshot ids "
-                               "may be abbreviated to a unique prefix of 4+ characters."), True)
+                               "may be abbreviated to a unique prefix of 4+ characters. Exit "
+                               "codes: 0 success, 2 usage error (check: problems remain), 3 "
+                               "check: only leaked clusters remain, 9 image locked, 12 invalid "
+                               "argument, 15 request refused, 16 not found, 74 file error, 70 "
+                               "internal error; the rest as engine/errors.py."), True)
     groups = p.add_subparsers(dest="group", metavar="{repo,chain}", parser_class=_Parser)
     groups.required = True
 
