@@ -502,11 +502,12 @@ class Repository:
             raise RepositoryError(f"a chain named {name!r} exists already")
         vid, rel = self._new_volume(base_format)
         jid = self._begin("create_chain", name, {"created": [rel]})
+        img = None
         try:
             import engine
 
-            engine.create(self._abs(rel), size, format=base_format,
-                          cluster_size=cluster_size).close()
+            img = engine.create(self._abs(rel), size, format=base_format,
+                                cluster_size=cluster_size)
             self._step(jid, "create_chain", "created")
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
@@ -514,10 +515,13 @@ class Repository:
                                                   "LEGAL", now()))
                 self._cat.journal_end(jid)
         except BaseException:
+            _close_quietly(img)
             self._abort(jid, name)
             raise
         kill_point("create_chain.committed")
-        return self.chain(name)
+        chain = self.chain(name)
+        chain._img = img
+        return chain
 
     def delete_chain(self, name: str) -> None:
         """Remove chain NAME with its snapshots and the volumes only it uses.
