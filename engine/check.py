@@ -127,6 +127,8 @@ _SNAPSHOT_KNOWN_EXTRA = fmt.SNAPSHOT_EXTRA_SIZE      # vm_state_size_large, disk
 _SNAPSHOT_V3_MIN_EXTRA = fmt.SNAPSHOT_EXTRA_DISK_SIZE_END  # v3 entries need up to disk_size
 _INT_MAX = fmt.INT_MAX                               # QEMU refuses files of more clusters
 _INT64_MAX = fmt.INT64_MAX
+# QEMU's block layer refuses requests past this (BDRV_MAX_LENGTH): a read there is an EIO.
+_BDRV_MAX_LENGTH = _INT64_MAX - (_INT64_MAX % (1 << 30))
 
 # Bitmaps extension (section 2.2) and its tables (docs/interop/qcow2.rst "Bitmaps").
 _EXT_BITMAPS = fmt.EXT_MAGIC_BITMAPS
@@ -136,6 +138,14 @@ _BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _BME_RESERVED_MASK = 0xFF000000000001FE
 _BME_ALL_ONES = 1
 _BME_DIR_ENTRY = 24                      # fixed part of a bitmap directory entry
+_BME_MAX_TABLE_SIZE = 0x8000000          # entries
+_BME_MAX_PHYS_SIZE = 0x20000000          # bytes of bitmap data
+_BME_MIN_GRANULARITY_BITS = 9
+_BME_MAX_GRANULARITY_BITS = 31
+_BME_MAX_NAME_SIZE = 1023
+_BME_FLAG_IN_USE = 1
+_BME_RESERVED_FLAGS = 0xFFFFFFFC
+_BT_DIRTY_TRACKING = 1
 
 # A repair may extend the file to cover a refcount block past its end (as QEMU does), but not
 # by more than this: a block pointer far past the end is rebuilt instead of making a huge file.
@@ -496,15 +506,17 @@ def _encode_refblocks(vals: np.ndarray, order: int) -> bytes:
     return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8).tobytes()
 
 
-def _refblock_offsets(rt: np.ndarray, C: int) -> np.ndarray:
-    """Refblock offsets of reftable entries as int64. Offsets past 2**62 (which no file
-    reaches) are pinned there, keeping their misalignment, so they read as zeros and count as
-    outside the file."""
+def _refblock_offsets(rt: np.ndarray, C: int):
+    """(offsets, unreadable) of reftable entries: the refblock offsets as int64, and where
+    QEMU cannot read the block (an offset not cluster-aligned, or past the block layer's
+    maximum length: EIO). Offsets past 2**62, which no file reaches, are pinned there keeping
+    their misalignment, so they read as zeros and count as outside the file."""
     off = rt & _U64(_REFT_OFFSET_MASK)
+    unreadable = ((off & _U64(C - 1)) != 0) | (off > _U64(_BDRV_MAX_LENGTH - C))
     huge = off >= _U64(1 << 62)
     if huge.any():
         off = np.where(huge, _U64(1 << 62) | (off & _U64(C - 1)), off)
-    return off.astype(np.int64)
+    return off.astype(np.int64), unreadable
 
 
 class _StoredRefcounts:
@@ -530,8 +542,8 @@ class _StoredRefcounts:
         uniq = np.unique(srbi)
         offs = np.zeros(len(uniq), dtype=np.int64)
         inrt = uniq < len(self.rt)
-        offs[inrt] = _refblock_offsets(self.rt[uniq[inrt]], img.C)
-        unal = (offs & (img.C - 1)) != 0
+        unal = np.zeros(len(uniq), dtype=bool)
+        offs[inrt], unal[inrt] = _refblock_offsets(self.rt[uniq[inrt]], img.C)
         if unal.any():
             bad = np.isin(rbi, uniq[unal])
             ok[bad] = False
@@ -587,6 +599,10 @@ def _lookup(uidx: np.ndarray, ucnt: np.ndarray, clusters: np.ndarray) -> np.ndar
     pos_c = np.minimum(pos, len(uidx) - 1)
     hit = uidx[pos_c] == clusters
     return np.where(hit, ucnt[pos_c], 0)
+
+
+class _Abort(Exception):
+    """The check cannot complete (after _Pass.fail recorded why); qemu-img prints nothing."""
 
 
 class _Pass:
@@ -699,8 +715,13 @@ def _check_once(fd: int, path: str, fix: int) -> _Pass:
     snapshots = _read_snapshot_table(p, img)
     if snapshots is None:
         return p
-    if not _check_refcounts(p, img, snapshots):
+    snapshot_corruptions = p.corruptions
+    try:
+        if not _check_refcounts(p, img, snapshots):
+            return p
+    except _Abort:
         return p
+    _fix_snapshot_table(p, img, snapshots, snapshot_corruptions)
     if fix and p.check_errors == 0 and p.corruptions == 0:
         _mark_clean(p, img)
     return p
@@ -753,11 +774,44 @@ def _validate_open(p: _Pass, img: _Image) -> bool:
 
 @dataclass
 class _Snap:
+    """One snapshot table entry as QEMU keeps it in memory (what qcow2_write_snapshots needs)."""
     l1_table_offset: int
     l1_size: int
     extra_data_size: int
-    id_str: str
-    name: str
+    id_raw: bytes
+    name_raw: bytes
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int = 0
+    icount: int = fmt.SNAPSHOT_ICOUNT_NONE
+    unknown_extra: bytes = b""
+
+    @property
+    def id_str(self) -> str:
+        return self.id_raw.decode("utf-8", "replace")
+
+    @property
+    def name(self) -> str:
+        return self.name_raw.decode("utf-8", "replace")
+
+
+class _Window:
+    """Reads of a table that is walked forwards in small pieces, served from 1 MiB reads."""
+
+    def __init__(self, img: _Image):
+        self.img = img
+        self.start = 0
+        self.buf = b""
+
+    def read(self, pos: int, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
+            self.start = pos
+            self.buf = self.img.pread(pos, max(n, 1 << 20))
+        return self.buf[pos - self.start:pos - self.start + n]
 
 
 def _read_snapshot_table(p: _Pass, img: _Image):
@@ -774,21 +828,24 @@ def _read_snapshot_table(p: _Pass, img: _Image):
     if nb > _MAX_SNAPSHOTS:
         p.fail("ERROR snapshot table too large")
         return None
-    if (1 << 63) - 1 - nb * _SNAPSHOT_HEADER < off or off & (img.C - 1):
+    if _INT64_MAX - nb * _SNAPSHOT_HEADER < off or off & (img.C - 1):
         p.fail("ERROR snapshot table offset invalid")
         return None
 
     snaps: list[_Snap] = []
     table_length = 0
     pos = off
+    win = _Window(img)
     for i in range(nb):   # one iteration per snapshot: each is a table tree of its own
         pre = pos
         table_length = (table_length + 7) & ~7
         pos = (pos + 7) & ~7
-        hdr = img.pread(pos, _SNAPSHOT_HEADER)
+        if pos + _SNAPSHOT_HEADER + 2 * 65536 + _MAX_SNAPSHOT_EXTRA > _BDRV_MAX_LENGTH:
+            p.fail("ERROR failed to read the snapshot table: Input/output error")
+            return None
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
+         extra) = struct.unpack(">QIHHIIQII", win.read(pos, _SNAPSHOT_HEADER))
         pos += _SNAPSHOT_HEADER
-        l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms, extra = struct.unpack(
-            ">QIHHIIQII", hdr)
         truncate = False
         if extra > _MAX_SNAPSHOT_EXTRA:
             if not repair:
@@ -799,15 +856,23 @@ def _read_snapshot_table(p: _Pass, img: _Image):
                            f"entry {i} ({extra} > {_MAX_SNAPSHOT_EXTRA})")
             dropped += 1
             truncate = True
+        known = win.read(pos, min(_SNAPSHOT_KNOWN_EXTRA, extra)).ljust(_SNAPSHOT_KNOWN_EXTRA,
+                                                                        b"\0")
         pos += min(_SNAPSHOT_KNOWN_EXTRA, extra)
+        vm_large, disk_size, icount = struct.unpack(">QQQ", known)
+        unknown = b""
         if extra > _SNAPSHOT_KNOWN_EXTRA:
             extra_end = pos + extra - _SNAPSHOT_KNOWN_EXTRA
             if truncate:
                 extra = _MAX_SNAPSHOT_EXTRA
+            unknown = win.read(pos, extra - _SNAPSHOT_KNOWN_EXTRA)
             pos = extra_end
-        sid = img.pread(pos, id_len)
+            if pos + 2 * 65536 > _BDRV_MAX_LENGTH:
+                p.fail("ERROR failed to read the snapshot table: Input/output error")
+                return None
+        sid = win.read(pos, id_len)
         pos += id_len
-        name = img.pread(pos, name_len)
+        name = win.read(pos, name_len)
         pos += name_len
         table_length += _SNAPSHOT_HEADER + extra + id_len + name_len
         if table_length > _MAX_SNAPSHOTS_BYTES or pos - off > _INT_MAX:
@@ -820,8 +885,12 @@ def _read_snapshot_table(p: _Pass, img: _Image):
             nb = i
             pos = pre
             break
-        snaps.append(_Snap(l1_off, l1_size, extra, sid.decode("utf-8", "replace"),
-                           name.decode("utf-8", "replace")))
+        snaps.append(_Snap(
+            l1_off, l1_size, extra, sid, name, date_sec, date_nsec, vm_clock,
+            vm_large if extra >= fmt.SNAPSHOT_EXTRA_VM_STATE_END else vm_state32,
+            disk_size if extra >= fmt.SNAPSHOT_EXTRA_DISK_SIZE_END else img.size // 512 * 512,
+            icount if extra >= fmt.SNAPSHOT_EXTRA_ICOUNT_END else fmt.SNAPSHOT_ICOUNT_NONE,
+            unknown))
     img.snapshots_size = pos - off if nb else 0
     p.corruptions += reduced + dropped
     if reduced:
@@ -840,7 +909,135 @@ def _read_snapshot_table(p: _Pass, img: _Image):
     return snaps
 
 
+def _encode_snapshots(snaps: list[_Snap]) -> bytes:
+    """The snapshot table as qcow2_write_snapshots writes it (entries 8-byte aligned, at
+    least the 24 bytes of known extra data, unknown extra data kept)."""
+    out = bytearray()
+    for sn in snaps:                     # per snapshot
+        out += b"\0" * (-len(out) % 8)
+        extra = max(_SNAPSHOT_KNOWN_EXTRA, sn.extra_data_size)
+        out += struct.pack(">QIHHIIQII", sn.l1_table_offset, sn.l1_size, len(sn.id_raw),
+                           len(sn.name_raw), sn.date_sec, sn.date_nsec, sn.vm_clock_nsec,
+                           sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0, extra)
+        out += struct.pack(">QQQ", sn.vm_state_size, sn.disk_size, sn.icount)
+        if sn.extra_data_size > _SNAPSHOT_KNOWN_EXTRA:
+            out += sn.unknown_extra
+        out += sn.id_raw + sn.name_raw
+    return bytes(out)
+
+
+def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: int) -> None:
+    """qcow2_check_fix_snapshot_table: with repair "all", rewrite a snapshot table that had
+    corruptions (incomplete or oversized entries) the way qcow2_write_snapshots does: allocate
+    the first free clusters, raise their refcounts (fsync), write the table (fsync), switch
+    the 12-byte header pointer at offset 60 (write + fsync), then free the old table."""
+    if not corruptions or not p.fix & _FIX_ERRORS:
+        return
+    old_off, old_size = img.snapshots_offset, img.snapshots_size
+    img = _reload(p, img) or img
+    blob = _encode_snapshots(snaps)
+    n = -(-len(blob) // img.C)
+    new_off = 0
+    if n:
+        # Never inside the old table (a crash before the pointer switch would destroy it)
+        # nor on other metadata the refcounts may not account for.
+        keep_out = [(old_off, old_size), (img.l1_off, img.l1_size * 8),
+                    (img.rt_off, img.rt_size * 8)]
+        keep_out += [(sn.l1_table_offset, sn.l1_size * 8) for sn in snaps]
+        first = _first_free_run(img, n, keep_out)
+        if first is None:
+            p.findings.add("snapshot", "ERROR failed to update snapshot table: no refcount "
+                           "block covers the free space it needs")
+            return
+        clusters = np.arange(first, first + n, dtype=np.int64)
+        _write_refcounts(img, clusters, np.ones(n, np.int64))
+        new_off = first * img.C
+        img.pwrite(new_off, blob)
+        img.sync()
+    img.pwrite(_HDR_NB_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_off))
+    img.sync()
+    if old_size:
+        old = np.arange(old_off >> img.cb, ((old_off + old_size - 1) >> img.cb) + 1,
+                        dtype=np.int64)
+        rc, ok = _StoredRefcounts(img).get(old)
+        if ok.all() and (rc >= 1).all():            # else QEMU's decrement fails as a whole
+            _write_refcounts(img, old, rc.astype(np.int64) - 1)
+    p.corruptions -= corruptions
+    p.corruptions_fixed += corruptions
+    p.findings.add("snapshot", f"Rewrote the snapshot table at offset {new_off:#x}")
+
+
+def _first_free_run(img: _Image, n: int, keep_out):
+    """alloc_clusters_noref: the first run of ``n`` clusters whose stored refcount is 0, from
+    cluster 0, outside the ``keep_out`` (offset, size) ranges; None when a refblock for it is
+    missing (QEMU would grow the refcount structures, which this repair does not do)."""
+    nb = -(-img.file_size // img.C)
+    ends = [-(-(off + size) // img.C) for off, size in keep_out if size > 0]
+    limit = max([nb] + [e for e in ends if e <= nb + (1 << 20)]) + n + 1
+    st = _StoredRefcounts(img)
+    rc, ok = st.get(np.arange(limit, dtype=np.int64))
+    free = (rc == 0) & ok
+    free[0] = False
+    rb = _refblock_offsets(st.rt[st.rt != 0], img.C)[0] >> img.cb
+    free[rb[rb < limit]] = False
+    for off, size in keep_out:          # per metadata table
+        if size > 0 and off < limit * img.C:
+            free[off >> img.cb:min(limit, ((off + size - 1) >> img.cb) + 1)] = False
+    run = np.convolve(free.astype(np.int64), np.ones(n, np.int64), "valid")
+    hits = np.flatnonzero(run == n)
+    if not len(hits):
+        return None
+    first = int(hits[0])
+    blocks = np.unique(np.arange(first, first + n) >> img.rb_bits)
+    offs = np.zeros(len(blocks), np.int64)
+    inrt = blocks < len(st.rt)
+    if not inrt.all():
+        return None
+    offs, unreadable = _refblock_offsets(st.rt[blocks], img.C)
+    if (offs == 0).any() or unreadable.any():
+        return None
+    return first
+
+
 # --- Computing the references -----------------------------------------------------------------
+
+def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int):
+    """bitmap_list_load's checks: the (table offset, table size) of each bitmap, or the reason
+    the directory is unusable (a string)."""
+    if dsize == 0:
+        return "size is zero"
+    if dsize > _BME_MAX_DIR_BYTES:
+        return "size is too big"
+    if doff > _BDRV_MAX_LENGTH - dsize:
+        return "cannot be read"
+    d = img.pread(doff, dsize)
+    pos = 0
+    tables = []
+    while pos < dsize:                   # per bitmap directory entry
+        if pos + _BME_DIR_ENTRY > dsize:
+            return "broken bitmap directory"
+        toff, tsize, flags, btype, gran, name_len, extra = struct.unpack_from(
+            ">QIIBBHI", d, pos)
+        if len(tables) >= nb:
+            return "more bitmaps found than specified in header extension"
+        step = (_BME_DIR_ENTRY + extra + name_len + 7) & ~7
+        if pos + step > dsize:
+            return "broken bitmap directory"
+        if extra:
+            return "bitmap extra data is not supported"
+        phys = tsize * img.C
+        if (tsize == 0 or toff == 0 or toff % img.C or tsize > _BME_MAX_TABLE_SIZE
+                or not _BME_MIN_GRANULARITY_BITS <= gran <= _BME_MAX_GRANULARITY_BITS
+                or flags & _BME_RESERVED_FLAGS or name_len > _BME_MAX_NAME_SIZE
+                or btype != _BT_DIRTY_TRACKING or phys > _BME_MAX_PHYS_SIZE
+                or (not flags & _BME_FLAG_IN_USE and img.size > (phys * 8) << gran)):
+            return f"bitmap {len(tables)} does not satisfy the constraints"
+        tables.append((toff, tsize))
+        pos += step
+    if len(tables) != nb:
+        return "less bitmaps found than specified in header extension"
+    return tables
+
 
 class _Calc:
     """calculate_refcounts: the in-memory reference counts and the structural checks."""
@@ -919,7 +1116,7 @@ class _Calc:
         what a rebuild can reach (the rest cannot collide with anything it writes)."""
         limit = nb + nb // 16 + 4096
         rt = self.img.u64_table(self.img.rt_off, self.img.rt_size)
-        rb = _refblock_offsets(rt[rt != 0], self.img.C) >> self.img.cb
+        rb = _refblock_offsets(rt[rt != 0], self.img.C)[0] >> self.img.cb
         parts = [rb[rb < limit]]
         for first, last in self.uncounted:
             first = np.minimum(first, limit)
@@ -978,6 +1175,10 @@ class _Calc:
             if size == 0:
                 continue
             self.inc(self.main, off, size * 8, k)
+            if off > _BDRV_MAX_LENGTH - size * 8:
+                # QEMU's read of this table fails (EIO) and so does its whole check.
+                p.fail("ERROR: I/O error in check_refcounts_l1")
+                raise _Abort()
             e = img.u64_table(off, size)
             nz = e[e != 0]
             if active:
@@ -1145,47 +1346,32 @@ class _Calc:
         return fixed
 
     def count_bitmaps(self) -> None:
-        """qcow2_check_bitmaps_refcounts: the directory, each bitmap table, each data cluster."""
+        """qcow2_check_bitmaps_refcounts: the directory, each bitmap table, each data cluster.
+
+        As in QEMU, a bitmap directory or table that does not load is a corruption that ends
+        the check (qemu-img then reports "Check failed")."""
         img = self.img
         p = self.p
         if img.bitmaps is None or img.bitmaps[0] == 0:
             return
         nb, dsize, doff = img.bitmaps
         self.inc(self.main, doff, dsize)
-        if dsize > _BME_MAX_DIR_BYTES or doff & (img.C - 1) or doff + dsize > img.file_size:
+        tables = _bitmap_directory(img, nb, dsize, doff)
+        if isinstance(tables, str):
             p.corruptions += 1
-            p.findings.add("bitmap", "ERROR bitmap directory is invalid")
-            self.fatal_bitmaps = True
-            return
-        d = img.pread(doff, dsize)
-        pos = 0
-        tables = []
-        for _ in range(nb):       # one iteration per bitmap (each has a table of its own)
-            if pos + _BME_DIR_ENTRY > len(d):
-                p.corruptions += 1
-                p.findings.add("bitmap", "ERROR bitmap directory is truncated")
-                self.fatal_bitmaps = True
-                return
-            toff, tsize, _flags, _type, _gran, name_len, extra = struct.unpack_from(
-                ">QIIBBHI", d, pos)
-            tables.append((toff, tsize))
-            pos += (_BME_DIR_ENTRY + extra + name_len + 7) & ~7
-        for toff, tsize in tables:
+            p.fail(f"ERROR bitmap directory: {tables}")
+            raise _Abort()
+        for toff, tsize in tables:        # per bitmap: each has its own table
             self.inc(self.main, toff, tsize * 8)
-            if toff & (img.C - 1) or tsize * 8 > _MAX_L1_BYTES:
-                p.corruptions += 1
-                p.findings.add("bitmap", f"ERROR bitmap table at {toff:#x} is invalid")
-                break
             t = img.u64_table(toff, tsize)
+            offs = t & _U64(_BME_OFFSET_MASK)
             bad = ((t & _U64(_BME_RESERVED_MASK)) != 0) | (
-                ((t & _U64(_BME_OFFSET_MASK)) != 0)
-                & (((t & _U64(_BME_ALL_ONES)) != 0) | ((t & _U64(img.C - 1)) != 0)))
+                (offs != 0) & (((t & _U64(_BME_ALL_ONES)) != 0) | ((offs & _U64(img.C - 1)) != 0)))
             if bad.any():
                 p.corruptions += 1
-                p.findings.add("bitmap", f"ERROR bitmap table at {toff:#x} has invalid entries")
-                break
-            data = (t & _U64(_BME_OFFSET_MASK)).astype(np.int64)
-            data = data[data != 0]
+                p.fail(f"ERROR bitmap table at {toff:#x} has invalid entries")
+                raise _Abort()
+            data = offs[offs != 0].astype(np.int64)
             self.inc_many(self.main, data, img.C, 1)
 
     def check_refblocks(self, base_idx: np.ndarray, base_cnt: np.ndarray, nb: int) -> int:
@@ -1199,7 +1385,7 @@ class _Calc:
             return nb
         idx = np.arange(len(rt), dtype=np.int64)
         resv = (rt & _U64(_REFT_RESERVED_MASK)) != 0
-        off = _refblock_offsets(rt, C)
+        off = _refblock_offsets(rt, C)[0]
         unal = ~resv & ((off & (C - 1)) != 0)
         for mask, text in ((resv, "ERROR refcount table entry {} has reserved bits set"),
                            (unal, "ERROR refcount block {} is not cluster aligned; refcount "
@@ -1323,7 +1509,7 @@ def _overlaps_metadata(img: _Image, snaps, offset: int, size: int, *, skip_l2: b
     if not skip_l2 and np.any((l2 != 0) & (l2 < b) & (a < l2 + C)):
         return True
     rt = img.u64_table(img.rt_off, img.rt_size)
-    rb = _refblock_offsets(rt, C)
+    rb = _refblock_offsets(rt, C)[0]
     return bool(np.any((rb != 0) & (rb < b) & (a < rb + C)))
 
 
@@ -1350,9 +1536,9 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
     rt = st.rt
     n_rb = -(-nb // E)
     n_rt = min(n_rb, len(rt))
-    offs = _refblock_offsets(rt[:n_rt], C)
-    present = (offs != 0) & ((offs & (C - 1)) == 0)
-    eio = (offs != 0) & ((offs & (C - 1)) != 0)
+    offs, unreadable = _refblock_offsets(rt[:n_rt], C)
+    present = (offs != 0) & ~unreadable
+    eio = (offs != 0) & unreadable
     uidx_nb = uidx < nb
     uidx, ucnt = uidx[uidx_nb], ucnt[uidx_nb]
     rbi = uidx >> img.rb_bits
@@ -1424,7 +1610,7 @@ def _report_mismatches(p: _Pass, img: _Image, mis: _Mismatches, fix: int):
         p.check_errors += mis.eio_clusters
         p.findings.add_many("eio", len(mis.eio_blocks), (
             f"Can't get refcount for clusters {b * img.E}..{min(b * img.E + img.E, mis.nb) - 1}"
-            ": Input/output error (refcount block not cluster aligned)"
+            ": Input/output error (the refcount block cannot be read)"
             for b in mis.eio_blocks))
     st, cp = mis.stored, mis.computed
     rebuild = bool(np.any(st == 0))   # a referenced cluster without refcount
