@@ -324,8 +324,35 @@ DAMAGE = {
     "snapshot-table-unaligned": ({"_snapshots": True},
                                  lambda p: poke.set(p, "snapshots_offset",
                                                     poke.get(p, "snapshots_offset") + 8), True),
+    "snapshot-entry-incomplete": ({"_snapshots": True},
+                                  lambda p: poke.write_be(p, poke.snapshot_entry(p, 1) + 36, 4, 8),
+                                  True),
+    "snapshot-extra-too-large": ({"_snapshots": True},
+                                 lambda p: poke.write_be(p, poke.snapshot_entry(p, 1) + 36, 4,
+                                                         2000), True),
+    "snapshot-count-too-high": ({"_snapshots": True},
+                                lambda p: poke.set(p, "nb_snapshots", 3), True),
+    "bitmap-directory-leak": ({"_bitmaps": True},
+                              lambda p: set_refcount(p, _bitmap_dir(p) // 65536, 2), True),
+    "bitmap-directory-refcount-zero": ({"_bitmaps": True},
+                                       lambda p: set_refcount(p, _bitmap_dir(p) // 65536, 0),
+                                       True),
+    "bitmap-table-reserved-bit": ({"_bitmaps": True},
+                                  lambda p: xor_be(p, _bitmap_table(p), 2), True),
+    "bitmap-count-wrong": ({"_bitmaps": True},
+                           lambda p: poke.write_be(
+                               p, poke.find_extension(p, poke.EXT_BITMAPS)[0] + 8, 4, 3), True),
     "l1-too-small": ({}, lambda p: poke.set(p, "l1_size", 0), True),
 }
+
+
+def _bitmap_dir(p):
+    off, _ = poke.find_extension(p, poke.EXT_BITMAPS)
+    return poke.read_be(p, off + 8 + 16, 8)
+
+
+def _bitmap_table(p):
+    return poke.read_be(p, _bitmap_dir(p), 8)
 
 
 def _damaged(tmp_path, name):
@@ -335,6 +362,8 @@ def _damaged(tmp_path, name):
         path = _compressed(tmp_path, 65536)
     elif opts.pop("_snapshots", False):
         path = _snapshots(tmp_path, **opts)
+    elif opts.pop("_bitmaps", False):
+        path = _bitmaps(tmp_path)
     else:
         path = make(tmp_path, **opts)
     pristine = tmp_path / "pristine.qcow2"
