@@ -185,9 +185,12 @@ def _is_qcow2(head: bytes) -> bool:
     return head[:4] == fmt.QCOW_MAGIC_BYTES
 
 
-def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool) -> str:
+def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool,
+                        real_dirs: dict | None = None) -> str:
     """Policy for backing references (S2): a plain name relative to the overlay's folder
     that resolves, symlinks included, inside that folder. Returns the resolved path."""
+    if name in ("", ".") or name.endswith("/"):
+        raise UnsafeBackingReference(name, f"backing file name {name!r} does not name a file")
     if "\0" in name:
         raise UnsafeBackingReference(name, "backing file name contains a NUL byte")
     if not allow_unsafe:
@@ -199,8 +202,13 @@ def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool) -> str:
             raise UnsafeBackingReference(name, f"backing file {name!r} leaves the overlay's folder")
     full = os.path.join(overlay_dir, name)
     if not allow_unsafe:
-        root = os.path.realpath(overlay_dir)
-        real = os.path.realpath(full)
+        # one realpath per folder per open: a 200-deep chain in one folder pays for it once
+        root = real_dirs.get(overlay_dir) if real_dirs is not None else None
+        if root is None:
+            root = os.path.realpath(overlay_dir)
+            if real_dirs is not None:
+                real_dirs[overlay_dir] = root
+        real = os.path.realpath(full) if os.path.islink(full) or "/" in name else os.path.join(root, name)
         if not real.startswith(root + os.sep):
             raise UnsafeBackingReference(name, f"backing file {name!r} resolves outside the "
                                          "overlay's folder")
@@ -651,7 +659,8 @@ def _open_backing(path, header, opts, *, depth, seen):
         return None, None
     name = header.backing_file
     bdir = os.path.dirname(path) or "."
-    full = _check_backing_name(name, bdir, opts["allow_unsafe_backing"])
+    full = _check_backing_name(name, bdir, opts["allow_unsafe_backing"],
+                               opts.setdefault("_real_dirs", {}))
     if header.backing_format is None:
         raise UnsafeBackingReference(name, f"backing file {name!r} has no recorded format; "
                                      "cowchain never guesses a format",
