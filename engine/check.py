@@ -1,13 +1,14 @@
 """Consistency check and repair of a QCOW2 image, with ``qemu-img check`` semantics.
 
 :func:`check_file` recomputes every reference count of the image from its metadata and
-compares it with the refcounts stored on disk, as QEMU 7.2's ``qcow2_co_check_locked`` does
-(qcow2-facts.md section 7.3). The result, :class:`CheckResult`, carries the counts that
-``qemu-img check --output=json`` prints, with the same names, presence rules and exit codes.
+compares it with the refcounts stored on disk, step for step as QEMU 7.2's
+``qcow2_co_check_locked`` does (qcow2-facts.md section 7.3). The result, :class:`CheckResult`,
+carries the counts ``qemu-img check --output=json`` prints, with the same names, presence
+rules and exit codes; the tests compare them with qemu-img's field by field.
 
-What carries a reference (one +1 per reference met in each traversal):
+What carries a reference (+1 per reference met in each traversal):
 
-- the header cluster; the active L1 table and each snapshot's L1 table (the clusters their
+- the header cluster; the active L1 table and each snapshot's L1 table (every cluster their
   bytes span); each L2 table, once per L1 entry pointing to it; each NORMAL or ZERO_ALLOC data
   cluster, once per traversal of an L2 table holding it; each compressed entry, +1 on every
   host cluster its byte range overlaps (section 4.5);
@@ -23,47 +24,67 @@ Verdicts, as QEMU gives them:
   clusters, references running one cluster or more past the end of the file, COPIED not
   agreeing with refcount == 1 in the active tree, COPIED on compressed entries, invalid
   extended-L2 bitmaps, refcount blocks whose refcount is not 1 or that lie outside the file,
-  invalid snapshot table entries, and (beyond what ``qemu-img check`` 7.2 counts) the zero flag
-  in a version 2 image, which QEMU's read path treats as corruption.
-- check errors: the check could not look at something (an unaligned refcount block cannot be
-  read, the snapshot table cannot be read, the header is inconsistent); exit code 1.
+  refcount overflows, invalid snapshot table entries, snapshot L1 tables unaligned or too
+  large, and (beyond ``qemu-img check`` 7.2, see below) the zero flag in a version 2 image;
+- check errors (exit code 1): what the check cannot examine: refcounts behind an unreadable
+  refcount block (each is one check error, as in QEMU), and images qemu-img cannot check at
+  all (a header QEMU refuses to open, an unreadable snapshot table or bitmap directory): those
+  get one check error and a finding, and nothing else is examined.
 
-Repair (``repair="leaks"`` or ``"all"``) follows ``qemu-img check -r``, with every write ordered
-so that a crash part-way leaves an image a second repair fixes:
+Overlapping metadata shows up as it does in QEMU: a cluster used twice has a reference count
+above its refcount (and, in the active tree, a COPIED flag that disagrees).
 
-1. (all) refcounts that are too low are raised; fsync.
-2. refcounts that are too high are lowered; fsync. A refcount is never lowered before every
-   raise is durable, so no crash point leaves a refcount below the true reference count.
-3. (all) when a referenced cluster has no refcount block, or a block is bad, the refcount
-   structures are rebuilt: new refcount blocks and a new refcount table are written past every
-   cluster in use (so they overwrite nothing anyone references), they count themselves, the
-   file is synced, and only then the 12-byte header pointer (offset 48) is switched with a
-   write + fsync. The old structures are then simply unreferenced (free).
-4. COPIED flags are made to agree with the new refcounts ("leaks" mode does this only if
-   nothing else is wrong, as QEMU does).
-5. When no corruption and no check error remain, the dirty and corrupt bits are cleared
-   (8 bytes at offset 72, write + fsync), in both repair modes as QEMU does.
+Repair (``repair="leaks"`` or ``"all"``) does what ``qemu-img check -r`` does, with the writes
+ordered so that a crash at any point leaves an image a second repair fixes (the tests stop a
+repair after each of its writes and repair again):
 
-After any repair the check runs again, and the result holds the post-repair counts plus
+1. ("all") misaligned preallocated-zero L2 entries become plain zero entries (a reference
+   dropped before any refcount moves); a refcount block past the end of the file is covered
+   by extending the file.
+2. ("all") refcounts that are too low are raised; fsync. Then refcounts that are too high are
+   lowered; fsync. Nothing is lowered before every raise is durable.
+3. ("all") when a referenced cluster has no refcount block, or a block is bad, the refcount
+   structures are rebuilt, laid out as QEMU lays them out (first free clusters, refblocks
+   first, then the reftable, which counts itself and its refblocks). Everything new goes to
+   clusters nothing references and is synced before the 12-byte header pointer at offset 48
+   is written and synced; the old structures are then leaks, which are freed.
+   ("leaks" mode reports "need to rebuild refcount structures" and a check error instead.)
+4. COPIED flags are made to agree with the refcounts ("leaks" mode only when nothing else is
+   wrong, as QEMU).
+5. ("all") a snapshot table with bad entries is rewritten like qcow2_write_snapshots: new
+   clusters refcounted and synced, table written and synced, header pointer at offset 60
+   switched and synced, old table freed.
+6. When no corruption and no check error remain, the dirty and corrupt bits are cleared
+   (8 bytes at offset 72, write + fsync) -- in both modes, as QEMU does.
+
+After any repair the check runs again; the result holds the post-repair counts plus
 ``corruptions_fixed`` / ``leaks_fixed``, like ``qemu-img check -r``.
 
-Known differences from ``qemu-img check`` 7.2:
+Known differences from ``qemu-img check`` 7.2 (all on damaged images):
 
-- a rebuild places the new structures at the end of the file, where QEMU may reuse free
-  clusters inside it (so ``image-end-offset`` after a rebuild can differ; the repaired images
-  are equally valid);
-- the zero flag in a v2 image counts as a corruption (see above) and is not repaired;
-- snapshot table entries that ``-r all`` would rewrite (v3 entries with less than 16 bytes of
-  extra data, oversized extra data) are reported but the table is not rewritten;
-- each L2 table shared by several L1 tables is read and scanned once; its findings are printed
+- the zero flag in a v2 image is a corruption here (QEMU's read path marks such an image
+  corrupt, its check does not look); it is not repaired;
+- a rebuild never places new structures on clusters that something names without being
+  counted (a pointer past the end of the file, a broken reftable entry, a skipped snapshot
+  L1 table), and never over the old snapshot table; QEMU may, or fails its own overlap check
+  and gives up (then we succeed where ``qemu-img check -r all`` fails);
+- a refcount block more than 1 GiB past the end of the file is not "repaired" by growing the
+  file to reach it (QEMU grows it to any size); the structures are rebuilt instead;
+- a snapshot table rewrite needs a refcount block covering the free space it takes (QEMU
+  would grow the refcount structures; we leave the corruption and say so);
+- QEMU stops using an image once its repair signals a fatal corruption ("No medium found"
+  errors follow); we report what the check finds instead;
+- each L2 table shared by several L1 tables is read and scanned once: its problems are listed
   once and counted once per traversal, so the counts match QEMU's;
-- findings are capped at :data:`MAX_FINDINGS_PER_KIND` lines per kind of message, with a
-  summary line for the rest (QEMU prints every line to stderr).
+- findings are capped at :data:`MAX_FINDINGS_PER_KIND` lines per kind of message, plus one
+  summary line per kind (QEMU prints every line to stderr).
 
-The work is done with numpy over whole tables (and over batches of tables): no Python loop
-runs per cluster or per table entry. Memory is bounded by the file size: the tables read are
-bounded by their QEMU limits and by the end of the file, and reference counts are kept per
-referenced cluster, not per cluster of the virtual disk or of the reftable's reach.
+The work is done with numpy over whole tables, and over batches of tables: no Python loop
+runs per cluster or per table entry (the loops are per batch, per refblock written, per
+snapshot and per bitmap). Memory is bounded by the file size and QEMU's table limits: tables
+are read only where they lie inside the file, computed reference counts are kept per
+referenced cluster (sparse), and only a rebuild holds one refcount per cluster of the file,
+as QEMU does.
 """
 
 from __future__ import annotations
@@ -156,7 +177,7 @@ _MAX_EXTEND = 1 << 30
 _BATCH_BYTES = 16 << 20
 _MAX_READ = 8 << 20
 
-MAX_FINDINGS_PER_KIND = 1000
+MAX_FINDINGS_PER_KIND = 10000
 """Detailed finding lines kept per kind of message; the rest are summarised in one line."""
 
 # Repair modes, as QEMU's BdrvCheckMode bits.
@@ -373,6 +394,8 @@ class _Image:
         self.rt_size = self.rt_clusters * self.C // 8
         self.nb_snapshots = h.nb_snapshots
         self.snapshots_offset = h.snapshots_offset
+        self.snapshots_size = 0        # bytes, known once the table has been read
+        self.snapshots: list = []      # the _Snap entries, once read
         # Compressed descriptor geometry (section 4.5).
         self.csize_shift = 62 - (self.cb - 8)
         self.csize_mask = (1 << (self.cb - 8)) - 1
@@ -624,7 +647,6 @@ class _Pass:
         self.image_end_offset = 0
         self.rebuilt = False
         self.findings = _Findings()
-        self.img: _Image | None = None
 
     def result(self, filename: str) -> CheckResult:
         return CheckResult(filename=filename, check_errors=self.check_errors,
@@ -709,7 +731,6 @@ def _check_once(fd: int, path: str, fix: int) -> _Pass:
         # qemu-img cannot open such an image either: "Check failed", exit code 1.
         return p.fail(f"ERROR the image header cannot be used: {problem}")
     img = _Image(fd, path, h, head, file_size)
-    p.img = img
     if not _validate_open(p, img):
         return p
     snapshots = _read_snapshot_table(p, img)
@@ -1057,7 +1078,6 @@ class _Calc:
         # end of the file, bad reftable entries, skipped snapshot L1 tables): a rebuild must
         # not place its new structures there.
         self.uncounted: list[tuple[np.ndarray, np.ndarray]] = []
-        self.active_l2: np.ndarray = np.zeros(0, np.int64)
 
     # qcow2_inc_refcounts_imrt, for one range and for many.
     def inc(self, refs: _Refs, offset: int, size: int, weight: int = 1) -> None:
@@ -1181,8 +1201,6 @@ class _Calc:
                 raise _Abort()
             e = img.u64_table(off, size)
             nz = e[e != 0]
-            if active:
-                self.active_l1 = e
             if len(nz) == 0:
                 continue
             resv = (nz & _U64(_L1E_RESERVED_MASK)) != 0
@@ -1208,7 +1226,6 @@ class _Calc:
         uoffs, inv = np.unique(offs, return_inverse=True)
         m_tot = np.bincount(inv, weights=np.concatenate(l2_w)).astype(np.int64)
         m_act = np.bincount(inv, weights=np.concatenate(l2_act)).astype(np.int64)
-        self.active_l2 = uoffs[m_act > 0]
         rows = max(1, _BATCH_BYTES // img.C)
         for s in range(0, len(uoffs), rows):
             self.scan_l2(uoffs[s:s + rows], m_tot[s:s + rows], m_act[s:s + rows])
@@ -1497,7 +1514,7 @@ def _overlaps_metadata(img: _Image, snaps, offset: int, size: int, *, skip_l2: b
 
     if hit(img.l1_off, img.l1_size * 8) or hit(img.rt_off, img.rt_size * 8):
         return True
-    if hit(img.snapshots_offset, getattr(img, "snapshots_size", 0)):
+    if hit(img.snapshots_offset, img.snapshots_size):
         return True
     for s in snaps:
         if hit(s.l1_table_offset, s.l1_size * 8):
@@ -1730,6 +1747,7 @@ def _check_refcounts_inner(p: _Pass, img: _Image, snaps) -> bool:
         if img2 is None:
             return False
         img2.snapshots_size = img.snapshots_size
+        img2.snapshots = snaps
         q = _Pass(p.fd, p.path, 0)
         calc2, idx2, cnt2, nb2 = _calculate(q, img2, snaps, 0, False)
         mis2 = _compare(img2, idx2, cnt2, nb2)
@@ -2033,7 +2051,7 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
                                       cur & _U64(~_OFLAG_COPIED & (2**64 - 1)))
             for i in np.unique(br).tolist():       # one write per fixed L2 table
                 l2_off = int(offs[i])
-                if _overlaps_metadata(img, getattr(img, "snapshots", []), l2_off, C,
+                if _overlaps_metadata(img, img.snapshots, l2_off, C,
                                       skip_l2=True):
                     n = int((br == i).sum())
                     p.corruptions_fixed -= n
