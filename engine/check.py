@@ -698,7 +698,9 @@ def _looks_like_qcow2(head: bytes) -> bool:
         return False
     version, = struct.unpack_from(">I", head, fmt.HDR_VERSION)
     cb, = struct.unpack_from(">I", head, fmt.HDR_CLUSTER_BITS)
-    if version not in fmt.SUPPORTED_VERSIONS or not fmt.MIN_CLUSTER_BITS <= cb <= fmt.MAX_CLUSTER_BITS:
+    if version not in fmt.SUPPORTED_VERSIONS:
+        return False
+    if not fmt.MIN_CLUSTER_BITS <= cb <= fmt.MAX_CLUSTER_BITS:
         return False
     return version == 2 or len(head) >= fmt.V3_MIN_HEADER_LENGTH
 
@@ -1416,14 +1418,14 @@ class _Calc:
         rest = ~resv & ~unal & (off != 0)
         cl = off >> img.cb
         grow_fix = bool(self.fix & _FIX_ERRORS)
-        if grow_fix:
-            # A block past the end extends the file to cover it; later blocks are then judged
-            # against the grown file (a running maximum of the blocks seen so far).
-            ends = np.where(rest, cl + 1, 0)
-            running = np.maximum.accumulate(np.concatenate(([nb], ends[:-1])))
-            limit = np.maximum(running, nb)
-        else:
-            limit = np.full(len(rt), nb, np.int64)
+        # With repair "all", a block past the end of the file extends the file to cover it
+        # (as QEMU does, but only up to _MAX_EXTEND past the end: beyond that the resize
+        # "fails" and the structures are rebuilt); later blocks are judged against the
+        # grown file, i.e. against a running maximum of the extensions that succeed.
+        reachable = (off + C <= img.file_size + _MAX_EXTEND) if grow_fix else np.zeros(
+            len(rt), bool)
+        ends = np.where(rest & reachable, cl + 1, 0)
+        limit = np.maximum.accumulate(np.concatenate(([nb], ends[:-1])))
         outside = rest & (cl >= limit)
         inside = rest & ~outside
         n_out = int(outside.sum())
@@ -1432,28 +1434,28 @@ class _Calc:
             word = "Repairing" if grow_fix else "ERROR"
             p.findings.add_many("refblock", n_out, (
                 f"{word} refcount block {i} is outside image" for i in idx[outside].tolist()))
-            if grow_fix:
-                new_size = int((off[outside] + C).max())
-                ok = new_size <= img.file_size + _MAX_EXTEND
-                if ok:
-                    try:
-                        os.ftruncate(img.fd, new_size)
-                    except OSError as e:
-                        ok = False
-                        p.findings.add("refblock", f"ERROR could not resize image: "
-                                       f"{os.strerror(e.errno)}")
-                else:
-                    p.findings.add("refblock", "ERROR could not resize image: the block lies "
-                                   "too far past the end of the file")
-                if ok:
-                    img.file_size = new_size
-                    self.file_size = new_size
-                    nb = max(nb, -(-new_size // C))
-                    p.corruptions -= n_out
-                    p.corruptions_fixed += n_out
-                    self.inc_many(self.rb_refs, off[outside], C, 1)
-                else:
-                    self.rebuild = True
+        grow = outside & reachable
+        if grow.any():
+            new_size = int((off[grow] + C).max())
+            try:
+                os.ftruncate(img.fd, new_size)
+            except OSError as e:
+                p.findings.add("refblock", f"ERROR could not resize image: "
+                               f"{os.strerror(e.errno)}")
+                grow[:] = False
+                self.rebuild = True
+            else:
+                img.file_size = self.file_size = new_size
+                nb = max(nb, -(-new_size // C))
+                p.corruptions -= int(grow.sum())
+                p.corruptions_fixed += int(grow.sum())
+                self.inc_many(self.rb_refs, off[grow], C, 1)
+        failed = outside & ~grow if grow_fix else np.zeros(len(rt), bool)
+        if failed.any():
+            self.rebuild = True
+            p.findings.add_many("refblock", int(failed.sum()), (
+                "ERROR could not resize image: the refcount block lies too far past the end "
+                "of the file" for _ in range(int(failed.sum()))))
         # The blocks inside the file: counted, and each must then read exactly 1.
         sel = np.flatnonzero(inside)
         if len(sel) == 0:
