@@ -80,3 +80,31 @@ def test_powerloss_per_pr():
 def test_powerloss_long():
     _run(int(os.environ.get("COWCHAIN_PL_SEED", "100")), 100000, deadline=6 * 3600,
          min_variants=100000)
+
+
+# --- C7: the stateful model test with crash and fault steps -----------------------------------
+
+from hypothesis import settings as _settings  # noqa: E402
+
+from conftest import LONG  # noqa: E402
+from reliability import stateful as _stateful  # noqa: E402
+
+TestChainModelWithCrashes = _stateful.ChainMachine.TestCase
+# Per PR no shrinking: each step costs milliseconds (check() after every step, qemu-img in
+# crash steps), and shrinking a failure can take many minutes; the falsifying sequence is
+# printed as found. The long profile shrinks.
+from hypothesis import Phase  # noqa: E402
+
+TestChainModelWithCrashes.settings = _settings(
+    max_examples=5000 if LONG else 100, stateful_step_count=80 if LONG else 40, deadline=None,
+    phases=list(Phase) if LONG else [Phase.explicit, Phase.reuse, Phase.generate],
+    database=None if os.environ.get("COWCHAIN_NO_HYPOTHESIS_DB") else _settings().database)
+
+
+def test_stateful_summary():
+    """Publish the stateful figures (runs after the state machine in file order)."""
+    f = _stateful.FIG
+    summary.publish("stateful", f"{f['examples']} examples, {f['steps']} steps, deepest chain "
+                    f"{f['max_depth']}, {f['crash_steps']} crash steps, {f['fault_steps']} "
+                    f"fault steps ({f['faults_delivered']} delivered), {f['mismatches']} model "
+                    "mismatches")
