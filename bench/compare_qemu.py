@@ -21,10 +21,13 @@ What it does:
    met/MISSED.  A missed target is printed as MISSED with its numbers, never hidden; a figure
    that cannot be measured here is printed as N/A with the reason.
 
-Method: every timing uses time.perf_counter() over at least ``--min-time`` seconds (1 s; 0.05 s
+Method: every timing uses time.perf_counter() over at least ``--min-time`` seconds (1 s; 0.03 s
 with ``--quick``), after the files were read once into the page cache and after one warm-up
-pass of each tool; QEMU and cowchain runs alternate, and each figure is the median of
-``--repeat`` runs (3; 1 with ``--quick``).  qemu-img bench reports its own run time (from the
+pass of each tool.  The runs of both sides of a ratio are interleaved (QEMU, cowchain, QEMU,
+cowchain, ...), ``--repeat`` times (5; 1 with ``--quick``), and each figure is the best run
+(the least disturbed one, as timeit reports), so that load from other jobs on a shared machine
+hits both sides alike; every run is kept in the JSON output, and the load average and CPU
+pressure at start and end are printed.  qemu-img bench reports its own run time (from the
 first request to the last completion, without process start-up or the final flush); the
 cowchain write figures likewise exclude the final flush(), whose time is printed beside them.
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import itertools
 import json
 import mmap
 import os
@@ -101,7 +105,7 @@ FIGURES = [
 PROFILES = {
     # base size, overlays, bytes per overlay, deep-chain base size and depth, RSS chain depth
     "full": dict(base=1 * GiB, overlays=10, overlay_bytes=16 * MiB, deep_base=256 * MiB,
-                 deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=3),
+                 deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=5),
     "quick": dict(base=32 * MiB, overlays=10, overlay_bytes=1 * MiB, deep_base=8 * MiB,
                   deep_depth=10, rss_depth=20, snap_reps=3, min_time=0.03, repeat=1),
 }
@@ -168,8 +172,8 @@ class QemuBench:
             run(["qemu-img", "bench", "-f", "qcow2", "-t", "writeback", "-i", "io_uring",
                  "-c", "16", probe_image])
             self.aio = "io_uring"
-        except subprocess.CalledProcessError as e:
-            log(f"io_uring unavailable ({e.stderr.strip()[:100]}); using -i threads")
+        except CommandFailed as e:
+            log(f"io_uring unavailable ({e}); using -i threads")
 
     def seconds(self, image: str, count: int, bufsize: int, step: int, write=False) -> float:
         cmd = ["qemu-img", "bench", "-f", "qcow2", "-t", "writeback", "-i", self.aio,
@@ -179,15 +183,14 @@ class QemuBench:
         out = run(cmd + [image]).stdout
         m = self._RE.search(out)
         if not m:
-            raise RuntimeError(f"cannot parse qemu-img bench output: {out!r}")
+            raise CommandFailed(f"cannot parse qemu-img bench output: {out!r}")
         return max(float(m.group(1)), 1e-6)
 
-    def rate(self, image, bufsize, step, min_time, repeat, write=False) -> tuple[float, int]:
-        """Median ops/s over `repeat` runs of at least min_time; returns (rate, count)."""
+    def rater(self, image, bufsize, step, min_time, write=False):
+        """Calibrate and warm up; returns (a no-argument function giving ops/s, count)."""
         count = calibrate(lambda n: self.seconds(image, n, bufsize, step, write), min_time)
         self.seconds(image, max(count // 4, 1), bufsize, step, write)      # warm-up
-        rates = [count / self.seconds(image, count, bufsize, step, write) for _ in range(repeat)]
-        return statistics.median(rates), count
+        return (lambda: count / self.seconds(image, count, bufsize, step, write)), count
 
 
 def calibrate(timed, min_time: float, n0: int = 64) -> int:
@@ -201,8 +204,39 @@ def calibrate(timed, min_time: float, n0: int = 64) -> int:
     return max(int(n * 1.2 * min_time / t) + 1, 1)
 
 
-def median_rate(timed, n: int, repeat: int) -> float:
-    return statistics.median(n / timed(n) for _ in range(repeat))
+def loop_rater(timed, min_time: float, warm_n: int, n0: int = 64, multiple: int = 1):
+    """For a cowchain (or reference) loop timed(n) -> seconds: warm up with warm_n ops,
+    calibrate, and return a no-argument function giving ops/s."""
+    timed(warm_n)
+    n = max(calibrate(timed, min_time, n0) // multiple, 1) * multiple
+    return lambda: n / timed(n)
+
+
+class Stat(float):
+    """A rate: the best of interleaved runs (a float), with every run kept."""
+
+    runs: list
+
+    def __new__(cls, runs):
+        self = super().__new__(cls, max(runs))
+        self.runs = list(runs)
+        return self
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+def interleave(raters: dict, repeat: int) -> dict:
+    """Run every rater `repeat` times, alternating between them (so that a burst of load on
+    this shared machine hits both sides of a ratio alike); returns {name: Stat}.  The best
+    run of each is the figure (the least disturbed one, as timeit does); every run is kept in
+    the JSON output."""
+    runs = {k: [] for k in raters}
+    for _ in range(repeat):
+        for k, fn in raters.items():
+            runs[k].append(fn())
+    return {k: Stat(v) for k, v in runs.items()}
 
 
 # --- building the images --------------------------------------------------------------------
@@ -308,11 +342,16 @@ class Results:
         self.rows: dict[str, dict] = {}
 
     def add(self, key, figure, ref_name, ref_value, cc_value, unit, ratio, target, met,
-            note=""):
-        self.rows[key] = dict(key=key, figure=figure, reference=ref_name, ref_value=ref_value,
-                              cowchain=cc_value, unit=unit, ratio=ratio, target=target,
+            note="", runs=None):
+        """One row; `runs` ({name: Stat or list}) keeps every interleaved run for the JSON."""
+        self.rows[key] = dict(key=key, figure=figure, reference=ref_name,
+                              ref_value=None if ref_value is None else float(ref_value),
+                              cowchain=None if cc_value is None else float(cc_value), unit=unit,
+                              ratio=ratio, target=target,
                               result=("met" if met else "MISSED") if met is not None else "info",
-                              note=note)
+                              note=note,
+                              runs={str(k): list(getattr(v, "runs", v))
+                                    for k, v in (runs or {}).items()})
 
     def na(self, key, figure, target, why):
         self.rows[key] = dict(key=key, figure=figure, reference="-", ref_value=None,
@@ -355,63 +394,51 @@ class Results:
 
 # --- the figures ------------------------------------------------------------------------------
 
+def _read_loop(img, size, step, length=4096):
+    """timed(n): n readinto calls of `length` bytes at the qemu-img bench offsets."""
+    buf = bytearray(length) if length <= 4096 else np.empty(length, dtype=np.uint8)
+    ri = img.readinto
+
+    def timed(n):
+        offs = qemu_offsets(n, step, size).tolist()
+        t = time.perf_counter()
+        for o in offs:
+            ri(o, buf)
+        return time.perf_counter() - t
+
+    return timed
+
+
+def _readv_loop(img, size, step, batch):
+    """timed(n): n 4 KiB reads at the qemu-img bench offsets, `batch` per readv call."""
+    out = np.empty(batch * 4096, dtype=np.uint8)
+    rv = img.readv
+
+    def timed(n):
+        offs = qemu_offsets(n, step, size)
+        parts = [offs[i:i + batch] for i in range(0, n, batch)]
+        t = time.perf_counter()
+        for part in parts:
+            rv(part, 4096, out)
+        return time.perf_counter() - t
+
+    return timed
+
+
 def fig_random_reads(res, q, chain, p, batch):
     top, flat = chain["top"], chain["flat"]
     size = os.path.getsize(flat)
     step = 4 * MiB + 4 * KiB
     mt, rep = p["min_time"], p["repeat"]
-    log("4 KiB random reads: qemu-img bench")
-    q_rate, q_count = q.rate(top, 4096, step, mt, rep)
-    with engine.open(top, readonly=True) as img:
-        buf = bytearray(4096)
-        ri = img.readinto
-
-        def loop(n):
-            offs = qemu_offsets(n, step, size).tolist()
-            t = time.perf_counter()
-            for o in offs:
-                ri(o, buf)
-            return time.perf_counter() - t
-
-        log("4 KiB random reads: cowchain readinto loop")
-        loop(min(size // 4096, 1 << 18))                                    # warm-up pass
-        n = calibrate(loop, mt)
-        c_loop = median_rate(loop, n, rep)
-        res.add("rand4k_loop", "4 KiB random reads, 11-volume chain, one readinto per read "
-                "(Python loop)", f"qemu-img bench -d 1 -i {q.aio}", q_rate, c_loop, "IOPS",
-                c_loop / q_rate, ">= 8x", c_loop >= 8 * q_rate,
-                f"qemu-img bench -s 4096 -S {step} (step 4 MiB + 4 KiB scatters the requests; "
-                f"{q_count} requests per run); cowchain replays the same offsets")
-
-        out = np.empty(batch * 4096, dtype=np.uint8)
-
-        def batched(n):
-            offs = qemu_offsets(n, step, size)
-            parts = [offs[i:i + batch] for i in range(0, n, batch)]
-            rv = img.readv
-            t = time.perf_counter()
-            for part in parts:
-                rv(part, 4096, out)
-            return time.perf_counter() - t
-
-        log("4 KiB random reads: cowchain readv")
-        batched(min(size // 4096, 1 << 18))
-        n = max(calibrate(batched, mt, n0=batch * 4) // batch, 1) * batch
-        c_batch = median_rate(batched, n, rep)
-
-    res.add("rand4k_batch", f"4 KiB random reads, batch Image.readv({batch} offsets, 4096, out)",
-            f"qemu-img bench -d 1 -i {q.aio}", q_rate, c_batch, "IOPS", c_batch / q_rate,
-            ">= 25x", c_batch >= 25 * q_rate)
-    res.add("rand4k_batch_abs", "4 KiB random reads, batch call, absolute", "-", None, c_batch,
-            "reads/s", None, ">= 3,000,000/s", c_batch >= 3_000_000)
-
-    # the machine's ceiling: the same gather from a plain mmap of the raw file, in C (numpy)
-    with open(flat, "rb") as f:
+    warm = min(size // 4096, 1 << 18)
+    log("4 KiB random reads: calibrating qemu-img bench, cowchain and the mmap reference")
+    q_rater, q_count = q.rater(top, 4096, step, mt)
+    with engine.open(top, readonly=True) as img, open(flat, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         arr = np.frombuffer(m, dtype=np.uint8).reshape(-1, 4096)
         out2 = np.empty((batch, 4096), dtype=np.uint8)
 
-        def gather(n):
+        def gather(n):      # the same 4 KiB pieces gathered from a plain mmap, in C (numpy)
             idx = (qemu_offsets(n, step, size) // np.uint64(4096)).astype(np.intp)
             parts = [idx[i:i + batch] for i in range(0, n, batch)]
             t = time.perf_counter()
@@ -419,39 +446,41 @@ def fig_random_reads(res, q, chain, p, batch):
                 np.take(arr, part, axis=0, out=out2[:len(part)])
             return time.perf_counter() - t
 
-        gather(min(size // 4096, 1 << 18))
-        n = max(calibrate(gather, mt, n0=batch * 4) // batch, 1) * batch
-        ceiling = median_rate(gather, n, rep)
-        del arr
+        raters = {
+            "qemu": q_rater,
+            "loop": loop_rater(_read_loop(img, size, step), mt, warm),
+            "batch": loop_rater(_readv_loop(img, size, step, batch), mt, warm, batch * 4, batch),
+            "mmap": loop_rater(gather, mt, warm, batch * 4, batch),
+        }
+        log("4 KiB random reads: measuring (interleaved)")
+        r = interleave(raters, rep)
+        del arr, gather, raters
         m.close()
+    qv, loop, bat, mm = r["qemu"], r["loop"], r["batch"], r["mmap"]
+    res.add("rand4k_loop", "4 KiB random reads, 11-volume chain, one readinto per read "
+            "(Python loop)", f"qemu-img bench -d 1 -i {q.aio}", qv, loop, "IOPS", loop / qv,
+            ">= 8x", loop >= 8 * qv,
+            f"qemu-img bench -s 4096 -S {step} (step 4 MiB + 4 KiB scatters the requests; "
+            f"{q_count} requests per run); cowchain replays the same offsets", runs=r)
+    res.add("rand4k_batch", f"4 KiB random reads, batch Image.readv({batch} offsets, 4096, out)",
+            f"qemu-img bench -d 1 -i {q.aio}", qv, bat, "IOPS", bat / qv, ">= 25x",
+            bat >= 25 * qv)
+    res.add("rand4k_batch_abs", "4 KiB random reads, batch call, absolute", "-", None, bat,
+            "reads/s", None, ">= 3,000,000/s", bat >= 3_000_000)
     res.add("rand4k_batch_ceiling", "4 KiB random reads, batch, vs the same gather from a "
-            "plain mmap of the raw file (numpy.take)", "mmap raw + numpy.take", ceiling, c_batch,
-            "reads/s", c_batch / ceiling, "info (hardware ceiling)", None,
-            "the ceiling is what a memcpy of the same 4 KiB pieces costs on this machine")
+            "plain mmap of the raw file (numpy.take)", "mmap raw + numpy.take", mm, bat,
+            "reads/s", bat / mm, "info (hardware ceiling)", None,
+            "what copying the same 4 KiB pieces out of a plain mmap costs on this machine")
 
 
 def fig_seq_reads(res, q, chain, p):
     top, flat = chain["top"], chain["flat"]
     size = os.path.getsize(flat)
     mt, rep = p["min_time"], p["repeat"]
-    log("1 MiB sequential reads: qemu-img bench")
-    q_rate, _ = q.rate(top, MiB, MiB, mt, rep)           # requests/s == MiB/s
+    log("1 MiB sequential reads: calibrating")
+    q_rater, _ = q.rater(top, MiB, MiB, mt)           # requests/s == MiB/s
     buf = np.empty(MiB, dtype=np.uint8)
-    with engine.open(top, readonly=True) as img:
-        ri = img.readinto
-
-        def loop(n):
-            offs = [(i * MiB) % size for i in range(n)]
-            t = time.perf_counter()
-            for o in offs:
-                ri(o, buf)
-            return time.perf_counter() - t
-
-        log("1 MiB sequential reads: cowchain")
-        loop(size // MiB)
-        n = calibrate(loop, mt, n0=16)
-        c_rate = median_rate(loop, n, rep)
-    with open(flat, "rb") as f:
+    with engine.open(top, readonly=True) as img, open(flat, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         arr = np.frombuffer(m, dtype=np.uint8)
 
@@ -462,19 +491,20 @@ def fig_seq_reads(res, q, chain, p):
                 np.copyto(buf, arr[o:o + MiB])
             return time.perf_counter() - t
 
-        log("1 MiB sequential reads: plain mmap copy of the raw file")
-        mloop(size // MiB)
-        n = calibrate(mloop, mt, n0=16)
-        m_rate = median_rate(mloop, n, rep)
-        del arr
+        raters = {"qemu": q_rater,
+                  "cowchain": loop_rater(_read_loop(img, size, MiB, MiB), mt, size // MiB, 16),
+                  "mmap": loop_rater(mloop, mt, size // MiB, 16)}
+        log("1 MiB sequential reads: measuring (interleaved)")
+        r = interleave(raters, rep)
+        del arr, mloop, raters
         m.close()
+    qv, cc, mm = r["qemu"], r["cowchain"], r["mmap"]
     res.add("seq1m_vs_qemu", "1 MiB sequential reads, 11-volume chain (readinto loop)",
-            f"qemu-img bench -s 1M -i {q.aio}", q_rate, c_rate, "MiB/s", c_rate / q_rate,
-            ">= 1.5x", c_rate >= 1.5 * q_rate)
+            f"qemu-img bench -s 1M -i {q.aio}", qv, cc, "MiB/s", cc / qv, ">= 1.5x",
+            cc >= 1.5 * qv, runs=r)
     res.add("seq1m_vs_mmap", "1 MiB sequential reads vs a plain mmap copy of the same bytes",
-            "numpy.copyto from mmap of flat raw", m_rate, c_rate, "MiB/s", c_rate / m_rate,
-            ">= 0.8x", c_rate >= 0.8 * m_rate,
-            "flat raw = qemu-img convert -O raw of the top of the chain")
+            "numpy.copyto from mmap of flat raw", mm, cc, "MiB/s", cc / mm, ">= 0.8x",
+            cc >= 0.8 * mm, "flat raw = qemu-img convert -O raw of the top of the chain")
 
 
 def fig_writes(res, q, chain, p, d):
@@ -490,52 +520,28 @@ def fig_writes(res, q, chain, p, d):
     assert len(np.unique(offs_np // np.uint64(CLUSTER))) == per_round
     offs = offs_np.tolist()
     data = np.random.default_rng(4).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    n_fresh = [0]
+    counter = itertools.count()
+    kept: dict = {"q": None, "c": None}       # the last fresh overlay of each tool
+    flush_times: list = []
 
-    def fresh_name(tag):
-        n_fresh[0] += 1
-        return os.path.join(d, f"fresh-{tag}-{n_fresh[0]}.qcow2")
-
-    # QEMU: rounds of fresh overlays (each write a copy-up), then rewrites on the last one
-    log("4 KiB writes: qemu-img bench -w (fresh overlays, lazy_refcounts=on)")
-
-    def q_fresh():
-        path = fresh_name("q")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
-             "-b", os.path.basename(top), "-F", "qcow2", path], cwd=d)
-        return path
-
-    def rounds(one_round):
-        """Run rounds of per_round writes until min_time has accumulated; returns ops/s."""
-        total, ops = 0.0, 0
-        while total < mt or ops == 0:
-            total += one_round()
-            ops += per_round
-        return ops / total
-
-    last_q = []
+    def keep(tag, obj):
+        old, kept[tag] = kept[tag], obj
+        if old is not None:
+            path = old if isinstance(old, str) else old.path
+            if not isinstance(old, str):
+                old.close()
+            os.unlink(path)
 
     def q_round():
-        path = q_fresh()
+        path = os.path.join(d, f"fresh-q-{next(counter)}.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
+             "-b", os.path.basename(top), "-F", "qcow2", path], cwd=d)
         t = q.seconds(path, per_round, 4096, step, write=True)
-        if last_q:
-            os.unlink(last_q.pop())
-        last_q.append(path)
+        keep("q", path)
         return t
 
-    q_round()                                                           # warm-up
-    q_copyup = statistics.median(rounds(q_round) for _ in range(rep))
-    qpath = last_q[0]
-    q_rw, q_rw_count = q.rate(qpath, 4096, step, mt, rep, write=True)
-    run(["qemu-img", "check", "-q", qpath])
-
-    # cowchain: the same offsets, one write() per request from a Python loop
-    log("4 KiB writes: cowchain (fresh overlays)")
-    flush_times = []
-    last_c = []
-
     def c_round():
-        path = fresh_name("c")
+        path = os.path.join(d, f"fresh-c-{next(counter)}.qcow2")
         img = engine.create(path, None, backing=os.path.basename(top), backing_format="qcow2",
                             lazy_refcounts=True)
         w = img.write
@@ -546,14 +552,28 @@ def fig_writes(res, q, chain, p, d):
         t = time.perf_counter()
         img.flush()
         flush_times.append(time.perf_counter() - t)
-        if last_c:
-            last_c.pop().close()
-        last_c.append(img)
+        keep("c", img)
         return dt
 
+    def rounds(one_round):
+        """Rounds of per_round copy-up writes until min_time has accumulated: ops/s."""
+        def rate():
+            total, ops = 0.0, 0
+            while total < mt or ops == 0:
+                total += one_round()
+                ops += per_round
+            return ops / total
+        return rate
+
+    log("4 KiB copy-up writes into fresh overlays: warm-up, then interleaved")
+    q_round()
     c_round()
-    c_copyup = statistics.median(rounds(c_round) for _ in range(rep))
-    img = last_c[0]
+    cu = interleave({"qemu": rounds(q_round), "cowchain": rounds(c_round)}, rep)
+    copyup_flush = statistics.median(flush_times)
+
+    log("4 KiB rewrites: calibrating, then interleaved")
+    q_rater, q_rw_count = q.rater(kept["q"], 4096, step, mt, write=True)
+    img = kept["c"]
     w = img.write
 
     def rewrite(n):
@@ -563,28 +583,34 @@ def fig_writes(res, q, chain, p, d):
             w(o, data)
         return time.perf_counter() - t
 
-    rewrite(per_round)
-    n = calibrate(rewrite, mt)
-    c_rw = median_rate(rewrite, n, rep)
+    rw = interleave({"qemu": q_rater, "cowchain": loop_rater(rewrite, mt, per_round)}, rep)
     t = time.perf_counter()
     img.flush()
     rw_flush = time.perf_counter() - t
-    cpath = img.path
-    img.close()
-    chk = subprocess.run(["qemu-img", "check", "-q", cpath], capture_output=True, text=True)
-    check_note = "qemu-img check clean" if chk.returncode == 0 else \
-        f"qemu-img check exit {chk.returncode}: {chk.stdout.strip()[:200]}"
+    checks = []
+    for tag in ("q", "c"):
+        if tag == "c":
+            kept["c"].close()
+            kept["c"] = kept["c"].path
+        chk = subprocess.run(["qemu-img", "check", "-q", kept[tag]], capture_output=True,
+                             text=True)
+        checks.append("clean" if chk.returncode == 0 else
+                      f"exit {chk.returncode}: {(chk.stdout + chk.stderr).strip()[:200]}")
+    check_note = f"qemu-img check of the written overlays: QEMU's {checks[0]}, cowchain's " \
+                 f"{checks[1]}"
+    qv, cc = cu["qemu"], cu["cowchain"]
     res.add("write_copyup", "4 KiB writes into a fresh overlay (each a copy-up from below)",
-            f"qemu-img bench -w -i {q.aio}, lazy_refcounts=on", q_copyup, c_copyup, "IOPS",
-            c_copyup / q_copyup, ">= 10x", c_copyup >= 10 * q_copyup,
+            f"qemu-img bench -w -i {q.aio}, lazy_refcounts=on", qv, cc, "IOPS", cc / qv,
+            ">= 10x", cc >= 10 * qv,
             f"-S {step} (4 MiB + 64 KiB): {per_round} writes per fresh overlay, one per cluster; "
-            f"cowchain final flush() {statistics.median(flush_times) * 1e3:.0f} ms per overlay, "
-            f"not in the rate (qemu-img bench does not time its final flush either); {check_note}")
+            f"cowchain's final flush() takes {copyup_flush * 1e3:.0f} ms per overlay, not in the "
+            f"rate (qemu-img bench does not time its final flush either); {check_note}", runs=cu)
+    qv, cc = rw["qemu"], rw["cowchain"]
     res.add("write_rewrite", "4 KiB rewrites of allocated clusters",
-            f"qemu-img bench -w -i {q.aio}, lazy_refcounts=on", q_rw, c_rw, "IOPS",
-            c_rw / q_rw, ">= 10x", c_rw >= 10 * q_rw,
-            f"same offsets again on the written overlay ({q_rw_count} requests per qemu run); "
-            f"cowchain final flush() {rw_flush * 1e3:.0f} ms, not in the rate")
+            f"qemu-img bench -w -i {q.aio}, lazy_refcounts=on", qv, cc, "IOPS", cc / qv,
+            ">= 10x", cc >= 10 * qv,
+            f"the same offsets again on the written overlays ({q_rw_count} requests per qemu "
+            f"run); cowchain's final flush() {rw_flush * 1e3:.0f} ms, not in the rate", runs=rw)
 
 
 def fig_depth(res, p, d, batch):
@@ -596,55 +622,38 @@ def fig_depth(res, p, d, batch):
     build_s = time.perf_counter() - t0
     size = p["deep_base"]
     step = 4 * MiB + 4 * KiB
-    rates = {}
-    for name, path in (("depth1", base), ("deep", top)):
-        with engine.open(path, readonly=True) as img:
-            if name == "deep" and len(img.chain()) != depth:
-                raise SystemExit(f"deep chain has {len(img.chain())} volumes, not {depth}")
-            buf = bytearray(4096)
-            ri = img.readinto
-
-            def loop(n):
-                offs = qemu_offsets(n, step, size).tolist()
-                t = time.perf_counter()
-                for o in offs:
-                    ri(o, buf)
-                return time.perf_counter() - t
-
-            out = np.empty(batch * 4096, dtype=np.uint8)
-
-            def batched(n):
-                offs = qemu_offsets(n, step, size)
-                parts = [offs[i:i + batch] for i in range(0, n, batch)]
-                rv = img.readv
-                t = time.perf_counter()
-                for part in parts:
-                    rv(part, 4096, out)
-                return time.perf_counter() - t
-
-            loop(size // 4096)
-            n = calibrate(loop, mt)
-            rates[name, "loop"] = median_rate(loop, n, rep)
-            batched(size // 4096)
-            n = max(calibrate(batched, mt, n0=batch * 4) // batch, 1) * batch
-            rates[name, "batch"] = median_rate(batched, n, rep)
+    warm = size // 4096
+    with engine.open(base, readonly=True) as one, engine.open(top, readonly=True) as deep:
+        if len(deep.chain()) != depth:
+            raise SystemExit(f"deep chain has {len(deep.chain())} volumes, not {depth}")
+        log(f"depth {depth}: calibrating, then interleaved")
+        raters = {
+            ("depth1", "loop"): loop_rater(_read_loop(one, size, step), mt, warm),
+            ("deep", "loop"): loop_rater(_read_loop(deep, size, step), mt, warm),
+            ("depth1", "batch"): loop_rater(_readv_loop(one, size, step, batch), mt, warm,
+                                            batch * 4, batch),
+            ("deep", "batch"): loop_rater(_readv_loop(deep, size, step, batch), mt, warm,
+                                          batch * 4, batch),
+        }
+        r = interleave(raters, rep)
     for kind, label in (("loop", "readinto loop"), ("batch", f"readv batch of {batch}")):
-        r1, rd = rates["depth1", kind], rates["deep", kind]
+        r1, rd = r["depth1", kind], r["deep", kind]
         res.add(f"depth200_{kind}", f"4 KiB random reads at depth {depth} vs depth 1 ({label})",
                 "depth 1 (the base alone)", r1, rd, "IOPS", rd / r1, ">= 0.8x", rd >= 0.8 * r1,
                 (f"base {size // MiB} MiB written, {depth - 1} overlays of 4 clusters each; "
-                 f"chain built in {build_s:.1f} s") if kind == "loop" else "")
+                 f"chain built in {build_s:.1f} s") if kind == "loop" else "",
+                runs={"depth1": r1, "deep": rd})
 
 
 def fig_snapshot(res, p, d):
     reps = p["snap_reps"]
-    times = {}
+    times: dict = {"1G": [], "1T": []}
     close_ms = []
-    for label, size in (("1G", GiB), ("1T", TiB)):
-        base = f"snapbase-{label}.qcow2"
+    bases = {"1G": ("snapbase-1G.qcow2", GiB), "1T": ("snapbase-1T.qcow2", TiB)}
+    for base, size in bases.values():
         run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(size)], cwd=d)
-        ts = []
-        for i in range(reps + 1):
+    for i in range(reps + 1):
+        for label, (base, size) in bases.items():          # alternate the two sizes
             path = os.path.join(d, f"snap-{label}-{i}.qcow2")
             t = time.perf_counter()
             img = engine.create(path, size, backing=base, backing_format="qcow2")
@@ -653,126 +662,113 @@ def fig_snapshot(res, p, d):
             img.close()
             close_ms.append((time.perf_counter() - t) * 1e3)
             os.unlink(path)
-            if i:                   # the first one is the warm-up
-                ts.append(dt * 1e3)
-        times[label] = statistics.median(ts)
-    g, t = times["1G"], times["1T"]
+            if i:                   # the first of each is the warm-up
+                times[label].append(dt * 1e3)
+    g, t = statistics.median(times["1G"]), statistics.median(times["1T"])
     res.add("snapshot_ratio", "snapshot creation (engine.create overlay), 1 TiB vs 1 GiB",
             "1 GiB virtual size", g, t, "ms", t / g, "<= 1.2x", t <= 1.2 * g,
-            f"median of {reps} creates each (create() returns the open overlay; close() "
-            f"{statistics.median(close_ms):.2f} ms more, not counted)")
+            f"median of {reps} creates of each size, alternating (fastest: "
+            f"{min(times['1G']):.2f} ms at 1 GiB, {min(times['1T']):.2f} ms at 1 TiB); create() "
+            f"returns the open overlay; its close() takes {statistics.median(close_ms):.2f} ms "
+            f"more, not counted", runs=times)
     res.add("snapshot_abs", "snapshot creation, absolute (1 GiB | 1 TiB)", "1 GiB virtual size",
             g, t, "ms", None, "< 2 ms each", max(g, t) < 2.0)
 
 
-_SPIN = "import time\nt = time.perf_counter()\nx = 0\nfor i in range(%d): x += i\nprint(time.perf_counter() - t)"
+_SPIN = ("import time\nt = time.perf_counter()\nx = 0\nfor i in range(%d): x += i\n"
+         "print(time.perf_counter() - t)")
 
 
-def fig_cpu(res, p):
-    """How much parallel CPU this machine gives right now: other jobs on a shared machine take
-    cores, and then no thread figure can scale."""
-    quick = p["min_time"] < 0.5
-    n = 1_000_000 if quick else 15_000_000
-    reps = 1 if quick else 3
-    code = _SPIN % n
+def meta_load() -> str:
+    """Load average, and the share of time tasks waited for a CPU (PSI) over the last minute."""
+    try:
+        text = " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "unknown"
+    try:
+        some = open("/proc/pressure/cpu").readline().split()
+        text += f", CPU pressure {some[2].split('=')[1]}% (avg60)"
+    except (OSError, IndexError):
+        pass
+    return text
+
+
+def fig_threads(res, chain, p):
+    """2 reader threads vs 1 on one Image, with two references measured in the same
+    interleaved runs: the parallel CPU the machine gives right now (2 busy processes vs 1;
+    other jobs on a shared machine take cores) and the same reads as a plain memcpy from an
+    mmap of the raw file with the GIL dropped (ctypes.memmove)."""
+    top, size = chain["top"], os.path.getsize(chain["flat"])
+    mt, rep = p["min_time"], p["repeat"]
+    step = 4 * MiB + 64 * KiB
+    K = 64 * KiB
+    spin_n = 1_000_000 if mt < 0.5 else 10_000_000
+    code = _SPIN % spin_n
 
     def spin(k):
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                   text=True) for _ in range(k)]
-        return [float(pr.communicate()[0]) for pr in procs]
+        return max(float(pr.communicate()[0]) for pr in procs)
 
-    one = statistics.median(spin(1)[0] for _ in range(reps))
-    two = statistics.median(max(spin(2)) for _ in range(reps))
-    cap = 2 * one / two
-    res.add("cpu_parallel", "CPU capacity: 2 busy processes vs 1 (parallel speed-up available "
-            "to any 2-thread figure)", "1 process", n / one / 1e6, 2 * n / two / 1e6,
-            "M loop steps/s", cap,
-            "info (machine)", None, f"load average before the run: {meta_load()}")
+    def threaded(read_one, nthreads, n):
+        """Seconds for nthreads threads to do n reads each; read_one(buf) -> callable(off)."""
+        barrier = threading.Barrier(nthreads + 1)
 
-
-def meta_load() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def fig_threads(res, chain, p):
-    top, size = chain["top"], os.path.getsize(chain["flat"])
-    mt, rep = p["min_time"], p["repeat"]
-    step = 4 * MiB + 64 * KiB
-    with engine.open(top, readonly=True) as img:
-        def worker(n, start, barrier, out):
-            buf = np.empty(64 * KiB, dtype=np.uint8)
-            offs = qemu_offsets(n, step, size - 64 * KiB, start).tolist()
-            ri = img.readinto
+        def worker(start):
+            buf = np.empty(K, dtype=np.uint8)
+            fn = read_one(buf)
+            offs = qemu_offsets(n, step, size - K, start).tolist()
             barrier.wait()
             for o in offs:
-                ri(o, buf)
+                fn(o)
 
-        def timed(nthreads, n):
-            barrier = threading.Barrier(nthreads + 1)
-            ths = [threading.Thread(target=worker, args=(n, k * 7 * MiB, barrier, None))
-                   for k in range(nthreads)]
-            for th in ths:
-                th.start()
-            barrier.wait()
-            t = time.perf_counter()
-            for th in ths:
-                th.join()
-            return time.perf_counter() - t
+        ths = [threading.Thread(target=worker, args=(k * 7 * MiB,)) for k in range(nthreads)]
+        for th in ths:
+            th.start()
+        barrier.wait()
+        t = time.perf_counter()
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t
 
-        timed(1, size // (64 * KiB))
-        n = calibrate(lambda k: timed(1, k), mt)
-        r1, r2 = [], []
-        for _ in range(rep):
-            r1.append(n / timed(1, n))
-            r2.append(2 * n / timed(2, n))
-        one, two = statistics.median(r1), statistics.median(r2)
-    # the machine's ceiling: the same reads as memcpy from a plain mmap of the raw file
-    with open(chain["flat"], "rb") as f:
+    with engine.open(top, readonly=True) as img, open(chain["flat"], "rb") as f:
         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         arr = np.frombuffer(m, dtype=np.uint8)
-
         addr = arr.ctypes.data
         memmove = ctypes.memmove            # a ctypes call drops the GIL; numpy.copyto does not
 
-        def mworker(n, start, barrier, out):
-            buf = np.empty(64 * KiB, dtype=np.uint8)
+        def cc_reader(buf):
+            ri = img.readinto
+            return lambda o: ri(o, buf)
+
+        def mm_reader(buf):
             dst = buf.ctypes.data
-            offs = (qemu_offsets(n, step, size - 64 * KiB, start) + np.uint64(addr)).tolist()
-            barrier.wait()
-            for o in offs:
-                memmove(dst, o, 64 * KiB)
+            return lambda o: memmove(dst, addr + o, K)
 
-        def mtimed(nthreads, n):
-            barrier = threading.Barrier(nthreads + 1)
-            ths = [threading.Thread(target=mworker, args=(n, k * 7 * MiB, barrier, None))
-                   for k in range(nthreads)]
-            for th in ths:
-                th.start()
-            barrier.wait()
-            t = time.perf_counter()
-            for th in ths:
-                th.join()
-            return time.perf_counter() - t
-
-        mtimed(1, size // (64 * KiB))
-        mn = calibrate(lambda k: mtimed(1, k), mt)
-        m1, m2 = [], []
-        for _ in range(rep):
-            m1.append(mn / mtimed(1, mn))
-            m2.append(2 * mn / mtimed(2, mn))
-        del arr
+        raters = {}
+        for name, reader in (("cc", cc_reader), ("mm", mm_reader)):
+            threaded(reader, 1, size // K)                                  # warm-up
+            n = calibrate(lambda k, reader=reader: threaded(reader, 1, k), mt)
+            raters[name, 1] = lambda reader=reader, n=n: n / threaded(reader, 1, n) * K / MiB
+            raters[name, 2] = lambda reader=reader, n=n: 2 * n / threaded(reader, 2, n) * K / MiB
+        raters["cpu", 1] = lambda: spin_n / spin(1) / 1e6
+        raters["cpu", 2] = lambda: 2 * spin_n / spin(2) / 1e6
+        log("threads: measuring (interleaved)")
+        r = interleave(raters, rep)
+        del arr, raters, mm_reader
         m.close()
-    mib = 64 * KiB / MiB
-    res.add("threads_ceiling", "64 KiB random reads, 2 threads vs 1, plain mmap of the raw "
-            "file (ctypes.memmove)", "1 thread, mmap", statistics.median(m1) * mib,
-            statistics.median(m2) * mib, "MiB/s", statistics.median(m2) / statistics.median(m1),
-            "info (machine ceiling)", None)
+    res.add("cpu_parallel", "CPU capacity: 2 busy processes vs 1 (the parallel speed-up any "
+            "2-thread figure can get right now)", "1 process", r["cpu", 1], r["cpu", 2],
+            "M loop steps/s", r["cpu", 2] / r["cpu", 1], "info (machine)", None,
+            f"load: {meta_load()}")
+    one, two = r["cc", 1], r["cc", 2]
     res.add("threads_2v1", "64 KiB random reads, 2 reader threads vs 1 (one shared Image)",
-            "1 thread", one * mib, two * mib, "MiB/s", two / one, ">= 1.7x", two >= 1.7 * one,
-            f"{os.cpu_count()} CPUs; each thread its own buffer and offsets")
+            "1 thread", one, two, "MiB/s", two / one, ">= 1.7x", two >= 1.7 * one,
+            f"{os.cpu_count()} CPUs; each thread its own buffer and offsets",
+            runs={"1": one, "2": two})
+    res.add("threads_ceiling", "64 KiB random reads, 2 threads vs 1, plain mmap of the raw "
+            "file (ctypes.memmove)", "1 thread, mmap", r["mm", 1], r["mm", 2], "MiB/s",
+            r["mm", 2] / r["mm", 1], "info (machine ceiling)", None)
 
 
 _RSS_CHILD = r"""
@@ -824,7 +820,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="with --workdir: reuse the chain an "
                     "earlier run built there with the same sizes")
     ap.add_argument("--min-time", type=float, help="seconds per measurement")
-    ap.add_argument("--repeat", type=int, help="runs per figure (the median is reported)")
+    ap.add_argument("--repeat", type=int, help="interleaved runs per figure (the best is "
+                    "reported)")
     ap.add_argument("--batch", type=int, default=1024, help="offsets per readv call")
     ap.add_argument("--only", help="comma-separated groups: reads,seq,writes,depth,snapshot,"
                     "threads,rss")
@@ -897,8 +894,8 @@ def main(argv=None) -> int:
             ("writes", [], os.sync),    # the kept overlays' dirty pages, outside any timing
             ("depth", ["depth200_loop", "depth200_batch"], lambda: fig_depth(res, p, d, args.batch)),
             ("snapshot", ["snapshot_ratio", "snapshot_abs"], lambda: fig_snapshot(res, p, d)),
-            ("threads", ["cpu_parallel"], lambda: fig_cpu(res, p)),
-            ("threads", ["threads_2v1", "threads_ceiling"], lambda: fig_threads(res, chain, p)),
+            ("threads", ["cpu_parallel", "threads_2v1", "threads_ceiling"],
+             lambda: fig_threads(res, chain, p)),
             ("rss", ["rss_open200"], lambda: fig_rss(res, p, d)),
         ]
         for group, keys, fn in steps:
@@ -926,10 +923,11 @@ def main(argv=None) -> int:
           f"{p['overlay_bytes'] // MiB} MiB of scattered 64 KiB writes; qemu-img bench is "
           f"sequential with a step, so a large odd step scatters its requests (4 MiB + 4 KiB "
           f"for reads, 4 MiB + 64 KiB for writes) and cowchain replays the same offsets")
-    print(f"timing: >= {p['min_time']} s per measurement, median of {p['repeat']}, after a "
-          f"warm page cache and one warm-up pass of each tool; load average "
-          f"{meta['loadavg_start']} at start, {meta['loadavg_end']} at end (a shared machine: "
-          f"other jobs move absolute numbers, less so the ratios)")
+    print(f"timing: each figure is the best of {p['repeat']} runs of >= {p['min_time']} s, "
+          f"the runs of the two sides of a ratio interleaved, after a warm page cache and one "
+          f"warm-up pass of each tool (every run is in the JSON output)")
+    print(f"machine load: {meta['loadavg_start']} at start; {meta['loadavg_end']} at end "
+          f"(a shared machine: other jobs move absolute numbers, less so the ratios)")
     print()
     print(res.table())
     missed = [k for k, r in res.rows.items() if r["result"] == "MISSED"]
