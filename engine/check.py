@@ -51,9 +51,9 @@ repair after each of its writes and repair again):
    ("leaks" mode reports "need to rebuild refcount structures" and a check error instead.)
 4. COPIED flags are made to agree with the refcounts ("leaks" mode only when nothing else is
    wrong, as QEMU).
-5. ("all") a snapshot table with bad entries is rewritten like qcow2_write_snapshots: new
-   clusters refcounted and synced, table written and synced, header pointer at offset 60
-   switched and synced, old table freed.
+5. ("all") a snapshot table with bad entries is rewritten like qcow2_write_snapshots: the new
+   table is written to the first free clusters and they get refcount 1 (fsync), then the
+   header pointer at offset 60 is switched (write + fsync), then the old table is freed.
 6. When no corruption and no check error remain, the dirty and corrupt bits are cleared
    (8 bytes at offset 72, write + fsync) -- in both modes, as QEMU does.
 
@@ -951,9 +951,9 @@ def _encode_snapshots(snaps: list[_Snap]) -> bytes:
 
 def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: int) -> None:
     """qcow2_check_fix_snapshot_table: with repair "all", rewrite a snapshot table that had
-    corruptions (incomplete or oversized entries) the way qcow2_write_snapshots does: allocate
-    the first free clusters, raise their refcounts (fsync), write the table (fsync), switch
-    the 12-byte header pointer at offset 60 (write + fsync), then free the old table."""
+    corruptions (incomplete or oversized entries) the way qcow2_write_snapshots does: into the
+    first free clusters, which get refcount 1 (fsync), then the 12-byte header pointer at
+    offset 60 is switched (write + fsync), then the old table is freed."""
     if not corruptions or not p.fix & _FIX_ERRORS:
         return
     old_off, old_size = img.snapshots_offset, img.snapshots_size
@@ -972,11 +972,12 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: 
             p.findings.add("snapshot", "ERROR failed to update snapshot table: no refcount "
                            "block covers the free space it needs")
             return
-        clusters = np.arange(first, first + n, dtype=np.int64)
-        _write_refcounts(img, clusters, np.ones(n, np.int64))
+        # The table goes first, then its refcounts (both into clusters nothing references),
+        # so a crash in between leaves at worst a leak inside the file, which the next
+        # repair frees before it allocates again; both are durable before the switch.
         new_off = first * img.C
         img.pwrite(new_off, blob)
-        img.sync()
+        _write_refcounts(img, np.arange(first, first + n, dtype=np.int64), np.ones(n, np.int64))
     img.pwrite(_HDR_NB_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_off))
     img.sync()
     if old_size:

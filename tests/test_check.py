@@ -531,11 +531,14 @@ def _count_writes(monkeypatch, path, repair):
     return len(calls)
 
 
-@pytest.mark.parametrize("scenario", ["raise-and-lower", "rebuild", "copied"])
+@pytest.mark.parametrize("scenario", ["raise-and-lower", "rebuild", "rebuild-512", "copied",
+                                      "snapshot-table"])
 def test_crash_during_repair_is_repairable(tmp_path, monkeypatch, scenario):
     """Stop the repair after each of its writes (as a crash would); a second repair must then
     leave a clean image with the original data."""
-    path = make(tmp_path)
+    path = make(tmp_path, cluster_size=512 if scenario == "rebuild-512" else 65536)
+    if scenario == "snapshot-table":
+        qemu.qemu_img("snapshot", "-c", "s", path)
     pristine = tmp_path / "pristine.qcow2"
     copy(path, pristine)
     if scenario == "raise-and-lower":
@@ -544,6 +547,11 @@ def test_crash_during_repair_is_repairable(tmp_path, monkeypatch, scenario):
         set_refcount(path, data_cluster(path, 5 << 20), 4)           # leaked
     elif scenario == "rebuild":
         _clear_rt(0)(path)
+    elif scenario == "rebuild-512":
+        _clear_rt(1)(path)
+        _clear_rt(3)(path)
+    elif scenario == "snapshot-table":
+        poke.write_be(path, poke.snapshot_entry(path, 0) + 36, 4, 8)
     else:
         _poke_l2(0, lambda v: v ^ poke.COPIED)(path)
         _l1(0, lambda v: v ^ poke.COPIED)(path)
@@ -552,7 +560,7 @@ def test_crash_during_repair_is_repairable(tmp_path, monkeypatch, scenario):
     counted = tmp_path / "count.qcow2"
     copy(damaged, counted)
     n = _count_writes(monkeypatch, counted, "all")
-    assert n >= 1
+    assert n >= 2, n
     real = os.pwrite
     for k in range(n):
         work = tmp_path / f"crash{k}.qcow2"
