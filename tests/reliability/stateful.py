@@ -86,12 +86,17 @@ class ChainMachine(RuleBasedStateMachine):
         self.hist_ops = []
         self.states = []          # (count, bytes) durable states since the watch
         self.base_state = self.rec.last
+        self.base_count = 0
 
     def _collect(self):
         self.states += self.rec.states
         self.rec.states = []
         if len(self.states) > 24:
-            self.states = self.states[-24:]
+            # the oldest kept state becomes the base of the crash points
+            cut = len(self.states) - 24
+            self.base_state = self.states[cut - 1][1]
+            self.base_count = self.states[cut - 1][0]
+            self.states = self.states[cut:]
 
     def _issue(self, kind, lba, n):
         self.seq += 1
@@ -150,14 +155,16 @@ class ChainMachine(RuleBasedStateMachine):
     def flush(self):
         self._ok = False
         self.img.flush()
+        # after a successful flush every raised refcount is referenced and every freed
+        # cluster released: nothing may leak (crash and fault steps repair their leaks)
+        res = self.img.check()
+        assert res.leaks == 0, f"{res.leaks} leaked clusters right after a flush: " \
+                               f"{res.findings[:4]}"
         self.seq += 1
         self.oracle.ack(self.seq)
         self._collect()
         self.hist_flushes.append((self.rec.count, self.seq, self.oracle.acked.copy(),
                                   self.oracle.acked_size))
-        self.hist_flushes = self.hist_flushes[-2:]
-        keep = self.hist_flushes[0][1]
-        self.hist_ops = [e for e in self.hist_ops if e[0] > keep]
 
     @rule()
     def reopen(self):
@@ -217,7 +224,7 @@ class ChainMachine(RuleBasedStateMachine):
         self._collect()
         with open(self.path(), "rb") as f:
             live = f.read()
-        chain = [(0, self.base_state)] + self.states + [(self.rec.count + 1, live)]
+        chain = [(self.base_count, self.base_state)] + self.states + [(self.rec.count + 1, live)]
         i = 1 + which % (len(chain) - 1)
         k = chain[i - 1][0]
         oracle = self._oracle_at(k)
@@ -301,7 +308,7 @@ class ChainMachine(RuleBasedStateMachine):
         self.img = None
         with engine.open(self.path(), readonly=True) as img:
             res = img.check()
-            assert res.corruptions == 0 and res.check_errors == 0, res.to_dict()
+            assert res.corruptions == 0 and res.check_errors == 0, (res.to_dict(), res.findings[:6])
             obs = stamps.decode(img.read(0, img.size))
             v = self.oracle.judge(obs, img.size)
             assert v.ok, v.details
