@@ -145,11 +145,11 @@ def test_clean_geometries(tmp_path, cluster_size, refcount_bits):
     assert res.exit_code == 0 and not res.findings
 
 
-def _compressed(tmp_path, cluster_size):
+def _compressed(tmp_path, cluster_size, extra=""):
     src = make(tmp_path, "src.qcow2", cluster_size=cluster_size)
     dst = tmp_path / "comp.qcow2"
     qemu.qemu_img("convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o",
-                  f"cluster_size={cluster_size}", src, dst)
+                  f"cluster_size={cluster_size}{extra}", src, dst)
     return dst
 
 
@@ -189,6 +189,9 @@ FEATURES = {
     "compressed-4k": lambda t: _compressed(t, 4096),
     "compressed-64k": lambda t: _compressed(t, 65536),
     "compressed-2m": lambda t: _compressed(t, 2 << 20),
+    "compressed-r1": lambda t: _compressed(t, 4096, ",refcount_bits=1"),
+    "compressed-v2": lambda t: _compressed(t, 65536, ",compat=0.10"),
+    "compressed-zstd": lambda t: _compressed(t, 65536, ",compression_type=zstd"),
     "snapshots": _snapshots,
     "snapshots-r2": lambda t: _snapshots(t, refcount_bits=2),
     "snapshots-extl2": lambda t: _snapshots(t, extended_l2=True, cluster_size=32768),
@@ -334,6 +337,9 @@ DAMAGE = {
     "l2-past-eof": ({}, _poke_l2(1 << 20, lambda v: poke.COPIED | (100 << 20)), False),
     "l2-unaligned-data": ({}, _poke_l2(1 << 20, lambda v: v + 512), False),
     "l2-unaligned-prealloc": ({}, _poke_l2(2 << 20, lambda v: v + 512), True),
+    "extl2-unaligned-prealloc": ({"extended_l2": True, "_ops": ["write -P 1 2M 64k",
+                                                                 "write -z 2M 64k"]},
+                                 _poke_l2(2 << 20, lambda v: v + 512), True),
     "l1-unaligned-l2": ({}, _l1(0, lambda v: v + 512), False),
     "same-data-twice": ({}, _dup_l2_entry, False),
     "same-data-twice-r1": ({"refcount_bits": 1}, _dup_l2_entry, False),
@@ -398,7 +404,7 @@ def _damaged(tmp_path, name):
     elif opts.pop("_bitmaps", False):
         path = _bitmaps(tmp_path)
     else:
-        path = make(tmp_path, **opts)
+        path = make(tmp_path, ops=opts.pop("_ops", OPS), **opts)
     pristine = tmp_path / "pristine.qcow2"
     copy(path, pristine)
     damage(str(path))
