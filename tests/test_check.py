@@ -216,7 +216,7 @@ def test_clean_features(tmp_path, feature):
 def test_external_data_file(tmp_path, raw):
     """Data clusters in an external file carry no refcount (engine.format refuses the image;
     the check still reads it, as QEMU's does)."""
-    path = make(tmp_path, ops=(), data_file="data.raw", data_file_raw=raw)
+    path = make(tmp_path, ops=(), data_file=tmp_path / "data.raw", data_file_raw=raw)
     qemu.qemu_io(path, "write -P 3 0 1M", "write -z 4M 64k")
     res = assert_like_qemu(path)
     assert res.exit_code == 0 and res.allocated_clusters
