@@ -451,13 +451,13 @@ class _Image:
         except OSError as e:
             raise io_error(e.errno, "cannot sync the image", path=self.path) from None
 
-    def u64_table(self, offset: int, entries: int) -> np.ndarray:
-        """A table of big-endian u64 entries at ``offset`` as native uint64; only the part
-        inside the file is read (the rest is zero)."""
+    def u64_table(self, offset: int, entries: int, *, trim: bool = False) -> np.ndarray:
+        """A table of big-endian u64 entries at ``offset`` as native uint64. Only the part
+        inside the file is read; the rest reads as zeros, or is left out with ``trim``."""
         if entries <= 0:
             return np.zeros(0, dtype=_U64)
         inside = 0 if offset >= self.file_size else min(entries, -(-(self.file_size - offset) // 8))
-        out = np.zeros(entries, dtype=_U64)
+        out = np.zeros(inside if trim else entries, dtype=_U64)
         if inside:
             data = self.pread(offset, inside * 8)
             out[:inside] = np.frombuffer(data, dtype=">u8")
@@ -1202,7 +1202,7 @@ class _Calc:
                 # QEMU's read of this table fails (EIO) and so does its whole check.
                 p.fail("ERROR: I/O error in check_refcounts_l1")
                 raise _Abort()
-            e = img.u64_table(off, size)
+            e = img.u64_table(off, size, trim=True)     # zero entries carry nothing
             nz = e[e != 0]
             if len(nz) == 0:
                 continue
@@ -1340,10 +1340,11 @@ class _Calc:
         img = self.img
         p = self.p
         fixed = np.zeros_like(fixable)
+        meta = _Metadata(img, self.snaps)
         for i in np.flatnonzero(fixable.any(axis=1)).tolist():   # per L2 table
             l2_off = int(offs[i])
             cols = np.flatnonzero(fixable[i])
-            if _overlaps_metadata(img, self.snaps, l2_off, img.C, skip_l2=True):
+            if meta.overlaps(l2_off, img.C):
                 p.check_errors += 1
                 p.corruptions += len(cols)
                 p.findings.add("l2", "ERROR: Overlap check failed")
@@ -1502,35 +1503,35 @@ class _Calc:
         return nb
 
 
-def _overlaps_metadata(img: _Image, snaps, offset: int, size: int, *, skip_l2: bool) -> bool:
-    """qcow2_check_metadata_overlap with QEMU's default ("cached") template, at cluster
-    granularity: does [offset, offset+size) touch the header, an L1 table, an active L2 table
-    (unless skip_l2), the reftable, a refblock, the snapshot table or the bitmap directory?"""
-    C = img.C
-    if offset < C:
-        return True
-    a = offset & ~(C - 1)
-    b = (offset + size + C - 1) & ~(C - 1)
+class _Metadata:
+    """QEMU's metadata overlap check (qcow2_check_metadata_overlap, default "cached" template)
+    for repair writes into L2 tables: the clusters of the header, the active L1 table, the
+    reftable, the refblocks, the snapshot table, the snapshot L1 tables and the bitmap
+    directory, as merged cluster intervals."""
 
-    def hit(o, n):
-        return n > 0 and o < b and a < o + n
+    def __init__(self, img: _Image, snaps):
+        C = img.C
+        ranges = [(0, C), (img.l1_off, img.l1_size * 8), (img.rt_off, img.rt_size * 8),
+                  (img.snapshots_offset, img.snapshots_size)]
+        ranges += [(s.l1_table_offset, s.l1_size * 8) for s in snaps]
+        if img.bitmaps is not None:
+            ranges.append((img.bitmaps[2], img.bitmaps[1]))
+        starts = [o >> img.cb for o, n in ranges if n > 0]
+        ends = [((o + n - 1) >> img.cb) + 1 for o, n in ranges if n > 0]
+        rb = _refblock_offsets(img.u64_table(img.rt_off, img.rt_size), C)[0]
+        rb = rb[rb != 0] >> img.cb
+        st = np.concatenate((np.array(starts, np.int64), rb))
+        en = np.concatenate((np.array(ends, np.int64), rb + 1))
+        order = np.argsort(st, kind="stable")
+        st, en = st[order], np.maximum.accumulate(en[order])
+        self.starts, self.ends = st, en      # ends are running maxima: one query suffices
+        self.cb = img.cb
 
-    if hit(img.l1_off, img.l1_size * 8) or hit(img.rt_off, img.rt_size * 8):
-        return True
-    if hit(img.snapshots_offset, img.snapshots_size):
-        return True
-    for s in snaps:
-        if hit(s.l1_table_offset, s.l1_size * 8):
-            return True
-    if img.bitmaps is not None and hit(img.bitmaps[2], img.bitmaps[1]):
-        return True
-    l1 = img.u64_table(img.l1_off, img.l1_size)
-    l2 = (l1 & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
-    if not skip_l2 and np.any((l2 != 0) & (l2 < b) & (a < l2 + C)):
-        return True
-    rt = img.u64_table(img.rt_off, img.rt_size)
-    rb = _refblock_offsets(rt, C)[0]
-    return bool(np.any((rb != 0) & (rb < b) & (a < rb + C)))
+    def overlaps(self, offset: int, size: int) -> bool:
+        a = offset >> self.cb
+        b = ((offset + size - 1) >> self.cb) + 1
+        i = int(np.searchsorted(self.starts, b, "left")) - 1
+        return i >= 0 and int(self.ends[i]) > a
 
 
 # --- Comparing with the stored refcounts ------------------------------------------------------
@@ -2008,6 +2009,7 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
             p.corruptions_fixed += len(bi)
     # The L2 tables of the active tree, each once per L1 entry that points to it.
     uoffs, mult = np.unique(l2[use], return_counts=True)
+    meta = _Metadata(img, img.snapshots) if repair else None
     C = img.C
     rows = max(1, _BATCH_BYTES // C)
     for s in range(0, len(uoffs), rows):
@@ -2054,8 +2056,7 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
                                       cur & _U64(~_OFLAG_COPIED & (2**64 - 1)))
             for i in np.unique(br).tolist():       # one write per fixed L2 table
                 l2_off = int(offs[i])
-                if _overlaps_metadata(img, img.snapshots, l2_off, C,
-                                      skip_l2=True):
+                if meta.overlaps(l2_off, C):
                     n = int((br == i).sum())
                     p.corruptions_fixed -= n
                     p.corruptions += n
