@@ -99,7 +99,9 @@ ctypedef struct Layer:
     uint8_t *zbuf               # one decompressed cluster
     uint64_t zbuf_key           # host descriptor held in zbuf (0 = none)
     Layer *backing
-    OwnerMap *omap              # set on a backing layer that has a backing of its own
+    OwnerMap *omap              # set on the leaf's backing when that has a backing of its own
+    uint64_t *meta_idx          # sorted cluster indexes of refblocks and L2 tables at open:
+    uint64_t n_meta             #   never written as data, never handed out by the allocator
     int err_code                # last error: one of the E_* codes
     int err_errno
     uint64_t err_offset

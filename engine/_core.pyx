@@ -380,12 +380,32 @@ cdef inline int ensure_backed(Layer *L, uint64_t host) noexcept nogil:
     return 0
 
 
+cdef inline int in_meta_set(Layer *L, uint64_t idx) noexcept nogil:
+    cdef uint64_t lo = 0, hi = L.n_meta, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if L.meta_idx[mid] < idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < L.n_meta and L.meta_idx[lo] == idx
+
+
 cdef inline int overlaps_fixed_meta(Layer *L, uint64_t host, uint64_t length) noexcept nogil:
+    """Does [host, host+length) touch the header, L1, reftable or snapshot table?"""
     cdef int i
     for i in range(4):
         if L.meta_hi[i] > L.meta_lo[i] and host < L.meta_hi[i] and host + length > L.meta_lo[i]:
             return 1
     return 0
+
+
+cdef inline int overlaps_meta(Layer *L, uint64_t host, uint64_t length) noexcept nogil:
+    """Also a refblock or L2 table that existed at open (QEMU's metadata overlap check):
+    for data stores and the allocator. host..host+length lies in one cluster."""
+    if overlaps_fixed_meta(L, host, length):
+        return 1
+    return L.n_meta != 0 and in_meta_set(L, host >> L.cluster_bits)
 
 
 # --- refcounts --------------------------------------------------------------------------------
@@ -543,13 +563,13 @@ cdef int find_free(Layer *L, uint64_t *out) noexcept nogil:
         if rc < 0:
             return rc
         if rb == NULL:
-            if not overlaps_fixed_meta(L, idx << L.cluster_bits, L.cluster_size):
+            if not overlaps_meta(L, idx << L.cluster_bits, L.cluster_size):
                 out[0] = idx
                 return 0
             idx += 1
             continue
         v = rb_get(L, rb, idx & (rbe - 1))
-        if v == 0 and not overlaps_fixed_meta(L, idx << L.cluster_bits, L.cluster_size):
+        if v == 0 and not overlaps_meta(L, idx << L.cluster_bits, L.cluster_size):
             out[0] = idx
             return 0
         idx += 1
@@ -841,7 +861,7 @@ cdef int resolve_ext(Layer *L, uint8_t *t, uint64_t vaddr, uint64_t maxlen, int 
             break
         sc += 1
     kind[0] = k0
-    host[0] = off + in_off if k0 == K_DATA else 0
+    host[0] = off + in_off if off != 0 else 0     # ZERO_ALLOC / UNALLOCATED_ALLOC keep it
     run[0] = n if n < maxlen else maxlen
     return 0
 
@@ -1258,7 +1278,7 @@ cdef inline int maybe_writeback(Layer *L) noexcept nogil:
 cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) noexcept nogil:
     """Store n bytes at a host offset inside one cluster (src NULL: zeros)."""
     cdef int rc
-    if overlaps_fixed_meta(L, host, n):
+    if overlaps_meta(L, host, n):
         return fail(L, E_CORRUPT, "data cluster overlaps image metadata", host)
     rc = ensure_backed(L, host)
     if rc < 0:
@@ -1492,13 +1512,21 @@ cdef int layer_status(Layer *L, uint64_t vaddr, uint64_t n, uint64_t depth, RunB
         if rc < 0:
             return rc
         if kind == K_UNALLOC:
-            if L.backing != NULL:
-                rc = layer_status(L.backing, vaddr, run, depth + 1, out)
+            if L.backing != NULL and vaddr < L.backing.size:
+                m = L.backing.size - vaddr
+                if m > run:
+                    m = run
+                rc = layer_status(L.backing, vaddr, m, depth + 1, out)
                 if rc < 0:
                     L.err_code = L.backing.err_code
                     L.err_msg = L.backing.err_msg
                     L.err_offset = L.backing.err_offset
                     return rc
+                if m < run:
+                    # past the end of a shorter backing file: qemu-img map reports this layer
+                    rc = runs_push(out, vaddr + m, run - m, depth, F_ZERO, 0)
+            elif host and L.backing == NULL:
+                rc = runs_push(out, vaddr, run, depth, F_ZERO | F_OFFSET, host)
             else:
                 rc = runs_push(out, vaddr, run, depth, F_ZERO, 0)
         elif kind == K_ZERO:
@@ -1624,6 +1652,31 @@ cdef class CoreImage:
             if L.l2_cache == NULL or L.scratch == NULL or L.backed == NULL:
                 self.close()
                 raise MemoryError()
+            self._build_meta_set()
+
+    cdef _build_meta_set(self):
+        # Refblocks and active L2 tables at open, sorted: the allocator skips them and no data
+        # store may land on them, whatever a (hostile) L2 entry or refcount says.
+        cdef Layer *L = &self.L
+        cdef uint64_t i, n = 0, e
+        idx = []
+        for i in range(L.rt_entries):
+            e = load_be64(L.base + L.rt_offset + i * 8) & RT_OFFSET_MASK
+            if e:
+                idx.append(e >> L.cluster_bits)
+        for i in range(L.l1_size):
+            e = L.l1[i] & L1E_OFFSET_MASK
+            if e:
+                idx.append(e >> L.cluster_bits)
+        if not idx:
+            return
+        arr = np.unique(np.array(idx, dtype=np.uint64))
+        L.meta_idx = <uint64_t *>malloc(len(arr) * 8)
+        if L.meta_idx == NULL:
+            raise MemoryError()
+        for i in range(<uint64_t>len(arr)):
+            L.meta_idx[i] = arr[i]
+        L.n_meta = len(arr)
 
     def __dealloc__(self):
         self._release()
@@ -1644,6 +1697,8 @@ cdef class CoreImage:
         free(L.backed); L.backed = NULL
         free(L.pend_free); L.pend_free = NULL
         omap_free(L.omap); L.omap = NULL
+        free(L.meta_idx); L.meta_idx = NULL
+        L.n_meta = 0
         L.n_pend = L.cap_pend = 0
         if L.base != NULL:
             munmap(L.base, L.map_len)
@@ -1680,8 +1735,13 @@ cdef class CoreImage:
         """Link the backing image (opened read-only by the caller) or None."""
         self._backing = backing
         self.L.backing = &backing.L if backing is not None else NULL
-        if backing is not None and backing.L.backing != NULL and backing.L.omap == NULL:
-            backing.L.omap = omap_new(&backing.L)
+
+
+    def enable_owner_map(self):
+        """Keep an owner map over this image's backing chain (call on the top image of an
+        open chain, once it is complete)."""
+        if self.L.backing != NULL and self.L.backing.backing != NULL and self.L.backing.omap == NULL:
+            self.L.backing.omap = omap_new(self.L.backing)
 
     @property
     def file_size(self):

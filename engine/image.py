@@ -127,8 +127,10 @@ class _Lock:
     201, 203; a reader takes 100 and 201, 203 (it does not share write or resize); a
     force-share reader takes 100 only."""
 
-    def __init__(self, path: str, writable: bool, force_share: bool):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, fd: int, path: str, writable: bool, force_share: bool):
+        # The locks live on the image's own open file description (the core's dup shares
+        # it); they go away when the last descriptor of it is closed.
+        self.fd = fd
         use = [_PERM_CONSISTENT_READ] + ([_PERM_WRITE, _PERM_RESIZE] if writable else [])
         unshared = [] if force_share else [_PERM_WRITE, _PERM_RESIZE]
         try:
@@ -143,18 +145,13 @@ class _Lock:
                 if _ofd(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_BASE_USE + p) != fcntl.F_UNLCK:
                     raise ImageLocked(f'Failed to get shared "{_PERM_NAMES[p]}" lock', path=path)
         except OSError as e:
-            os.close(self.fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise ImageLocked("the image is locked by another process", path=path) from None
             raise io_error(e.errno or errno.EIO, "cannot lock the image", path=path) from None
-        except BaseException:
-            os.close(self.fd)
-            raise
 
     def release(self):
-        if self.fd >= 0:
-            os.close(self.fd)      # closing the description drops every OFD lock on it
-            self.fd = -1
+        # Dropped with the descriptor (Image.close); nothing to do separately.
+        self.fd = -1
 
 
 _PERM_NAMES = {0: "consistent read", 1: "write", 3: "resize"}
@@ -163,8 +160,16 @@ _PERM_NAMES = {0: "consistent read", 1: "write", 3: "resize"}
 # --- helpers ----------------------------------------------------------------------------------
 
 def _os_open(path: str, flags: int) -> int:
+    import stat
     try:
-        return os.open(path, flags | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InvalidArgument("not a regular file", path=path)
+        # O_NONBLOCK: a FIFO swapped in after the stat must not block the open
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument("not a regular file", path=path)
+        return fd
     except FileNotFoundError:
         raise ImageNotFound("no such file", path=path) from None
     except IsADirectoryError:
@@ -256,7 +261,7 @@ class Image:
     def size(self) -> int:
         """Virtual size in bytes."""
         self._check_open()
-        return self._header.size if self._header is not None else self._core.file_size
+        return _virtual_size(self._header) if self._header is not None else self._core.file_size
 
     @property
     def cluster_size(self) -> int | None:
@@ -452,14 +457,18 @@ class Image:
         except EngineError as e:
             err = e
         finally:
-            self._closed = True
-            self._core.close()
-            os.close(self._fd)
-            self._lock.release()
-            if self._backing is not None:
-                self._backing.close()
+            img = self
+            while img is not None and not img._closed:    # a loop: chains may be 1000 deep
+                img._release()
+                img = img._backing
         if err is not None:
             raise err
+
+    def _release(self):
+        self._closed = True
+        self._core.close()
+        os.close(self._fd)
+        self._lock.release()
 
     # metadata ---------------------------------------------------------------------------
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
@@ -472,12 +481,9 @@ class Image:
         if length == 0:
             return []
         runs = self._core.block_status(offset, length).tolist()
-        bottom = len(self.chain()) - 1
         out = []
         for start, ln, depth, flags, off in runs:
             present = bool(flags & 1)
-            if not present:
-                depth = bottom
             out.append(Extent(start, ln, bool(flags & 4), bool(flags & 2), depth,
                               off if flags & 8 else None, present, bool(flags & 16)))
         return _merge_extents(out)
@@ -614,9 +620,8 @@ class Image:
         if self._backing is not None:
             self._backing.close()
             self._backing = None
-        self._backing, self._backing_path = _open_backing(
-            self._path, self._header, self._opts, depth=self._depth, seen=set())
-        self._core.set_backing(self._backing._core if self._backing is not None else None)
+        st = os.fstat(self._fd)
+        _attach_chain(self, self._opts, {(st.st_dev, st.st_ino)})
 
 
 def _merge_extents(exts: list[Extent]) -> list[Extent]:
@@ -636,13 +641,15 @@ def _merge_extents(exts: list[Extent]) -> list[Extent]:
     return out
 
 
-def _geometry(h: "fmt.Header") -> dict:
-    snap_size = 0
-    if h.nb_snapshots:
-        # an upper bound is enough for the "never allocate over it" ranges
-        snap_size = min(h.nb_snapshots * (40 + 1024 + 128 + 256 + 8), fmt.MAX_SNAPSHOTS_SIZE)
+def _virtual_size(h: "fmt.Header") -> int:
+    """QEMU counts the disk in 512-byte sectors: a size that is not a multiple of 512 is
+    rounded down (bs->total_sectors)."""
+    return h.size // 512 * 512
+
+
+def _geometry(h: "fmt.Header", snap_size: int = 0) -> dict:
     return {
-        "cluster_bits": h.cluster_bits, "size": h.size, "version": h.version,
+        "cluster_bits": h.cluster_bits, "size": _virtual_size(h), "version": h.version,
         "l1_table_offset": h.l1_table_offset, "l1_size": h.l1_size,
         "refcount_table_offset": h.refcount_table_offset,
         "refcount_table_clusters": h.refcount_table_clusters,
@@ -653,32 +660,62 @@ def _geometry(h: "fmt.Header") -> dict:
     }
 
 
-def _open_backing(path, header, opts, *, depth, seen):
-    """Open the backing chain of an image read-only, by policy. Returns (Image|None, path)."""
-    if header is None or header.backing_file is None or not opts["backing"]:
-        return None, None
-    name = header.backing_file
-    bdir = os.path.dirname(path) or "."
-    full = _check_backing_name(name, bdir, opts["allow_unsafe_backing"],
-                               opts.setdefault("_real_dirs", {}))
-    if header.backing_format is None:
-        raise UnsafeBackingReference(name, f"backing file {name!r} has no recorded format; "
-                                     "cowchain never guesses a format",
-                                     hint="record it with 'qemu-img rebase -u -b NAME -F FMT'")
-    if header.backing_format not in ("raw", "qcow2"):
-        raise UnsupportedFeature(f"backing format {header.backing_format}", path=path)
-    if depth + 1 > opts["max_chain_depth"]:
-        raise ChainError(f"backing chain deeper than {opts['max_chain_depth']} images",
-                         path=path)
-    img = _open_image(full, header.backing_format, True, opts, depth=depth + 1, seen=seen)
-    return img, full
+def _fd_headroom(n_images: int) -> None:
+    """Each open image holds two descriptors; raise the soft limit for very deep chains."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * n_images + 64
+    if soft != resource.RLIM_INFINITY and need > soft:
+        new = need * 2 if hard == resource.RLIM_INFINITY else min(hard, need * 2)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
 
 
-def _open_image(path, format, readonly, opts, *, depth=0, seen=None):
-    if seen is None:
-        seen = set()
+def _attach_chain(top: "Image", opts: dict, seen: set) -> None:
+    """Open the backing chain of ``top`` read-only, by policy, level by level (a loop, not
+    recursion: chains may be deeper than Python's recursion limit), then link the cores."""
+    images = [top]
+    try:
+        cur = top
+        while opts["backing"] and cur._header is not None and cur._header.backing_file is not None:
+            h = cur._header
+            name = h.backing_file
+            full = _check_backing_name(name, os.path.dirname(cur._path) or ".",
+                                       opts["allow_unsafe_backing"],
+                                       opts.setdefault("_real_dirs", {}))
+            if h.backing_format is None:
+                raise UnsafeBackingReference(
+                    name, f"backing file {name!r} has no recorded format; cowchain never "
+                    "guesses a format", path=cur._path,
+                    hint="record it with 'qemu-img rebase -u -b NAME -F FMT'")
+            if h.backing_format not in ("raw", "qcow2"):
+                raise UnsupportedFeature(f"backing format {h.backing_format}", path=cur._path)
+            if len(images) > opts["max_chain_depth"]:
+                raise ChainError(f"backing chain deeper than {opts['max_chain_depth']} images",
+                                 path=top._path, hint="pass a larger max_chain_depth if the "
+                                 "chain is meant to be this deep")
+            if len(images) % 64 == 0:
+                _fd_headroom(len(images) + 64)
+            b = _open_one(full, h.backing_format, True, opts, seen)
+            cur._backing = b
+            cur._backing_path = full
+            images.append(b)
+            cur = b
+    except BaseException:
+        for img in images[1:]:
+            img._release()
+        top._backing = None
+        raise
+    for a, b in zip(images[-2::-1], images[:0:-1]):
+        a._core.set_backing(b._core)
+    top._core.enable_owner_map()
+
+
+def _open_one(path, format, readonly, opts, seen) -> "Image":
+    """Open one file (no backing chain): descriptor, header, policy, lock, mapping."""
     fd = _os_open(path, os.O_RDONLY if readonly else os.O_RDWR)
-    lock = None
     core = None
     try:
         st = os.fstat(fd)
@@ -687,41 +724,63 @@ def _open_image(path, format, readonly, opts, *, depth=0, seen=None):
             raise ChainError("backing chain loops back to an image already in the chain",
                              path=path)
         seen.add(key)
-        if not os.path.isfile(path) and not _is_regular(st):
-            raise InvalidArgument("not a regular file", path=path)
         head, size = _read_head(fd, path)
         if format is None:
             format = "qcow2" if _is_qcow2(head) else "raw"
         if format not in ("raw", "qcow2"):
             raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
         header = None
+        snap_size = 0
         if format == "qcow2":
             header = fmt.parse_header(head, size, path=path)
-            if not readonly:
-                header = _prepare_rw(fd, path, header, size)
-        lock = _Lock(path, not readonly, opts["force_share"])
+            snap_size = _validate_snapshots(fd, path, header, size)
+        lock = _Lock(fd, path, not readonly, opts["force_share"])
+        if header is not None and not readonly:
+            header = _prepare_rw(fd, path, header, size)
         try:
             core = _core.CoreImage(fd, not readonly, format == "raw",
-                                   _geometry(header) if header is not None else {})
+                                   _geometry(header, snap_size) if header is not None else {})
         except ValueError as e:
             raise CorruptImage(str(e), path=path) from None
         except OSError as e:
             raise io_error(e.errno or errno.EIO, "cannot map the image", path=path) from None
         img = Image._new(path, fd, format, header, core, None, readonly, lock, None)
         img._opts = opts
-        img._depth = depth
-        backing, bpath = _open_backing(path, header, opts, depth=depth, seen=seen)
-        img._backing = backing
-        img._backing_path = bpath
-        core.set_backing(backing._core if backing is not None else None)
         return img
     except BaseException:
         if core is not None:
             core.close()
-        if lock is not None:
-            lock.release()
         os.close(fd)
         raise
+
+
+def _validate_snapshots(fd: int, path: str, h: "fmt.Header", size: int) -> int:
+    """QEMU reads the snapshot table at open and refuses a bad one; so do we. Returns its
+    size in bytes."""
+    if not h.nb_snapshots:
+        return 0
+    want = 4096
+    while True:
+        buf = os.pread(fd, min(want, max(0, size - h.snapshots_offset)), h.snapshots_offset)
+        n = fmt.snapshot_table_size(buf, h, path=path)
+        if n <= len(buf):
+            break
+        if len(buf) < want:
+            raise CorruptImage("snapshot table runs past the end of the file", path=path)
+        want = n
+    fmt.parse_snapshot_table(buf[:n], h, file_size=size, path=path)
+    return n
+
+
+def _open_image(path, format, readonly, opts):
+    seen: set = set()
+    top = _open_one(path, format, readonly, opts, seen)
+    try:
+        _attach_chain(top, opts, seen)
+    except BaseException:
+        top._release()
+        raise
+    return top
 
 
 def _is_regular(st) -> bool:
