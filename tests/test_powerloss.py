@@ -96,7 +96,7 @@ TestChainModelWithCrashes = _stateful.ChainMachine.TestCase
 from hypothesis import Phase  # noqa: E402
 
 TestChainModelWithCrashes.settings = _settings(
-    max_examples=5000 if LONG else 100, stateful_step_count=80 if LONG else 40, deadline=None,
+    max_examples=5000 if LONG else 50, stateful_step_count=80 if LONG else 40, deadline=None,
     phases=list(Phase) if LONG else [Phase.explicit, Phase.reuse, Phase.generate],
     database=None if os.environ.get("COWCHAIN_NO_HYPOTHESIS_DB") else _settings().database)
 
