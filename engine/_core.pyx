@@ -151,6 +151,13 @@ cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
 # sit between the steps of each metadata transition; armed, they raise EIO or SIGKILL the
 # process.  The barrier callback sees every successful sync.  Unused, each costs a branch.
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void cc_set_errno(int e) { errno = e; }
+    """
+    void set_errno "cc_set_errno"(int e) noexcept nogil
+
 cdef extern from "<signal.h>" nogil:
     int kill(int pid, int sig)
     int SIGKILL
@@ -202,7 +209,7 @@ cdef inline int io_fault(int op) noexcept nogil:
     io_calls[op] += 1
     if fault_op == op and (io_calls[op] == fault_nth or (fault_persistent and io_calls[op] > fault_nth)):
         fault_hits += 1
-        errno = fault_errno
+        set_errno(fault_errno)
         return 1
     return 0
 
@@ -215,15 +222,25 @@ cdef int barrier_notify(int fd) noexcept with gil:
     return 0
 
 
-cdef inline int io_fdatasync(int fd) noexcept nogil:
+cdef inline int io_sync(Layer *L) noexcept nogil:
+    """The one durability barrier. A failure is sticky (D4): after it every sync of this
+    image fails, because the kernel may have dropped the dirty pages it could not write."""
+    cdef int e
+    if L.sticky_errno:
+        set_errno(L.sticky_errno)
+        return -1
     if io_fault(IO_SYNC):
+        L.sticky_errno = errno
         return -1
     # msync is not needed on Linux: fdatasync writes back pages dirtied through a shared
     # mapping too (they are marked dirty at fault time), which is what msync(MS_SYNC) does.
-    if fdatasync(fd) != 0:
+    if fdatasync(L.fd) != 0:
+        e = errno
+        L.sticky_errno = e if e else 5
+        set_errno(L.sticky_errno)
         return -1
     if have_barrier_cb:
-        barrier_notify(fd)
+        barrier_notify(L.fd)
     return 0
 
 
@@ -256,7 +273,7 @@ cdef inline int hook(Layer *L, int hid) noexcept nogil:
     if hook_armed == hid and hook_hits[hid] == hook_nth:
         if hook_action == 2:
             kill(getpid(), SIGKILL)
-        errno = 5    # EIO
+        set_errno(5)    # EIO
         return fail_io(L, "injected fault at a hook point", 0)
     return 0
 
@@ -521,7 +538,7 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
         store_be64(L.base + (start + n_rb) * C + (first_rti + j) * 8, (start + j) * C)
     if end * C > L.alloc_end:
         L.alloc_end = end * C
-    if io_fdatasync(L.fd) != 0:
+    if io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while growing the refcount table", 0)
     rc = hook(L, 2)
@@ -532,21 +549,18 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
     hdr = L.base
     store_be64(hdr + 48, (start + n_rb) * C)
     store_be32(hdr + 56, <uint32_t>n_rt)
-    if io_fdatasync(L.fd) != 0:
+    if io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while switching the refcount table", 0)
     L.rt_offset = (start + n_rb) * C
     L.rt_entries = n_rt * C // 8
     L.meta_lo[2] = L.rt_offset
     L.meta_hi[2] = L.rt_offset + n_rt * C
-    rc = hook(L, 3)
-    if rc < 0:
-        return rc
     for i in range(old_clusters):
         rc = pend_free(L, (old_off >> L.cluster_bits) + i)
         if rc < 0:
             return rc
-    return 0
+    return hook(L, 3)
 
 
 cdef int find_free(Layer *L, uint64_t *out) noexcept nogil:
@@ -609,7 +623,7 @@ cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
         rb_set(L, L.base + j * C, j & ((1 << L.rb_shift) - 1), 1)
     if (j + 1) * C > L.alloc_end:
         L.alloc_end = (j + 1) * C
-    if io_fdatasync(L.fd) != 0:
+    if io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed while adding a refcount block", j * C)
     rc = hook(L, 1)
@@ -1157,6 +1171,10 @@ cdef int l2_for_write(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
     off = e & L1E_OFFSET_MASK
     if off == 0 or not (e & QCOW_OFLAG_COPIED):
         rc = alloc_cluster(L, &newoff)
+        if rc == 0:
+            rc = hook(L, 4)
+            if rc < 0:
+                set_refcount(L, newoff >> L.cluster_bits, 0)   # never linked: no leak
         if rc < 0:
             free(buf)
             return rc
@@ -1171,10 +1189,6 @@ cdef int l2_for_write(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
         L.l1[l1i] = newoff | QCOW_OFLAG_COPIED
         L.l1_dirty = 1
         L.new_tables = 1
-        rc = hook(L, 4)
-        if rc < 0:
-            free(buf)
-            return rc
     else:
         if overlaps_fixed_meta(L, off, C):
             free(buf)
@@ -1196,7 +1210,7 @@ cdef int writeback(Layer *L) noexcept nogil:
         return fail(L, E_IO, "an earlier sync failed; reopen and check the image", 0)
     if not (L.data_dirty or L.n_cached or L.l1_dirty or L.n_pend):
         return 0
-    if io_fdatasync(L.fd) != 0:
+    if io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     rc = hook(L, 7)
@@ -1220,7 +1234,7 @@ cdef int writeback(Layer *L) noexcept nogil:
             return rc
     if L.l1_dirty:
         if L.new_tables:
-            if io_fdatasync(L.fd) != 0:
+            if io_sync(L) != 0:
                 L.sticky_errno = errno
                 return fail_io(L, "sync failed", 0)
         rc = ensure_backed(L, L.l1_offset)
@@ -1238,7 +1252,7 @@ cdef int writeback(Layer *L) noexcept nogil:
         rc = hook(L, 9)
         if rc < 0:
             return rc
-    if io_fdatasync(L.fd) != 0:
+    if io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     rc = hook(L, 10)
@@ -1262,7 +1276,7 @@ cdef int writeback(Layer *L) noexcept nogil:
         rc = hook(L, 11)
         if rc < 0:
             return rc
-    if had_frees and io_fdatasync(L.fd) != 0:
+    if had_frees and io_sync(L) != 0:
         L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     L.data_dirty = 0
@@ -1899,7 +1913,7 @@ cdef class CoreImage:
                 if self.L.sticky_errno:
                     err = self.L.sticky_errno
                 elif self.L.data_dirty:
-                    if io_fdatasync(self.L.fd) != 0:
+                    if io_sync(&self.L) != 0:
                         err = errno
                         self.L.sticky_errno = err
                     else:
@@ -1967,7 +1981,7 @@ cdef class CoreImage:
                 rc = writeback(L)
                 if rc == 0:
                     store_be64(L.base + 24, new_size)
-                    if io_fdatasync(L.fd) != 0:
+                    if io_sync(L) != 0:
                         rc = fail_io(L, "sync failed", 0)
                     else:
                         L.size = new_size
@@ -2005,15 +2019,18 @@ cdef class CoreImage:
                     memcpy(nl1, L.l1, L.l1_size * 8)
                     for i in range(L.l1_size):
                         store_be64(L.base + first * C + i * 8, L.l1[i])
-                    if io_fdatasync(L.fd) != 0:
+                    if io_sync(L) != 0:
                         rc = fail_io(L, "sync failed", 0)
                     else:
                         rc = hook(L, 12)
+                    if rc < 0:
+                        for i in range(n_cl):       # never referenced: give them back
+                            set_refcount(L, first + i, 0)
                 if rc == 0:
                     store_be64(L.base + 24, new_size)
                     store_be32(L.base + 36, <uint32_t>new_l1_size)
                     store_be64(L.base + 40, first * C)
-                    if io_fdatasync(L.fd) != 0:
+                    if io_sync(L) != 0:
                         rc = fail_io(L, "sync failed", 0)
                 if rc == 0:
                     free(L.l1)
@@ -2027,11 +2044,12 @@ cdef class CoreImage:
                     L.size = new_size
                     L.meta_lo[1] = L.l1_offset
                     L.meta_hi[1] = L.l1_offset + n_cl * C
-                    rc = hook(L, 13)
                     for i in range(old_clusters):
                         if rc < 0:
                             break
                         rc = pend_free(L, (old_off >> L.cluster_bits) + i)
+                    if rc == 0:
+                        rc = hook(L, 13)
                 if rc == 0:
                     rc = writeback(L)
             pthread_rwlock_unlock(&L.lock)

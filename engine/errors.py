@@ -165,9 +165,10 @@ class EngineIOError(EngineError, OSError):
     default_hint = "check the disk and the kernel log, then reopen the image and run check"
 
     def __init__(self, err: int, message: str, **kw):
+        super().__init__(f"{message}: {_os.strerror(err)}" if err else message, **kw)
+        # after the base initialisers: OSError.__init__ with one argument resets errno
         self.errno = err
         self.strerror = _os.strerror(err) if err else message
-        super().__init__(f"{message}: {_os.strerror(err)}" if err else message, **kw)
 
 
 class NoSpace(EngineIOError):
