@@ -286,6 +286,7 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
     ctx = t.ctx(folder)
     ctx.open()
     try:
+        before_pre = (ctx.oracle.cur.copy(), ctx.oracle.size)
         pre(ctx)
         snapshot = (ctx.oracle.cur.copy(), ctx.oracle.size, ctx.seq)
         arm(point, nth, err, persistent)
@@ -397,7 +398,12 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
                     ctx.flush()
                 else:
                     ctx.open()
-                    # the failed op may have partly landed; the retry rewrites all of it
+                    # The failed sync lost what the handle had not made durable (the
+                    # unflushed writes of pre() too): the application issues everything
+                    # again, which rewrites every LBA the first attempt may have touched.
+                    ctx.oracle.cur[:] = before_pre[0]
+                    ctx.oracle.size = before_pre[1]
+                    pre(ctx)
                     op(ctx)
                 ctx.img.close()
                 c, lk = _verify(ctx, out, exact=True)
