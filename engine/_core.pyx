@@ -619,24 +619,26 @@ cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
     if rc < 0:
         return rc
     memset(L.base + j * C, 0, C)
-    if (j >> L.rb_shift) == rti:
-        rb_set(L, L.base + j * C, j & ((1 << L.rb_shift) - 1), 1)
     if (j + 1) * C > L.alloc_end:
         L.alloc_end = (j + 1) * C
-    if io_sync(L) != 0:
-        L.sticky_errno = errno
-        return fail_io(L, "sync failed while adding a refcount block", j * C)
-    rc = hook(L, 1)
-    if rc < 0:
-        return rc
-    store_be64(L.base + L.rt_offset + rti * 8, j * C)
     if L.free_hint <= j:
-        L.free_hint = j + 1      # j's own refcount is still 0 until set below: never hand it out
-    if (j >> L.rb_shift) != rti:
-        # The block lives in another block's range: count it there (may recurse once more).
+        L.free_hint = j + 1      # j's refcount is 0 until counted below: never hand it out
+    if (j >> L.rb_shift) == rti:
+        rb_set(L, L.base + j * C, j & ((1 << L.rb_shift) - 1), 1)
+    else:
+        # The block lives in another block's range: count it there first (may recurse), so
+        # that its refcount is durable no later than the reftable entry naming it.
         rc = set_refcount(L, j, 1)
         if rc < 0:
             return rc
+    if io_sync(L) != 0:
+        return fail_io(L, "sync failed while adding a refcount block", j * C)
+    rc = hook(L, 1)
+    if rc < 0:
+        if (j >> L.rb_shift) != rti:
+            set_refcount(L, j, 0)
+        return rc
+    store_be64(L.base + L.rt_offset + rti * 8, j * C)
     return 0
 
 
