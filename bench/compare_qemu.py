@@ -145,6 +145,17 @@ def core_build() -> str:
     return text
 
 
+def source_revision() -> str:
+    """The commit of the checkout the engine comes from, and whether engine/ differs from it."""
+    where = os.path.dirname(os.path.abspath(engine.__file__))
+    try:
+        head = run(["git", "-C", where, "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "-C", where, "status", "--porcelain", "--", "."]).stdout.strip()
+    except (CommandFailed, OSError):
+        return "not a git checkout (installed package)"
+    return head + (" with local changes in engine/" if dirty else "")
+
+
 def qemu_version() -> str:
     return run(["qemu-img", "--version"]).stdout.splitlines()[0].strip()
 
@@ -912,7 +923,7 @@ def main(argv=None) -> int:
         "qemu": qemu_version(), "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "engine": engine.__file__, "params": p, "batch": args.batch,
-        "loadavg_start": meta_load(), "core": core_build(),
+        "loadavg_start": meta_load(), "core": core_build(), "revision": source_revision(),
     }
     try:
         log(f"building the chain in {d} ({p['base'] // MiB} MiB base, {p['overlays']} "
@@ -966,7 +977,7 @@ def main(argv=None) -> int:
     print(f"cowchain vs QEMU ({meta['profile']} profile), {meta['date']}")
     print(f"{meta['qemu']}; qemu-img bench -d 1 -t writeback -i {meta['aio']}; "
           f"Python {meta['python']}; {meta['machine']}")
-    print(f"core: {meta['core']}")
+    print(f"core: {meta['core']}; source: {meta['revision']}")
     print(f"chain: {p['base'] // MiB} MiB base fully written + {p['overlays']} overlays x "
           f"{p['overlay_bytes'] // MiB} MiB of scattered 64 KiB writes; qemu-img bench is "
           f"sequential with a step, so a large odd step scatters its requests (4 MiB + 4 KiB "
