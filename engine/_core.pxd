@@ -95,6 +95,8 @@ ctypedef struct Layer:
     int data_dirty              # something was written since the last flush
     int sticky_errno            # a failed sync: every later flush fails (D4)
     int compression_type        # 0 deflate, 1 zstd
+    int pread_data              # copy guest data with pread, not from the mapping (tmpfs:
+                                #   a read fault on a hole of a full tmpfs is a SIGBUS)
     uint8_t *scratch            # one cluster, for copy-up assembly
     uint8_t *zbuf               # one decompressed cluster
     uint64_t zbuf_key           # host descriptor held in zbuf (0 = none)

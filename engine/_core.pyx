@@ -34,8 +34,8 @@ and each other (a pthread rwlock on the top image).  Volumes below the top are i
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset, memcmp
 from libc.stdlib cimport malloc, calloc, free, realloc
-from libc.errno cimport errno, ENOMEM, EINVAL, ENOSPC, EOPNOTSUPP
-from posix.unistd cimport close as c_close, ftruncate, fdatasync, lseek, pwrite
+from libc.errno cimport errno, ENOMEM, EINVAL, ENOSPC, EOPNOTSUPP, EINTR
+from posix.unistd cimport close as c_close, ftruncate, fdatasync, lseek, pwrite, pread
 from posix.types cimport off_t
 
 cimport numpy as cnp
@@ -930,18 +930,35 @@ cdef int read_compressed(Layer *L, uint64_t e, uint64_t vaddr, uint8_t *dst, uin
     return 0
 
 
-cdef inline void copy_host(Layer *L, uint64_t host, uint8_t *dst, uint64_t n) noexcept nogil:
+cdef inline int copy_host(Layer *L, uint64_t host, uint8_t *dst, uint64_t n) noexcept nogil:
     """Copy n bytes at host offset; bytes past the end of the file read as zeros."""
     cdef uint64_t avail
+    cdef ssize_t r
     if host >= L.file_size:
         memset(dst, 0, n)
-        return
+        return 0
     avail = L.file_size - host
-    if avail >= n:
-        memcpy(dst, L.base + host, n)
-    else:
-        memcpy(dst, L.base + host, avail)
+    if avail > n:
+        avail = n
+    if L.pread_data:
+        while avail:
+            r = pread(L.fd, dst, avail, <off_t>host)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                return fail_io(L, "read failed", host)
+            if r == 0:
+                break
+            dst += r
+            host += <uint64_t>r
+            avail -= <uint64_t>r
+            n -= <uint64_t>r
+        memset(dst, 0, n)
+        return 0
+    memcpy(dst, L.base + host, avail)
+    if avail < n:
         memset(dst + avail, 0, n - avail)
+    return 0
 
 
 cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
@@ -956,7 +973,9 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
         if m > n:
             m = n
         if L.raw:
-            copy_host(L, vaddr, dst, m)
+            rc = copy_host(L, vaddr, dst, m)
+            if rc < 0:
+                return rc
             dst += m
             vaddr += m
             n -= m
@@ -965,7 +984,9 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
         if rc < 0:
             return rc
         if kind == K_DATA:
-            copy_host(L, host, dst, run)
+            rc = copy_host(L, host, dst, run)
+            if rc < 0:
+                return rc
         elif kind == K_ZERO:
             memset(dst, 0, run)
         elif kind == K_UNALLOC:
@@ -1563,6 +1584,19 @@ cdef int layer_status(Layer *L, uint64_t vaddr, uint64_t n, uint64_t depth, RunB
 
 # --- the Python-facing handle -------------------------------------------------------------------
 
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
+
+
+cdef int _on_tmpfs(int fd) noexcept:
+    cdef statfs st
+    if fstatfs(fd, &st) != 0:
+        return 0
+    return st.f_type == 0x01021994      # TMPFS_MAGIC
+
+
 cdef class CoreImage:
     """One mapped image file (internal; use engine.open / engine.create).
 
@@ -1596,6 +1630,7 @@ cdef class CoreImage:
         L.writable = writable
         L.raw = raw
         L.file_size = fsize
+        L.pread_data = _on_tmpfs(L.fd)
         if raw:
             L.size = fsize
             L.cluster_bits = 16

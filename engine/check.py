@@ -383,6 +383,10 @@ class _Image:
         self.l2n = self.C // self.esize
         self.data_file = bool(self.incompat & _INCOMPAT_DATA_FILE)
         self.rorder = h.refcount_order if h.version >= 3 else 4
+        if not 0 <= self.rorder <= 6 or not 9 <= self.cb <= 21:
+            # QEMU cannot open such an image even in check mode (exit 1)
+            raise ImageFormatError(f"refcount order {self.rorder} / cluster bits {self.cb} "
+                                   "out of range", path=path)
         self.rbits = 1 << self.rorder
         self.rmax = (1 << self.rbits) - 1
         self.rb_bits = self.cb + 3 - self.rorder          # log2(refblock entries)
