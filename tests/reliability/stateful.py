@@ -166,10 +166,18 @@ class ChainMachine(RuleBasedStateMachine):
         self.hist_flushes.append((self.rec.count, self.seq, self.oracle.acked.copy(),
                                   self.oracle.acked_size))
 
+    def _closed_clean(self, path):
+        """A clean close leaves nothing leaked (crash and fault steps repair their leaks)."""
+        with engine.open(path, readonly=True) as img:
+            res = img.check()
+        assert res.corruptions == 0 and res.leaks == 0, \
+            f"after a clean close: {res.to_dict()} {res.findings[:4]}"
+
     @rule()
     def reopen(self):
         self._ok = False
         self.img.close()
+        self._closed_clean(self.path())
         self.img = engine.open(self.path())
         self._watch()
 
@@ -178,6 +186,7 @@ class ChainMachine(RuleBasedStateMachine):
     def create_overlay(self, cluster):
         self._ok = False
         self.img.close()
+        self._closed_clean(self.path())
         self.hashes[C.layer_name(self.top)] = C.sha(self.path())
         self.oracle.ack(self.seq)
         self.oracle.new_top()
