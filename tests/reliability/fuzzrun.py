@@ -23,6 +23,7 @@ import random
 import resource
 import struct
 import sys
+import time
 import traceback
 
 
@@ -86,9 +87,10 @@ def mutate(data: bytes, r: random.Random, others: list[bytes]) -> bytes:
 
 def run_one(fn, ident: str, data: bytes, keep: str | None = None) -> None:
     emit(f"BEGIN {ident}")
+    t0 = time.monotonic()
     try:
         fn(data)
-        emit(f"OK {ident}")
+        emit(f"OK {ident} {time.monotonic() - t0:.3f}")
     except BaseException as e:  # noqa: BLE001 - everything escaping a target is a finding
         if keep:
             with open(keep, "wb") as f:
