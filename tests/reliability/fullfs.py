@@ -96,7 +96,7 @@ def main() -> int:
                 emit(f"A {seq}")
                 continue
             n = rng.randint(1, 64)
-            lba = rng.randrange(0, nb - n) if mode == "holes" or rng.random() < 0.3 else \
+            lba = rng.randrange(0, nb - n) if mode != "grow" or rng.random() < 0.3 else \
                 min(nb - n, (i * 37) % (nb - n))
             emit(f"W {seq} {lba} {n}")
             img.write(lba * 512, stamps.make(seq, lba, n, 1))
