@@ -46,7 +46,6 @@ import mmap
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -508,9 +507,10 @@ def fig_seq_reads(res, q, chain, p):
     buf = np.empty(MiB, dtype=np.uint8)
     with engine.open(top, readonly=True) as img, open(flat, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        arr = np.frombuffer(m, dtype=np.uint8)
+        views = [np.frombuffer(m, dtype=np.uint8)]     # dropped before the mmap closes
 
         def mloop(n):
+            arr = views[0]
             offs = [(i * MiB) % size for i in range(n)]
             t = time.perf_counter()
             for o in offs:
@@ -522,7 +522,7 @@ def fig_seq_reads(res, q, chain, p):
                   "mmap": loop_rater(mloop, mt, size // MiB, 16)}
         log("1 MiB sequential reads: measuring (interleaved)")
         r = interleave(raters, rep)
-        del arr, mloop, raters
+        views.clear()
         m.close()
     qv, cc, mm = r["qemu"], r["cowchain"], r["mmap"]
     res.add("seq1m_vs_qemu", "1 MiB sequential reads, 11-volume chain (readinto loop)",
