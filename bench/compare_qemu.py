@@ -3,7 +3,8 @@
 
 Usage::
 
-    python bench/compare_qemu.py [--quick] [--json out.json] [--workdir DIR] [--keep]
+    python bench/compare_qemu.py [--quick] [--json OUT] [--workdir DIR [--reuse]]
+                                 [--only GROUPS] [--repeat N] [--min-time S] [--batch N]
 
 What it does:
 
@@ -17,9 +18,16 @@ What it does:
    same files, with the same offsets: ``qemu-img bench`` is sequential with a step, so a large
    odd step (4 MiB + 4 KiB for 4 KiB reads) scatters its requests, and cowchain replays
    exactly the offsets ``qemu-img bench`` visits (``(i * step) % size``).
+   The other figures of the issue are measured in the same run: a 200-deep chain of small
+   overlays made with engine.create (depth 200 vs depth 1), overlay creation over 1 TiB and
+   1 GiB volumes, 2 reader threads vs 1, and the peak RSS of a fresh process that opens 200
+   volumes of 1 TiB.
 3. Prints one row per figure: reference, reference value, cowchain value, ratio, target,
    met/MISSED.  A missed target is printed as MISSED with its numbers, never hidden; a figure
-   that cannot be measured here is printed as N/A with the reason.
+   that cannot be measured here is printed as N/A with the reason.  Rows whose target says
+   "info" are references measured in the same run to explain the others: the memory ceiling
+   (the same reads from the flat raw file), the parallel CPU the machine gives right now, and
+   diagnostics that call the compiled core directly (the cost of the Python-side wrapper).
 
 Method: every timing uses time.perf_counter() over at least ``--min-time`` seconds (1 s; 0.03 s
 with ``--quick``), after the files were read once into the page cache and after one warm-up
