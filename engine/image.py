@@ -338,6 +338,11 @@ class Image:
     def readinto(self, offset: int, buffer) -> int:
         """Fill ``buffer`` (any writable buffer: bytearray, memoryview, numpy array) with the
         guest bytes at ``offset``. Returns the number of bytes read (len of the buffer)."""
+        try:
+            # fast path: the core checks closed/range itself for a contiguous byte buffer
+            return self._core.readinto(offset, buffer)
+        except (ValueError, TypeError, OverflowError, BufferError):
+            pass    # not a flat uint8 buffer, or a bad argument: the careful path says which
         self._check_open()
         mv = memoryview(buffer).cast("B")
         self._check_range(offset, len(mv))
@@ -369,6 +374,11 @@ class Image:
 
     def write(self, offset: int, data) -> int:
         """Write ``data`` (any buffer) at ``offset``. Durable after :meth:`flush`."""
+        try:
+            # fast path: the core checks closed/read-only/range/extended-L2 itself
+            return self._core.write(offset, data)
+        except (ValueError, TypeError, OverflowError, BufferError):
+            pass    # not a flat uint8 buffer, or a bad argument: the careful path says which
         self._check_writable()
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv))
