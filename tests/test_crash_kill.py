@@ -83,6 +83,7 @@ def _run(base_seed, kills, deadline, min_kills):
     return hooks
 
 
+@pytest.mark.timeout(900)
 def test_kill9_per_pr():
     seed = int(os.environ.get("COWCHAIN_KILL_SEED", "1000"))
     hooks = _run(seed, 200, deadline=240, min_kills=150)
@@ -91,6 +92,7 @@ def test_kill9_per_pr():
 
 
 @pytest.mark.long
+@pytest.mark.timeout(6 * 3600)
 def test_kill9_long():
     seed = int(os.environ.get("COWCHAIN_KILL_SEED", "5000"))
     hooks = _run(seed, 10000, deadline=4 * 3600, min_kills=10000)

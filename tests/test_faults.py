@@ -74,6 +74,7 @@ def _publish():
     return summary.publish("faults", line)
 
 
+@pytest.mark.timeout(4 * 3600 if LONG else 900)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fault_matrix(matrix, name):
     assert "_errors" not in matrix, "\n".join(matrix["_errors"])

@@ -130,6 +130,7 @@ def seeds(tmp_path_factory):
     return out
 
 
+@pytest.mark.timeout(4 * 3600 if LONG else 600)
 @pytest.mark.parametrize("target", TARGETS)
 def test_random_mutations(seeds, tmp_path, target):
     sub = {"ext": "ext", "backing": "backing"}.get(target, "images")

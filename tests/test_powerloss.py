@@ -72,11 +72,13 @@ def _run(seed, variants, deadline, min_variants):
     assert n >= min_variants, f"only {n} variants ran within the time limit"
 
 
+@pytest.mark.timeout(900)
 def test_powerloss_per_pr():
     _run(int(os.environ.get("COWCHAIN_PL_SEED", "1")), 2000, deadline=200, min_variants=1500)
 
 
 @pytest.mark.long
+@pytest.mark.timeout(8 * 3600)
 def test_powerloss_long():
     _run(int(os.environ.get("COWCHAIN_PL_SEED", "100")), 100000, deadline=6 * 3600,
          min_variants=100000)
@@ -90,6 +92,7 @@ from conftest import LONG  # noqa: E402
 from reliability import stateful as _stateful  # noqa: E402
 
 TestChainModelWithCrashes = _stateful.ChainMachine.TestCase
+TestChainModelWithCrashes.pytestmark = [pytest.mark.timeout(12 * 3600 if LONG else 900)]
 # Per PR no shrinking: each step costs milliseconds (check() after every step, qemu-img in
 # crash steps), and shrinking a failure can take many minutes; the falsifying sequence is
 # printed as found. The long profile shrinks.
