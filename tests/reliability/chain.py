@@ -192,6 +192,7 @@ class Report:
     backing_changed: int = 0
     convert_mismatch: int = 0
     untyped: int = 0              # an exception outside EngineError
+    torn: int = 0                 # unflushed blocks torn by a kill mid-store (not a failure)
     converted: bool = False
     details: list[str] = field(default_factory=list)
 
@@ -215,7 +216,8 @@ def read_all(img) -> tuple[bytes, np.ndarray]:
 
 def verify(top_path: str, oracle: Oracle, *, hashes: dict | None = None, label: str = "",
            convert: bool = False, rw: bool = True, repair: bool = True,
-           qemu: bool = True, qemu_after: bool = True, tmpdir: str | None = None) -> Report:
+           qemu: bool = True, qemu_after: bool = True, tmpdir: str | None = None,
+           allow_torn: bool = False) -> Report:
     """Everything C2 asks after a crash, on the image file ``top_path`` (its backing files
     beside it): qemu-img check (exit 0 or 3), RO open + check() + oracle, RW open + check() +
     oracle + repair('leaks') (then 0 leaks, qemu-img check exit 0), backing hashes, and with
@@ -238,8 +240,9 @@ def verify(top_path: str, oracle: Oracle, *, hashes: dict | None = None, label: 
             rep.leaks = res.leaks
             if res.corruptions or res.check_errors:
                 rep.details.append(f"RO check: {res.to_dict()} {res.findings[:6]}")
-        v = oracle.judge(obs, size, label="RO ")
+        v = oracle.judge(obs, size, label="RO ", data=ro_data if allow_torn else None)
         rep.lost, rep.wrong, rep.size_wrong = v.lost, v.wrong, int(v.size_wrong)
+        rep.torn = v.torn
         rep.details += v.details
     except EngineError as e:
         rep.reopen_fail = 1

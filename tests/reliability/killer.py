@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=1e9, help="stop after this many seconds")
     ap.add_argument("--whitebox-ops", type=int, default=400)
     ap.add_argument("--hook-offset", type=int, default=0)
-    ap.add_argument("--keep-failed", default=None, help="copy failed chains here")
+    ap.add_argument("--keep-failed", default=os.environ.get("COWCHAIN_KEEP_FAILED"),
+                    help="copy failed chains here (default: $COWCHAIN_KEEP_FAILED)")
     a = ap.parse_args(argv)
 
     import engine._core as core
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     stats = {"seed": a.seed, "kills": 0, "blackbox": 0, "whitebox": 0, "completed": 0,
              "hook_misses": 0, "hook_kills": {h: 0 for h in hooks}, "leaks": [],
              "reports": 0, "converts": 0, "failures": [], "chains": 0, "worker_errors": 0,
-             "timeouts": 0, "totals": {}}
+             "timeouts": 0, "totals": {}, "torn": 0, "torn_cases": []}
     ch = None
     chain_kills = 0
     chain_idx = 0
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
                 if k in ("W", "Z", "D", "R", "F", "A"):
                     state["ops"] += 1
                     oracle.apply_line(s)
+                    if k == "W":
+                        oracle.gens[int(s.split()[1])] = gen
                     state["max_seq"] = max(state["max_seq"], int(s.split()[1]))
                 elif k == "O":
                     _, seq, idx, h, _cl = s.split()
@@ -256,7 +259,11 @@ def main(argv=None) -> int:
                                              f"qemu-img check ({code}): {out}")
             convert = stats["reports"] % a.convert_every == a.convert_every - 1
             rep = C.verify(ch.top_path, oracle, hashes=ch.hashes, label=label,
-                           convert=convert, tmpdir=tmp)
+                           convert=convert, tmpdir=tmp, allow_torn=True)
+            stats["torn"] += rep.torn
+            if rep.torn:
+                stats["torn_cases"].append(label + ": " + "; ".join(
+                    d for d in rep.details if "torn" in d)[:600])
             stats["reports"] += 1
             for f in C.Report.FAIL_FIELDS:
                 v = int(getattr(rep, f))

@@ -13,7 +13,8 @@ import sys
 CRASH = {"kills": 0, "blackbox": 0, "whitebox": 0, "variants": 0, "crash_points": 0,
          "hooks": set(), "corruptions": 0, "lost": 0, "wrong": 0, "reopen_fail": 0,
          "crashes_with_leaks": 0, "crashes": 0, "max_leak": 0, "leaks_after_repair": 0,
-         "qemu_bad": 0, "backing_changed": 0, "converts": 0, "convert_mismatch": 0}
+         "qemu_bad": 0, "backing_changed": 0, "converts": 0, "convert_mismatch": 0,
+         "torn": 0}
 N_HOOKS = 14
 
 
