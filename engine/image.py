@@ -777,7 +777,9 @@ def _validate_snapshots(fd: int, path: str, h: "fmt.Header", size: int) -> int:
             break
         if len(buf) < want:
             raise CorruptImage("snapshot table runs past the end of the file", path=path)
-        want = n
+        # grow geometrically: the size is learnt entry by entry, and a hostile count must
+        # not make this quadratic (bounded by QEMU's 64 MiB table limit)
+        want = min(max(n, want * 4), fmt.MAX_SNAPSHOTS_SIZE)
     fmt.parse_snapshot_table(buf[:n], h, file_size=size, path=path)
     return n
 

@@ -39,8 +39,10 @@ PER_INPUT_TIMEOUT = 20.0
 REGRESS_TIMEOUT = 10.0
 #: ... and the target itself (not counting interpreter start-up) must finish within this:
 #: the inputs are small (<= 256 KiB) and fixed, so a slow one is a regression too (C6's
-#: budget for Z1 is 50 ms; this is generous for loaded CI machines).
-REGRESS_SLOW = 2.0
+#: budget for Z1 is 50 ms; this is generous for loaded CI machines: check of the
+#: 65,536-entry snapshot table in check-snapshot-table-slow takes ~1 s unloaded, ~4 s on a
+#: busy 2-core machine).
+REGRESS_SLOW = 6.0
 _FIG = {"regress": 0, "mutations": 0, "crashes": 0, "hangs": 0, "untyped": 0, "slow": 0}
 
 
