@@ -1904,6 +1904,41 @@ cdef class CoreImage:
             self._raise(rc)
         return n
 
+    def writev(self, cnp.uint64_t[::1] offsets not None, uint64_t length,
+               const uint8_t[::1] data not None):
+        """Batch write: consecutive `length`-byte slices of data to each offset, in order,
+        under one lock and one crossing."""
+        self._check_open()
+        cdef uint64_t i, k = offsets.shape[0]
+        cdef int rc = 0
+        if not self.L.writable:
+            from engine.errors import ReadOnlyImage
+            raise ReadOnlyImage("image is open read-only")
+        if self.L.ext_l2:
+            from engine.errors import UnsupportedFeature
+            raise UnsupportedFeature("extended L2 writes")
+        if <uint64_t>data.shape[0] < k * length:
+            raise ValueError("data shorter than len(offsets) * length")
+        for i in range(k):
+            if offsets[i] > self.L.size or self.L.size - offsets[i] < length:
+                self._range_error(offsets[i], length)
+        if k == 0 or length == 0:
+            return 0
+        if self.L.raw:
+            for i in range(k):
+                self._raw_pwrite(offsets[i], &data[0] + i * length, length)
+            return k * length
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            for i in range(k):
+                rc = layer_write(&self.L, offsets[i], &data[0] + i * length, length)
+                if rc < 0:
+                    break
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._raise(rc)
+        return k * length
+
     cdef object _raw_pwrite(self, uint64_t offset, const uint8_t *p, uint64_t n):
         # Raw files are written with pwrite, never through the mapping: a store into a sparse
         # raw file on a full disk would be a SIGBUS; pwrite says ENOSPC.

@@ -391,11 +391,10 @@ class Image:
         """Batch write: consecutive ``length``-byte slices of ``data`` to each offset."""
         self._check_writable()
         mv = memoryview(data).cast("B")
-        offs = np.asarray(offsets, dtype=np.uint64)
+        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
         if len(mv) < len(offs) * length:
             raise InvalidArgument("data shorter than len(offsets) * length")
-        for i, off in enumerate(offs.tolist()):
-            self.write(off, mv[i * length:(i + 1) * length])
+        self._core.writev(offs, length, mv)
 
     def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
         """The whole clusters inside [offset, offset+length); a partial last cluster at the
