@@ -25,18 +25,22 @@ def _summary_list():
     return None
 
 
+_OWN: dict[str, str] = {}
+
+
 def publish(prefix: str, line: str) -> str:
-    """Put ``prefix: line`` into the run's summary (replacing an earlier line of the same
-    prefix) and return it."""
+    """Put ``prefix: line`` into the run's summary (replacing the line this module published
+    earlier under that prefix, never another suite's line with the same prefix) and return
+    it."""
     text = f"{prefix}: {line}"
     lst = _summary_list()
     if lst is not None:
-        for i, old in enumerate(lst):
-            if old.startswith(prefix + ": "):
-                lst[i] = text
-                break
+        old = _OWN.get(prefix)
+        if old is not None and old in lst:
+            lst[lst.index(old)] = text
         else:
             lst.append(text)
+    _OWN[prefix] = text
     return text
 
 
