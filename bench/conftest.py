@@ -23,6 +23,10 @@ import os
 import pathlib
 import sys
 
+# numpy starts OpenBLAS threads that spin on the other core for a while; nothing here
+# uses BLAS, and on a 2-core machine that spin would be billed to the figures.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 

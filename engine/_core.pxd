@@ -98,6 +98,7 @@ ctypedef struct Layer:
     int pread_data              # copy guest data with pread, not from the mapping (tmpfs:
                                 #   a read fault on a hole of a full tmpfs is a SIGBUS)
     uint8_t *scratch            # one cluster, for copy-up assembly
+    uint8_t *zeros              # one cluster of zeros (calloc: untouched pages cost no memory)
     uint8_t *zbuf               # one decompressed cluster
     uint64_t zbuf_key           # host descriptor held in zbuf (0 = none)
     Layer *backing

@@ -39,6 +39,8 @@ from posix.unistd cimport close as c_close, ftruncate, fdatasync, lseek, pwrite,
 from posix.types cimport off_t
 
 cimport numpy as cnp
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE,
+                             PyBUF_C_CONTIGUOUS)
 import numpy as np
 
 cnp.import_array()
@@ -55,7 +57,9 @@ cdef extern from *:
     """
     #define cc_atomic_load_ptr(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
     #define cc_atomic_store_ptr(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define cc_prefetch(p) __builtin_prefetch((p), 0, 3)
     """
+    void prefetch "cc_prefetch"(const void *p) noexcept nogil
     uint16_t *atomic_load_ptr "cc_atomic_load_ptr"(uint16_t **p) noexcept nogil
     void atomic_store_ptr "cc_atomic_store_ptr"(uint16_t **p, uint16_t *v) noexcept nogil
 
@@ -138,6 +142,14 @@ cdef inline int fail(Layer *L, int code, const char *msg, uint64_t off) noexcept
     L.err_offset = off
     return code
 
+cdef inline void copy_err(Layer *dst, Layer *src) noexcept nogil:
+    """Hand an error recorded on a lower layer up to the layer the caller asked."""
+    dst.err_code = src.err_code
+    dst.err_errno = src.err_errno
+    dst.err_msg = src.err_msg
+    dst.err_offset = src.err_offset
+
+
 cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
     L.err_errno = errno
     return fail(L, E_IO, msg, off)
@@ -157,6 +169,12 @@ cdef extern from *:
     static inline void cc_set_errno(int e) { errno = e; }
     """
     void set_errno "cc_set_errno"(int e) noexcept nogil
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t pwritev(int fd, const iovec *iov, int cnt, off_t off)
 
 cdef extern from "<signal.h>" nogil:
     int kill(int pid, int sig)
@@ -260,6 +278,12 @@ cdef inline ssize_t io_pwrite(int fd, const void *p, size_t n, off_t off) noexce
     if io_fault(IO_PWRITE):
         return -1
     return pwrite(fd, p, n, off)
+
+
+cdef inline ssize_t io_pwritev(int fd, const iovec *iov, int cnt, off_t off) noexcept nogil:
+    if io_fault(IO_PWRITE):
+        return -1
+    return pwritev(fd, iov, cnt, off)
 
 
 cdef inline void *io_mremap(void *p, size_t old, size_t new, int flags) noexcept nogil:
@@ -539,7 +563,6 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
     if end * C > L.alloc_end:
         L.alloc_end = end * C
     if io_sync(L) != 0:
-        L.sticky_errno = errno
         return fail_io(L, "sync failed while growing the refcount table", 0)
     rc = hook(L, 2)
     if rc < 0:
@@ -550,7 +573,6 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
     store_be64(hdr + 48, (start + n_rb) * C)
     store_be32(hdr + 56, <uint32_t>n_rt)
     if io_sync(L) != 0:
-        L.sticky_errno = errno
         return fail_io(L, "sync failed while switching the refcount table", 0)
     L.rt_offset = (start + n_rb) * C
     L.rt_entries = n_rt * C // 8
@@ -996,10 +1018,7 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
                 else:
                     rc = layer_read(L.backing, vaddr, dst, run)
                 if rc < 0:
-                    L.err_code = L.backing.err_code
-                    L.err_errno = L.backing.err_errno
-                    L.err_msg = L.backing.err_msg
-                    L.err_offset = L.backing.err_offset
+                    copy_err(L, L.backing)
                     return rc
             else:
                 memset(dst, 0, run)
@@ -1012,6 +1031,52 @@ cdef int layer_read(Layer *L, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept
         n -= run
     return 0
 
+
+
+DEF BATCH_AHEAD = 8         # reads resolved (and their first bytes prefetched) ahead of the copy
+
+
+cdef int batch_read(Layer *L, const uint64_t *offs, uint64_t k, uint64_t length,
+                    uint8_t *out) noexcept nogil:
+    """k reads of length bytes into consecutive slices of out. Small random reads are bound
+    by memory latency (a TLB walk and a cache miss per source page), so the batch is a
+    pipeline: each read is resolved BATCH_AHEAD reads before it is copied, and its first
+    bytes are prefetched then; the copy finds them on the way. Reads that are not one
+    mapped piece go through layer_read."""
+    cdef const uint8_t *ptr[BATCH_AHEAD]
+    cdef int ok[BATCH_AHEAD]
+    cdef uint64_t i, j, s
+    cdef int rc
+    if length > 65536:
+        for i in range(k):
+            rc = layer_read(L, offs[i], out + i * length, length)
+            if rc < 0:
+                return rc
+        return 0
+    for i in range(k + BATCH_AHEAD):
+        if i >= BATCH_AHEAD:            # copy read j, freeing its slot for read i
+            j = i - BATCH_AHEAD
+            s = j % BATCH_AHEAD
+            if ok[s]:
+                if ptr[s] != NULL:
+                    memcpy(out + j * length, ptr[s], length)
+                else:
+                    memset(out + j * length, 0, length)
+            else:
+                rc = layer_read(L, offs[j], out + j * length, length)
+                if rc < 0:
+                    return rc
+        if i < k:                       # resolve read i and start fetching its bytes
+            s = i % BATCH_AHEAD
+            rc = span_ptr(L, offs[i], length, &ptr[s])
+            if rc < 0:
+                return rc
+            ok[s] = rc
+            if rc == 1 and ptr[s] != NULL:
+                prefetch(ptr[s])
+                if length > 64:
+                    prefetch(ptr[s] + length - 1)
+    return 0
 
 
 # --- owner map ---------------------------------------------------------------------------------
@@ -1107,9 +1172,7 @@ cdef int omap_fill(OwnerMap *M, uint64_t blk, uint16_t **out) noexcept nogil:
                 rc = resolve(Lz, v, stop - v, &kind, &host, &run, &e)
                 if rc < 0:
                     free(b)
-                    M.layers[0].err_code = Lz.err_code
-                    M.layers[0].err_msg = Lz.err_msg
-                    M.layers[0].err_offset = Lz.err_offset
+                    copy_err(M.layers[0], Lz)
                     return rc
             if kind != K_UNALLOC:
                 c0 = (v - start) >> M.gbits
@@ -1125,13 +1188,29 @@ cdef int omap_fill(OwnerMap *M, uint64_t blk, uint16_t **out) noexcept nogil:
     return 0
 
 
+cdef inline int omap_block(OwnerMap *M, uint64_t blk, uint16_t **out) noexcept nogil:
+    """The owners of block blk, filled on first use (filled blocks are read without a lock)."""
+    cdef uint16_t *b = atomic_load_ptr(&M.blocks[blk])
+    cdef int rc = 0
+    if b == NULL:
+        pthread_mutex_lock(&M.mu)
+        b = M.blocks[blk]
+        if b == NULL:
+            rc = omap_fill(M, blk, &b)
+            if rc == 0:
+                atomic_store_ptr(&M.blocks[blk], b)
+        pthread_mutex_unlock(&M.mu)
+    out[0] = b
+    return rc
+
+
 cdef int omap_read(OwnerMap *M, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
     """Read through the immutable chain: one owner lookup per run of chunks."""
     cdef uint64_t chunk, blk, i, run, m, g = 1 << M.gbits, mask = (1 << OMAP_BLOCK_BITS) - 1
     cdef uint16_t *b
     cdef uint16_t own
     cdef int rc
-    cdef Layer *top = M.layers[0]
+    cdef Layer *src
     while n > 0:
         if vaddr >= M.size:
             memset(dst, 0, n)
@@ -1141,17 +1220,9 @@ cdef int omap_read(OwnerMap *M, uint64_t vaddr, uint8_t *dst, uint64_t n) noexce
             m = n
         chunk = vaddr >> M.gbits
         blk = chunk >> OMAP_BLOCK_BITS
-        b = atomic_load_ptr(&M.blocks[blk])
-        if b == NULL:
-            pthread_mutex_lock(&M.mu)
-            b = M.blocks[blk]
-            if b == NULL:
-                rc = omap_fill(M, blk, &b)
-                if rc < 0:
-                    pthread_mutex_unlock(&M.mu)
-                    return rc
-                atomic_store_ptr(&M.blocks[blk], b)
-            pthread_mutex_unlock(&M.mu)
+        rc = omap_block(M, blk, &b)
+        if rc < 0:
+            return rc
         i = chunk & mask
         own = b[i]
         run = ((chunk + 1) << M.gbits) - vaddr
@@ -1164,8 +1235,11 @@ cdef int omap_read(OwnerMap *M, uint64_t vaddr, uint8_t *dst, uint64_t n) noexce
         if own == OWN_ZERO:
             memset(dst, 0, run)
         else:
-            rc = layer_read(M.layers[0] if own == OWN_MIXED else M.layers[own], vaddr, dst, run)
+            src = M.layers[0] if own == OWN_MIXED else M.layers[own]
+            rc = layer_read(src, vaddr, dst, run)
             if rc < 0:
+                if src != M.layers[0]:
+                    copy_err(M.layers[0], src)
                 return rc
         dst += run
         vaddr += run
@@ -1234,7 +1308,6 @@ cdef int writeback(Layer *L) noexcept nogil:
     if not (L.data_dirty or L.n_cached or L.l1_dirty or L.n_pend):
         return 0
     if io_sync(L) != 0:
-        L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     rc = hook(L, 7)
     if rc < 0:
@@ -1258,7 +1331,6 @@ cdef int writeback(Layer *L) noexcept nogil:
     if L.l1_dirty:
         if L.new_tables:
             if io_sync(L) != 0:
-                L.sticky_errno = errno
                 return fail_io(L, "sync failed", 0)
         rc = ensure_backed(L, L.l1_offset)
         if rc < 0:
@@ -1276,7 +1348,6 @@ cdef int writeback(Layer *L) noexcept nogil:
         if rc < 0:
             return rc
     if io_sync(L) != 0:
-        L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     rc = hook(L, 10)
     if rc < 0:
@@ -1300,7 +1371,6 @@ cdef int writeback(Layer *L) noexcept nogil:
         if rc < 0:
             return rc
     if had_frees and io_sync(L) != 0:
-        L.sticky_errno = errno
         return fail_io(L, "sync failed", 0)
     L.data_dirty = 0
     return 0
@@ -1338,6 +1408,186 @@ cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) n
     else:
         memcpy(L.base + host, src, n)
     return 0
+
+
+cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt) noexcept nogil:
+    """Store one whole cluster given as pieces (iov_base NULL: zeros) at a host offset: the
+    copy-up without a scratch copy. Large clusters go in one pwritev, small ones by memcpy."""
+    cdef int rc, i
+    cdef ssize_t w
+    cdef uint64_t pos = host
+    if overlaps_meta(L, host, L.cluster_size):
+        return fail(L, E_CORRUPT, "data cluster overlaps image metadata", host)
+    rc = ensure_backed(L, host)
+    if rc < 0:
+        return rc
+    if L.cluster_size < 16384:
+        for i in range(cnt):
+            if iov[i].iov_base == NULL:
+                memset(L.base + pos, 0, iov[i].iov_len)
+            else:
+                memcpy(L.base + pos, iov[i].iov_base, iov[i].iov_len)
+            pos += iov[i].iov_len
+        return 0
+    for i in range(cnt):
+        if iov[i].iov_base == NULL:
+            iov[i].iov_base = L.zeros
+    while cnt > 0:
+        w = io_pwritev(L.fd, iov, cnt, <off_t>pos)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            return fail_io(L, "write failed", pos)
+        pos += <uint64_t>w
+        while cnt > 0 and <size_t>w >= iov[0].iov_len:
+            w -= iov[0].iov_len
+            iov += 1
+            cnt -= 1
+        if cnt > 0:
+            iov[0].iov_base = <uint8_t *>iov[0].iov_base + w
+            iov[0].iov_len -= <size_t>w
+    return 0
+
+
+cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noexcept nogil:
+    """If the guest range [vaddr, vaddr+n) of L's chain reads as one contiguous piece of one
+    mapping, or as all zeros, point *out at it (NULL for zeros) and return 1. Return 0 when
+    the range needs layer_read (several runs, compressed data, pread mode); <0 on error."""
+    cdef Layer *top = L
+    cdef OwnerMap *M
+    cdef uint16_t *b
+    cdef uint16_t own
+    cdef uint64_t host, run, e, c, c_last
+    cdef int rc, kind
+    while True:
+        if vaddr >= L.size:
+            out[0] = NULL
+            return 1
+        if L.size - vaddr < n:
+            return 0
+        if L.raw:
+            kind = K_DATA
+            host = vaddr
+        else:
+            rc = resolve(L, vaddr, n, &kind, &host, &run, &e)
+            if rc < 0:
+                break
+            if run < n:
+                return 0
+        if kind == K_DATA:
+            if L.pread_data or host >= L.file_size or L.file_size - host < n:
+                return 0
+            out[0] = L.base + host
+            return 1
+        if kind == K_ZERO:
+            out[0] = NULL
+            return 1
+        if kind != K_UNALLOC:
+            return 0
+        if L.backing == NULL:
+            out[0] = NULL
+            return 1
+        M = L.backing.omap
+        if M == NULL:
+            L = L.backing
+            continue
+        # the immutable part: one owner for the whole range, or give up
+        if vaddr >= M.size:             # the top grew past its backing: zeros
+            out[0] = NULL
+            return 1
+        if M.size - vaddr < n:
+            return 0
+        c = vaddr >> M.gbits
+        c_last = (vaddr + n - 1) >> M.gbits
+        if (c >> OMAP_BLOCK_BITS) != (c_last >> OMAP_BLOCK_BITS):
+            return 0
+        rc = omap_block(M, c >> OMAP_BLOCK_BITS, &b)
+        if rc < 0:
+            L = M.layers[0]
+            break
+        c &= (1 << OMAP_BLOCK_BITS) - 1
+        c_last &= (1 << OMAP_BLOCK_BITS) - 1
+        own = b[c]
+        while c < c_last:
+            c += 1
+            if b[c] != own:
+                return 0
+        if own == OWN_ZERO:
+            out[0] = NULL
+            return 1
+        if own == OWN_MIXED:
+            return 0
+        L = M.layers[own]
+    if L != top:
+        copy_err(top, L)
+    return rc
+
+
+cdef volatile uint8_t prefault_sink = 0
+
+cdef inline void prefault(const uint8_t *p, uint64_t n) noexcept nogil:
+    """Touch one byte per page so the pages are mapped before a write() copies from them:
+    a copy that faults part-way makes the kernel zero the new page-cache pages and retry."""
+    global prefault_sink
+    cdef uint64_t i = 0
+    cdef uint8_t acc = 0
+    while i < n:
+        acc ^= p[i]
+        i += 4096
+    acc ^= p[n - 1]
+    prefault_sink = acc
+
+
+cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, uint64_t chunk,
+                 uint64_t newoff) noexcept nogil:
+    """Fill the new cluster at newoff with the old content of guest cluster cbase (read
+    through the chain) overlaid with chunk bytes of src (NULL: zeros) at in_off."""
+    cdef uint64_t C = L.cluster_size
+    cdef uint64_t valid = L.size - cbase       # a partial last cluster: zeros past the disk end
+    cdef const uint8_t *sp
+    cdef iovec iov[4]
+    cdef int rc, cnt = 0
+    if valid > C:
+        valid = C
+    rc = span_ptr(L, cbase, valid, &sp)
+    if rc < 0:
+        return rc
+    if rc == 1:
+        # the old bytes are one mapped piece (or zeros): store them from where they live,
+        # without assembling the cluster in scratch first
+        rc = hook(L, 5)
+        if rc < 0:
+            return rc
+        if sp != NULL and C >= 16384:
+            prefault(sp, valid)
+        if in_off:
+            iov[cnt].iov_base = <void *>sp
+            iov[cnt].iov_len = in_off
+            cnt += 1
+        iov[cnt].iov_base = <void *>src
+        iov[cnt].iov_len = chunk
+        cnt += 1
+        if in_off + chunk < valid:
+            iov[cnt].iov_base = <void *>(sp + in_off + chunk) if sp != NULL else NULL
+            iov[cnt].iov_len = valid - in_off - chunk
+            cnt += 1
+        if valid < C:
+            iov[cnt].iov_base = NULL
+            iov[cnt].iov_len = C - valid
+            cnt += 1
+        return store_pieces(L, newoff, iov, cnt)
+    rc = layer_read(L, cbase, L.scratch, valid)
+    if rc == 0:
+        rc = hook(L, 5)
+    if rc < 0:
+        return rc
+    if valid < C:
+        memset(L.scratch + valid, 0, C - valid)
+    if src == NULL:
+        memset(L.scratch + in_off, 0, chunk)
+    else:
+        memcpy(L.scratch + in_off, src, chunk)
+    return store(L, newoff, L.scratch, C)
 
 
 cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) noexcept nogil:
@@ -1384,25 +1634,8 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
             rc = alloc_cluster(L, &newoff)
             if rc < 0:
                 return rc
-            cbase = vaddr - in_off
             if chunk < C:
-                # copy-up: the old content of the cluster, from wherever it lives now
-                valid = L.size - cbase
-                if valid > C:
-                    valid = C
-                rc = layer_read(L, cbase, L.scratch, valid)
-                if rc == 0:
-                    rc = hook(L, 5)
-                if rc < 0:
-                    set_refcount(L, newoff >> L.cluster_bits, 0)   # never referenced: no leak
-                    return rc
-                if valid < C:
-                    memset(L.scratch + valid, 0, C - valid)
-                if src == NULL:
-                    memset(L.scratch + in_off, 0, chunk)
-                else:
-                    memcpy(L.scratch + in_off, src, chunk)
-                rc = store(L, newoff, L.scratch, C)
+                rc = copy_up(L, vaddr - in_off, in_off, src, chunk, newoff)
             else:
                 rc = store(L, newoff, src, C)
             if rc == 0:
@@ -1568,9 +1801,7 @@ cdef int layer_status(Layer *L, uint64_t vaddr, uint64_t n, uint64_t depth, RunB
                     m = run
                 rc = layer_status(L.backing, vaddr, m, depth + 1, out)
                 if rc < 0:
-                    L.err_code = L.backing.err_code
-                    L.err_msg = L.backing.err_msg
-                    L.err_offset = L.backing.err_offset
+                    copy_err(L, L.backing)
                     return rc
                 if m < run:
                     # past the end of a shorter backing file: qemu-img map reports this layer
@@ -1625,6 +1856,7 @@ cdef class CoreImage:
     cdef Layer L
     cdef object _backing       # keeps the backing CoreImage alive
     cdef bint _open
+    cdef public object path    # the file's name, for error messages (set by engine.image)
 
     def __cinit__(self):
         memset(&self.L, 0, sizeof(Layer))
@@ -1711,9 +1943,10 @@ cdef class CoreImage:
         if writable:
             L.l2_cache = <uint8_t **>calloc(max(L.l1_size, 1), sizeof(uint8_t *))
             L.scratch = <uint8_t *>malloc(C)
+            L.zeros = <uint8_t *>calloc(1, C)
             L.safe_clusters = L.alloc_end >> L.cluster_bits
             L.backed = <uint8_t *>calloc((L.safe_clusters >> 3) + 1, 1)
-            if L.l2_cache == NULL or L.scratch == NULL or L.backed == NULL:
+            if L.l2_cache == NULL or L.scratch == NULL or L.zeros == NULL or L.backed == NULL:
                 self.close()
                 raise MemoryError()
             self._build_meta_set()
@@ -1757,6 +1990,7 @@ cdef class CoreImage:
             L.l2_cache = NULL
         free(L.l1); L.l1 = NULL
         free(L.scratch); L.scratch = NULL
+        free(L.zeros); L.zeros = NULL
         free(L.zbuf); L.zbuf = NULL
         free(L.backed); L.backed = NULL
         free(L.pend_free); L.pend_free = NULL
@@ -1778,26 +2012,28 @@ cdef class CoreImage:
         cdef Layer *L = &self.L
         msg = (<bytes>L.err_msg).decode() if L.err_msg != NULL else "error"
         if rc == E_IO:
-            raise errors.io_error(L.err_errno, msg)
+            raise errors.io_error(L.err_errno, msg, path=self.path)
         if rc == E_CORRUPT:
-            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset)
+            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset,
+                                      path=self.path)
         if rc == E_NOMEM:
             raise MemoryError(msg)
         if rc == E_LIMIT:
-            raise errors.SafetyLimitExceeded(msg)
+            raise errors.SafetyLimitExceeded(msg, path=self.path)
         if rc == E_PYERR:
-            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset)
-        raise errors.EngineError(msg)
+            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset,
+                                      path=self.path)
+        raise errors.EngineError(msg, path=self.path)
 
     cdef int _range_error(self, uint64_t offset, uint64_t n) except -1:
         from engine.errors import InvalidArgument
         raise InvalidArgument(f"range {offset}+{n} is past the end of the disk "
-                              f"({self.L.size} bytes)")
+                              f"({self.L.size} bytes)", path=self.path)
 
     cdef inline void _check_open(self) except *:
         if not self._open:
             from engine.errors import ImageClosed
-            raise ImageClosed("image is closed")
+            raise ImageClosed("image is closed", path=self.path)
 
     # -- public (internal) API ---------------------------------------------------------------
     def set_backing(self, CoreImage backing):
@@ -1836,22 +2072,59 @@ cdef class CoreImage:
     def dirty(self):
         return bool(self.L.data_dirty or self.L.n_cached or self.L.l1_dirty or self.L.n_pend)
 
-    def readinto(self, uint64_t offset, uint8_t[::1] buf not None):
-        """Read len(buf) guest bytes at offset through the chain into buf. Returns len(buf)."""
-        self._check_open()
-        cdef uint64_t n = buf.shape[0]
+    cdef uint64_t _offset(self, object offset) except? 0xffffffffffffffff:
+        """A guest offset from any integer; a typed error for anything else."""
+        cdef uint64_t off
+        try:
+            off = offset
+        except (OverflowError, TypeError):
+            from engine.errors import InvalidArgument
+            if isinstance(offset, int) or hasattr(offset, "__index__"):
+                raise InvalidArgument(f"offset {offset} is negative or too large",
+                                      path=self.path) from None
+            raise InvalidArgument(f"offset must be an integer, not "
+                                  f"{type(offset).__name__}", path=self.path) from None
+        return off
+
+    cdef int _buffer(self, object buf, Py_buffer *view, bint writable) except -1:
+        """Acquire any C-contiguous buffer (bytes, bytearray, memoryview, numpy of any dtype)
+        as raw bytes; a typed error for anything else."""
+        try:
+            PyObject_GetBuffer(buf, view, (PyBUF_WRITABLE if writable else PyBUF_SIMPLE)
+                               | PyBUF_C_CONTIGUOUS)
+        except (TypeError, BufferError, ValueError) as e:
+            from engine.errors import InvalidArgument
+            what = "a writable" if writable else "a"
+            raise InvalidArgument(f"expected {what} contiguous buffer (bytearray, memoryview, "
+                                  f"numpy array), got {type(buf).__name__}: {e}",
+                                  path=self.path) from None
+        return 0
+
+    def readinto(self, offset, buf):
+        """Read len(buf) guest bytes (its size in bytes, whatever its item type) at offset
+        through the chain into buf, any writable C-contiguous buffer. Returns that count.
+        Image.readinto is this method (bound at open): every check is here."""
+        cdef Py_buffer view
+        cdef uint64_t off, n
         cdef int rc = 0
-        if offset > self.L.size or self.L.size - offset < n:
-            self._range_error(offset, n)
-        if n == 0:
-            return 0
-        with nogil:
-            pthread_rwlock_rdlock(&self.L.lock)
-            rc = layer_read(&self.L, offset, &buf[0], n)
-            pthread_rwlock_unlock(&self.L.lock)
-        if rc < 0:
-            self._raise(rc)
-        return n
+        self._check_open()
+        off = self._offset(offset)
+        self._buffer(buf, &view, True)
+        try:
+            n = <uint64_t>view.len
+            if off > self.L.size or self.L.size - off < n:
+                self._range_error(off, n)
+            if n == 0:
+                return 0
+            with nogil:
+                pthread_rwlock_rdlock(&self.L.lock)
+                rc = layer_read(&self.L, off, <uint8_t *>view.buf, n)
+                pthread_rwlock_unlock(&self.L.lock)
+            if rc < 0:
+                self._raise(rc)
+            return n
+        finally:
+            PyBuffer_Release(&view)
 
     def readv(self, cnp.uint64_t[::1] offsets not None, uint64_t length, uint8_t[::1] out not None):
         """Batch read: for each offset, `length` bytes into consecutive slices of out
@@ -1868,41 +2141,46 @@ cdef class CoreImage:
             return 0
         with nogil:
             pthread_rwlock_rdlock(&self.L.lock)
-            for i in range(k):
-                rc = layer_read(&self.L, offsets[i], &out[0] + i * length, length)
-                if rc < 0:
-                    break
+            rc = batch_read(&self.L, &offsets[0], k, length, &out[0])
             pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
             self._raise(rc)
         return k * length
 
-    def write(self, uint64_t offset, const uint8_t[::1] data not None):
-        """Write data at offset into this (top) image."""
-        self._check_open()
-        cdef uint64_t n = data.shape[0]
+    def write(self, offset, data):
+        """Write data (any C-contiguous buffer, taken as raw bytes) at offset into this (top)
+        image. Returns its size in bytes. Image.write is this method (bound at open)."""
+        cdef Py_buffer view
+        cdef uint64_t off, n
         cdef int rc = 0
-        cdef ssize_t w
+        self._check_open()
+        off = self._offset(offset)
         if not self.L.writable:
             from engine.errors import ReadOnlyImage
-            raise ReadOnlyImage("image is open read-only")
-        if offset > self.L.size or self.L.size - offset < n:
-            self._range_error(offset, n)
-        if self.L.ext_l2:
-            from engine.errors import UnsupportedFeature
-            raise UnsupportedFeature("extended L2 writes", "writing to images with extended "
-                                     "L2 entries (subclusters) is not supported yet")
-        if n == 0:
-            return 0
-        if self.L.raw:
-            return self._raw_pwrite(offset, &data[0], n)
-        with nogil:
-            pthread_rwlock_wrlock(&self.L.lock)
-            rc = layer_write(&self.L, offset, &data[0], n)
-            pthread_rwlock_unlock(&self.L.lock)
-        if rc < 0:
-            self._raise(rc)
-        return n
+            raise ReadOnlyImage("image is open read-only", path=self.path)
+        self._buffer(data, &view, False)
+        try:
+            n = <uint64_t>view.len
+            if off > self.L.size or self.L.size - off < n:
+                self._range_error(off, n)
+            if self.L.ext_l2:
+                from engine.errors import UnsupportedFeature
+                raise UnsupportedFeature("extended L2 writes", "writing to images with "
+                                         "extended L2 entries (subclusters) is not supported yet",
+                                         path=self.path)
+            if n == 0:
+                return 0
+            if self.L.raw:
+                return self._raw_pwrite(off, <const uint8_t *>view.buf, n)
+            with nogil:
+                pthread_rwlock_wrlock(&self.L.lock)
+                rc = layer_write(&self.L, off, <const uint8_t *>view.buf, n)
+                pthread_rwlock_unlock(&self.L.lock)
+            if rc < 0:
+                self._raise(rc)
+            return n
+        finally:
+            PyBuffer_Release(&view)
 
     def writev(self, cnp.uint64_t[::1] offsets not None, uint64_t length,
                const uint8_t[::1] data not None):
@@ -1913,10 +2191,10 @@ cdef class CoreImage:
         cdef int rc = 0
         if not self.L.writable:
             from engine.errors import ReadOnlyImage
-            raise ReadOnlyImage("image is open read-only")
+            raise ReadOnlyImage("image is open read-only", path=self.path)
         if self.L.ext_l2:
             from engine.errors import UnsupportedFeature
-            raise UnsupportedFeature("extended L2 writes")
+            raise UnsupportedFeature("extended L2 writes", path=self.path)
         if <uint64_t>data.shape[0] < k * length:
             raise ValueError("data shorter than len(offsets) * length")
         for i in range(k):
@@ -1957,7 +2235,7 @@ cdef class CoreImage:
             pthread_rwlock_unlock(&self.L.lock)
         if err:
             from engine.errors import io_error
-            raise io_error(err, "write failed")
+            raise io_error(err, "write failed", path=self.path)
         return n
 
     def write_zero_bytes(self, uint64_t offset, uint64_t length):
@@ -2024,7 +2302,7 @@ cdef class CoreImage:
             pthread_rwlock_unlock(&self.L.lock)
         if err:
             from engine.errors import io_error
-            raise io_error(err, "sync failed")
+            raise io_error(err, "sync failed", path=self.path)
         if rc < 0:
             self._raise(rc)
 
@@ -2169,6 +2447,63 @@ cdef class CoreImage:
     @property
     def closed(self):
         return not self._open
+
+
+# --- background sync for create() ----------------------------------------------------------
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    int pthread_create(pthread_t *th, void *attr, void *(*fn)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t th, void **ret)
+
+cdef extern from "<unistd.h>" nogil:
+    int fsync(int fd)
+
+
+ctypedef struct SyncArgs:
+    int fd
+    int dfd
+    int err
+
+
+cdef void *sync_main(void *arg) noexcept nogil:
+    cdef SyncArgs *a = <SyncArgs *>arg
+    if fdatasync(a.fd) != 0:
+        a.err = errno if errno else 5
+    elif a.dfd >= 0:
+        fsync(a.dfd)        # a folder that refuses fsync: the file itself is durable
+    return NULL
+
+
+cdef class BackgroundSync:
+    """fdatasync(fd) and then fsync(dir_fd) on a native thread, so that the caller can do
+    CPU work meanwhile without the GIL in the way. wait() joins and returns 0 or the errno
+    of the fdatasync. The descriptors stay the caller's."""
+    cdef SyncArgs a
+    cdef pthread_t th
+    cdef bint running
+
+    def __cinit__(self, int fd, int dir_fd):
+        self.a.fd = fd
+        self.a.dfd = dir_fd
+        self.a.err = 0
+        self.running = False
+        if pthread_create(&self.th, NULL, sync_main, &self.a) != 0:
+            sync_main(&self.a)          # no thread: do it here
+        else:
+            self.running = True
+
+    def wait(self):
+        if self.running:
+            with nogil:
+                pthread_join(self.th, NULL)
+            self.running = False
+        return self.a.err
+
+    def __dealloc__(self):
+        if self.running:
+            with nogil:
+                pthread_join(self.th, NULL)
 
 
 def selftest():

@@ -1204,11 +1204,13 @@ class _CreateAllocator:
 
         Refblocks are full clusters that nothing else writes to once they are live, so
         writing them last gives the same bytes as QEMU's several flushes."""
-        for i, block in enumerate(self.reftable):
-            if block:
-                first = i * self.E
-                runs = [(a - first, b - first) for a, b in self.used.clip(first, first + self.E)]
-                self._write(block, _refblock_bytes(runs, self.order, self.C))
+        table = self.reftable
+        for i in range(min(self.max_index + 1, len(table))):    # entries past it are 0
+            if not table[i]:
+                continue
+            first = i * self.E
+            runs = [(a - first, b - first) for a, b in self.used.clip(first, first + self.E)]
+            self._write(table[i], _refblock_bytes(runs, self.order, self.C))
 
 
 def _refblock_bytes(runs: list[tuple[int, int]], refcount_order: int, cluster_size: int

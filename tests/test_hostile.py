@@ -30,6 +30,7 @@ import resource
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,11 +112,18 @@ def _limit_qemu():
 
 
 _CTX = None
+_CTX_LOCK = threading.Lock()
 
 
 def _context():
     """A forkserver that imported the engine once; each case forks a fresh child from it
     (a few ms, instead of a new interpreter importing numpy and the engine every time)."""
+    global _CTX
+    with _CTX_LOCK:     # cases start on several threads; the environment swap is not shareable
+        return _CTX or _start_context()
+
+
+def _start_context():
     global _CTX
     if _CTX is None:
         import multiprocessing

@@ -106,6 +106,28 @@ def test_copy_up_through_chain(tmp_path, backing_fmt):
     assert info["backing-filename-format"] == backing_fmt
 
 
+def test_create_takes_the_backing_size_and_leaves_nothing_on_a_broken_chain(tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "3M")
+    mid = str(tmp_path / "mid.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+    top = str(tmp_path / "top.qcow2")
+    with engine.create(top, None, backing="mid.qcow2", backing_format="qcow2") as img:
+        assert img.size == 3 << 20
+        assert [os.path.basename(i.path) for i in img.chain()] == ["top.qcow2", "mid.qcow2",
+                                                                   "base.qcow2"]
+    qcheck(top)
+    os.unlink(top)
+    os.unlink(base)             # mid's backing is gone: the new overlay cannot be opened
+    with pytest.raises(errors.EngineError):
+        engine.create(top, None, backing="mid.qcow2", backing_format="qcow2")
+    assert not os.path.exists(top)
+    (tmp_path / "disk.raw").write_bytes(bytes(65536))
+    with pytest.raises(errors.ImageFormatError):    # a raw file named as qcow2: bad magic
+        engine.create(top, None, backing="disk.raw", backing_format="qcow2")
+    assert not os.path.exists(top)
+
+
 def test_backing_shorter_than_overlay_reads_zeros(tmp_path):
     base = tmp_path / "base.raw"
     base.write_bytes(b"\xab" * 1000)
@@ -459,3 +481,81 @@ def test_threads_readers_and_writer(tmp_path):
     img.close()
     assert not errors_seen
     qcheck(top)
+
+
+@pytest.mark.parametrize("cluster", [4096, 65536], ids=lambda c: f"c{c}")
+def test_copy_up_from_every_kind_of_source(tmp_path, cluster):
+    """Copy-up takes the old bytes straight from wherever they live (a raw file, a data
+    cluster below, a zero cluster, a compressed cluster, a cluster shared with an internal
+    snapshot, nothing at all, a partial last cluster); qemu-img must read what a plain byte
+    model says, and the image must check clean."""
+    C = cluster
+    size = 6 * C + 1536                      # a partial last cluster
+    rng = random.Random(cluster)
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(rng.randbytes(size - 700))       # shorter than the disk: zeros past it
+    mid = str(tmp_path / "mid.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={C}", "-b", "base.raw",
+             "-F", "raw", mid, str(size))
+    qemu_io(mid, f"write -P 0x11 {C} {C}",            # data in mid
+            f"write -z {2 * C} {C}",                  # zero cluster in mid
+            f"write -P 0x22 {5 * C} {C + 1536}")      # data reaching the partial last cluster
+    comp = str(tmp_path / "comp.qcow2")                # compressed data one level up
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={C}", "-b", "mid.qcow2",
+             "-F", "qcow2", comp)
+    qemu_io(comp, f"write -c -P 0x33 {3 * C} {C}")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={C}", "-b", "comp.qcow2",
+             "-F", "qcow2", top)
+    qemu_io(top, f"write -P 0x44 {4 * C} {C}")
+    qemu_img("snapshot", "-c", "s1", top)                # cluster 4 now shared with s1
+    model = bytearray(qraw(top))
+    writes = []
+    for ci in range(7):                                  # every cluster, several spots
+        last = size - ci * C if ci == 6 else C
+        for off in (0, 512, last - 512, rng.randrange(0, last - 511) // 512 * 512):
+            writes.append((ci * C + off, rng.randbytes(512)))
+    writes.append((size - 1024, None))                   # zeroes into the partial cluster
+    with engine.open(top) as img:
+        assert len(img.chain()) == 4
+        for n, (off, data) in enumerate(writes):
+            if data is None:
+                img.write_zeroes(off, 1024)
+                model[off:off + 1024] = bytes(1024)
+            else:
+                img.write(off, data)
+                model[off:off + len(data)] = data
+            if n % 7 == 0:
+                img.flush()
+        assert img.read(0, size) == bytes(model)
+    qcheck(top)
+    assert qraw(top) == bytes(model)
+    qemu_img("snapshot", "-a", "s1", top)                # the snapshot kept its cluster
+    assert qraw(top)[4 * C:5 * C] == b"\x44" * C
+
+
+@pytest.mark.parametrize("cluster", [512, 65536], ids=lambda c: f"c{c}")
+def test_copy_up_past_the_end_of_the_backing_after_growth(tmp_path, cluster):
+    """A grown top reaches past the immutable chain below it: copy-ups there read zeros
+    (this once read past the end of the owner map)."""
+    old, new = 1 << 20, 4 << 20
+    base, mid, top = (str(tmp_path / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", base, str(old))
+    qemu_io(base, f"write -P 0x5a 0 {old}")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b", "base.qcow2",
+             "-F", "qcow2", mid)
+    with engine.create(top, None, cluster_size=cluster, backing="mid.qcow2",
+                       backing_format="qcow2") as img:
+        img.resize(new)
+        writes = [(old - 256, b"\x01" * 512), (old + 3 * 512, b"\x02" * 512),
+                  (new - 512, b"\x03" * 512), (2 * old + 1024, b"\x04" * 100)]
+        for off, data in writes:
+            img.write(off, data)
+        model = bytearray(b"\x5a" * old + bytes(new - old))
+        for off, data in writes:
+            model[off:off + len(data)] = data
+        assert img.read(0, new) == bytes(model)
+        img.readv(np.arange(0, new, 4096, dtype=np.uint64), 4096)    # the batch path too
+        assert bytes(img.readv(np.arange(0, new, 4096, dtype=np.uint64), 4096)) == bytes(model)
+    qcheck(top)
+    assert qraw(top) == bytes(model)
