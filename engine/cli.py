@@ -212,6 +212,22 @@ def cmd_create(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    with _open_repo(args) as repo:
+        bar = _progress(args, "importing")
+        try:
+            c = repo.import_chain(args.name, args.source, format=args.source_format,
+                                  base_format=args.format, cluster_size=args.cluster_size,
+                                  progress=bar)
+        finally:
+            if bar:
+                bar.close()
+        d = c.to_dict()
+        _emit(args, d, f"Imported {args.source} as chain {args.name} "
+                       f"({human_size(d['size'])}, {args.format} base volume {d['leaf']})")
+    return 0
+
+
 def cmd_list(args) -> int:
     with _open_repo(args) as repo:
         items = []
@@ -461,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="format of the base volume (default: raw)")
     sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
                     help="cluster size of the qcow2 volumes (default: 64K)")
+    sp = verb("import", cmd_import, "create a chain whose base volume is a copy of an "
+                                    "existing disk image (the source is not changed)",
+              "name", "source")
+    sp.add_argument("-f", "--source-format", choices=("raw", "qcow2"), required=True,
+                    help="the source's format (never guessed)")
+    sp.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                    help="format of the new base volume (default: raw)")
+    sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
+                    help="cluster size of the qcow2 volumes (default: 64K)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     verb("list", cmd_list, "list the chains")
     verb("info", cmd_info, "show a chain's volumes and snapshots", "name")
     sp = verb("snapshot", cmd_snapshot, "take a snapshot (prints its id)", "name")

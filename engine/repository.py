@@ -73,7 +73,8 @@ MIN_ID_PREFIX = 4
 
 #: Operations that are undone when interrupted before their catalog commit: nothing they
 #: wrote is visible until then, so removing the files they created restores the old state.
-_ROLLBACK_OPS = frozenset({"create_chain", "snapshot", "revert", "preview", "clone", "export"})
+_ROLLBACK_OPS = frozenset({"create_chain", "import_chain", "snapshot", "revert", "preview",
+                           "clone", "export"})
 #: Operations that are redone when interrupted: a merge writes into an existing volume, and
 #: redoing it from its last recorded step is what restores a consistent chain.
 _FORWARD_OPS = frozenset({"delete_snapshot"})
@@ -488,18 +489,7 @@ class Repository:
         Raises:
             InvalidArgument, RepositoryError (the name is taken).
         """
-        self._check_open()
-        _check_name(name)
-        if base_format not in ("raw", "qcow2"):
-            raise InvalidArgument(f"base_format must be 'raw' or 'qcow2', not {base_format!r}")
-        if not isinstance(size, int) or size <= 0 or size % 512:
-            raise InvalidArgument(f"size must be a positive multiple of 512 bytes, not {size!r}")
-        if (not isinstance(cluster_size, int) or cluster_size < 512 or cluster_size > 2 << 20
-                or cluster_size & (cluster_size - 1)):
-            raise InvalidArgument(f"cluster_size must be a power of two from 512 to 2 MiB, "
-                                  f"not {cluster_size!r}")
-        if self._cat.chain(name) is not None:
-            raise RepositoryError(f"a chain named {name!r} exists already")
+        self._check_new_chain(name, size, base_format, cluster_size)
         vid, rel = self._new_volume(base_format)
         jid = self._begin("create_chain", name, {"created": [rel]})
         img = None
@@ -522,6 +512,76 @@ class Repository:
         chain = self.chain(name)
         chain._img = img
         return chain
+
+    def _check_new_chain(self, name: str, size: int, base_format: str, cluster_size: int):
+        self._check_open()
+        _check_name(name)
+        if base_format not in ("raw", "qcow2"):
+            raise InvalidArgument(f"base_format must be 'raw' or 'qcow2', not {base_format!r}")
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            raise InvalidArgument(f"size must be a positive multiple of 512 bytes, not {size!r}")
+        if (not isinstance(cluster_size, int) or cluster_size < 512 or cluster_size > 2 << 20
+                or cluster_size & (cluster_size - 1)):
+            raise InvalidArgument(f"cluster_size must be a power of two from 512 to 2 MiB, "
+                                  f"not {cluster_size!r}")
+        if self._cat.chain(name) is not None:
+            raise RepositoryError(f"a chain named {name!r} exists already")
+
+    def import_chain(self, name: str, source, *, format: str, base_format: str = "raw",
+                     cluster_size: int = 65536, progress: Progress | None = None) -> "Chain":
+        """Make a chain whose base volume is a copy of an existing disk image.
+
+        SOURCE is opened read-only (with its backing chain, under the usual backing-file
+        policy and a shared lock, so a disk that a running VM writes is refused) and its
+        whole virtual disk is copied, as ``qemu-img convert`` would: only data ranges are
+        read and all-zero blocks stay sparse. The source is never changed. The chain appears
+        complete or not at all: a crash during the copy leaves no chain and no file.
+
+        Arguments:
+            name (str): the new chain's name.
+            source (str): the image to copy.
+            format (str): "raw" or "qcow2": the source's format (never probed).
+            base_format (str): format of the new base volume, "raw" or "qcow2".
+            cluster_size (int): cluster size of the chain's qcow2 volumes.
+            progress (callable | None): ``progress(done_bytes, total_bytes)``.
+
+        Raises:
+            InvalidArgument, NotFound, RepositoryError (the name is taken), and the errors of
+            ``engine.open`` for a source it cannot read.
+        """
+        import engine
+
+        if format not in ("raw", "qcow2"):
+            raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {format!r}",
+                                  hint="name the source's format; cowchain never guesses it")
+        src_path = os.path.abspath(os.fspath(source))
+        if os.path.isdir(src_path):
+            raise InvalidArgument("is a folder, not a disk image", path=src_path)
+        with engine.open(src_path, format=format, readonly=True) as src:
+            size = src.size
+            if size % 512:
+                raise InvalidArgument(f"the source's size ({size} bytes) is not a multiple "
+                                      "of 512", path=src_path,
+                                      hint="pad it first, e.g. truncate -s %512 FILE")
+            if size == 0:
+                raise InvalidArgument("the source is an empty disk", path=src_path)
+            self._check_new_chain(name, size, base_format, cluster_size)
+            vid, rel = self._new_volume(base_format)
+            jid = self._begin("import_chain", name, {"created": [rel], "source": src_path})
+            try:
+                ops.convert(src, self._abs(rel), format=base_format, cluster_size=cluster_size,
+                            progress=progress, hook="import.copy")
+                self._step(jid, "import_chain", "written")
+                with self._cat.transaction():
+                    self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
+                    self._cat.insert_volume(VolumeRow(vid, name, rel, base_format, "leaf",
+                                                      None, "LEGAL", now()))
+                    self._cat.journal_end(jid)
+            except BaseException:
+                self._abort(jid, name)
+                raise
+        kill_point("import_chain.committed")
+        return self.chain(name)
 
     def delete_chain(self, name: str) -> None:
         """Remove chain NAME with its snapshots and the volumes only it uses.

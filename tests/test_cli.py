@@ -134,6 +134,13 @@ def test_end_to_end(repo, tmp_path):
         assert r == {"path": str(out), "format": fmt, "size": 64 * MiB, "snapshot": None,
                      "data_bytes": MiB + 2 * 65536}
         assert convert_to_raw(out, fmt) == bytes(expected)
+    r = js("chain", "import", "copy", tmp_path / "vm1.qcow2", "-f", "qcow2", "--format",
+           "qcow2", repo=repo)
+    assert r["name"] == "copy" and r["size"] == 64 * MiB and len(r["volumes"]) == 1
+    js("chain", "export", "copy", tmp_path / "copy.raw", repo=repo)
+    assert convert_to_raw(tmp_path / "copy.raw", "raw") == bytes(expected)
+    ok("chain", "delete", "copy", repo=repo)
+    fails(2, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)   # no -f: usage
     fails(12, "chain", "export", "vm1", tmp_path / "vm1.raw", repo=repo)
     r = js("chain", "export", "vm1", tmp_path / "vm1.raw", "--snapshot", s1["id"], "--force",
            repo=repo)

@@ -30,7 +30,7 @@ CS = 4096
 SIZE = 512 << 10
 
 WORKER = r"""
-import json, sys
+import json, os, sys
 import engine
 path, action, ids, dest = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 with engine.Repository.open(path) as repo:
@@ -53,6 +53,11 @@ ACTIONS = {
     "create_chain": "repo.create_chain('new', %d, base_format='qcow2', cluster_size=%d)"
                     % (SIZE, CS),
     "delete_chain": "repo.delete_chain('vmc')",
+    "import_qcow2": "repo.import_chain('imp', os.path.join(os.path.dirname(path), "
+                    "'import-src.qcow2'), format='qcow2', base_format='qcow2', cluster_size=%d)"
+                    % CS,
+    "import_raw": "repo.import_chain('imp', os.path.join(os.path.dirname(path), "
+                  "'import-src.raw'), format='raw')",
 }
 
 
@@ -119,6 +124,28 @@ def build(path) -> tuple[dict, State]:
     return ids, state
 
 
+def import_source(folder) -> bytes:
+    """The images the import actions copy, beside the repositories: a raw disk with scattered
+    data, and a qcow2 overlay on it (so the import reads through a chain). Returns what
+    both read as (the raw one is the overlay flattened)."""
+    from qemu import convert_to_raw, qemu_img, qemu_io
+
+    raw = os.path.join(folder, "import-base.raw")
+    if not os.path.exists(raw):
+        data = bytearray(SIZE)
+        for i in range(0, SIZE // CS, 5):
+            data[i * CS:(i + 1) * CS] = _pat(0x40 + i % 60)
+        with open(raw, "wb") as f:
+            f.write(data)
+        top = os.path.join(folder, "import-src.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", "-b",
+                 "import-base.raw", "-F", "raw", top)
+        qemu_io(top, f"write -P 0x7e {3 * CS} {2 * CS}", f"write -z {10 * CS} {CS}")
+        with open(os.path.join(folder, "import-src.raw"), "wb") as f:
+            f.write(convert_to_raw(top, "qcow2"))
+    return convert_to_raw(os.path.join(folder, "import-src.qcow2"), "qcow2")
+
+
 def prepare(path, name: str, ids: dict, state: State) -> State:
     """Bring the repository to the state the operation starts from (parent side)."""
     if name in ("commit_preview", "undo_preview"):
@@ -133,7 +160,8 @@ def prepare(path, name: str, ids: dict, state: State) -> State:
     return state
 
 
-def after(name: str, ids: dict, before: State, original_leaf: bytes) -> State:
+def after(name: str, ids: dict, before: State, original_leaf: bytes,
+          imported: bytes = b"") -> State:
     s = before.copy()
     vm1_leaf = before.chains["vm1"][0]
     if name == "snapshot":
@@ -158,6 +186,8 @@ def after(name: str, ids: dict, before: State, original_leaf: bytes) -> State:
         s.chains["new"] = (bytes(SIZE), False)
     elif name == "delete_chain":
         del s.chains["vmc"]
+    elif name.startswith("import"):
+        s.chains["imp"] = (imported, False)
     return s
 
 
@@ -231,8 +261,9 @@ def test_kill_at_every_step(name, template, tmp_path, summary):
     tpl, ids, base_state = template
     start = tmp_path / "start"
     shutil.copytree(tpl, start)
+    imported = import_source(str(tmp_path)) if name.startswith("import") else b""
     before = prepare(str(start), name, ids, base_state)
-    want_after = after(name, ids, before, base_state.chains["vm1"][0])
+    want_after = after(name, ids, before, base_state.chains["vm1"][0], imported)
     model_ids = set(base_state.snaps)
 
     # 1. A clean run: learn the steps; the result is the "after" state.

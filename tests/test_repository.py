@@ -476,6 +476,67 @@ def test_export(repo, tmp_path, fmt):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
 
 
+@pytest.mark.parametrize("src_fmt,base_fmt", [("qcow2", "qcow2"), ("qcow2", "raw"),
+                                              ("raw", "qcow2")])
+def test_import_chain(repo, repo_path, tmp_path, src_fmt, base_fmt):
+    """An existing disk (a qcow2 overlay on a raw base, or a raw file) becomes a chain's base
+    volume; the source and its backing file stay byte for byte as they were."""
+    base = tmp_path / "src-base.raw"
+    content = bytearray(8 * MiB)
+    for i in range(0, 8 * MiB, 3 * 65536):
+        content[i:i + 65536] = pattern(1 + i // 65536 % 250, 65536)
+    base.write_bytes(content)
+    if src_fmt == "qcow2":
+        src = tmp_path / "src.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", str(src))
+        with engine.open(str(src)) as img:
+            img.write(5 * MiB + 100, pattern(0xEE, 70_000))
+            img.write_zeroes(0, 65536)
+        content[5 * MiB + 100:5 * MiB + 100 + 70_000] = pattern(0xEE, 70_000)
+        content[0:65536] = bytes(65536)
+    else:
+        src = base
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    seen = []
+    c = repo.import_chain("vm1", str(src), format=src_fmt, base_format=base_fmt,
+                          cluster_size=65536, progress=lambda d, t: seen.append((d, t)))
+    assert c.size == 8 * MiB and seen and seen[-1][0] == seen[-1][1]
+    assert c.read(0, c.size) == bytes(content)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    x = Expect()
+    x.new("vm1", content=bytes(content))
+    x.snapshot(c, "after import")
+    x.write(c, 4096, b"changed")
+    with pytest.raises(RepositoryError, match="exists"):
+        repo.import_chain("vm1", str(src), format=src_fmt)
+    repo.close()
+    verify(repo_path, x)
+
+
+def test_import_chain_refusals(repo, tmp_path):
+    src = tmp_path / "disk.raw"
+    src.write_bytes(bytes(MiB))
+    with pytest.raises(InvalidArgument, match="format"):
+        repo.import_chain("a", str(src), format="vmdk")
+    with pytest.raises(engine.EngineError):
+        repo.import_chain("a", str(tmp_path / "missing.raw"), format="raw")
+    with pytest.raises(InvalidArgument, match="folder"):
+        repo.import_chain("a", str(tmp_path), format="raw")
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(bytes(1000))
+    with pytest.raises(InvalidArgument, match="512"):
+        repo.import_chain("a", str(odd), format="raw")
+    with pytest.raises(engine.EngineError, match="magic"):      # raw named as qcow2
+        repo.import_chain("a", str(src), format="qcow2")
+    q = tmp_path / "busy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(q), "1M")
+    with engine.open(str(q)):                                     # a writer holds it
+        with pytest.raises(ImageLocked):
+            repo.import_chain("a", str(q), format="qcow2")
+    assert repo.chains() == []
+    assert os.listdir(os.path.join(repo.path, "volumes")) == []
+
+
 def test_diff(repo):
     cs = 65536
     c = repo.create_chain("vm1", 4 * MiB, base_format="raw", cluster_size=cs)
