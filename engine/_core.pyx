@@ -1398,9 +1398,11 @@ cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) n
         # filesystems, a page_mkwrite call) per page of the mapping; it stays coherent.
         while n:
             w = io_pwrite(L.fd, src, n, <off_t>host)
-            if w < 0:
-                if errno == EINTR:
+            if w <= 0:
+                if w < 0 and errno == EINTR:
                     continue
+                if w == 0:
+                    set_errno(5)    # no progress on a regular file: never loop on it
                 return fail_io(L, "write failed", host)
             src += w
             host += <uint64_t>w
@@ -1434,9 +1436,11 @@ cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt) noexcept nog
             iov[i].iov_base = L.zeros
     while cnt > 0:
         w = io_pwritev(L.fd, iov, cnt, <off_t>pos)
-        if w < 0:
-            if errno == EINTR:
+        if w <= 0:
+            if w < 0 and errno == EINTR:
                 continue
+            if w == 0:
+                set_errno(5)        # no progress on a regular file: never loop on it
             return fail_io(L, "write failed", pos)
         pos += <uint64_t>w
         while cnt > 0 and <size_t>w >= iov[0].iov_len:
@@ -2227,8 +2231,10 @@ cdef class CoreImage:
             pthread_rwlock_wrlock(&self.L.lock)
             while done < n:
                 w = io_pwrite(self.L.fd, p + done, n - done, <off_t>(offset + done))
-                if w < 0:
-                    err = errno
+                if w < 0 and errno == EINTR:
+                    continue
+                if w <= 0:
+                    err = errno if w < 0 else 5     # no progress: never loop on it
                     break
                 done += <uint64_t>w
             self.L.data_dirty = 1
