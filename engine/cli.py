@@ -228,6 +228,15 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_resize(args) -> int:
+    with _open_repo(args) as repo:
+        c = repo.chain(args.name)
+        c.resize(args.size)
+        d = c.to_dict()
+        _emit(args, d, f"Resized {args.name} to {human_size(d['size'])}")
+    return 0
+
+
 def cmd_list(args) -> int:
     with _open_repo(args) as repo:
         items = []
@@ -487,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
                     help="cluster size of the qcow2 volumes (default: 64K)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp = verb("resize", cmd_resize, "grow a chain's disk (snapshots keep their size)", "name")
+    sp.add_argument("size", type=parse_size, metavar="SIZE", help="new virtual size, e.g. 20G")
     verb("list", cmd_list, "list the chains")
     verb("info", cmd_info, "show a chain's volumes and snapshots", "name")
     sp = verb("snapshot", cmd_snapshot, "take a snapshot (prints its id)", "name")

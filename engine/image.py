@@ -586,7 +586,12 @@ class Image:
             raise UnsupportedFeature("shrink", "shrinking an image is not supported",
                                      path=self._path)
         if self._header is None:
-            os.ftruncate(self._fd, new_size)
+            self._core.flush()
+            try:
+                os.ftruncate(self._fd, new_size)
+                os.fsync(self._fd)              # the new size is durable when this returns
+            except OSError as e:
+                raise io_error(e.errno, "cannot grow the image file", path=self._path) from None
             self._reload()
             return
         new_size = -(-new_size // 512) * 512

@@ -55,7 +55,7 @@ from typing import Callable, Iterable
 from engine import ops
 from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
 from engine.errors import (ChainError, EngineError, ImageClosed, InvalidArgument, NotFound,
-                           RepositoryError)
+                           RepositoryError, UnsupportedFeature)
 from engine.ops import kill_point
 
 CATALOG_NAME = "catalog.db"
@@ -639,6 +639,8 @@ class Repository:
         if j.state == "committed":
             self._finish(j.id, j.op, j.args.get("remove", []))
             return f"{j.op} on {j.chain}: finished (removed {len(j.args.get('remove', []))} files)"
+        if j.op == "resize":
+            return self._recover_resize(j)
         if j.op in _FORWARD_OPS:
             self._merge_run(j.id, j.args, j.step)
             return f"{j.op} on {j.chain}: rolled forward from step {j.step}"
@@ -877,6 +879,45 @@ class Repository:
         kill_point("snapshot.committed")
         return self._snapshot(self._cat.snapshot(sid))
 
+    def _op_resize(self, chain: "Chain", new_size: int) -> None:
+        if not isinstance(new_size, int) or isinstance(new_size, bool) or new_size % 512:
+            raise InvalidArgument(f"size must be a multiple of 512 bytes, not {new_size!r}")
+        row = self._prepare(chain)
+        if new_size < row.size:
+            raise UnsupportedFeature("shrink", f"chain {row.name!r} is {row.size} bytes; "
+                                     "shrinking a disk is not supported (data past the new "
+                                     "end would be lost)")
+        if new_size == row.size:
+            return
+        leaf = self._cat.volume(row.leaf)
+        jid = self._begin("resize", row.name, {"size": new_size, "leaf": leaf.id})
+        try:
+            with self._open_volume(leaf, backing=False) as img:
+                img.resize(new_size)                   # durable when it returns
+            self._step(jid, "resize", "resized")
+            kill_point("resize.resized")
+            with self._cat.transaction():
+                self._cat.update_chain(row.name, size=new_size)
+                self._cat.journal_end(jid)
+        except BaseException:
+            self._abort(jid, row.name)
+            raise
+        kill_point("resize.committed")
+
+    def _recover_resize(self, j) -> str:
+        """A resize is finished if the leaf grew (a leaf never shrinks), else it never
+        happened; the catalog is made to say which."""
+        leaf = self._cat.volume(j.args["leaf"])
+        grown = False
+        if leaf is not None and os.path.exists(self._abs(leaf.path)):
+            with self._open_volume(leaf, readonly=True, backing=False) as img:
+                grown = img.size >= j.args["size"]
+        with self._cat.transaction():
+            if grown:
+                self._cat.update_chain(j.chain, size=j.args["size"])
+            self._cat.journal_end(j.id)
+        return f"resize on {j.chain}: {'finished' if grown else 'rolled back'}"
+
     def _new_leaf_on(self, op: str, chain: "Chain", row: ChainRow, snap: SnapshotRow,
                      apply) -> None:
         """Revert and preview: a new empty leaf on top of SNAP's volume, then APPLY(vid)
@@ -1048,6 +1089,8 @@ class Repository:
             if commit:
                 with self._open_volume(child, readonly=True, backing=False) as top, \
                         self._open_volume(vol) as base:
+                    if base.size < top.size:
+                        base.resize(top.size)       # the disk grew after the snapshot
                     copied = ops.commit(top, base, progress=progress,
                                         hook="delete_snapshot.copy")
             else:
@@ -1226,11 +1269,14 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
     pending_vols = {vid for j in cat.journal() for key in ("volume", "child")
                     for vid in [j.args.get(key)] if vid}
     sizes = {c.name: c.size for c in chains}
+    # A disk only grows (Chain.resize grows the leaf): the volumes a chain runs on (its leaf,
+    # and the leaf kept aside by a preview) have the chain's size; older ones may be smaller.
+    tops = {vid for c in chains for vid in (c.leaf, c.saved_leaf) if vid}
     for v in in_scope.values():
         entry = {"id": v.id, "chain": v.chain, "path": repo._abs(v.path), "format": v.format,
                  "check": None}
         res.volumes.append(entry)
-        image_clean = _check_volume(repo, v, vols, by_file, sizes, entry, add, repair)
+        image_clean = _check_volume(repo, v, vols, by_file, sizes, tops, entry, add, repair)
         if v.legality != "LEGAL" and v.id not in pending_vols:
             p = Problem("illegal", f"volume {v.id} is ILLEGAL but no operation is changing it",
                         chain=v.chain, volume=v.id)
@@ -1274,7 +1320,8 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
     return res
 
 
-def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, entry, add, repair) -> bool:
+def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, tops, entry, add,
+                  repair) -> bool:
     """Check one volume's file against the catalog; returns True when its image is clean."""
     cat = repo._cat
     path = repo._abs(v.path)
@@ -1289,9 +1336,11 @@ def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, entry, add, repair) 
                     chain=v.chain, volume=v.id, repair="not repairable automatically"))
         return False
     with img:
-        if sizes.get(v.chain) is not None and img.size != sizes[v.chain]:
+        want = sizes.get(v.chain)
+        if want is not None and (img.size != want if v.id in tops else img.size > want):
             add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain "
-                        f"{sizes[v.chain]}", chain=v.chain, volume=v.id,
+                        f"{want}" + ("" if v.id in tops else " (older volumes may be smaller, "
+                                     "never larger)"), chain=v.chain, volume=v.id,
                         repair="not repairable automatically"))
         if v.format == "raw":
             if v.parent is not None:
@@ -1476,6 +1525,15 @@ class Chain:
         return self._image().extents(offset, length)
 
     # --- snapshots --------------------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow the disk to NEW_SIZE bytes (a multiple of 512); the new part reads as zeros.
+
+        Only the leaf grows: snapshots keep the size they were taken at, and reverting to
+        one keeps the current size. Shrinking is refused (``UnsupportedFeature``), as is a
+        chain in preview. A crash leaves the old size or the new one.
+        """
+        self._repo._op_resize(self, new_size)
 
     def snapshot(self, description: str = "") -> Snapshot:
         """Take a snapshot: the leaf becomes read-only and a new empty overlay becomes the leaf.

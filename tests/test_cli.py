@@ -139,6 +139,8 @@ def test_end_to_end(repo, tmp_path):
     assert r["name"] == "copy" and r["size"] == 64 * MiB and len(r["volumes"]) == 1
     js("chain", "export", "copy", tmp_path / "copy.raw", repo=repo)
     assert convert_to_raw(tmp_path / "copy.raw", "raw") == bytes(expected)
+    assert js("chain", "resize", "copy", "96M", repo=repo)["size"] == 96 * MiB
+    assert "shrink" in fails(4, "chain", "resize", "copy", "32M", repo=repo)
     ok("chain", "delete", "copy", repo=repo)
     fails(2, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)   # no -f: usage
     fails(12, "chain", "export", "vm1", tmp_path / "vm1.raw", repo=repo)

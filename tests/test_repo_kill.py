@@ -53,6 +53,7 @@ ACTIONS = {
     "create_chain": "repo.create_chain('new', %d, base_format='qcow2', cluster_size=%d)"
                     % (SIZE, CS),
     "delete_chain": "repo.delete_chain('vmc')",
+    "resize": "vm1.resize(%d)" % (3 * SIZE),
     "import_qcow2": "repo.import_chain('imp', os.path.join(os.path.dirname(path), "
                     "'import-src.qcow2'), format='qcow2', base_format='qcow2', cluster_size=%d)"
                     % CS,
@@ -186,6 +187,8 @@ def after(name: str, ids: dict, before: State, original_leaf: bytes,
         s.chains["new"] = (bytes(SIZE), False)
     elif name == "delete_chain":
         del s.chains["vmc"]
+    elif name == "resize":
+        s.chains["vm1"] = (vm1_leaf + bytes(2 * SIZE), False)
     elif name.startswith("import"):
         s.chains["imp"] = (imported, False)
     return s

@@ -513,6 +513,49 @@ def test_import_chain(repo, repo_path, tmp_path, src_fmt, base_fmt):
     verify(repo_path, x)
 
 
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_resize(repo, repo_path, base_fmt):
+    """Growing a disk: only the leaf grows; snapshots keep their size; revert keeps the new
+    size; a commit merge grows the smaller parent first."""
+    x = Expect()
+    c = repo.create_chain("vm1", SIZE, base_format=base_fmt, cluster_size=65536)
+    x.new("vm1")
+    c.resize(SIZE)                                   # same size: nothing to do
+    x.write(c, 0, pattern(1, SIZE))
+    c.resize(3 * SIZE)                               # the base itself is the leaf
+    x.disks["vm1"] += bytes(2 * SIZE)
+    assert c.size == 3 * SIZE and c.read(SIZE, SIZE) == bytes(SIZE)
+    s1 = x.snapshot(c, "3 MiB")
+    x.write(c, 100, b"leaf")
+    c.resize(5 * SIZE)
+    x.disks["vm1"] += bytes(2 * SIZE)
+    x.write(c, 4 * SIZE + 7, pattern(2, 65536))      # past the end of every older volume
+    s2 = x.snapshot(c, "5 MiB")
+    with c.open_snapshot(s1.id) as img:
+        assert img.size == 3 * SIZE
+    with c.open_snapshot(s2.id) as img:
+        assert img.size == 5 * SIZE
+    # s1's volume is the 3 MiB base, its child (s2's volume) 5 MiB with little data: the
+    # cheaper merge is a commit into the smaller base, which must grow first.
+    r = c.delete_snapshot(s1.id)
+    del x.snaps[s1.id]
+    assert r.direction == "commit", r
+    x.write(c, 2 * SIZE, b"after merge")
+    c.revert(s2.id)
+    x.disks["vm1"] = bytearray(x.snaps[s2.id])
+    assert c.size == 5 * SIZE
+    with pytest.raises(engine.errors.UnsupportedFeature, match="shrink"):
+        c.resize(SIZE)
+    with pytest.raises(InvalidArgument, match="512"):
+        c.resize(5 * SIZE + 1)
+    c.preview(s2.id)
+    with pytest.raises(RepositoryError, match="preview"):
+        c.resize(6 * SIZE)
+    c.undo_preview()
+    repo.close()
+    verify(repo_path, x)
+
+
 def test_import_chain_refusals(repo, tmp_path):
     src = tmp_path / "disk.raw"
     src.write_bytes(bytes(MiB))
