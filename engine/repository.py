@@ -1007,15 +1007,19 @@ class Repository:
         if self._cat.chain(name) is not None:
             raise RepositoryError(f"a chain named {name!r} exists already")
         base = self._cat.volume(snap.volume)
+        # the clone is the disk as it was at the snapshot, at the size it had then (the
+        # chain may have grown since)
+        with self._open_volume(base, readonly=True, backing=False) as b:
+            size = b.size
         vid, rel = self._new_volume("qcow2")
         jid = self._begin("clone", name, {"created": [rel], "snapshot": snap.id,
                                           "origin": row.name})
         img = None
         try:
-            img = self._create_overlay(rel, base, row.size, row.cluster_size)
+            img = self._create_overlay(rel, base, size, row.cluster_size)
             self._step(jid, "clone", "created")
             with self._cat.transaction():
-                self._cat.insert_chain(ChainRow(name, row.size, row.cluster_size, now(), vid,
+                self._cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
                                                 origin_chain=row.name, origin_snapshot=snap.id))
                 self._cat.insert_volume(VolumeRow(vid, name, rel, "qcow2", "leaf", base.id,
                                                   "LEGAL", now()))

@@ -535,6 +535,13 @@ def test_resize(repo, repo_path, base_fmt):
         assert img.size == 3 * SIZE
     with c.open_snapshot(s2.id) as img:
         assert img.size == 5 * SIZE
+    k = c.clone(s1.id, "old")                        # a clone has the snapshot's size
+    assert k.size == 3 * SIZE and k.read(0, k.size) == x.snaps[s1.id]
+    x.new("old", content=x.snaps[s1.id])
+    k.resize(4 * SIZE)
+    x.disks["old"] += bytes(SIZE)
+    repo.delete_chain("old")
+    del x.disks["old"]
     # s1's volume is the 3 MiB base, its child (s2's volume) 5 MiB with little data: the
     # cheaper merge is a commit into the smaller base, which must grow first.
     r = c.delete_snapshot(s1.id)
