@@ -169,7 +169,7 @@ class Catalog:
             this version understands.
     """
 
-    def __init__(self, path: str, *, create: bool = False):
+    def __init__(self, path: str, *, create: bool = False, readonly: bool = False):
         if create and os.path.exists(path):
             raise RepositoryError(f"catalog already exists: {path}")
         if not create and not os.path.exists(path):
@@ -179,7 +179,13 @@ class Catalog:
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if readonly:
+                # WAL lets this connection read a consistent state while a writer in another
+                # process commits; query_only makes any write here an error.
+                mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+                self._db.execute("PRAGMA query_only=ON")
+            else:
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise RepositoryError(f"catalog {path}: cannot use WAL mode (got {mode})")
             self._db.execute("PRAGMA synchronous=FULL")

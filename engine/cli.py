@@ -160,10 +160,10 @@ def _repo_dir(args) -> str:
     return path
 
 
-def _open_repo(args):
+def _open_repo(args, *, readonly: bool = False):
     from engine.repository import Repository
 
-    return Repository.open(_repo_dir(args))
+    return Repository.open(_repo_dir(args), readonly=readonly)
 
 
 def cmd_repo_init(args) -> int:
@@ -238,7 +238,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_list(args) -> int:
-    with _open_repo(args) as repo:
+    with _open_repo(args, readonly=True) as repo:
         items = []
         for c in repo.chains():
             d = c.to_dict()
@@ -255,7 +255,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    with _open_repo(args) as repo:
+    with _open_repo(args, readonly=True) as repo:
         d = repo.chain(args.name).to_dict()
         _emit(args, d, _chain_human(d))
     return 0
@@ -270,7 +270,7 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_snapshots(args) -> int:
-    with _open_repo(args) as repo:
+    with _open_repo(args, readonly=True) as repo:
         snaps = [s.to_dict() for s in repo.chain(args.name).snapshots]
         _emit(args, snaps, _snapshots_table(snaps) if snaps else "(no snapshots)")
     return 0
@@ -349,7 +349,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    with _open_repo(args) as repo:
+    with _open_repo(args, readonly=True) as repo:
         changes = [c.to_dict() for c in repo.chain(args.name).diff(args.from_snapshot,
                                                                    args.to_snapshot)]
         total = sum(c["length"] for c in changes)
@@ -393,7 +393,7 @@ def cmd_write(args) -> int:
 def cmd_read(args) -> int:
     import hashlib
 
-    with _open_repo(args) as repo:
+    with _open_repo(args, readonly=True) as repo:
         c = repo.chain(args.name)
         if args.snapshot:
             with c.open_snapshot(args.snapshot) as img:

@@ -327,20 +327,23 @@ class Repository:
     b'hello'
     """
 
-    def __init__(self, path: str, *, _create: bool = False):
+    def __init__(self, path: str, *, _create: bool = False, readonly: bool = False):
         self._path = os.path.abspath(os.fspath(path))
         self._closed = True
+        self._readonly = readonly
         self._chains: dict[str, Chain] = {}
         self._blocked: dict[str, str] = {}
         self._lock_fd: int | None = None
-        self._lock()
+        if not readonly:
+            self._lock()
         try:
-            self._cat = Catalog(os.path.join(self._path, CATALOG_NAME), create=_create)
+            self._cat = Catalog(os.path.join(self._path, CATALOG_NAME), create=_create,
+                                readonly=readonly)
         except BaseException:
             self._unlock()
             raise
         self._closed = False
-        if not _create:
+        if not _create and not readonly:
             try:
                 self.recover()
             except BaseException:
@@ -372,18 +375,36 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, path) -> "Repository":
+    def open(cls, path, *, readonly: bool = False) -> "Repository":
         """Open the repository in PATH and recover interrupted operations.
+
+        With ``readonly=True`` nothing is locked, recovered or changed: any number of
+        read-only opens may run beside each other and beside the one read-write open. They
+        read the catalog as last committed (an operation still in flight in another
+        process is not seen) and open volumes read-only, so a leaf that a writer holds open
+        raises ImageLocked while snapshots stay readable. Every operation that would change
+        the repository raises RepositoryError.
 
         Raises:
             NotFound: PATH holds no repository.
-            RepositoryError: another process has it open, or the catalog is unusable.
+            RepositoryError: another process has it open read-write (read-write opens
+                only), or the catalog is unusable.
         """
         path = os.path.abspath(os.fspath(path))
         if not os.path.isfile(os.path.join(path, CATALOG_NAME)):
             raise NotFound("no cowchain repository here", path=path,
                            hint="create one with 'cowchain repo init DIR'")
-        return cls(path)
+        return cls(path, readonly=readonly)
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._readonly:
+            raise RepositoryError("the repository is open read-only", path=self._path,
+                                  hint="open it without readonly to change it")
 
     def _lock(self) -> None:
         lock_path = os.path.join(self._path, LOCK_NAME)
@@ -514,7 +535,7 @@ class Repository:
         return chain
 
     def _check_new_chain(self, name: str, size: int, base_format: str, cluster_size: int):
-        self._check_open()
+        self._check_writable()
         _check_name(name)
         if base_format not in ("raw", "qcow2"):
             raise InvalidArgument(f"base_format must be 'raw' or 'qcow2', not {base_format!r}")
@@ -551,6 +572,7 @@ class Repository:
         """
         import engine
 
+        self._check_writable()
         if format not in ("raw", "qcow2"):
             raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {format!r}",
                                   hint="name the source's format; cowchain never guesses it")
@@ -589,7 +611,7 @@ class Repository:
         Raises:
             NotFound; RepositoryError: a clone uses one of its volumes (the message names it).
         """
-        self._check_open()
+        self._check_writable()
         row = self._chain_row(name)
         self._check_not_blocked(name)
         vols = self._cat.volumes()
@@ -628,7 +650,7 @@ class Repository:
         Returns:
             list[str]: one line per operation recovered, saying what was done.
         """
-        self._check_open()
+        self._check_writable()
         done = []
         for j in self._cat.journal():
             done.append(self._recover_row(j))
@@ -685,6 +707,8 @@ class Repository:
         Returns:
             RepositoryCheck
         """
+        if repair:
+            self._check_writable()
         self._check_open()
         return _run_check(self, repair, chain)
 
@@ -774,6 +798,7 @@ class Repository:
     # --- internals: journal -----------------------------------------------------------------
 
     def _begin(self, op: str, chain: str, args: dict, *, illegal: Iterable[str] = ()) -> int:
+        self._check_writable()
         with self._cat.transaction():
             jid = self._cat.journal_begin(op, chain, args)
             for vid in illegal:
@@ -841,7 +866,7 @@ class Repository:
 
     def _prepare(self, chain: "Chain", *, allow_preview: bool = False) -> ChainRow:
         """Common checks before a chain operation; closes the chain's leaf handle."""
-        self._check_open()
+        self._check_writable()
         row = self._chain_row(chain.name)
         self._check_not_blocked(chain.name)
         if row.preview and not allow_preview:
@@ -1493,7 +1518,8 @@ class Chain:
         if img is None:
             row = self._row()
             self._repo._check_not_blocked(self._name)
-            img = self._img = self._repo._open_volume(self._repo._cat.volume(row.leaf))
+            img = self._img = self._repo._open_volume(self._repo._cat.volume(row.leaf),
+                                                      readonly=self._repo._readonly)
         return img
 
     def read(self, offset: int, length: int) -> bytes:

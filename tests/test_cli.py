@@ -236,7 +236,10 @@ def test_errors_are_one_line_with_stable_exit_codes(repo, tmp_path):
     assert "exists and is not an empty folder" in fails(15, "repo", "init", repo)
     fails(74, "chain", "write", "a", "--file", tmp_path / "missing", repo=repo)
     with engine.Repository.open(repo):
-        assert "in use by another process" in fails(15, "chain", "list", repo=repo)
+        # read verbs open the repository read-only: they work beside a writer
+        assert [c["name"] for c in js("chain", "list", repo=repo)] == ["a"]
+        assert js("chain", "info", "a", repo=repo)["name"] == "a"
+        assert "in use by another process" in fails(15, "chain", "snapshot", "a", repo=repo)
 
 
 def test_internal_errors_are_one_line_too(monkeypatch, capsys, repo):

@@ -563,6 +563,56 @@ def test_resize(repo, repo_path, base_fmt):
     verify(repo_path, x)
 
 
+def test_readonly_open_beside_a_writer(repo_path, tmp_path):
+    """Read-only opens lock nothing and change nothing: several run beside the one writer,
+    see what it commits, read snapshots, and are refused every change."""
+    with engine.Repository.create(repo_path) as repo:
+        c = repo.create_chain("vm1", SIZE, base_format="qcow2")
+        c.write(0, pattern(1, 4096))
+        s1 = c.snapshot("one")
+        c.write(0, pattern(2, 4096))
+    w = engine.Repository.open(repo_path)
+    with pytest.raises(RepositoryError, match="in use"):
+        engine.Repository.open(repo_path)
+    r1 = engine.Repository.open(repo_path, readonly=True)
+    r2 = engine.Repository.open(repo_path, readonly=True)
+    try:
+        assert r1.readonly and not w.readonly
+        rc = r1.chain("vm1")
+        assert rc.read(0, 4096) == pattern(2, 4096)      # nobody holds the leaf yet
+        rc.close()
+        rc = r1.chain("vm1")
+        with rc.open_snapshot(s1.id) as img:
+            assert img.read(0, 4096) == pattern(1, 4096)
+        wc = w.chain("vm1")
+        wc.write(4096, b"w")                               # the writer now holds the leaf
+        with pytest.raises(ImageLocked):
+            rc.read(0, 10)
+        s2 = wc.snapshot("two")                            # committed: readers see it
+        assert [s.id for s in r2.chain("vm1").snapshots] == [s1.id, s2.id]
+        refused = [lambda: r1.create_chain("x", SIZE), lambda: rc.snapshot("no"),
+                   lambda: rc.revert(s1.id), lambda: rc.resize(2 * SIZE),
+                   lambda: rc.delete_snapshot(s1.id), lambda: rc.clone(s1.id, "k"),
+                   lambda: rc.export(str(tmp_path / "e.raw")), lambda: r1.delete_chain("vm1"),
+                   lambda: r1.check(repair=True), lambda: r1.recover(),
+                   lambda: r1.import_chain("y", str(tmp_path / "e.raw"), format="raw")]
+        for op in refused:
+            with pytest.raises(RepositoryError, match="read-only"):
+                op()
+        w.close()
+        with pytest.raises(engine.errors.ReadOnlyImage):
+            rc.write(0, b"x")
+        assert rc.read(4096, 1) == b"w"
+        assert r1.check().ok
+    finally:
+        w.close()
+        r1.close()
+        r2.close()
+    with engine.Repository.open(repo_path) as repo:       # nothing was left behind
+        assert repo.check().ok and repo.chain("vm1").read(4096, 1) == b"w"
+        assert repo.recover() == []
+
+
 def test_import_chain_refusals(repo, tmp_path):
     src = tmp_path / "disk.raw"
     src.write_bytes(bytes(MiB))
