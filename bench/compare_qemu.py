@@ -115,6 +115,7 @@ FIGURES = [
     "threads_ceiling",
     "threads_hot",
     "rss_open200",
+    "cold_rand4k",
 ]
 
 PROFILES = {
@@ -910,6 +911,74 @@ print(json.dumps({"baseline_kib": base, "peak_kib": after, "vmhwm_kib": hwm, "vo
 """
 
 
+def drop_page_cache() -> bool:
+    """Write back and drop the machine's clean page cache (root only)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def disk_read_kib() -> int:
+    """KiB the whole machine has read from block devices (pgpgin of /proc/vmstat)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("pgpgin "):
+                return int(line.split()[1])
+    return 0
+
+
+def fig_cold(res, q, chain, p):
+    """4 KiB random reads right after the page cache was dropped: what a disk-bound reader
+    gets, and how much each read makes the machine read from disk. Runs last: it leaves the
+    cache cold."""
+    top = chain["top"]
+    size = os.path.getsize(chain["flat"])
+    step = 4 * MiB + 4 * KiB
+    n = 200 if p["min_time"] < 0.5 else 5000
+    offs = qemu_offsets(n, step, size).tolist()
+    key, what = "cold_rand4k", "4 KiB random reads with a cold page cache (dropped before each run)"
+    if not drop_page_cache():
+        res.na(key, what, "info", "cannot drop the page cache here (needs root)")
+        return
+    buf = bytearray(4096)
+
+    def q_run():
+        drop_page_cache()
+        k0 = disk_read_kib()
+        t = q.seconds(top, n, 4096, step)
+        return n / t, disk_read_kib() - k0
+
+    def c_run():
+        drop_page_cache()
+        k0 = disk_read_kib()
+        with engine.open(top, readonly=True) as img:
+            r = img.readinto
+            t = time.perf_counter()
+            for o in offs:
+                r(o, buf)
+            t = time.perf_counter() - t
+        return n / t, disk_read_kib() - k0
+
+    runs: dict = {"qemu": [], "cowchain": []}
+    kib: dict = {"qemu": [], "cowchain": []}
+    for _ in range(3):
+        for name, fn in (("qemu", q_run), ("cowchain", c_run)):
+            rate, k = fn()
+            runs[name].append(rate)
+            kib[name].append(k)
+    qv, cv = max(runs["qemu"]), max(runs["cowchain"])
+    res.add(key, what, f"qemu-img bench -d 1 -t writeback -i {q.aio}", qv, cv, "IOPS", cv / qv,
+            "info (no target)", None,
+            f"{n} reads per run, the offsets of rand4k_loop; disk read per request (median of "
+            f"3 runs, whole machine, includes opening the chain): qemu "
+            f"{statistics.median(kib['qemu']) / n:.1f} KiB, cowchain "
+            f"{statistics.median(kib['cowchain']) / n:.1f} KiB", runs=runs)
+
+
 def fig_rss(res, p, d):
     depth = p["rss_depth"]
     log(f"peak RSS: building {depth} volumes of 1 TiB with qemu-img create")
@@ -947,7 +1016,7 @@ def main(argv=None) -> int:
                     "reported)")
     ap.add_argument("--batch", type=int, default=1024, help="offsets per readv call")
     ap.add_argument("--only", help="comma-separated groups: reads,seq,writes,depth,snapshot,"
-                    "threads,rss")
+                    "threads,rss,cold")
     args = ap.parse_args(argv)
 
     p = dict(PROFILES["quick" if args.quick else "full"])
@@ -955,7 +1024,7 @@ def main(argv=None) -> int:
         p["min_time"] = args.min_time
     if args.repeat:
         p["repeat"] = args.repeat
-    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss").split(","))
+    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss,cold").split(","))
 
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -1023,6 +1092,7 @@ def main(argv=None) -> int:
             ("threads", ["cpu_parallel", "threads_2v1", "threads_ceiling", "threads_hot"],
              lambda: fig_threads(res, chain, p)),
             ("rss", ["rss_open200"], lambda: fig_rss(res, p, d)),
+            ("cold", ["cold_rand4k"], lambda: fig_cold(res, q, chain, p)),   # leaves it cold
         ]
         for group, keys, fn in steps:
             if group not in groups:

@@ -110,3 +110,8 @@ ctypedef struct Layer:
     uint64_t err_offset
     const char *err_msg
     pthread_rwlock_t lock       # readers share, writers exclude (top-level entry points only)
+    uint8_t ra_pad0[64]         # the readahead hints are written by every reader: keep them
+    uint64_t ra_next            #   off the cache lines of the fields above. Readahead of our
+    uint64_t ra_end             #   own (the mapping is MADV_RANDOM): where a sequential read
+    uint64_t ra_win             #   would start next, the end of what was asked ahead, and
+    uint8_t ra_pad1[64]         #   the window (0 after a random read)

@@ -50,6 +50,8 @@ cdef extern from "<sys/mman.h>" nogil:
     int munmap(void *addr, size_t length)
     void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...)
     int madvise(void *addr, size_t length, int advice)
+    int mincore(void *addr, size_t length, unsigned char *vec)
+    int MADV_RANDOM, MADV_WILLNEED
     int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_NORESERVE, MREMAP_MAYMOVE
     void *MAP_FAILED
 
@@ -58,7 +60,11 @@ cdef extern from *:
     #define cc_atomic_load_ptr(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
     #define cc_atomic_store_ptr(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     #define cc_prefetch(p) __builtin_prefetch((p), 0, 3)
+    #define cc_ld64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define cc_st64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
     """
+    uint64_t ld64 "cc_ld64"(uint64_t *p) noexcept nogil
+    void st64 "cc_st64"(uint64_t *p, uint64_t v) noexcept nogil
     void prefetch "cc_prefetch"(const void *p) noexcept nogil
     uint16_t *atomic_load_ptr "cc_atomic_load_ptr"(uint16_t **p) noexcept nogil
     void atomic_store_ptr "cc_atomic_store_ptr"(uint16_t **p, uint16_t *v) noexcept nogil
@@ -952,6 +958,49 @@ cdef int read_compressed(Layer *L, uint64_t e, uint64_t vaddr, uint8_t *dst, uin
     return 0
 
 
+DEF RA_MIN = 128 * 1024       # first readahead window of a sequential stream
+DEF RA_MAX = 4 * 1024 * 1024   # largest window
+DEF RA_BIG = 64 * 1024         # a single read this large is fetched whole
+
+
+cdef inline void will_need(Layer *L, uint64_t start, uint64_t end) noexcept nogil:
+    """Start reading [start, end) of the file into the page cache, unless its last page is
+    there already (then, almost always, all of it is: one cheap mincore instead)."""
+    cdef unsigned char inc = 0
+    start &= ~(<uint64_t>4095)
+    if end > L.file_size:
+        end = L.file_size
+    if end <= start:
+        return
+    if mincore(L.base + ((end - 1) & ~(<uint64_t>4095)), 1, &inc) == 0 and (inc & 1):
+        return
+    madvise(L.base + start, end - start, MADV_WILLNEED)
+
+
+cdef inline void advise_read(Layer *L, uint64_t host, uint64_t n) noexcept nogil:
+    """Readahead for reads through the mapping. The mapping is MADV_RANDOM, so a fault
+    reads only its own page (the kernel's fault readahead turned each random 4 KiB read into
+    a 256 KiB disk read); reads that continue where the last one ended open a window that
+    doubles up to RA_MAX, as read() readahead does, and a large read asks for itself. The
+    fields are hints shared by reader threads: relaxed atomics, no lock."""
+    cdef uint64_t nxt = ld64(&L.ra_next), end, win
+    st64(&L.ra_next, host + n)
+    if host == nxt and host != 0:
+        win = ld64(&L.ra_win)
+        win = RA_MIN if win == 0 else (win * 2 if win < RA_MAX else RA_MAX)
+        end = ld64(&L.ra_end)
+        if end < host + n:
+            end = host
+        if end < host + n + win // 2:
+            st64(&L.ra_win, win)
+            st64(&L.ra_end, host + n + win)
+            will_need(L, end, host + n + win)
+        return
+    st64(&L.ra_win, 0)
+    if n >= RA_BIG:
+        will_need(L, host, host + n)
+
+
 cdef inline int copy_host(Layer *L, uint64_t host, uint8_t *dst, uint64_t n) noexcept nogil:
     """Copy n bytes at host offset; bytes past the end of the file read as zeros."""
     cdef uint64_t avail
@@ -977,6 +1026,7 @@ cdef inline int copy_host(Layer *L, uint64_t host, uint8_t *dst, uint64_t n) noe
             n -= <uint64_t>r
         memset(dst, 0, n)
         return 0
+    advise_read(L, host, avail)
     memcpy(dst, L.base + host, avail)
     if avail < n:
         memset(dst + avail, 0, n - avail)
@@ -1044,6 +1094,7 @@ cdef int batch_read(Layer *L, const uint64_t *offs, uint64_t k, uint64_t length,
     bytes are prefetched then; the copy finds them on the way. Reads that are not one
     mapped piece go through layer_read."""
     cdef const uint8_t *ptr[BATCH_AHEAD]
+    cdef Layer *owner
     cdef int ok[BATCH_AHEAD]
     cdef uint64_t i, j, s
     cdef int rc
@@ -1068,11 +1119,12 @@ cdef int batch_read(Layer *L, const uint64_t *offs, uint64_t k, uint64_t length,
                     return rc
         if i < k:                       # resolve read i and start fetching its bytes
             s = i % BATCH_AHEAD
-            rc = span_ptr(L, offs[i], length, &ptr[s])
+            rc = span_ptr(L, offs[i], length, &ptr[s], &owner)
             if rc < 0:
                 return rc
             ok[s] = rc
             if rc == 1 and ptr[s] != NULL:
+                advise_read(owner, <uint64_t>(ptr[s] - owner.base), length)
                 prefetch(ptr[s])
                 if length > 64:
                     prefetch(ptr[s] + length - 1)
@@ -1453,10 +1505,12 @@ cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt) noexcept nog
     return 0
 
 
-cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noexcept nogil:
+cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out,
+                  Layer **src) noexcept nogil:
     """If the guest range [vaddr, vaddr+n) of L's chain reads as one contiguous piece of one
-    mapping, or as all zeros, point *out at it (NULL for zeros) and return 1. Return 0 when
-    the range needs layer_read (several runs, compressed data, pread mode); <0 on error."""
+    mapping, or as all zeros, point *out at it (NULL for zeros) and *src at the layer whose
+    mapping it is (NULL for zeros), and return 1. Return 0 when the range needs layer_read
+    (several runs, compressed data, pread mode); <0 on error."""
     cdef Layer *top = L
     cdef OwnerMap *M
     cdef uint16_t *b
@@ -1466,6 +1520,7 @@ cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noe
     while True:
         if vaddr >= L.size:
             out[0] = NULL
+            src[0] = NULL
             return 1
         if L.size - vaddr < n:
             return 0
@@ -1482,14 +1537,17 @@ cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noe
             if L.pread_data or host >= L.file_size or L.file_size - host < n:
                 return 0
             out[0] = L.base + host
+            src[0] = L
             return 1
         if kind == K_ZERO:
             out[0] = NULL
+            src[0] = NULL
             return 1
         if kind != K_UNALLOC:
             return 0
         if L.backing == NULL:
             out[0] = NULL
+            src[0] = NULL
             return 1
         M = L.backing.omap
         if M == NULL:
@@ -1498,6 +1556,7 @@ cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noe
         # the immutable part: one owner for the whole range, or give up
         if vaddr >= M.size:             # the top grew past its backing: zeros
             out[0] = NULL
+            src[0] = NULL
             return 1
         if M.size - vaddr < n:
             return 0
@@ -1518,6 +1577,7 @@ cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out) noe
                 return 0
         if own == OWN_ZERO:
             out[0] = NULL
+            src[0] = NULL
             return 1
         if own == OWN_MIXED:
             return 0
@@ -1549,11 +1609,12 @@ cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, 
     cdef uint64_t C = L.cluster_size
     cdef uint64_t valid = L.size - cbase       # a partial last cluster: zeros past the disk end
     cdef const uint8_t *sp
+    cdef Layer *owner
     cdef iovec iov[4]
     cdef int rc, cnt = 0
     if valid > C:
         valid = C
-    rc = span_ptr(L, cbase, valid, &sp)
+    rc = span_ptr(L, cbase, valid, &sp, &owner)
     if rc < 0:
         return rc
     if rc == 1:
@@ -1562,8 +1623,10 @@ cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, 
         rc = hook(L, 5)
         if rc < 0:
             return rc
-        if sp != NULL and C >= 16384:
-            prefault(sp, valid)
+        if sp != NULL:
+            advise_read(owner, <uint64_t>(sp - owner.base), valid)
+            if C >= 16384:
+                prefault(sp, valid)
         if in_off:
             iov[cnt].iov_base = <void *>sp
             iov[cnt].iov_len = in_off
@@ -1932,6 +1995,8 @@ cdef class CoreImage:
                 raise OSError(err, "cannot map the image file")
             L.base = <uint8_t *>p
             L.map_len = reserve
+            # no readahead on faults: advise_read() does it for reads that need it
+            madvise(p, reserve, MADV_RANDOM)
         self._open = True
         if raw:
             return
