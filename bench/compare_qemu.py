@@ -421,19 +421,22 @@ class Results:
 
 # --- the figures ------------------------------------------------------------------------------
 
-def _read_loop(img, size, step, length=4096):
-    """timed(n): n readinto calls of `length` bytes at the qemu-img bench offsets."""
-    buf = bytearray(length) if length <= 4096 else np.empty(length, dtype=np.uint8)
-    ri = img.readinto
-
+def _offset_loop(call, arg, size, step):
+    """timed(n): n calls call(offset, arg) at the qemu-img bench offsets, from Python."""
     def timed(n):
         offs = qemu_offsets(n, step, size).tolist()
         t = time.perf_counter()
         for o in offs:
-            ri(o, buf)
+            call(o, arg)
         return time.perf_counter() - t
 
     return timed
+
+
+def _read_loop(img, size, step, length=4096):
+    """timed(n): n readinto calls of `length` bytes at the qemu-img bench offsets."""
+    buf = bytearray(length) if length <= 4096 else np.empty(length, dtype=np.uint8)
+    return _offset_loop(img.readinto, buf, size, step)
 
 
 def _readv_loop(img, size, step, batch):
@@ -658,28 +661,11 @@ def fig_writes(res, q, chain, p, d):
     log("4 KiB rewrites: calibrating, then interleaved")
     q_rater, q_rw_count = q.rater(kept["q"], 4096, step, mt, write=True)
     img = kept["c"]
-    w = img.write
-
-    def rewrite(n):
-        ofs = qemu_offsets(n, step, size).tolist()
-        t = time.perf_counter()
-        for o in ofs:
-            w(o, data)
-        return time.perf_counter() - t
-
-    raters = {"qemu": q_rater, "cowchain": loop_rater(rewrite, mt, per_round)}
+    raters = {"qemu": q_rater,
+              "cowchain": loop_rater(_offset_loop(img.write, data, size, step), mt, per_round)}
     core = _core_of(img)
     if core is not None:
-        cw = core.write
-
-        def core_rewrite(n):
-            ofs = qemu_offsets(n, step, size).tolist()
-            t = time.perf_counter()
-            for o in ofs:
-                cw(o, data)
-            return time.perf_counter() - t
-
-        raters["core"] = loop_rater(core_rewrite, mt, per_round)
+        raters["core"] = loop_rater(_offset_loop(core.write, data, size, step), mt, per_round)
     rw = interleave(raters, rep)
     t = time.perf_counter()
     img.flush()

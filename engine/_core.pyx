@@ -1434,48 +1434,20 @@ cdef inline int maybe_writeback(Layer *L) noexcept nogil:
     return 0
 
 
-cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) noexcept nogil:
-    """Store n bytes at a host offset inside one cluster (src NULL: zeros)."""
-    cdef int rc
+cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt, uint64_t n) noexcept nogil:
+    """Store n bytes, given as pieces (iov_base NULL: zeros), at a host offset inside one
+    cluster. Stores of 16 KiB and more go in one pwritev: write() fills the page cache without
+    a page fault (and, on most filesystems, a page_mkwrite call) per page of the mapping, and
+    stays coherent with it. Smaller ones, and zeros alone, go through the mapping."""
+    cdef int rc, i
     cdef ssize_t w
+    cdef uint64_t pos = host
     if overlaps_meta(L, host, n):
         return fail(L, E_CORRUPT, "data cluster overlaps image metadata", host)
     rc = ensure_backed(L, host)
     if rc < 0:
         return rc
-    if src == NULL:
-        memset(L.base + host, 0, n)
-    elif n >= 16384:
-        # Whole clusters: write() fills the page cache without a page fault (and, on most
-        # filesystems, a page_mkwrite call) per page of the mapping; it stays coherent.
-        while n:
-            w = io_pwrite(L.fd, src, n, <off_t>host)
-            if w <= 0:
-                if w < 0 and errno == EINTR:
-                    continue
-                if w == 0:
-                    set_errno(5)    # no progress on a regular file: never loop on it
-                return fail_io(L, "write failed", host)
-            src += w
-            host += <uint64_t>w
-            n -= <uint64_t>w
-    else:
-        memcpy(L.base + host, src, n)
-    return 0
-
-
-cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt) noexcept nogil:
-    """Store one whole cluster given as pieces (iov_base NULL: zeros) at a host offset: the
-    copy-up without a scratch copy. Large clusters go in one pwritev, small ones by memcpy."""
-    cdef int rc, i
-    cdef ssize_t w
-    cdef uint64_t pos = host
-    if overlaps_meta(L, host, L.cluster_size):
-        return fail(L, E_CORRUPT, "data cluster overlaps image metadata", host)
-    rc = ensure_backed(L, host)
-    if rc < 0:
-        return rc
-    if L.cluster_size < 16384:
+    if n < 16384 or (cnt == 1 and iov[0].iov_base == NULL):
         for i in range(cnt):
             if iov[i].iov_base == NULL:
                 memset(L.base + pos, 0, iov[i].iov_len)
@@ -1503,6 +1475,14 @@ cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt) noexcept nog
             iov[0].iov_base = <uint8_t *>iov[0].iov_base + w
             iov[0].iov_len -= <size_t>w
     return 0
+
+
+cdef inline int store(Layer *L, uint64_t host, const uint8_t *src, uint64_t n) noexcept nogil:
+    """Store n bytes at a host offset inside one cluster (src NULL: zeros)."""
+    cdef iovec one
+    one.iov_base = <void *>src
+    one.iov_len = n
+    return store_pieces(L, host, &one, 1, n)
 
 
 cdef int span_ptr(Layer *L, uint64_t vaddr, uint64_t n, const uint8_t **out,
@@ -1642,7 +1622,7 @@ cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, 
             iov[cnt].iov_base = NULL
             iov[cnt].iov_len = C - valid
             cnt += 1
-        return store_pieces(L, newoff, iov, cnt)
+        return store_pieces(L, newoff, iov, cnt, C)
     rc = layer_read(L, cbase, L.scratch, valid)
     if rc == 0:
         rc = hook(L, 5)

@@ -1118,8 +1118,6 @@ class Repository:
             if commit:
                 with self._open_volume(child, readonly=True, backing=False) as top, \
                         self._open_volume(vol) as base:
-                    if base.size < top.size:
-                        base.resize(top.size)       # the disk grew after the snapshot
                     copied = ops.commit(top, base, progress=progress,
                                         hook="delete_snapshot.copy")
             else:

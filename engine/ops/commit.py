@@ -9,7 +9,8 @@ from engine.ops.measure import layer_runs
 def commit(top, base, *, progress: Progress | None = None, hook: str | None = None) -> int:
     """Write every range TOP holds (data and zero clusters) into BASE at the same offsets.
 
-    Afterwards BASE reads what the chain TOP→BASE read before, so overlays of TOP can be
+    A BASE smaller than TOP is grown to TOP's size first.  Afterwards BASE reads what the
+    chain TOP→BASE read before, so overlays of TOP can be
     rebased onto BASE (header only) and TOP removed.  Ranges TOP does not hold are not
     touched.  Re-running a partly done commit gives the same result (it is idempotent), which
     is what crash recovery relies on.
@@ -24,6 +25,8 @@ def commit(top, base, *, progress: Progress | None = None, hook: str | None = No
     Returns:
         int: bytes processed (data copied plus zero ranges written).
     """
+    if base.size < top.size:
+        base.resize(top.size)           # the disk grew after BASE was frozen (Chain.resize)
     runs = layer_runs(top, 0)
     meter = Meter(runs_total(runs), progress)
     copy_runs(top, base, runs, meter, hook=hook)

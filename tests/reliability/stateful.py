@@ -113,12 +113,16 @@ class ChainMachine(RuleBasedStateMachine):
         return self.seq
 
     # -- rules (each wrapped by _steps: a failed step skips the teardown comparisons) -----------
+    def _draw_blocks(self, data, most: int) -> tuple[int, int]:
+        """(lba, n): 1..most blocks inside the disk."""
+        nb = self.oracle.size // BLOCK
+        n = data.draw(st.integers(1, min(most, nb)))
+        return data.draw(st.integers(0, nb - n)), n
+
     @rule(data=st.data())
     def write(self, data):
         self._ok = False
-        nb = self.oracle.size // BLOCK
-        n = data.draw(st.integers(1, min(64, nb)))
-        lba = data.draw(st.integers(0, nb - n))
+        lba, n = self._draw_blocks(data, 64)
         seq = self._issue("W", lba, n)
         self.img.write(lba * BLOCK, stamps.make(seq, lba, n, 3))
         self._collect()
@@ -126,9 +130,7 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(data=st.data(), unmap=st.booleans())
     def write_zeroes(self, data, unmap):
         self._ok = False
-        nb = self.oracle.size // BLOCK
-        n = data.draw(st.integers(1, min(64, nb)))
-        lba = data.draw(st.integers(0, nb - n))
+        lba, n = self._draw_blocks(data, 64)
         self._issue("Z", lba, n)
         self.img.write_zeroes(lba * BLOCK, n * BLOCK, unmap=unmap)
         self._collect()
@@ -147,9 +149,7 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def read(self, data):
         self._ok = False
-        nb = self.oracle.size // BLOCK
-        n = data.draw(st.integers(1, min(128, nb)))
-        lba = data.draw(st.integers(0, nb - n))
+        lba, n = self._draw_blocks(data, 128)
         obs = stamps.decode(self.img.read(lba * BLOCK, n * BLOCK), lba)
         exp = self.oracle.cur[lba:lba + n]
         if not (obs == exp).all():
@@ -275,9 +275,7 @@ class ChainMachine(RuleBasedStateMachine):
     def inject_fault(self, point, err, nth, data):
         self._ok = False
         FIG["fault_steps"] += 1
-        nb = self.oracle.size // BLOCK
-        n = data.draw(st.integers(1, min(64, nb)))
-        lba = data.draw(st.integers(0, nb - n))
+        lba, n = self._draw_blocks(data, 64)
         seq = self._issue("W", lba, n)
         if point in ("sync", "fallocate"):
             core.set_fault(point, nth, err, False)
