@@ -31,6 +31,12 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_rdlock(pthread_rwlock_t *)
     int pthread_rwlock_wrlock(pthread_rwlock_t *)
     int pthread_rwlock_unlock(pthread_rwlock_t *)
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *, int)
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -109,6 +115,7 @@ ctypedef struct Layer:
     int err_errno
     uint64_t err_offset
     const char *err_msg
+    Layer *err_layer            # the layer of the chain where the last error happened
     pthread_rwlock_t lock       # readers share, writers exclude (top-level entry points only)
     uint8_t ra_pad0[64]         # the readahead hints are written by every reader: keep them
     uint64_t ra_next            #   off the cache lines of the fields above. Readahead of our

@@ -83,7 +83,9 @@ DEF E_CORRUPT = -2     # err_msg, err_offset
 DEF E_NOMEM = -3
 DEF E_UNSUPPORTED = -4
 DEF E_LIMIT = -5
-DEF E_PYERR = -6       # a Python exception is pending (decompression)
+DEF E_PYERR = -6       # a Python callback raised: the exception waits in _pending (per thread)
+DEF E_CLOSED = -7      # the image was closed (checked under the lock)
+DEF E_RANGE = -8       # the request reaches past the end of the disk
 
 # --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; qcow2-facts.md section 4) ------------
 
@@ -146,14 +148,35 @@ cdef inline int fail(Layer *L, int code, const char *msg, uint64_t off) noexcept
     L.err_code = code
     L.err_msg = msg
     L.err_offset = off
+    L.err_layer = L
     return code
 
 cdef inline void copy_err(Layer *dst, Layer *src) noexcept nogil:
-    """Hand an error recorded on a lower layer up to the layer the caller asked."""
+    """Hand an error recorded on a lower layer up to the layer the caller asked; err_layer
+    keeps naming the layer where it happened."""
     dst.err_code = src.err_code
     dst.err_errno = src.err_errno
     dst.err_msg = src.err_msg
     dst.err_offset = src.err_offset
+    dst.err_layer = src.err_layer if src.err_layer != NULL else src
+
+
+# An error as the caller's thread saw it, copied out of the shared Layer fields while the
+# lock is still held (another thread may record its own error on the same layer after).
+ctypedef struct ErrInfo:
+    int code
+    int eno
+    const char *msg
+    uint64_t off
+    Layer *layer
+
+cdef inline int take_err(Layer *L, int rc, ErrInfo *e) noexcept nogil:
+    e.code = rc
+    e.eno = L.err_errno
+    e.msg = L.err_msg
+    e.off = L.err_offset
+    e.layer = L.err_layer if L.err_layer != NULL else L
+    return rc
 
 
 cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
@@ -914,16 +937,22 @@ cdef int resolve_ext(Layer *L, uint8_t *t, uint64_t vaddr, uint64_t maxlen, int 
 
 cdef object _decompressor = None
 
+# The exception a Python callback raised, per thread, until the caller's entry point raises
+# it unchanged (the C path in between only carries E_PYERR up).
+import threading as _threading
+_pending = _threading.local()
+
 
 def set_decompressor(fn):
     """Install the Python callable that inflates one compressed cluster:
     fn(compression_type: int, data: bytes, cluster_size: int) -> bytes of exactly cluster_size.
-    Compressed clusters are the one read path that crosses into Python (once per cluster)."""
+    Compressed clusters are the one read path that crosses into Python (once per cluster).
+    Whatever it raises reaches the caller of the read unchanged."""
     global _decompressor
     _decompressor = fn
 
 
-cdef int inflate_cluster(Layer *L, uint64_t e, uint8_t *dst) noexcept with gil:
+cdef int inflate_cluster(Layer *L, uint64_t e, uint8_t *dst) noexcept:
     cdef uint64_t host, nb
     cdef bytes out
     compressed_extent(L, e, &host, &nb)
@@ -933,7 +962,8 @@ cdef int inflate_cluster(Layer *L, uint64_t e, uint8_t *dst) noexcept with gil:
         nb = L.file_size - host
     try:
         out = _decompressor(L.compression_type, (<char *>(L.base + host))[:nb], L.cluster_size)
-    except BaseException:
+    except BaseException as exc:
+        _pending.exc = exc
         return fail(L, E_PYERR, "compressed cluster does not decompress", host)
     if len(out) != L.cluster_size:
         return fail(L, E_CORRUPT, "compressed cluster does not inflate to one cluster", host)
@@ -941,7 +971,9 @@ cdef int inflate_cluster(Layer *L, uint64_t e, uint8_t *dst) noexcept with gil:
     return 0
 
 
-cdef int read_compressed(Layer *L, uint64_t e, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept nogil:
+cdef int read_compressed(Layer *L, uint64_t e, uint64_t vaddr, uint8_t *dst, uint64_t n) noexcept with gil:
+    """The one cluster cache (zbuf) is shared by every thread reading this layer: the GIL,
+    needed anyway to inflate, serialises its use (a hit costs one GIL round trip)."""
     cdef int rc
     if L.zbuf == NULL:
         L.zbuf = <uint8_t *>malloc(L.cluster_size)
@@ -1888,6 +1920,89 @@ cdef int _on_tmpfs(int fd) noexcept:
     return st.f_type == 0x01021994      # TMPFS_MAGIC
 
 
+# --- argument rules (the one place offsets and lengths are checked) ---------------------------
+
+def check_int(value, what="offset", path=None):
+    """The rule for an offset or length given to an I/O method: a Python int or a numpy
+    integer scalar (bool is not an integer here, and a float is refused, never truncated),
+    with 0 <= value < 2**64. Returns it as an int; InvalidArgument carrying the value
+    otherwise. Ranges are checked against the disk by the caller."""
+    v = value
+    if type(v) is not int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            from engine.errors import InvalidArgument
+            raise InvalidArgument(f"{what} must be an integer, not {type(value).__name__} "
+                                  f"({value!r})", value=value, path=path)
+        v = int(v)
+    if v < 0 or v >> 64:
+        from engine.errors import InvalidArgument
+        raise InvalidArgument(f"{what} {v} is {'negative' if v < 0 else 'too large'}",
+                              value=value, path=path)
+    return v
+
+
+def as_offsets(offsets, path=None):
+    """The offsets of a batch (readv, writev) as a C-contiguous uint64 array: a 1-D numpy
+    array of an integer dtype, or a sequence of values that each pass check_int."""
+    from engine.errors import InvalidArgument
+    if isinstance(offsets, np.ndarray):
+        if offsets.dtype.kind not in "iu" or offsets.ndim != 1:
+            raise InvalidArgument(f"offsets must be a 1-D array of an integer dtype, not a "
+                                  f"{offsets.ndim}-D {offsets.dtype} array", value=offsets,
+                                  path=path)
+        if offsets.dtype.kind == "i" and offsets.size and offsets.min() < 0:
+            bad = int(offsets[np.flatnonzero(offsets < 0)[0]])
+            raise InvalidArgument(f"offset {bad} is negative", value=bad, path=path)
+        return np.ascontiguousarray(offsets, dtype=np.uint64)
+    if isinstance(offsets, (str, bytes, bytearray, memoryview)):
+        seq = None
+    else:
+        try:
+            seq = list(offsets)
+        except TypeError:
+            seq = None
+    if seq is None:
+        raise InvalidArgument(f"offsets must be a sequence or array of integers, not "
+                              f"{type(offsets).__name__}", value=offsets, path=path)
+    if not seq:
+        return np.empty(0, dtype=np.uint64)
+    if set(map(type, seq)) == {int}:
+        arr = np.array(seq)
+        if arr.dtype.kind in "iu":
+            return as_offsets(arr, path)
+    return np.array([check_int(x, "offset", path) for x in seq], dtype=np.uint64)
+
+
+cdef void swap_layers(Layer *a, Layer *b) noexcept nogil:
+    """Exchange the state of two layers, all but their locks (a lock is never moved)."""
+    cdef Layer t
+    cdef size_t lo = <size_t>(<char *>&a.lock - <char *>a)
+    cdef size_t hi = lo + sizeof(pthread_rwlock_t)
+    memcpy(&t, a, sizeof(Layer))
+    memcpy(a, b, lo)
+    memcpy(<char *>a + hi, <char *>b + hi, sizeof(Layer) - hi)
+    memcpy(b, &t, lo)
+    memcpy(<char *>b + hi, <char *>&t + hi, sizeof(Layer) - hi)
+
+
+cdef int raw_pwrite(Layer *L, uint64_t offset, const uint8_t *p, uint64_t n) noexcept nogil:
+    """Raw files are written with pwrite, never through the mapping: a store into a sparse
+    raw file on a full disk would be a SIGBUS; pwrite says ENOSPC. Caller holds the lock."""
+    cdef ssize_t w
+    cdef uint64_t done = 0
+    L.data_dirty = 1
+    while done < n:
+        w = io_pwrite(L.fd, p + done, n - done, <off_t>(offset + done))
+        if w < 0 and errno == EINTR:
+            continue
+        if w <= 0:
+            if w == 0:
+                set_errno(5)            # no progress: never loop on it
+            return fail_io(L, "write failed", offset + done)
+        done += <uint64_t>w
+    return 0
+
+
 cdef class CoreImage:
     """One mapped image file (internal; use engine.open / engine.create).
 
@@ -1898,18 +2013,35 @@ cdef class CoreImage:
             l1_table_offset, l1_size, refcount_table_offset, refcount_table_clusters,
             refcount_order, extended_l2, compression_type, snapshots_offset,
             snapshots_size; all validated by engine.format first.
+
+    Lifetime and threads: every entry point takes the image's lock (readers share it) and
+    checks under it that the image is open, so close() and adopt() -- which hold it
+    exclusively -- wait for the calls in progress, and later calls raise ImageClosed. A
+    core that is the backing file of another (set_backing) is read through that one without
+    its own lock: closing it refuses direct use at once, and its memory goes when the last
+    core that reads through it is released.
     """
 
     cdef Layer L
-    cdef object _backing       # keeps the backing CoreImage alive
-    cdef bint _open
+    cdef CoreImage _backing    # keeps the backing CoreImage alive
+    cdef bint _open            # direct use allowed (checked under the lock)
+    cdef bint _excl            # lock_exclusive() holds the lock
+    cdef int _linked           # upper cores whose L.backing points at this one
     cdef public object path    # the file's name, for error messages (set by engine.image)
 
     def __cinit__(self):
+        cdef pthread_rwlockattr_t attr
         memset(&self.L, 0, sizeof(Layer))
         self.L.fd = -1
         self._open = False
-        pthread_rwlock_init(&self.L.lock, NULL)
+        self._excl = False
+        self._linked = 0
+        # Writers first: a close or a metadata change must not wait behind an endless stream
+        # of overlapping readers (no entry point takes the lock twice on one thread).
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.L.lock, &attr)
+        pthread_rwlockattr_destroy(&attr)
 
     def __init__(self, int fd, bint writable, bint raw, dict geometry):
         import os
@@ -2028,7 +2160,9 @@ cdef class CoreImage:
         self._release()
         pthread_rwlock_destroy(&self.L.lock)
 
-    cdef void _release(self) noexcept:
+    cdef void _release(self) noexcept nogil:
+        """Free the mapping, tables and descriptor. Only with no other user: under the
+        exclusive lock once closed and unlinked, or at deallocation."""
         cdef Layer *L = &self.L
         cdef uint64_t i
         if L.l2_cache != NULL:
@@ -2055,41 +2189,102 @@ cdef class CoreImage:
             L.fd = -1
         self._open = False
 
+    cdef void _release_chain(self):
+        """Release this core if it is closed and nothing reads through it, then its backing
+        if that is now in the same state, and so on down (a loop: chains may be deep)."""
+        cdef CoreImage c = self, b
+        while c is not None and not c._open and c._linked == 0:
+            with nogil:
+                pthread_rwlock_wrlock(&c.L.lock)
+                c._release()
+                c.L.backing = NULL
+                pthread_rwlock_unlock(&c.L.lock)
+            b = c._backing
+            c._backing = None
+            if b is not None:
+                b._linked -= 1
+            c = b
+
     # -- error translation: the one place codes become exceptions --------------------------
-    cdef int _raise(self, int rc) except -1:
+    cdef object _layer_path(self, Layer *p):
+        """The file of the layer of this chain at p (compared, never dereferenced: the chain
+        may have been swapped since the error was recorded)."""
+        cdef CoreImage c = self
+        while c is not None:
+            if &c.L == p:
+                return c.path
+            c = c._backing
+        return self.path
+
+    cdef int _fail(self, int rc, ErrInfo *e, uint64_t off=0, uint64_t n=0) except -1:
+        """Raise the error of rc. e was filled by take_err() under the lock; the exception
+        names the layer where it happened (path) and the image that was asked (image)."""
         from engine import errors
-        cdef Layer *L = &self.L
-        msg = (<bytes>L.err_msg).decode() if L.err_msg != NULL else "error"
-        if rc == E_IO:
-            raise errors.io_error(L.err_errno, msg, path=self.path)
-        if rc == E_CORRUPT:
-            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset,
-                                      path=self.path)
+        if rc == E_CLOSED:
+            raise errors.ImageClosed("image is closed", path=self.path)
+        if rc == E_RANGE:
+            self._range_error(off, n)
         if rc == E_NOMEM:
-            raise MemoryError(msg)
-        if rc == E_LIMIT:
-            raise errors.SafetyLimitExceeded(msg, path=self.path)
+            raise MemoryError("out of memory")
         if rc == E_PYERR:
-            raise errors.CorruptImage(f"{msg} (offset {L.err_offset:#x})", offset=L.err_offset,
-                                      path=self.path)
-        raise errors.EngineError(msg, path=self.path)
+            exc = getattr(_pending, "exc", None)
+            _pending.exc = None
+            if exc is not None:
+                raise exc               # a callback's own exception, unchanged
+        path = self._layer_path(e.layer)
+        msg = (<bytes>e.msg).decode() if e.msg != NULL else "error"
+        if rc == E_IO:
+            exc = errors.io_error(e.eno, msg, path=path)
+        elif rc == E_CORRUPT or rc == E_PYERR:
+            exc = errors.CorruptImage(f"{msg} (offset {e.off:#x})", offset=e.off, path=path)
+        elif rc == E_LIMIT:
+            exc = errors.SafetyLimitExceeded(msg, path=path)
+        else:
+            exc = errors.EngineError(msg, path=path)
+        exc.image = self.path
+        raise exc
 
     cdef int _range_error(self, uint64_t offset, uint64_t n) except -1:
         from engine.errors import InvalidArgument
         raise InvalidArgument(f"range {offset}+{n} is past the end of the disk "
-                              f"({self.L.size} bytes)", path=self.path)
+                              f"({self.L.size} bytes)", value=offset, path=self.path)
+
+    cdef int _closed_error(self) except -1:
+        from engine.errors import ImageClosed
+        raise ImageClosed("image is closed", path=self.path)
 
     cdef inline void _check_open(self) except *:
         if not self._open:
-            from engine.errors import ImageClosed
-            raise ImageClosed("image is closed", path=self.path)
+            self._closed_error()
+
+    cdef int _check_writable(self) except -1:
+        if not self._open:
+            self._closed_error()
+        if not self.L.writable:
+            from engine.errors import ReadOnlyImage
+            raise ReadOnlyImage("image is open read-only", path=self.path)
+        if self.L.ext_l2:
+            from engine.errors import UnsupportedFeature
+            raise UnsupportedFeature("extended L2 writes", "writing to images with "
+                                     "extended L2 entries (subclusters) is not supported yet",
+                                     path=self.path)
+        return 0
 
     # -- public (internal) API ---------------------------------------------------------------
     def set_backing(self, CoreImage backing):
         """Link the backing image (opened read-only by the caller) or None."""
+        cdef CoreImage old = self._backing
+        cdef Layer *p = &backing.L if backing is not None else NULL
+        if backing is not None:
+            backing._linked += 1
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            self.L.backing = p
+            pthread_rwlock_unlock(&self.L.lock)
         self._backing = backing
-        self.L.backing = &backing.L if backing is not None else NULL
-
+        if old is not None:
+            old._linked -= 1
+            old._release_chain()
 
     def enable_owner_map(self):
         """Keep an owner map over this image's backing chain (call on the top image of an
@@ -2121,19 +2316,14 @@ cdef class CoreImage:
     def dirty(self):
         return bool(self.L.data_dirty or self.L.n_cached or self.L.l1_dirty or self.L.n_pend)
 
-    cdef uint64_t _offset(self, object offset) except? 0xffffffffffffffff:
-        """A guest offset from any integer; a typed error for anything else."""
-        cdef uint64_t off
-        try:
-            off = offset
-        except (OverflowError, TypeError):
-            from engine.errors import InvalidArgument
-            if isinstance(offset, int) or hasattr(offset, "__index__"):
-                raise InvalidArgument(f"offset {offset} is negative or too large",
-                                      path=self.path) from None
-            raise InvalidArgument(f"offset must be an integer, not "
-                                  f"{type(offset).__name__}", path=self.path) from None
-        return off
+    cdef uint64_t _u64(self, object value, what) except? 0xffffffffffffffff:
+        """An offset or length by the rule of check_int (a plain int takes the short way)."""
+        if type(value) is int:
+            try:
+                return value
+            except OverflowError:
+                pass
+        return check_int(value, what, self.path)
 
     cdef int _buffer(self, object buf, Py_buffer *view, bint writable) except -1:
         """Acquire any C-contiguous buffer (bytes, bytearray, memoryview, numpy of any dtype)
@@ -2146,7 +2336,7 @@ cdef class CoreImage:
             what = "a writable" if writable else "a"
             raise InvalidArgument(f"expected {what} contiguous buffer (bytearray, memoryview, "
                                   f"numpy array), got {type(buf).__name__}: {e}",
-                                  path=self.path) from None
+                                  value=buf, path=self.path) from None
         return 0
 
     def readinto(self, offset, buf):
@@ -2156,45 +2346,73 @@ cdef class CoreImage:
         cdef Py_buffer view
         cdef uint64_t off, n
         cdef int rc = 0
-        self._check_open()
-        off = self._offset(offset)
+        cdef ErrInfo err
+        if not self._open:
+            self._closed_error()
+        off = self._u64(offset, "offset")
         self._buffer(buf, &view, True)
-        try:
-            n = <uint64_t>view.len
-            if off > self.L.size or self.L.size - off < n:
-                self._range_error(off, n)
-            if n == 0:
-                return 0
-            with nogil:
-                pthread_rwlock_rdlock(&self.L.lock)
-                rc = layer_read(&self.L, off, <uint8_t *>view.buf, n)
-                pthread_rwlock_unlock(&self.L.lock)
-            if rc < 0:
-                self._raise(rc)
-            return n
-        finally:
-            PyBuffer_Release(&view)
-
-    def readv(self, cnp.uint64_t[::1] offsets not None, uint64_t length, uint8_t[::1] out not None):
-        """Batch read: for each offset, `length` bytes into consecutive slices of out
-        (len(out) >= len(offsets) * length). One crossing for the whole batch."""
-        self._check_open()
-        cdef uint64_t i, k = offsets.shape[0]
-        cdef int rc = 0
-        if <uint64_t>out.shape[0] < k * length:
-            raise ValueError("output buffer too small for the batch")
-        for i in range(k):
-            if offsets[i] > self.L.size or self.L.size - offsets[i] < length:
-                raise ValueError(f"batch offset {offsets[i]} past the end of the disk")
-        if k == 0 or length == 0:
-            return 0
+        n = <uint64_t>view.len
         with nogil:
             pthread_rwlock_rdlock(&self.L.lock)
-            rc = batch_read(&self.L, &offsets[0], k, length, &out[0])
+            if not self._open:
+                rc = E_CLOSED
+            elif off > self.L.size or self.L.size - off < n:
+                rc = E_RANGE
+            elif n:
+                rc = layer_read(&self.L, off, <uint8_t *>view.buf, n)
+                if rc < 0:
+                    take_err(&self.L, rc, &err)
             pthread_rwlock_unlock(&self.L.lock)
+        PyBuffer_Release(&view)
         if rc < 0:
-            self._raise(rc)
-        return k * length
+            self._fail(rc, &err, off, n)
+        return n
+
+    def readv(self, offsets, length, out=None):
+        """Batch read: for each offset, `length` bytes into consecutive slices of out, any
+        writable C-contiguous buffer of at least len(offsets) * length bytes (allocated, as
+        uint8, when None). One crossing for the whole batch. Returns out."""
+        cdef Py_buffer view
+        cdef cnp.ndarray offs
+        cdef const uint64_t *op
+        cdef uint64_t i, k, ln, bad = 0
+        cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
+        offs = as_offsets(offsets, self.path)
+        ln = self._u64(length, "length")
+        k = <uint64_t>offs.shape[0]
+        op = <const uint64_t *>cnp.PyArray_DATA(offs)
+        if out is None:
+            for i in range(k):
+                if op[i] > self.L.size or self.L.size - op[i] < ln:
+                    self._range_error(op[i], ln)
+            out = np.empty(k * ln, dtype=np.uint8)
+        self._buffer(out, &view, True)
+        if ln and k > <uint64_t>view.len // ln:
+            PyBuffer_Release(&view)
+            from engine.errors import InvalidArgument
+            raise InvalidArgument(f"output buffer of {view.len} bytes too small for "
+                                  f"{k} reads of {ln} bytes", value=out, path=self.path)
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                for i in range(k):
+                    if op[i] > self.L.size or self.L.size - op[i] < ln:
+                        bad = i
+                        rc = E_RANGE
+                        break
+            if rc == 0 and k and ln:
+                rc = batch_read(&self.L, op, k, ln, <uint8_t *>view.buf)
+                if rc < 0:
+                    take_err(&self.L, rc, &err)
+            pthread_rwlock_unlock(&self.L.lock)
+        PyBuffer_Release(&view)
+        if rc < 0:
+            self._fail(rc, &err, op[bad] if k else 0, ln)
+        return out
 
     def write(self, offset, data):
         """Write data (any C-contiguous buffer, taken as raw bytes) at offset into this (top)
@@ -2202,183 +2420,219 @@ cdef class CoreImage:
         cdef Py_buffer view
         cdef uint64_t off, n
         cdef int rc = 0
-        self._check_open()
-        off = self._offset(offset)
-        if not self.L.writable:
-            from engine.errors import ReadOnlyImage
-            raise ReadOnlyImage("image is open read-only", path=self.path)
+        cdef ErrInfo err
+        if not self._open:
+            self._closed_error()
+        off = self._u64(offset, "offset")
+        self._check_writable()
         self._buffer(data, &view, False)
-        try:
-            n = <uint64_t>view.len
-            if off > self.L.size or self.L.size - off < n:
-                self._range_error(off, n)
-            if self.L.ext_l2:
-                from engine.errors import UnsupportedFeature
-                raise UnsupportedFeature("extended L2 writes", "writing to images with "
-                                         "extended L2 entries (subclusters) is not supported yet",
-                                         path=self.path)
-            if n == 0:
-                return 0
-            if self.L.raw:
-                return self._raw_pwrite(off, <const uint8_t *>view.buf, n)
-            with nogil:
-                pthread_rwlock_wrlock(&self.L.lock)
-                rc = layer_write(&self.L, off, <const uint8_t *>view.buf, n)
-                pthread_rwlock_unlock(&self.L.lock)
-            if rc < 0:
-                self._raise(rc)
-            return n
-        finally:
-            PyBuffer_Release(&view)
-
-    def writev(self, cnp.uint64_t[::1] offsets not None, uint64_t length,
-               const uint8_t[::1] data not None):
-        """Batch write: consecutive `length`-byte slices of data to each offset, in order,
-        under one lock and one crossing."""
-        self._check_open()
-        cdef uint64_t i, k = offsets.shape[0]
-        cdef int rc = 0
-        if not self.L.writable:
-            from engine.errors import ReadOnlyImage
-            raise ReadOnlyImage("image is open read-only", path=self.path)
-        if self.L.ext_l2:
-            from engine.errors import UnsupportedFeature
-            raise UnsupportedFeature("extended L2 writes", path=self.path)
-        if <uint64_t>data.shape[0] < k * length:
-            raise ValueError("data shorter than len(offsets) * length")
-        for i in range(k):
-            if offsets[i] > self.L.size or self.L.size - offsets[i] < length:
-                self._range_error(offsets[i], length)
-        if k == 0 or length == 0:
-            return 0
-        if self.L.raw:
-            for i in range(k):
-                self._raw_pwrite(offsets[i], &data[0] + i * length, length)
-            return k * length
+        n = <uint64_t>view.len
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            for i in range(k):
-                rc = layer_write(&self.L, offsets[i], &data[0] + i * length, length)
+            if not self._open:
+                rc = E_CLOSED
+            elif off > self.L.size or self.L.size - off < n:
+                rc = E_RANGE
+            elif n:
+                if self.L.raw:
+                    rc = raw_pwrite(&self.L, off, <const uint8_t *>view.buf, n)
+                else:
+                    rc = layer_write(&self.L, off, <const uint8_t *>view.buf, n)
                 if rc < 0:
-                    break
+                    take_err(&self.L, rc, &err)
             pthread_rwlock_unlock(&self.L.lock)
+        PyBuffer_Release(&view)
         if rc < 0:
-            self._raise(rc)
-        return k * length
+            self._fail(rc, &err, off, n)
+        return n
 
-    cdef object _raw_pwrite(self, uint64_t offset, const uint8_t *p, uint64_t n):
-        # Raw files are written with pwrite, never through the mapping: a store into a sparse
-        # raw file on a full disk would be a SIGBUS; pwrite says ENOSPC.
-        cdef ssize_t w
-        cdef uint64_t done = 0
-        cdef int err = 0
+    def writev(self, offsets, length, data):
+        """Batch write: consecutive `length`-byte slices of data (any C-contiguous buffer) to
+        each offset, in order, under one lock and one crossing."""
+        cdef Py_buffer view
+        cdef cnp.ndarray offs
+        cdef const uint64_t *op
+        cdef const uint8_t *src
+        cdef uint64_t i, k, ln, bad = 0
+        cdef int rc = 0
+        cdef ErrInfo err
+        self._check_writable()
+        offs = as_offsets(offsets, self.path)
+        ln = self._u64(length, "length")
+        k = <uint64_t>offs.shape[0]
+        op = <const uint64_t *>cnp.PyArray_DATA(offs)
+        self._buffer(data, &view, False)
+        if ln and k > <uint64_t>view.len // ln:
+            PyBuffer_Release(&view)
+            from engine.errors import InvalidArgument
+            raise InvalidArgument(f"data of {view.len} bytes shorter than len(offsets) * "
+                                  f"length ({k} * {ln})", value=data, path=self.path)
+        src = <const uint8_t *>view.buf
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            while done < n:
-                w = io_pwrite(self.L.fd, p + done, n - done, <off_t>(offset + done))
-                if w < 0 and errno == EINTR:
-                    continue
-                if w <= 0:
-                    err = errno if w < 0 else 5     # no progress: never loop on it
-                    break
-                done += <uint64_t>w
-            self.L.data_dirty = 1
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                for i in range(k):
+                    if op[i] > self.L.size or self.L.size - op[i] < ln:
+                        bad = i
+                        rc = E_RANGE
+                        break
+            if rc == 0 and ln:
+                for i in range(k):
+                    if self.L.raw:
+                        rc = raw_pwrite(&self.L, op[i], src + i * ln, ln)
+                    else:
+                        rc = layer_write(&self.L, op[i], src + i * ln, ln)
+                    if rc < 0:
+                        take_err(&self.L, rc, &err)
+                        break
             pthread_rwlock_unlock(&self.L.lock)
-        if err:
-            from engine.errors import io_error
-            raise io_error(err, "write failed", path=self.path)
-        return n
+        PyBuffer_Release(&view)
+        if rc < 0:
+            self._fail(rc, &err, op[bad] if k else 0, ln)
+        return k * ln
 
     def write_zero_bytes(self, uint64_t offset, uint64_t length):
         """Write zero bytes over [offset, offset+length) (allocating; used for partial clusters)."""
-        self._check_open()
         cdef int rc = 0
-        cdef bytes z
+        cdef ErrInfo err
+        cdef bytes z = None
+        cdef const uint8_t *zp = NULL
+        cdef uint64_t zn = 0, k
+        self._check_open()
         if length == 0:
             return
         if self.L.raw:
-            z = bytes(min(length, 1 << 20))
-            while length:
-                k = min(length, len(z))
-                self._raw_pwrite(offset, <const uint8_t *><char *>z, k)
-                offset += k
-                length -= k
-            return
+            zn = min(length, 1 << 20)
+            z = bytes(zn)
+            zp = <const uint8_t *><char *>z
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            rc = layer_write(&self.L, offset, NULL, length)
+            if not self._open:
+                rc = E_CLOSED
+            elif self.L.raw:
+                while length and rc == 0:
+                    k = length if length < zn else zn
+                    rc = raw_pwrite(&self.L, offset, zp, k)
+                    offset += k
+                    length -= k
+            else:
+                rc = layer_write(&self.L, offset, NULL, length)
+            if rc < 0 and rc != E_CLOSED:
+                take_err(&self.L, rc, &err)
             pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
-            self._raise(rc)
+            self._fail(rc, &err)
 
     def zero_clusters(self, uint64_t offset, uint64_t length, int mode):
         """mode 0: discard (drop the mapping), 1: zero flag and free, 2: zero flag, keep the
         allocation. offset and length must be cluster-aligned (or reach the end of the disk)."""
-        self._check_open()
         cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            rc = layer_zero(&self.L, offset, length, mode)
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                rc = layer_zero(&self.L, offset, length, mode)
+                if rc < 0:
+                    take_err(&self.L, rc, &err)
             pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
-            self._raise(rc)
+            self._fail(rc, &err)
 
     def raw_punch(self, uint64_t offset, uint64_t length):
         """Raw files: deallocate a range so it reads as zeros."""
+        cdef int r = 0, closed = 0
         self._check_open()
-        cdef int r
         with nogil:
-            r = io_fallocate(self.L.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset, <off_t>length)
+            pthread_rwlock_wrlock(&self.L.lock)
+            if not self._open:
+                closed = 1
+            else:
+                r = io_fallocate(self.L.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                 <off_t>offset, <off_t>length)
+            pthread_rwlock_unlock(&self.L.lock)
+        if closed:
+            self._closed_error()
         if r != 0:
             self.write_zero_bytes(offset, length)
 
+    cdef int _flush_locked(self, ErrInfo *err) noexcept nogil:
+        """Write back caches and sync (the caller holds the lock exclusively)."""
+        cdef Layer *L = &self.L
+        cdef int rc = 0, e
+        if L.raw:
+            if L.sticky_errno:
+                L.err_errno = L.sticky_errno
+                rc = fail(L, E_IO, "sync failed", 0)
+            elif L.data_dirty:
+                if io_sync(L) != 0:
+                    e = errno
+                    L.sticky_errno = e
+                    L.err_errno = e
+                    rc = fail(L, E_IO, "sync failed", 0)
+                else:
+                    L.data_dirty = 0
+        elif L.writable:
+            rc = writeback(L)
+        if rc < 0:
+            take_err(L, rc, err)
+        return rc
+
+    cdef void _trim_locked(self) noexcept nogil:
+        """Shrink the file to the end of the last cluster in use (after a flush)."""
+        if self.L.writable and not self.L.raw and self.L.alloc_end < self.L.file_size:
+            if io_ftruncate(self.L.fd, <off_t>self.L.alloc_end) == 0:
+                self.L.file_size = self.L.alloc_end
+
     def flush(self):
         """Write back caches and make every write before this call durable."""
-        self._check_open()
         cdef int rc = 0
-        cdef int err = 0
+        cdef ErrInfo err
+        self._check_open()
         with nogil:
             pthread_rwlock_wrlock(&self.L.lock)
-            if self.L.raw:
-                if self.L.sticky_errno:
-                    err = self.L.sticky_errno
-                elif self.L.data_dirty:
-                    if io_sync(&self.L) != 0:
-                        err = errno
-                        self.L.sticky_errno = err
-                    else:
-                        self.L.data_dirty = 0
-            elif self.L.writable:
-                rc = writeback(&self.L)
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                rc = self._flush_locked(&err)
             pthread_rwlock_unlock(&self.L.lock)
-        if err:
-            from engine.errors import io_error
-            raise io_error(err, "sync failed", path=self.path)
         if rc < 0:
-            self._raise(rc)
+            self._fail(rc, &err)
 
     def trim(self):
         """Shrink the file to the end of the last cluster in use (after a flush)."""
-        if self._open and self.L.writable and not self.L.raw and self.L.alloc_end < self.L.file_size:
-            if io_ftruncate(self.L.fd, <off_t>self.L.alloc_end) == 0:
-                self.L.file_size = self.L.alloc_end
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if self._open:
+                self._trim_locked()
+            pthread_rwlock_unlock(&self.L.lock)
 
     def block_status(self, uint64_t offset, uint64_t length):
         """Coalesced runs over [offset, offset+length) through the chain, as an (n, 5) uint64
         array: start, length, depth, flags (1 present, 2 zero, 4 data, 8 offset valid,
         16 compressed), host offset."""
-        self._check_open()
         cdef RunBuf rb
         cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
         rb.v = NULL
         rb.n = rb.cap = 0
         with nogil:
             pthread_rwlock_rdlock(&self.L.lock)
-            rc = layer_status(&self.L, offset, length, 0, &rb)
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                rc = layer_status(&self.L, offset, length, 0, &rb)
+                if rc < 0:
+                    take_err(&self.L, rc, &err)
             pthread_rwlock_unlock(&self.L.lock)
         try:
             if rc < 0:
-                self._raise(rc)
+                self._fail(rc, &err)
             arr = np.empty((rb.n, 5), dtype=np.uint64)
             if rb.n:
                 memcpy(cnp.PyArray_DATA(arr), rb.v, rb.n * 5 * 8)
@@ -2388,11 +2642,21 @@ cdef class CoreImage:
 
     def get_refcount(self, uint64_t cluster_index):
         """Stored refcount of a host cluster (test and check helper)."""
-        self._check_open()
         cdef uint64_t v = 0
-        cdef int rc = get_refcount(&self.L, cluster_index, &v)
+        cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
+        with nogil:
+            pthread_rwlock_rdlock(&self.L.lock)
+            if not self._open:
+                rc = E_CLOSED
+            else:
+                rc = get_refcount(&self.L, cluster_index, &v)
+                if rc < 0:
+                    take_err(&self.L, rc, &err)
+            pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
-            self._raise(rc)
+            self._fail(rc, &err)
         return v
 
     def grow_l1(self, uint64_t new_l1_size, uint64_t new_size):
@@ -2405,19 +2669,22 @@ cdef class CoreImage:
         cdef uint64_t *nl1
         cdef uint8_t **ncache
         cdef int rc = 0, created = 0
+        cdef ErrInfo err
         if new_l1_size <= L.l1_size:
             with nogil:
                 pthread_rwlock_wrlock(&L.lock)
-                rc = writeback(L)
+                rc = writeback(L) if self._open else E_CLOSED
                 if rc == 0:
                     store_be64(L.base + 24, new_size)
                     if io_sync(L) != 0:
                         rc = fail_io(L, "sync failed", 0)
                     else:
                         L.size = new_size
+                if rc < 0 and rc != E_CLOSED:
+                    take_err(L, rc, &err)
                 pthread_rwlock_unlock(&L.lock)
             if rc < 0:
-                self._raise(rc)
+                self._fail(rc, &err)
             return
         n_cl = (new_l1_size * 8 + C - 1) // C
         nl1 = <uint64_t *>calloc(new_l1_size, 8)
@@ -2427,7 +2694,7 @@ cdef class CoreImage:
             raise MemoryError()
         with nogil:
             pthread_rwlock_wrlock(&L.lock)
-            rc = writeback(L)
+            rc = writeback(L) if self._open else E_CLOSED
             if rc == 0:
                 # n_cl contiguous clusters at the end of the file
                 first = L.alloc_end >> L.cluster_bits
@@ -2482,18 +2749,73 @@ cdef class CoreImage:
                         rc = hook(L, 13)
                 if rc == 0:
                     rc = writeback(L)
+            if rc < 0 and rc != E_CLOSED:
+                take_err(L, rc, &err)
             pthread_rwlock_unlock(&L.lock)
         free(nl1)
         free(ncache)
         if rc < 0:
-            self._raise(rc)
+            self._fail(rc, &err)
 
-    def close(self):
-        """Unmap and close (the caller flushes first). Idempotent."""
-        if self._open:
-            self._release()
-        self._backing = None
-        self.L.backing = NULL
+    def close(self, bint flush=False):
+        """Close: with flush=True write back and trim first, under the same exclusive hold,
+        so no write slips in between. Waits for calls in progress on other threads; later
+        calls raise ImageClosed. The mapping and descriptor go at once, or -- while another
+        core reads through this one -- when that one is released. Idempotent. A failed flush
+        is raised after closing."""
+        cdef int rc = 0
+        cdef ErrInfo err
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if self._open:
+                if flush:
+                    rc = self._flush_locked(&err)
+                    if rc == 0:
+                        self._trim_locked()
+                self._open = False
+            pthread_rwlock_unlock(&self.L.lock)
+        self._release_chain()
+        if rc < 0:
+            self._fail(rc, &err)
+
+    def lock_exclusive(self, bint flush=True, bint trim=False):
+        """Hold the image's lock exclusively (after writing back and syncing, and trimming
+        with trim=True) for a metadata change made outside the core; calls from other
+        threads wait. Until unlock_exclusive(), this thread may only call adopt() on this
+        core (any other call would wait for itself)."""
+        cdef int rc = 0
+        cdef ErrInfo err
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if not self._open:
+                rc = E_CLOSED
+            elif flush:
+                rc = self._flush_locked(&err)
+                if rc == 0 and trim:
+                    self._trim_locked()
+            if rc < 0:
+                pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._fail(rc, &err)
+        self._excl = True
+
+    def unlock_exclusive(self):
+        if self._excl:
+            self._excl = False
+            pthread_rwlock_unlock(&self.L.lock)
+
+    def adopt(self, CoreImage new not None):
+        """Take over the state of `new` (a fresh core of the same file, its backing chain
+        linked) in one step, under lock_exclusive(): calls before see the old state, calls
+        after the new one, none a mix. The old state is released (through `new`, which ends
+        closed)."""
+        if not self._excl:
+            raise RuntimeError("adopt() needs lock_exclusive()")
+        if new._linked or self._linked or not new._open or new is self:
+            raise RuntimeError("adopt() takes a fresh, open, unlinked core")
+        swap_layers(&self.L, &new.L)
+        self._backing, new._backing = new._backing, self._backing
+        new.close()
 
     @property
     def closed(self):

@@ -16,9 +16,14 @@ class EngineError(Exception):
     """Base of every error cowchain raises on purpose.
 
     Attributes:
-        path (str | None): the file the error is about, when there is one.
+        path (str | None): the file the error is about, when there is one. For an error met
+            while reading or writing through a backing chain, the volume where it happened.
+        image (str | None): for such errors, the image the call was made on (the top of the
+            chain); None otherwise.
         hint (str): what the caller can do about it.
     """
+
+    image: str | None = None
 
     exit_code = 1
     default_hint = ""
@@ -146,9 +151,17 @@ class ImageClosed(EngineError, ValueError):
 
 class InvalidArgument(EngineError, ValueError):
     """A call's arguments are out of range (offset past the end of the disk, a negative length,
-    an unknown option)."""
+    an unknown option).
+
+    Attributes:
+        value: the argument that was refused, when the error is about one value (else None).
+    """
 
     exit_code = 12
+
+    def __init__(self, message: str, *, value=None, **kw):
+        self.value = value
+        super().__init__(message, **kw)
 
 
 class EngineIOError(EngineError, OSError):

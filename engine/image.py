@@ -5,10 +5,12 @@ engine.format), decides what may be followed and written, and shapes results the
 shows them.
 
 Thread model: one Image may be read from many threads at once; writes, flushes and metadata
-changes exclude each other and readers (a read-write lock inside the core).  Closing while
-another thread uses the image is the caller's error.  The GIL is released during every copy
-but taken back after each call, so threads reading small pieces scale best with ``readv``
-batches (one crossing, one GIL handoff, for thousands of reads).
+changes exclude each other and readers (a read-write lock inside the core).  ``close()`` and
+the methods that re-read the header (``resize``, ``rebase``, ``check(repair=...)``) take that
+lock exclusively: a call racing them on another thread either completes before them or, after
+a close, raises ImageClosed; after a reload it sees the new state.  The GIL is released
+during every copy but taken back after each call, so threads reading small pieces scale best
+with ``readv`` batches (one crossing, one GIL handoff, for thousands of reads).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import fcntl
 import os
 import re
 import struct
+import threading
 import zlib
 from typing import NamedTuple
 
@@ -98,11 +101,12 @@ def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
         except ImportError:
             raise UnsupportedFeature("zstd", "the image has zstd-compressed clusters and the "
                                      "'zstandard' module is not installed",
-                                     hint="pip install 'cowchain[zstd]'") from None
+                                     hint="pip install zstandard") from None
         d = zstandard.ZstdDecompressor().decompressobj()
         out = d.decompress(data)
     else:
         raise UnsupportedFeature(f"compression type {ctype}")
+    # (the core hands whatever this raises to the caller of the read unchanged)
     if len(out) < cluster_size:
         raise CorruptImage("compressed cluster inflates to less than one cluster")
     return out[:cluster_size]
@@ -248,6 +252,8 @@ class Image:
         self._lock = lock
         self._backing_path = backing_path
         self._closed = False
+        self._released = False
+        self._close_lock = threading.Lock()
         return self
 
     def _bind(self, core) -> None:
@@ -339,12 +345,14 @@ class Image:
         if self._readonly:
             raise ReadOnlyImage("image is open read-only", path=self._path)
 
-    def _check_range(self, offset: int, length: int):
-        if offset < 0 or length < 0:
-            raise InvalidArgument(f"negative offset or length ({offset}, {length})")
+    def _check_range(self, offset, length) -> tuple[int, int]:
+        """Offset and length by the core's rule (ints, not negative), inside the disk."""
+        offset = _core.check_int(offset, "offset", self._path)
+        length = _core.check_int(length, "length", self._path)
         if offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
-                                  f"({self.size} bytes)", path=self._path)
+                                  f"({self.size} bytes)", value=offset, path=self._path)
+        return offset, length
 
     # I/O ----------------------------------------------------------------------------------
     def readinto(self, offset: int, buffer) -> int:
@@ -356,26 +364,18 @@ class Image:
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` guest bytes at ``offset``, read through the chain."""
         self._check_open()
-        self._check_range(offset, length)
+        offset, length = self._check_range(offset, length)
         buf = bytearray(length)
         if length:
             self._core.readinto(offset, buf)
         return bytes(buf)
 
     def readv(self, offsets, length: int, out=None):
-        """Batch read: ``length`` bytes at each offset of ``offsets`` (array-like of ints),
-        into consecutive slices of ``out`` (allocated when None). One crossing into the core
-        for the whole batch. Returns ``out``."""
-        self._check_open()
-        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
-        if out is None:
-            out = np.empty(len(offs) * length, dtype=np.uint8)
-        mv = memoryview(out).cast("B")
-        try:
-            self._core.readv(offs, length, mv)
-        except ValueError as e:
-            raise InvalidArgument(str(e), path=self._path) from None
-        return out
+        """Batch read: ``length`` bytes at each offset of ``offsets`` (a 1-D numpy array of an
+        integer dtype, or a sequence of ints), into consecutive slices of ``out`` (any
+        writable C-contiguous buffer; a uint8 array is allocated when None). One crossing
+        into the core for the whole batch. Returns ``out``."""
+        return self._core.readv(offsets, length, out)
 
     def write(self, offset: int, data) -> int:
         """Write ``data`` (any C-contiguous buffer, taken as raw bytes) at ``offset``.
@@ -383,13 +383,10 @@ class Image:
         return self._core.write(offset, data)
 
     def writev(self, offsets, length: int, data) -> None:
-        """Batch write: consecutive ``length``-byte slices of ``data`` to each offset."""
+        """Batch write: consecutive ``length``-byte slices of ``data`` (any C-contiguous
+        buffer) to each offset (as for :meth:`readv`)."""
         self._check_writable()
-        mv = memoryview(data).cast("B")
-        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
-        if len(mv) < len(offs) * length:
-            raise InvalidArgument("data shorter than len(offsets) * length")
-        self._core.writev(offs, length, mv)
+        self._core.writev(offsets, length, data)
 
     def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
         """The whole clusters inside [offset, offset+length); a partial last cluster at the
@@ -406,7 +403,7 @@ class Image:
         zero flag (their allocation kept, or freed with ``unmap=True``); partial clusters are
         written with zero bytes."""
         self._check_writable()
-        self._check_range(offset, length)
+        offset, length = self._check_range(offset, length)
         if length == 0:
             return
         if self._header is None:
@@ -433,7 +430,7 @@ class Image:
         """Drop the mapping of the whole clusters inside the range, so the backing file (or
         zeros, without one) shows through there. Partial clusters are left as they are."""
         self._check_writable()
-        self._check_range(offset, length)
+        offset, length = self._check_range(offset, length)
         if self._header is None:
             self._core.raw_punch(offset, length)
             return
@@ -450,26 +447,31 @@ class Image:
             self._core.flush()
 
     def close(self) -> None:
-        """Flush, trim the file, unmap, release locks; close the backing chain. Idempotent."""
-        if self._closed:
-            return
+        """Flush, trim the file, unmap, release locks; close the backing chain. Idempotent.
+        Calls in progress on other threads finish first; later ones raise ImageClosed."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         err = None
         try:
-            if not self._readonly:
-                self._core.flush()
-                self._core.trim()
+            # flush, trim and unmap under one exclusive hold of the core's lock
+            self._core.close(flush=not self._readonly)
         except EngineError as e:
             err = e
         finally:
             img = self
-            while img is not None and not img._closed:    # a loop: chains may be 1000 deep
+            while img is not None:          # a loop: chains may be 1000 deep
                 img._release()
                 img = img._backing
         if err is not None:
             raise err
 
     def _release(self):
-        self._closed = True
+        with self._close_lock:
+            if self._released:
+                return
+            self._released = self._closed = True
         self._core.close()
         os.close(self._fd)
         self._lock.release()
@@ -480,8 +482,8 @@ class Image:
         them (one run per change of depth/zero/data/offset-contiguity)."""
         self._check_open()
         if length is None:
-            length = self.size - offset
-        self._check_range(offset, length)
+            length = max(0, self.size - _core.check_int(offset, "offset", self._path))
+        offset, length = self._check_range(offset, length)
         if length == 0:
             return []
         runs = self._core.block_status(offset, length).tolist()
@@ -551,14 +553,19 @@ class Image:
                                      "check (qemu-img check exits 63)", path=self._path)
         if repair is not None:
             self._check_writable()
+            # the repair rewrites metadata under the core: nothing may use it meanwhile
+            self._core.lock_exclusive(flush=True, trim=True)
+            try:
+                res = _check.check_file(self._fd, filename=self._path, repair=repair)
+                self._reload_locked()
+            finally:
+                self._core.unlock_exclusive()
+            return res
         if not self._readonly:
             # the check reads the file: write back what is cached first
             self._core.flush()
             self._core.trim()
-        res = _check.check_file(self._fd, filename=self._path, repair=repair)
-        if repair is not None:
-            self._reload()
-        return res
+        return _check.check_file(self._fd, filename=self._path, repair=repair)
 
     def rebase(self, backing_name: str | None, backing_format: str | None = None, *,
                allow_unsafe_backing: bool = False) -> None:
@@ -617,21 +624,42 @@ class Image:
 
     def _reload(self) -> None:
         """Re-read the header and re-map after a metadata change made outside the core."""
-        self._core.flush()
-        self._core.close()
+        self._core.lock_exclusive()
+        try:
+            self._reload_locked()
+        finally:
+            self._core.unlock_exclusive()
+
+    def _reload_locked(self) -> None:
+        """The reload proper, with the core held by lock_exclusive(): build a new core and
+        backing chain from the file, then swap them in whole (readers on other threads see
+        the old state or the new one, never a core without its chain). On failure the old
+        state stays."""
         head, size = _read_head(self._fd, self._path)
+        header = None
         if self._format == "raw":
-            self._bind(_core.CoreImage(self._fd, not self._readonly, True, {}))
+            core = _core.CoreImage(self._fd, not self._readonly, True, {})
         else:
-            self._header = fmt.parse_header(head, size, path=self._path)
-            snap_size = _validate_snapshots(self._fd, self._path, self._header, size)
-            self._bind(_core.CoreImage(self._fd, not self._readonly, False,
-                                       _geometry(self._header, snap_size)))
-        if self._backing is not None:
-            self._backing.close()
-            self._backing = None
+            header = fmt.parse_header(head, size, path=self._path)
+            snap_size = _validate_snapshots(self._fd, self._path, header, size)
+            core = _core.CoreImage(self._fd, not self._readonly, False,
+                                   _geometry(header, snap_size))
+        # a stand-in Image carries the new core while its chain is attached
+        new = Image._new(self._path, self._fd, self._format, header, core, None,
+                         self._readonly, self._lock, None)
+        new._released = new._closed = True     # it owns nothing: never close through it
         st = os.fstat(self._fd)
-        _attach_chain(self, self._opts, {(st.st_dev, st.st_ino)})
+        try:
+            _attach_chain(new, self._opts, {(st.st_dev, st.st_ino)})
+        except BaseException:
+            core.close()
+            raise
+        self._core.adopt(core)
+        old = self._backing
+        self._header = header
+        self._backing, self._backing_path = new._backing, new._backing_path
+        if old is not None:
+            old.close()
 
 
 def _merge_extents(exts: list[Extent]) -> list[Extent]:
