@@ -1255,9 +1255,13 @@ cdef int omap_fill(OwnerMap *M, uint64_t blk, uint16_t **out) noexcept nogil:
             else:
                 rc = resolve(Lz, v, stop - v, &kind, &host, &run, &e)
                 if rc < 0:
-                    free(b)
-                    copy_err(M.layers[0], Lz)
-                    return rc
+                    # damage stays local: this chunk is read layer by layer (and fails there,
+                    # naming the layer); the rest of the block keeps its owners
+                    c = (v - start) >> M.gbits
+                    if b[c] == OWN_UNKNOWN:
+                        b[c] = OWN_MIXED
+                    v = start + ((c + 1) << M.gbits)
+                    continue
             if kind != K_UNALLOC:
                 c0 = (v - start) >> M.gbits
                 c1 = (v + run - start + g - 1) >> M.gbits
