@@ -2251,7 +2251,8 @@ cdef class CoreImage:
     cdef int _range_error(self, uint64_t offset, uint64_t n) except -1:
         from engine.errors import InvalidArgument
         raise InvalidArgument(f"range {offset}+{n} is past the end of the disk "
-                              f"({self.L.size} bytes)", value=offset, path=self.path)
+                              f"({self.L.size} bytes)",
+                              value=offset if offset > self.L.size else n, path=self.path)
 
     cdef int _closed_error(self) except -1:
         from engine.errors import ImageClosed
@@ -2387,10 +2388,10 @@ cdef class CoreImage:
         ln = self._u64(length, "length")
         k = <uint64_t>offs.shape[0]
         op = <const uint64_t *>cnp.PyArray_DATA(offs)
+        for i in range(k):          # first, so that a bad range is named before the buffer
+            if op[i] > self.L.size or self.L.size - op[i] < ln:
+                self._range_error(op[i], ln)
         if out is None:
-            for i in range(k):
-                if op[i] > self.L.size or self.L.size - op[i] < ln:
-                    self._range_error(op[i], ln)
             out = np.empty(k * ln, dtype=np.uint8)
         self._buffer(out, &view, True)
         if ln and k > <uint64_t>view.len // ln:
@@ -2465,6 +2466,9 @@ cdef class CoreImage:
         ln = self._u64(length, "length")
         k = <uint64_t>offs.shape[0]
         op = <const uint64_t *>cnp.PyArray_DATA(offs)
+        for i in range(k):          # first, so that a bad range is named before the buffer
+            if op[i] > self.L.size or self.L.size - op[i] < ln:
+                self._range_error(op[i], ln)
         self._buffer(data, &view, False)
         if ln and k > <uint64_t>view.len // ln:
             PyBuffer_Release(&view)

@@ -351,7 +351,8 @@ class Image:
         length = _core.check_int(length, "length", self._path)
         if offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
-                                  f"({self.size} bytes)", value=offset, path=self._path)
+                                  f"({self.size} bytes)",
+                                  value=offset if offset > self.size else length, path=self._path)
         return offset, length
 
     # I/O ----------------------------------------------------------------------------------
