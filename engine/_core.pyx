@@ -29,6 +29,9 @@ the number of references; a crash may leak, never corrupt):
 
 Thread model: readers of one image may run on many threads at once; writers exclude readers
 and each other (a pthread rwlock on the top image).  Volumes below the top are immutable.
+Closing and swapping in a re-read state (CoreImage.close, adopt) hold the same lock
+exclusively, and every entry point checks under it that the image is still open.  Errors are
+copied out of the shared Layer fields before the lock is dropped (ErrInfo).
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t

@@ -184,7 +184,7 @@ def test_close_and_reload_race_readers_and_writers(tmp_path):
 def test_reload_races_readers_and_writers(tmp_path):
     """Only the reloads race the threads: reads through the chain must keep seeing the
     backing files' bytes across resize, rebase and repair, never zeros or a failure."""
-    _run_worker(tmp_path, "reload", 15)
+    _run_worker(tmp_path, "reload", 10)
 
 
 def test_threads_read_compressed_clusters(tmp_path):
@@ -202,7 +202,7 @@ def test_threads_read_compressed_clusters(tmp_path):
         def reader(seed):
             r = random.Random(seed)
             buf = np.empty(4096, dtype=np.uint8)
-            for _ in range(5000):
+            for _ in range(3000):
                 off = r.randrange(0, size - 4096)
                 img.readinto(off, buf)
                 if not np.array_equal(buf, expect[off:off + 4096]):
