@@ -10,8 +10,10 @@ move the goldens to another QEMU version, then review the diff of the JSON files
 Every image is made in a scratch folder by the exact commands listed in its JSON file
 (``commands``: argument lists run with the scratch folder as the working directory, so
 backing names are relative).  Data comes from pattern files whose bytes are a pure function
-of their name (``patterns``), so a rerun with the same QEMU makes the same files, up to the
-timestamps QEMU writes into snapshot tables.
+of their name (``patterns``), so a rerun with the same QEMU makes the same files, except for
+the timestamps QEMU writes into snapshot tables and the order in which compressed clusters
+land in the file (QEMU compresses on worker threads); the facts other than those files'
+sha256 and the snapshot dates come out the same.
 
 Per QCOW2 file, ``NAME.json`` holds:
 
