@@ -3,7 +3,7 @@
 This is the cold path of the engine, in pure Python: it runs once per open or per metadata
 update, never per cluster.  Everything here follows QEMU 7.2 (``block/qcow2.c``,
 ``block/qcow2-snapshot.c``, ``block/qcow2-refcount.c``) and the summary in
-``qcow2-facts.md``; section numbers in comments (§1.1, ...) refer to that file.
+``docs/on-disk.md``; section numbers in comments (§1.1, ...) refer to that file.
 
 Public functions:
 
