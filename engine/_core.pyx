@@ -4,7 +4,7 @@
 This module knows bytes and clusters; image.py knows files, headers and policy.  Everything
 per cluster runs here in C with the GIL released; Python is crossed once per request.
 
-Data path (DESIGN.md):
+Data path (docs/architecture.md, "The data path"):
 
 - Each file is mapped once with a reserved length larger than the file; the file grows by
   io_fallocate() before a byte of the new range is touched, so a full disk is a clean ENOSPC, not
@@ -85,7 +85,7 @@ DEF E_UNSUPPORTED = -4
 DEF E_LIMIT = -5
 DEF E_PYERR = -6       # a Python exception is pending (decompression)
 
-# --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; qcow2-facts.md section 4) ------------
+# --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; docs/on-disk.md section 4) ------------
 
 cdef extern from *:
     """
@@ -162,7 +162,7 @@ cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
 
 
 
-# --- test seams: I/O shim, named hooks, barrier callback (RELIABILITY.md C1) -------------------
+# --- test seams: I/O shim, named hooks, barrier callback (docs/reliability.md C1) --------------
 #
 # Every OS call that can fail on the write path goes through io_*: a counter per call kind and
 # an optional injected fault (fail the n-th call, once or from then on, with an errno).  Hooks
@@ -524,7 +524,7 @@ cdef int get_refcount(Layer *L, uint64_t idx, uint64_t *out) noexcept nogil:
 
 cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
     """Move the refcount table to a new, larger, self-describing area past everything the
-    old table covers (qcow2-facts 5.3): [new refblocks][new reftable], synced, then the header
+    old table covers (docs/on-disk.md §5.3): [new refblocks][new reftable], synced, then the header
     pointer is switched (synced), then the old table clusters are freed."""
     cdef uint64_t C = L.cluster_size
     cdef uint64_t rbe = 1 << L.rb_shift

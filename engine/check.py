@@ -2,7 +2,7 @@
 
 :func:`check_file` recomputes every reference count of the image from its metadata and
 compares it with the refcounts stored on disk, step for step as QEMU 7.2's
-``qcow2_co_check_locked`` does (qcow2-facts.md section 7.3). The result, :class:`CheckResult`,
+``qcow2_co_check_locked`` does (docs/on-disk.md section 7.3). The result, :class:`CheckResult`,
 carries the counts ``qemu-img check --output=json`` prints, with the same names, presence
 rules and exit codes; the tests compare them with qemu-img's field by field.
 

@@ -59,7 +59,7 @@ class UnsupportedFeature(EngineError):
     exit_code = 4
     default_hint = "convert the image with qemu-img to a plain qcow2 image first"
 
-    def __init__(self, feature: str, message: str | None = None, **kw):
+    def __init__(self, feature: str, message: str | None = None, **kw: str | None):
         self.feature = feature
         super().__init__(message or f"unsupported feature: {feature}", **kw)
 
@@ -75,7 +75,7 @@ class CorruptImage(EngineError):
     exit_code = 5
     default_hint = "run 'cowchain check --repair all' or 'qemu-img check -r all' on a copy"
 
-    def __init__(self, message: str, *, offset: int | None = None, **kw):
+    def __init__(self, message: str, *, offset: int | None = None, **kw: str | None):
         self.offset = offset
         super().__init__(message, **kw)
 
@@ -91,7 +91,7 @@ class SafetyLimitExceeded(EngineError):
     exit_code = 6
     default_hint = "the image asks for more than QEMU would allow; it is likely corrupt or hostile"
 
-    def __init__(self, message: str, *, limit: int | None = None, **kw):
+    def __init__(self, message: str, *, limit: int | None = None, **kw: str | None):
         self.limit = limit
         super().__init__(message, **kw)
 
@@ -116,7 +116,7 @@ class UnsafeBackingReference(ChainError):
     default_hint = ("backing files must be named relative to the overlay's folder, with the "
                     "format recorded; pass allow_unsafe_backing=True only for images you trust")
 
-    def __init__(self, reference: str, message: str, **kw):
+    def __init__(self, reference: str, message: str, **kw: str | None):
         self.reference = reference
         super().__init__(message, **kw)
 
@@ -164,7 +164,7 @@ class EngineIOError(EngineError, OSError):
     exit_code = 13
     default_hint = "check the disk and the kernel log, then reopen the image and run check"
 
-    def __init__(self, err: int, message: str, **kw):
+    def __init__(self, err: int, message: str, **kw: str | None):
         super().__init__(f"{message}: {_os.strerror(err)}" if err else message, **kw)
         # after the base initialisers: OSError.__init__ with one argument resets errno
         self.errno = err

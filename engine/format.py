@@ -3,7 +3,7 @@
 This is the cold path of the engine, in pure Python: it runs once per open or per metadata
 update, never per cluster.  Everything here follows QEMU 7.2 (``block/qcow2.c``,
 ``block/qcow2-snapshot.c``, ``block/qcow2-refcount.c``) and the summary in
-``qcow2-facts.md``; section numbers in comments (§1.1, ...) refer to that file.
+``docs/on-disk.md``; section numbers in comments (§1.1, ...) refer to that file.
 
 Public functions:
 
@@ -424,7 +424,8 @@ class _Reader:
 
     __slots__ = ("buf", "path", "error_class")
 
-    def __init__(self, buf: bytes, path: str | None, error_class=ImageFormatError):
+    def __init__(self, buf: bytes, path: str | None,
+                 error_class: type[EngineError] = ImageFormatError) -> None:
         self.buf = buf
         self.path = path
         self.error_class = error_class
@@ -440,11 +441,11 @@ class _Reader:
 
     def u32(self, off: int) -> int:
         self._check(off, 4)
-        return _U32.unpack_from(self.buf, off)[0]
+        return int(_U32.unpack_from(self.buf, off)[0])
 
     def u64(self, off: int) -> int:
         self._check(off, 8)
-        return _U64.unpack_from(self.buf, off)[0]
+        return int(_U64.unpack_from(self.buf, off)[0])
 
     def bytes(self, off: int, n: int) -> bytes:
         self._check(off, n)
@@ -636,7 +637,7 @@ def parse_header(buf: bytes, file_size: int, *, path: str | None = None) -> Head
                                path=path) from e
 
 
-def _parse_header(buf, file_size: int, path: str | None) -> Header:
+def _parse_header(buf: bytes, file_size: int, path: str | None) -> Header:
     if not isinstance(file_size, int) or file_size < 0:
         raise InvalidArgument(f"file_size must be a non-negative int, got {file_size!r}",
                               path=path)
@@ -795,7 +796,7 @@ def _parse_header(buf, file_size: int, path: str | None) -> Header:
 # Encoding cluster 0
 # =========================================================================================
 
-def _check_uint(value, bits: int, what: str) -> int:
+def _check_uint(value: object, bits: int, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << bits):
         raise InvalidArgument(f"{what} must be an unsigned {bits}-bit integer, got {value!r}")
     return value
@@ -847,13 +848,13 @@ def encode_header(h: Header) -> bytes:
         raise InvalidArgument(f"cluster_bits {h.cluster_bits} outside "
                               f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
     cluster_size = h.cluster_size
-    for name, bits in (("size", 64), ("crypt_method", 32), ("l1_size", 32),
+    for attr, bits in (("size", 64), ("crypt_method", 32), ("l1_size", 32),
                        ("l1_table_offset", 64), ("refcount_table_offset", 64),
                        ("refcount_table_clusters", 32), ("nb_snapshots", 32),
                        ("snapshots_offset", 64), ("incompatible_features", 64),
                        ("compatible_features", 64), ("autoclear_features", 64),
                        ("refcount_order", 32), ("compression_type", 8)):
-        _check_uint(getattr(h, name), bits, name)
+        _check_uint(getattr(h, attr), bits, attr)
     extra_header = bytes(h.extra_header or b"")
     if h.version == 2:
         if (h.incompatible_features or h.compatible_features or h.autoclear_features
@@ -953,7 +954,7 @@ class _IntervalSet:
     clusters; intervals keep the work per table, not per cluster.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
 
@@ -1389,7 +1390,7 @@ class SnapshotEntry:
     icount: int | None = None
 
 
-def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str | None,
+def _snapshot_walk(buf: bytes, h: Header, entries: list[SnapshotEntry] | None, strict: bool, path: str | None,
                    file_size: int | None) -> tuple[bool, int]:
     """Walk ``h.nb_snapshots`` entries of ``buf`` (bytes from snapshots_offset).
 
@@ -1457,7 +1458,7 @@ def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str
     return True, off
 
 
-def snapshot_table_size(buf, h: Header, *, path: str | None = None) -> int:
+def snapshot_table_size(buf: bytes, h: Header, *, path: str | None = None) -> int:
     """How many bytes of the snapshot table to read.
 
     Arguments:
@@ -1483,7 +1484,7 @@ def snapshot_table_size(buf, h: Header, *, path: str | None = None) -> int:
                            path=path) from e
 
 
-def parse_snapshot_table(buf, h: Header, *, file_size: int | None = None,
+def parse_snapshot_table(buf: bytes, h: Header, *, file_size: int | None = None,
                          strict: bool = True, path: str | None = None
                          ) -> list[SnapshotEntry]:
     """Parse and validate the internal snapshot table.
@@ -1573,7 +1574,7 @@ def encode_snapshot_table(entries: list[SnapshotEntry], h: Header) -> bytes:
 # qemu-img info
 # =========================================================================================
 
-def info_fields(h: Header) -> dict:
+def info_fields(h: Header) -> dict[str, object]:
     """``format-specific.data`` of ``qemu-img info --output=json`` 7.2 for this header.
 
     v2: compat, refcount-bits, compression-type.  v3 adds lazy-refcounts, corrupt,

@@ -111,7 +111,7 @@ def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
 _core.set_decompressor(_decompress)
 
 
-# --- QEMU-compatible image locks (qcow2-facts.md section 9) ---------------------------------
+# --- QEMU-compatible image locks (docs/on-disk.md section 9) ---------------------------------
 
 _PERM_CONSISTENT_READ, _PERM_WRITE, _PERM_RESIZE = 0, 1, 3
 _LOCK_BASE_USE, _LOCK_BASE_SHARE = 100, 200

@@ -319,11 +319,12 @@ class Repository:
     >>> d = tempfile.mkdtemp()
     >>> with engine.Repository.create(os.path.join(d, "repo")) as repo:
     ...     disk = repo.create_chain("vm1", 1 << 20)
-    ...     disk.write(0, b"hello")
+    ...     disk.write(0, b"hello")                  # returns the number of bytes written
     ...     snap = disk.snapshot("before the update")
-    ...     disk.write(0, b"HELLO")
+    ...     _ = disk.write(0, b"HELLO")
     ...     disk.revert(snap.id)
     ...     disk.read(0, 5)
+    5
     b'hello'
     """
 

@@ -1,4 +1,4 @@
-"""Fault-injection matrix (RELIABILITY.md C4; issue 4 item 4).
+"""Fault-injection matrix (docs/reliability.md C4).
 
 Every scenario of :data:`reliability.faults.SCENARIOS` (allocating write, copy-up write,
 discard, write_zeroes, overlay create, reftable growth, L1 growth, flush) x every injection

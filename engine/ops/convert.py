@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, Iterator
 
-from engine.ops._copy import Meter, Progress, copy_runs, runs_total
+from engine.ops._copy import Meter, Progress, Run, copy_runs, runs_total
+
+if TYPE_CHECKING:
+    from engine.image import Image
 
 #: Granularity of zero detection while exporting: all-zero blocks of this size are not
 #: written, so the destination stays sparse (qemu-img convert does the same).
 ZERO_BLOCK = 64 << 10
 
 
-def convert(src, dest: str, *, format: str = "raw", cluster_size: int = 65536,
+def convert(src: Image, dest: str, *, format: str = "raw", cluster_size: int = 65536,
             progress: Progress | None = None, hook: str | None = None) -> int:
     """Write the whole virtual disk SRC reads into a new image at DEST.
 
@@ -34,7 +38,7 @@ def convert(src, dest: str, *, format: str = "raw", cluster_size: int = 65536,
 
     runs = [r for r in _data_runs(src)]
     meter = Meter(runs_total(runs), progress)
-    kw = {"cluster_size": cluster_size} if format == "qcow2" else {}
+    kw: dict[str, Any] = {"cluster_size": cluster_size} if format == "qcow2" else {}
     with engine.create(dest, src.size, format=format, **kw) as out:
         written = copy_runs(src, out, runs, meter, hook=hook,
                             skip_zero_blocks=min(ZERO_BLOCK, cluster_size)
@@ -50,7 +54,7 @@ def convert(src, dest: str, *, format: str = "raw", cluster_size: int = 65536,
     return written
 
 
-def _data_runs(src):
+def _data_runs(src: Image) -> Iterator[Run]:
     for e in src.extents():
         if e.data and not e.zero:
             yield (e.start, e.length, False)

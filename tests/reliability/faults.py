@@ -1,4 +1,4 @@
-"""Fault-injection matrix (RELIABILITY.md C4; SQLite's I/O-error loop and QEMU's iotest 026).
+"""Fault-injection matrix (docs/reliability.md C4; SQLite's I/O-error loop and QEMU's iotest 026).
 
 For each operation of :data:`SCENARIOS`, each injection point (every I/O kind of the core's
 shim: sync, fallocate, ftruncate, pwrite, mremap; and every hook point the operation

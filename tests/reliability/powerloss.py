@@ -1,4 +1,4 @@
-"""Power-loss simulator (RELIABILITY.md C3): ``python -m reliability.powerloss --seed S
+"""Power-loss simulator (docs/reliability.md C3): ``python -m reliability.powerloss --seed S
 --variants N`` runs cases in-process and prints one JSON object.
 
 The barrier callback of the core (``engine._core.set_barrier_callback``) tells us when the
