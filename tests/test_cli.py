@@ -13,6 +13,7 @@ import pytest
 
 import engine
 from engine import cli
+from engine.errors import EX_USAGE
 from qemu import assert_qemu_clean, convert_to_raw, qemu_img_json
 
 pytestmark = pytest.mark.qemu
@@ -86,14 +87,14 @@ def repo(tmp_path):
 
 VOLUME_KEYS = {"id", "chain", "path", "format", "role", "parent", "legality", "created"}
 SNAPSHOT_KEYS = {"id", "chain", "created", "description", "volume"}
-CHAIN_KEYS = {"name", "size", "cluster_size", "created", "leaf", "previewing", "origin",
+CHAIN_KEYS = {"name", "virtual-size", "cluster-size", "created", "leaf", "previewing", "origin",
               "volumes", "snapshots"}
 
 
 def test_end_to_end(repo, tmp_path):
     c = js("chain", "create", "vm1", "64M", "--format", "qcow2", repo=repo)
     assert set(c) == CHAIN_KEYS
-    assert c["size"] == 64 * MiB and c["cluster_size"] == 65536
+    assert c["virtual-size"] == 64 * MiB and c["cluster-size"] == 65536
     assert [set(v) for v in c["volumes"]] == [VOLUME_KEYS]
     assert c["volumes"][0]["role"] == "leaf"
 
@@ -131,18 +132,18 @@ def test_end_to_end(repo, tmp_path):
         out = tmp_path / f"vm1.{fmt}"
         r = js("chain", "export", "vm1", out, "--format", fmt, repo=repo)
         # Data is written in whole 64 KiB blocks: the 4 KiB of C fill one.
-        assert r == {"path": str(out), "format": fmt, "size": 64 * MiB, "snapshot": None,
-                     "data_bytes": MiB + 2 * 65536}
+        assert r == {"path": str(out), "format": fmt, "virtual-size": 64 * MiB,
+                     "snapshot": None, "data-bytes": MiB + 2 * 65536}
         assert convert_to_raw(out, fmt) == bytes(expected)
     r = js("chain", "import", "copy", tmp_path / "vm1.qcow2", "-f", "qcow2", "--format",
            "qcow2", repo=repo)
-    assert r["name"] == "copy" and r["size"] == 64 * MiB and len(r["volumes"]) == 1
+    assert r["name"] == "copy" and r["virtual-size"] == 64 * MiB and len(r["volumes"]) == 1
     js("chain", "export", "copy", tmp_path / "copy.raw", repo=repo)
     assert convert_to_raw(tmp_path / "copy.raw", "raw") == bytes(expected)
-    assert js("chain", "resize", "copy", "96M", repo=repo)["size"] == 96 * MiB
+    assert js("chain", "resize", "copy", "96M", repo=repo)["virtual-size"] == 96 * MiB
     assert "shrink" in fails(4, "chain", "resize", "copy", "32M", repo=repo)
     ok("chain", "delete", "copy", repo=repo)
-    fails(2, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)   # no -f: usage
+    fails(EX_USAGE, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)  # no -f
     fails(12, "chain", "export", "vm1", tmp_path / "vm1.raw", repo=repo)
     r = js("chain", "export", "vm1", tmp_path / "vm1.raw", "--snapshot", s1["id"], "--force",
            repo=repo)
@@ -163,17 +164,17 @@ def test_end_to_end(repo, tmp_path):
     assert "clone 'vm2'" in line
 
     r = js("chain", "delete-snapshot", "vm1", s2, repo=repo)
-    assert set(r) == {"snapshot", "direction", "removed_volume", "kept_volume", "copied_bytes",
-                      "commit_bytes", "pull_bytes"}
+    assert set(r) == {"snapshot", "direction", "removed-volume", "kept-volume", "copied-bytes",
+                      "commit-bytes", "pull-bytes"}
     assert r["snapshot"] == s2 and r["direction"] in ("commit", "pull")
     chains = js("chain", "list", repo=repo)
     assert chains == [
-        {"name": "vm1", "size": 64 * MiB, "volumes": 2, "snapshots": 1, "previewing": None,
-         "origin": None},
-        {"name": "vm2", "size": 64 * MiB, "volumes": 2, "snapshots": 0, "previewing": None,
+        {"name": "vm1", "virtual-size": 64 * MiB, "volumes": 2, "snapshots": 1,
+         "previewing": None, "origin": None},
+        {"name": "vm2", "virtual-size": 64 * MiB, "volumes": 2, "snapshots": 0, "previewing": None,
          "origin": {"chain": "vm1", "snapshot": s1["id"]}}]
     check = js("chain", "check", repo=repo)
-    assert check["ok"] is True and check["exit_code"] == 0 and check["problems"] == []
+    assert check["ok"] is True and check["exit-code"] == 0 and check["problems"] == []
     assert {v["id"] for v in check["volumes"]} >= {v["id"] for v in info["volumes"][:1]}
     for v in check["volumes"]:
         if v["format"] == "qcow2":
@@ -221,20 +222,25 @@ def test_options_before_or_after_the_verb_and_from_the_environment(repo):
 
 def test_errors_are_one_line_with_stable_exit_codes(repo, tmp_path):
     ok("chain", "create", "a", "1M", repo=repo)
-    assert "no repository" in fails(2, "chain", "list")
+    assert "no repository" in fails(EX_USAGE, "chain", "list")
     assert "no cowchain repository" in fails(16, "chain", "list", "--repo", tmp_path / "none")
     assert "no chain named 'b'" in fails(16, "chain", "info", "b", repo=repo)
     assert "exists already" in fails(15, "chain", "create", "a", "1M", repo=repo)
-    assert "invalid size" in fails(2, "chain", "create", "b", "ten", repo=repo)
+    assert "invalid size" in fails(EX_USAGE, "chain", "create", "b", "ten", repo=repo)
     assert "multiple of 512" in fails(12, "chain", "create", "b", "1000", repo=repo)
     assert "invalid chain name" in fails(12, "chain", "create", "a/b", "1M", "--repo", repo)
-    fails(2, "chain", "frobnicate", repo=repo)
-    fails(2, "chain", repo=repo)
-    fails(2, "chain", "create", "b", repo=repo)
+    fails(EX_USAGE, "chain", "frobnicate", repo=repo)
+    fails(EX_USAGE, "chain", repo=repo)
+    fails(EX_USAGE, "chain", "create", "b", repo=repo)
     assert "has no snapshot" in fails(16, "chain", "revert", "a", "ffff", repo=repo)
     assert "not previewing" in fails(15, "chain", "undo-preview", "a", repo=repo)
-    assert "exists and is not an empty folder" in fails(15, "repo", "init", repo)
-    fails(74, "chain", "write", "a", "--file", tmp_path / "missing", repo=repo)
+    assert "already holds a cowchain repository" in fails(15, "repo", "init", repo)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_bytes(b"")
+    assert "exists and is not an empty folder" in fails(15, "repo", "init", tmp_path / "other")
+    # a missing file has its own exit code, not a usage error's or check's
+    fails(engine.ImageNotFound.exit_code, "chain", "write", "a", "--file",
+          tmp_path / "missing", repo=repo)
     with engine.Repository.open(repo):
         # read verbs open the repository read-only: they work beside a writer
         assert [c["name"] for c in js("chain", "list", repo=repo)] == ["a"]
