@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         # a missing file has its own code, whoever noticed it
         return ImageNotFound.exit_code if isinstance(e, FileNotFoundError) else EX_IOERR
     except Exception as e:  # noqa: BLE001  (the promise: one line, never a traceback)
+        if isinstance(e, ImportError) and e.name == "engine._core":
+            print(f"cowchain: error: {e}", file=sys.stderr)    # a source tree never built
+            return EX_SOFTWARE
         if debug:
             import traceback
             traceback.print_exc()
