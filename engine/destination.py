@@ -182,11 +182,10 @@ def check(path, *, overwrite: bool = False, device: bool = False) -> Destination
     name = os.path.basename(raw)
     if name in ("", ".", ".."):
         raise UnsafeDestination("is a folder, not a file name", path=raw)
-    parent = os.path.dirname(os.path.abspath(raw))
-    if not os.path.isdir(parent):
-        raise NotFound("the destination folder does not exist", path=raw)
     # the folder with every symlink and '..' resolved; the last name is never followed
-    folder = os.path.realpath(os.path.join(os.path.dirname(raw) or ".", ""))
+    folder = os.path.realpath(os.path.dirname(raw) or ".")
+    if not os.path.isdir(folder):
+        raise NotFound("the destination folder does not exist", path=raw)
     dest = os.path.join(folder, name)
     repo = _repository_above(folder)
     if repo is not None:

@@ -1186,15 +1186,10 @@ class Repository:
             raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
         row = self._chain_row(chain.name)
         stream = isinstance(path, int) and not isinstance(path, bool)
-        if stream or output_device:
-            dest = None     # a stream or device: written in place by ops.convert
-            if fmt != "raw":
-                raise InvalidArgument("a device or a stream gets a raw disk; write qcow2 to a "
-                                      "file", hint="use format='raw'")
-            if not stream:
-                _destination.check(path, device=True)
-        else:
-            dest = _destination.check(path, overwrite=overwrite)
+        # a stream or device is checked and written in place by ops.convert; a file is
+        # checked here, written beside its name and published under the journal
+        dest = None if stream or output_device else _destination.check(path,
+                                                                      overwrite=overwrite)
         if sid is not None:
             snap = self._find_snapshot(row.name, sid)
             src_row = self._cat.volume(snap.volume)
