@@ -485,10 +485,11 @@ def _byte(text: str) -> int:
 def _epilog() -> str:
     import textwrap
 
-    return textwrap.fill("Sizes take K, M, G, T, P, E suffixes (powers of 1024). Snapshot ids may be "
+    text = ("Sizes take K, M, G, T, P, E suffixes (powers of 1024). Snapshot ids may be "
             "abbreviated to a unique prefix of 4+ characters; messages echo the full id. "
             "JSON output uses hyphenated keys, as qemu-img does (virtual-size, "
-            "cluster-size).", 79) + "\n\nExit codes:\n" + exit_code_table()
+            "cluster-size).")
+    return textwrap.fill(text, 79, break_on_hyphens=False) + "\n\nExit codes:\n" + exit_code_table()
 
 
 def build_parser() -> argparse.ArgumentParser:
