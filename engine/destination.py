@@ -211,8 +211,8 @@ def check(path, *, overwrite: bool = False, device: bool = False) -> Destination
     _refuse_if_used(st, raw)
     if stat.S_ISBLK(mode):
         if not device:
-            raise UnsafeDestination("is a block device; writing to a device is a separate "
-                                    "choice, never a side effect of overwrite", path=raw,
+            raise UnsafeDestination("is a block device; writing into a device is its own "
+                                    "choice, never a side effect of replacing a file", path=raw,
                                     hint="pass output_device=True to write to the device")
         return Destination(dest, "device")
     if not stat.S_ISREG(mode):
