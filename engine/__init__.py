@@ -36,7 +36,26 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY, *_error_names]
 
 
+#: What to do when the compiled core is missing (a source checkout that was not built).
+_CORE_MISSING = ("cowchain's compiled core (engine._core) is not built in this source tree "
+                "({path}): install the package with 'pip install .' and run Python outside "
+                "the source folder, or build the core in place with 'python setup.py "
+                "build_ext --inplace' (needs Cython, numpy and a C compiler)")
+
+
 def __getattr__(name: str) -> _typing.Any:
+    if name == "_core":
+        # 'from engine import _core' asks here first: import it, or say how to build it
+        import importlib
+        import os
+
+        try:
+            return importlib.import_module("engine._core")
+        except ModuleNotFoundError as e:
+            if e.name != "engine._core":
+                raise
+            raise ImportError(_CORE_MISSING.format(path=os.path.dirname(__file__)),
+                              name="engine._core") from None
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'engine' has no attribute {name!r}")

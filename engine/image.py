@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine import _core
+from engine import destination as _destination
 from engine import format as fmt
 from engine.errors import (
     ChainError,
@@ -248,6 +249,7 @@ class Image:
         self._lock = lock
         self._backing_path = backing_path
         self._closed = False
+        self._in_use = _destination.register_fd(fd)   # files in use are never export targets
         return self
 
     def _bind(self, core) -> None:
@@ -470,6 +472,7 @@ class Image:
 
     def _release(self):
         self._closed = True
+        _destination.unregister(self._in_use)
         self._core.close()
         os.close(self._fd)
         self._lock.release()

@@ -52,6 +52,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from engine import destination as _destination
 from engine import ops
 from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
 from engine.errors import (ChainError, EngineError, ImageClosed, InvalidArgument, NotFound,
@@ -343,6 +344,7 @@ class Repository:
         except BaseException:
             self._unlock()
             raise
+        self._in_use = _destination.register_folder(self._path)   # for the export rule
         self._closed = False
         if not _create and not readonly:
             try:
@@ -358,9 +360,13 @@ class Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
 
         Raises:
-            RepositoryError: PATH exists and is not an empty folder.
+            RepositoryError: PATH already holds a repository, or exists and is not an empty
+                folder.
         """
         path = os.path.abspath(os.fspath(path))
+        if os.path.isfile(os.path.join(path, CATALOG_NAME)):
+            raise RepositoryError("already holds a cowchain repository", path=path,
+                                  hint="open it with Repository.open, or choose a new folder")
         if os.path.exists(path):
             if not os.path.isdir(path) or os.listdir(path):
                 raise RepositoryError("exists and is not an empty folder", path=path)
@@ -443,6 +449,7 @@ class Repository:
         self._chains.clear()
         self._cat.close()
         self._unlock()
+        _destination.unregister_folder(self._in_use)
         self._closed = True
         if err is not None:
             raise err
@@ -550,7 +557,8 @@ class Repository:
             raise RepositoryError(f"a chain named {name!r} exists already")
 
     def import_chain(self, name: str, source, *, format: str, base_format: str = "raw",
-                     cluster_size: int = 65536, progress: Progress | None = None) -> "Chain":
+                     cluster_size: int = 65536, progress: Progress | None = None,
+                     allow_unsafe_backing: bool = False) -> "Chain":
         """Make a chain whose base volume is a copy of an existing disk image.
 
         SOURCE is opened read-only (with its backing chain, under the usual backing-file
@@ -566,6 +574,9 @@ class Repository:
             base_format (str): format of the new base volume, "raw" or "qcow2".
             cluster_size (int): cluster size of the chain's qcow2 volumes.
             progress (callable | None): ``progress(done_bytes, total_bytes)``.
+            allow_unsafe_backing (bool): follow the source's backing references even where
+                the policy refuses them (absolute names, names leaving its folder); only for
+                sources you trust. The new chain's volumes never have such references.
 
         Raises:
             InvalidArgument, NotFound, RepositoryError (the name is taken), and the errors of
@@ -580,7 +591,8 @@ class Repository:
         src_path = os.path.abspath(os.fspath(source))
         if os.path.isdir(src_path):
             raise InvalidArgument("is a folder, not a disk image", path=src_path)
-        with engine.open(src_path, format=format, readonly=True) as src:
+        with engine.open(src_path, format=format, readonly=True,
+                         allow_unsafe_backing=allow_unsafe_backing) as src:
             size = src.size
             if size % 512:
                 raise InvalidArgument(f"the source's size ({size} bytes) is not a multiple "
@@ -592,8 +604,9 @@ class Repository:
             vid, rel = self._new_volume(base_format)
             jid = self._begin("import_chain", name, {"created": [rel], "source": src_path})
             try:
-                ops.convert(src, self._abs(rel), format=base_format, cluster_size=cluster_size,
-                            progress=progress, hook="import.copy")
+                ops.convert_new(src, self._abs(rel), format=base_format,
+                                cluster_size=cluster_size, progress=progress,
+                                hook="import.copy")
                 self._step(jid, "import_chain", "written")
                 with self._cat.transaction():
                     self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
@@ -1167,18 +1180,17 @@ class Repository:
         return copied
 
     def _op_export(self, chain: "Chain", path, fmt: str, sid: str | None,
-                   progress: Progress | None, overwrite: bool) -> ExportResult:
+                   progress: Progress | None, overwrite: bool,
+                   output_device: bool = False) -> ExportResult:
         self._check_open()
         if fmt not in ("raw", "qcow2"):
             raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
         row = self._chain_row(chain.name)
-        dest = os.path.abspath(os.fspath(path))
-        if os.path.isdir(dest):
-            raise InvalidArgument("is a folder", path=dest)
-        if os.path.exists(dest) and not overwrite:
-            raise InvalidArgument("file exists", path=dest, hint="pass overwrite=True (--force)")
-        if not os.path.isdir(os.path.dirname(dest)):
-            raise NotFound("the destination folder does not exist", path=dest)
+        stream = isinstance(path, int) and not isinstance(path, bool)
+        # a stream or device is checked and written in place by ops.convert; a file is
+        # checked here, written beside its name and published under the journal
+        dest = None if stream or output_device else _destination.check(path,
+                                                                      overwrite=overwrite)
         if sid is not None:
             snap = self._find_snapshot(row.name, sid)
             src_row = self._cat.volume(snap.volume)
@@ -1186,22 +1198,26 @@ class Repository:
         else:
             chain._release()
             src_row = self._cat.volume(row.leaf)
-        tmp = os.path.join(os.path.dirname(dest),
-                           f".{os.path.basename(dest)}.{uuid.uuid4().hex[:12]}.part")
-        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest})
+        if dest is None:
+            with self._open_volume(src_row, readonly=True) as src:
+                written = ops.convert(src, path, format=fmt, progress=progress,
+                                      output_device=output_device)
+            where = "-" if stream else os.path.abspath(os.fspath(path))
+            return ExportResult(where, fmt, row.size, sid, written)
+        tmp = dest.temp_path()
+        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest.path})
         try:
             with self._open_volume(src_row, readonly=True) as src:
-                written = ops.convert(src, tmp, format=fmt, cluster_size=row.cluster_size,
-                                      progress=progress, hook="export.copy")
+                written = ops.convert_new(src, tmp, format=fmt, cluster_size=row.cluster_size,
+                                          progress=progress, hook="export.copy")
             self._step(jid, "export", "written")
-            os.replace(tmp, dest)
-            _fsync_dir(os.path.dirname(dest))
+            dest.commit(tmp)
             kill_point("export.renamed")
             self._cat.journal_end(jid)
         except BaseException:
             self._abort(jid, row.name)
             raise
-        return ExportResult(dest, fmt, row.size, sid, written)
+        return ExportResult(dest.path, fmt, row.size, sid, written)
 
     def _op_diff(self, chain: "Chain", from_id: str, to_id: str | None) -> list[ops.Change]:
         self._check_open()
@@ -1634,20 +1650,30 @@ class Chain:
         return self._repo._op_clone(self, snapshot_id, name)
 
     def export(self, path, *, format: str = "raw", snapshot_id: str | None = None,
-               progress: Progress | None = None, overwrite: bool = False) -> ExportResult:
+               progress: Progress | None = None, overwrite: bool = False,
+               output_device: bool = False) -> ExportResult:
         """Write the disk (or a snapshot of it) as one self-contained image at PATH.
 
         The file appears complete or not at all (written beside PATH and renamed).  Only
-        allocated data is copied; zero ranges stay sparse.
+        allocated data is copied; zero ranges stay sparse.  PATH follows the destination
+        rule of :mod:`engine.destination`: never inside a repository, never a file an open
+        image or repository uses, never through or over a symlink.
 
         Arguments:
-            path (str): the new file.
+            path (str | int): the new file; or an open file descriptor (standard output) to
+                which the raw disk is written sequentially.
             format (str): "raw" or "qcow2" (with the chain's cluster size).
             snapshot_id (str | None): export that snapshot instead of the current disk.
             progress (callable | None): ``progress(done_bytes, total_bytes)``.
-            overwrite (bool): replace an existing file.
+            overwrite (bool): replace an existing regular file (atomically).
+            output_device (bool): PATH is a block device: write the raw disk into it.
+
+        Raises:
+            UnsafeDestination: the destination breaks the rule.
+            InvalidArgument: PATH exists and ``overwrite`` is false.
         """
-        return self._repo._op_export(self, path, format, snapshot_id, progress, overwrite)
+        return self._repo._op_export(self, path, format, snapshot_id, progress, overwrite,
+                                     output_device)
 
     def diff(self, from_snapshot_id: str, to_snapshot_id: str | None = None) -> list[ops.Change]:
         """The guest ranges that may differ between two snapshots (or a snapshot and the
