@@ -230,8 +230,9 @@ _OTHER_CODES = [
 ]
 
 
-def _error_classes() -> list[type]:
-    out, todo = [], [EngineError]
+def _error_classes() -> list[type[EngineError]]:
+    out: list[type[EngineError]] = []
+    todo: list[type[EngineError]] = [EngineError]
     while todo:
         cls = todo.pop(0)
         out.append(cls)

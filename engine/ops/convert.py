@@ -46,7 +46,7 @@ def convert(src: Image, dest: str | int, *, format: str = "raw", cluster_size: i
         try:
             fd = os.open(d.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise io_error(e.errno, "cannot open the device", path=d.path) from None
+            raise io_error(e.errno or 0, "cannot open the device", path=d.path) from None
         try:
             return write_raw(src, fd, progress=progress, positional=True)
         finally:
@@ -96,7 +96,7 @@ def write_raw(src: Image, fd: int, *, progress: Progress | None = None,
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
-        raise io_error(e.errno, "cannot write the disk") from None
+        raise io_error(e.errno or 0, "cannot write the disk") from None
     meter.finish()
     return size
 
