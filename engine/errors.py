@@ -150,6 +150,10 @@ class InvalidArgument(EngineError, ValueError):
 
     exit_code = 12
 
+    def __init__(self, message: str, *, value=None, **kw):
+        self.value = value
+        super().__init__(message, **kw)
+
 
 class EngineIOError(EngineError, OSError):
     """The operating system reported an I/O error.

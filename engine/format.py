@@ -225,6 +225,10 @@ MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE: 64 MiB of 
 MAX_CLUSTER_OFFSET = 1 << 56            # host offsets must be below this
 INT64_MAX = (1 << 63) - 1               # QEMU validates offset + size against int64
 INT_MAX = (1 << 31) - 1                 # l1_vm_state_index must fit in an int
+# The block layer's largest disk, whatever the format (BDRV_MAX_LENGTH: INT64_MAX aligned
+# down to the largest request alignment, 1 GiB).  A qcow2 disk is further bounded by its L1
+# (MAX_L1_ENTRIES tables of one cluster each): see max_virtual_size().
+MAX_DISK_LENGTH = INT64_MAX // (1 << 30) * (1 << 30)
 
 # --- qemu-img create ---------------------------------------------------------------------
 SECTOR_SIZE = 512                       # qemu-img create rounds the size up to this
@@ -401,6 +405,86 @@ def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool = False) -> i
     """
     shift = cluster_bits + cluster_bits - (4 if extended_l2 else 3)
     return (size + (1 << shift) - 1) >> shift
+
+
+FORMATS = ("qcow2", "raw")
+
+
+def size_text(n: int) -> str:
+    """Bytes as people write them: "16 EiB", "64 KiB", "1536 bytes"; a size that is not a
+    whole number of its unit also shows the exact byte count."""
+    for shift, unit in ((60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"),
+                        (10, "KiB")):
+        if n >= 1 << shift:
+            if n % (1 << shift) == 0:
+                return f"{n >> shift} {unit}"
+            return f"{n} bytes (~{n / (1 << shift):.1f} {unit})"
+    return f"{n} bytes"
+
+
+def max_virtual_size(format: str = "qcow2", cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                     extended_l2: bool = False) -> int:
+    """The largest virtual size QEMU accepts for an image of this format and geometry.
+
+    qcow2: the L1 table may hold at most ``QCOW_MAX_L1_SIZE`` (32 MiB) of entries, each
+    mapping one L2 table of ``cluster_size / 8`` clusters (``/ 16`` with extended L2), so
+    64 KiB clusters reach 2 PiB and 2 MiB clusters 2 EiB (QEMU's ``qcow2_grow_l1_table``
+    refuses more with EFBIG).  Every format: the block layer's ``BDRV_MAX_LENGTH``
+    (2^63 - 1 GiB).
+
+    Arguments:
+        format (str): "qcow2" or "raw".
+        cluster_size (int): bytes (qcow2 only).
+        extended_l2 (bool): 16-byte L2 entries (qcow2 only).
+
+    Returns:
+        int: bytes.
+    """
+    if format == "raw":
+        return MAX_DISK_LENGTH
+    cluster_bits = cluster_size.bit_length() - 1
+    per_l1_entry = 1 << (2 * cluster_bits - (4 if extended_l2 else 3))
+    return min(MAX_L1_ENTRIES * per_l1_entry, MAX_DISK_LENGTH)
+
+
+def check_virtual_size(size, format: str = "qcow2", *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                       extended_l2: bool = False, what: str = "virtual size") -> int:
+    """The one rule for a disk size a caller asks for (create, resize, a new chain): a
+    non-negative integer (``bool`` is not one) no larger than :func:`max_virtual_size`.
+    A qcow2 size is taken as rounded up to 512 bytes, as ``qemu-img create`` rounds it.
+
+    Arguments:
+        size (int): bytes; any integer type (numpy integers too), never a float or a string.
+        format, cluster_size, extended_l2: as for :func:`max_virtual_size`.
+        what (str): how the message names the size.
+
+    Returns:
+        int: ``size`` as a Python int.
+
+    Raises:
+        InvalidArgument: not an integer, negative, or over the limit; the message states the
+            limit and ``value`` holds the size passed.
+    """
+    if isinstance(size, bool) or not hasattr(size, "__index__"):
+        raise InvalidArgument(f"{what} must be an integer number of bytes, not {size!r}",
+                              value=size)
+    n = size.__index__()
+    if n < 0:
+        raise InvalidArgument(f"{what} must not be negative, got {n}", value=size)
+    limit = max_virtual_size(format, cluster_size, extended_l2)
+    rounded = -(-n // SECTOR_SIZE) * SECTOR_SIZE if format == "qcow2" else n
+    if rounded > limit:
+        if format == "qcow2":
+            geometry = f" for {size_text(cluster_size)} clusters" + (
+                " with extended L2 entries" if extended_l2 else "")
+            hint = ("use a smaller size" if cluster_size >= 1 << MAX_CLUSTER_BITS else
+                    f"use a smaller size, or larger clusters: 2 MiB clusters allow up to "
+                    f"{size_text(max_virtual_size('qcow2', 1 << MAX_CLUSTER_BITS, extended_l2))}")
+        else:
+            geometry, hint = "", "use a smaller size"
+        raise InvalidArgument(f"{what} {size_text(n)} is over the {format} maximum of "
+                              f"{size_text(limit)}{geometry}", value=size, hint=hint)
+    return n
 
 
 def _decode_name(raw: bytes) -> str:
@@ -1270,13 +1354,11 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
         (Header, bytes): the parsed header of the new image and the whole file content.
 
     Raises:
-        InvalidArgument: an option is out of range or the options conflict.
-        SafetyLimitExceeded: the size needs an L1 over 32 MiB, or the backing name or format
-            is too long for the header.
+        InvalidArgument: an option is out of range or the options conflict, or the size is
+            over :func:`max_virtual_size` (an L1 over 32 MiB).
+        SafetyLimitExceeded: the backing name or format is too long for the header.
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidArgument(f"size must be a non-negative integer, got {size!r}")
-    if (not isinstance(cluster_size, int) or cluster_size <= 0
+    if (not isinstance(cluster_size, int) or isinstance(cluster_size, bool) or cluster_size <= 0
             or cluster_size & (cluster_size - 1)
             or not 1 << MIN_CLUSTER_BITS <= cluster_size <= 1 << MAX_CLUSTER_BITS):
         raise InvalidArgument(f"cluster size must be a power of two between "
@@ -1286,7 +1368,7 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
     version = COMPAT_VERSIONS.get(compat) if isinstance(compat, str) else None
     if version is None:
         raise InvalidArgument(f"compat must be {COMPAT_V2!r} or {COMPAT_V3!r}, got {compat!r}")
-    if (not isinstance(refcount_bits, int) or refcount_bits <= 0
+    if (not isinstance(refcount_bits, int) or isinstance(refcount_bits, bool) or refcount_bits <= 0
             or refcount_bits & (refcount_bits - 1) or refcount_bits > 64):
         raise InvalidArgument(f"refcount_bits must be a power of two from 1 to 64, got "
                               f"{refcount_bits!r}")
@@ -1320,12 +1402,10 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
         if not isinstance(backing_format, str) or not backing_format:
             raise InvalidArgument("backing_format must be a non-empty string")
 
+    size = check_virtual_size(size, "qcow2", cluster_size=cluster_size,
+                              extended_l2=bool(extended_l2))
     size = -(-size // SECTOR_SIZE) * SECTOR_SIZE
     l1_size = l1_entries_for(size, cluster_bits, extended_l2)
-    if l1_size > MAX_L1_ENTRIES:
-        raise SafetyLimitExceeded(f"virtual size {size} bytes needs an L1 table of {l1_size} "
-                                  f"entries, more than QEMU's {MAX_L1_ENTRIES}",
-                                  limit=MAX_L1_SIZE)
 
     incompat = 0
     if extended_l2:
