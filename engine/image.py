@@ -176,41 +176,6 @@ def _path_arg(path, name: str = "path") -> str:
     return p
 
 
-def _bool_arg(value, name: str) -> bool:
-    # no truthiness: readonly="no" must not open an image read-only by accident
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be True or False, not {value!r}", value=value)
-    return value
-
-
-def _int_arg(value, name: str, *, minimum: int = 0, maximum: int = fmt.MAX_U64) -> int:
-    """An integer argument (any integer type, numpy's too; never a bool or a float)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InvalidArgument(f"{name} must be an integer, not {value!r}", value=value)
-    n = value.__index__()
-    if not minimum <= n <= maximum:
-        raise InvalidArgument(f"{name} must be between {minimum} and {maximum}, not {n}",
-                              value=value)
-    return n
-
-
-def _format_arg(value, name: str = "format", *, optional: bool = False) -> "str | None":
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or value not in fmt.FORMATS:
-        raise InvalidArgument(f"unknown {name} {value!r} (use 'raw' or 'qcow2')", value=value)
-    return value
-
-
-def _cluster_size_arg(value) -> int:
-    n = _int_arg(value, "cluster_size")
-    if n & (n - 1) or not 1 << fmt.MIN_CLUSTER_BITS <= n <= 1 << fmt.MAX_CLUSTER_BITS:
-        raise InvalidArgument(f"cluster_size must be a power of two from "
-                              f"{1 << fmt.MIN_CLUSTER_BITS} to {1 << fmt.MAX_CLUSTER_BITS} "
-                              f"bytes, not {n}", value=value)
-    return n
-
-
 def _check_file_length(nbytes: int, folder: str, what: str) -> None:
     """The host's limits on a file of ``nbytes`` bytes in ``folder``, checked before any file
     is made or grown: the process's RLIMIT_FSIZE and the filesystem's largest file.
@@ -445,8 +410,8 @@ class Image:
             raise ReadOnlyImage("image is open read-only", path=self._path)
 
     def _check_range(self, offset: int, length: int):
-        offset = _int_arg(offset, "offset")
-        length = _int_arg(length, "length")
+        offset = fmt.int_arg(offset, "offset")
+        length = fmt.int_arg(length, "length")
         if offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
                                   f"({self.size} bytes)", path=self._path)
@@ -584,7 +549,7 @@ class Image:
         """Allocation runs over the range, merged as ``qemu-img map --output=json`` merges
         them (one run per change of depth/zero/data/offset-contiguity)."""
         self._check_open()
-        offset = _int_arg(offset, "offset")
+        offset = fmt.int_arg(offset, "offset")
         if length is None:
             length = max(0, self.size - offset)
         self._check_range(offset, length)
@@ -602,7 +567,7 @@ class Image:
         """``qemu-img info --output=json`` for this image (a list, top first, with
         ``backing_chain=True``)."""
         self._check_open()
-        if _bool_arg(backing_chain, "backing_chain"):
+        if fmt.bool_arg(backing_chain, "backing_chain"):
             return [img.info() for img in self.chain()]
         st = os.fstat(self._fd)
         d = {"filename": self._path, "format": self._format, "virtual-size": self.size,
@@ -692,7 +657,7 @@ class Image:
             EngineIOError.
         """
         self._check_writable()
-        _bool_arg(allow_unsafe_backing, "allow_unsafe_backing")
+        fmt.bool_arg(allow_unsafe_backing, "allow_unsafe_backing")
         if self._header is None:
             raise UnsupportedFeature("backing files for raw images", path=self._path)
         if backing_name is None:
@@ -704,7 +669,7 @@ class Image:
             if not isinstance(backing_name, str):
                 raise InvalidArgument(f"backing_name must be a str or None, not "
                                       f"{type(backing_name).__name__}", value=backing_name)
-            _format_arg(backing_format, "backing format")
+            fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
             self._open_new_chain(backing_name, backing_format, allow_unsafe_backing).close()
         h = self._read_header()
         h.backing_file = backing_name
@@ -723,10 +688,10 @@ class Image:
         depth = self._opts["max_chain_depth"]
         if depth < 1:
             raise ChainError(f"backing chain deeper than {depth} images", path=self._path)
-        # force_share: only the headers are read, so a writer of the new backing file (it is
-        # about to become read-only under this image) does not make the check fail
+        # the locks of a normal open too: a new backing file that another process writes is
+        # refused here, before the header changes, not by the reopen after it
         opts = dict(self._opts, backing=True, allow_unsafe_backing=allow_unsafe,
-                    force_share=True, max_chain_depth=depth - 1)
+                    max_chain_depth=depth - 1)
         st = os.fstat(self._fd)
         return _open_image(full, format, True, opts, {(st.st_dev, st.st_ino)})
 
@@ -1031,12 +996,12 @@ def open(path, *, format: str | None = None, readonly: bool = False, backing: bo
         SafetyLimitExceeded, ChainError, UnsafeBackingReference, ImageLocked, EngineIOError.
     """
     path = _path_arg(path)
-    format = _format_arg(format, optional=True)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS, optional=True)
     for name, value in (("readonly", readonly), ("backing", backing),
                         ("allow_unsafe_backing", allow_unsafe_backing),
                         ("force_share", force_share)):
-        _bool_arg(value, name)
-    max_chain_depth = _int_arg(max_chain_depth, "max_chain_depth")
+        fmt.bool_arg(value, name)
+    max_chain_depth = fmt.int_arg(max_chain_depth, "max_chain_depth")
     if force_share and not readonly:
         raise InvalidArgument("force_share needs readonly=True")
     opts = {"backing": backing, "allow_unsafe_backing": allow_unsafe_backing,
@@ -1074,11 +1039,11 @@ def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int =
         :func:`open` raises for the backing chain.
     """
     path = _path_arg(path)
-    format = _format_arg(format)
-    cluster_size = _cluster_size_arg(cluster_size)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS)
+    cluster_size = fmt.cluster_size_arg(cluster_size)
     for name, value in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2),
                         ("overwrite", overwrite), ("allow_unsafe_backing", allow_unsafe_backing)):
-        _bool_arg(value, name)
+        fmt.bool_arg(value, name)
     bdir = os.path.dirname(path) or "."
     if backing is not None:
         if format != "qcow2":
@@ -1089,7 +1054,7 @@ def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int =
         if backing_format is None:
             raise InvalidArgument("backing file specified without backing format; cowchain "
                                   "never probes a format", hint="pass backing_format='raw' or 'qcow2'")
-        _format_arg(backing_format, "backing format")
+        fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
         full = _check_backing_name(backing, bdir, allow_unsafe_backing)
         if size is None:
             size = _probe_size(full, backing_format)
