@@ -195,9 +195,10 @@ def _check_file_length(nbytes: int, folder: str, what: str) -> None:
     limit = _fs_max_file_size(folder, nbytes)
     if limit is not None and nbytes > limit:
         raise InvalidArgument(f"{what} {fmt.size_text(nbytes)} is over the largest file the "
-                              f"filesystem of {os.path.abspath(folder)!r} holds ({fmt.size_text(limit)})",
-                              value=nbytes, hint="use a smaller size, another filesystem, "
-                              "or a qcow2 image (it grows only as data is written)")
+                              f"filesystem at {os.path.abspath(folder)!r} holds: "
+                              f"{fmt.size_text(limit)}", value=nbytes,
+                              hint="use a smaller size, another filesystem, or a qcow2 image, "
+                              "which grows only as data is written")
 
 
 def _fs_max_file_size(folder: str, want: int) -> "int | None":
