@@ -251,6 +251,16 @@ def _os_open(path: str, flags: int) -> int:
         raise io_error(e.errno, "cannot open", path=path) from None
 
 
+def _meta_write(fd: int, data: bytes, offset: int, path: str) -> None:
+    """Write metadata beside the core (a header rewrite) and make it durable, through the
+    core's I/O shim, so that fault injection and the power-loss recorder see it."""
+    try:
+        _core.meta_pwrite(fd, data, offset)
+        _core.meta_sync(fd)
+    except OSError as e:
+        raise io_error(e.errno or errno.EIO, "cannot write the header", path=path) from None
+
+
 def _read_head(fd: int, path: str) -> tuple[bytes, int]:
     try:
         size = os.fstat(fd).st_size
@@ -628,7 +638,14 @@ class Image:
             # the check reads the file: write back what is cached first
             self._core.flush()
             self._core.trim()
-        res = _check.check_file(self._fd, filename=self._path, repair=repair)
+        try:
+            res = _check.check_file(self._fd, filename=self._path, repair=repair)
+        except EngineError as e:
+            if repair is not None:
+                # a repair that stopped part-way: what this handle caches no longer matches
+                # the file, and a failed sync may have lost pages; only a reopen goes on
+                self._core.poison(getattr(e, "errno", 0) or errno.EIO)
+            raise
         if repair is not None:
             self._reload()
         return res
@@ -728,9 +745,10 @@ class Image:
             _check_file_length(new_size, os.path.dirname(self._path) or ".", "new size")
             self._core.flush()
             try:
-                os.ftruncate(self._fd, new_size)
-                os.fsync(self._fd)              # the new size is durable when this returns
+                _core.meta_ftruncate(self._fd, new_size)
+                _core.meta_sync(self._fd)       # the new size is durable when this returns
             except OSError as e:
+                self._core.poison(e.errno or errno.EIO)
                 raise io_error(e.errno, "cannot grow the image file", path=self._path) from None
             self._reload()
             return
@@ -748,10 +766,11 @@ class Image:
 
     def _write_header_bytes(self, data: bytes) -> None:
         try:
-            os.pwrite(self._fd, data, 0)
-            os.fsync(self._fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot write the header", path=self._path) from None
+            _meta_write(self._fd, data, 0, self._path)
+        except EngineError as e:
+            # the kernel may have dropped what it could not write: this handle is done
+            self._core.poison(getattr(e, "errno", 0) or errno.EIO)
+            raise
 
     def _rewrite_header(self, data: bytes) -> None:
         """Write a new cluster 0 and reopen on it; if either fails, put the old bytes back,
@@ -965,11 +984,7 @@ def _prepare_rw(fd: int, path: str, h: "fmt.Header", size: int) -> "fmt.Header":
     if h.version >= 3 and h.autoclear_features:
         h.autoclear_features = 0
         h.bitmaps_ext = None
-        try:
-            os.pwrite(fd, fmt.encode_header(h), 0)
-            os.fsync(fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot write the header", path=path) from None
+        _meta_write(fd, fmt.encode_header(h), 0, path)
         head, size = _read_head(fd, path)
         h = fmt.parse_header(head, size, path=path)
     return h
