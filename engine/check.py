@@ -97,6 +97,7 @@ import numpy as np
 
 from engine import _core
 from engine import format as fmt
+from engine.image import meta_sync
 from engine.errors import (
     CorruptImage,
     EngineError,
@@ -450,10 +451,7 @@ class _Image:
                            path=self.path) from None
 
     def sync(self) -> None:
-        try:
-            _core.meta_sync(self.fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot sync the image", path=self.path) from None
+        meta_sync(self.fd, self.path)
 
     def u64_table(self, offset: int, entries: int, *, trim: bool = False) -> np.ndarray:
         """A table of big-endian u64 entries at ``offset`` as native uint64. Only the part

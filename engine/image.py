@@ -256,9 +256,22 @@ def _meta_write(fd: int, data: bytes, offset: int, path: str) -> None:
     core's I/O shim, so that fault injection and the power-loss recorder see it."""
     try:
         _core.meta_pwrite(fd, data, offset)
-        _core.meta_sync(fd)
     except OSError as e:
         raise io_error(e.errno or errno.EIO, "cannot write the header", path=path) from None
+    meta_sync(fd, path)
+
+
+def meta_sync(fd: int, path: str) -> None:
+    """fdatasync through the core's I/O shim, for metadata written beside the core (header
+    rewrites here, repairs in engine.check).  A failure carries ``sync_failed = True``: the
+    kernel may have dropped pages, so the open handle must fail every later flush, as after a
+    failed sync of the core (see :meth:`Image._failed_sync`)."""
+    try:
+        _core.meta_sync(fd)
+    except OSError as e:
+        err = io_error(e.errno or errno.EIO, "cannot sync the metadata written", path=path)
+        err.sync_failed = True
+        raise err from None
 
 
 def _read_head(fd: int, path: str) -> tuple[bytes, int]:
@@ -642,9 +655,13 @@ class Image:
             res = _check.check_file(self._fd, filename=self._path, repair=repair)
         except EngineError as e:
             if repair is not None:
-                # a repair that stopped part-way: what this handle caches no longer matches
-                # the file, and a failed sync may have lost pages; only a reopen goes on
-                self._core.poison(getattr(e, "errno", 0) or errno.EIO)
+                # a repair that stopped part-way: what the core caches may no longer match
+                # the file, so map it afresh (if that fails the handle is closed)
+                try:
+                    self._reload()
+                except EngineError:
+                    pass
+                self._failed_sync(e)
             raise
         if repair is not None:
             self._reload()
@@ -746,10 +763,13 @@ class Image:
             self._core.flush()
             try:
                 _core.meta_ftruncate(self._fd, new_size)
-                _core.meta_sync(self._fd)       # the new size is durable when this returns
             except OSError as e:
-                self._core.poison(e.errno or errno.EIO)
                 raise io_error(e.errno, "cannot grow the image file", path=self._path) from None
+            try:
+                meta_sync(self._fd, self._path)     # the new size is durable when this returns
+            except EngineError as e:
+                self._failed_sync(e)
+                raise
             self._reload()
             return
         per_l1 = h.cluster_size * h.l2_entries
@@ -768,9 +788,14 @@ class Image:
         try:
             _meta_write(self._fd, data, 0, self._path)
         except EngineError as e:
-            # the kernel may have dropped what it could not write: this handle is done
-            self._core.poison(getattr(e, "errno", 0) or errno.EIO)
+            self._failed_sync(e)
             raise
+
+    def _failed_sync(self, e: EngineError) -> None:
+        """After metadata written beside the core failed to sync, every later flush of this
+        handle fails, as after a failed sync of the core: reopen and check."""
+        if getattr(e, "sync_failed", False):
+            self._core.poison(getattr(e, "errno", 0) or errno.EIO)
 
     def _rewrite_header(self, data: bytes) -> None:
         """Write a new cluster 0 and reopen on it; if either fails, put the old bytes back,
