@@ -805,6 +805,8 @@ class Image:
             self._write_header_bytes(data)
             self._reload()
         except BaseException:
+            # after a failed sync the handle is poisoned: the old bytes are written back
+            # and the reload's flush then refuses, leaving the handle failed, as it must be
             try:
                 self._write_header_bytes(old)
                 self._reload()
