@@ -367,6 +367,62 @@ def _arm_from_env():
         arm_hook(name, int(nth), action)
 
 
+# The same shim for the metadata engine.image and engine.check write from Python (header
+# rewrites, repairs): the same counters and injected faults, the same barrier callback, so the
+# fault matrix and the power-loss recorder see every write the engine makes.  Each raises
+# OSError(errno); the caller turns it into an EngineError.
+
+def meta_pwrite(int fd, const uint8_t[::1] data, uint64_t offset):
+    """pwrite all of ``data`` at ``offset`` (retrying short writes) through the shim."""
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t done = 0
+    cdef ssize_t w
+    cdef int e = 0
+    if n == 0:
+        return
+    with nogil:
+        while done < n:
+            w = io_pwrite(fd, &data[done], <size_t>(n - done), <off_t>(offset + <uint64_t>done))
+            if w < 0:
+                if errno == EINTR:
+                    continue
+                e = errno if errno else 5
+                break
+            if w == 0:
+                e = 5
+                break
+            done += w
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+
+
+def meta_sync(int fd):
+    """fdatasync ``fd`` through the shim (fault kind "sync"); the barrier callback sees it."""
+    cdef int e = 0
+    with nogil:
+        if io_fault(IO_SYNC):
+            e = errno if errno else 5
+        elif fdatasync(fd) != 0:
+            e = errno if errno else 5
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+    if have_barrier_cb:
+        barrier_notify(fd)
+
+
+def meta_ftruncate(int fd, uint64_t size):
+    """ftruncate ``fd`` to ``size`` bytes through the shim."""
+    cdef int e = 0
+    with nogil:
+        if io_ftruncate(fd, <off_t>size) != 0:
+            e = errno if errno else 5
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+
+
 # --- file growth and mapping ----------------------------------------------------------------
 
 cdef int ensure_size(Layer *L, uint64_t end) noexcept nogil:
@@ -2356,6 +2412,13 @@ cdef class CoreImage:
             raise io_error(err, "sync failed", path=self.path)
         if rc < 0:
             self._raise(rc)
+
+    def poison(self, int err):
+        """Fail every later flush with ``err``, as a failed sync of this image does: for a
+        write or sync of metadata done beside the core (a header rewrite, a repair) that
+        failed, after which the kernel may have dropped pages we count on."""
+        if not self.L.sticky_errno:
+            self.L.sticky_errno = err if err else 5
 
     def trim(self):
         """Shrink the file to the end of the last cluster in use (after a flush)."""

@@ -155,6 +155,10 @@ class InvalidArgument(EngineError, ValueError):
 
     exit_code = 12
 
+    def __init__(self, message: str, *, value: object = None, **kw: str | None):
+        self.value = value
+        super().__init__(message, **kw)
+
 
 class UnsafeDestination(InvalidArgument):
     """An export or read destination that must not be written: it lies inside a repository
