@@ -192,6 +192,25 @@ class NotFound(RepositoryError, LookupError):
     exit_code = 16
 
 
+class VolumeDamaged(RepositoryError):
+    """A volume of a chain is damaged, or is not the file the catalog recorded: a raw volume
+    truncated or replaced, a QCOW2 volume with the corrupt bit set, a volume marked ILLEGAL or
+    found damaged by check.  Reads through a volume that is not the recorded file, and new
+    snapshots on a chain with a damaged volume, are refused.
+
+    Attributes:
+        volume (str): the volume's id.   chain (str | None): its chain.
+        cli_hint (str): the hint in command-line words (``hint`` names the Python API).
+    """
+
+    def __init__(self, message: str, *, volume: str, chain: str | None = None,
+                 cli_hint: str | None = None, **kw):
+        self.volume = volume
+        self.chain = chain
+        super().__init__(message, **kw)
+        self.cli_hint = self.hint if cli_hint is None else cli_hint
+
+
 def io_error(err: int, message: str, *, path: str | None = None) -> EngineIOError:
     """The one place that turns an OS error number into an EngineError subclass."""
     if err in (_errno.ENOSPC, _errno.EDQUOT):
