@@ -263,7 +263,7 @@ def cmd_info(args) -> int:
 
 def cmd_snapshot(args) -> int:
     with _open_repo(args) as repo:
-        s = repo.chain(args.name).snapshot(args.description)
+        s = repo.chain(args.name).snapshot(args.description, force=args.force)
         # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
         _emit(args, s.to_dict(), s.id)
     return 0
@@ -395,7 +395,7 @@ def cmd_read(args) -> int:
 
     with _open_repo(args, readonly=True) as repo:
         c = repo.chain(args.name)
-        if args.snapshot:
+        if args.snapshot is not None:
             with c.open_snapshot(args.snapshot) as img:
                 data = img.read(args.offset, args.length)
         else:
@@ -496,15 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
                     help="cluster size of the qcow2 volumes (default: 64K)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp = verb("resize", cmd_resize, "grow a chain's disk (snapshots keep their size)", "name")
+    sp = verb("resize", cmd_resize, "grow a chain's disk (snapshots keep their size; "
+                                    "revert to one gives the disk its size again)", "name")
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="new virtual size, e.g. 20G")
     verb("list", cmd_list, "list the chains")
     verb("info", cmd_info, "show a chain's volumes and snapshots", "name")
     sp = verb("snapshot", cmd_snapshot, "take a snapshot (prints its id)", "name")
     sp.add_argument("-d", "--description", default="", help="free text")
+    sp.add_argument("--force", action="store_true",
+                    help="take it even though a volume of the chain is known to be damaged")
     verb("snapshots", cmd_snapshots, "list a chain's snapshots, oldest first", "name")
-    verb("revert", cmd_revert, "make the disk read as it did at a snapshot; newer snapshots "
-                               "are removed", "name", "snapshot")
+    verb("revert", cmd_revert, "make the disk read as it did at a snapshot, at the size it "
+                               "had then; newer snapshots are removed", "name", "snapshot")
     verb("preview", cmd_preview, "run on a snapshot's content, keeping the current state "
                                  "aside", "name", "snapshot")
     verb("commit-preview", cmd_commit_preview, "keep the previewed state (newer snapshots "

@@ -56,8 +56,8 @@ from typing import Callable, Iterable
 
 from engine import ops
 from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
-from engine.errors import (ChainError, EngineError, ImageClosed, ImageNotFound, InvalidArgument,
-                           NotFound, RepositoryError, UnsupportedFeature, VolumeDamaged,
+from engine.errors import (ChainError, EngineError, ImageClosed, ImageLocked, ImageNotFound,
+                           InvalidArgument, NotFound, RepositoryError, UnsupportedFeature, VolumeDamaged,
                            io_error)
 from engine.ops import kill_point
 
@@ -327,16 +327,18 @@ def _close_quietly(img) -> None:
             pass
 
 
-#: The content stamp of a sealed raw volume: a hash of its size and of this many bytes read at
-#: _STAMP_SAMPLES fixed offsets spread over the file (the first and the last block among them).
-#: Fixed offsets, not "the first and last allocated block": a copy of the repository that
-#: changes which ranges are sparse still has the same stamp.
+#: The content stamp of a sealed raw volume: a hash of its size, of the first and the last
+#: block holding data when it was sealed (found with SEEK_DATA) and of blocks at fixed
+#: offsets spread over the file.  The stamp records where those data blocks were, and a
+#: later check reads the same offsets: a copy of the repository that changed which ranges
+#: are sparse still has the same stamp.  Cost: O(log size) seeks and ten block reads.
 _STAMP_BLOCK = 65536
 _STAMP_SAMPLES = 8
 
 
-def _raw_record(path: str, *, sealed: bool) -> dict:
-    """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp."""
+def _raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
+    """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp
+    (STAMP: recompute that recorded stamp's blocks, to compare)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -346,23 +348,50 @@ def _raw_record(path: str, *, sealed: bool) -> dict:
     try:
         st = os.fstat(fd)
         return {"size": st.st_size, "ino": st.st_ino,
-                "stamp": _stamp(fd, st.st_size, path) if sealed else None}
+                "stamp": _stamp(fd, st.st_size, path, stamp) if sealed else None}
     finally:
         os.close(fd)
 
 
-def _stamp(fd: int, size: int, path: str) -> str:
+def _data_at_or_after(fd: int, offset: int) -> int | None:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return None                     # ENXIO: only holes from OFFSET on
+
+
+def _stamp(fd: int, size: int, path: str, recorded: str | None = None) -> str:
+    """The stamp of raw file FD (SIZE bytes); with RECORDED, over the blocks it names."""
+    B = _STAMP_BLOCK
+    if recorded is not None:
+        try:
+            first, last = (int(x) for x in recorded.split(":")[:2])
+        except ValueError:
+            first = last = -1
+    else:
+        pos = _data_at_or_after(fd, 0)
+        first = last = -1
+        if pos is not None and pos < size:
+            first = pos // B * B
+            lo, hi = first // B, (size - 1) // B      # the last block with data, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                found = _data_at_or_after(fd, mid * B)
+                if found is not None and found < size:
+                    lo = found // B if found // B > mid else mid
+                else:
+                    hi = mid - 1
+            last = lo * B
+    top = max(0, size - B)
+    offsets = [top * i // (_STAMP_SAMPLES - 1) // 512 * 512 for i in range(_STAMP_SAMPLES)]
     h = hashlib.blake2b(digest_size=16)
     h.update(size.to_bytes(8, "little"))
-    last = max(0, size - _STAMP_BLOCK)
-    offsets = sorted({last * i // (_STAMP_SAMPLES - 1) // 512 * 512
-                      for i in range(_STAMP_SAMPLES)} | {last})
     try:
-        for off in offsets:
-            h.update(os.pread(fd, _STAMP_BLOCK, off))
+        for off in offsets + [o for o in (first, last) if 0 <= o < size]:
+            h.update(os.pread(fd, B, off))
     except OSError as e:
         raise io_error(e.errno, "cannot read the volume", path=path) from None
-    return h.hexdigest()
+    return f"{first}:{last}:{h.hexdigest()}"
 
 
 def _identity_problem(v: VolumeRow, size: int, ino: int) -> str | None:
@@ -850,6 +879,19 @@ class Repository:
                                       f"{chain!r}; give more characters")
         raise NotFound(f"chain {chain!r} has no snapshot {sid!r}")
 
+    def _snapshot_volume(self, snap: SnapshotRow) -> VolumeRow:
+        """SNAP's volume, which must be LEGAL to be read (call inside one catalog read)."""
+        row = self._volume_row(snap.volume)
+        if row.legality == "LEGAL":
+            return row
+        if self._readonly and any(row.id in (j.args.get("volume"), j.args.get("child"))
+                                  for j in self._cat.journal() if j.state == "running"):
+            raise ImageLocked(f"snapshot {snap.id}'s volume {row.id} is being changed by an "
+                              "operation in another process", path=self._abs(row.path),
+                              hint="retry when it is done")
+        raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
+                              hint="run 'cowchain chain check --repair'")
+
     def _chain_volumes(self, name: str) -> list[Volume]:
         row = self._chain_row(name)
         vols = self._cat.volumes()
@@ -1004,7 +1046,9 @@ class Repository:
             raise io_error(e.errno, "cannot stat the volume", path=bottom.path) from None
         why = _identity_problem(v, bottom.size, ino)
         if why is not None:
-            raise self._damaged(v, why, repairable=False)
+            # another inode with the recorded size: a copied repository, which a check with
+            # repair accepts once the content stamp matches
+            raise self._damaged(v, why, repairable=bottom.size == v.size)
 
     def _damaged(self, v: VolumeRow, why: str, *, chain: str | None = None,
                  repairable: bool = True, snapshot: bool = False) -> VolumeDamaged:
@@ -1012,7 +1056,7 @@ class Repository:
         chain = chain or v.chain
         if repairable:
             hint = f"repair it with Repository.check(repair=True, chain={chain!r})"
-            cli = f"run 'cowchain chain check {chain} --repair'"
+            cli = f"repair it with 'cowchain chain check {chain} --repair'"
         else:
             hint = (f"Repository.check(chain={chain!r}) shows what is wrong; restore the "
                     "file from a backup")
@@ -1208,10 +1252,7 @@ class Repository:
         """Revert and preview: a new empty leaf on top of SNAP's volume, at the size the disk
         had at SNAP (the chain takes that size), then APPLY(vid) inside the commit
         transaction (it returns the files to remove afterwards)."""
-        base = self._volume_row(snap.volume)
-        if base.legality != "LEGAL":
-            raise RepositoryError(f"snapshot {snap.id}'s volume {base.id} is ILLEGAL",
-                                  hint="run 'cowchain chain check --repair'")
+        base = self._snapshot_volume(snap)
         size = self._volume_size(base)
         vid, rel = self._new_volume("qcow2")
         jid = self._begin(op, row.name, {"created": [rel], "snapshot": snap.id})
@@ -1653,7 +1694,7 @@ def _check_raw_identity(repo, v: VolumeRow, add, repair) -> bool:
     stamp.  Returns True when it matches (or was repaired)."""
     if v.size is None:
         return True                   # nothing recorded yet (an older catalog, read-only)
-    rec = _raw_record(repo._abs(v.path), sealed=v.stamp is not None)
+    rec = _raw_record(repo._abs(v.path), sealed=v.stamp is not None, stamp=v.stamp)
     why = _identity_problem(v, rec["size"], rec["ino"])
     content_same = rec["size"] == v.size and rec["stamp"] == v.stamp
     if why is None and not content_same:
@@ -1957,11 +1998,8 @@ class Chain:
         """
         self._check_open()
         with self._repo._cat.read():
-            snap = self._repo._find_snapshot(self._name, snapshot_id)
-            row = self._repo._volume_row(snap.volume)
-        if row.legality != "LEGAL":
-            raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
-                                  hint="run 'cowchain chain check --repair'")
+            row = self._repo._snapshot_volume(self._repo._find_snapshot(self._name,
+                                                                        snapshot_id))
         img = self._repo._open_volume(row, readonly=True)
         self._views.add(img)
         return img
