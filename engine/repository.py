@@ -30,7 +30,14 @@ before it touches any file, does idempotent steps, and applies its catalog chang
 transaction.  ``Repository.open`` rolls an interrupted operation back (snapshot, revert,
 preview, clone, create, export: remove what it created) or forward (delete_snapshot: the
 merge is redone from the last recorded step; removals after a commit are finished).  A volume
-being written by a merge is marked ILLEGAL until the merge completes.
+being written by a merge is marked ILLEGAL until the merge completes.  Every image lock an
+operation needs is taken before its journal entry and held to its end (``_holding``), so an
+operation refused by a lock leaves nothing to recover.
+
+Volume identity: the catalog records each volume's virtual size and, for a raw volume, its
+inode and (once sealed by a snapshot) a content stamp; every open compares a raw volume's size
+and inode (``VolumeDamaged`` when they differ), ``check`` also the stamp.  A chain with a
+volume known to be damaged takes no new snapshot unless forced.
 
 The QCOW2 headers are the truth about which file backs which; the catalog is the truth about
 snapshots.  ``Repository.check`` compares the two, runs the image check on every volume, and
@@ -811,7 +818,12 @@ class Repository:
         - ``pending``: an operation is in flight in the journal (repair: recover it).
         - ``missing-file``: a volume's file is gone (not repairable: restore it from backup).
         - ``unreadable``: a volume's file cannot be opened (not repairable).
-        - ``size``: a volume's virtual size differs from its chain's (not repairable).
+        - ``size``: a leaf's virtual size differs from its chain's, or a volume's from the
+          size the catalog records for it (not repairable).
+        - ``identity``: a raw volume is not the file the catalog recorded: shorter than the
+          disk it serves, another size or inode, or (sealed) another content stamp.  Repair:
+          a new inode with the recorded content (a copied repository) is recorded; anything
+          else is not repairable (restore the file from a backup).
         - ``backing``: the header's backing file differs from the catalog's parent.  The
           header is the truth: repair points the catalog at the volume the header names, when
           the catalog knows it.
@@ -824,6 +836,10 @@ class Repository:
         - ``role``: a volume's recorded role is stale (repair: recompute).
         - ``stray-file``: a file in ``volumes/`` the catalog does not know (repair: move it to
           ``lost+found/``).
+
+        A read-write repository records in the catalog which volumes this check found
+        damaged (missing, unreadable, wrong size or identity, image corruption) and clears
+        the mark of those found clean: a chain with a damaged volume takes no new snapshot.
 
         Arguments:
             repair (bool): fix what can be fixed.
