@@ -287,7 +287,7 @@ def cmd_info(args) -> int:
 
 def cmd_snapshot(args) -> int:
     with _open_repo(args) as repo:
-        s = repo.chain(args.name).snapshot(args.description)
+        s = repo.chain(args.name).snapshot(args.description, force=args.force)
         # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
         _emit(args, s.to_dict(), s.id)
     return 0
@@ -441,7 +441,7 @@ def cmd_read(args) -> int:
     snapshot = args.snapshot
     with _open_repo(args, readonly=True) as repo:
         c = repo.chain(args.name)
-        if args.snapshot:
+        if args.snapshot is not None:
             snapshot = c.get_snapshot(args.snapshot).id
             with c.open_snapshot(snapshot) as img:
                 data = img.read(args.offset, args.length)
@@ -570,16 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="follow the source's backing files even when named by an absolute "
                          "path or outside its folder (only for images you trust)")
     progress_flag(sp)
-    sp = verb(verbs, "resize", cmd_resize, "grow a chain's disk (snapshots keep their size)",
-              NAME)
+    sp = verb(verbs, "resize", cmd_resize, "grow a chain's disk (snapshots keep their size; "
+              "revert to one gives the disk its size again)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="new virtual size, e.g. 20G")
     verb(verbs, "list", cmd_list, "list the chains")
     verb(verbs, "info", cmd_info, "show a chain's volumes and snapshots", NAME)
     sp = verb(verbs, "snapshot", cmd_snapshot, "take a snapshot (prints its id)", NAME)
     sp.add_argument("-d", "--description", default="", help="free text")
+    sp.add_argument("--force", action="store_true",
+                    help="take it even though a volume of the chain is known to be damaged")
     verb(verbs, "snapshots", cmd_snapshots, "list a chain's snapshots, oldest first", NAME)
-    verb(verbs, "revert", cmd_revert, "make the disk read as it did at a snapshot; newer "
-                                      "snapshots are removed", NAME, SNAP)
+    verb(verbs, "revert", cmd_revert, "make the disk read as it did at a snapshot, at the "
+                                      "size it had then; newer snapshots are removed", NAME, SNAP)
     verb(verbs, "preview", cmd_preview, "run on a snapshot's content, keeping the current "
                                         "state aside", NAME, SNAP)
     verb(verbs, "commit-preview", cmd_commit_preview, "keep the previewed state (newer "
@@ -695,7 +697,7 @@ def error_line(e: EngineError) -> str:
     text = str(e)
     if e.hint and text.endswith(f" ({e.hint})"):
         text = text[:-len(f" ({e.hint})")]
-        hint = cli_hint(e.hint)
+        hint = getattr(e, "cli_hint", None) or cli_hint(e.hint)
         if hint:
             text = f"{text} ({hint})"
     return _one_line(text)

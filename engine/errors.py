@@ -210,6 +210,28 @@ class NotFound(RepositoryError, LookupError):
     exit_code = 16
 
 
+class VolumeDamaged(RepositoryError):
+    """A volume of a chain is damaged, or is not the file the catalog recorded: a raw volume
+    truncated or replaced, a QCOW2 volume with the corrupt bit set, a volume marked ILLEGAL or
+    found damaged by check.  Reads through a volume that is not the recorded file, and new
+    snapshots on a chain with a damaged volume, are refused.
+
+    Attributes:
+        volume (str): the volume's id.   chain (str | None): its chain.
+        cli_hint (str): the hint in command-line words (``hint`` names the Python API).
+    """
+
+    exit_code = 21
+    exit_meaning = "refused: a volume of the chain is damaged or is not the recorded file"
+
+    def __init__(self, message: str, *, volume: str, chain: str | None = None,
+                 cli_hint: str | None = None, **kw: str | None):
+        self.volume = volume
+        self.chain = chain
+        super().__init__(message, **kw)
+        self.cli_hint = self.hint if cli_hint is None else cli_hint
+
+
 #: The process exit codes, in one table: the command line exits with these, ``cowchain
 #: --help`` and README print them (:func:`exit_code_table`). ``check`` uses qemu-img check's
 #: codes 0-3 and nothing else uses 1-3; every EngineError subclass has its own code.
