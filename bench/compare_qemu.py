@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""cowchain vs QEMU, side by side, on the same files and in the same run (issue 5).
+"""cowchain vs QEMU, side by side, on the same files and in the same run (README, Performance).
 
 Usage::
 
@@ -8,7 +8,7 @@ Usage::
 
 What it does:
 
-1. Builds, with ``qemu-img``/``qemu-io``, the chain of issue 5: a base volume fully written
+1. Builds, with ``qemu-img``/``qemu-io``, the benchmark chain: a base volume fully written
    with random bytes (1 GiB; ``qemu-img convert`` of a raw file) and 10 QCOW2 overlays, each
    holding 16 MiB of scattered 64 KiB writes (``qemu-io write -P``).  ``qemu-img convert -O
    raw`` of the top gives the flat raw file the mmap reference reads.  Before measuring, the

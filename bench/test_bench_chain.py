@@ -1,4 +1,4 @@
-"""Chain-metadata benchmarks (issue 5).
+"""Chain-metadata benchmarks (the figures of README's Performance section).
 
 Guards against regressions in:
 

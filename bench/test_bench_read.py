@@ -1,4 +1,4 @@
-"""Read-path benchmarks (issue 5).
+"""Read-path benchmarks (the figures of README's Performance section).
 
 Guards against regressions in:
 

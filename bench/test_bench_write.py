@@ -1,4 +1,4 @@
-"""Write-path benchmarks (issue 5).
+"""Write-path benchmarks (the figures of README's Performance section).
 
 Guards against regressions in:
 

@@ -4,7 +4,7 @@
 This module knows bytes and clusters; image.py knows files, headers and policy.  Everything
 per cluster runs here in C with the GIL released; Python is crossed once per request.
 
-Data path (DESIGN.md):
+Data path (docs/architecture.md, "The data path"):
 
 - Each file is mapped once with a reserved length larger than the file; the file grows by
   io_fallocate() before a byte of the new range is touched, so a full disk is a clean ENOSPC, not
@@ -90,7 +90,7 @@ DEF E_PYERR = -6       # a Python callback raised: the exception waits in _pendi
 DEF E_CLOSED = -7      # the image was closed (checked under the lock)
 DEF E_RANGE = -8       # the request reaches past the end of the disk
 
-# --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; qcow2-facts.md section 4) ------------
+# --- QCOW2 entry layout (qcow2.txt "Cluster mapping"; docs/on-disk.md section 4) ------------
 
 cdef extern from *:
     """
@@ -188,7 +188,7 @@ cdef inline int fail_io(Layer *L, const char *msg, uint64_t off) noexcept nogil:
 
 
 
-# --- test seams: I/O shim, named hooks, barrier callback (RELIABILITY.md C1) -------------------
+# --- test seams: I/O shim, named hooks, barrier callback (docs/reliability.md C1) --------------
 #
 # Every OS call that can fail on the write path goes through io_*: a counter per call kind and
 # an optional injected fault (fail the n-th call, once or from then on, with an errno).  Hooks
@@ -393,6 +393,62 @@ def _arm_from_env():
         arm_hook(name, int(nth), action)
 
 
+# The same shim for the metadata engine.image and engine.check write from Python (header
+# rewrites, repairs): the same counters and injected faults, the same barrier callback, so the
+# fault matrix and the power-loss recorder see every write the engine makes.  Each raises
+# OSError(errno); the caller turns it into an EngineError.
+
+def meta_pwrite(int fd, const uint8_t[::1] data, uint64_t offset):
+    """pwrite all of ``data`` at ``offset`` (retrying short writes) through the shim."""
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t done = 0
+    cdef ssize_t w
+    cdef int e = 0
+    if n == 0:
+        return
+    with nogil:
+        while done < n:
+            w = io_pwrite(fd, &data[done], <size_t>(n - done), <off_t>(offset + <uint64_t>done))
+            if w < 0:
+                if errno == EINTR:
+                    continue
+                e = errno if errno else 5
+                break
+            if w == 0:
+                e = 5
+                break
+            done += w
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+
+
+def meta_sync(int fd):
+    """fdatasync ``fd`` through the shim (fault kind "sync"); the barrier callback sees it."""
+    cdef int e = 0
+    with nogil:
+        if io_fault(IO_SYNC):
+            e = errno if errno else 5
+        elif fdatasync(fd) != 0:
+            e = errno if errno else 5
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+    if have_barrier_cb:
+        barrier_notify(fd)
+
+
+def meta_ftruncate(int fd, uint64_t size):
+    """ftruncate ``fd`` to ``size`` bytes through the shim."""
+    cdef int e = 0
+    with nogil:
+        if io_ftruncate(fd, <off_t>size) != 0:
+            e = errno if errno else 5
+    if e:
+        import os
+        raise OSError(e, os.strerror(e))
+
+
 # --- file growth and mapping ----------------------------------------------------------------
 
 cdef int ensure_size(Layer *L, uint64_t end) noexcept nogil:
@@ -550,7 +606,7 @@ cdef int get_refcount(Layer *L, uint64_t idx, uint64_t *out) noexcept nogil:
 
 cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
     """Move the refcount table to a new, larger, self-describing area past everything the
-    old table covers (qcow2-facts 5.3): [new refblocks][new reftable], synced, then the header
+    old table covers (docs/on-disk.md §5.3): [new refblocks][new reftable], synced, then the header
     pointer is switched (synced), then the old table clusters are freed."""
     cdef uint64_t C = L.cluster_size
     cdef uint64_t rbe = 1 << L.rb_shift
@@ -1927,30 +1983,23 @@ cdef int _on_tmpfs(int fd) noexcept:
     return st.f_type == 0x01021994      # TMPFS_MAGIC
 
 
-# --- argument rules (the one place offsets and lengths are checked) ---------------------------
+# --- arguments: offsets and lengths follow engine.format.int_arg ------------------------------
 
-def check_int(value, what="offset", path=None):
-    """The rule for an offset or length given to an I/O method: a Python int or a numpy
-    integer scalar (bool is not an integer here, and a float is refused, never truncated),
-    with 0 <= value < 2**64. Returns it as an int; InvalidArgument carrying the value
-    otherwise. Ranges are checked against the disk by the caller."""
-    v = value
-    if type(v) is not int:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            from engine.errors import InvalidArgument
-            raise InvalidArgument(f"{what} must be an integer, not {type(value).__name__} "
-                                  f"({value!r})", value=value, path=path)
-        v = int(v)
-    if v < 0 or v >> 64:
-        from engine.errors import InvalidArgument
-        raise InvalidArgument(f"{what} {v} is {'negative' if v < 0 else 'too large'}",
-                              value=value, path=path)
-    return v
+cdef object _int_arg = None
+
+
+cdef object int_arg(object value, object what):
+    """engine.format.int_arg (the one rule for integer arguments), imported on first use."""
+    global _int_arg
+    if _int_arg is None:
+        from engine.format import int_arg as f
+        _int_arg = f
+    return _int_arg(value, what)
 
 
 def as_offsets(offsets, path=None):
     """The offsets of a batch (readv, writev) as a C-contiguous uint64 array: a 1-D numpy
-    array of an integer dtype, or a sequence of values that each pass check_int."""
+    array of an integer dtype, or a sequence of values that each pass int_arg."""
     from engine.errors import InvalidArgument
     if isinstance(offsets, np.ndarray):
         if offsets.dtype.kind not in "iu" or offsets.ndim != 1:
@@ -1977,7 +2026,7 @@ def as_offsets(offsets, path=None):
         arr = np.array(seq)
         if arr.dtype.kind in "iu":
             return as_offsets(arr, path)
-    return np.array([check_int(x, "offset", path) for x in seq], dtype=np.uint64)
+    return np.array([int_arg(x, "offset") for x in seq], dtype=np.uint64)
 
 
 cdef void swap_layers(Layer *a, Layer *b) noexcept nogil:
@@ -2325,13 +2374,14 @@ cdef class CoreImage:
         return bool(self.L.data_dirty or self.L.n_cached or self.L.l1_dirty or self.L.n_pend)
 
     cdef uint64_t _u64(self, object value, what) except? 0xffffffffffffffff:
-        """An offset or length by the rule of check_int (a plain int takes the short way)."""
+        """An offset or length by engine.format.int_arg (a plain int in range takes the
+        short way, without a call)."""
         if type(value) is int:
             try:
                 return value
             except OverflowError:
                 pass
-        return check_int(value, what, self.path)
+        return int_arg(value, what)
 
     cdef int _buffer(self, object buf, Py_buffer *view, bint writable) except -1:
         """Acquire any C-contiguous buffer (bytes, bytearray, memoryview, numpy of any dtype)
@@ -2613,6 +2663,13 @@ cdef class CoreImage:
             pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
             self._fail(rc, &err)
+
+    def poison(self, int err):
+        """Fail every later flush with ``err``, as a failed sync of this image does: for a
+        write or sync of metadata done beside the core (a header rewrite, a repair) that
+        failed, after which the kernel may have dropped pages we count on."""
+        if not self.L.sticky_errno:
+            self.L.sticky_errno = err if err else 5
 
     def trim(self):
         """Shrink the file to the end of the last cluster in use (after a flush)."""

@@ -34,8 +34,8 @@ from typing import Any, Iterator
 from engine.errors import EngineError, RepositoryError, io_error
 
 #: The version of the schema below.  A catalog with a newer version is refused (a newer
-#: cowchain wrote it); an older one would be migrated here when there is a version 2.
-SCHEMA_VERSION = 1
+#: cowchain wrote it); an older one is migrated by a read-write open (:data:`_MIGRATIONS`).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE schema_version (
@@ -62,7 +62,11 @@ CREATE TABLE volumes (
     role        TEXT NOT NULL CHECK (role IN ('base', 'internal', 'leaf', 'shared')),
     parent      TEXT REFERENCES volumes(id) DEFERRABLE INITIALLY DEFERRED,
     legality    TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
-    created     TEXT NOT NULL
+    created     TEXT NOT NULL,
+    size        INTEGER,                       -- virtual size, bytes (NULL: not yet recorded)
+    ino         INTEGER,                       -- raw volumes: the file's inode number
+    stamp       TEXT,                          -- sealed raw volumes: content stamp
+    damaged     TEXT                           -- why check found the volume damaged, or NULL
 );
 CREATE INDEX volumes_parent ON volumes(parent);
 CREATE INDEX volumes_chain ON volumes(chain);
@@ -85,6 +89,18 @@ CREATE TABLE journal (
     started     TEXT NOT NULL
 );
 """
+
+
+#: Schema changes, by the version they lead to: the statements that bring a catalog of the
+#: version before up to it.  They run in one transaction with the new version row, so a
+#: catalog is migrated completely or not at all.  Values that need the volume files (sizes,
+#: identities) are filled in afterwards by the repository (``NULL`` means "not recorded").
+_MIGRATIONS = {
+    2: ["ALTER TABLE volumes ADD COLUMN size INTEGER",
+        "ALTER TABLE volumes ADD COLUMN ino INTEGER",
+        "ALTER TABLE volumes ADD COLUMN stamp TEXT",
+        "ALTER TABLE volumes ADD COLUMN damaged TEXT"],
+}
 
 
 def now() -> str:
@@ -119,6 +135,10 @@ class VolumeRow:
     parent: str | None
     legality: str
     created: str
+    size: int | None = None
+    ino: int | None = None
+    stamp: str | None = None
+    damaged: str | None = None
 
 
 @dataclass
@@ -176,6 +196,10 @@ class Catalog:
             raise RepositoryError(f"catalog is missing: {path}")
         self.path = path
         self._depth = 0
+        self._reading = False
+        self._readonly = readonly
+        #: the schema version of the file (older than SCHEMA_VERSION only when read-only)
+        self.version = SCHEMA_VERSION
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -211,6 +235,19 @@ class Catalog:
             raise RepositoryError(
                 f"catalog {self.path} has schema version {version}; this cowchain "
                 f"understands version {SCHEMA_VERSION}", hint="upgrade cowchain")
+        self.version = version
+        if version < SCHEMA_VERSION and not self._readonly:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older catalog up to SCHEMA_VERSION (a read-only open reads it as it is:
+        the columns it lacks read as NULL)."""
+        with self.transaction():
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for sql in _MIGRATIONS[v]:
+                    self._exec(sql)
+                self._exec("INSERT INTO schema_version VALUES (?, ?)", (v, now()))
+        self.version = SCHEMA_VERSION
 
     def close(self) -> None:
         if self._db is not None:
@@ -226,6 +263,9 @@ class Catalog:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One durable transaction; a nested use joins the outer one."""
+        if self._reading:
+            raise RepositoryError("catalog: a change inside a read (internal error)",
+                                  path=self.path)
         if self._depth:
             self._depth += 1
             try:
@@ -251,6 +291,29 @@ class Catalog:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """One consistent read: every query inside sees the same committed state, even while
+        another process commits (a read transaction under WAL).  Inside a transaction (or
+        another read) it joins that one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._exec("BEGIN DEFERRED")
+        self._depth = 1
+        self._reading = True
+        try:
+            yield
+        finally:
+            self._depth = 0
+            self._reading = False
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("COMMIT")
 
     def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         if self._db is None:
@@ -305,6 +368,20 @@ class Catalog:
     def volumes(self) -> dict[str, VolumeRow]:
         """Every volume of the repository, by id."""
         return {r["id"]: VolumeRow(**dict(r)) for r in self._exec("SELECT * FROM volumes")}
+
+    def volume_by_path(self, path: str) -> VolumeRow | None:
+        row = self._exec("SELECT * FROM volumes WHERE path = ?", (path,)).fetchone()
+        return VolumeRow(**dict(row)) if row else None
+
+    def unrecorded_volumes(self) -> list[VolumeRow]:
+        """Volumes whose size (and identity) is not recorded yet (a migrated catalog)."""
+        return [VolumeRow(**dict(r)) for r in
+                self._exec("SELECT * FROM volumes WHERE size IS NULL")]
+
+    def flagged_volumes(self) -> list[VolumeRow]:
+        """Volumes marked ILLEGAL or damaged."""
+        return [VolumeRow(**dict(r)) for r in self._exec(
+            "SELECT * FROM volumes WHERE legality != 'LEGAL' OR damaged IS NOT NULL")]
 
     def children(self, vid: str) -> list[VolumeRow]:
         return [VolumeRow(**dict(r)) for r in

@@ -2,7 +2,7 @@
 
 :func:`check_file` recomputes every reference count of the image from its metadata and
 compares it with the refcounts stored on disk, step for step as QEMU 7.2's
-``qcow2_co_check_locked`` does (qcow2-facts.md section 7.3). The result, :class:`CheckResult`,
+``qcow2_co_check_locked`` does (docs/on-disk.md section 7.3). The result, :class:`CheckResult`,
 carries the counts ``qemu-img check --output=json`` prints, with the same names, presence
 rules and exit codes; the tests compare them with qemu-img's field by field.
 
@@ -95,7 +95,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine import _core
 from engine import format as fmt
+from engine.image import meta_sync
 from engine.errors import (
     CorruptImage,
     EngineError,
@@ -441,19 +443,15 @@ class _Image:
         return out
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        # through the core's I/O shim: the fault tests and the power-loss recorder see repairs
         try:
-            n = os.pwrite(self.fd, data, offset)
-            while n < len(data):
-                n += os.pwrite(self.fd, data[n:], offset + n)
+            _core.meta_pwrite(self.fd, data, offset)
         except OSError as e:
             raise io_error(e.errno, f"cannot write {len(data)} bytes at offset {offset}",
                            path=self.path) from None
 
     def sync(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot sync the image", path=self.path) from None
+        meta_sync(self.fd, self.path)
 
     def u64_table(self, offset: int, entries: int, *, trim: bool = False) -> np.ndarray:
         """A table of big-endian u64 entries at ``offset`` as native uint64. Only the part
@@ -1444,7 +1442,7 @@ class _Calc:
         if grow.any():
             new_size = int((off[grow] + C).max())
             try:
-                os.ftruncate(img.fd, new_size)
+                _core.meta_ftruncate(img.fd, new_size)
             except OSError as e:
                 p.findings.add("refblock", f"ERROR could not resize image: "
                                f"{os.strerror(e.errno)}")

@@ -3,11 +3,10 @@
 Usage: ``cowchain [--repo DIR] [--output human|json] GROUP VERB ...`` (``--repo`` defaults to
 ``$COWCHAIN_REPO``; both options may also follow the verb).  See ``cowchain --help``.
 
-Exit codes: 0 success; 2 usage error; the ``exit_code`` of the EngineError subclass for an
-engine error (engine/errors.py: 15 repository request refused, 16 not found, 9 image locked,
-...); for ``check``: 2 problems remain, 3 only leaked clusters remain; 74 an OS error on a
-file named on the command line; 70 an internal error; 130 interrupted.  Errors are one line
-on stderr, never a traceback (set COWCHAIN_DEBUG=1 to get the traceback too).
+Exit codes: one table, in engine/errors.py (``exit_code_table()``), printed by ``cowchain
+--help``: ``check`` uses qemu-img check's 0-3, each EngineError subclass its own code, 64 a
+usage error.  Errors are one line on stderr, never a traceback (set COWCHAIN_DEBUG=1 to get
+the traceback too); their hints name this command's verbs and flags (:data:`CLI_HINTS`).
 """
 
 from __future__ import annotations
@@ -18,33 +17,43 @@ import os
 import re
 import sys
 import time
+from fractions import Fraction
 
-from engine.errors import EngineError
-
-EX_USAGE = 2
-EX_SOFTWARE = 70
-EX_IOERR = 74
-EX_INTERRUPTED = 130
+from engine.errors import (EX_INTERRUPTED, EX_IOERR, EX_SOFTWARE, EX_USAGE, EngineError,
+                           ImageNotFound, exit_code_table)
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
           "E": 1 << 60}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
+#: The largest number a size on the command line may be: 64 bits (16 EiB - 1). The engine
+#: checks the real limits of the format and the filesystem.
+MAX_SIZE = (1 << 64) - 1
+
+
 class UsageError(Exception):
-    """A command line that does not make sense (exit 2)."""
+    """A command line that does not make sense (exit EX_USAGE)."""
 
 
 def parse_size(text: str) -> int:
     """'10G' -> 10737418240: qemu-img's suffixes (K, M, G, T, P, E; powers of 1024; an
-    optional 'B' or 'iB'); a bare number is bytes."""
+    optional 'B' or 'iB'); a bare number is bytes. Exact (no floating point)."""
     m = _SIZE_RE.match(str(text))
     if not m:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
+    value = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value.denominator != 1:
         raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} does not fit in 64 bits (the "
+                                         f"largest is {MAX_SIZE} bytes, 16 EiB - 1)")
     return int(value)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """plural(1, 'volume') -> '1 volume'; plural(2, 'volume') -> '2 volumes'."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def human_size(n: int) -> str:
@@ -96,9 +105,24 @@ def _progress(args, label: str):
 
 # --- output helpers -------------------------------------------------------------------------
 
+#: JSON keys are hyphenated, as qemu-img's are; where qemu-img has the same field, its name.
+_JSON_NAMES = {"size": "virtual-size"}
+
+
+def json_keys(obj):
+    """OBJ with every dict key in the one JSON style: 'cluster_size' -> 'cluster-size',
+    'size' (a virtual size) -> 'virtual-size'."""
+    if isinstance(obj, dict):
+        return {_JSON_NAMES.get(k, k.replace("_", "-")) if isinstance(k, str) else k:
+                json_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_keys(v) for v in obj]
+    return obj
+
+
 def _emit(args, obj, human: str | None) -> None:
     if args.output == "json":
-        json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+        json.dump(json_keys(obj), sys.stdout, indent=2, sort_keys=False)
         sys.stdout.write("\n")
     elif human is not None:
         sys.stdout.write(human if human.endswith("\n") or not human else human + "\n")
@@ -189,14 +213,14 @@ def cmd_check(args) -> int:
                          else "problem")
                 what = f" ({p.repair})" if p.repair else ""
                 lines.append(f"{state}: [{p.kind}] {p.message}{what}")
-            n = len(res.volumes)
+            n = plural(len(res.volumes), "volume")
             if not res.problems:
-                lines.append(f"No problems found ({n} volumes checked).")
+                lines.append(f"No problems found ({n} checked).")
             elif res.ok:
-                lines.append(f"All problems repaired ({n} volumes checked).")
+                lines.append(f"All problems repaired ({n} checked).")
             else:
                 left = sum(not p.repaired for p in res.problems)
-                lines.append(f"{left} problem(s) left ({n} volumes checked)"
+                lines.append(f"{plural(left, 'problem')} left ({n} checked)"
                              + ("" if args.repair else "; run with --repair to fix what can be"))
             _emit(args, d, "\n".join(lines))
         return res.exit_code
@@ -218,7 +242,7 @@ def cmd_import(args) -> int:
         try:
             c = repo.import_chain(args.name, args.source, format=args.source_format,
                                   base_format=args.format, cluster_size=args.cluster_size,
-                                  progress=bar)
+                                  progress=bar, allow_unsafe_backing=args.allow_unsafe_backing)
         finally:
             if bar:
                 bar.close()
@@ -263,7 +287,7 @@ def cmd_info(args) -> int:
 
 def cmd_snapshot(args) -> int:
     with _open_repo(args) as repo:
-        s = repo.chain(args.name).snapshot(args.description)
+        s = repo.chain(args.name).snapshot(args.description, force=args.force)
         # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
         _emit(args, s.to_dict(), s.id)
     return 0
@@ -279,13 +303,14 @@ def cmd_snapshots(args) -> int:
 def _chain_op(args, verb: str, message: str) -> int:
     with _open_repo(args) as repo:
         c = repo.chain(args.name)
+        snapshot = ""
         if verb in ("revert", "preview"):
-            getattr(c, verb)(args.snapshot)
+            snapshot = c.get_snapshot(args.snapshot).id     # echo the full id, not the prefix
+            getattr(c, verb)(snapshot)
         else:
             getattr(c, verb)()
         d = c.to_dict()
-        _emit(args, d, message.format(name=args.name, snapshot=getattr(args, "snapshot", ""),
-                                      leaf=d["leaf"]))
+        _emit(args, d, message.format(name=args.name, snapshot=snapshot, leaf=d["leaf"]))
     return 0
 
 
@@ -332,15 +357,30 @@ def cmd_clone(args) -> int:
 
 
 def cmd_export(args) -> int:
+    to_stdout = args.dest == "-"
+    if to_stdout:
+        if args.format != "raw" or args.output_device:
+            raise UsageError("DEST '-' writes the raw disk to standard output: it takes "
+                             "neither --format qcow2 nor --output-device")
+        if sys.stdout.isatty():
+            raise UsageError("standard output is a terminal; redirect it to a file or a pipe")
+        if args.output == "json":
+            raise UsageError("DEST '-' writes the disk to standard output; --output json "
+                             "cannot share it")
     with _open_repo(args) as repo:
         bar = _progress(args, "exporting")
         try:
-            r = repo.chain(args.name).export(args.dest, format=args.format,
-                                             snapshot_id=args.snapshot, progress=bar,
-                                             overwrite=args.force)
+            if to_stdout:
+                sys.stdout.flush()
+            r = repo.chain(args.name).export(sys.stdout.fileno() if to_stdout else args.dest,
+                                             format=args.format, snapshot_id=args.snapshot,
+                                             progress=bar, overwrite=args.force,
+                                             output_device=args.output_device)
         finally:
             if bar:
                 bar.close()
+        if to_stdout:
+            return 0
         what = f"snapshot {r.snapshot} of {args.name}" if r.snapshot else args.name
         _emit(args, r.to_dict(), f"Exported {what} to {r.path} ({r.format}, "
                                  f"{human_size(r.size)} virtual, {human_size(r.data_bytes)} "
@@ -356,7 +396,8 @@ def cmd_diff(args) -> int:
         rows = [[str(c["start"]), str(c["length"]), "zero" if c["zero"] else "data"]
                 for c in changes]
         _emit(args, changes, (_table(rows, ["START", "LENGTH", "READS"]) +
-                              f"\n{len(changes)} ranges, {human_size(total)} changed")
+                              f"\n{plural(len(changes), 'range')}, {human_size(total)} "
+                              "changed")
               if changes else "No changes.")
     return 0
 
@@ -369,18 +410,18 @@ def cmd_delete(args) -> int:
 
 
 def cmd_write(args) -> int:
+    if args.file is not None and args.length is not None:
+        raise UsageError("--length goes with --pattern; --file writes the whole file")
     if args.file is not None:
         if args.file == "-":
             data = sys.stdin.buffer.read()
         else:
             with open(args.file, "rb") as f:
                 data = f.read()
-    elif args.pattern is not None:
+    else:
         if args.length is None:
             raise UsageError("--pattern needs --length")
         data = bytes([args.pattern]) * args.length
-    else:
-        raise UsageError("give --file PATH (or -) or --pattern BYTE --length N")
     with _open_repo(args) as repo:
         c = repo.chain(args.name)
         c.write(args.offset, data)
@@ -393,31 +434,39 @@ def cmd_write(args) -> int:
 def cmd_read(args) -> int:
     import hashlib
 
+    from engine import destination
+
+    if args.force and not args.out:
+        raise UsageError("--force goes with --out FILE")
+    snapshot = args.snapshot
     with _open_repo(args, readonly=True) as repo:
         c = repo.chain(args.name)
-        if args.snapshot:
-            with c.open_snapshot(args.snapshot) as img:
+        if args.snapshot is not None:
+            snapshot = c.get_snapshot(args.snapshot).id
+            with c.open_snapshot(snapshot) as img:
                 data = img.read(args.offset, args.length)
         else:
             data = c.read(args.offset, args.length)
-    if args.out:
-        with open(args.out, "wb") as f:
-            f.write(data)
-    elif args.output != "json":
+        out = None
+        if args.out:
+            # written while the repository is open, so its files count as in use
+            out = destination.write_bytes(args.out, data, overwrite=args.force)
+    if out is None and args.output != "json":
+        destination.check_fd(sys.stdout.fileno())
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return 0
-    _emit(args, {"chain": args.name, "snapshot": args.snapshot, "offset": args.offset,
+    _emit(args, {"chain": args.name, "snapshot": snapshot, "offset": args.offset,
                  "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                 "out": args.out}, f"Read {human_size(len(data))} into {args.out}")
+                 "out": out}, f"Read {human_size(len(data))} into {out}")
     return 0
 
 
 # --- parser -----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line on stderr (exit 2)."""
+    """argparse with usage errors as one line on stderr (exit EX_USAGE)."""
 
     def error(self, message):
         self.exit(EX_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -433,7 +482,19 @@ def _byte(text: str) -> int:
     return v
 
 
+def _epilog() -> str:
+    import textwrap
+
+    text = ("Sizes take K, M, G, T, P, E suffixes (powers of 1024). Snapshot ids may be "
+            "abbreviated to a unique prefix of 4+ characters; messages echo the full id. "
+            "JSON output uses hyphenated keys, as qemu-img does (virtual-size, "
+            "cluster-size).")
+    return textwrap.fill(text, 79, break_on_hyphens=False) + "\n\nExit codes:\n" + exit_code_table()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine import __version__
+
     def options(parser, default):
         # Given before the group or after the verb: the verb's copy has no default, so it
         # only overrides what the top level parsed when it is given.
@@ -449,105 +510,197 @@ def build_parser() -> argparse.ArgumentParser:
     p = options(_Parser(prog="cowchain",
                         description="Manage QCOW2 snapshot chains (oVirt-style) in a "
                                     "repository.",
-                        epilog="Sizes take K, M, G, T suffixes (powers of 1024). Snapshot ids "
-                               "may be abbreviated to a unique prefix of 4+ characters. Exit "
-                               "codes: 0 success, 2 usage error (check: problems remain), 3 "
-                               "check: only leaked clusters remain, 9 image locked, 12 invalid "
-                               "argument, 15 request refused, 16 not found, 74 file error, 70 "
-                               "internal error; the rest as engine/errors.py."), True)
+                        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter),
+                True)
+    p.add_argument("--version", action="version", version=f"cowchain {__version__}",
+                   help="print the version and exit")
     groups = p.add_subparsers(dest="group", metavar="{repo,chain}", parser_class=_Parser)
     groups.required = True
 
-    repo = groups.add_parser("repo", help="create and check repositories")
-    rverbs = repo.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    rverbs.required = True
-    v = rverbs.add_parser("init", parents=[common], help="create a repository in DIR")
-    v.add_argument("dir", nargs="?", metavar="DIR")
-    v.set_defaults(func=cmd_repo_init)
-    v = rverbs.add_parser("check", parents=[common],
-                          help="compare catalog and volume files; check every volume")
-    v.add_argument("--repair", action="store_true", help="fix what can be fixed")
-    v.set_defaults(func=cmd_check)
+    def group(name, help):
+        g = groups.add_parser(name, help=help, description=help)
+        sub = g.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+        sub.required = True
+        return sub
 
-    chain = groups.add_parser("chain", help="create, snapshot, merge, clone, export chains")
-    verbs = chain.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    verbs.required = True
-
-    def verb(name, func, help, *names):
-        sp = verbs.add_parser(name, parents=[common], help=help, description=help)
-        for n in names:
-            sp.add_argument(n, metavar=n.upper().replace("_", "-"))
+    def verb(sub, name, func, help, *names):
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        for n, h in names:
+            sp.add_argument(n, metavar=n.upper().replace("_", "-"), help=h)
         sp.set_defaults(func=func)
         return sp
 
-    sp = verb("create", cmd_create, "create a chain (one base volume)", "name")
+    NAME = ("name", "the chain's name")
+    SNAP = ("snapshot", "a snapshot id (or a unique prefix of 4+ characters)")
+
+    def progress_flag(sp):
+        sp.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is shown only on a terminal)")
+
+    def cluster_flag(sp):
+        sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
+                        help="cluster size of the qcow2 volumes (default: 64K)")
+
+    rverbs = group("repo", "create and check repositories")
+    sp = verb(rverbs, "init", cmd_repo_init, "create a repository (a folder with a catalog "
+                                             "and volumes/) in DIR, a new or empty folder")
+    sp.add_argument("dir", nargs="?", metavar="DIR",
+                    help="the folder (default: --repo or $COWCHAIN_REPO)")
+    sp = verb(rverbs, "check", cmd_check, "compare the catalog with the volume files and "
+                                          "check every volume as qemu-img check does "
+                                          "(exit 0 clean, 2 problems, 3 only leaks)")
+    sp.add_argument("--repair", action="store_true",
+                    help="fix what can be fixed (leaks, catalog mismatches, image repairs)")
+
+    verbs = group("chain", "create, snapshot, merge, clone, export chains")
+    sp = verb(verbs, "create", cmd_create, "create a chain (one base volume)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="virtual size, e.g. 10G")
     sp.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                     help="format of the base volume (default: raw)")
-    sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
-                    help="cluster size of the qcow2 volumes (default: 64K)")
-    sp = verb("import", cmd_import, "create a chain whose base volume is a copy of an "
-                                    "existing disk image (the source is not changed)",
-              "name", "source")
+    cluster_flag(sp)
+    sp = verb(verbs, "import", cmd_import, "create a chain whose base volume is a copy of an "
+                                           "existing disk image (the source is not changed)",
+              NAME, ("source", "the disk image to copy"))
     sp.add_argument("-f", "--source-format", choices=("raw", "qcow2"), required=True,
                     help="the source's format (never guessed)")
     sp.add_argument("--format", choices=("raw", "qcow2"), default="raw",
                     help="format of the new base volume (default: raw)")
-    sp.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
-                    help="cluster size of the qcow2 volumes (default: 64K)")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp = verb("resize", cmd_resize, "grow a chain's disk (snapshots keep their size)", "name")
+    cluster_flag(sp)
+    sp.add_argument("--allow-unsafe-backing", action="store_true",
+                    help="follow the source's backing files even when named by an absolute "
+                         "path or outside its folder (only for images you trust)")
+    progress_flag(sp)
+    sp = verb(verbs, "resize", cmd_resize, "grow a chain's disk (snapshots keep their size; "
+              "revert to one gives the disk its size again)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="new virtual size, e.g. 20G")
-    verb("list", cmd_list, "list the chains")
-    verb("info", cmd_info, "show a chain's volumes and snapshots", "name")
-    sp = verb("snapshot", cmd_snapshot, "take a snapshot (prints its id)", "name")
+    verb(verbs, "list", cmd_list, "list the chains")
+    verb(verbs, "info", cmd_info, "show a chain's volumes and snapshots", NAME)
+    sp = verb(verbs, "snapshot", cmd_snapshot, "take a snapshot (prints its id)", NAME)
     sp.add_argument("-d", "--description", default="", help="free text")
-    verb("snapshots", cmd_snapshots, "list a chain's snapshots, oldest first", "name")
-    verb("revert", cmd_revert, "make the disk read as it did at a snapshot; newer snapshots "
-                               "are removed", "name", "snapshot")
-    verb("preview", cmd_preview, "run on a snapshot's content, keeping the current state "
-                                 "aside", "name", "snapshot")
-    verb("commit-preview", cmd_commit_preview, "keep the previewed state (newer snapshots "
-                                               "are removed)", "name")
-    verb("undo-preview", cmd_undo_preview, "drop the preview and return to the state kept "
-                                           "aside", "name")
-    sp = verb("delete-snapshot", cmd_delete_snapshot, "merge a snapshot away (the disk and "
-                                                      "other snapshots do not change)",
-              "name", "snapshot")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp = verb("clone", cmd_clone, "create a linked clone of a snapshot as a new chain",
-              "name", "snapshot")
-    sp.add_argument("new_name", metavar="NEW-NAME")
-    sp = verb("export", cmd_export, "write the disk (or a snapshot) as one self-contained "
-                                    "image", "name")
-    sp.add_argument("dest", metavar="DEST")
-    sp.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    sp.add_argument("--force", action="store_true",
+                    help="take it even though a volume of the chain is known to be damaged")
+    verb(verbs, "snapshots", cmd_snapshots, "list a chain's snapshots, oldest first", NAME)
+    verb(verbs, "revert", cmd_revert, "make the disk read as it did at a snapshot, at the "
+                                      "size it had then; newer snapshots are removed", NAME, SNAP)
+    verb(verbs, "preview", cmd_preview, "run on a snapshot's content, keeping the current "
+                                        "state aside", NAME, SNAP)
+    verb(verbs, "commit-preview", cmd_commit_preview, "keep the previewed state (newer "
+                                                      "snapshots are removed)", NAME)
+    verb(verbs, "undo-preview", cmd_undo_preview, "drop the preview and return to the state "
+                                                  "kept aside", NAME)
+    sp = verb(verbs, "delete-snapshot", cmd_delete_snapshot,
+              "merge a snapshot away (the disk and other snapshots do not change)", NAME, SNAP)
+    progress_flag(sp)
+    sp = verb(verbs, "clone", cmd_clone, "create a linked clone of a snapshot as a new chain",
+              NAME, SNAP, ("new_name", "the new chain's name"))
+    sp = verb(verbs, "export", cmd_export,
+              "write the disk (or a snapshot) as one self-contained image: a new file, never "
+              "inside a repository, never through a symlink", NAME,
+              ("dest", "the file to write; '-' writes the raw disk to standard output"))
+    sp.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                    help="format of the exported image (default: raw)")
     sp.add_argument("--snapshot", metavar="ID", help="export this snapshot")
-    sp.add_argument("--force", action="store_true", help="overwrite DEST")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp = verb("diff", cmd_diff, "ranges changed between two snapshots (or a snapshot and "
-                                "now), from the tables alone", "name")
-    sp.add_argument("from_snapshot", metavar="FROM")
-    sp.add_argument("to_snapshot", metavar="TO", nargs="?")
-    sp = verbs.add_parser("check", parents=[common], help="check the repository (or one "
-                                                          "chain's volumes)")
-    sp.add_argument("name", nargs="?", metavar="NAME")
-    sp.add_argument("--repair", action="store_true", help="fix what can be fixed")
-    sp.set_defaults(func=cmd_check)
-    verb("delete", cmd_delete, "delete a chain, its snapshots and the volumes only it uses",
-         "name")
-    sp = verb("write", cmd_write, "write bytes into the disk at an offset", "name")
-    sp.add_argument("--offset", type=parse_size, default=0)
-    sp.add_argument("--file", metavar="PATH", help="the bytes to write ('-': stdin)")
-    sp.add_argument("--pattern", type=_byte, metavar="BYTE", help="a byte value to repeat")
+    sp.add_argument("--force", action="store_true",
+                    help="replace DEST if it is a regular file (atomically; never a link, "
+                         "device, FIFO or socket)")
+    sp.add_argument("--output-device", action="store_true",
+                    help="DEST is a block device: write the raw disk into it")
+    progress_flag(sp)
+    sp = verb(verbs, "diff", cmd_diff, "ranges changed between two snapshots (or a snapshot "
+                                       "and now), from the tables alone", NAME,
+              ("from_snapshot", "the older snapshot"))
+    sp.add_argument("to_snapshot", metavar="TO", nargs="?",
+                    help="the newer snapshot (default: the current disk)")
+    sp = verb(verbs, "check", cmd_check, "check the repository (or one chain's volumes) as "
+                                         "qemu-img check does (exit 0 clean, 2 problems, 3 "
+                                         "only leaks)")
+    sp.add_argument("name", nargs="?", metavar="NAME",
+                    help="check only this chain's volumes (default: all)")
+    sp.add_argument("--repair", action="store_true",
+                    help="fix what can be fixed (leaks, catalog mismatches, image repairs)")
+    verb(verbs, "delete", cmd_delete, "delete a chain, its snapshots and the volumes only it "
+                                      "uses", NAME)
+    sp = verb(verbs, "write", cmd_write, "write bytes into the disk at an offset", NAME)
+    sp.add_argument("--offset", type=parse_size, default=0,
+                    help="where to write, bytes from the start of the disk (default: 0)")
+    what = sp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--file", metavar="PATH", help="the bytes to write ('-': stdin)")
+    what.add_argument("--pattern", type=_byte, metavar="BYTE",
+                      help="a byte value to repeat (with --length)")
     sp.add_argument("--length", type=parse_size, help="bytes of --pattern to write")
-    sp = verb("read", cmd_read, "read bytes of the disk (or a snapshot) to stdout or a file",
-              "name")
-    sp.add_argument("--offset", type=parse_size, default=0)
-    sp.add_argument("--length", type=parse_size, required=True)
-    sp.add_argument("--snapshot", metavar="ID")
-    sp.add_argument("--out", metavar="PATH")
+    sp = verb(verbs, "read", cmd_read, "read bytes of the disk (or a snapshot) to stdout or a "
+                                       "file", NAME)
+    sp.add_argument("--offset", type=parse_size, default=0,
+                    help="where to read, bytes from the start of the disk (default: 0)")
+    sp.add_argument("--length", type=parse_size, required=True, help="bytes to read")
+    sp.add_argument("--snapshot", metavar="ID", help="read this snapshot")
+    sp.add_argument("--out", metavar="PATH",
+                    help="write the bytes to this new file (default: stdout)")
+    sp.add_argument("--force", action="store_true",
+                    help="replace --out if it is a regular file (atomically; never a link, "
+                         "device, FIFO or socket)")
     return p
+
+
+# --- hints ------------------------------------------------------------------------------------
+
+#: The one mapping from the engine's hints (written for Python callers) to what a user of
+#: this command can do: every hint that names a Python argument or method is here, mapped
+#: to a verb or flag of this command ("" drops a hint with no command-line meaning).
+CLI_HINTS = {
+    "pass overwrite=True to replace it": "pass --force to replace it",
+    "pass output_device=True to write to the device":
+        "pass --output-device to write to the device",
+    "drop output_device to write a file": "drop --output-device to write a file",
+    "use format='raw'": "use --format raw",
+    "write to standard output instead":
+        "give '-' as DEST to write the raw disk to standard output",
+    "the file is not a valid QCOW2 image; open it with format='raw' if it is raw":
+        "the file is not a valid QCOW2 image; if it is raw, use "
+        "'cowchain chain import NAME FILE -f raw'",
+    "repair a copy with Image.check(repair='all') or 'qemu-img check -r all'":
+        "run 'cowchain chain check --repair'",
+    "backing files must be named relative to the overlay's folder, with the format recorded; "
+    "pass allow_unsafe_backing=True only for images you trust":
+        "backing files must be named relative to the overlay's folder, with the format "
+        "recorded; pass --allow-unsafe-backing to 'cowchain chain import' only for images "
+        "you trust",
+    "is another process using the image? close it, or open read-only":
+        "is another process (QEMU or cowchain) using the image? close it there first",
+    "open the image with readonly=False": "",
+    "open it again": "",
+    "check the disk and the kernel log, then reopen the image and run check":
+        "check the disk and the kernel log, then run 'cowchain chain check'",
+    "pass backing_format ('raw' or 'qcow2'); formats are never probed": "",
+    "pass backing_format='raw' or 'qcow2'": "",
+    "pass a larger max_chain_depth if the chain is meant to be this deep":
+        "flatten the chain first with 'qemu-img convert'",
+    "run check(repair='all') in a repair tool, or 'qemu-img check -r all'":
+        "run 'cowchain chain check --repair'",
+    "open it without readonly to change it": "",
+    "call Repository.recover() or reopen the repository":
+        "run the command again: opening the repository recovers interrupted operations",
+    "commit_preview() or undo_preview() first":
+        "run 'cowchain chain commit-preview NAME' or 'cowchain chain undo-preview NAME' first",
+    "open it with Repository.open, or choose a new folder":
+        "use it with --repo DIR, or choose a new folder",
+}
+
+
+def cli_hint(hint: str) -> str:
+    """The hint to show on the command line for an engine hint."""
+    return CLI_HINTS.get(hint, hint)
+
+
+def error_line(e: EngineError) -> str:
+    """The one line printed for E: its message, with the hint in this command's terms."""
+    text = str(e)
+    if e.hint and text.endswith(f" ({e.hint})"):
+        text = text[:-len(f" ({e.hint})")]
+        hint = getattr(e, "cli_hint", None) or cli_hint(e.hint)
+        if hint:
+            text = f"{text} ({hint})"
+    return _one_line(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        print(f"cowchain: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"cowchain: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("cowchain: interrupted", file=sys.stderr)
@@ -585,8 +738,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         where = f": {e.filename}" if e.filename else ""
         print(f"cowchain: error: {e.strerror or e}{where}", file=sys.stderr)
-        return EX_IOERR
+        # a missing file has its own code, whoever noticed it
+        return ImageNotFound.exit_code if isinstance(e, FileNotFoundError) else EX_IOERR
     except Exception as e:  # noqa: BLE001  (the promise: one line, never a traceback)
+        if isinstance(e, ImportError) and e.name == "engine._core":
+            print(f"cowchain: error: {e}", file=sys.stderr)    # a source tree never built
+            return EX_SOFTWARE
         if debug:
             import traceback
             traceback.print_exc()

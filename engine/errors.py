@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import re
 
 
 class EngineError(Exception):
@@ -25,8 +26,10 @@ class EngineError(Exception):
 
     image: str | None = None
 
-    exit_code = 1
+    exit_code = 19
     default_hint = ""
+    #: what the exit code means, for the table (default: the docstring's first clause)
+    exit_meaning = "another engine error"
 
     def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
         self.path = path
@@ -41,7 +44,7 @@ class EngineError(Exception):
 class ImageNotFound(EngineError, FileNotFoundError):
     """The image file does not exist. Check the path."""
 
-    exit_code = 2
+    exit_code = 17
     default_hint = "check the path"
 
 
@@ -49,7 +52,7 @@ class ImageFormatError(EngineError):
     """The bytes are not an image in a format we read (bad magic, unsupported version,
     a header field outside what the format allows)."""
 
-    exit_code = 3
+    exit_code = 18
     default_hint = "the file is not a valid QCOW2 image; open it with format='raw' if it is raw"
 
 
@@ -64,7 +67,7 @@ class UnsupportedFeature(EngineError):
     exit_code = 4
     default_hint = "convert the image with qemu-img to a plain qcow2 image first"
 
-    def __init__(self, feature: str, message: str | None = None, **kw):
+    def __init__(self, feature: str, message: str | None = None, **kw: str | None):
         self.feature = feature
         super().__init__(message or f"unsupported feature: {feature}", **kw)
 
@@ -78,9 +81,9 @@ class CorruptImage(EngineError):
     """
 
     exit_code = 5
-    default_hint = "run 'cowchain check --repair all' or 'qemu-img check -r all' on a copy"
+    default_hint = "repair a copy with Image.check(repair='all') or 'qemu-img check -r all'"
 
-    def __init__(self, message: str, *, offset: int | None = None, **kw):
+    def __init__(self, message: str, *, offset: int | None = None, **kw: str | None):
         self.offset = offset
         super().__init__(message, **kw)
 
@@ -96,7 +99,7 @@ class SafetyLimitExceeded(EngineError):
     exit_code = 6
     default_hint = "the image asks for more than QEMU would allow; it is likely corrupt or hostile"
 
-    def __init__(self, message: str, *, limit: int | None = None, **kw):
+    def __init__(self, message: str, *, limit: int | None = None, **kw: str | None):
         self.limit = limit
         super().__init__(message, **kw)
 
@@ -121,7 +124,7 @@ class UnsafeBackingReference(ChainError):
     default_hint = ("backing files must be named relative to the overlay's folder, with the "
                     "format recorded; pass allow_unsafe_backing=True only for images you trust")
 
-    def __init__(self, reference: str, message: str, **kw):
+    def __init__(self, reference: str, message: str, **kw: str | None):
         self.reference = reference
         super().__init__(message, **kw)
 
@@ -131,6 +134,7 @@ class ImageLocked(EngineError):
     with this open."""
 
     exit_code = 9
+    exit_meaning = "another process holds the image in a conflicting way"
     default_hint = "is another process using the image? close it, or open read-only"
 
 
@@ -146,6 +150,7 @@ class ImageClosed(EngineError, ValueError):
     """The image (or chain, or repository) was used after close()."""
 
     exit_code = 11
+    exit_meaning = "the image, chain or repository was used after close()"
     default_hint = "open it again"
 
 
@@ -159,9 +164,18 @@ class InvalidArgument(EngineError, ValueError):
 
     exit_code = 12
 
-    def __init__(self, message: str, *, value=None, **kw):
+    def __init__(self, message: str, *, value: object = None, **kw: str | None):
         self.value = value
         super().__init__(message, **kw)
+
+
+class UnsafeDestination(InvalidArgument):
+    """An export or read destination that must not be written: it lies inside a repository
+    folder or is a file an open image or catalog uses (after symlinks, ``..`` and hard
+    links), it is a symlink, folder, FIFO, socket or character device, or it is a block
+    device that was not asked for as one (see :func:`engine.destination.check`)."""
+
+    exit_code = 20
 
 
 class EngineIOError(EngineError, OSError):
@@ -177,7 +191,7 @@ class EngineIOError(EngineError, OSError):
     exit_code = 13
     default_hint = "check the disk and the kernel log, then reopen the image and run check"
 
-    def __init__(self, err: int, message: str, **kw):
+    def __init__(self, err: int, message: str, **kw: str | None):
         super().__init__(f"{message}: {_os.strerror(err)}" if err else message, **kw)
         # after the base initialisers: OSError.__init__ with one argument resets errno
         self.errno = err
@@ -205,6 +219,80 @@ class NotFound(RepositoryError, LookupError):
     exit_code = 16
 
 
+class VolumeDamaged(RepositoryError):
+    """A volume of a chain is damaged, or is not the file the catalog recorded: a raw volume
+    truncated or replaced, a QCOW2 volume with the corrupt bit set, a volume marked ILLEGAL or
+    found damaged by check.  Reads through a volume that is not the recorded file, and new
+    snapshots on a chain with a damaged volume, are refused.
+
+    Attributes:
+        volume (str): the volume's id.   chain (str | None): its chain.
+        cli_hint (str): the hint in command-line words (``hint`` names the Python API).
+    """
+
+    exit_code = 21
+    exit_meaning = "refused: a volume of the chain is damaged or is not the recorded file"
+
+    def __init__(self, message: str, *, volume: str, chain: str | None = None,
+                 cli_hint: str | None = None, **kw: str | None):
+        self.volume = volume
+        self.chain = chain
+        super().__init__(message, **kw)
+        self.cli_hint = self.hint if cli_hint is None else cli_hint
+
+
+#: The process exit codes, in one table: the command line exits with these, ``cowchain
+#: --help`` and README print them (:func:`exit_code_table`). ``check`` uses qemu-img check's
+#: codes 0-3 and nothing else uses 1-3; every EngineError subclass has its own code.
+EX_OK = 0
+EX_CHECK_INCOMPLETE = 1
+EX_CHECK_CORRUPT = 2
+EX_CHECK_LEAKS = 3
+EX_USAGE = 64
+EX_SOFTWARE = 70
+EX_IOERR = 74
+EX_INTERRUPTED = 130
+
+_OTHER_CODES = [
+    (EX_OK, "success; check: no problems (or all repaired)"),
+    (EX_CHECK_INCOMPLETE, "check: the check could not be completed"),
+    (EX_CHECK_CORRUPT, "check: corruptions or other problems remain"),
+    (EX_CHECK_LEAKS, "check: only leaked clusters remain (harmless; --repair frees them)"),
+    (EX_USAGE, "usage error (a command line that does not make sense)"),
+    (EX_SOFTWARE, "internal error (a bug: please report it)"),
+    (EX_IOERR, "the operating system refused a file named on the command line"),
+    (EX_INTERRUPTED, "interrupted (Ctrl-C)"),
+]
+
+
+def _error_classes() -> list[type[EngineError]]:
+    out: list[type[EngineError]] = []
+    todo: list[type[EngineError]] = [EngineError]
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """Every exit code with its meaning, sorted by code: the process codes above and one
+    line per EngineError subclass (its name and the first line of its docstring)."""
+    rows = list(_OTHER_CODES)
+    for cls in _error_classes():
+        what = cls.__dict__.get("exit_meaning")
+        if what is None:
+            what = re.split(r"[.:(]| \(", " ".join((cls.__doc__ or "").split()), maxsplit=1)[0]
+            what = what.strip()[:1].lower() + what.strip()[1:]
+        rows.append((cls.exit_code, f"{cls.__name__}: {what}"))
+    return sorted(rows)
+
+
+def exit_code_table() -> str:
+    """The exit codes as text, one per line (``cowchain --help`` and README show this)."""
+    return "\n".join(f"{code:>4}  {meaning}" for code, meaning in exit_codes())
+
+
 def io_error(err: int, message: str, *, path: str | None = None) -> EngineIOError:
     """The one place that turns an OS error number into an EngineError subclass."""
     if err in (_errno.ENOSPC, _errno.EDQUOT):
@@ -214,3 +302,4 @@ def io_error(err: int, message: str, *, path: str | None = None) -> EngineIOErro
 
 __all__ = [name for name, obj in list(globals().items())
            if isinstance(obj, type) and issubclass(obj, EngineError)] + ["io_error"]
+# (exit_codes, exit_code_table and the EX_ constants are used as engine.errors.NAME)

@@ -3,7 +3,7 @@
 This is the cold path of the engine, in pure Python: it runs once per open or per metadata
 update, never per cluster.  Everything here follows QEMU 7.2 (``block/qcow2.c``,
 ``block/qcow2-snapshot.c``, ``block/qcow2-refcount.c``) and the summary in
-``qcow2-facts.md``; section numbers in comments (§1.1, ...) refer to that file.
+``docs/on-disk.md``; section numbers in comments (§1.1, ...) refer to that file.
 
 Public functions:
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import (
     CorruptImage,
@@ -225,6 +226,10 @@ MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE: 64 MiB of 
 MAX_CLUSTER_OFFSET = 1 << 56            # host offsets must be below this
 INT64_MAX = (1 << 63) - 1               # QEMU validates offset + size against int64
 INT_MAX = (1 << 31) - 1                 # l1_vm_state_index must fit in an int
+# The block layer's largest disk, whatever the format (BDRV_MAX_LENGTH: INT64_MAX aligned
+# down to the largest request alignment, 1 GiB).  A qcow2 disk is further bounded by its L1
+# (MAX_L1_ENTRIES tables of one cluster each): see max_virtual_size().
+MAX_DISK_LENGTH = INT64_MAX // (1 << 30) * (1 << 30)
 
 # --- qemu-img create ---------------------------------------------------------------------
 SECTOR_SIZE = 512                       # qemu-img create rounds the size up to this
@@ -399,8 +404,162 @@ def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool = False) -> i
         cluster_bits (int): log2 of the cluster size.
         extended_l2 (bool): 16-byte L2 entries (half as many per table).
     """
-    shift = cluster_bits + cluster_bits - (4 if extended_l2 else 3)
+    size = int_arg(size, "size")
+    cluster_bits = int_arg(cluster_bits, "cluster_bits", minimum=MIN_CLUSTER_BITS,
+                           maximum=MAX_CLUSTER_BITS)
+    shift = cluster_bits + cluster_bits - (4 if bool_arg(extended_l2, "extended_l2") else 3)
     return (size + (1 << shift) - 1) >> shift
+
+
+FORMATS = ("qcow2", "raw")
+
+
+# --- argument checks shared by the public API (engine.image and this module) ----------------
+# A bad argument is an InvalidArgument carrying the value passed, never a TypeError from deep
+# inside, and never a silent coercion: a bool is not an int, a float is not an offset, and a
+# truthy string is not True.
+
+def int_arg(value: Any, name: str, *, minimum: int = 0, maximum: int = MAX_U64) -> int:
+    """``value`` as a Python int: any integer type (numpy's too), never a bool or a float,
+    within [minimum, maximum]."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = int(value.__index__())  # a numpy array has __index__, and raises TypeError
+    except (TypeError, AttributeError):
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}",
+                              value=value) from None
+    if not minimum <= n <= maximum:
+        raise InvalidArgument(f"{name} must be between {minimum} and {maximum}, not {n}",
+                              value=value)
+    return n
+
+
+def bool_arg(value: Any, name: str) -> bool:
+    """``value`` if it is True or False (no truthiness: readonly="no" is refused)."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be True or False, not {value!r}", value=value)
+    return value
+
+
+def choice_arg(value: Any, name: str, choices: tuple[str, ...], *,
+               optional: bool = False) -> Any:
+    """``value`` if it is one of ``choices`` (strings), or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgument(f"unknown {name} {value!r} (use "
+                              f"{' or '.join(repr(c) for c in choices)})", value=value)
+    return value
+
+
+def cluster_size_arg(value: Any) -> int:
+    """A cluster size: a power of two from 512 bytes to 2 MiB."""
+    n = int_arg(value, "cluster_size")
+    if n & (n - 1) or not 1 << MIN_CLUSTER_BITS <= n <= 1 << MAX_CLUSTER_BITS:
+        raise InvalidArgument(f"cluster size must be a power of two between "
+                              f"{1 << MIN_CLUSTER_BITS} and {1 << MAX_CLUSTER_BITS} bytes, "
+                              f"got {n}", value=value)
+    return n
+
+
+def _buffer_arg(value: Any, name: str) -> Any:
+    """``value`` itself if it exports the buffer protocol (a str or an int does not count:
+    bytes(5) would be five zero bytes)."""
+    if isinstance(value, (bytes, bytearray)):
+        return value
+    try:
+        if isinstance(value, (str, int)):
+            raise TypeError
+        memoryview(value)
+    except TypeError:
+        raise InvalidArgument(f"{name} must be a bytes-like object, not "
+                              f"{type(value).__name__}", value=value) from None
+    return value
+
+
+def _header_arg(value: Any) -> "Header":
+    if not isinstance(value, Header):
+        raise InvalidArgument(f"h must be a Header, not {type(value).__name__}", value=value)
+    return value
+
+
+def size_text(n: int) -> str:
+    """Bytes as people write them: "16 EiB", "64 KiB", "1536 bytes"; a size that is not a
+    whole number of its unit also shows the exact byte count."""
+    for shift, unit in ((60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"),
+                        (10, "KiB")):
+        if n >= 1 << shift:
+            if n % (1 << shift) == 0:
+                return f"{n >> shift} {unit}"
+            return f"{n} bytes (~{n / (1 << shift):.1f} {unit})"
+    return f"{n} bytes"
+
+
+def max_virtual_size(format: str = "qcow2", cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                     extended_l2: bool = False) -> int:
+    """The largest virtual size QEMU accepts for an image of this format and geometry.
+
+    qcow2: the L1 table may hold at most ``QCOW_MAX_L1_SIZE`` (32 MiB) of entries, each
+    mapping one L2 table of ``cluster_size / 8`` clusters (``/ 16`` with extended L2), so
+    64 KiB clusters reach 2 PiB and 2 MiB clusters 2 EiB (QEMU's ``qcow2_grow_l1_table``
+    refuses more with EFBIG).  Every format: the block layer's ``BDRV_MAX_LENGTH``
+    (2^63 - 1 GiB).
+
+    Arguments:
+        format (str): "qcow2" or "raw".
+        cluster_size (int): bytes (qcow2 only).
+        extended_l2 (bool): 16-byte L2 entries (qcow2 only).
+
+    Returns:
+        int: bytes.
+    """
+    if choice_arg(format, "format", FORMATS) == "raw":
+        return MAX_DISK_LENGTH
+    cluster_bits = cluster_size_arg(cluster_size).bit_length() - 1
+    bool_arg(extended_l2, "extended_l2")
+    per_l1_entry = 1 << (2 * cluster_bits - (4 if extended_l2 else 3))
+    return min(MAX_L1_ENTRIES * per_l1_entry, MAX_DISK_LENGTH)
+
+
+def check_virtual_size(size: Any, format: str = "qcow2", *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                       extended_l2: bool = False, what: str = "virtual size") -> int:
+    """The one rule for a disk size a caller asks for (create, resize, a new chain): a
+    non-negative integer (``bool`` is not one) no larger than :func:`max_virtual_size`.
+    A qcow2 size is taken as rounded up to 512 bytes, as ``qemu-img create`` rounds it.
+
+    Arguments:
+        size (int): bytes; any integer type (numpy integers too), never a float or a string.
+        format, cluster_size, extended_l2: as for :func:`max_virtual_size`.
+        what (str): how the message names the size.
+
+    Returns:
+        int: ``size`` as a Python int.
+
+    Raises:
+        InvalidArgument: not an integer, negative, or over the limit; the message states the
+            limit and ``value`` holds the size passed.
+    """
+    if isinstance(size, bool) or not hasattr(size, "__index__"):
+        raise InvalidArgument(f"{what} must be an integer number of bytes, not {size!r}",
+                              value=size)
+    n = int(size.__index__())
+    if n < 0:
+        raise InvalidArgument(f"{what} must not be negative, got {n}", value=size)
+    limit = max_virtual_size(format, cluster_size, extended_l2)
+    rounded = -(-n // SECTOR_SIZE) * SECTOR_SIZE if format == "qcow2" else n
+    if rounded > limit:
+        if format == "qcow2":
+            geometry = f" for {size_text(cluster_size)} clusters" + (
+                " with extended L2 entries" if extended_l2 else "")
+            hint = ("use a smaller size" if cluster_size >= 1 << MAX_CLUSTER_BITS else
+                    f"use a smaller size, or larger clusters: 2 MiB clusters allow up to "
+                    f"{size_text(max_virtual_size('qcow2', 1 << MAX_CLUSTER_BITS, extended_l2))}")
+        else:
+            geometry, hint = "", "use a smaller size"
+        raise InvalidArgument(f"{what} {size_text(n)} is over the {format} maximum of "
+                              f"{size_text(limit)}{geometry}", value=size, hint=hint)
+    return n
 
 
 def _decode_name(raw: bytes) -> str:
@@ -424,7 +583,8 @@ class _Reader:
 
     __slots__ = ("buf", "path", "error_class")
 
-    def __init__(self, buf: bytes, path: str | None, error_class=ImageFormatError):
+    def __init__(self, buf: bytes, path: str | None,
+                 error_class: type[EngineError] = ImageFormatError) -> None:
         self.buf = buf
         self.path = path
         self.error_class = error_class
@@ -440,11 +600,11 @@ class _Reader:
 
     def u32(self, off: int) -> int:
         self._check(off, 4)
-        return _U32.unpack_from(self.buf, off)[0]
+        return int(_U32.unpack_from(self.buf, off)[0])
 
     def u64(self, off: int) -> int:
         self._check(off, 8)
-        return _U64.unpack_from(self.buf, off)[0]
+        return int(_U64.unpack_from(self.buf, off)[0])
 
     def bytes(self, off: int, n: int) -> bytes:
         self._check(off, n)
@@ -636,14 +796,9 @@ def parse_header(buf: bytes, file_size: int, *, path: str | None = None) -> Head
                                path=path) from e
 
 
-def _parse_header(buf, file_size: int, path: str | None) -> Header:
-    if not isinstance(file_size, int) or file_size < 0:
-        raise InvalidArgument(f"file_size must be a non-negative int, got {file_size!r}",
-                              path=path)
-    try:
-        buf = bytes(buf)
-    except TypeError:
-        raise InvalidArgument("buf must be a bytes-like object", path=path) from None
+def _parse_header(buf: object, file_size: int, path: str | None) -> Header:
+    file_size = int_arg(file_size, "file_size")
+    buf = bytes(_buffer_arg(buf, "buf"))
 
     def need(n: int, what: str) -> None:
         if n > file_size:
@@ -795,7 +950,7 @@ def _parse_header(buf, file_size: int, path: str | None) -> Header:
 # Encoding cluster 0
 # =========================================================================================
 
-def _check_uint(value, bits: int, what: str) -> int:
+def _check_uint(value: object, bits: int, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << bits):
         raise InvalidArgument(f"{what} must be an unsigned {bits}-bit integer, got {value!r}")
     return value
@@ -840,6 +995,7 @@ def encode_header(h: Header) -> bytes:
         InvalidArgument: a field is out of range for its on-disk width, or a v2 header has
             v3-only features.
     """
+    _header_arg(h)
     if h.version not in SUPPORTED_VERSIONS:
         raise InvalidArgument(f"version must be 2 or 3, got {h.version!r}")
     _check_uint(h.cluster_bits, 32, "cluster_bits")
@@ -847,13 +1003,13 @@ def encode_header(h: Header) -> bytes:
         raise InvalidArgument(f"cluster_bits {h.cluster_bits} outside "
                               f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
     cluster_size = h.cluster_size
-    for name, bits in (("size", 64), ("crypt_method", 32), ("l1_size", 32),
+    for attr, bits in (("size", 64), ("crypt_method", 32), ("l1_size", 32),
                        ("l1_table_offset", 64), ("refcount_table_offset", 64),
                        ("refcount_table_clusters", 32), ("nb_snapshots", 32),
                        ("snapshots_offset", 64), ("incompatible_features", 64),
                        ("compatible_features", 64), ("autoclear_features", 64),
                        ("refcount_order", 32), ("compression_type", 8)):
-        _check_uint(getattr(h, name), bits, name)
+        _check_uint(getattr(h, attr), bits, attr)
     extra_header = bytes(h.extra_header or b"")
     if h.version == 2:
         if (h.incompatible_features or h.compatible_features or h.autoclear_features
@@ -953,7 +1109,7 @@ class _IntervalSet:
     clusters; intervals keep the work per table, not per cluster.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
 
@@ -1270,31 +1426,21 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
         (Header, bytes): the parsed header of the new image and the whole file content.
 
     Raises:
-        InvalidArgument: an option is out of range or the options conflict.
-        SafetyLimitExceeded: the size needs an L1 over 32 MiB, or the backing name or format
-            is too long for the header.
+        InvalidArgument: an option is out of range or the options conflict, or the size is
+            over :func:`max_virtual_size` (an L1 over 32 MiB).
+        SafetyLimitExceeded: the backing name or format is too long for the header.
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidArgument(f"size must be a non-negative integer, got {size!r}")
-    if (not isinstance(cluster_size, int) or cluster_size <= 0
-            or cluster_size & (cluster_size - 1)
-            or not 1 << MIN_CLUSTER_BITS <= cluster_size <= 1 << MAX_CLUSTER_BITS):
-        raise InvalidArgument(f"cluster size must be a power of two between "
-                              f"{1 << MIN_CLUSTER_BITS} and {1 << MAX_CLUSTER_BITS} bytes, "
-                              f"got {cluster_size!r}")
-    cluster_bits = cluster_size.bit_length() - 1
-    version = COMPAT_VERSIONS.get(compat) if isinstance(compat, str) else None
-    if version is None:
-        raise InvalidArgument(f"compat must be {COMPAT_V2!r} or {COMPAT_V3!r}, got {compat!r}")
-    if (not isinstance(refcount_bits, int) or refcount_bits <= 0
-            or refcount_bits & (refcount_bits - 1) or refcount_bits > 64):
+    cluster_bits = cluster_size_arg(cluster_size).bit_length() - 1
+    version = COMPAT_VERSIONS[choice_arg(compat, "compat", (COMPAT_V2, COMPAT_V3, "v2", "v3"))]
+    refcount_bits = int_arg(refcount_bits, "refcount_bits", minimum=1, maximum=64)
+    if refcount_bits & (refcount_bits - 1):
         raise InvalidArgument(f"refcount_bits must be a power of two from 1 to 64, got "
-                              f"{refcount_bits!r}")
+                              f"{refcount_bits!r}", value=refcount_bits)
     refcount_order = refcount_bits.bit_length() - 1
-    compression = {v: k for k, v in COMPRESSION_NAMES.items()}.get(compression_type)
-    if compression is None:
-        raise InvalidArgument(f"compression_type must be 'zlib' or 'zstd', got "
-                              f"{compression_type!r}")
+    compression = {v: k for k, v in COMPRESSION_NAMES.items()}[
+        choice_arg(compression_type, "compression_type", tuple(COMPRESSION_NAMES.values()))]
+    bool_arg(lazy_refcounts, "lazy_refcounts")
+    bool_arg(extended_l2, "extended_l2")
     if version == 2:
         if refcount_bits != 16:
             raise InvalidArgument("compat 0.10 requires refcount_bits=16")
@@ -1309,7 +1455,7 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
                               f"at least {EXTL2_MIN_CLUSTER_SIZE} bytes")
     if backing_file is not None:
         if not isinstance(backing_file, str) or not backing_file:
-            raise InvalidArgument("backing_file must be a non-empty string")
+            raise InvalidArgument("backing_file must be a non-empty string", value=backing_file)
         if backing_format is None:
             raise InvalidArgument("backing file specified without backing format",
                                   hint="pass backing_format ('raw' or 'qcow2'); formats are "
@@ -1318,14 +1464,13 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
         if backing_file is None:
             raise InvalidArgument("backing format cannot be used without a backing file")
         if not isinstance(backing_format, str) or not backing_format:
-            raise InvalidArgument("backing_format must be a non-empty string")
+            raise InvalidArgument("backing_format must be a non-empty string",
+                                  value=backing_format)
 
+    size = check_virtual_size(size, "qcow2", cluster_size=cluster_size,
+                              extended_l2=extended_l2)
     size = -(-size // SECTOR_SIZE) * SECTOR_SIZE
     l1_size = l1_entries_for(size, cluster_bits, extended_l2)
-    if l1_size > MAX_L1_ENTRIES:
-        raise SafetyLimitExceeded(f"virtual size {size} bytes needs an L1 table of {l1_size} "
-                                  f"entries, more than QEMU's {MAX_L1_ENTRIES}",
-                                  limit=MAX_L1_SIZE)
 
     incompat = 0
     if extended_l2:
@@ -1389,7 +1534,7 @@ class SnapshotEntry:
     icount: int | None = None
 
 
-def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str | None,
+def _snapshot_walk(buf: bytes, h: Header, entries: list[SnapshotEntry] | None, strict: bool, path: str | None,
                    file_size: int | None) -> tuple[bool, int]:
     """Walk ``h.nb_snapshots`` entries of ``buf`` (bytes from snapshots_offset).
 
@@ -1457,7 +1602,7 @@ def _snapshot_walk(buf, h: Header, entries: list | None, strict: bool, path: str
     return True, off
 
 
-def snapshot_table_size(buf, h: Header, *, path: str | None = None) -> int:
+def snapshot_table_size(buf: bytes, h: Header, *, path: str | None = None) -> int:
     """How many bytes of the snapshot table to read.
 
     Arguments:
@@ -1474,6 +1619,8 @@ def snapshot_table_size(buf, h: Header, *, path: str | None = None) -> int:
         SafetyLimitExceeded: the table or one entry's extra data is over QEMU's limits.
         CorruptImage: an entry is malformed (see :func:`parse_snapshot_table`).
     """
+    buf = _buffer_arg(buf, "buf")
+    _header_arg(h)
     try:
         return _snapshot_walk(buf, h, None, False, path, None)[1]
     except EngineError:
@@ -1483,7 +1630,7 @@ def snapshot_table_size(buf, h: Header, *, path: str | None = None) -> int:
                            path=path) from e
 
 
-def parse_snapshot_table(buf, h: Header, *, file_size: int | None = None,
+def parse_snapshot_table(buf: bytes, h: Header, *, file_size: int | None = None,
                          strict: bool = True, path: str | None = None
                          ) -> list[SnapshotEntry]:
     """Parse and validate the internal snapshot table.
@@ -1506,6 +1653,11 @@ def parse_snapshot_table(buf, h: Header, *, file_size: int | None = None,
         CorruptImage: entries running past ``buf`` (the end of the file), a misaligned or
             overflowing snapshot L1 offset, an incomplete v3 entry (``strict``).
     """
+    buf = _buffer_arg(buf, "buf")
+    _header_arg(h)
+    if file_size is not None:
+        file_size = int_arg(file_size, "file_size")
+    bool_arg(strict, "strict")
     entries: list[SnapshotEntry] = []
     try:
         complete, n = _snapshot_walk(buf, h, entries, strict, path, file_size)
@@ -1534,6 +1686,10 @@ def encode_snapshot_table(entries: list[SnapshotEntry], h: Header) -> bytes:
             64 MiB.
         InvalidArgument: a field does not fit its on-disk width.
     """
+    _header_arg(h)
+    if not isinstance(entries, (list, tuple)) or not all(
+            isinstance(e, SnapshotEntry) for e in entries):
+        raise InvalidArgument("entries must be a list of SnapshotEntry", value=entries)
     if len(entries) > MAX_SNAPSHOTS:
         raise SafetyLimitExceeded(f"{len(entries)} snapshots, QEMU's limit is {MAX_SNAPSHOTS}",
                                   limit=MAX_SNAPSHOTS)
@@ -1573,13 +1729,14 @@ def encode_snapshot_table(entries: list[SnapshotEntry], h: Header) -> bytes:
 # qemu-img info
 # =========================================================================================
 
-def info_fields(h: Header) -> dict:
+def info_fields(h: Header) -> dict[str, object]:
     """``format-specific.data`` of ``qemu-img info --output=json`` 7.2 for this header.
 
     v2: compat, refcount-bits, compression-type.  v3 adds lazy-refcounts, corrupt,
     extended-l2, and data-file / data-file-raw when there is a data file.  Bitmaps and
     encryption details need more than the header and are left to the caller.
     """
+    _header_arg(h)
     if h.version == 2:
         return {"compat": COMPAT_V2, "compression-type": h.compression_name,
                 "refcount-bits": h.refcount_bits}

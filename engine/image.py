@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine import _core
+from engine import destination as _destination
 from engine import format as fmt
 from engine.errors import (
     ChainError,
@@ -52,6 +53,10 @@ MAX_CHAIN_DEPTH = 1024
 _HEADER_READ = 2 << 20
 
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+#: Below this many bytes every filesystem we can meet holds a file (FAT32's limit is 4 GiB
+#: less one byte), so create and resize skip the probe of the filesystem's limit.
+_FS_PROBE_FLOOR = 1 << 30
 
 
 class Extent(NamedTuple):
@@ -115,7 +120,7 @@ def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
 _core.set_decompressor(_decompress)
 
 
-# --- QEMU-compatible image locks (qcow2-facts.md section 9) ---------------------------------
+# --- QEMU-compatible image locks (docs/on-disk.md section 9) ---------------------------------
 
 _PERM_CONSISTENT_READ, _PERM_WRITE, _PERM_RESIZE = 0, 1, 3
 _LOCK_BASE_USE, _LOCK_BASE_SHARE = 100, 200
@@ -163,6 +168,73 @@ class _Lock:
 _PERM_NAMES = {0: "consistent read", 1: "write", 3: "resize"}
 
 
+# --- argument checks (the public entry points refuse bad arguments with InvalidArgument) ------
+
+def _path_arg(path, name: str = "path") -> str:
+    try:
+        p = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise InvalidArgument(f"{name} must be a str or os.PathLike, not "
+                              f"{type(path).__name__}", value=path) from None
+    if not p or "\0" in p:
+        raise InvalidArgument(f"{name} {p!r} is empty or contains a NUL byte", value=path)
+    return p
+
+
+def _check_file_length(nbytes: int, folder: str, what: str) -> None:
+    """The host's limits on a file of ``nbytes`` bytes in ``folder``, checked before any file
+    is made or grown: the process's RLIMIT_FSIZE and the filesystem's largest file.
+
+    Raises:
+        InvalidArgument: over a limit (the message states it).
+    """
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and nbytes > soft:
+        raise InvalidArgument(f"{what} {fmt.size_text(nbytes)} is over this process's file "
+                              f"size limit (RLIMIT_FSIZE) of {fmt.size_text(soft)}",
+                              value=nbytes, hint="raise the limit ('ulimit -f') or use a "
+                              "smaller size")
+    if nbytes <= _FS_PROBE_FLOOR:
+        return
+    limit = _fs_max_file_size(folder, nbytes)
+    if limit is not None and nbytes > limit:
+        raise InvalidArgument(f"{what} {fmt.size_text(nbytes)} is over the largest file the "
+                              f"filesystem at {os.path.abspath(folder)!r} holds: "
+                              f"{fmt.size_text(limit)}", value=nbytes,
+                              hint="use a smaller size, another filesystem, or a qcow2 image, "
+                              "which grows only as data is written")
+
+
+def _fs_max_file_size(folder: str, want: int) -> "int | None":
+    """None if the filesystem of ``folder`` holds a (sparse) file of ``want`` bytes, else the
+    largest size it holds.  Learnt on an unnamed temporary file (O_TMPFILE: nothing appears
+    in the folder, nothing is left behind); None too where O_TMPFILE is not supported (the
+    later ftruncate then reports EFBIG)."""
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (OSError, AttributeError):
+        return None
+    try:
+        try:
+            os.ftruncate(fd, want)
+            return None
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                return None
+        lo, hi = 0, want              # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                os.ftruncate(fd, mid)
+                lo = mid
+            except OSError:
+                hi = mid
+        return lo
+    finally:
+        os.close(fd)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 def _os_open(path: str, flags: int) -> int:
@@ -182,6 +254,29 @@ def _os_open(path: str, flags: int) -> int:
         raise InvalidArgument("is a directory, not an image file", path=path) from None
     except OSError as e:
         raise io_error(e.errno, "cannot open", path=path) from None
+
+
+def _meta_write(fd: int, data: bytes, offset: int, path: str) -> None:
+    """Write metadata beside the core (a header rewrite) and make it durable, through the
+    core's I/O shim, so that fault injection and the power-loss recorder see it."""
+    try:
+        _core.meta_pwrite(fd, data, offset)
+    except OSError as e:
+        raise io_error(e.errno or errno.EIO, "cannot write the header", path=path) from None
+    meta_sync(fd, path)
+
+
+def meta_sync(fd: int, path: str) -> None:
+    """fdatasync through the core's I/O shim, for metadata written beside the core (header
+    rewrites here, repairs in engine.check).  A failure carries ``sync_failed = True``: the
+    kernel may have dropped pages, so the open handle must fail every later flush, as after a
+    failed sync of the core (see :meth:`Image._failed_sync`)."""
+    try:
+        _core.meta_sync(fd)
+    except OSError as e:
+        err = io_error(e.errno or errno.EIO, "cannot sync the metadata written", path=path)
+        err.sync_failed = True
+        raise err from None
 
 
 def _read_head(fd: int, path: str) -> tuple[bytes, int]:
@@ -254,6 +349,7 @@ class Image:
         self._closed = False
         self._released = False
         self._close_lock = threading.Lock()
+        self._in_use = _destination.register_fd(fd)   # files in use are never export targets
         return self
 
     def _bind(self, core) -> None:
@@ -346,9 +442,9 @@ class Image:
             raise ReadOnlyImage("image is open read-only", path=self._path)
 
     def _check_range(self, offset, length) -> tuple[int, int]:
-        """Offset and length by the core's rule (ints, not negative), inside the disk."""
-        offset = _core.check_int(offset, "offset", self._path)
-        length = _core.check_int(length, "length", self._path)
+        """Offset and length as ints (by fmt.int_arg), inside the disk."""
+        offset = fmt.int_arg(offset, "offset")
+        length = fmt.int_arg(length, "length")
         if offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
                                   f"({self.size} bytes)",
@@ -473,6 +569,7 @@ class Image:
             if self._released:
                 return
             self._released = self._closed = True
+        _destination.unregister(self._in_use)
         self._core.close()
         os.close(self._fd)
         self._lock.release()
@@ -482,8 +579,9 @@ class Image:
         """Allocation runs over the range, merged as ``qemu-img map --output=json`` merges
         them (one run per change of depth/zero/data/offset-contiguity)."""
         self._check_open()
+        offset = fmt.int_arg(offset, "offset")
         if length is None:
-            length = max(0, self.size - _core.check_int(offset, "offset", self._path))
+            length = max(0, self.size - offset)
         offset, length = self._check_range(offset, length)
         if length == 0:
             return []
@@ -499,7 +597,7 @@ class Image:
         """``qemu-img info --output=json`` for this image (a list, top first, with
         ``backing_chain=True``)."""
         self._check_open()
-        if backing_chain:
+        if fmt.bool_arg(backing_chain, "backing_chain"):
             return [img.info() for img in self.chain()]
         st = os.fstat(self._fd)
         d = {"filename": self._path, "format": self._format, "virtual-size": self.size,
@@ -547,20 +645,35 @@ class Image:
         ``repair`` is None, "leaks" or "all" (needs a read-write image)."""
         from engine import check as _check
         self._check_open()
-        if repair not in (None, "leaks", "all"):
-            raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+        if repair is not None and (not isinstance(repair, str) or repair not in ("leaks", "all")):
+            raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}",
+                                  value=repair)
         if self._header is None:
             raise UnsupportedFeature("check of raw images", "raw images have no metadata to "
                                      "check (qemu-img check exits 63)", path=self._path)
         if repair is not None:
             self._check_writable()
             # the repair rewrites metadata under the core: nothing may use it meanwhile
-            self._core.lock_exclusive(flush=True, trim=True)
+            core, err, stale = self._core, None, False
+            core.lock_exclusive(flush=True, trim=True)
             try:
-                res = _check.check_file(self._fd, filename=self._path, repair=repair)
-                self._reload_locked()
+                try:
+                    res = _check.check_file(self._fd, filename=self._path, repair=repair)
+                except EngineError as e:
+                    err = e         # stopped part-way: the core's view may not match the file
+                try:
+                    self._reload_locked()
+                except EngineError:
+                    stale = True    # the old view stays wrong: the handle is closed below
+                    if err is None:
+                        raise
             finally:
-                self._core.unlock_exclusive()
+                core.unlock_exclusive()
+                if stale:
+                    core.close()
+            if err is not None:
+                self._failed_sync(err)
+                raise err
             return res
         if not self._readonly:
             # the check reads the file: write back what is cached first
@@ -571,43 +684,110 @@ class Image:
     def rebase(self, backing_name: str | None, backing_format: str | None = None, *,
                allow_unsafe_backing: bool = False) -> None:
         """Change the backing file recorded in the header only, like ``qemu-img rebase -u``:
-        the caller guarantees that the content stays right."""
+        the caller guarantees that the content stays right.
+
+        The whole new chain is opened first, read-only, and checked as an open would check
+        it: every file exists and has the format its overlay records, the backing policy
+        allows every name, the chain does not loop (back to this image either) and is not
+        deeper than ``max_chain_depth``.  Only then is the header rewritten.  A rebase that
+        raises leaves the file byte for byte as it was.
+
+        Arguments:
+            backing_name (str | None): the new backing file, relative to this image's
+                folder; None removes the backing file.
+            backing_format (str | None): "raw" or "qcow2", required with a name (never
+                probed); None without one.
+            allow_unsafe_backing (bool): follow absolute, ``..`` and protocol names.
+
+        Raises:
+            InvalidArgument, UnsafeBackingReference, ImageNotFound, ImageFormatError,
+            ChainError, ImageLocked (a file of the new chain), ReadOnlyImage,
+            UnsupportedFeature (raw images have no header to record a backing file in),
+            EngineIOError.
+        """
         self._check_writable()
+        fmt.bool_arg(allow_unsafe_backing, "allow_unsafe_backing")
         if self._header is None:
             raise UnsupportedFeature("backing files for raw images", path=self._path)
-        if backing_name is not None:
-            if backing_format not in ("raw", "qcow2"):
-                raise InvalidArgument("a backing format ('raw' or 'qcow2') must be given")
-            _check_backing_name(backing_name, os.path.dirname(self._path) or ".",
-                                allow_unsafe_backing)
-        self._core.flush()
+        if backing_name is None:
+            if backing_format is not None:
+                # QEMU refuses it too (EINVAL): a format names the backing file's format
+                raise InvalidArgument("a backing format without a backing file",
+                                      value=backing_format, path=self._path)
+        else:
+            if not isinstance(backing_name, str):
+                raise InvalidArgument(f"backing_name must be a str or None, not "
+                                      f"{type(backing_name).__name__}", value=backing_name)
+            fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
+            self._open_new_chain(backing_name, backing_format, allow_unsafe_backing).close()
         h = self._read_header()
         h.backing_file = backing_name
-        h.backing_format = backing_format if backing_name is not None else None
-        self._write_header(h)
-        self._reload()
+        h.backing_format = backing_format
+        data = fmt.encode_header(h)     # a name too long for the header raises here, unwritten
+        if allow_unsafe_backing and not self._opts["allow_unsafe_backing"]:
+            self._opts = dict(self._opts, allow_unsafe_backing=True)
+        self._core.flush()
+        self._rewrite_header(data)
+
+    def _open_new_chain(self, name: str, format: str, allow_unsafe: bool) -> "Image":
+        """Open ``name`` and its chain read-only, as the backing file of this image would be
+        opened (the caller closes it)."""
+        folder = os.path.dirname(self._path) or "."
+        full = _check_backing_name(name, folder, allow_unsafe)
+        depth = self._opts["max_chain_depth"]
+        if depth < 1:
+            raise ChainError(f"backing chain deeper than {depth} images", path=self._path)
+        # the locks of a normal open too: a new backing file that another process writes is
+        # refused here, before the header changes, not by the reopen after it
+        opts = dict(self._opts, backing=True, allow_unsafe_backing=allow_unsafe,
+                    max_chain_depth=depth - 1)
+        st = os.fstat(self._fd)
+        return _open_image(full, format, True, opts, {(st.st_dev, st.st_ino)})
 
     def resize(self, new_size: int) -> None:
-        """Grow the virtual disk to ``new_size`` bytes (shrinking is refused)."""
+        """Grow the virtual disk to ``new_size`` bytes (shrinking is refused).
+
+        Refused as QEMU refuses it: a qcow2 size that is not a multiple of 512, a v2
+        (compat 0.10) image with internal snapshots (a v2 snapshot does not record its disk
+        size, so it could not be applied any more), a size over the format's maximum.
+
+        Raises:
+            InvalidArgument, UnsupportedFeature ("shrink", "resize of a v2 image with
+            snapshots"), ReadOnlyImage, EngineIOError.
+        """
         self._check_writable()
+        h = self._header
+        new_size = fmt.check_virtual_size(
+            new_size, self._format, cluster_size=h.cluster_size if h else fmt.DEFAULT_CLUSTER_SIZE,
+            extended_l2=bool(h.extended_l2) if h else False, what="new size")
+        if h is not None and new_size % fmt.SECTOR_SIZE:
+            raise InvalidArgument(f"the new size must be a multiple of {fmt.SECTOR_SIZE} bytes, "
+                                  f"not {new_size}", value=new_size, path=self._path)
+        if h is not None and h.version < 3 and h.nb_snapshots:
+            raise UnsupportedFeature(
+                "resize of a v2 image with snapshots", "can't resize a v2 (compat 0.10) image "
+                "which has internal snapshots: they do not record their disk size, so they "
+                "could not be applied after the resize", path=self._path,
+                hint="upgrade it with 'qemu-img amend -o compat=1.1', or delete its snapshots")
         if new_size < self.size:
             raise UnsupportedFeature("shrink", "shrinking an image is not supported",
                                      path=self._path)
-        if self._header is None:
+        if h is None:
+            _check_file_length(new_size, os.path.dirname(self._path) or ".", "new size")
             self._core.flush()
             try:
-                os.ftruncate(self._fd, new_size)
-                os.fsync(self._fd)              # the new size is durable when this returns
+                _core.meta_ftruncate(self._fd, new_size)
             except OSError as e:
                 raise io_error(e.errno, "cannot grow the image file", path=self._path) from None
+            try:
+                meta_sync(self._fd, self._path)     # the new size is durable when this returns
+            except EngineError as e:
+                self._failed_sync(e)
+                raise
             self._reload()
             return
-        new_size = -(-new_size // 512) * 512
-        per_l1 = self._header.cluster_size * self._header.l2_entries
-        need = -(-new_size // per_l1)
-        if need * 8 > fmt.MAX_L1_SIZE:
-            raise SafetyLimitExceeded("the L1 table would exceed QEMU's 32 MiB limit")
-        self._core.grow_l1(need, new_size)
+        per_l1 = h.cluster_size * h.l2_entries
+        self._core.grow_l1(-(-new_size // per_l1), new_size)
         self._reload()
 
     # header I/O -----------------------------------------------------------------------------
@@ -616,12 +796,37 @@ class Image:
         return fmt.parse_header(head, size, path=self._path)
 
     def _write_header(self, h: "fmt.Header") -> None:
-        data = fmt.encode_header(h)
+        self._write_header_bytes(fmt.encode_header(h))
+
+    def _write_header_bytes(self, data: bytes) -> None:
         try:
-            os.pwrite(self._fd, data, 0)
-            os.fsync(self._fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot write the header", path=self._path) from None
+            _meta_write(self._fd, data, 0, self._path)
+        except EngineError as e:
+            self._failed_sync(e)
+            raise
+
+    def _failed_sync(self, e: EngineError) -> None:
+        """After metadata written beside the core failed to sync, every later flush of this
+        handle fails, as after a failed sync of the core: reopen and check."""
+        if getattr(e, "sync_failed", False):
+            self._core.poison(getattr(e, "errno", 0) or errno.EIO)
+
+    def _rewrite_header(self, data: bytes) -> None:
+        """Write a new cluster 0 and reopen on it; if either fails, put the old bytes back,
+        so that the operation that raises leaves the file as it was."""
+        old = os.pread(self._fd, len(data), 0)
+        try:
+            self._write_header_bytes(data)
+            self._reload()
+        except BaseException:
+            # after a failed sync the handle is poisoned: the old bytes are written back
+            # and the reload's flush then refuses, leaving the handle failed, as it must be
+            try:
+                self._write_header_bytes(old)
+                self._reload()
+            except EngineError:
+                pass            # the first error is the one to report
+            raise
 
     def _reload(self) -> None:
         """Re-read the header and re-map after a metadata change made outside the core."""
@@ -645,10 +850,11 @@ class Image:
             snap_size = _validate_snapshots(self._fd, self._path, header, size)
             core = _core.CoreImage(self._fd, not self._readonly, False,
                                    _geometry(header, snap_size))
-        # a stand-in Image carries the new core while its chain is attached
-        new = Image._new(self._path, self._fd, self._format, header, core, None,
-                         self._readonly, self._lock, None)
-        new._released = new._closed = True     # it owns nothing: never close through it
+        core.path = self._path
+        # a stand-in carries the new core while its chain is attached (it owns nothing)
+        new = object.__new__(Image)
+        new._path, new._header, new._core, new._closed = self._path, header, core, True
+        new._backing = new._backing_path = None
         st = os.fstat(self._fd)
         try:
             _attach_chain(new, self._opts, {(st.st_dev, st.st_ino)})
@@ -813,8 +1019,8 @@ def _validate_snapshots(fd: int, path: str, h: "fmt.Header", size: int) -> int:
     return n
 
 
-def _open_image(path, format, readonly, opts):
-    seen: set = set()
+def _open_image(path, format, readonly, opts, seen: "set | None" = None):
+    seen = set() if seen is None else seen
     top = _open_one(path, format, readonly, opts, seen)
     try:
         _attach_chain(top, opts, seen)
@@ -841,11 +1047,7 @@ def _prepare_rw(fd: int, path: str, h: "fmt.Header", size: int) -> "fmt.Header":
     if h.version >= 3 and h.autoclear_features:
         h.autoclear_features = 0
         h.bitmaps_ext = None
-        try:
-            os.pwrite(fd, fmt.encode_header(h), 0)
-            os.fsync(fd)
-        except OSError as e:
-            raise io_error(e.errno, "cannot write the header", path=path) from None
+        _meta_write(fd, fmt.encode_header(h), 0, path)
         head, size = _read_head(fd, path)
         h = fmt.parse_header(head, size, path=path)
     return h
@@ -872,7 +1074,13 @@ def open(path, *, format: str | None = None, readonly: bool = False, backing: bo
         ImageNotFound, ImageFormatError, UnsupportedFeature, CorruptImage,
         SafetyLimitExceeded, ChainError, UnsafeBackingReference, ImageLocked, EngineIOError.
     """
-    path = os.fspath(path)
+    path = _path_arg(path)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS, optional=True)
+    for name, value in (("readonly", readonly), ("backing", backing),
+                        ("allow_unsafe_backing", allow_unsafe_backing),
+                        ("force_share", force_share)):
+        fmt.bool_arg(value, name)
+    max_chain_depth = fmt.int_arg(max_chain_depth, "max_chain_depth")
     if force_share and not readonly:
         raise InvalidArgument("force_share needs readonly=True")
     opts = {"backing": backing, "allow_unsafe_backing": allow_unsafe_backing,
@@ -887,35 +1095,64 @@ def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int =
     """Create an image (laid out exactly as ``qemu-img create`` lays it out) and open it
     read-write.
 
+    Every argument and every limit is checked before the file is made (the size against
+    the format's maximum, ``RLIMIT_FSIZE`` and the filesystem's largest file); a create that
+    raises leaves no file and no open descriptor behind.
+
     Arguments:
         path: the new file. It must not exist unless ``overwrite=True``.
         size (int | None): virtual size in bytes (rounded up to 512 for qcow2); None takes
             the backing file's size.
+        format (str): "qcow2" or "raw".
+        cluster_size (int): bytes, a power of two from 512 to 2 MiB (qcow2).
         backing (str | None): backing file name, relative to the new file's folder.
         backing_format (str): "raw" or "qcow2"; required with ``backing`` (never probed).
+        compat, refcount_bits, lazy_refcounts, extended_l2: as ``qemu-img create -o``.
+        overwrite (bool): replace an existing file.
+        allow_unsafe_backing (bool): follow absolute, ``..`` and protocol backing names.
+
+    Raises:
+        InvalidArgument (a bad argument; a size over a limit, with the limit in the message),
+        ImageNotFound (no such folder, or no backing file), UnsafeBackingReference,
+        SafetyLimitExceeded (a backing name too long for the header), EngineIOError, and what
+        :func:`open` raises for the backing chain.
     """
-    path = os.fspath(path)
-    if format not in ("raw", "qcow2"):
-        raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
+    path = _path_arg(path)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS)
+    cluster_size = fmt.cluster_size_arg(cluster_size)
+    for name, value in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2),
+                        ("overwrite", overwrite), ("allow_unsafe_backing", allow_unsafe_backing)):
+        fmt.bool_arg(value, name)
     bdir = os.path.dirname(path) or "."
     if backing is not None:
         if format != "qcow2":
             raise InvalidArgument("only qcow2 images can have a backing file")
+        if not isinstance(backing, str):
+            raise InvalidArgument(f"backing must be a str or None, not {type(backing).__name__}",
+                                  value=backing)
         if backing_format is None:
             raise InvalidArgument("backing file specified without backing format; cowchain "
                                   "never probes a format", hint="pass backing_format='raw' or 'qcow2'")
-        if backing_format not in ("raw", "qcow2"):
-            raise InvalidArgument(f"unknown backing format {backing_format!r}")
+        fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
         full = _check_backing_name(backing, bdir, allow_unsafe_backing)
         if size is None:
             size = _probe_size(full, backing_format)
-    if size is None or size < 0:
-        raise InvalidArgument("a non-negative size is required")
+    elif backing_format is not None:
+        raise InvalidArgument("a backing format without a backing file", value=backing_format)
+    if size is None:
+        raise InvalidArgument("a size is required (None takes the backing file's size, and "
+                              "there is no backing file)")
+    # every check before the file exists: a refused create leaves nothing behind
+    size = fmt.check_virtual_size(size, format, cluster_size=cluster_size,
+                                  extended_l2=extended_l2)
     if format == "qcow2":
         header, data = fmt.new_image_layout(
             size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
             lazy_refcounts=lazy_refcounts, backing_file=backing, backing_format=backing_format,
             extended_l2=extended_l2)
+        _check_file_length(len(data), bdir, "the new file's size")
+    else:
+        _check_file_length(size, bdir, "virtual size")
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o644)
@@ -923,6 +1160,8 @@ def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int =
         raise InvalidArgument("file exists", path=path, hint="pass overwrite=True to replace it") from None
     except FileNotFoundError:
         raise ImageNotFound("folder does not exist", path=path) from None
+    except IsADirectoryError:
+        raise InvalidArgument("is a directory", path=path) from None
     except OSError as e:
         raise io_error(e.errno, "cannot create", path=path) from None
     try:
@@ -930,14 +1169,21 @@ def create(path, size: int | None, *, format: str = "qcow2", cluster_size: int =
             os.pwrite(fd, data, 0)
         else:
             os.ftruncate(fd, size)
-    except OSError as e:
+    except BaseException as e:
         os.close(fd)
         _unlink_quietly(path)
-        raise io_error(e.errno, "cannot write the new image", path=path) from None
+        if isinstance(e, OSError):
+            raise io_error(e.errno, "cannot write the new image", path=path) from None
+        raise
     # Make the file and its name durable on a helper thread while this one opens the image
     # (the two overlap: an open costs about as much CPU as the fdatasync waits); create()
     # returns only after both syncs are done.
-    sync = _CreateSync(fd, bdir)
+    try:
+        sync = _CreateSync(fd, bdir)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
     try:
         img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
     except BaseException:
@@ -963,7 +1209,12 @@ class _CreateSync:
             self._dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             self._dfd = -1
-        self._job = _core.BackgroundSync(fd, self._dfd)
+        try:
+            self._job = _core.BackgroundSync(fd, self._dfd)
+        except BaseException:
+            if self._dfd >= 0:
+                os.close(self._dfd)
+            raise
 
     def wait(self) -> "OSError | None":
         err = self._job.wait()

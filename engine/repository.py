@@ -30,7 +30,14 @@ before it touches any file, does idempotent steps, and applies its catalog chang
 transaction.  ``Repository.open`` rolls an interrupted operation back (snapshot, revert,
 preview, clone, create, export: remove what it created) or forward (delete_snapshot: the
 merge is redone from the last recorded step; removals after a commit are finished).  A volume
-being written by a merge is marked ILLEGAL until the merge completes.
+being written by a merge is marked ILLEGAL until the merge completes.  Every image lock an
+operation needs is taken before its journal entry and held to its end (``_holding``), so an
+operation refused by a lock leaves nothing to recover.
+
+Volume identity: the catalog records each volume's virtual size and, for a raw volume, its
+inode and (once sealed by a snapshot) a content stamp; every open compares a raw volume's size
+and inode (``VolumeDamaged`` when they differ), ``check`` also the stamp.  A chain with a
+volume known to be damaged takes no new snapshot unless forced.
 
 The QCOW2 headers are the truth about which file backs which; the catalog is the truth about
 snapshots.  ``Repository.check`` compares the two, runs the image check on every volume, and
@@ -42,8 +49,10 @@ process at a time (an exclusive lock on ``repository.lock``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -52,10 +61,12 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from engine import destination as _destination
 from engine import ops
 from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
-from engine.errors import (ChainError, EngineError, ImageClosed, InvalidArgument, NotFound,
-                           RepositoryError, UnsupportedFeature)
+from engine.errors import (ChainError, EngineError, ImageClosed, ImageLocked, ImageNotFound,
+                           InvalidArgument, NotFound, RepositoryError, UnsupportedFeature, VolumeDamaged,
+                           io_error)
 from engine.ops import kill_point
 
 CATALOG_NAME = "catalog.db"
@@ -182,6 +193,29 @@ class ExportResult:
         return dict(self.__dict__)
 
 
+class DiffResult(list):
+    """What ``Chain.diff`` found: a list of ``Change(start, length, zero, data)``, sorted and
+    disjoint, with the disk's size at each point (a resize in between changes it).
+
+    Attributes:
+        from_size, to_size (int): virtual size at the FROM and the TO point, bytes.
+        size_changed (bool): the two differ.
+    """
+
+    def __init__(self, changes, from_size: int, to_size: int):
+        super().__init__(changes)
+        self.from_size = from_size
+        self.to_size = to_size
+
+    @property
+    def size_changed(self) -> bool:
+        return self.from_size != self.to_size
+
+    def to_dict(self) -> dict:
+        return {"from-size": self.from_size, "to-size": self.to_size,
+                "changes": [c.to_dict() for c in self]}
+
+
 @dataclass
 class Problem:
     """One mismatch found by ``Repository.check``.
@@ -301,6 +335,89 @@ def _close_quietly(img) -> None:
             pass
 
 
+#: The content stamp of a sealed raw volume: a hash of its size, of the first and the last
+#: block holding data when it was sealed (found with SEEK_DATA) and of blocks at fixed
+#: offsets spread over the file.  The stamp records where those data blocks were, and a
+#: later check reads the same offsets: a copy of the repository that changed which ranges
+#: are sparse still has the same stamp.  Cost: O(log size) seeks and ten block reads.
+_STAMP_BLOCK = 65536
+_STAMP_SAMPLES = 8
+
+
+def _raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
+    """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp
+    (STAMP: recompute that recorded stamp's blocks, to compare)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageNotFound("no such file", path=path) from None
+    except OSError as e:
+        raise io_error(e.errno, "cannot open", path=path) from None
+    try:
+        st = os.fstat(fd)
+        return {"size": st.st_size, "ino": st.st_ino,
+                "stamp": _stamp(fd, st.st_size, path, stamp) if sealed else None}
+    finally:
+        os.close(fd)
+
+
+def _data_at_or_after(fd: int, offset: int) -> int | None:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return None                     # ENXIO: only holes from OFFSET on
+
+
+def _stamp(fd: int, size: int, path: str, recorded: str | None = None) -> str:
+    """The stamp of raw file FD (SIZE bytes); with RECORDED, over the blocks it names."""
+    B = _STAMP_BLOCK
+    if recorded is not None:
+        try:
+            first, last = (int(x) for x in recorded.split(":")[:2])
+        except ValueError:
+            first = last = -1
+    else:
+        pos = _data_at_or_after(fd, 0)
+        first = last = -1
+        if pos is not None and pos < size:
+            first = pos // B * B
+            lo, hi = first // B, (size - 1) // B      # the last block with data, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                found = _data_at_or_after(fd, mid * B)
+                if found is not None and found < size:
+                    lo = found // B if found // B > mid else mid
+                else:
+                    hi = mid - 1
+            last = lo * B
+    top = max(0, size - B)
+    offsets = [top * i // (_STAMP_SAMPLES - 1) // 512 * 512 for i in range(_STAMP_SAMPLES)]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(size.to_bytes(8, "little"))
+    try:
+        for off in offsets + [o for o in (first, last) if 0 <= o < size]:
+            h.update(os.pread(fd, B, off))
+    except OSError as e:
+        raise io_error(e.errno, "cannot read the volume", path=path) from None
+    return f"{first}:{last}:{h.hexdigest()}"
+
+
+def _identity_problem(v: VolumeRow, size: int, ino: int) -> str | None:
+    """What is wrong with raw volume V's file, now SIZE bytes at inode INO, against the
+    catalog's record (size and inode: the cheap comparison made at every open), or None."""
+    if v.format != "raw" or v.size is None:
+        return None
+    if size < v.size:
+        return (f"is {size} bytes, shorter than the {v.size} bytes of disk it serves "
+                "(the file was truncated or replaced)")
+    if size != v.size:
+        return f"is {size} bytes, the catalog records {v.size} (the file was replaced?)"
+    if v.ino is not None and ino != v.ino:
+        return (f"is not the file the catalog recorded (inode {ino}, recorded {v.ino}): it "
+                "was replaced, or the repository was copied")
+    return None
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InvalidArgument(f"invalid chain name {name!r}: use 1-128 letters, digits, "
@@ -319,11 +436,12 @@ class Repository:
     >>> d = tempfile.mkdtemp()
     >>> with engine.Repository.create(os.path.join(d, "repo")) as repo:
     ...     disk = repo.create_chain("vm1", 1 << 20)
-    ...     disk.write(0, b"hello")
+    ...     disk.write(0, b"hello")                  # returns the number of bytes written
     ...     snap = disk.snapshot("before the update")
-    ...     disk.write(0, b"HELLO")
+    ...     _ = disk.write(0, b"HELLO")
     ...     disk.revert(snap.id)
     ...     disk.read(0, 5)
+    5
     b'hello'
     """
 
@@ -342,10 +460,12 @@ class Repository:
         except BaseException:
             self._unlock()
             raise
+        self._in_use = _destination.register_folder(self._path)   # for the export rule
         self._closed = False
         if not _create and not readonly:
             try:
                 self.recover()
+                self._record_unrecorded()
             except BaseException:
                 self.close()
                 raise
@@ -357,9 +477,13 @@ class Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
 
         Raises:
-            RepositoryError: PATH exists and is not an empty folder.
+            RepositoryError: PATH already holds a repository, or exists and is not an empty
+                folder.
         """
         path = os.path.abspath(os.fspath(path))
+        if os.path.isfile(os.path.join(path, CATALOG_NAME)):
+            raise RepositoryError("already holds a cowchain repository", path=path,
+                                  hint="open it with Repository.open, or choose a new folder")
         if os.path.exists(path):
             if not os.path.isdir(path) or os.listdir(path):
                 raise RepositoryError("exists and is not an empty folder", path=path)
@@ -442,6 +566,7 @@ class Repository:
         self._chains.clear()
         self._cat.close()
         self._unlock()
+        _destination.unregister_folder(self._in_use)
         self._closed = True
         if err is not None:
             raise err
@@ -494,7 +619,8 @@ class Repository:
     def chains(self) -> list["Chain"]:
         """Every chain, by name."""
         self._check_open()
-        return [self.chain(r.name) for r in self._cat.chains()]
+        with self._cat.read():
+            return [self.chain(r.name) for r in self._cat.chains()]
 
     def create_chain(self, name: str, size: int, *, base_format: str = "raw",
                      cluster_size: int = 65536) -> "Chain":
@@ -522,8 +648,8 @@ class Repository:
             self._step(jid, "create_chain", "created")
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
-                self._cat.insert_volume(VolumeRow(vid, name, rel, base_format, "leaf", None,
-                                                  "LEGAL", now()))
+                self._cat.insert_volume(self._volume_row_for(vid, name, rel, base_format, None,
+                                                             size))
                 self._cat.journal_end(jid)
         except BaseException:
             _close_quietly(img)
@@ -549,7 +675,8 @@ class Repository:
             raise RepositoryError(f"a chain named {name!r} exists already")
 
     def import_chain(self, name: str, source, *, format: str, base_format: str = "raw",
-                     cluster_size: int = 65536, progress: Progress | None = None) -> "Chain":
+                     cluster_size: int = 65536, progress: Progress | None = None,
+                     allow_unsafe_backing: bool = False) -> "Chain":
         """Make a chain whose base volume is a copy of an existing disk image.
 
         SOURCE is opened read-only (with its backing chain, under the usual backing-file
@@ -565,6 +692,9 @@ class Repository:
             base_format (str): format of the new base volume, "raw" or "qcow2".
             cluster_size (int): cluster size of the chain's qcow2 volumes.
             progress (callable | None): ``progress(done_bytes, total_bytes)``.
+            allow_unsafe_backing (bool): follow the source's backing references even where
+                the policy refuses them (absolute names, names leaving its folder); only for
+                sources you trust. The new chain's volumes never have such references.
 
         Raises:
             InvalidArgument, NotFound, RepositoryError (the name is taken), and the errors of
@@ -579,7 +709,8 @@ class Repository:
         src_path = os.path.abspath(os.fspath(source))
         if os.path.isdir(src_path):
             raise InvalidArgument("is a folder, not a disk image", path=src_path)
-        with engine.open(src_path, format=format, readonly=True) as src:
+        with engine.open(src_path, format=format, readonly=True,
+                         allow_unsafe_backing=allow_unsafe_backing) as src:
             size = src.size
             if size % 512:
                 raise InvalidArgument(f"the source's size ({size} bytes) is not a multiple "
@@ -591,13 +722,14 @@ class Repository:
             vid, rel = self._new_volume(base_format)
             jid = self._begin("import_chain", name, {"created": [rel], "source": src_path})
             try:
-                ops.convert(src, self._abs(rel), format=base_format, cluster_size=cluster_size,
-                            progress=progress, hook="import.copy")
+                ops.convert_new(src, self._abs(rel), format=base_format,
+                                cluster_size=cluster_size, progress=progress,
+                                hook="import.copy")
                 self._step(jid, "import_chain", "written")
                 with self._cat.transaction():
                     self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
-                    self._cat.insert_volume(VolumeRow(vid, name, rel, base_format, "leaf",
-                                                      None, "LEGAL", now()))
+                    self._cat.insert_volume(self._volume_row_for(vid, name, rel, base_format,
+                                                                 None, size))
                     self._cat.journal_end(jid)
             except BaseException:
                 self._abort(jid, name)
@@ -657,6 +789,20 @@ class Repository:
             self._blocked.pop(j.chain, None)
         return done
 
+    def _record_unrecorded(self) -> None:
+        """Fill in the size and identity of volumes the catalog has no record of (a catalog
+        made by an older cowchain): what the files hold now is taken as the truth."""
+        recs = {}
+        for v in self._cat.unrecorded_volumes():
+            try:
+                recs[v.id] = self._volume_record(v, sealed=v.role != "leaf")
+            except EngineError:
+                continue             # a missing or busy file: check reports it; retried later
+        if recs:
+            with self._cat.transaction():
+                for vid, rec in recs.items():
+                    self._cat.update_volume(vid, **rec)
+
     def _recover_row(self, j) -> str:
         if j.state == "committed":
             self._finish(j.id, j.op, j.args.get("remove", []))
@@ -686,7 +832,12 @@ class Repository:
         - ``pending``: an operation is in flight in the journal (repair: recover it).
         - ``missing-file``: a volume's file is gone (not repairable: restore it from backup).
         - ``unreadable``: a volume's file cannot be opened (not repairable).
-        - ``size``: a volume's virtual size differs from its chain's (not repairable).
+        - ``size``: a leaf's virtual size differs from its chain's, or a volume's from the
+          size the catalog records for it (not repairable).
+        - ``identity``: a raw volume is not the file the catalog recorded: shorter than the
+          disk it serves, another size or inode, or (sealed) another content stamp.  Repair:
+          a new inode with the recorded content (a copied repository) is recorded; anything
+          else is not repairable (restore the file from a backup).
         - ``backing``: the header's backing file differs from the catalog's parent.  The
           header is the truth: repair points the catalog at the volume the header names, when
           the catalog knows it.
@@ -699,6 +850,10 @@ class Repository:
         - ``role``: a volume's recorded role is stale (repair: recompute).
         - ``stray-file``: a file in ``volumes/`` the catalog does not know (repair: move it to
           ``lost+found/``).
+
+        A read-write repository records in the catalog which volumes this check found
+        damaged (missing, unreadable, wrong size or identity, image corruption) and clears
+        the mark of those found clean: a chain with a damaged volume takes no new snapshot.
 
         Arguments:
             repair (bool): fix what can be fixed.
@@ -721,6 +876,12 @@ class Repository:
         row = self._cat.chain(name)
         if row is None:
             raise NotFound(f"no chain named {name!r}")
+        return row
+
+    def _volume_row(self, vid: str) -> VolumeRow:
+        row = self._cat.volume(vid)
+        if row is None:
+            raise NotFound(f"volume {vid} is not in the catalog (removed meanwhile?)")
         return row
 
     def _volume(self, row: VolumeRow) -> Volume:
@@ -748,6 +909,19 @@ class Repository:
                                       f"{chain!r}; give more characters")
         raise NotFound(f"chain {chain!r} has no snapshot {sid!r}")
 
+    def _snapshot_volume(self, snap: SnapshotRow) -> VolumeRow:
+        """SNAP's volume, which must be LEGAL to be read (call inside one catalog read)."""
+        row = self._volume_row(snap.volume)
+        if row.legality == "LEGAL":
+            return row
+        if self._readonly and any(row.id in (j.args.get("volume"), j.args.get("child"))
+                                  for j in self._cat.journal() if j.state == "running"):
+            raise ImageLocked(f"snapshot {snap.id}'s volume {row.id} is being changed by an "
+                              "operation in another process", path=self._abs(row.path),
+                              hint="retry when it is done")
+        raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
+                              hint="run 'cowchain chain check --repair'")
+
     def _chain_volumes(self, name: str) -> list[Volume]:
         row = self._chain_row(name)
         vols = self._cat.volumes()
@@ -757,6 +931,14 @@ class Repository:
         if row.saved_leaf:
             extra = [v for v in reversed(_ancestry(vols, row.saved_leaf)) if v.id not in seen]
         return [self._volume(v) for v in main + extra]
+
+    def _volume_row_for(self, vid: str, chain: str, rel: str, fmt: str, parent: str | None,
+                        size: int) -> VolumeRow:
+        """The catalog row of a new (unsealed) volume file, with its size and identity."""
+        row = VolumeRow(vid, chain, rel, fmt, "leaf", parent, "LEGAL", now())
+        for k, val in self._volume_record(row, sealed=False, size=size).items():
+            setattr(row, k, val)
+        return row
 
     def _new_volume(self, fmt: str) -> tuple[str, str]:
         vid = str(uuid.uuid4())
@@ -846,21 +1028,138 @@ class Repository:
 
     # --- internals: volume files ------------------------------------------------------------
 
-    def _open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True):
+    def _open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True,
+                     verify: bool = True):
+        """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
+        a raw volume in what was opened must still be the file the catalog recorded
+        (VolumeDamaged otherwise)."""
         import engine
 
-        return engine.open(self._abs(row.path), format=row.format, readonly=readonly,
-                           backing=backing)
+        for attempt in (1, 2):
+            try:
+                img = engine.open(self._abs(row.path), format=row.format, readonly=readonly,
+                                  backing=backing)
+                break
+            except (ImageNotFound, ChainError):
+                if not self._readonly:
+                    raise
+                # A writer beside this read-only open may have merged the volume (or one
+                # under it) away since the catalog was read: a vanished volume is NotFound,
+                # a changed chain is opened again as it is now.
+                now_row = self._cat.volume(row.id)
+                if now_row is None:
+                    raise NotFound(f"volume {row.id} was removed while it was being opened "
+                                   "(its snapshot was deleted meanwhile)") from None
+                if attempt == 2:
+                    raise
+                row = now_row
+        if verify:
+            try:
+                self._verify_identity(img)
+            except BaseException:
+                img.close()
+                raise
+        return img
 
-    def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int):
+    def _verify_identity(self, img) -> None:
+        """The cheap identity check made at every open: a raw volume (only a chain's base can
+        be raw) must have the size and inode the catalog recorded for it."""
+        bottom = img.chain()[-1]
+        if bottom.format != "raw":
+            return
+        v = self._cat.volume_by_path(os.path.relpath(bottom.path, self._path))
+        if v is None:
+            return
+        try:
+            ino = os.stat(bottom.path).st_ino
+        except OSError as e:
+            raise io_error(e.errno, "cannot stat the volume", path=bottom.path) from None
+        why = _identity_problem(v, bottom.size, ino)
+        if why is not None:
+            # another inode with the recorded size: a copied repository, which a check with
+            # repair accepts once the content stamp matches
+            raise self._damaged(v, why, repairable=bottom.size == v.size)
+
+    def _damaged(self, v: VolumeRow, why: str, *, chain: str | None = None,
+                 repairable: bool = True, snapshot: bool = False) -> VolumeDamaged:
+        """The VolumeDamaged error for volume V (SNAPSHOT: a refused snapshot of CHAIN)."""
+        chain = chain or v.chain
+        if repairable:
+            hint = f"repair it with Repository.check(repair=True, chain={chain!r})"
+            cli = f"repair it with 'cowchain chain check {chain} --repair'"
+        else:
+            hint = (f"Repository.check(chain={chain!r}) shows what is wrong; restore the "
+                    "file from a backup")
+            cli = f"'cowchain chain check {chain}' shows what is wrong; restore the file " \
+                  "from a backup"
+        if snapshot:
+            hint += ", or pass force=True to take the snapshot anyway"
+            cli += ", or pass --force to take the snapshot anyway"
+        what = "no snapshot taken: " if snapshot else ""
+        return VolumeDamaged(f"{what}volume {v.id} of chain {chain!r} {why}",
+                             volume=v.id, chain=chain, path=self._abs(v.path), hint=hint,
+                             cli_hint=cli)
+
+    def _volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict:
+        """The catalog's record of volume V's file: its virtual size and, for a raw volume,
+        its identity (inode, and once SEALED a content stamp).  SIZE: the qcow2 virtual size
+        when the caller knows it (else it is read from the header)."""
+        if v.format == "raw":
+            return _raw_record(self._abs(v.path), sealed=sealed)
+        if size is None:
+            with self._open_volume(v, readonly=True, backing=False, verify=False) as img:
+                size = img.size
+        return {"size": size, "ino": None, "stamp": None}
+
+    def _volume_size(self, v: VolumeRow) -> int:
+        """Virtual size of volume V: the catalog's record, or its header (no record yet)."""
+        if v.size is not None:
+            return v.size
+        with self._open_volume(v, readonly=True, backing=False, verify=False) as img:
+            return img.size
+
+    @contextlib.contextmanager
+    def _holding(self, specs: list[tuple[VolumeRow, bool, bool]], *, verify: bool = True):
+        """Open the volumes an operation writes (or needs unchanged) and hold them to its
+        end: SPECS is [(row, readonly, backing)], the images are yielded in that order.
+
+        The rule for journaled operations: every image lock an operation needs is taken
+        here, *before* its journal entry is written, and held until its catalog commit.  An
+        image someone else holds (an open_snapshot view, qemu-img, a read-only repository)
+        then refuses the operation with ImageLocked while nothing is recorded, so a refusal
+        leaves nothing to recover.  Our own chains' leaf handles on those volumes are
+        released first (they reopen on their next I/O)."""
+        self._release_handles(r for r, _, _ in specs)
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self._open_volume(r, readonly=ro, backing=b,
+                                                         verify=verify))
+                   for r, ro, b in specs]
+
+    def _release_handles(self, rows: Iterable[VolumeRow]) -> None:
+        paths = {self._abs(r.path) for r in rows}
+        for c in self._chains.values():
+            img = c._img
+            if img is not None and not img.closed and any(i.path in paths for i in img.chain()):
+                c._release()
+
+    def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
+                        verify: bool = True):
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
-        the chain is not opened a second time (opening costs one step per level)."""
+        the chain is not opened a second time (opening costs one step per level).  VERIFY:
+        as for _open_volume."""
         import engine
 
-        return engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
-                             backing=os.path.basename(parent.path),
-                             backing_format=parent.format)
+        img = engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
+                            backing=os.path.basename(parent.path),
+                            backing_format=parent.format)
+        if verify:
+            try:
+                self._verify_identity(img)
+            except BaseException:
+                img.close()
+                raise
+        return img
 
     # --- chain operations (Chain methods call these) ----------------------------------------
 
@@ -876,23 +1175,54 @@ class Repository:
         chain._release()
         return row
 
-    def _op_snapshot(self, chain: "Chain", description: str) -> Snapshot:
+    def _refuse_damaged(self, row: ChainRow, img=None) -> None:
+        """A snapshot is not taken on a chain known to be damaged: a volume marked ILLEGAL
+        (an operation on it did not finish) or damaged (by check) in the catalog, or (IMG:
+        the chain opened) a QCOW2 volume with the corrupt bit set."""
+        flagged = self._cat.flagged_volumes()          # normally none: one cheap query
+        if flagged:
+            line = {v.id for v in _ancestry(self._cat.volumes(), row.leaf)}
+            for v in flagged:
+                if v.id not in line:
+                    continue
+                if v.legality != "LEGAL":
+                    raise self._damaged(v, "is ILLEGAL (an operation on it did not finish)",
+                                        chain=row.name, snapshot=True)
+                raise self._damaged(v, f"was found damaged by check: {v.damaged}",
+                                    chain=row.name, snapshot=True)
+        if img is not None:
+            for im in img.chain():
+                if im.header is not None and im.header.corrupt:
+                    rel = os.path.relpath(im.path, self._path)
+                    v = self._cat.volume_by_path(rel) or VolumeRow(
+                        "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
+                    raise self._damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
+                                        chain=row.name, snapshot=True)
+
+    def _op_snapshot(self, chain: "Chain", description: str, force: bool) -> Snapshot:
         if not isinstance(description, str):
             raise InvalidArgument("description must be a string")
         row = self._prepare(chain)
-        leaf = self._cat.volume(row.leaf)
+        leaf = self._volume_row(row.leaf)
+        if not force:
+            self._refuse_damaged(row)
         vid, rel = self._new_volume("qcow2")
         sid = str(uuid.uuid4())
         jid = self._begin("snapshot", row.name, {"created": [rel], "snapshot": sid})
         img = None
         try:
-            img = self._create_overlay(rel, leaf, row.size, row.cluster_size)
+            img = self._create_overlay(rel, leaf, row.size, row.cluster_size, verify=not force)
+            if not force:
+                self._refuse_damaged(row, img)
+            # the leaf is sealed now: record what it is, to notice later if it is changed
+            sealed = self._volume_record(leaf, sealed=True, size=row.size)
             self._step(jid, "snapshot", "created")
             with self._cat.transaction():
-                self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", leaf.id,
-                                                  "LEGAL", now()))
+                self._cat.insert_volume(self._volume_row_for(vid, row.name, rel, "qcow2",
+                                                             leaf.id, row.size))
                 self._cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
                                                       leaf.id))
+                self._cat.update_volume(leaf.id, **sealed)
                 self._cat.update_chain(row.name, leaf=vid)
                 self._refresh_roles()
                 self._cat.journal_end(jid)
@@ -914,19 +1244,21 @@ class Repository:
                                      "end would be lost)")
         if new_size == row.size:
             return
-        leaf = self._cat.volume(row.leaf)
-        jid = self._begin("resize", row.name, {"size": new_size, "leaf": leaf.id})
-        try:
-            with self._open_volume(leaf, backing=False) as img:
+        leaf = self._volume_row(row.leaf)
+        with self._holding([(leaf, False, False)]) as (img,):
+            jid = self._begin("resize", row.name, {"size": new_size, "leaf": leaf.id})
+            try:
                 img.resize(new_size)                   # durable when it returns
-            self._step(jid, "resize", "resized")
-            kill_point("resize.resized")
-            with self._cat.transaction():
-                self._cat.update_chain(row.name, size=new_size)
-                self._cat.journal_end(jid)
-        except BaseException:
-            self._abort(jid, row.name)
-            raise
+                self._step(jid, "resize", "resized")
+                kill_point("resize.resized")
+                rec = self._volume_record(leaf, sealed=False, size=img.size)
+                with self._cat.transaction():
+                    self._cat.update_chain(row.name, size=new_size)
+                    self._cat.update_volume(leaf.id, **rec)
+                    self._cat.journal_end(jid)
+            except BaseException:
+                self._abort(jid, row.name)
+                raise
         kill_point("resize.committed")
 
     def _recover_resize(self, j) -> str:
@@ -935,31 +1267,33 @@ class Repository:
         leaf = self._cat.volume(j.args["leaf"])
         grown = False
         if leaf is not None and os.path.exists(self._abs(leaf.path)):
-            with self._open_volume(leaf, readonly=True, backing=False) as img:
+            with self._open_volume(leaf, readonly=True, backing=False, verify=False) as img:
                 grown = img.size >= j.args["size"]
+                rec = self._volume_record(leaf, sealed=False, size=img.size)
         with self._cat.transaction():
             if grown:
                 self._cat.update_chain(j.chain, size=j.args["size"])
+                self._cat.update_volume(leaf.id, **rec)
             self._cat.journal_end(j.id)
         return f"resize on {j.chain}: {'finished' if grown else 'rolled back'}"
 
     def _new_leaf_on(self, op: str, chain: "Chain", row: ChainRow, snap: SnapshotRow,
                      apply) -> None:
-        """Revert and preview: a new empty leaf on top of SNAP's volume, then APPLY(vid)
-        inside the commit transaction (it returns the files to remove afterwards)."""
-        base = self._cat.volume(snap.volume)
-        if base.legality != "LEGAL":
-            raise RepositoryError(f"snapshot {snap.id}'s volume {base.id} is ILLEGAL",
-                                  hint="run 'cowchain chain check --repair'")
+        """Revert and preview: a new empty leaf on top of SNAP's volume, at the size the disk
+        had at SNAP (the chain takes that size), then APPLY(vid) inside the commit
+        transaction (it returns the files to remove afterwards)."""
+        base = self._snapshot_volume(snap)
+        size = self._volume_size(base)
         vid, rel = self._new_volume("qcow2")
         jid = self._begin(op, row.name, {"created": [rel], "snapshot": snap.id})
         img = None
         try:
-            img = self._create_overlay(rel, base, row.size, row.cluster_size)
+            img = self._create_overlay(rel, base, size, row.cluster_size)
             self._step(jid, op, "created")
             with self._cat.transaction():
-                self._cat.insert_volume(VolumeRow(vid, row.name, rel, "qcow2", "leaf", base.id,
-                                                  "LEGAL", now()))
+                self._cat.insert_volume(self._volume_row_for(vid, row.name, rel, "qcow2",
+                                                             base.id, size))
+                self._cat.update_chain(row.name, size=size)
                 remove = apply(vid)
                 self._refresh_roles()
                 if remove:
@@ -1009,6 +1343,7 @@ class Repository:
         if not row.preview:
             raise RepositoryError(f"chain {row.name!r} is not previewing a snapshot")
         vols = self._cat.volumes()
+        saved_size = None if keep else self._volume_size(vols[row.saved_leaf])
         with self._cat.transaction():
             if keep:
                 snap = self._cat.snapshot(row.preview)
@@ -1017,7 +1352,7 @@ class Repository:
                 candidates = [v.id for v in _ancestry(vols, row.saved_leaf)]
             else:
                 self._cat.update_chain(row.name, leaf=row.saved_leaf, saved_leaf=None,
-                                       preview=None)
+                                       preview=None, size=saved_size)
                 candidates = [v.id for v in _ancestry(vols, row.leaf)]
             remove = self._collect_garbage(candidates)
             self._refresh_roles()
@@ -1031,11 +1366,10 @@ class Repository:
         snap = self._find_snapshot(row.name, sid)
         if self._cat.chain(name) is not None:
             raise RepositoryError(f"a chain named {name!r} exists already")
-        base = self._cat.volume(snap.volume)
+        base = self._volume_row(snap.volume)
         # the clone is the disk as it was at the snapshot, at the size it had then (the
         # chain may have grown since)
-        with self._open_volume(base, readonly=True, backing=False) as b:
-            size = b.size
+        size = self._volume_size(base)
         vid, rel = self._new_volume("qcow2")
         jid = self._begin("clone", name, {"created": [rel], "snapshot": snap.id,
                                           "origin": row.name})
@@ -1046,8 +1380,8 @@ class Repository:
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
                                                 origin_chain=row.name, origin_snapshot=snap.id))
-                self._cat.insert_volume(VolumeRow(vid, name, rel, "qcow2", "leaf", base.id,
-                                                  "LEGAL", now()))
+                self._cat.insert_volume(self._volume_row_for(vid, name, rel, "qcow2", base.id,
+                                                             size))
                 self._refresh_roles()
                 self._cat.journal_end(jid)
         except BaseException:
@@ -1086,17 +1420,24 @@ class Repository:
         commit_bytes, pull_bytes = self._merge_costs(vol, child)
         direction = "commit" if commit_bytes <= pull_bytes else "pull"
         target = vol if direction == "commit" else child
-        # Take the write lock before recording anything: if someone holds the volume open
-        # (an open_snapshot image, qemu-img), fail now with nothing to recover.
-        self._open_volume(target).close()
+        if direction == "pull":
+            # The snapshot's own volume is removed: nobody may have it open (an open_snapshot
+            # view of this snapshot).  A writable open proves that; it is closed again because
+            # the pull reads the volume through its child (in this process a writable and a
+            # read-only open of one file exclude each other, as between processes).
+            self._release_handles([vol])
+            self._open_volume(vol, backing=False).close()
         args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
                 "child": child.id, "grandchildren": grandchildren}
-        jid = self._begin("delete_snapshot", row.name, args, illegal=[target.id])
-        try:
-            copied = self._merge_run(jid, args, "intent", progress)
-        except BaseException:
-            self._abort(jid, row.name)
-            raise
+        with self._merge_images(args, verify=True) as images:
+            jid = self._begin("delete_snapshot", row.name, args, illegal=[target.id])
+            try:
+                copied, remove = self._merge_steps(jid, args, "intent", images, progress)
+            except BaseException:
+                self._abort(jid, row.name)
+                raise
+        kill_point("delete_snapshot.committed")
+        self._finish(jid, "delete_snapshot", remove)
         return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
                            target.id, copied, commit_bytes, pull_bytes)
 
@@ -1105,39 +1446,60 @@ class Repository:
         with self._open_volume(child, readonly=True) as img:
             return ops.merge_costs(img, keep_zeros=vol.parent is not None)
 
-    def _merge_run(self, jid: int, args: dict, step: str,
-                   progress: Progress | None = None) -> int:
-        """The steps of a merge from STEP on; each is idempotent (recovery re-runs them)."""
+    def _merge_images(self, args: dict, *, verify: bool = False):
+        """Hold (see _holding) every image a merge opens: for a commit the snapshot's volume
+        (written, with its chain), the child (read alone) and the child's children (their
+        headers are rewritten); for a pull the child (written, with its chain)."""
+        vol, child = self._volume_row(args["volume"]), self._volume_row(args["child"])
+        if args["direction"] == "commit":
+            specs = [(vol, False, True), (child, True, False)]
+            specs += [(self._volume_row(g), False, False) for g in args["grandchildren"]]
+        else:
+            specs = [(child, False, True)]
+        return self._holding(specs, verify=verify)
+
+    def _merge_run(self, jid: int, args: dict, step: str) -> int:
+        """Recovery of an interrupted merge: redo its steps from STEP, holding its images."""
+        with self._merge_images(args) as images:
+            copied, remove = self._merge_steps(jid, args, step, images, None)
+        kill_point("delete_snapshot.committed")
+        self._finish(jid, "delete_snapshot", remove)
+        return copied
+
+    def _merge_steps(self, jid: int, args: dict, step: str, images: list,
+                     progress: Progress | None) -> tuple[int, list[str]]:
+        """The steps of a merge from STEP on, through its catalog commit, on IMAGES (from
+        _merge_images); each step is idempotent (recovery re-runs them).  Returns the bytes
+        copied and the files to remove."""
         cat = self._cat
-        vol = cat.volume(args["volume"])
-        child = cat.volume(args["child"])
+        vol = self._volume_row(args["volume"])
+        child = self._volume_row(args["child"])
         commit = args["direction"] == "commit"
-        parent = cat.volume(vol.parent) if vol.parent else None
+        parent = self._volume_row(vol.parent) if vol.parent else None
         copied = 0
         if step == "intent":
             if commit:
-                with self._open_volume(child, readonly=True, backing=False) as top, \
-                        self._open_volume(vol) as base:
-                    copied = ops.commit(top, base, progress=progress,
-                                        hook="delete_snapshot.copy")
+                base, top = images[0], images[1]
+                copied = ops.commit(top, base, progress=progress, hook="delete_snapshot.copy")
             else:
-                with self._open_volume(child) as img:
-                    copied = ops.stream(img, depth=1, keep_zeros=parent is not None,
-                                        progress=progress, hook="delete_snapshot.copy")
+                copied = ops.stream(images[0], depth=1, keep_zeros=parent is not None,
+                                    progress=progress, hook="delete_snapshot.copy")
             self._step(jid, "delete_snapshot", "copied")
             step = "copied"
         if step == "copied":
             if commit:
-                for gid in args["grandchildren"]:
-                    with self._open_volume(cat.volume(gid), backing=False) as img:
-                        img.rebase(os.path.basename(vol.path), vol.format)
+                for img in images[2:]:
+                    img.rebase(os.path.basename(vol.path), vol.format)
+            elif parent is None:
+                images[0].rebase(None, None)
             else:
-                with self._open_volume(child, backing=False) as img:
-                    if parent is None:
-                        img.rebase(None, None)
-                    else:
-                        img.rebase(os.path.basename(parent.path), parent.format)
+                images[0].rebase(os.path.basename(parent.path), parent.format)
             self._step(jid, "delete_snapshot", "rebased")
+        if commit:
+            # the snapshot's volume holds the merged content now (and may have grown): its
+            # record is renewed; it stays sealed unless the child was the leaf
+            rec = self._volume_record(vol, sealed=bool(args["grandchildren"]),
+                                      size=images[0].size)
         with cat.transaction():
             if commit:
                 for gid in args["grandchildren"]:
@@ -1152,7 +1514,7 @@ class Repository:
                         cat.update_snapshot(s.id, volume=vol.id)
                 cat.delete_snapshot(args["snapshot"])
                 cat.delete_volume(child.id)
-                cat.update_volume(vol.id, legality="LEGAL")
+                cat.update_volume(vol.id, legality="LEGAL", **rec)
                 remove = [child.path]
             else:
                 cat.update_volume(child.id, parent=vol.parent, legality="LEGAL")
@@ -1161,63 +1523,69 @@ class Repository:
                 remove = [vol.path]
             self._refresh_roles()
             cat.journal_commit(jid, {"remove": remove})
-        kill_point("delete_snapshot.committed")
-        self._finish(jid, "delete_snapshot", remove)
-        return copied
+        return copied, remove
 
     def _op_export(self, chain: "Chain", path, fmt: str, sid: str | None,
-                   progress: Progress | None, overwrite: bool) -> ExportResult:
+                   progress: Progress | None, overwrite: bool,
+                   output_device: bool = False) -> ExportResult:
         self._check_open()
         if fmt not in ("raw", "qcow2"):
             raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
         row = self._chain_row(chain.name)
-        dest = os.path.abspath(os.fspath(path))
-        if os.path.isdir(dest):
-            raise InvalidArgument("is a folder", path=dest)
-        if os.path.exists(dest) and not overwrite:
-            raise InvalidArgument("file exists", path=dest, hint="pass overwrite=True (--force)")
-        if not os.path.isdir(os.path.dirname(dest)):
-            raise NotFound("the destination folder does not exist", path=dest)
+        stream = isinstance(path, int) and not isinstance(path, bool)
+        # a stream or device is checked and written in place by ops.convert; a file is
+        # checked here, written beside its name and published under the journal
+        dest = None if stream or output_device else _destination.check(path,
+                                                                      overwrite=overwrite)
         if sid is not None:
-            snap = self._find_snapshot(row.name, sid)
-            src_row = self._cat.volume(snap.volume)
+            with self._cat.read():
+                snap = self._find_snapshot(row.name, sid)
+                src_row = self._volume_row(snap.volume)
             sid = snap.id
         else:
             chain._release()
-            src_row = self._cat.volume(row.leaf)
-        tmp = os.path.join(os.path.dirname(dest),
-                           f".{os.path.basename(dest)}.{uuid.uuid4().hex[:12]}.part")
-        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest})
+            src_row = self._volume_row(row.leaf)
+        if dest is None:
+            with self._open_volume(src_row, readonly=True) as src:
+                size = src.size                 # a snapshot's own size (the disk may have grown)
+                written = ops.convert(src, path, format=fmt, progress=progress,
+                                      output_device=output_device)
+            where = "-" if stream else os.path.abspath(os.fspath(path))
+            return ExportResult(where, fmt, size, sid, written)
+        tmp = dest.temp_path()
+        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest.path})
         try:
             with self._open_volume(src_row, readonly=True) as src:
-                written = ops.convert(src, tmp, format=fmt, cluster_size=row.cluster_size,
-                                      progress=progress, hook="export.copy")
+                size = src.size                 # a snapshot's own size (the disk may have grown)
+                written = ops.convert_new(src, tmp, format=fmt, cluster_size=row.cluster_size,
+                                          progress=progress, hook="export.copy")
             self._step(jid, "export", "written")
-            os.replace(tmp, dest)
-            _fsync_dir(os.path.dirname(dest))
+            dest.commit(tmp)
             kill_point("export.renamed")
             self._cat.journal_end(jid)
         except BaseException:
             self._abort(jid, row.name)
             raise
-        return ExportResult(dest, fmt, row.size, sid, written)
+        return ExportResult(dest.path, fmt, size, sid, written)
 
-    def _op_diff(self, chain: "Chain", from_id: str, to_id: str | None) -> list[ops.Change]:
+    def _op_diff(self, chain: "Chain", from_id: str, to_id: str | None) -> "DiffResult":
         self._check_open()
-        row = self._chain_row(chain.name)
-        a = self._find_snapshot(row.name, from_id).volume
-        b = self._find_snapshot(row.name, to_id).volume if to_id is not None else row.leaf
-        vols = self._cat.volumes()
+        with self._cat.read():
+            row = self._chain_row(chain.name)
+            a = self._find_snapshot(row.name, from_id).volume
+            b = self._find_snapshot(row.name, to_id).volume if to_id is not None else row.leaf
+            vols = self._cat.volumes()
         path_a = [v.id for v in _ancestry(vols, a)]
         path_b = [v.id for v in _ancestry(vols, b)]
         in_b = set(path_b)
         lca = next((v for v in path_a if v in in_b), None)
         between = path_a[:path_a.index(lca)] if lca else path_a
         between += path_b[:path_b.index(lca)] if lca else path_b
-        if not between:
-            return []
         if row.leaf in between or b == row.leaf:
             chain._release()
+        size_a = self._volume_size(vols[a]) if a != row.leaf else row.size
+        if not between:
+            return DiffResult([], size_a, size_a)
         images = []
         try:
             for vid in between:
@@ -1227,7 +1595,14 @@ class Repository:
             for img in images:
                 img.close()
         with self._open_volume(vols[b], readonly=True) as view:
-            return ops.annotate(ranges, view)
+            size_b = view.size
+            inside = [(s, min(e, size_b)) for s, e in ranges if s < size_b]
+            changes = ops.annotate(inside, view)
+        # Past the TO point's end (the FROM point is larger: the disk grew in between) the
+        # ranges the FROM side holds are changed too; at TO the disk ends there (zero).
+        changes += [ops.Change(max(s, size_b), e - max(s, size_b), True, False)
+                    for s, e in ranges if e > size_b]
+        return DiffResult(changes, size_a, size_b)
 
 
 # --- check ------------------------------------------------------------------------------------
@@ -1295,15 +1670,15 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
     by_file = {os.path.basename(v.path): v for v in vols.values()}
     pending_vols = {vid for j in cat.journal() for key in ("volume", "child")
                     for vid in [j.args.get(key)] if vid}
-    sizes = {c.name: c.size for c in chains}
-    # A disk only grows (Chain.resize grows the leaf): the volumes a chain runs on (its leaf,
-    # and the leaf kept aside by a preview) have the chain's size; older ones may be smaller.
-    tops = {vid for c in chains for vid in (c.leaf, c.saved_leaf) if vid}
+    # A chain's leaf has the chain's size; every volume has the size the catalog records
+    # for it (older volumes may be smaller: a disk grows, and a revert gives it a snapshot's
+    # size again).
+    sizes = {c.leaf: c.size for c in chains}
     for v in in_scope.values():
         entry = {"id": v.id, "chain": v.chain, "path": repo._abs(v.path), "format": v.format,
                  "check": None}
         res.volumes.append(entry)
-        image_clean = _check_volume(repo, v, vols, by_file, sizes, tops, entry, add, repair)
+        image_clean = _check_volume(repo, v, vols, by_file, sizes, entry, add, repair)
         if v.legality != "LEGAL" and v.id not in pending_vols:
             p = Problem("illegal", f"volume {v.id} is ILLEGAL but no operation is changing it",
                         chain=v.chain, volume=v.id)
@@ -1344,11 +1719,60 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
                 _fsync_dir(vdir)
                 p.repaired, p.repair = True, f"moved to {LOST_FOUND}/{name}"
             add(p)
+    _record_damage(repo, res, in_scope.values())
     return res
 
 
-def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, tops, entry, add,
-                  repair) -> bool:
+def _check_raw_identity(repo, v: VolumeRow, add, repair) -> bool:
+    """A raw volume's file against the catalog's record: size, inode and (sealed) content
+    stamp.  Returns True when it matches (or was repaired)."""
+    if v.size is None:
+        return True                   # nothing recorded yet (an older catalog, read-only)
+    rec = _raw_record(repo._abs(v.path), sealed=v.stamp is not None, stamp=v.stamp)
+    why = _identity_problem(v, rec["size"], rec["ino"])
+    content_same = rec["size"] == v.size and rec["stamp"] == v.stamp
+    if why is None and not content_same:
+        why = ("does not hold what it held when it was sealed (its content stamp differs): "
+               "it was written by another tool or replaced in place")
+    if why is None:
+        return True
+    p = Problem("identity", f"raw volume {v.id} {why}", chain=v.chain, volume=v.id)
+    if content_same:
+        # the same bytes in another file (a copied or restored repository)
+        p.repair = "the catalog records the file's new inode (its content is unchanged)"
+        if repair:
+            repo._cat.update_volume(v.id, ino=rec["ino"])
+            p.repaired = True
+    else:
+        p.repair = "not repairable: restore the file from a backup"
+    add(p)
+    return p.repaired
+
+
+#: Kinds of problem that make a volume damaged: check records them in the catalog, and a
+#: chain with a damaged volume takes no new snapshot until a check finds it clean.
+_DAMAGE_KINDS = frozenset({"missing-file", "unreadable", "size", "identity", "image"})
+
+
+def _record_damage(repo, res: RepositoryCheck, checked: Iterable[VolumeRow]) -> None:
+    """Mark in the catalog the volumes this check found damaged, and unmark the clean ones
+    (a read-only repository records nothing)."""
+    if repo._readonly or repo._cat.version < 2:
+        return
+    why: dict[str, str] = {}
+    for p in res.problems:
+        if (p.volume and not p.repaired and p.kind in _DAMAGE_KINDS and not p.leaks_only
+                and p.volume not in why):
+            why[p.volume] = p.message
+    changes = {v.id: why.get(v.id) for v in checked if v.damaged != why.get(v.id)}
+    if changes:
+        with repo._cat.transaction():
+            for vid, reason in changes.items():
+                if repo._cat.volume(vid) is not None:
+                    repo._cat.update_volume(vid, damaged=reason)
+
+
+def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, entry, add, repair) -> bool:
     """Check one volume's file against the catalog; returns True when its image is clean."""
     cat = repo._cat
     path = repo._abs(v.path)
@@ -1357,23 +1781,25 @@ def _check_volume(repo, v: VolumeRow, vols, by_file, sizes, tops, entry, add,
                     volume=v.id, repair="not repairable: restore the file from a backup"))
         return False
     try:
-        img = repo._open_volume(v, readonly=True, backing=False)
+        img = repo._open_volume(v, readonly=True, backing=False, verify=False)
     except EngineError as e:
         add(Problem("unreadable", f"volume {v.id} cannot be opened as {v.format}: {e}",
                     chain=v.chain, volume=v.id, repair="not repairable automatically"))
         return False
     with img:
-        want = sizes.get(v.chain)
-        if want is not None and (img.size != want if v.id in tops else img.size > want):
-            add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain "
-                        f"{want}" + ("" if v.id in tops else " (older volumes may be smaller, "
-                                     "never larger)"), chain=v.chain, volume=v.id,
-                        repair="not repairable automatically"))
+        want = sizes.get(v.id)
+        if want is not None and img.size != want:
+            add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain {want}",
+                        chain=v.chain, volume=v.id, repair="not repairable automatically"))
         if v.format == "raw":
             if v.parent is not None:
                 add(Problem("backing", f"raw volume {v.id} cannot have a parent ({v.parent})",
                             chain=v.chain, volume=v.id, repair="not repairable automatically"))
-            return True
+            return _check_raw_identity(repo, v, add, repair)
+        if v.size is not None and img.size != v.size:
+            add(Problem("size", f"volume {v.id} is {img.size} bytes, the catalog records "
+                        f"{v.size}", chain=v.chain, volume=v.id,
+                        repair="not repairable automatically"))
         name, fmt = img.backing_name, img.backing_format
         result = img.check()
     expected = vols.get(v.parent) if v.parent else None
@@ -1462,13 +1888,16 @@ class Chain:
         """The volumes the leaf reads through, base first, leaf last; during a preview, then
         the volumes kept aside for ``undo_preview`` (those not already listed)."""
         self._check_open()
-        return self._repo._chain_volumes(self._name)
+        with self._repo._cat.read():
+            return self._repo._chain_volumes(self._name)
 
     @property
     def leaf(self) -> Volume:
         """The writable volume."""
-        row = self._row()
-        return self._repo._volume(self._repo._cat.volume(row.leaf))
+        self._check_open()
+        with self._repo._cat.read():
+            row = self._row()
+            return self._repo._volume(self._repo._volume_row(row.leaf))
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -1484,10 +1913,16 @@ class Chain:
     @property
     def previewing(self) -> Snapshot | None:
         """The snapshot being previewed, or None."""
-        row = self._row()
-        if not row.preview:
-            return None
-        return self._repo._snapshot(self._repo._cat.snapshot(row.preview))
+        self._check_open()
+        with self._repo._cat.read():
+            row = self._row()
+            if not row.preview:
+                return None
+            snap = self._repo._cat.snapshot(row.preview)
+        if snap is None:
+            raise NotFound(f"chain {self._name!r}: the previewed snapshot {row.preview} is "
+                           "not in the catalog")
+        return self._repo._snapshot(snap)
 
     @property
     def origin(self) -> tuple[str, str] | None:
@@ -1499,6 +1934,11 @@ class Chain:
 
     def to_dict(self) -> dict:
         """The chain as the CLI's JSON shows it."""
+        self._check_open()
+        with self._repo._cat.read():
+            return self._to_dict()
+
+    def _to_dict(self) -> dict:
         row = self._row()
         return {
             "name": row.name, "size": row.size, "cluster_size": row.cluster_size,
@@ -1514,10 +1954,12 @@ class Chain:
     def _image(self):
         img = self._img
         if img is None:
-            row = self._row()
+            self._check_open()
+            with self._repo._cat.read():
+                row = self._row()
+                leaf = self._repo._volume_row(row.leaf)
             self._repo._check_not_blocked(self._name)
-            img = self._img = self._repo._open_volume(self._repo._cat.volume(row.leaf),
-                                                      readonly=self._repo._readonly)
+            img = self._img = self._repo._open_volume(leaf, readonly=self._repo._readonly)
         return img
 
     def read(self, offset: int, length: int) -> bytes:
@@ -1558,42 +2000,57 @@ class Chain:
         """Grow the disk to NEW_SIZE bytes (a multiple of 512); the new part reads as zeros.
 
         Only the leaf grows: snapshots keep the size they were taken at, and reverting to
-        one keeps the current size. Shrinking is refused (``UnsupportedFeature``), as is a
-        chain in preview. A crash leaves the old size or the new one.
+        (or previewing) one gives the disk that snapshot's size again. Shrinking is refused
+        (``UnsupportedFeature``), as is a chain in preview. A crash leaves the old size or
+        the new one.
         """
         self._repo._op_resize(self, new_size)
 
-    def snapshot(self, description: str = "") -> Snapshot:
+    def snapshot(self, description: str = "", *, force: bool = False) -> Snapshot:
         """Take a snapshot: the leaf becomes read-only and a new empty overlay becomes the leaf.
 
         O(1) in the disk size: no data is copied.  Writes made so far are flushed first.
+
+        Raises:
+            VolumeDamaged: a volume of the chain is known to be damaged (ILLEGAL or found
+                damaged by ``Repository.check``, the QCOW2 corrupt bit set, or a raw volume
+                that is not the file the catalog recorded); the error names it.  Repair it
+                with ``Repository.check(repair=True)``, or pass ``force=True`` to take the
+                snapshot anyway.
         """
-        return self._repo._op_snapshot(self, description)
+        return self._repo._op_snapshot(self, description, force)
 
     def open_snapshot(self, snapshot_id: str):
         """A read-only Image showing the disk exactly as it was at that snapshot.
 
         Close it when done (it is also closed with the chain).  While it is open, deleting
         that snapshot or the next one fails with ImageLocked.
+
+        Raises:
+            NotFound: no such snapshot (in a read-only repository, also: another process
+                deleted it meanwhile).
         """
         self._check_open()
-        snap = self._repo._find_snapshot(self._name, snapshot_id)
-        row = self._repo._cat.volume(snap.volume)
-        if row.legality != "LEGAL":
-            raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
-                                  hint="run 'cowchain chain check --repair'")
+        with self._repo._cat.read():
+            row = self._repo._snapshot_volume(self._repo._find_snapshot(self._name,
+                                                                        snapshot_id))
         img = self._repo._open_volume(row, readonly=True)
         self._views.add(img)
         return img
 
     def revert(self, snapshot_id: str) -> None:
         """Make the disk read what it read at that snapshot.  Unsnapshotted writes and the
-        snapshots newer than it are dropped (volumes a clone uses are kept for the clone)."""
+        snapshots newer than it are dropped (volumes a clone uses are kept for the clone).
+        The disk gets the snapshot's size: reverting to a snapshot taken before a resize
+        makes the disk that smaller size again (the new leaf is an overlay of the snapshot's
+        volume, at its size)."""
         self._repo._op_revert(self, snapshot_id)
 
     def preview(self, snapshot_id: str) -> None:
         """Run on that snapshot's content for a while (writes go to a new leaf over it),
-        keeping the current leaf aside; then ``commit_preview`` or ``undo_preview``."""
+        keeping the current leaf aside; then ``commit_preview`` or ``undo_preview``.  The
+        disk has the snapshot's size during the preview (as after ``revert``); undo gives it
+        back the size of the leaf kept aside."""
         self._repo._op_preview(self, snapshot_id)
 
     def commit_preview(self) -> None:
@@ -1620,7 +2077,10 @@ class Chain:
         Raises:
             RepositoryError: a clone uses the snapshot's volume (the message names it), or the
                 chain is previewing.
-            ImageLocked: the volume to write is held open (an open_snapshot image, qemu-img).
+            ImageLocked: a volume the merge writes or removes is held open: an
+                ``open_snapshot`` image of this snapshot or of the next one, qemu-img, a
+                read-only repository reading it.  Nothing was changed; retry when it is
+                closed.
         """
         return self._repo._op_delete_snapshot(self, snapshot_id, progress)
 
@@ -1633,29 +2093,44 @@ class Chain:
         return self._repo._op_clone(self, snapshot_id, name)
 
     def export(self, path, *, format: str = "raw", snapshot_id: str | None = None,
-               progress: Progress | None = None, overwrite: bool = False) -> ExportResult:
+               progress: Progress | None = None, overwrite: bool = False,
+               output_device: bool = False) -> ExportResult:
         """Write the disk (or a snapshot of it) as one self-contained image at PATH.
 
         The file appears complete or not at all (written beside PATH and renamed).  Only
-        allocated data is copied; zero ranges stay sparse.
+        allocated data is copied; zero ranges stay sparse.  PATH follows the destination
+        rule of :mod:`engine.destination`: never inside a repository, never a file an open
+        image or repository uses, never through or over a symlink.
 
         Arguments:
-            path (str): the new file.
+            path (str | int): the new file; or an open file descriptor (standard output) to
+                which the raw disk is written sequentially.
             format (str): "raw" or "qcow2" (with the chain's cluster size).
             snapshot_id (str | None): export that snapshot instead of the current disk.
             progress (callable | None): ``progress(done_bytes, total_bytes)``.
-            overwrite (bool): replace an existing file.
-        """
-        return self._repo._op_export(self, path, format, snapshot_id, progress, overwrite)
+            overwrite (bool): replace an existing regular file (atomically).
+            output_device (bool): PATH is a block device: write the raw disk into it.
 
-    def diff(self, from_snapshot_id: str, to_snapshot_id: str | None = None) -> list[ops.Change]:
+        Raises:
+            UnsafeDestination: the destination breaks the rule.
+            InvalidArgument: PATH exists and ``overwrite`` is false.
+        """
+        return self._repo._op_export(self, path, format, snapshot_id, progress, overwrite,
+                                     output_device)
+
+    def diff(self, from_snapshot_id: str, to_snapshot_id: str | None = None) -> "DiffResult":
         """The guest ranges that may differ between two snapshots (or a snapshot and the
         current disk, when TO is None), from the volumes' tables alone: the union of what the
         volumes between the two points hold.  Each range says how it reads at the TO point
         (``zero``/``data``), so a backup tool can skip zero ranges.
 
+        Across a resize the sizes differ (``from_size``, ``to_size``): the grown range counts
+        as changed where the larger point holds data or zeros written there; past the TO
+        point's end (TO is the smaller) such ranges are reported as zero.
+
         Returns:
-            list[Change(start, length, zero, data)], sorted and disjoint.
+            DiffResult: a list of Change(start, length, zero, data), sorted and disjoint, with
+            ``from_size`` and ``to_size``.
         """
         return self._repo._op_diff(self, from_snapshot_id, to_snapshot_id)
 
@@ -1698,4 +2173,4 @@ class Chain:
 
 
 __all__ = ["Repository", "Chain", "Snapshot", "Volume", "MergeResult", "ExportResult",
-           "Problem", "RepositoryCheck"]
+           "DiffResult", "Problem", "RepositoryCheck"]

@@ -1,4 +1,4 @@
-"""The fuzz targets of RELIABILITY.md C6 as plain functions of one ``bytes`` argument.
+"""The fuzz targets of docs/reliability.md C6 as plain functions of one ``bytes`` argument.
 
 Each target either returns normally or raises. Raising an :class:`engine.EngineError` is the
 typed outcome the contract allows, so the targets catch it themselves; anything else that

@@ -1,4 +1,4 @@
-"""The hostile-image cases of RELIABILITY.md ("What hostile input looks like", C5).
+"""The hostile-image cases of docs/reliability.md ("What hostile input looks like", C5).
 
 Each case is a generator: it makes a valid image with qemu-img/qemu-io in a fresh folder, then
 damages it with byte pokes (tests/poke.py), and returns a :class:`Made` saying which file to

@@ -12,7 +12,7 @@ import struct
 
 _FMT = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
 
-# Fixed header fields: name -> (offset, width in bytes). qcow2-facts.md section 1.1.
+# Fixed header fields: name -> (offset, width in bytes). docs/on-disk.md section 1.1.
 HEADER = {
     "magic": (0, 4),
     "version": (4, 4),
@@ -35,7 +35,7 @@ HEADER = {
     "compression_type": (104, 1),
 }
 
-# Header extension magics (qcow2-facts.md section 2.2).
+# Header extension magics (docs/on-disk.md section 2.2).
 EXT_END = 0
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857

@@ -1,5 +1,5 @@
 """Smoke test of the side-by-side benchmark: ``bench/compare_qemu.py --quick`` runs to the end
-and prints a row for every figure of issue 5.
+and prints a row for every figure of README's Performance table.
 
 No timing is asserted here (speed is never asserted in the test suite): a row may say met,
 MISSED, info or N/A.  The full run and its numbers are in bench/RESULTS.md.

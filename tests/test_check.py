@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import engine._core as core
 import poke
 import qemu
 from engine.check import CheckResult, check_file
@@ -517,29 +518,17 @@ def test_rebuild_over_unusable_refblock(tmp_path, name):
 
 # --- crash safety of the repair -----------------------------------------------------------------
 
-class _Crash(Exception):
-    pass
-
-
-def _count_writes(monkeypatch, path, repair):
-    calls = []
-    real = os.pwrite
-
-    def counting(fd, data, offset):
-        calls.append(offset)
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", counting)
-    try:
-        ours(path, repair)
-    finally:
-        monkeypatch.setattr(os, "pwrite", real)
-    return len(calls)
+def _count_writes(path, repair):
+    """The repair's writes, counted by the core's I/O shim (every write of a repair goes
+    through it)."""
+    core.set_fault(None)
+    ours(path, repair)
+    return core.fault_stats()[0]["pwrite"]
 
 
 @pytest.mark.parametrize("scenario", ["raise-and-lower", "rebuild", "rebuild-512", "copied",
                                       "snapshot-table"])
-def test_crash_during_repair_is_repairable(tmp_path, monkeypatch, scenario):
+def test_crash_during_repair_is_repairable(tmp_path, scenario):
     """Stop the repair after each of its writes (as a crash would); a second repair must then
     leave a clean image with the original data."""
     path = make(tmp_path, cluster_size=512 if scenario == "rebuild-512" else 65536)
@@ -565,24 +554,18 @@ def test_crash_during_repair_is_repairable(tmp_path, monkeypatch, scenario):
     copy(path, damaged)
     counted = tmp_path / "count.qcow2"
     copy(damaged, counted)
-    n = _count_writes(monkeypatch, counted, "all")
+    n = _count_writes(counted, "all")
     assert n >= 2, n
-    real = os.pwrite
     for k in range(n):
         work = tmp_path / f"crash{k}.qcow2"
         copy(damaged, work)
-        left = [k]
-
-        def crashing(fd, data, offset):
-            if left[0] == 0:
-                raise _Crash()
-            left[0] -= 1
-            return real(fd, data, offset)
-
-        monkeypatch.setattr(os, "pwrite", crashing)
-        with pytest.raises(_Crash):
-            ours(work, "all")
-        monkeypatch.setattr(os, "pwrite", real)
+        # write k+1 and every later one never reach the file: a crash after k writes
+        core.set_fault("pwrite", k + 1, 5, persistent=True)
+        try:
+            with pytest.raises(EngineError):
+                ours(work, "all")
+        finally:
+            core.set_fault(None)
         res = ours(work, "all")
         assert res.exit_code == 0, (k, res)
         qemu.assert_qemu_clean(work)

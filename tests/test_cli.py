@@ -13,6 +13,7 @@ import pytest
 
 import engine
 from engine import cli
+from engine.errors import EX_USAGE
 from qemu import assert_qemu_clean, convert_to_raw, qemu_img_json
 
 pytestmark = pytest.mark.qemu
@@ -86,14 +87,14 @@ def repo(tmp_path):
 
 VOLUME_KEYS = {"id", "chain", "path", "format", "role", "parent", "legality", "created"}
 SNAPSHOT_KEYS = {"id", "chain", "created", "description", "volume"}
-CHAIN_KEYS = {"name", "size", "cluster_size", "created", "leaf", "previewing", "origin",
+CHAIN_KEYS = {"name", "virtual-size", "cluster-size", "created", "leaf", "previewing", "origin",
               "volumes", "snapshots"}
 
 
 def test_end_to_end(repo, tmp_path):
     c = js("chain", "create", "vm1", "64M", "--format", "qcow2", repo=repo)
     assert set(c) == CHAIN_KEYS
-    assert c["size"] == 64 * MiB and c["cluster_size"] == 65536
+    assert c["virtual-size"] == 64 * MiB and c["cluster-size"] == 65536
     assert [set(v) for v in c["volumes"]] == [VOLUME_KEYS]
     assert c["volumes"][0]["role"] == "leaf"
 
@@ -131,18 +132,18 @@ def test_end_to_end(repo, tmp_path):
         out = tmp_path / f"vm1.{fmt}"
         r = js("chain", "export", "vm1", out, "--format", fmt, repo=repo)
         # Data is written in whole 64 KiB blocks: the 4 KiB of C fill one.
-        assert r == {"path": str(out), "format": fmt, "size": 64 * MiB, "snapshot": None,
-                     "data_bytes": MiB + 2 * 65536}
+        assert r == {"path": str(out), "format": fmt, "virtual-size": 64 * MiB,
+                     "snapshot": None, "data-bytes": MiB + 2 * 65536}
         assert convert_to_raw(out, fmt) == bytes(expected)
     r = js("chain", "import", "copy", tmp_path / "vm1.qcow2", "-f", "qcow2", "--format",
            "qcow2", repo=repo)
-    assert r["name"] == "copy" and r["size"] == 64 * MiB and len(r["volumes"]) == 1
+    assert r["name"] == "copy" and r["virtual-size"] == 64 * MiB and len(r["volumes"]) == 1
     js("chain", "export", "copy", tmp_path / "copy.raw", repo=repo)
     assert convert_to_raw(tmp_path / "copy.raw", "raw") == bytes(expected)
-    assert js("chain", "resize", "copy", "96M", repo=repo)["size"] == 96 * MiB
+    assert js("chain", "resize", "copy", "96M", repo=repo)["virtual-size"] == 96 * MiB
     assert "shrink" in fails(4, "chain", "resize", "copy", "32M", repo=repo)
     ok("chain", "delete", "copy", repo=repo)
-    fails(2, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)   # no -f: usage
+    fails(EX_USAGE, "chain", "import", "copy2", tmp_path / "vm1.qcow2", repo=repo)  # no -f
     fails(12, "chain", "export", "vm1", tmp_path / "vm1.raw", repo=repo)
     r = js("chain", "export", "vm1", tmp_path / "vm1.raw", "--snapshot", s1["id"], "--force",
            repo=repo)
@@ -163,17 +164,17 @@ def test_end_to_end(repo, tmp_path):
     assert "clone 'vm2'" in line
 
     r = js("chain", "delete-snapshot", "vm1", s2, repo=repo)
-    assert set(r) == {"snapshot", "direction", "removed_volume", "kept_volume", "copied_bytes",
-                      "commit_bytes", "pull_bytes"}
+    assert set(r) == {"snapshot", "direction", "removed-volume", "kept-volume", "copied-bytes",
+                      "commit-bytes", "pull-bytes"}
     assert r["snapshot"] == s2 and r["direction"] in ("commit", "pull")
     chains = js("chain", "list", repo=repo)
     assert chains == [
-        {"name": "vm1", "size": 64 * MiB, "volumes": 2, "snapshots": 1, "previewing": None,
-         "origin": None},
-        {"name": "vm2", "size": 64 * MiB, "volumes": 2, "snapshots": 0, "previewing": None,
+        {"name": "vm1", "virtual-size": 64 * MiB, "volumes": 2, "snapshots": 1,
+         "previewing": None, "origin": None},
+        {"name": "vm2", "virtual-size": 64 * MiB, "volumes": 2, "snapshots": 0, "previewing": None,
          "origin": {"chain": "vm1", "snapshot": s1["id"]}}]
     check = js("chain", "check", repo=repo)
-    assert check["ok"] is True and check["exit_code"] == 0 and check["problems"] == []
+    assert check["ok"] is True and check["exit-code"] == 0 and check["problems"] == []
     assert {v["id"] for v in check["volumes"]} >= {v["id"] for v in info["volumes"][:1]}
     for v in check["volumes"]:
         if v["format"] == "qcow2":
@@ -221,20 +222,25 @@ def test_options_before_or_after_the_verb_and_from_the_environment(repo):
 
 def test_errors_are_one_line_with_stable_exit_codes(repo, tmp_path):
     ok("chain", "create", "a", "1M", repo=repo)
-    assert "no repository" in fails(2, "chain", "list")
+    assert "no repository" in fails(EX_USAGE, "chain", "list")
     assert "no cowchain repository" in fails(16, "chain", "list", "--repo", tmp_path / "none")
     assert "no chain named 'b'" in fails(16, "chain", "info", "b", repo=repo)
     assert "exists already" in fails(15, "chain", "create", "a", "1M", repo=repo)
-    assert "invalid size" in fails(2, "chain", "create", "b", "ten", repo=repo)
+    assert "invalid size" in fails(EX_USAGE, "chain", "create", "b", "ten", repo=repo)
     assert "multiple of 512" in fails(12, "chain", "create", "b", "1000", repo=repo)
     assert "invalid chain name" in fails(12, "chain", "create", "a/b", "1M", "--repo", repo)
-    fails(2, "chain", "frobnicate", repo=repo)
-    fails(2, "chain", repo=repo)
-    fails(2, "chain", "create", "b", repo=repo)
+    fails(EX_USAGE, "chain", "frobnicate", repo=repo)
+    fails(EX_USAGE, "chain", repo=repo)
+    fails(EX_USAGE, "chain", "create", "b", repo=repo)
     assert "has no snapshot" in fails(16, "chain", "revert", "a", "ffff", repo=repo)
     assert "not previewing" in fails(15, "chain", "undo-preview", "a", repo=repo)
-    assert "exists and is not an empty folder" in fails(15, "repo", "init", repo)
-    fails(74, "chain", "write", "a", "--file", tmp_path / "missing", repo=repo)
+    assert "already holds a cowchain repository" in fails(15, "repo", "init", repo)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_bytes(b"")
+    assert "exists and is not an empty folder" in fails(15, "repo", "init", tmp_path / "other")
+    # a missing file has its own exit code, not a usage error's or check's
+    fails(engine.ImageNotFound.exit_code, "chain", "write", "a", "--file",
+          tmp_path / "missing", repo=repo)
     with engine.Repository.open(repo):
         # read verbs open the repository read-only: they work beside a writer
         assert [c["name"] for c in js("chain", "list", repo=repo)] == ["a"]
@@ -291,3 +297,237 @@ def test_parse_size_refuses(text):
 
     with pytest.raises(argparse.ArgumentTypeError):
         cli.parse_size(text)
+
+
+# --- exit codes, hints, help (one table, the command's own words) ---------------------------
+
+def test_exit_codes_are_one_table_without_collisions():
+    from engine import errors
+
+    codes = [code for code, _ in errors.exit_codes()]
+    assert len(codes) == len(set(codes)), errors.exit_code_table()
+    classes = errors._error_classes()
+    assert {c.__name__ for c in classes} >= {n for n in errors.__all__ if n != "io_error"}
+    by_code = {}
+    for cls in classes:
+        assert "exit_code" in cls.__dict__, f"{cls.__name__} has no exit code of its own"
+        assert cls.exit_code not in by_code, (cls, by_code.get(cls.exit_code))
+        by_code[cls.exit_code] = cls
+    # check's codes are qemu-img check's, and nothing else uses 1-3
+    reserved = {errors.EX_CHECK_INCOMPLETE: 1, errors.EX_CHECK_CORRUPT: 2,
+                errors.EX_CHECK_LEAKS: 3}
+    assert all(k == v for k, v in reserved.items())
+    assert not set(by_code) & {0, 1, 2, 3, errors.EX_USAGE, errors.EX_SOFTWARE,
+                               errors.EX_IOERR, errors.EX_INTERRUPTED}
+    assert errors.EX_USAGE not in (1, 2, 3)
+    # the missing-file code is its own
+    assert [c for c in classes if c.exit_code == engine.ImageNotFound.exit_code] == \
+        [engine.ImageNotFound]
+
+
+def test_help_and_readme_show_the_exit_code_table():
+    from engine import errors
+
+    table = errors.exit_code_table()
+    code, out, err = run("--help")
+    assert code == 0 and table in out.decode()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert f"```\n{table}\n```" in readme, "README's exit code table is not the generated one"
+
+
+def test_usage_errors_do_not_share_check_codes(repo, tmp_path):
+    code, out, err = run("chain", "frobnicate", repo=repo)
+    assert code == cli.EX_USAGE == 64
+    assert fails(64, "chain", "create", "b", "99999999999999999999999E", repo=repo)
+    assert "64 bits" in fails(64, "chain", "create", "b", "16E", repo=repo)
+    ok("chain", "create", "a", "1M", "--format", "qcow2", repo=repo)
+    (repo / "volumes" / "junk.qcow2").write_bytes(b"junk")
+    code, out, err = run("chain", "check", repo=repo)
+    assert code == 2 and b"1 volume checked" in out and b"1 problem left" in out
+
+
+def _engine_hints() -> list[str]:
+    """Every hint an engine error can carry: the classes' defaults and every hint= argument
+    in the engine's source (f-strings with their fields as X)."""
+    import ast
+
+    from engine import errors
+
+    hints = [c.default_hint for c in errors._error_classes() if c.default_hint]
+    root = os.path.dirname(os.path.abspath(engine.__file__))
+    for top, _dirs, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(top, f)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    for kw in node.keywords:
+                        if kw.arg == "hint" and not (isinstance(kw.value, ast.Constant)
+                                                     and kw.value.value is None):
+                            assert isinstance(kw.value, (ast.Constant, ast.JoinedStr)), \
+                                (f, ast.dump(kw.value))
+                            if isinstance(kw.value, ast.Constant):
+                                hints.append(kw.value.value)
+                            else:
+                                hints.append("".join(
+                                    v.value if isinstance(v, ast.Constant) else "X"
+                                    for v in kw.value.values))
+    return hints
+
+
+def _parser_commands():
+    """{('chain', 'export'): {'--force', ...}, ...} and all flags, from build_parser()."""
+    import argparse
+
+    def subparsers(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                return a.choices
+        return {}
+
+    commands = {}
+    top = cli.build_parser()
+    top_flags = {o for a in top._actions for o in a.option_strings}
+    for g, gp in subparsers(top).items():
+        for v, vp in subparsers(gp).items():
+            commands[(g, v)] = {o for a in vp._actions for o in a.option_strings} | top_flags
+    return commands
+
+
+def test_every_cli_hint_names_real_verbs_and_flags_and_no_python():
+    import re
+
+    commands = _parser_commands()
+    all_flags = set().union(*commands.values())
+    hints = _engine_hints()
+    assert len(hints) > 20
+    for hint in hints:
+        shown = cli.cli_hint(hint)
+        assert not re.search(r"\w=|\w\(|\b(Image|Repository|Chain)\.", shown), \
+            f"hint names Python: {shown!r} (from {hint!r})"
+        quoted = re.findall(r"(?<!\w)'(cowchain [^']*)'", shown)
+        for cmd in quoted:
+            words = cmd.split()
+            assert (words[1], words[2]) in commands, f"no command {cmd!r} in {shown!r}"
+            for w in words[3:]:
+                if w.startswith("-"):
+                    assert w in commands[(words[1], words[2])], f"{w} is not a flag of {cmd!r}"
+        rest = re.sub(r"(?<!\w)'[a-z][\w.-]* [^']*'", "", shown)    # quoted commands
+        assert "cowchain " not in rest.replace("cowchain never", ""), shown
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest):
+            assert flag in all_flags, f"{flag} in {shown!r} is not a flag of cowchain"
+    # the mapping has no stale entries
+    assert set(cli.CLI_HINTS) <= set(hints), set(cli.CLI_HINTS) - set(hints)
+
+
+def test_hints_on_the_command_line_are_cli_flags(repo, tmp_path):
+    ok("chain", "create", "a", "1M", repo=repo)
+    ok("chain", "snapshot", "a", repo=repo)
+    (tmp_path / "x").write_bytes(b"")
+    line = fails(12, "chain", "export", "a", tmp_path / "x", repo=repo)
+    assert "--force" in line and "overwrite" not in line
+    snap = js("chain", "snapshots", "a", repo=repo)[0]["id"]
+    ok("chain", "preview", "a", snap, repo=repo)
+    line = fails(15, "chain", "revert", "a", snap, repo=repo)
+    assert "'cowchain chain commit-preview NAME'" in line and "()" not in line
+    # chain import --allow-unsafe-backing: the escape hatch Python has, on the command line
+    base = tmp_path / "base.qcow2"
+    engine.create(base, 1 << 20).close()
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    top = sub / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    line = fails(8, "chain", "import", "u", top, "-f", "qcow2", repo=repo)
+    assert "--allow-unsafe-backing" in line and "allow_unsafe_backing" not in line
+    ok("chain", "import", "u", top, "-f", "qcow2", "--allow-unsafe-backing", repo=repo)
+
+
+def test_every_option_has_help_and_every_verb_a_description():
+    import argparse
+
+    def walk(p, path):
+        yield path, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    yield from walk(sp, path + [name])
+
+    for path, p in walk(cli.build_parser(), ["cowchain"]):
+        assert p.description, f"{' '.join(path)} has no description"
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, \
+                f"{' '.join(path)} {a.option_strings or a.dest} has no help"
+
+
+def test_version_and_small_usage_rules(repo, tmp_path):
+    code, out, err = run("--version")
+    assert code == 0 and out.decode().strip() == f"cowchain {engine.__version__}"
+    ok("chain", "create", "a", "1M", repo=repo)
+    (tmp_path / "f").write_bytes(b"xyz")
+    line = fails(64, "chain", "write", "a", "--file", tmp_path / "f", "--pattern", "1",
+                 repo=repo)
+    assert "not allowed" in line
+    assert ok("chain", "read", "a", "--length", "3", repo=repo) == bytes(3)
+
+
+def test_messages_echo_full_ids_and_plurals(repo):
+    ok("chain", "create", "a", "1M", repo=repo)
+    assert b"(1 volume checked)" in ok("chain", "check", "a", repo=repo)
+    snap = ok("chain", "snapshot", "a", repo=repo).decode().strip()
+    out = ok("chain", "revert", "a", snap[:6], repo=repo).decode()
+    assert f"snapshot {snap} " in out
+    out = ok("chain", "preview", "a", snap[:6], repo=repo).decode()
+    assert f"snapshot {snap} " in out
+    ok("chain", "undo-preview", "a", repo=repo)
+    r = js("chain", "read", "a", "--length", "1", "--snapshot", snap[:6], repo=repo)
+    assert r["snapshot"] == snap
+    ok("chain", "write", "a", "--pattern", "1", "--length", "4K", repo=repo)
+    assert b"\n1 range, 64 KiB changed" in ok("chain", "diff", "a", snap, repo=repo)
+
+
+def test_json_keys_are_hyphenated_everywhere(repo, tmp_path):
+    ok("chain", "create", "a", "1M", "--format", "qcow2", repo=repo)
+    snap = ok("chain", "snapshot", "a", repo=repo).decode().strip()
+    outputs = [js("chain", "info", "a", repo=repo), js("chain", "list", repo=repo),
+               js("chain", "check", repo=repo), js("chain", "snapshots", "a", repo=repo),
+               js("chain", "export", "a", tmp_path / "e.raw", repo=repo),
+               js("chain", "delete-snapshot", "a", snap, repo=repo)]
+
+    def keys(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from keys(v)
+
+    found = {k for o in outputs for k in keys(o)}
+    assert {"virtual-size", "cluster-size", "exit-code", "data-bytes"} <= found
+    assert not [k for k in found if "_" in k or k == "size"], found
+
+
+def test_source_tree_without_the_core_says_how_to_build_it(tmp_path):
+    import shutil
+
+    src = os.path.dirname(os.path.abspath(engine.__file__))
+    shutil.copytree(src, tmp_path / "engine",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.c"))
+    # a plain source checkout: no editable-install finder that would find the built core
+    plain = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in "
+             "getattr(f, '__name__', type(f).__name__)]; ")
+    for code in ("import engine; engine.open", "import engine.image",
+                 "import engine.cli; engine.cli.main(['repo', 'init', 'r']); "
+                 "sys.exit(engine.cli.main(['--repo', 'r', 'chain', 'create', 'a', '1M']))"):
+        p = subprocess.run([sys.executable, "-c", plain + code], cwd=tmp_path,
+                           capture_output=True,
+                           text=True, env={k: v for k, v in os.environ.items()
+                                           if k != "PYTHONPATH"}, timeout=60)
+        assert p.returncode != 0
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(("ImportError", "cowchain: error:")), p.stderr
+        assert "python setup.py build_ext --inplace" in last and "pip install" in last, last

@@ -1,4 +1,4 @@
-"""Kill -9 harness (RELIABILITY.md C2; issue 4 item 2).
+"""Kill -9 harness (docs/reliability.md C2).
 
 Lanes of :mod:`reliability.killer` run in parallel subprocesses; each starts
 :mod:`reliability.worker` on a chain (base + 0..3 overlays, 512 B..4 KiB clusters, stamped

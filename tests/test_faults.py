@@ -1,7 +1,10 @@
-"""Fault-injection matrix (RELIABILITY.md C4; issue 4 item 4).
+"""Fault-injection matrix (docs/reliability.md C4).
 
 Every scenario of :data:`reliability.faults.SCENARIOS` (allocating write, copy-up write,
-discard, write_zeroes, overlay create, reftable growth, L1 growth, flush) x every injection
+discard, write_zeroes, overlay create, reftable growth, L1 growth, flush; the header rewrites
+done from Python: rebase, the autoclear bits a read-write open clears; and compound faults: a
+fault during the repair of a crash image, by the read-write open of a dirty image or by
+check(repair="all"), after which the next repair must finish the job) x every injection
 point it reaches (the shim's sync/fallocate/ftruncate/pwrite/mremap and every hook) x
 {EIO, ENOSPC} x {once, persistent} x N = 1, 2, ... until the operation completes unreached.
 The scenarios run in two subprocesses (one JSON object per scenario); each test below judges
@@ -15,6 +18,7 @@ Replay: ``cd tests && python -m reliability.faults --scenario NAME [--full]``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,3 +98,57 @@ def test_fault_matrix(matrix, name):
     fails = d["failures"]
     assert not fails, f"{len(fails)} of {d['cases']} fault cases failed in {name}:\n" + \
         "\n".join(f[:1200] for f in fails[:15])
+
+
+def test_metadata_written_from_python_goes_through_the_shim(tmp_path):
+    """Header rewrites (rebase, the autoclear bits a read-write open clears) and repairs are
+    counted by the shim and their syncs reach the barrier callback, like the core's own."""
+    import engine
+    from reliability.faults import AUTOCLEAR_UNKNOWN
+
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    engine.create(base, 1 << 20).close()
+    engine.create(top, None, backing="base.qcow2", backing_format="qcow2").close()
+    with open(top, "r+b") as f:
+        f.seek(88)
+        f.write(AUTOCLEAR_UNKNOWN.to_bytes(8, "big"))
+    seen = []
+    core.set_barrier_callback(lambda fd: seen.append(os.fstat(fd).st_ino))
+    try:
+        ino = os.stat(top).st_ino
+        for what, action in (("autoclear", lambda: engine.open(top).close()),
+                             ("rebase", lambda: _rebase(engine, top)),
+                             ("repair", lambda: _repair(engine, top))):
+            seen.clear()
+            core.set_fault(None)
+            action()
+            io = core.fault_stats()[0]
+            assert io["pwrite"] >= 1 and io["sync"] >= 1, (what, io)
+            assert ino in seen, (what, seen)
+    finally:
+        core.set_barrier_callback(None)
+        core.set_fault(None)
+
+
+def _rebase(engine, top):
+    with engine.open(top, backing=False) as img:
+        img.rebase(None)
+
+
+def _repair(engine, top):
+    with engine.open(top) as img:
+        img.write(0, b"x" * 65536)
+        img.flush()
+    # leak one cluster: raise the refcount of a cluster past the end of what is used
+    from engine import format as fmt
+    with open(top, "r+b") as f:
+        h = fmt.parse_header(f.read(65536), os.path.getsize(top))
+        f.seek(h.refcount_table_offset)
+        rb = int.from_bytes(f.read(8), "big")
+        end = os.path.getsize(top)
+        f.truncate(end + 65536)
+        f.seek(rb + 2 * (end // 65536))
+        f.write((1).to_bytes(2, "big"))
+    with engine.open(top) as img:
+        res = img.check(repair="all")
+        assert res.leaks_fixed == 1, res.to_dict()

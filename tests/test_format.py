@@ -234,9 +234,9 @@ def test_create_large_regrows_reftable():
     (dict(size=1, backing_file="b", backing_format="f" * 16), SafetyLimitExceeded),
     (dict(size=1, cluster_size=4096, backing_file="b" * 1000,
           backing_format="qcow2", lazy_refcounts=False), None),
-    (dict(size=129 * GiB, cluster_size=512), SafetyLimitExceeded),
-    (dict(size=8 * TiB + 1, cluster_size=4096), SafetyLimitExceeded),
-    (dict(size=2 ** 62, cluster_size=2 * MiB), SafetyLimitExceeded),
+    (dict(size=129 * GiB, cluster_size=512), InvalidArgument),
+    (dict(size=8 * TiB + 1, cluster_size=4096), InvalidArgument),
+    (dict(size=2 ** 62, cluster_size=2 * MiB), InvalidArgument),
 ])
 def test_create_argument_validation(kwargs, err):
     kwargs = dict(kwargs)

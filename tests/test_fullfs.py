@@ -1,4 +1,4 @@
-"""A full filesystem during allocation (issue 4 item 8; RELIABILITY.md "Files and resources").
+"""A full filesystem during allocation (docs/reliability.md, "Files and resources").
 
 As root, each test mounts a small tmpfs (8 MiB), makes an image there and writes stamped
 blocks in a child process until the filesystem is full. Required: a clean

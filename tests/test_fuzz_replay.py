@@ -1,5 +1,5 @@
-"""Fuzz regression replay and a bounded random-mutation loop (RELIABILITY.md C6; issue 4
-item 6), without atheris.
+"""Fuzz regression replay and a bounded random-mutation loop (docs/reliability.md C6),
+without atheris.
 
 - Every file in tests/corpus/regress/ goes through its target (the file name starts with
   the target's name and a dash, e.g. ``read-1234abcd``; a name without a known prefix goes

@@ -1,4 +1,4 @@
-"""Hostile images (RELIABILITY.md S1/S2, C5): never a crash, a hang, an untyped error, a
+"""Hostile images (docs/reliability.md S1/S2, C5): never a crash, a hang, an untyped error, a
 changed file, or an open outside policy.
 
 Each case of hostile_cases.py is built (qemu-img + byte pokes) and then run, in a pool of two

@@ -1,4 +1,4 @@
-"""Interoperability with QEMU, both directions, on seeded random workloads (RELIABILITY C8).
+"""Interoperability with QEMU, both directions, on seeded random workloads (docs/reliability.md C8).
 
 (a) QEMU writes, cowchain reads: images made and filled by qemu-img/qemu-io are read through
     ``engine.open`` and must equal ``qemu-img convert -O raw`` byte for byte; ``extents()`` must

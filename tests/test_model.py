@@ -1,4 +1,4 @@
-"""Stateful model test (STYLE.md practice 18, RELIABILITY.md C7 without crash steps).
+"""Stateful model test (docs/reliability.md C7 without crash steps).
 
 A Hypothesis RuleBasedStateMachine drives a real chain (a base, then overlays made with
 ``engine.create(backing=...)``) and a pure-Python model: one bytearray per layer holding what
@@ -6,7 +6,7 @@ reading the chain at that layer returns. Rules: writes (unaligned and aligned, c
 clusters), write_zeroes (with and without unmap), discard, reads, flush, reopen and new
 overlays. Reads must equal the model at every step.
 
-Model semantics (DESIGN.md): a write or write_zeroes changes exactly the bytes asked for;
+Model semantics (docs/architecture.md): a write or write_zeroes changes exactly the bytes asked for;
 ``discard`` drops the mapping of the whole clusters inside the range (a partial last cluster
 of the disk counts as whole), so the layer below shows through there, and partial clusters are
 left as they are; a layer past the end of its backing file reads zeros there.

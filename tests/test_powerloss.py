@@ -1,4 +1,4 @@
-"""Power-loss simulator (RELIABILITY.md C3; issue 4 item 3).
+"""Power-loss simulator (docs/reliability.md C3).
 
 Lanes of :mod:`reliability.powerloss` run in parallel subprocesses. Each runs seeded workloads
 in-process with the core's barrier callback recording the top image's durable content at

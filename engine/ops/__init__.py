@@ -10,11 +10,11 @@ repositories: which volume to merge into which, and the journal around it, live 
 from engine.ops._copy import CHUNK, Meter, copy_runs, nonzero_blocks
 from engine.ops._hooks import kill_point
 from engine.ops.commit import commit
-from engine.ops.convert import convert
+from engine.ops.convert import convert, convert_new, write_raw
 from engine.ops.diff import Change, allocated_ranges, annotate
 from engine.ops.measure import allocated_bytes, layer_runs, merge_costs
 from engine.ops.stream import stream
 
 __all__ = ["CHUNK", "Change", "Meter", "allocated_bytes", "allocated_ranges", "annotate",
-           "commit", "convert", "copy_runs", "kill_point", "layer_runs", "merge_costs",
-           "nonzero_blocks", "stream"]
+           "commit", "convert", "convert_new", "copy_runs", "kill_point", "layer_runs", "merge_costs",
+           "nonzero_blocks", "stream", "write_raw"]

@@ -8,9 +8,12 @@ read and one write call per chunk, never per cluster.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from engine.ops._hooks import kill_point
+
+if TYPE_CHECKING:
+    from engine.image import Image
 
 #: Bytes per read/write call in bulk copies: big enough that the per-call overhead is noise,
 #: small enough that a progress bar moves and a kill test has several chunks to stop in.
@@ -31,7 +34,7 @@ class Meter:
 
     __slots__ = ("total", "done", "progress")
 
-    def __init__(self, total: int, progress: Progress | None):
+    def __init__(self, total: int, progress: Progress | None) -> None:
         self.total = total
         self.done = 0
         self.progress = progress
@@ -50,7 +53,7 @@ def runs_total(runs: Sequence[Run]) -> int:
     return sum(r[1] for r in runs)
 
 
-def copy_runs(src, dst, runs: Iterable[Run], meter: Meter, *, hook: str | None = None,
+def copy_runs(src: Image, dst: Image, runs: Iterable[Run], meter: Meter, *, hook: str | None = None,
               skip_zero_blocks: int = 0, chunk: int = CHUNK) -> int:
     """Copy RUNS from image SRC to image DST at the same guest offsets.
 

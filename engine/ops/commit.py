@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.ops._copy import Meter, Progress, copy_runs, runs_total
 from engine.ops.measure import layer_runs
 
+if TYPE_CHECKING:
+    from engine.image import Image
 
-def commit(top, base, *, progress: Progress | None = None, hook: str | None = None) -> int:
+
+def commit(top: Image, base: Image, *, progress: Progress | None = None, hook: str | None = None) -> int:
     """Write every range TOP holds (data and zero clusters) into BASE at the same offsets.
 
     A BASE smaller than TOP is grown to TOP's size first.  Afterwards BASE reads what the

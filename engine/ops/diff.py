@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+if TYPE_CHECKING:
+    from engine.image import Image
 
 
 class Change(NamedTuple):
@@ -20,11 +23,11 @@ class Change(NamedTuple):
     zero: bool
     data: bool
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return self._asdict()
 
 
-def allocated_ranges(images: Iterable) -> list[tuple[int, int]]:
+def allocated_ranges(images: Iterable[Image]) -> list[tuple[int, int]]:
     """Union of the ranges each image holds itself (depth 0), merged: [(start, end)].
 
     Arguments:
@@ -46,7 +49,7 @@ def allocated_ranges(images: Iterable) -> list[tuple[int, int]]:
     return merged
 
 
-def annotate(ranges: list[tuple[int, int]], view) -> list[Change]:
+def annotate(ranges: list[tuple[int, int]], view: Image) -> list[Change]:
     """Split RANGES along VIEW's extents and label each piece with how VIEW reads it.
 
     A two-pointer walk over two sorted lists: one Python step per range or extent.

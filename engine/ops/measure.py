@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.ops._copy import Run
 
+if TYPE_CHECKING:
+    from engine.image import Image
 
-def layer_runs(image, depth: int = 0, *, keep_zeros: bool = True,
+
+def layer_runs(image: Image, depth: int = 0, *, keep_zeros: bool = True,
                min_depth: int | None = None) -> list[Run]:
     """The runs that layers MIN_DEPTH..DEPTH of IMAGE's chain hold, as (start, length, zero).
 
@@ -35,12 +40,12 @@ def layer_runs(image, depth: int = 0, *, keep_zeros: bool = True,
     return runs
 
 
-def allocated_bytes(image, depth: int = 0, *, keep_zeros: bool = True) -> int:
+def allocated_bytes(image: Image, depth: int = 0, *, keep_zeros: bool = True) -> int:
     """Bytes of the guest disk that layer DEPTH of IMAGE's chain holds (see layer_runs)."""
     return sum(r[1] for r in layer_runs(image, depth, keep_zeros=keep_zeros))
 
 
-def merge_costs(image, *, keep_zeros: bool = True) -> tuple[int, int]:
+def merge_costs(image: Image, *, keep_zeros: bool = True) -> tuple[int, int]:
     """The two ways to merge IMAGE with its backing volume, priced in guest bytes to write.
 
     Arguments:

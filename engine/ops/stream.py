@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.ops._copy import Meter, Progress, copy_runs, runs_total
 from engine.ops.measure import layer_runs
 
+if TYPE_CHECKING:
+    from engine.image import Image
 
-def stream(image, *, depth: int = 1, keep_zeros: bool = True,
+
+def stream(image: Image, *, depth: int = 1, keep_zeros: bool = True,
            progress: Progress | None = None, hook: str | None = None) -> int:
     """Copy into IMAGE every range it does not hold and layers 1..DEPTH of its chain do.
 

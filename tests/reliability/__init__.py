@@ -1,4 +1,4 @@
-"""Shared harness of the reliability suites (RELIABILITY.md C2-C7).
+"""Shared harness of the reliability suites (docs/reliability.md C2-C7).
 
 - :mod:`reliability.stamps`: 512-byte stamped blocks (seq, lba, generation, crc32) and their
   vectorised decoding.

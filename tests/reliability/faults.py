@@ -1,4 +1,4 @@
-"""Fault-injection matrix (RELIABILITY.md C4; SQLite's I/O-error loop and QEMU's iotest 026).
+"""Fault-injection matrix (docs/reliability.md C4; SQLite's I/O-error loop and QEMU's iotest 026).
 
 For each operation of :data:`SCENARIOS`, each injection point (every I/O kind of the core's
 shim: sync, fallocate, ftruncate, pwrite, mremap; and every hook point the operation
@@ -53,6 +53,9 @@ class Scenario:
     layers: int             # images in the template (the op works on the top)
     prefill: int            # stamped blocks written (and flushed) into every layer
     top_prefill: int = -1   # ... into the top (-1: prefill)
+    lazy: bool = False      # lazy_refcounts images
+    opens: bool = False     # the operation opens the top itself (the case does not)
+    crash: bool = False     # pre() leaves a crash image (unflushed writes, then "power off")
 
 
 SCENARIOS = {
@@ -65,6 +68,14 @@ SCENARIOS = {
     "reftable_grow": Scenario("reftable_grow", 512, 64, 8 << 20, 1, 0),
     "l1_grow": Scenario("l1_grow", 512, 16, 2 << 20, 1, 256),
     "flush": Scenario("flush", 1024, 16, 4 << 20, 2, 1024),
+    # header rewrites done from Python, through the core's shim
+    "rebase": Scenario("rebase", 4096, 16, 2 << 20, 2, 256),
+    "autoclear_open": Scenario("autoclear_open", 4096, 16, 2 << 20, 1, 256, opens=True),
+    # compound: a fault during the repair of a crash image, by a read-write open (the dirty
+    # bit of lazy refcounts) or by check(repair="all") (leaked clusters)
+    "reopen_crash": Scenario("reopen_crash", 4096, 16, 4 << 20, 1, 512, lazy=True, opens=True,
+                             crash=True),
+    "repair_crash": Scenario("repair_crash", 4096, 16, 4 << 20, 1, 512, opens=True, crash=True),
 }
 
 
@@ -84,6 +95,9 @@ class Ctx:
         return os.path.join(self.folder, C.layer_name(self.top))
 
     def open(self):
+        if self.img is not None and not self.img.closed:
+            self.img.close()
+        self.img = None
         self.img = engine.open(self.path)
         return self.img
 
@@ -110,9 +124,39 @@ class Ctx:
 
 # --- the operations: pre (before arming, same handle) and op (armed) ------------------------
 
+def _crash(ctx: Ctx):
+    """Unflushed writes on the open top, then a power loss: the file as it is now (page
+    cache included) is what the next open finds; with lazy refcounts it is marked dirty, as
+    QEMU leaves it.  The model then takes the crash image's content as acknowledged."""
+    ctx.open()
+    r = random.Random(11)
+    for _ in range(40):
+        ctx.w(r.randrange(0, ctx.sc.size // BLOCK - 16), r.randint(1, 16))
+    crash = ctx.path + ".crash"
+    shutil.copyfile(ctx.path, crash)
+    ctx.img.close()                             # (flushes the original, which is replaced)
+    ctx.img = None
+    os.replace(crash, ctx.path)
+    if ctx.sc.lazy:
+        with open(ctx.path, "r+b") as f:
+            f.seek(72)                          # incompatible features: set the dirty bit
+            bits = int.from_bytes(f.read(8), "big")
+            f.seek(72)
+            f.write((bits | 1).to_bytes(8, "big"))
+    with engine.open(ctx.path, readonly=True) as img:
+        size = img.size
+        obs = stamps.decode(img.read(0, size))
+    v = ctx.oracle.judge(obs, size)
+    if not v.ok:
+        raise AssertionError(f"the crash image itself is wrong: {v.details[:4]}")
+    ctx.oracle.collapse(obs, size)
+
+
 def pre(ctx: Ctx):
     name = ctx.sc.name
-    if name == "flush":
+    if ctx.sc.crash:
+        _crash(ctx)
+    elif name == "flush":
         # a dirty state with everything writeback does: new data, new L2 tables, COW, frees
         r = random.Random(5)
         for _ in range(60):
@@ -162,8 +206,26 @@ def op(ctx: Ctx):
         ctx.flush()
     elif name == "flush":
         ctx.flush()
+    elif name == "rebase":
+        # onto a byte copy of the layer below: the disk reads the same either way
+        ctx.img.rebase(ALT_BACKING, "qcow2")
+        ctx.w(7, 5)
+        ctx.flush()
+    elif name in ("autoclear_open", "reopen_crash"):
+        ctx.open()                              # header rewrite / repair of the dirty image
+        ctx.w(9, 3)
+        ctx.flush()
+    elif name == "repair_crash":
+        ctx.open()
+        ctx.img.check(repair="all")
+        ctx.w(9, 3)
+        ctx.flush()
     else:
         raise ValueError(name)
+
+
+ALT_BACKING = "alt.qcow2"
+AUTOCLEAR_UNKNOWN = 1 << 5          # an autoclear bit we do not maintain: cleared on RW open
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -180,7 +242,8 @@ class Template:
             backing = C.layer_name(i - 1) if i else None
             img = engine.create(os.path.join(self.folder, C.layer_name(i)), sc.size,
                                 cluster_size=sc.cluster, refcount_bits=sc.refbits,
-                                backing=backing, backing_format="qcow2" if backing else None)
+                                backing=backing, backing_format="qcow2" if backing else None,
+                                lazy_refcounts=sc.lazy)
             with img:
                 left = sc.prefill if (i < sc.layers - 1 or sc.top_prefill < 0) else sc.top_prefill
                 total = left
@@ -200,6 +263,13 @@ class Template:
                 self.oracle.new_top()
         self.seq = seq + 1
         self.top = sc.layers - 1
+        if sc.name == "rebase":
+            shutil.copyfile(os.path.join(self.folder, C.layer_name(sc.layers - 2)),
+                            os.path.join(self.folder, ALT_BACKING))
+        if sc.name == "autoclear_open":
+            with open(os.path.join(self.folder, C.layer_name(self.top)), "r+b") as f:
+                f.seek(88)
+                f.write(AUTOCLEAR_UNKNOWN.to_bytes(8, "big"))
 
     def ctx(self, folder: str) -> Ctx:
         shutil.copytree(self.folder, folder)
@@ -284,7 +354,8 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
              qemu_check: bool = True) -> Outcome:
     out = Outcome()
     ctx = t.ctx(folder)
-    ctx.open()
+    if not t.sc.opens:
+        ctx.open()
     try:
         before_pre = (ctx.oracle.cur.copy(), ctx.oracle.size)
         pre(ctx)
@@ -331,7 +402,7 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
             return out
         sync_failed = point == "sync"
         # D4: after a failed sync every later flush on the handle fails
-        if sync_failed:
+        if sync_failed and ctx.img is not None and not ctx.img.closed:
             for _ in range(2):
                 try:
                     ctx.img.flush()
@@ -363,11 +434,16 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
                 out.retry_failed = True
                 out.details += f" retry on the same handle failed: {type(e).__name__}: {e};"
         try:
-            ctx.img.close()
+            if ctx.img is not None:
+                ctx.img.close()
         except EngineError:
             pass
         # reopen and check (acknowledged data intact; leaks counted)
         try:
+            if ctx.sc.crash and not (retry_on_handle and not out.retry_failed):
+                # a repair the fault stopped part-way: the next repair must finish it
+                with engine.open(ctx.path) as img:
+                    img.check(repair="all")
             if retry_on_handle and not out.retry_failed:
                 c, lk = _verify(ctx, out, exact=True)
                 out.corruptions, out.leaks_after_retry = c, lk
@@ -425,7 +501,8 @@ def run_case(t: Template, folder: str, point: str, nth: int, err: int, persisten
 
 def dry_counts(t: Template, folder: str) -> tuple[dict, dict]:
     ctx = t.ctx(folder)
-    ctx.open()
+    if not t.sc.opens:
+        ctx.open()
     try:
         pre(ctx)
         disarm()

@@ -1,4 +1,4 @@
-"""One kill lane (RELIABILITY.md C2): ``python -m reliability.killer --seed S --kills K``.
+"""One kill lane (docs/reliability.md C2): ``python -m reliability.killer --seed S --kills K``.
 
 The lane builds a chain, then repeatedly starts :mod:`reliability.worker` on its top image and
 kills it:

@@ -1,4 +1,4 @@
-"""The expected-state oracle (RELIABILITY.md C2, after RocksDB's crash test).
+"""The expected-state oracle (docs/reliability.md C2, after RocksDB's crash test).
 
 Every LBA has a *descriptor*: the seq of the stamped write whose content it must hold, or 0 for
 zeros. The oracle keeps

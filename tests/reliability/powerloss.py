@@ -1,4 +1,4 @@
-"""Power-loss simulator (RELIABILITY.md C3): ``python -m reliability.powerloss --seed S
+"""Power-loss simulator (docs/reliability.md C3): ``python -m reliability.powerloss --seed S
 --variants N`` runs cases in-process and prints one JSON object.
 
 The barrier callback of the core (``engine._core.set_barrier_callback``) tells us when the
@@ -13,10 +13,10 @@ flushes acknowledged by then).
 "Live" crash points also take the current (unsynced) file as the new state: a power loss
 before the next barrier may keep any part of what is in the page cache.
 
-What the simulator does not see: header rewrites done from Python with os.pwrite + os.fsync
-(image._write_header, _prepare_rw, check.py repairs) are not reported by the core; our
-workload does not use them (resize runs in the core; overlay creation fsyncs the new file
-and its folder, and we take that as one durable step).
+Header rewrites and repairs done from Python (rebase, the autoclear bits cleared by a
+read-write open, check repairs) go through the core's shim too, so their syncs are barriers
+here as well.  Overlay creation fsyncs the new file and its folder on a helper thread, and we
+take that as one durable step.
 """
 
 from __future__ import annotations

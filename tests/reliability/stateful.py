@@ -1,4 +1,4 @@
-"""Stateful model test with crash and fault steps (RELIABILITY.md C7; issue 4 item 7).
+"""Stateful model test with crash and fault steps (docs/reliability.md C7).
 
 A Hypothesis RuleBasedStateMachine over a chain (base + overlays made by the create_overlay
 rule). The model is the oracle of reliability.oracle (a descriptor per 512-byte LBA: the seq

@@ -1,4 +1,4 @@
-"""The one-line figures of the reliability suites (RELIABILITY.md C11).
+"""The one-line figures of the reliability suites (docs/reliability.md C11).
 
 Each suite records what it ran here; :func:`publish` (re)writes its line in the SUMMARY list of
 tests/conftest.py, which pytest prints in the "cowchain summaries" section at the end of the

@@ -1,4 +1,4 @@
-"""The kill -9 worker (RELIABILITY.md C2): ``python -m reliability.worker ARGS``.
+"""The kill -9 worker (docs/reliability.md C2): ``python -m reliability.worker ARGS``.
 
 It opens the top image of a chain read-write and runs a seeded workload, reporting on stdout
 (unbuffered, one line per event, written *before* the operation is issued, so that the parent

@@ -1,0 +1,71 @@
+"""The package's type information: ``py.typed``, the stub of the compiled core, and mypy.
+
+- The imported ``engine`` package (the installed one under ``.ci/run``) must carry
+  ``py.typed`` and ``_core.pyi``: they are package data, and a wheel that lost them would ship
+  an untyped package.
+- ``mypy --strict`` passes on the typed subset of the package, :data:`STRICT_MODULES` (listed
+  in README's "Type checking" section). The other modules are followed with
+  ``--follow-imports=silent``: their own errors are not reported yet.
+- ``mypy.stubtest`` finds the stub and the compiled module in agreement: every public name and
+  signature of ``engine/_core.pyx`` is in ``engine/_core.pyi`` and the reverse, apart from the
+  Cython-generated names in ``stubtest_allowlist.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import engine
+
+PKG = pathlib.Path(engine.__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parent
+
+#: Checked with ``mypy --strict``, relative to the package folder. README lists the same set.
+STRICT_MODULES = [
+    "__init__.py",
+    "errors.py",
+    "format.py",
+    "_core.pyi",
+    "ops/__init__.py",
+    "ops/_copy.py",
+    "ops/_hooks.py",
+    "ops/commit.py",
+    "ops/convert.py",
+    "ops/diff.py",
+    "ops/measure.py",
+    "ops/stream.py",
+]
+
+
+def _run(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    # Run from an empty folder with the package's parent first on the path, so that mypy
+    # and stubtest see exactly the package the tests import (installed or in place).
+    env = dict(os.environ, PYTHONPATH=str(PKG.parent), MYPY_FORCE_COLOR="0")
+    return subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_package_ships_type_information():
+    assert (PKG / "py.typed").is_file(), f"{PKG}/py.typed is missing"
+    assert (PKG / "_core.pyi").is_file(), f"{PKG}/_core.pyi is missing"
+    ops = sorted(p.name for p in (PKG / "ops").glob("*.py"))
+    assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith("ops/")] == ops, \
+        "a module of engine/ops is missing from STRICT_MODULES (and README)"
+
+
+def test_mypy_strict_on_the_typed_modules(tmp_path):
+    files = [str(PKG / m) for m in STRICT_MODULES]
+    res = _run(["mypy", "--strict", "--follow-imports=silent", "--no-color-output",
+                "--cache-dir", str(tmp_path / "cache"), *files], tmp_path)
+    assert res.returncode == 0, f"mypy --strict found errors:\n{res.stdout}{res.stderr}"
+    assert "Success" in res.stdout
+
+
+def test_core_stub_matches_the_compiled_module(tmp_path):
+    res = _run(["mypy.stubtest", "engine._core",
+                "--allowlist", str(HERE / "stubtest_allowlist.txt")], tmp_path)
+    assert res.returncode == 0, f"engine/_core.pyi disagrees with engine._core:\n{res.stdout}{res.stderr}"
+    assert "Success" in res.stdout
