@@ -738,9 +738,13 @@ class Image:
         if depth < 1:
             raise ChainError(f"backing chain deeper than {depth} images", path=self._path)
         # the locks of a normal open too: a new backing file that another process writes is
-        # refused here, before the header changes, not by the reopen after it
+        # refused here, before the header changes, not by the reopen after it.  An image
+        # opened without its chain (backing=False: its caller holds the chain's files, as the
+        # repository does during a merge) never opens the new chain, so it is validated
+        # without taking locks.
         opts = dict(self._opts, backing=True, allow_unsafe_backing=allow_unsafe,
-                    max_chain_depth=depth - 1)
+                    max_chain_depth=depth - 1,
+                    force_share=self._opts["force_share"] or not self._opts["backing"])
         st = os.fstat(self._fd)
         return _open_image(full, format, True, opts, {(st.st_dev, st.st_ino)})
 

@@ -346,34 +346,78 @@ def test_usage_errors_do_not_share_check_codes(repo, tmp_path):
     assert code == 2 and b"1 volume checked" in out and b"1 problem left" in out
 
 
-def _engine_hints() -> list[str]:
-    """Every hint an engine error can carry: the classes' defaults and every hint= argument
-    in the engine's source (f-strings with their fields as X)."""
+def _text(node) -> str:
+    """A string literal or f-string as text, its fields as X."""
+    import ast
+
+    if isinstance(node, ast.Constant):
+        return node.value
+    return "".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values)
+
+
+def _outer_strings(node) -> list:
+    """The string literals and f-strings in NODE, not the pieces inside an f-string."""
+    import ast
+
+    if isinstance(node, (ast.Constant, ast.JoinedStr)):
+        return [node]
+    return [n for child in ast.iter_child_nodes(node) for n in _outer_strings(child)]
+
+
+def _engine_hints() -> tuple[list[str], list[str]]:
+    """Every hint an engine error can carry: (Python hints, which the CLI maps through
+    CLI_HINTS: the classes' defaults and every literal hint= argument in the engine's source;
+    command-line hints given as cli_hint=, shown as they are).  F-strings have their fields
+    as X.  A hint built in a variable is allowed beside a cli_hint= variable; every
+    string assigned to that variable in the function counts as a command-line hint (a hint
+    variable without a cli_hint: its strings count as Python hints)."""
     import ast
 
     from engine import errors
 
     hints = [c.default_hint for c in errors._error_classes() if c.default_hint]
+    cli_hints: list[str] = []
+    strings = (ast.Constant, ast.JoinedStr)
     root = os.path.dirname(os.path.abspath(engine.__file__))
     for top, _dirs, files in os.walk(root):
         for f in files:
             if not f.endswith(".py"):
                 continue
             tree = ast.parse(open(os.path.join(top, f)).read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Call):
-                    for kw in node.keywords:
-                        if kw.arg == "hint" and not (isinstance(kw.value, ast.Constant)
-                                                     and kw.value.value is None):
-                            assert isinstance(kw.value, (ast.Constant, ast.JoinedStr)), \
-                                (f, ast.dump(kw.value))
-                            if isinstance(kw.value, ast.Constant):
-                                hints.append(kw.value.value)
-                            else:
-                                hints.append("".join(
-                                    v.value if isinstance(v, ast.Constant) else "X"
-                                    for v in kw.value.values))
-    return hints
+            for func in ast.walk(tree):
+                if not isinstance(func, (ast.FunctionDef, ast.Module)):
+                    continue
+                assigned: dict[str, list[str]] = {}
+                for node in ast.walk(func):
+                    if isinstance(node, (ast.Assign, ast.AugAssign)):
+                        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                        parts = _outer_strings(node.value)
+                        for t in targets:
+                            if isinstance(t, ast.Name):
+                                assigned.setdefault(t.id, []).extend(
+                                    _text(n) for n in parts
+                                    if not isinstance(n, ast.Constant) or isinstance(n.value, str))
+                for node in ast.walk(func):
+                    if not isinstance(node, ast.Call):
+                        continue
+                    kws = {kw.arg: kw.value for kw in node.keywords}
+                    value = kws.get("hint")
+                    if value is None or (isinstance(value, ast.Constant) and value.value is None):
+                        continue
+                    if isinstance(value, strings):
+                        hints.append(_text(value))
+                        continue
+                    cli = kws.get("cli_hint")
+                    if cli is None:      # a hint chosen among literals held in a variable
+                        assert isinstance(value, ast.Name) and assigned.get(value.id), \
+                            (f, "a hint must be a literal or a variable of literals",
+                             ast.dump(value))
+                        hints.extend(assigned[value.id])
+                        continue
+                    assert isinstance(cli, ast.Name) and assigned.get(cli.id), \
+                        (f, "a cli_hint must be a variable of literals", ast.dump(cli))
+                    cli_hints.extend(assigned[cli.id])
+    return hints, cli_hints
 
 
 def _parser_commands():
@@ -400,11 +444,12 @@ def test_every_cli_hint_names_real_verbs_and_flags_and_no_python():
 
     commands = _parser_commands()
     all_flags = set().union(*commands.values())
-    hints = _engine_hints()
-    assert len(hints) > 20
-    for hint in hints:
-        shown = cli.cli_hint(hint)
-        assert not re.search(r"\w=|\w\(|\b(Image|Repository|Chain)\.", shown), \
+    hints, cli_hints = _engine_hints()
+    assert len(hints) > 20 and cli_hints
+    for hint, shown in [(h, cli.cli_hint(h)) for h in hints] + [(h, h) for h in cli_hints]:
+        # QEMU's own commands ('qemu-img amend -o compat=1.1') are not Python
+        python_words = re.sub(r"'qemu-(img|io) [^']*'", "", shown)
+        assert not re.search(r"\w=|\w\(|\b(Image|Repository|Chain)\.", python_words), \
             f"hint names Python: {shown!r} (from {hint!r})"
         quoted = re.findall(r"(?<!\w)'(cowchain [^']*)'", shown)
         for cmd in quoted:

@@ -485,7 +485,7 @@ def test_export_of_a_snapshot_reports_its_own_size(resized, tmp_path, capsys):
     assert cli.main(["--repo", path, "--output", "json", "chain", "export", "vm1",
                      str(tmp_path / "cli.raw"), "--snapshot", s1.id]) == 0
     import json
-    assert json.loads(capsys.readouterr().out)["size"] == MiB
+    assert json.loads(capsys.readouterr().out)["virtual-size"] == MiB
 
 
 def qemu_img_size(path) -> int:
