@@ -2282,12 +2282,21 @@ cdef class CoreImage:
             self._range_error(off, n)
         if rc == E_NOMEM:
             raise MemoryError("out of memory")
+        path = self._layer_path(e.layer)
         if rc == E_PYERR:
             exc = getattr(_pending, "exc", None)
             _pending.exc = None
             if exc is not None:
-                raise exc               # a callback's own exception, unchanged
-        path = self._layer_path(e.layer)
+                # a callback's own exception, its type and message unchanged; an EngineError
+                # that names no file is told the volume (and offset) where it happened
+                if isinstance(exc, errors.EngineError) and exc.path is None:
+                    exc.path = path
+                    exc.image = self.path
+                    if isinstance(exc, errors.CorruptImage) and exc.offset is None:
+                        exc.offset = e.off
+                    if exc.args and isinstance(exc.args[0], str):
+                        exc.args = (f"{path}: {exc.args[0]}",) + exc.args[1:]
+                raise exc
         msg = (<bytes>e.msg).decode() if e.msg != NULL else "error"
         if rc == E_IO:
             exc = errors.io_error(e.eno, msg, path=path)

@@ -97,9 +97,14 @@ class Extent(NamedTuple):
 # --- decompression (the one core path that crosses into Python, once per cluster) -----------
 
 def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
+    """Inflate one compressed cluster. Whatever this raises reaches the caller of the read
+    as it is (the core adds the volume's path to an EngineError that has none), so every
+    failure here is a typed error."""
     if ctype == 0:
-        d = zlib.decompressobj(-15)
-        out = d.decompress(data, cluster_size)
+        try:
+            out = zlib.decompressobj(-15).decompress(data, cluster_size)
+        except zlib.error as e:
+            raise CorruptImage(f"compressed cluster does not decompress ({e})") from None
     elif ctype == 1:
         try:
             import zstandard
@@ -107,11 +112,12 @@ def _decompress(ctype: int, data: bytes, cluster_size: int) -> bytes:
             raise UnsupportedFeature("zstd", "the image has zstd-compressed clusters and the "
                                      "'zstandard' module is not installed",
                                      hint="pip install zstandard") from None
-        d = zstandard.ZstdDecompressor().decompressobj()
-        out = d.decompress(data)
+        try:
+            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        except zstandard.ZstdError as e:
+            raise CorruptImage(f"compressed cluster does not decompress ({e})") from None
     else:
         raise UnsupportedFeature(f"compression type {ctype}")
-    # (the core hands whatever this raises to the caller of the read unchanged)
     if len(out) < cluster_size:
         raise CorruptImage("compressed cluster inflates to less than one cluster")
     return out[:cluster_size]

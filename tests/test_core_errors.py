@@ -165,3 +165,21 @@ def test_callback_exception_reaches_the_caller_unchanged(tmp_path, exc):
             _core.set_decompressor(image_mod._decompress)
         # nothing left pending: the next read, with the real decompressor, works
         assert img.read(0, 256) == bytes(range(256))
+
+
+def test_damaged_compressed_cluster_is_corrupt_and_located(tmp_path):
+    """The decompressor's own typed error for a cluster that does not inflate, told the
+    volume and offset by the core (a library error never reaches the caller untyped)."""
+    raw = tmp_path / "plain.raw"
+    raw.write_bytes(bytes(range(256)) * 1024)
+    path = str(tmp_path / "c.qcow2")
+    qemu.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), path)
+    entry = poke.l2_entry(path, 0)
+    host = entry & ((1 << (70 - 16)) - 1)               # a compressed entry's host offset
+    poke.write_bytes(path, host, b"\xff" * 64)         # not a deflate stream any more
+    with engine.open(path, readonly=True) as img:
+        with pytest.raises(CorruptImage) as ei:
+            img.read(0, 512)
+    e = ei.value
+    assert e.path == path and e.image == path and e.offset == host
+    assert str(e).startswith(path + ": compressed cluster does not decompress")
