@@ -55,8 +55,10 @@ from engine.qcow2.spec import (
     FEATURE_NAME_SIZE,
     FEATURE_TABLE_MIN_CLUSTER_SIZE,
     FEATURE_TYPE_INCOMPATIBLE,
+    HDR_CLUSTER_BITS,
     HDR_COMPRESSION_TYPE,
     HDR_PADDING,
+    HDR_VERSION,
     HEADER_LENGTH_ALIGN,
     INCOMPAT_COMPRESSION,
     INCOMPAT_CORRUPT,
@@ -183,6 +185,22 @@ class Header:
         """Bytes per subcluster (the cluster size without extended L2)."""
         return self.cluster_size // (SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1)
 
+    # -- compressed cluster descriptors (qcow2.txt "Compressed Clusters Descriptor") --------
+    @property
+    def compressed_size_shift(self) -> int:
+        """Bit position of the sector count in a compressed L2 entry (62 - (cluster_bits - 8))."""
+        return 62 - (self.cluster_bits - 8)
+
+    @property
+    def compressed_size_mask(self) -> int:
+        """Mask of the sector count (minus one) after shifting by compressed_size_shift."""
+        return (1 << (self.cluster_bits - 8)) - 1
+
+    @property
+    def compressed_offset_mask(self) -> int:
+        """Mask of the host byte offset in a compressed L2 entry."""
+        return (1 << self.compressed_size_shift) - 1
+
     def l1_entries_needed(self, size: int | None = None) -> int:
         """Minimum L1 entries for a virtual size in bytes (default: this image's size)."""
         return l1_entries_for(self.size if size is None else size, self.cluster_bits,
@@ -203,6 +221,11 @@ class Header:
     def refblock_entries(self) -> int:
         """Refcount entries in one refcount block (one cluster)."""
         return (self.cluster_size * 8) >> self.refcount_order
+
+    @property
+    def refblock_bits(self) -> int:
+        """log2 of :attr:`refblock_entries`."""
+        return self.cluster_bits + 3 - self.refcount_order
 
     @property
     def reftable_entries(self) -> int:
@@ -277,7 +300,7 @@ def header_arg(value: Any) -> "Header":
     return value
 
 
-class _Reader:
+class ByteReader:
     """Bounds-checked big-endian reads from a bytes object.
 
     A read outside the buffer raises ``error_class`` (a programming slip here must still
@@ -382,7 +405,37 @@ def _parse_feature_table(data: bytes) -> list[tuple[int, int, str]]:
     return table
 
 
-def _read_extensions(c0: _Reader, start: int, end: int, h_autoclear: int, crypt_method: int,
+def walk_extensions(c0: ByteReader, start: int, end: int, *, lenient: bool = False
+                    ) -> Iterator[tuple[int, bytes]]:
+    """The (type, data) of each header extension record between ``start`` and ``end``, up
+    to the end marker (§2.1: u32 type, u32 length, data, zero padding to 8 bytes).
+
+    A record running past ``end`` raises ImageFormatError, or with ``lenient`` ends the walk
+    quietly (as QEMU's check and its naming of unknown feature bits do).
+    """
+    off = start
+    while off < end:
+        if off + EXT_HEADER_SIZE > end:
+            if lenient:
+                return
+            raise _format_error(f"header extension at offset {off} runs past the end of the "
+                                f"extension area ({end})", c0.path)
+        magic = c0.u32(off)
+        length = c0.u32(off + 4)
+        off += EXT_HEADER_SIZE
+        if length > end - off:
+            if lenient:
+                return
+            raise _format_error(f"header extension {magic:#010x} too large: {length} bytes "
+                                f"at offset {off}, area ends at {end}", c0.path)
+        if magic == EXT_MAGIC_END:
+            return
+        data = c0.bytes(off, length)
+        off += (length + EXT_ALIGN - 1) & ~(EXT_ALIGN - 1)
+        yield magic, data
+
+
+def _read_extensions(c0: ByteReader, start: int, end: int, h_autoclear: int, crypt_method: int,
                      cluster_size: int, path: str | None, *, lenient: bool = False
                      ) -> _Extensions:
     """Walk the header extensions in cluster 0 between ``start`` and ``end`` (§2.1).
@@ -392,25 +445,8 @@ def _read_extensions(c0: _Reader, start: int, end: int, h_autoclear: int, crypt_
     """
     ext = _Extensions()
     seen: set[int] = set()
-    off = start
-    while off < end:
-        if off + EXT_HEADER_SIZE > end:
-            if lenient:
-                break
-            raise _format_error(f"header extension at offset {off} runs past the end of the "
-                                f"extension area ({end})", path)
-        magic = c0.u32(off)
-        length = c0.u32(off + 4)
-        off += EXT_HEADER_SIZE
-        if length > end - off:
-            if lenient:
-                break
-            raise _format_error(f"header extension {magic:#010x} too large: {length} bytes "
-                                f"at offset {off}, area ends at {end}", path)
-        if magic == EXT_MAGIC_END:
-            break
-        data = c0.bytes(off, length)
-        off += (length + EXT_ALIGN - 1) & ~(EXT_ALIGN - 1)
+    for magic, data in walk_extensions(c0, start, end, lenient=lenient):
+        length = len(data)
         if magic in KNOWN_EXTENSIONS:
             if magic in seen and not lenient:
                 raise _format_error(f"duplicate header extension {magic:#010x} "
@@ -463,6 +499,37 @@ def _read_extensions(c0: _Reader, start: int, end: int, h_autoclear: int, crypt_
         else:
             ext.unknown.append((magic, data))
     return ext
+
+
+def looks_like_qcow2(head: bytes) -> bool:
+    """True if ``head`` (the first bytes of a file) starts with a QCOW2 header whose
+    version and cluster size QEMU knows, long enough for its fixed fields."""
+    if len(head) < V2_HEADER_LENGTH or head[:len(QCOW_MAGIC_BYTES)] != QCOW_MAGIC_BYTES:
+        return False
+    version = U32.unpack_from(head, HDR_VERSION)[0]
+    cluster_bits = U32.unpack_from(head, HDR_CLUSTER_BITS)[0]
+    if version not in SUPPORTED_VERSIONS:
+        return False
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        return False
+    return bool(version == 2 or len(head) >= V3_MIN_HEADER_LENGTH)
+
+
+def read_fixed_fields(head: bytes) -> Header:
+    """The fixed header fields, without any of :func:`parse_header`'s checks of the tables
+    or extensions (QEMU's check opens images with tables past the end of the file, or
+    without a refcount table).  ``head`` must pass :func:`looks_like_qcow2`."""
+    (_magic, version, bfo, bfs, cb, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+     nb_snap, snap_off) = V2_STRUCT.unpack_from(head)
+    h = Header(version=version, backing_file_offset=bfo, backing_file_size=bfs,
+               cluster_bits=cb, size=size, crypt_method=crypt, l1_size=l1_size,
+               l1_table_offset=l1_off, refcount_table_offset=rt_off,
+               refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
+               snapshots_offset=snap_off, header_length=V2_HEADER_LENGTH)
+    if version >= 3:
+        (h.incompatible_features, h.compatible_features, h.autoclear_features,
+         h.refcount_order, h.header_length) = V3_STRUCT.unpack_from(head, V2_HEADER_LENGTH)
+    return h
 
 
 def parse_header(buf: bytes, file_size: int, *, path: str | None = None) -> Header:
@@ -550,7 +617,7 @@ def _parse_header(buf: object, file_size: int, path: str | None) -> Header:
     if len(buf) < have:
         raise InvalidArgument(f"buffer too short: {len(buf)} bytes given, cluster 0 needs "
                               f"{have}", path=path)
-    c0 = _Reader(buf[:have].ljust(cluster_size, b"\0"), path)
+    c0 = ByteReader(buf[:have].ljust(cluster_size, b"\0"), path)
 
     compression_type = COMPRESSION_ZLIB
     extra_header = b""

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from engine.errors import CorruptImage, EngineError, InvalidArgument, SafetyLimitExceeded
 
 from engine.qcow2.spec import (
+    INT_MAX,
     L1E_SIZE,
+    MAX_DISK_LENGTH,
+    SECTOR_SIZE,
     MAX_L1_SIZE,
     MAX_SNAPSHOTS,
     MAX_SNAPSHOTS_SIZE,
@@ -76,73 +79,199 @@ class SnapshotEntry:
     disk_size: int | None = None        # bytes
     icount: int | None = None
 
+    @property
+    def shown_id(self) -> str:
+        """The id for messages: bytes that are not UTF-8 show as U+FFFD (as QEMU prints)."""
+        return self.id.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
-def _snapshot_walk(buf: bytes, h: Header, entries: list[SnapshotEntry] | None, strict: bool, path: str | None,
-                   file_size: int | None) -> tuple[bool, int]:
-    """Walk ``h.nb_snapshots`` entries of ``buf`` (bytes from snapshots_offset).
+    @property
+    def shown_name(self) -> str:
+        """The name for messages (see :attr:`shown_id`)."""
+        return self.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
-    Returns (complete, n): when complete, n is the table size in bytes (up to the end of
-    the last name, without trailing padding, as QEMU counts it); otherwise n > len(buf) is
-    the number of bytes needed to make progress.
+
+@dataclass
+class SnapshotProblem:
+    """What the lenient reader met and how it went on (QEMU's check wording in comments).
+
+    kind:
+        "io": a read QEMU's block layer refuses (past its maximum length); the walk stopped
+            ("failed to read the snapshot table: Input/output error").
+        "extra": entry ``entry`` has ``value`` bytes of extra data, over the 1024-byte limit;
+            only the first 1024 were kept ("Too much extra metadata").
+        "too_big": the table passes 64 MiB at entry ``entry``; that entry and the ``value``
+            - 1 after it were dropped and the walk stopped ("Snapshot table is too big").
+        "incomplete": a v3 entry with less than 16 bytes of extra data (``value``).
     """
-    mv = memoryview(bytes(buf)) if not isinstance(buf, (bytes, bytearray)) else buf
+
+    kind: str
+    entry: int
+    value: int = 0
+
+
+@dataclass
+class SnapshotTable:
+    """The result of :func:`read_snapshot_table`.
+
+    ``entries`` are the entries kept; ``size`` is the table's byte size as QEMU counts it
+    (from the table offset to the end of the last entry kept; 0 without entries);
+    ``problems`` are in table order."""
+
+    entries: list[SnapshotEntry] = field(default_factory=list)
+    size: int = 0
+    problems: list[SnapshotProblem] = field(default_factory=list)
+
+
+# The walk below is the one parser.  Its modes:
+_STRICT = 0        # QEMU's open: any problem raises; v3 entries need 16 bytes of extra data
+_OPEN = 1          # QEMU's open, incomplete v3 entries allowed
+_CHECK = 2         # QEMU's check: go on where its repair would, record each problem
+
+
+def _walk(read: Callable[[int, int], bytes | None], h: Header, nb: int, mode: int,
+          path: str | None, file_size: int | None, entries: list[SnapshotEntry] | None,
+          problems: list[SnapshotProblem]) -> tuple[bool, int]:
+    """Walk ``nb`` entries of the table at ``h.snapshots_offset``.
+
+    ``read(pos, n)`` returns the ``n`` bytes at table offset ``pos``, or None when they are
+    not available yet (then the walk returns (False, bytes needed)).  Returns (True, table
+    size) at the end: up to the end of the last name kept, without trailing padding, as QEMU
+    counts it.
+    """
     cluster_size = h.cluster_size
-    off = 0
+    base = h.snapshots_offset
+    off = 0              # where the next entry starts (position in the file, less base)
+    length = 0           # the table's length as QEMU counts it (extra data as kept)
 
-    def short(needed: int) -> tuple[bool, int]:
-        # Whatever the rest of the entry holds, it would end past the limit.
-        if needed > MAX_SNAPSHOTS_SIZE:
-            raise SafetyLimitExceeded(f"snapshot table is too big (over {MAX_SNAPSHOTS_SIZE} "
-                                      "bytes)", limit=MAX_SNAPSHOTS_SIZE, path=path)
-        return False, needed
+    def too_big() -> SafetyLimitExceeded:
+        return SafetyLimitExceeded(f"snapshot table is too big (over {MAX_SNAPSHOTS_SIZE} "
+                                   "bytes)", limit=MAX_SNAPSHOTS_SIZE, path=path)
 
-    for i in range(h.nb_snapshots):
+    for i in range(nb):
+        pre = off
         off = (off + SNAPSHOT_ENTRY_ALIGN - 1) & ~(SNAPSHOT_ENTRY_ALIGN - 1)
-        if off + SNAPSHOT_HEADER_SIZE > len(mv):
-            return short(off + SNAPSHOT_HEADER_SIZE)
+        length = (length + SNAPSHOT_ENTRY_ALIGN - 1) & ~(SNAPSHOT_ENTRY_ALIGN - 1)
+        if mode == _CHECK and (base + off + SNAPSHOT_HEADER_SIZE + 2 * (MAX_U16 + 1)
+                               + MAX_SNAPSHOT_EXTRA > MAX_DISK_LENGTH):
+            problems.append(SnapshotProblem("io", i))
+            return True, pre
+        fixed = read(off, SNAPSHOT_HEADER_SIZE)
+        if fixed is None:
+            if off + SNAPSHOT_HEADER_SIZE > MAX_SNAPSHOTS_SIZE:
+                raise too_big()
+            return False, off + SNAPSHOT_HEADER_SIZE
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
-         extra_size) = SNAPSHOT_HEADER_STRUCT.unpack_from(mv, off)
+         extra_size) = SNAPSHOT_HEADER_STRUCT.unpack(fixed)
+        extra_kept = extra_size
         if extra_size > MAX_SNAPSHOT_EXTRA:
-            raise SafetyLimitExceeded(f"too much extra metadata in snapshot table entry {i} "
-                                      f"({extra_size} > {MAX_SNAPSHOT_EXTRA} bytes)",
-                                      limit=MAX_SNAPSHOT_EXTRA, path=path)
-        if strict and h.version >= 3 and extra_size < SNAPSHOT_EXTRA_DISK_SIZE_END:
-            raise CorruptImage(f"snapshot table entry {i} is incomplete: {extra_size} bytes "
-                               f"of extra data, v3 needs {SNAPSHOT_EXTRA_DISK_SIZE_END}",
-                               offset=h.snapshots_offset + off, path=path)
-        end = off + SNAPSHOT_HEADER_SIZE + extra_size + id_len + name_len
-        if end > MAX_SNAPSHOTS_SIZE:
-            raise SafetyLimitExceeded(f"snapshot table is too big (over {MAX_SNAPSHOTS_SIZE} "
-                                      "bytes)", limit=MAX_SNAPSHOTS_SIZE, path=path)
-        if end > len(mv):
-            return short(end)
-        # The snapshot's L1 is checked as QEMU checks it before any use (§8.1).
-        name_of = f"L1 table of snapshot entry {i}"
-        validate_table(name_of, l1_offset, l1_size, L1E_SIZE, MAX_L1_SIZE, cluster_size,
-                        file_size or 0, path, check_eof=file_size is not None)
+            if mode != _CHECK:
+                raise SafetyLimitExceeded(
+                    f"too much extra metadata in snapshot table entry {i} ({extra_size} > "
+                    f"{MAX_SNAPSHOT_EXTRA} bytes)", limit=MAX_SNAPSHOT_EXTRA, path=path)
+            problems.append(SnapshotProblem("extra", i, extra_size))
+            extra_kept = MAX_SNAPSHOT_EXTRA
+        if h.version >= 3 and extra_size < SNAPSHOT_EXTRA_DISK_SIZE_END:
+            if mode == _STRICT:
+                raise CorruptImage(f"snapshot table entry {i} is incomplete: {extra_size} "
+                                   f"bytes of extra data, v3 needs "
+                                   f"{SNAPSHOT_EXTRA_DISK_SIZE_END}",
+                                   offset=base + off, path=path)
+        p = off + SNAPSHOT_HEADER_SIZE
+        end = p + extra_size + id_len + name_len
+        length += SNAPSHOT_HEADER_SIZE + extra_kept + id_len + name_len
+        if mode == _CHECK:
+            if extra_size > SNAPSHOT_EXTRA_SIZE and (base + p + extra_size + 2 * (MAX_U16 + 1)
+                                                     > MAX_DISK_LENGTH):
+                problems.append(SnapshotProblem("io", i))
+                return True, pre
+            if length > MAX_SNAPSHOTS_SIZE or end > INT_MAX:
+                problems.append(SnapshotProblem("too_big", i, nb - i))
+                return True, pre
+        elif end > MAX_SNAPSHOTS_SIZE:
+            raise too_big()
+        extra = read(p, extra_kept)
+        ids = read(p + extra_size, id_len + name_len)
+        if extra is None or ids is None:
+            return False, end
+        if mode != _CHECK:
+            # The snapshot's L1 is checked as QEMU checks it before any use (§8.1).
+            validate_table(f"L1 table of snapshot entry {i}", l1_offset, l1_size, L1E_SIZE,
+                           MAX_L1_SIZE, cluster_size, file_size or 0, path,
+                           check_eof=file_size is not None)
+        if mode == _CHECK and h.version >= 3 and extra_size < SNAPSHOT_EXTRA_DISK_SIZE_END:
+            problems.append(SnapshotProblem("incomplete", i, extra_size))
         if entries is not None:
-            p = off + SNAPSHOT_HEADER_SIZE
-            extra = bytes(mv[p:p + extra_size])
-            vm_state = vm_state32
-            disk_size = icount = None
-            if extra_size >= SNAPSHOT_EXTRA_VM_STATE_END:
-                vm_state = U64.unpack_from(extra, 0)[0]
-            if extra_size >= SNAPSHOT_EXTRA_DISK_SIZE_END:
-                disk_size = U64.unpack_from(extra, SNAPSHOT_EXTRA_VM_STATE_END)[0]
-            if extra_size >= SNAPSHOT_EXTRA_ICOUNT_END:
-                icount = U64.unpack_from(extra, SNAPSHOT_EXTRA_DISK_SIZE_END)[0]
-                if icount == SNAPSHOT_ICOUNT_NONE:
-                    icount = None
-            p += extra_size
-            sid = decode_name(bytes(mv[p:p + id_len]))
-            p += id_len
-            sname = decode_name(bytes(mv[p:p + name_len]))
-            entries.append(SnapshotEntry(
-                id=sid, name=sname, l1_table_offset=l1_offset, l1_size=l1_size,
-                date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
-                vm_state_size=vm_state, extra_data=extra, disk_size=disk_size, icount=icount))
+            entries.append(_entry(h, mode, l1_offset, l1_size, date_sec, date_nsec, vm_clock,
+                                  vm_state32, extra, ids[:id_len], ids[id_len:]))
         off = end
     return True, off
+
+
+def _entry(h: Header, mode: int, l1_offset: int, l1_size: int, date_sec: int, date_nsec: int,
+           vm_clock: int, vm_state32: int, extra: bytes, sid: bytes, sname: bytes
+           ) -> SnapshotEntry:
+    """One entry from its fields: the 64-bit vm_state_size, disk_size and icount come from
+    the extra data where it is long enough to hold them."""
+    vm_state = vm_state32
+    disk_size = icount = None
+    if len(extra) >= SNAPSHOT_EXTRA_VM_STATE_END:
+        vm_state = U64.unpack_from(extra, 0)[0]
+    if len(extra) >= SNAPSHOT_EXTRA_DISK_SIZE_END:
+        disk_size = U64.unpack_from(extra, SNAPSHOT_EXTRA_VM_STATE_END)[0]
+    elif mode == _CHECK:
+        # QEMU's reader takes the disk size in whole sectors when the entry has none.
+        disk_size = h.size // SECTOR_SIZE * SECTOR_SIZE
+    if len(extra) >= SNAPSHOT_EXTRA_ICOUNT_END:
+        icount = U64.unpack_from(extra, SNAPSHOT_EXTRA_DISK_SIZE_END)[0]
+        if icount == SNAPSHOT_ICOUNT_NONE:
+            icount = None
+    return SnapshotEntry(
+        id=decode_name(sid), name=decode_name(sname), l1_table_offset=l1_offset,
+        l1_size=l1_size, date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
+        vm_state_size=vm_state, extra_data=extra, disk_size=disk_size, icount=icount)
+
+
+def _buffer_reader(buf: bytes) -> Callable[[int, int], bytes | None]:
+    mv = memoryview(bytes(buf)) if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
+
+    def read(pos: int, n: int) -> bytes | None:
+        return bytes(mv[pos:pos + n]) if pos + n <= len(mv) else None
+    return read
+
+
+def _guarded(path: str | None, fn: Callable[[], tuple[bool, int]]) -> tuple[bool, int]:
+    try:
+        return fn()
+    except EngineError:
+        raise
+    except Exception as e:  # pragma: no cover - defence in depth against hostile bytes
+        raise CorruptImage(f"malformed snapshot table ({type(e).__name__}: {e})",
+                           path=path) from e
+
+
+def read_snapshot_table(read: Callable[[int, int], bytes], h: Header, nb: int
+                        ) -> SnapshotTable:
+    """The lenient mode: the snapshot table as QEMU's check reads it.
+
+    Arguments:
+        read: ``read(pos, n)`` returns the ``n`` bytes at offset ``pos`` of the table
+            (``h.snapshots_offset + pos`` in the file), zeros past the end of the file.
+        h (Header): the header (version, size, snapshots_offset).
+        nb (int): how many entries to read (the caller has already applied QEMU's limit
+            on the count).
+
+    Returns:
+        SnapshotTable: every entry kept, the table size, and the problems met (see
+        :class:`SnapshotProblem`); what QEMU's repair discards is discarded.  Entries
+        without a disk size get the virtual size in whole sectors, as QEMU's reader sets it.
+        Nothing raises for a damaged table.
+    """
+    t = SnapshotTable()
+    complete, t.size = _guarded(None, lambda: _walk(read, h, nb, _CHECK, None, None,
+                                                    t.entries, t.problems))
+    if not t.entries:
+        t.size = 0
+    return t
 
 
 def snapshot_table_size(buf: bytes, h: Header, *, path: str | None = None) -> int:
@@ -165,7 +294,7 @@ def snapshot_table_size(buf: bytes, h: Header, *, path: str | None = None) -> in
     buf = buffer_arg(buf, "buf")
     header_arg(h)
     try:
-        return _snapshot_walk(buf, h, None, False, path, None)[1]
+        return _walk(_buffer_reader(buf), h, h.nb_snapshots, _OPEN, path, None, None, [])[1]
     except EngineError:
         raise
     except Exception as e:  # pragma: no cover - defence in depth
@@ -203,7 +332,8 @@ def parse_snapshot_table(buf: bytes, h: Header, *, file_size: int | None = None,
     bool_arg(strict, "strict")
     entries: list[SnapshotEntry] = []
     try:
-        complete, n = _snapshot_walk(buf, h, entries, strict, path, file_size)
+        complete, n = _walk(_buffer_reader(buf), h, h.nb_snapshots,
+                            _STRICT if strict else _OPEN, path, file_size, entries, [])
     except EngineError:
         raise
     except Exception as e:  # pragma: no cover - defence in depth

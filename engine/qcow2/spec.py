@@ -136,8 +136,25 @@ MAX_BACKING_FORMAT_LEN = 15             # QEMU: len < sizeof(bs->backing_format)
 BITMAPS_EXT_SIZE = 24                   # u32 nb_bitmaps, u32 reserved, u64 dir size, u64 dir offset
 BITMAPS_EXT_STRUCT = struct.Struct(">IIQQ")
 CRYPTO_EXT_SIZE = 16                    # u64 offset, u64 length
+CRYPTO_EXT_STRUCT = struct.Struct(">QQ")
 MAX_BITMAPS = 65535                     # QCOW2_MAX_BITMAPS
 MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS  # QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+# The bitmap directory and bitmap tables (qcow2.txt "Bitmaps"), as QEMU's bitmap_list_load
+# checks them.
+BME_DIR_ENTRY_SIZE = 24                 # fixed part of a bitmap directory entry
+# table offset, table size, flags, type, granularity bits, name size, extra data size
+BME_DIR_ENTRY_STRUCT = struct.Struct(">QIIBBHI")
+BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00    # bitmap table entry: bits 9..55, data cluster offset
+BME_RESERVED_MASK = 0xFF000000000001FE  # bitmap table entry: reserved bits
+BME_ALL_ONES = 1                        # bitmap table entry: the cluster reads as all ones
+BME_MAX_TABLE_SIZE = 0x8000000          # entries of one bitmap table
+BME_MAX_PHYS_SIZE = 0x20000000          # bytes of bitmap data
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_NAME_SIZE = 1023
+BME_FLAG_IN_USE = 1
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BITMAP_TYPE_DIRTY_TRACKING = 1
 
 # --- §3 Backing file name ----------------------------------------------------------------
 MAX_BACKING_NAME = 1023                 # QEMU refuses longer names on open and on write
@@ -155,6 +172,8 @@ L2E_RESERVED_MASK = 0x3F000000000001FE  # bits 1..8 and 56..61 of a standard ent
 L2E_SIZE_NORMAL = 8
 L2E_SIZE_EXTENDED = 16                  # u64 entry + u64 subcluster bitmap
 SUBCLUSTERS_PER_CLUSTER = 32            # extended L2
+L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF        # extended L2 bitmap: low half allocated, high half zero
+COMPRESSED_SECTOR_SIZE = 512            # compressed descriptors count 512-byte sectors
 MIN_SUBCLUSTER_SIZE = 1 << MIN_CLUSTER_BITS  # so extended L2 needs 16 KiB clusters
 EXTL2_MIN_CLUSTER_SIZE = SUBCLUSTERS_PER_CLUSTER * MIN_SUBCLUSTER_SIZE
 
@@ -193,7 +212,7 @@ INT_MAX = (1 << 31) - 1                 # l1_vm_state_index must fit in an int
 # The block layer's largest disk, whatever the format (BDRV_MAX_LENGTH: INT64_MAX aligned
 # down to the largest request alignment, 1 GiB).  A qcow2 disk is further bounded by its L1
 # (MAX_L1_ENTRIES tables of one cluster each): see max_virtual_size().
-MAX_DISK_LENGTH = INT64_MAX // (1 << 30) * (1 << 30)
+MAX_DISK_LENGTH = INT64_MAX // (1 << 30) * (1 << 30)   # also: a read past it is an EIO
 
 # --- qemu-img create ---------------------------------------------------------------------
 SECTOR_SIZE = 512                       # qemu-img create rounds the size up to this
