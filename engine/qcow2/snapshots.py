@@ -267,8 +267,8 @@ def read_snapshot_table(read: Callable[[int, int], bytes], h: Header, nb: int
         Nothing raises for a damaged table.
     """
     t = SnapshotTable()
-    complete, t.size = _guarded(None, lambda: _walk(read, h, nb, _CHECK, None, None,
-                                                    t.entries, t.problems))
+    _complete, t.size = _guarded(None, lambda: _walk(read, h, nb, _CHECK, None, None,
+                                                     t.entries, t.problems))
     if not t.entries:
         t.size = 0
     return t
@@ -293,13 +293,8 @@ def snapshot_table_size(buf: bytes, h: Header, *, path: str | None = None) -> in
     """
     buf = buffer_arg(buf, "buf")
     header_arg(h)
-    try:
-        return _walk(_buffer_reader(buf), h, h.nb_snapshots, _OPEN, path, None, None, [])[1]
-    except EngineError:
-        raise
-    except Exception as e:  # pragma: no cover - defence in depth
-        raise CorruptImage(f"malformed snapshot table ({type(e).__name__}: {e})",
-                           path=path) from e
+    return _guarded(path, lambda: _walk(_buffer_reader(buf), h, h.nb_snapshots, _OPEN, path,
+                                         None, None, []))[1]
 
 
 def parse_snapshot_table(buf: bytes, h: Header, *, file_size: int | None = None,
@@ -331,14 +326,9 @@ def parse_snapshot_table(buf: bytes, h: Header, *, file_size: int | None = None,
         file_size = int_arg(file_size, "file_size")
     bool_arg(strict, "strict")
     entries: list[SnapshotEntry] = []
-    try:
-        complete, n = _walk(_buffer_reader(buf), h, h.nb_snapshots,
-                            _STRICT if strict else _OPEN, path, file_size, entries, [])
-    except EngineError:
-        raise
-    except Exception as e:  # pragma: no cover - defence in depth
-        raise CorruptImage(f"malformed snapshot table ({type(e).__name__}: {e})",
-                           path=path) from e
+    complete, n = _guarded(path, lambda: _walk(_buffer_reader(buf), h, h.nb_snapshots,
+                                                _STRICT if strict else _OPEN, path, file_size,
+                                                entries, []))
     if not complete:
         raise CorruptImage(f"snapshot table runs past the end of the file: entry "
                            f"{len(entries)} needs {n} bytes, only {len(buf)} available",
