@@ -8,6 +8,10 @@
 - :mod:`engine.qcow2.layout`: a new image's layout (QEMU's create-time allocator) and the size
   rules of create and resize.
 
+Everything here is the cold path, in pure Python (plus numpy for whole refcount blocks): it
+runs once per open or per metadata update, never per cluster.  Section numbers in comments
+(§1.1, ...) refer to the project's ``docs/on-disk.md``.
+
 Imports point down the list: ``spec`` imports nothing of the engine, ``args`` only ``spec``,
 and so on; nothing here imports the image, check or repository layers.
 """
