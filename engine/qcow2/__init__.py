@@ -12,6 +12,6 @@ Everything here is the cold path, in pure Python (plus numpy for whole refcount 
 runs once per open or per metadata update, never per cluster.  Section numbers in comments
 (§1.1, ...) refer to the project's ``docs/on-disk.md``.
 
-Imports point down the list: ``spec`` imports nothing of the engine, ``args`` only ``spec``,
-and so on; nothing here imports the image, check or repository layers.
+Each module imports only modules listed before it (and ``engine.errors``); nothing here
+imports the image, check or repository layers.
 """
