@@ -90,14 +90,29 @@ as QEMU does.
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine import _core
-from engine import format as fmt
 from engine.image import meta_sync
+from engine.qcow2 import spec
+from engine.qcow2.header import (
+    ByteReader,
+    Header,
+    l1_entries_for,
+    looks_like_qcow2,
+    parse_header,
+    read_fixed_fields,
+    walk_extensions,
+)
+from engine.qcow2.refblocks import decode_refblocks, encode_refblocks, reftable_offsets
+from engine.qcow2.snapshots import (
+    SnapshotEntry,
+    SnapshotProblem,
+    encode_snapshot_table,
+    read_snapshot_table,
+)
 from engine.errors import (
     CorruptImage,
     EngineError,
@@ -111,64 +126,9 @@ from engine.errors import (
 
 __all__ = ["CheckResult", "check_file", "MAX_FINDINGS_PER_KIND"]
 
-# --- Format constants ---------------------------------------------------------------------------
-# The masks, header offsets and QEMU limits come from engine.format (one place for the format);
-# the names below are short local aliases.
-
-_HDR_REFTABLE_PTR = fmt.HDR_REFCOUNT_TABLE_OFFSET   # u64 offset + u32 clusters: 12 bytes
-_HDR_NB_SNAPSHOTS = fmt.HDR_NB_SNAPSHOTS             # u32
-_HDR_INCOMPAT = fmt.HDR_INCOMPATIBLE_FEATURES        # u64, v3 only
-_INCOMPAT_DIRTY = fmt.INCOMPAT_DIRTY
-_INCOMPAT_CORRUPT = fmt.INCOMPAT_CORRUPT
-_INCOMPAT_DATA_FILE = fmt.INCOMPAT_DATA_FILE
-_INCOMPAT_EXTL2 = fmt.INCOMPAT_EXTL2
-_AUTOCLEAR_BITMAPS = fmt.AUTOCLEAR_BITMAPS
-
-# L1 entries (section 4.3), L2 entries (4.4), reftable entries (5.1).
-_L1E_OFFSET_MASK = fmt.L1E_OFFSET_MASK
-_L1E_RESERVED_MASK = fmt.L1E_RESERVED_MASK
-_L2E_OFFSET_MASK = fmt.L2E_OFFSET_MASK
-_L2E_STD_RESERVED_MASK = fmt.L2E_RESERVED_MASK
-_OFLAG_COPIED = fmt.QCOW_OFLAG_COPIED
-_OFLAG_COMPRESSED = fmt.QCOW_OFLAG_COMPRESSED
-_OFLAG_ZERO = fmt.QCOW_OFLAG_ZERO
-_REFT_OFFSET_MASK = fmt.REFT_OFFSET_MASK
-_REFT_RESERVED_MASK = fmt.REFT_RESERVED_MASK
-# Extended L2 bitmap (section 4.6): low half allocated, high half zero.
-_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-# Compressed descriptors count 512-byte sectors (QCOW2_COMPRESSED_SECTOR_SIZE, section 4.5).
-_COMPRESSED_SECTOR = 512
-
-# QEMU's limits (section 8.1), which its check also applies.
-_MAX_L1_BYTES = fmt.MAX_L1_SIZE
-_MAX_REFTABLE_BYTES = fmt.MAX_REFTABLE_SIZE
-_MAX_SNAPSHOTS = fmt.MAX_SNAPSHOTS
-_MAX_SNAPSHOTS_BYTES = fmt.MAX_SNAPSHOTS_SIZE
-_MAX_SNAPSHOT_EXTRA = fmt.MAX_SNAPSHOT_EXTRA
-_SNAPSHOT_HEADER = fmt.SNAPSHOT_HEADER_SIZE          # fixed part of a snapshot table entry
-_SNAPSHOT_KNOWN_EXTRA = fmt.SNAPSHOT_EXTRA_SIZE      # vm_state_size_large, disk_size, icount
-_SNAPSHOT_V3_MIN_EXTRA = fmt.SNAPSHOT_EXTRA_DISK_SIZE_END  # v3 entries need up to disk_size
-_INT_MAX = fmt.INT_MAX                               # QEMU refuses files of more clusters
-_INT64_MAX = fmt.INT64_MAX
-# QEMU's block layer refuses requests past this (BDRV_MAX_LENGTH): a read there is an EIO.
-_BDRV_MAX_LENGTH = _INT64_MAX - (_INT64_MAX % (1 << 30))
-
-# Bitmaps extension (section 2.2) and its tables (docs/interop/qcow2.rst "Bitmaps").
-_EXT_BITMAPS = fmt.EXT_MAGIC_BITMAPS
-_EXT_FDE = fmt.EXT_MAGIC_CRYPTO_HEADER
-_BME_MAX_DIR_BYTES = fmt.MAX_BITMAP_DIRECTORY_SIZE
-_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_BME_RESERVED_MASK = 0xFF000000000001FE
-_BME_ALL_ONES = 1
-_BME_DIR_ENTRY = 24                      # fixed part of a bitmap directory entry
-_BME_MAX_TABLE_SIZE = 0x8000000          # entries
-_BME_MAX_PHYS_SIZE = 0x20000000          # bytes of bitmap data
-_BME_MIN_GRANULARITY_BITS = 9
-_BME_MAX_GRANULARITY_BITS = 31
-_BME_MAX_NAME_SIZE = 1023
-_BME_FLAG_IN_USE = 1
-_BME_RESERVED_FLAGS = 0xFFFFFFFC
-_BT_DIRTY_TRACKING = 1
+# --- Format rules ---------------------------------------------------------------------------
+# Every mask, offset and limit comes from engine.qcow2.spec; the header, the snapshot table and
+# the refcount block codec from engine.qcow2 (one home for each rule).
 
 # A repair may extend the file to cover a refcount block past its end (as QEMU does), but not
 # by more than this: a block pointer far past the end is rebuilt instead of making a huge file.
@@ -369,44 +329,37 @@ class _Findings:
 class _Image:
     """The header facts and the file the check works on (re-read for every pass)."""
 
-    def __init__(self, fd: int, path: str, h, head: bytes, file_size: int):
+    def __init__(self, fd: int, path: str, h: Header, head: bytes, file_size: int):
+        if not 0 <= h.refcount_order <= spec.MAX_REFCOUNT_ORDER:
+            # QEMU cannot open such an image even in check mode (exit 1)
+            raise ImageFormatError(f"refcount order {h.refcount_order} / cluster bits "
+                                   f"{h.cluster_bits} out of range", path=path)
         self.fd = fd
         self.path = path
         self.h = h
         self.file_size = file_size
-        self.version = h.version
+        # Short names of the header's geometry, for the numpy code below (all from Header).
         self.cb = h.cluster_bits
-        self.C = 1 << self.cb
-        self.size = h.size
-        self.incompat = h.incompatible_features if h.version >= 3 else 0
-        self.autoclear = h.autoclear_features if h.version >= 3 else 0
-        self.ext = bool(self.incompat & _INCOMPAT_EXTL2)
-        self.esize = 16 if self.ext else 8
-        self.l2n = self.C // self.esize
-        self.data_file = bool(self.incompat & _INCOMPAT_DATA_FILE)
-        self.rorder = h.refcount_order if h.version >= 3 else 4
-        if not 0 <= self.rorder <= 6 or not 9 <= self.cb <= 21:
-            # QEMU cannot open such an image even in check mode (exit 1)
-            raise ImageFormatError(f"refcount order {self.rorder} / cluster bits {self.cb} "
-                                   "out of range", path=path)
-        self.rbits = 1 << self.rorder
-        self.rmax = (1 << self.rbits) - 1
-        self.rb_bits = self.cb + 3 - self.rorder          # log2(refblock entries)
-        self.E = 1 << self.rb_bits
-        self.l1_off = h.l1_table_offset
-        self.l1_size = h.l1_size
-        self.rt_off = h.refcount_table_offset
-        self.rt_clusters = h.refcount_table_clusters
-        self.rt_size = self.rt_clusters * self.C // 8
+        self.C = h.cluster_size
+        self.ext = h.extended_l2
+        self.rmax = h.refcount_max
+        self.rb_bits = h.refblock_bits
+        self.E = h.refblock_entries
+        self.rt_size = h.reftable_entries
         self.nb_snapshots = h.nb_snapshots
-        self.snapshots_offset = h.snapshots_offset
         self.snapshots_size = 0        # bytes, known once the table has been read
-        self.snapshots: list = []      # the _Snap entries, once read
-        # Compressed descriptor geometry (section 4.5).
-        self.csize_shift = 62 - (self.cb - 8)
-        self.csize_mask = (1 << (self.cb - 8)) - 1
-        self.coff_mask = (1 << self.csize_shift) - 1
-        self.bitmaps, self.crypto = _extensions(head, h, self.C)
+        self.snapshots: list[SnapshotEntry] = []   # once read
+        self.bitmaps, self.crypto = _extensions(head, h)
+
+    # The header fields the check reads (the header is the one place that holds them).
+    version = property(lambda self: self.h.version)
+    size = property(lambda self: self.h.size)
+    data_file = property(lambda self: self.h.has_data_file)
+    rorder = property(lambda self: self.h.refcount_order)
+    l1_off = property(lambda self: self.h.l1_table_offset)
+    l1_size = property(lambda self: self.h.l1_size)
+    rt_off = property(lambda self: self.h.refcount_table_offset)
+    snapshots_offset = property(lambda self: self.h.snapshots_offset)
 
     # I/O. Reads past the end of the file return zeros, as QEMU's block layer does.
     def pread(self, offset: int, length: int) -> bytes:
@@ -482,67 +435,25 @@ def _pread(fd: int, offset: int, length: int, path: str) -> bytes:
     return b"".join(parts)
 
 
-def _extensions(head: bytes, h, C: int):
+def _extensions(head: bytes, h: Header):
     """(bitmaps, crypto) from the header extensions: bitmaps is (nb, directory size, directory
-    offset) or None, crypto is (offset, length) or None. Only what the check counts."""
+    offset) or None, crypto is (offset, length) or None. Only what the check counts; the walk
+    stops quietly at a broken record, as QEMU's check does."""
     bitmaps = crypto = None
-    start = (h.header_length if h.version >= 3 else 72)
-    end = h.backing_file_offset or C
-    end = min(end, C, len(head))
-    off = start
-    while off + 8 <= end:
-        typ, length = struct.unpack_from(">II", head, off)
-        off += 8
-        if typ == 0 or length > end - off:
-            break
-        data = head[off:off + length]
-        if typ == _EXT_BITMAPS and length >= 24:
-            nb, _reserved, dsize, doff = struct.unpack_from(">IIQQ", data)
+    end = min(h.backing_file_offset or h.cluster_size, h.cluster_size, len(head))
+    for magic, data in walk_extensions(ByteReader(head, None), h.extension_area_start, end,
+                                       lenient=True):
+        if magic == spec.EXT_MAGIC_BITMAPS and len(data) >= spec.BITMAPS_EXT_SIZE:
+            nb, _reserved, dsize, doff = spec.BITMAPS_EXT_STRUCT.unpack_from(data)
             bitmaps = (nb, dsize, doff)
-        elif typ == _EXT_FDE and length >= 16:
-            crypto = struct.unpack_from(">QQ", data)
-        off += (length + 7) & ~7
-    if not (getattr(h, "autoclear_features", 0) & _AUTOCLEAR_BITMAPS) or h.version < 3:
+        elif magic == spec.EXT_MAGIC_CRYPTO_HEADER and len(data) >= spec.CRYPTO_EXT_SIZE:
+            crypto = spec.CRYPTO_EXT_STRUCT.unpack_from(data)
+    if not h.autoclear_features & spec.AUTOCLEAR_BITMAPS or h.version < 3:
         bitmaps = None     # QEMU ignores the extension unless the autoclear bit vouches for it
     return bitmaps, crypto
 
 
-# --- Refcount blocks --------------------------------------------------------------------------
-
-def _decode_refblocks(raw: np.ndarray, order: int) -> np.ndarray:
-    """Refcount blocks (rows of C bytes) to a (rows, entries) uint64 array (section 5.1)."""
-    bits = 1 << order
-    if bits >= 8:
-        return raw.view(f">u{bits // 8}").astype(_U64)
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits)
-    vals = (raw[..., None] >> shifts) & np.uint8((1 << bits) - 1)
-    return vals.reshape(raw.shape[0], -1).astype(_U64)
-
-
-def _encode_refblocks(vals: np.ndarray, order: int) -> bytes:
-    """The inverse of :func:`_decode_refblocks`."""
-    bits = 1 << order
-    if bits >= 8:
-        return np.ascontiguousarray(vals.astype(f">u{bits // 8}")).tobytes()
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits)
-    v = vals.astype(np.uint8).reshape(vals.shape[0], -1, per)
-    return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8).tobytes()
-
-
-def _refblock_offsets(rt: np.ndarray, C: int):
-    """(offsets, unreadable) of reftable entries: the refblock offsets as int64, and where
-    QEMU cannot read the block (an offset not cluster-aligned, or past the block layer's
-    maximum length: EIO). Offsets past 2**62, which no file reaches, are pinned there keeping
-    their misalignment, so they read as zeros and count as outside the file."""
-    off = rt & _U64(_REFT_OFFSET_MASK)
-    unreadable = ((off & _U64(C - 1)) != 0) | (off > _U64(_BDRV_MAX_LENGTH - C))
-    huge = off >= _U64(1 << 62)
-    if huge.any():
-        off = np.where(huge, _U64(1 << 62) | (off & _U64(C - 1)), off)
-    return off.astype(np.int64), unreadable
-
+# --- Stored refcounts ------------------------------------------------------------------------
 
 class _StoredRefcounts:
     """The refcounts stored on disk, looked up through the reftable (qcow2_get_refcount)."""
@@ -568,7 +479,7 @@ class _StoredRefcounts:
         offs = np.zeros(len(uniq), dtype=np.int64)
         inrt = uniq < len(self.rt)
         unal = np.zeros(len(uniq), dtype=bool)
-        offs[inrt], unal[inrt] = _refblock_offsets(self.rt[uniq[inrt]], img.C)
+        offs[inrt], unal[inrt] = reftable_offsets(self.rt[uniq[inrt]], img.C)
         if unal.any():
             bad = np.isin(rbi, uniq[unal])
             ok[bad] = False
@@ -578,7 +489,7 @@ class _StoredRefcounts:
             sel = present[s:s + rows]
             boffs = offs[sel]
             ub, uinv = np.unique(boffs, return_inverse=True)
-            table = _decode_refblocks(img.read_rows(ub, img.C), img.rorder)[uinv]
+            table = decode_refblocks(img.read_rows(ub, img.C), img.rorder)[uinv]
             lo = np.searchsorted(srbi, uniq[sel[0]], "left")
             hi = np.searchsorted(srbi, uniq[sel[-1]], "right")
             idx = order[lo:hi]
@@ -682,49 +593,17 @@ def _load(fd: int, path: str):
     except OSError as e:
         raise io_error(e.errno, "cannot stat the image", path=path) from None
     head = _pread(fd, 0, min(file_size, 2 << 20), path)
-    if not _looks_like_qcow2(head):
-        fmt.parse_header(head, file_size, path=path)    # raises the precise ImageFormatError
+    if not looks_like_qcow2(head):
+        parse_header(head, file_size, path=path)    # raises the precise ImageFormatError
         raise ImageFormatError("not a QCOW2 image", path=path)
     try:
-        return fmt.parse_header(head, file_size, path=path), head, file_size, None
+        return parse_header(head, file_size, path=path), head, file_size, None
     except (EngineIOError, InvalidArgument):
         raise
     except (CorruptImage, SafetyLimitExceeded, UnsupportedFeature) as e:
-        return _lenient_header(head), head, file_size, e
+        return read_fixed_fields(head), head, file_size, e
     except EngineError as e:
         return None, head, file_size, e
-
-
-def _looks_like_qcow2(head: bytes) -> bool:
-    if len(head) < fmt.V2_HEADER_LENGTH or head[:4] != fmt.QCOW_MAGIC_BYTES:
-        return False
-    version, = struct.unpack_from(">I", head, fmt.HDR_VERSION)
-    cb, = struct.unpack_from(">I", head, fmt.HDR_CLUSTER_BITS)
-    if version not in fmt.SUPPORTED_VERSIONS:
-        return False
-    if not fmt.MIN_CLUSTER_BITS <= cb <= fmt.MAX_CLUSTER_BITS:
-        return False
-    return version == 2 or len(head) >= fmt.V3_MIN_HEADER_LENGTH
-
-
-def _lenient_header(head: bytes):
-    """The fixed header fields without engine.format's table checks (QEMU's check opens
-    images with tables past the end of the file, or without a reftable)."""
-    (_magic, version, bfo, bfs, cb, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
-     snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", head)
-    kw = {}
-    if version >= 3:
-        incompat, compat, autoclear, order, hlen = struct.unpack_from(
-            ">QQQII", head, fmt.V2_HEADER_LENGTH)
-        kw = dict(incompatible_features=incompat, compatible_features=compat,
-                  autoclear_features=autoclear, refcount_order=order, header_length=hlen)
-    else:
-        kw = dict(header_length=fmt.V2_HEADER_LENGTH)
-    return fmt.Header(version=version, backing_file_offset=bfo, backing_file_size=bfs,
-                      cluster_bits=cb, size=size, crypt_method=crypt, l1_size=l1_size,
-                      l1_table_offset=l1_off, refcount_table_offset=rt_off,
-                      refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
-                      snapshots_offset=snap_off, **kw)
 
 
 def _check_once(fd: int, path: str, fix: int) -> _Pass:
@@ -757,39 +636,39 @@ def _validate_open(p: _Pass, img: _Image) -> bool:
     failure means qemu-img cannot check the image (a check error, nothing else examined)."""
     C = img.C
     h = img.h
-    if img.incompat & ~fmt.INCOMPAT_MASK:
+    if img.h.incompatible_features & ~spec.INCOMPAT_MASK:
         p.fail(f"ERROR Unsupported qcow2 feature(s): incompatible bits "
-               f"{img.incompat & ~fmt.INCOMPAT_MASK:#x}")
+               f"{img.h.incompatible_features & ~spec.INCOMPAT_MASK:#x}")
         return False
-    if img.ext and C < fmt.EXTL2_MIN_CLUSTER_SIZE:
+    if img.ext and C < spec.EXTL2_MIN_CLUSTER_SIZE:
         p.fail(f"ERROR Unsupported subcluster size: {C // 32}")
         return False
-    if img.rorder > fmt.MAX_REFCOUNT_ORDER:
+    if img.rorder > spec.MAX_REFCOUNT_ORDER:
         p.fail("ERROR Refcount width can be at most 64 bits")
         return False
     if h.backing_file_offset > C:
         p.fail("ERROR Invalid backing file offset")
         return False
-    if img.rt_size * 8 > _MAX_REFTABLE_BYTES:
+    if img.rt_size * 8 > spec.MAX_REFTABLE_SIZE:
         p.fail("ERROR Reference count table too large")
         return False
-    if img.rt_off & (C - 1) or img.rt_off > _INT64_MAX - img.rt_size * 8:
+    if img.rt_off & (C - 1) or img.rt_off > spec.INT64_MAX - img.rt_size * 8:
         p.fail("ERROR Reference count table offset invalid")
         return False
-    if img.l1_size * 8 > _MAX_L1_BYTES:
+    if img.l1_size * 8 > spec.MAX_L1_SIZE:
         p.fail("ERROR Active L1 table too large")
         return False
-    need = fmt.l1_entries_for(img.size, img.cb, img.ext)
-    if need > _INT_MAX:
+    need = l1_entries_for(img.size, img.cb, img.ext)
+    if need > spec.INT_MAX:
         p.fail("ERROR Image is too big")
         return False
     if img.l1_size < need:
         p.fail("ERROR L1 table is too small")
         return False
-    if img.l1_off & (C - 1) or img.l1_off > _INT64_MAX - img.l1_size * 8:
+    if img.l1_off & (C - 1) or img.l1_off > spec.INT64_MAX - img.l1_size * 8:
         p.fail("ERROR Active L1 table offset invalid")
         return False
-    if -(-img.file_size // C) > _INT_MAX:
+    if -(-img.file_size // C) > spec.INT_MAX:
         p.fail("ERROR the image file has too many clusters to check")
         return False
     return True
@@ -797,161 +676,85 @@ def _validate_open(p: _Pass, img: _Image) -> bool:
 
 # --- Snapshot table ---------------------------------------------------------------------------
 
-@dataclass
-class _Snap:
-    """One snapshot table entry as QEMU keeps it in memory (what qcow2_write_snapshots needs)."""
-    l1_table_offset: int
-    l1_size: int
-    extra_data_size: int
-    id_raw: bytes
-    name_raw: bytes
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int = 0
-    icount: int = fmt.SNAPSHOT_ICOUNT_NONE
-    unknown_extra: bytes = b""
-
-    @property
-    def id_str(self) -> str:
-        return self.id_raw.decode("utf-8", "replace")
-
-    @property
-    def name(self) -> str:
-        return self.name_raw.decode("utf-8", "replace")
-
-
 class _Window:
     """Reads of a table that is walked forwards in small pieces, served from 1 MiB reads."""
 
-    def __init__(self, img: _Image):
+    def __init__(self, img: _Image, base: int):
         self.img = img
+        self.base = base
         self.start = 0
         self.buf = b""
 
     def read(self, pos: int, n: int) -> bytes:
         if n <= 0:
             return b""
+        pos += self.base
         if not (self.start <= pos and pos + n <= self.start + len(self.buf)):
             self.start = pos
             self.buf = self.img.pread(pos, max(n, 1 << 20))
         return self.buf[pos - self.start:pos - self.start + n]
 
 
-def _read_snapshot_table(p: _Pass, img: _Image):
+def _read_snapshot_table(p: _Pass, img: _Image) -> list[SnapshotEntry] | None:
     """qcow2_check_read_snapshot_table: the snapshot list, or None when the check cannot go on.
-    Sets img.snapshots_size."""
+    Sets img.snapshots_size. The table is read by engine.qcow2's one parser, in its lenient
+    mode; this decides, as QEMU's check does, which of its problems end the check (without
+    repair "all") and which the repair fixes."""
     nb = img.nb_snapshots
     off = img.snapshots_offset
     repair = bool(p.fix & _FIX_ERRORS)
     reduced = dropped = 0
-    if nb > _MAX_SNAPSHOTS and repair:
-        p.findings.add("snapshot", f"Discarding {nb - _MAX_SNAPSHOTS} overhanging snapshots")
-        reduced += nb - _MAX_SNAPSHOTS
-        nb = _MAX_SNAPSHOTS
-    if nb > _MAX_SNAPSHOTS:
+    if nb > spec.MAX_SNAPSHOTS and repair:
+        p.findings.add("snapshot", f"Discarding {nb - spec.MAX_SNAPSHOTS} overhanging snapshots")
+        reduced += nb - spec.MAX_SNAPSHOTS
+        nb = spec.MAX_SNAPSHOTS
+    if nb > spec.MAX_SNAPSHOTS:
         p.fail("ERROR snapshot table too large")
         return None
-    if _INT64_MAX - nb * _SNAPSHOT_HEADER < off or off & (img.C - 1):
+    if spec.INT64_MAX - nb * spec.SNAPSHOT_HEADER_SIZE < off or off & (img.C - 1):
         p.fail("ERROR snapshot table offset invalid")
         return None
 
-    snaps: list[_Snap] = []
-    table_length = 0
-    pos = off
-    win = _Window(img)
-    for i in range(nb):   # one iteration per snapshot: each is a table tree of its own
-        pre = pos
-        table_length = (table_length + 7) & ~7
-        pos = (pos + 7) & ~7
-        if pos + _SNAPSHOT_HEADER + 2 * 65536 + _MAX_SNAPSHOT_EXTRA > _BDRV_MAX_LENGTH:
+    table = read_snapshot_table(_Window(img, off).read, img.h, nb)
+    incomplete: list[SnapshotProblem] = []
+    for pr in table.problems:
+        if pr.kind == "io":
             p.fail("ERROR failed to read the snapshot table: Input/output error")
             return None
-        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
-         extra) = struct.unpack(">QIHHIIQII", win.read(pos, _SNAPSHOT_HEADER))
-        pos += _SNAPSHOT_HEADER
-        truncate = False
-        if extra > _MAX_SNAPSHOT_EXTRA:
-            if not repair:
-                p.fail(f"ERROR failed to read the snapshot table: Too much extra metadata in "
-                       f"snapshot table entry {i}")
-                return None
+        if pr.kind == "incomplete":
+            incomplete.append(pr)
+        elif not repair:
+            p.fail("ERROR failed to read the snapshot table: " + (
+                f"Too much extra metadata in snapshot table entry {pr.entry}"
+                if pr.kind == "extra" else "Snapshot table is too big"))
+            return None
+        elif pr.kind == "extra":
             p.findings.add("snapshot", f"Discarding too much extra metadata in snapshot table "
-                           f"entry {i} ({extra} > {_MAX_SNAPSHOT_EXTRA})")
+                           f"entry {pr.entry} ({pr.value} > {spec.MAX_SNAPSHOT_EXTRA})")
             dropped += 1
-            truncate = True
-        known = win.read(pos, min(_SNAPSHOT_KNOWN_EXTRA, extra)).ljust(_SNAPSHOT_KNOWN_EXTRA,
-                                                                        b"\0")
-        pos += min(_SNAPSHOT_KNOWN_EXTRA, extra)
-        vm_large, disk_size, icount = struct.unpack(">QQQ", known)
-        unknown = b""
-        if extra > _SNAPSHOT_KNOWN_EXTRA:
-            extra_end = pos + extra - _SNAPSHOT_KNOWN_EXTRA
-            if truncate:
-                extra = _MAX_SNAPSHOT_EXTRA
-            unknown = win.read(pos, extra - _SNAPSHOT_KNOWN_EXTRA)
-            pos = extra_end
-            if pos + 2 * 65536 > _BDRV_MAX_LENGTH:
-                p.fail("ERROR failed to read the snapshot table: Input/output error")
-                return None
-        sid = win.read(pos, id_len)
-        pos += id_len
-        name = win.read(pos, name_len)
-        pos += name_len
-        table_length += _SNAPSHOT_HEADER + extra + id_len + name_len
-        if table_length > _MAX_SNAPSHOTS_BYTES or pos - off > _INT_MAX:
-            if not repair:
-                p.fail("ERROR failed to read the snapshot table: Snapshot table is too big")
-                return None
-            p.findings.add("snapshot", f"Discarding {nb - i} overhanging snapshots (snapshot "
+        else:
+            p.findings.add("snapshot", f"Discarding {pr.value} overhanging snapshots (snapshot "
                            "table is too big)")
-            reduced += nb - i
-            nb = i
-            pos = pre
-            break
-        snaps.append(_Snap(
-            l1_off, l1_size, extra, sid, name, date_sec, date_nsec, vm_clock,
-            vm_large if extra >= fmt.SNAPSHOT_EXTRA_VM_STATE_END else vm_state32,
-            disk_size if extra >= fmt.SNAPSHOT_EXTRA_DISK_SIZE_END else img.size // 512 * 512,
-            icount if extra >= fmt.SNAPSHOT_EXTRA_ICOUNT_END else fmt.SNAPSHOT_ICOUNT_NONE,
-            unknown))
-    img.snapshots_size = pos - off if nb else 0
+            reduced += pr.value
+    snaps = table.entries
+    img.snapshots_size = table.size
     p.corruptions += reduced + dropped
     if reduced:
         # As QEMU: shorten the table in the header now (this only leaks clusters).
-        img.pwrite(_HDR_NB_SNAPSHOTS, struct.pack(">I", nb))
+        img.pwrite(spec.HDR_NB_SNAPSHOTS, spec.U32.pack(len(snaps)))
         img.sync()
-        img.nb_snapshots = nb
+        img.nb_snapshots = len(snaps)
         p.corruptions_fixed += reduced
         p.corruptions -= reduced
-    if img.version >= 3:
-        bad = [i for i, s in enumerate(snaps) if s.extra_data_size < _SNAPSHOT_V3_MIN_EXTRA]
-        p.corruptions += len(bad)
-        p.findings.add_many("snapshot", len(bad), (
-            f"{'Repairing' if repair else 'ERROR'} snapshot table entry {i} is incomplete"
-            for i in bad))
+    p.corruptions += len(incomplete)
+    p.findings.add_many("snapshot", len(incomplete), (
+        f"{'Repairing' if repair else 'ERROR'} snapshot table entry {pr.entry} is incomplete"
+        for pr in incomplete))
     return snaps
 
 
-def _encode_snapshots(snaps: list[_Snap]) -> bytes:
-    """The snapshot table as qcow2_write_snapshots writes it (entries 8-byte aligned, at
-    least the 24 bytes of known extra data, unknown extra data kept)."""
-    out = bytearray()
-    for sn in snaps:                     # per snapshot
-        out += b"\0" * (-len(out) % 8)
-        extra = max(_SNAPSHOT_KNOWN_EXTRA, sn.extra_data_size)
-        out += struct.pack(">QIHHIIQII", sn.l1_table_offset, sn.l1_size, len(sn.id_raw),
-                           len(sn.name_raw), sn.date_sec, sn.date_nsec, sn.vm_clock_nsec,
-                           sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0, extra)
-        out += struct.pack(">QQQ", sn.vm_state_size, sn.disk_size, sn.icount)
-        if sn.extra_data_size > _SNAPSHOT_KNOWN_EXTRA:
-            out += sn.unknown_extra
-        out += sn.id_raw + sn.name_raw
-    return bytes(out)
-
-
-def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: int) -> None:
+def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[SnapshotEntry],
+                        corruptions: int) -> None:
     """qcow2_check_fix_snapshot_table: with repair "all", rewrite a snapshot table that had
     corruptions (incomplete or oversized entries) the way qcow2_write_snapshots does: into the
     first free clusters, which get refcount 1 (fsync), then the 12-byte header pointer at
@@ -960,7 +763,11 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: 
         return
     old_off, old_size = img.snapshots_offset, img.snapshots_size
     img = _reload(p, img) or img
-    blob = _encode_snapshots(snaps)
+    try:
+        blob = encode_snapshot_table(snaps, img.h)
+    except EngineError as e:            # QEMU's qcow2_write_snapshots refuses it too (EFBIG)
+        p.findings.add("snapshot", f"ERROR failed to update snapshot table: {e}")
+        return
     n = -(-len(blob) // img.C)
     new_off = 0
     if n:
@@ -980,7 +787,7 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[_Snap], corruptions: 
         new_off = first * img.C
         img.pwrite(new_off, blob)
         _write_refcounts(img, np.arange(first, first + n, dtype=np.int64), np.ones(n, np.int64))
-    img.pwrite(_HDR_NB_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_off))
+    img.pwrite(spec.HDR_NB_SNAPSHOTS, spec.U32.pack(len(snaps)) + spec.U64.pack(new_off))
     img.sync()
     if old_size:
         old = np.arange(old_off >> img.cb, ((old_off + old_size - 1) >> img.cb) + 1,
@@ -1004,7 +811,7 @@ def _first_free_run(img: _Image, n: int, keep_out):
     rc, ok = st.get(np.arange(limit, dtype=np.int64))
     free = (rc == 0) & ok
     free[0] = False
-    rb = _refblock_offsets(st.rt[st.rt != 0], img.C)[0] >> img.cb
+    rb = reftable_offsets(st.rt[st.rt != 0], img.C)[0] >> img.cb
     free[rb[rb < limit]] = False
     for off, size in keep_out:          # per metadata table
         if size > 0 and off < limit * img.C:
@@ -1019,7 +826,7 @@ def _first_free_run(img: _Image, n: int, keep_out):
     inrt = blocks < len(st.rt)
     if not inrt.all():
         return None
-    offs, unreadable = _refblock_offsets(st.rt[blocks], img.C)
+    offs, unreadable = reftable_offsets(st.rt[blocks], img.C)
     if (offs == 0).any() or unreadable.any():
         return None
     return first
@@ -1032,31 +839,31 @@ def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int):
     the directory is unusable (a string)."""
     if dsize == 0:
         return "size is zero"
-    if dsize > _BME_MAX_DIR_BYTES:
+    if dsize > spec.MAX_BITMAP_DIRECTORY_SIZE:
         return "size is too big"
-    if doff > _BDRV_MAX_LENGTH - dsize:
+    if doff > spec.MAX_DISK_LENGTH - dsize:
         return "cannot be read"
     d = img.pread(doff, dsize)
     pos = 0
     tables = []
     while pos < dsize:                   # per bitmap directory entry
-        if pos + _BME_DIR_ENTRY > dsize:
+        if pos + spec.BME_DIR_ENTRY_SIZE > dsize:
             return "broken bitmap directory"
-        toff, tsize, flags, btype, gran, name_len, extra = struct.unpack_from(
-            ">QIIBBHI", d, pos)
+        toff, tsize, flags, btype, gran, name_len, extra = spec.BME_DIR_ENTRY_STRUCT.unpack_from(
+            d, pos)
         if len(tables) >= nb:
             return "more bitmaps found than specified in header extension"
-        step = (_BME_DIR_ENTRY + extra + name_len + 7) & ~7
+        step = (spec.BME_DIR_ENTRY_SIZE + extra + name_len + 7) & ~7
         if pos + step > dsize:
             return "broken bitmap directory"
         if extra:
             return "bitmap extra data is not supported"
         phys = tsize * img.C
-        if (tsize == 0 or toff == 0 or toff % img.C or tsize > _BME_MAX_TABLE_SIZE
-                or not _BME_MIN_GRANULARITY_BITS <= gran <= _BME_MAX_GRANULARITY_BITS
-                or flags & _BME_RESERVED_FLAGS or name_len > _BME_MAX_NAME_SIZE
-                or btype != _BT_DIRTY_TRACKING or phys > _BME_MAX_PHYS_SIZE
-                or (not flags & _BME_FLAG_IN_USE and img.size > (phys * 8) << gran)):
+        if (tsize == 0 or toff == 0 or toff % img.C or tsize > spec.BME_MAX_TABLE_SIZE
+                or not spec.BME_MIN_GRANULARITY_BITS <= gran <= spec.BME_MAX_GRANULARITY_BITS
+                or flags & spec.BME_RESERVED_FLAGS or name_len > spec.BME_MAX_NAME_SIZE
+                or btype != spec.BITMAP_TYPE_DIRTY_TRACKING or phys > spec.BME_MAX_PHYS_SIZE
+                or (not flags & spec.BME_FLAG_IN_USE and img.size > (phys * 8) << gran)):
             return f"bitmap {len(tables)} does not satisfy the constraints"
         tables.append((toff, tsize))
         pos += step
@@ -1065,10 +872,35 @@ def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int):
     return tables
 
 
+class _L2Rows:
+    """A batch of L2 tables (rows of one cluster) decoded once: the entries and, with
+    extended L2, the subcluster bitmaps, and the masks both the reference count and the
+    COPIED check use (qcow2.txt "Cluster mapping")."""
+
+    def __init__(self, img: _Image, raw: np.ndarray):
+        self.words = raw.view(">u8").astype(_U64)      # native copy: the COPIED repair edits it
+        if img.ext:
+            self.e, self.bm = self.words[:, 0::2], self.words[:, 1::2]
+        else:
+            self.e, self.bm = self.words, None
+        e = self.e
+        self.comp = (e & _U64(spec.QCOW_OFLAG_COMPRESSED)) != 0
+        self.copied = (e & _U64(spec.QCOW_OFLAG_COPIED)) != 0
+        self.off = (e & _U64(spec.L2E_OFFSET_MASK)).astype(np.int64)
+        if img.ext:
+            self.zero = np.zeros_like(self.comp)
+        else:
+            self.zero = ((e & _U64(spec.QCOW_OFLAG_ZERO)) != 0) & ~self.comp
+        self.has_off = self.off != 0
+        if img.data_file:
+            self.has_off = self.has_off | self.copied
+        self.normal = ~self.comp & self.has_off          # NORMAL or ZERO_ALLOC
+
+
 class _Calc:
     """calculate_refcounts: the in-memory reference counts and the structural checks."""
 
-    def __init__(self, p: _Pass, img: _Image, snaps: list[_Snap], fix: int, stats: bool):
+    def __init__(self, p: _Pass, img: _Image, snaps: list[SnapshotEntry], fix: int, stats: bool):
         self.p = p
         self.img = img
         self.snaps = snaps
@@ -1141,7 +973,7 @@ class _Calc:
         what a rebuild can reach (the rest cannot collide with anything it writes)."""
         limit = nb + nb // 16 + 4096
         rt = self.img.u64_table(self.img.rt_off, self.img.rt_size)
-        rb = _refblock_offsets(rt[rt != 0], self.img.C)[0] >> self.img.cb
+        rb = reftable_offsets(rt[rt != 0], self.img.C)[0] >> self.img.cb
         parts = [rb[rb < limit]]
         for first, last in self.uncounted:
             first = np.minimum(first, limit)
@@ -1167,17 +999,17 @@ class _Calc:
         for s in self.snaps:
             if s.l1_table_offset & (img.C - 1):
                 p.corruptions += 1
-                p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
+                p.findings.add("snapshot", f"ERROR snapshot {s.shown_id} ({s.shown_name}) "
                                f"l1_offset={s.l1_table_offset:#x}: L1 table is not cluster "
                                "aligned; snapshot table entry corrupted")
                 self.uncount_range(s.l1_table_offset, s.l1_size * 8)
                 continue
-            if s.l1_size > _MAX_L1_BYTES // 8:
+            if s.l1_size > spec.MAX_L1_SIZE // 8:
                 p.corruptions += 1
-                p.findings.add("snapshot", f"ERROR snapshot {s.id_str} ({s.name}) "
+                p.findings.add("snapshot", f"ERROR snapshot {s.shown_id} ({s.shown_name}) "
                                f"l1_size={s.l1_size:#x}: L1 table is too large; snapshot "
                                "table entry corrupted")
-                self.uncount_range(s.l1_table_offset, min(s.l1_size * 8, _MAX_L1_BYTES))
+                self.uncount_range(s.l1_table_offset, min(s.l1_size * 8, spec.MAX_L1_SIZE))
                 continue
             l1s.append((s.l1_table_offset, s.l1_size, False))
         self.walk_l1s(l1s)
@@ -1200,7 +1032,7 @@ class _Calc:
             if size == 0:
                 continue
             self.inc(self.main, off, size * 8, k)
-            if off > _BDRV_MAX_LENGTH - size * 8:
+            if off > spec.MAX_DISK_LENGTH - size * 8:
                 # QEMU's read of this table fails (EIO) and so does its whole check.
                 p.fail("ERROR: I/O error in check_refcounts_l1")
                 raise _Abort()
@@ -1208,13 +1040,13 @@ class _Calc:
             nz = e[e != 0]
             if len(nz) == 0:
                 continue
-            resv = (nz & _U64(_L1E_RESERVED_MASK)) != 0
+            resv = (nz & _U64(spec.L1E_RESERVED_MASK)) != 0
             if resv.any():
                 p.corruptions += int(resv.sum()) * k
                 p.findings.add_many("l1", int(resv.sum()), (
                     f"ERROR found L1 entry with reserved bits set: {v:x}"
                     for v in nz[resv].tolist()))
-            l2 = (nz & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
+            l2 = (nz & _U64(spec.L1E_OFFSET_MASK)).astype(np.int64)
             self.inc_many(self.main, l2, img.C, k)
             unal = (l2 & (img.C - 1)) != 0
             if unal.any():
@@ -1243,24 +1075,11 @@ class _Calc:
         p = self.p
         C = img.C
         raw = img.read_rows(offs, C)
-        words = raw.view(">u8").astype(_U64)
-        if img.ext:
-            e, bm = words[:, 0::2], words[:, 1::2]
-        else:
-            e, bm = words, None
+        rows = _L2Rows(img, raw)
+        e, bm, comp, copied, off = rows.e, rows.bm, rows.comp, rows.copied, rows.off
+        zero, normal = rows.zero, rows.normal
         W = m_tot[:, None]
-        comp = (e & _U64(_OFLAG_COMPRESSED)) != 0
-        copied = (e & _U64(_OFLAG_COPIED)) != 0
-        off = (e & _U64(_L2E_OFFSET_MASK)).astype(np.int64)
-        if img.ext:
-            zero = np.zeros_like(comp)
-        else:
-            zero = ((e & _U64(_OFLAG_ZERO)) != 0) & ~comp
-        has_off = off != 0
-        if img.data_file:
-            has_off = has_off | copied
-        normal = ~comp & has_off                   # NORMAL or ZERO_ALLOC
-        unalloc = ~comp & ~zero & ~has_off
+        unalloc = ~comp & ~zero & ~rows.has_off
 
         def count(mask, kind, fmt_line):
             n = int(mask.sum())
@@ -1271,45 +1090,45 @@ class _Calc:
             p.findings.add_many(kind, n, (fmt_line(int(e[i, j]), i, j)
                                           for i, j in zip(r.tolist(), c.tolist())))
 
-        count(~comp & ((e & _U64(_L2E_STD_RESERVED_MASK)) != 0), "l2",
+        count(~comp & ((e & _U64(spec.L2E_RESERVED_MASK)) != 0), "l2",
               lambda v, i, j: f"ERROR found l2 entry with reserved bits set: {v:x}")
         if img.version < 3:
             count(zero, "l2", lambda v, i, j: f"ERROR zero flag in a version 2 image: l2_offset="
                   f"{int(offs[i]):x} index {j} entry {v:x}")
         # compressed clusters
-        count(comp & copied, "l2", lambda v, i, j: f"ERROR: coffset={v & img.coff_mask:#x}: "
+        count(comp & copied, "l2", lambda v, i, j: f"ERROR: coffset={v & img.h.compressed_offset_mask:#x}: "
               "copied flag must never be set for compressed clusters")
         good_comp = comp
         if img.data_file:
             count(comp, "l2", lambda v, i, j: f"ERROR compressed cluster {j} with data file, "
-                  f"entry={v & ~_OFLAG_COPIED:#x}")
+                  f"entry={v & ~spec.QCOW_OFLAG_COPIED:#x}")
             good_comp = np.zeros_like(comp)
         elif bm is not None:
             bad = comp & (bm != 0)
             count(bad, "l2", lambda v, i, j: f"ERROR compressed cluster {j} with non-zero "
-                  f"subcluster allocation bitmap, entry={v & ~_OFLAG_COPIED:#x}")
+                  f"subcluster allocation bitmap, entry={v & ~spec.QCOW_OFLAG_COPIED:#x}")
             good_comp = comp & ~bad
         # normal and preallocated-zero clusters
         if bm is not None:
             count(normal & (((bm >> _U64(32)) & bm) != 0), "l2",
-                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Allocated cluster "
+                  lambda v, i, j: f"ERROR offset={v & spec.L2E_OFFSET_MASK:x}: Allocated cluster "
                   "has corrupted subcluster allocation bitmap")
-            count(unalloc & ((bm & _U64(_L2_BITMAP_ALL_ALLOC)) != 0), "l2",
+            count(unalloc & ((bm & _U64(spec.L2_BITMAP_ALL_ALLOC)) != 0), "l2",
                   lambda v, i, j: "ERROR: Unallocated cluster has non-zero subcluster "
                   "allocation map")
         unal = normal & ((off & (C - 1)) != 0)
         if unal.any():
             if bm is not None:
-                has_data = (bm & _U64(_L2_BITMAP_ALL_ALLOC)) != 0
+                has_data = (bm & _U64(spec.L2_BITMAP_ALL_ALLOC)) != 0
             else:
                 has_data = ~zero
             prealloc = unal & ~has_data
             fixable = prealloc if (self.fix & _FIX_ERRORS) else np.zeros_like(prealloc)
             count(unal & ~has_data & ~fixable, "l2",
-                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Preallocated "
+                  lambda v, i, j: f"ERROR offset={v & spec.L2E_OFFSET_MASK:x}: Preallocated "
                   "cluster is not properly aligned; L2 entry corrupted.")
             count(unal & has_data, "l2",
-                  lambda v, i, j: f"ERROR offset={v & _L2E_OFFSET_MASK:x}: Data cluster is "
+                  lambda v, i, j: f"ERROR offset={v & spec.L2E_OFFSET_MASK:x}: Data cluster is "
                   "not properly aligned; L2 entry corrupted.")
             if fixable.any():
                 fixed = self.fix_prealloc(offs, e, bm, raw, fixable)
@@ -1331,9 +1150,9 @@ class _Calc:
         if good_comp.any():
             r, c = np.nonzero(good_comp)
             v = e[r, c]
-            coff = (v & _U64(img.coff_mask)).astype(np.int64)
-            nsec = ((v >> _U64(img.csize_shift)) & _U64(img.csize_mask)).astype(np.int64) + 1
-            csize = nsec * _COMPRESSED_SECTOR - (coff & (_COMPRESSED_SECTOR - 1))
+            coff = (v & _U64(img.h.compressed_offset_mask)).astype(np.int64)
+            nsec = ((v >> _U64(img.h.compressed_size_shift)) & _U64(img.h.compressed_size_mask)).astype(np.int64) + 1
+            csize = nsec * spec.COMPRESSED_SECTOR_SIZE - (coff & (spec.COMPRESSED_SECTOR_SIZE - 1))
             self.inc_many(self.main, coff, csize, m_tot[r])
 
     def fix_prealloc(self, offs, e, bm, raw, fixable) -> np.ndarray:
@@ -1358,13 +1177,13 @@ class _Calc:
                 row[2 * cols] = 0
                 row[2 * cols + 1] = b
             else:
-                row[cols] = _OFLAG_ZERO
+                row[cols] = spec.QCOW_OFLAG_ZERO
             img.pwrite(l2_off, row.astype(">u8").tobytes())
             img.sync()
             fixed[i, cols] = True
             p.corruptions_fixed += len(cols)
             p.findings.add_many("l2", len(cols), (
-                f"Repairing offset={int(e[i, j]) & _L2E_OFFSET_MASK:x}: Preallocated cluster is "
+                f"Repairing offset={int(e[i, j]) & spec.L2E_OFFSET_MASK:x}: Preallocated cluster is "
                 "not properly aligned; L2 entry corrupted." for j in cols.tolist()))
         return fixed
 
@@ -1387,9 +1206,9 @@ class _Calc:
         for toff, tsize in tables:        # per bitmap: each has its own table
             self.inc(self.main, toff, tsize * 8)
             t = img.u64_table(toff, tsize)
-            offs = t & _U64(_BME_OFFSET_MASK)
-            bad = ((t & _U64(_BME_RESERVED_MASK)) != 0) | (
-                (offs != 0) & (((t & _U64(_BME_ALL_ONES)) != 0) | ((offs & _U64(img.C - 1)) != 0)))
+            offs = t & _U64(spec.BME_OFFSET_MASK)
+            bad = ((t & _U64(spec.BME_RESERVED_MASK)) != 0) | (
+                (offs != 0) & (((t & _U64(spec.BME_ALL_ONES)) != 0) | ((offs & _U64(img.C - 1)) != 0)))
             if bad.any():
                 p.corruptions += 1
                 p.fail(f"ERROR bitmap table at {toff:#x} has invalid entries")
@@ -1407,8 +1226,8 @@ class _Calc:
         if len(rt) == 0:
             return nb
         idx = np.arange(len(rt), dtype=np.int64)
-        resv = (rt & _U64(_REFT_RESERVED_MASK)) != 0
-        off = _refblock_offsets(rt, C)[0]
+        resv = (rt & _U64(spec.REFT_RESERVED_MASK)) != 0
+        off = reftable_offsets(rt, C)[0]
         unal = ~resv & ((off & (C - 1)) != 0)
         for mask, text in ((resv, "ERROR refcount table entry {} has reserved bits set"),
                            (unal, "ERROR refcount block {} is not cluster aligned; refcount "
@@ -1520,7 +1339,7 @@ class _Metadata:
             ranges.append((img.bitmaps[2], img.bitmaps[1]))
         starts = [o >> img.cb for o, n in ranges if n > 0]
         ends = [((o + n - 1) >> img.cb) + 1 for o, n in ranges if n > 0]
-        rb = _refblock_offsets(img.u64_table(img.rt_off, img.rt_size), C)[0]
+        rb = reftable_offsets(img.u64_table(img.rt_off, img.rt_size), C)[0]
         rb = rb[rb != 0] >> img.cb
         st = np.concatenate((np.array(starts, np.int64), rb))
         en = np.concatenate((np.array(ends, np.int64), rb + 1))
@@ -1559,7 +1378,7 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
     rt = st.rt
     n_rb = -(-nb // E)
     n_rt = min(n_rb, len(rt))
-    offs, unreadable = _refblock_offsets(rt[:n_rt], C)
+    offs, unreadable = reftable_offsets(rt[:n_rt], C)
     present = (offs != 0) & ~unreadable
     eio = (offs != 0) & unreadable
     uidx_nb = uidx < nb
@@ -1594,7 +1413,7 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
         ub, uinv = np.unique(boffs, return_inverse=True)
         raw[:] = img.read_rows(ub, C)[uinv]
         del order
-        stored = _decode_refblocks(raw, img.rorder)
+        stored = decode_refblocks(raw, img.rorder)
         comp = np.zeros(stored.shape, _U64)
         pos = np.searchsorted(blk, rbi)
         pos_c = np.minimum(pos, len(blk) - 1)
@@ -1659,11 +1478,11 @@ def _write_refcounts(img: _Image, clusters: np.ndarray, values: np.ndarray) -> N
     rbi = clusters >> img.rb_bits
     for b in np.unique(rbi).tolist():           # per refblock
         sel = rbi == b
-        off = int(st.rt[b]) & _REFT_OFFSET_MASK
+        off = int(st.rt[b]) & spec.REFT_OFFSET_MASK
         raw = np.frombuffer(img.pread(off, img.C), np.uint8).reshape(1, -1)
-        vals = _decode_refblocks(raw, img.rorder)
+        vals = decode_refblocks(raw, img.rorder)
         vals[0, clusters[sel] & (img.E - 1)] = values[sel].astype(_U64)
-        img.pwrite(off, _encode_refblocks(vals, img.rorder))
+        img.pwrite(off, encode_refblocks(vals, img.rorder))
     img.sync()
 
 
@@ -1822,7 +1641,7 @@ class _Imrt:
     def __init__(self, img: _Image, idx: np.ndarray, cnt: np.ndarray, n: int,
                  protect: np.ndarray):
         self.dtype = {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
-                      32: np.uint32, 64: np.uint64}[img.rbits]
+                      32: np.uint32, 64: np.uint64}[img.h.refcount_bits]
         self.n = n
         cap = max(n, 1) + 1024
         self.vals = np.zeros(cap, dtype=self.dtype)
@@ -1947,7 +1766,7 @@ def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
             hi = min(rstart + E, imrt.n)
             if hi > rstart:
                 block[0, :hi - rstart] = imrt.vals[rstart:hi]
-            img.pwrite(roff, _encode_refblocks(block, img.rorder))
+            img.pwrite(roff, encode_refblocks(block, img.rorder))
             cluster = rstart + E
         return grown
 
@@ -1961,13 +1780,13 @@ def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
         p.fail("ERROR cannot lay out the new refcount structures")
         return False
     rt_off = rt_cluster * C
-    if n_rt * C > _MAX_REFTABLE_BYTES or (rt_off + n_rt * C) >= fmt.MAX_CLUSTER_OFFSET:
+    if n_rt * C > spec.MAX_REFTABLE_SIZE or (rt_off + n_rt * C) >= spec.MAX_CLUSTER_OFFSET:
         p.fail("ERROR rebuilding the refcount structures would need a refcount table larger "
                "than QEMU allows")
         return False
     img.pwrite(rt_off, reftable.astype(">u8").tobytes())
     img.sync()
-    img.pwrite(_HDR_REFTABLE_PTR, struct.pack(">QI", rt_off, n_rt))
+    img.pwrite(spec.HDR_REFCOUNT_TABLE_OFFSET, spec.U64.pack(rt_off) + spec.U32.pack(n_rt))
     img.sync()
     return True
 
@@ -1985,13 +1804,13 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
     word = "Repairing" if repair else "ERROR"
     st = _StoredRefcounts(img)
     l1 = img.u64_table(img.l1_off, img.l1_size)
-    l2 = (l1 & _U64(_L1E_OFFSET_MASK)).astype(np.int64)
+    l2 = (l1 & _U64(spec.L1E_OFFSET_MASK)).astype(np.int64)
     use = np.flatnonzero(l2 != 0)
     if len(use) == 0:
         return True
     rc, ok = st.get(l2[use] >> img.cb)
     use, rc = use[ok], rc[ok]
-    bad = (rc == 1) != ((l1[use] & _U64(_OFLAG_COPIED)) != 0)
+    bad = (rc == 1) != ((l1[use] & _U64(spec.QCOW_OFLAG_COPIED)) != 0)
     if bad.any():
         bi = use[bad]
         p.corruptions += len(bi)
@@ -2000,8 +1819,8 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
             f"refcount={int(r)}" for i, r in zip(bi.tolist(), rc[bad].tolist())))
         if repair:
             new = l1.copy()
-            fixed = np.where(rc[bad] == 1, new[bi] | _U64(_OFLAG_COPIED),
-                             new[bi] & _U64(~_OFLAG_COPIED & (2**64 - 1)))
+            fixed = np.where(rc[bad] == 1, new[bi] | _U64(spec.QCOW_OFLAG_COPIED),
+                             new[bi] & _U64(~spec.QCOW_OFLAG_COPIED & (2**64 - 1)))
             new[bi] = fixed
             be = new.astype(">u8")
             for i in bi.tolist():                  # one 8-byte write per fixed L1 entry
@@ -2017,21 +1836,9 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
     for s in range(0, len(uoffs), rows):
         offs = uoffs[s:s + rows]
         m = mult[s:s + rows]
-        raw = img.read_rows(offs, C)
-        words = raw.view(">u8").astype(_U64)
-        e = words[:, 0::2] if img.ext else words
-        comp = (e & _U64(_OFLAG_COMPRESSED)) != 0
-        copied = (e & _U64(_OFLAG_COPIED)) != 0
-        off = (e & _U64(_L2E_OFFSET_MASK)).astype(np.int64)
-        if img.ext:
-            zero = np.zeros_like(comp)
-        else:
-            zero = ((e & _U64(_OFLAG_ZERO)) != 0) & ~comp
-        normal = ~comp & (off != 0)
-        if img.data_file:
-            normal = ~comp & ((off != 0) | copied)
-        del zero
-        r, c = np.nonzero(normal)
+        rows = _L2Rows(img, img.read_rows(offs, C))
+        words, e, copied, off = rows.words, rows.e, rows.copied, rows.off
+        r, c = np.nonzero(rows.normal)
         if len(r) == 0:
             continue
         if img.data_file:
@@ -2054,8 +1861,8 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
         if repair:
             col = 2 * bc if img.ext else bc
             cur = words[br, col]
-            words[br, col] = np.where(brc == 1, cur | _U64(_OFLAG_COPIED),
-                                      cur & _U64(~_OFLAG_COPIED & (2**64 - 1)))
+            words[br, col] = np.where(brc == 1, cur | _U64(spec.QCOW_OFLAG_COPIED),
+                                      cur & _U64(~spec.QCOW_OFLAG_COPIED & (2**64 - 1)))
             for i in np.unique(br).tolist():       # one write per fixed L2 table
                 l2_off = int(offs[i])
                 if meta.overlaps(l2_off, C):
@@ -2076,13 +1883,13 @@ def _mark_clean(p: _Pass, img: _Image) -> None:
     """qcow2_mark_clean + qcow2_mark_consistent: clear the dirty and corrupt bits."""
     if img.version < 3:
         return
-    word = _pread(img.fd, _HDR_INCOMPAT, 8, img.path)
+    word = _pread(img.fd, spec.HDR_INCOMPATIBLE_FEATURES, 8, img.path)
     if len(word) < 8:
         return
-    incompat = struct.unpack(">Q", word)[0]
-    if incompat & (_INCOMPAT_DIRTY | _INCOMPAT_CORRUPT):
+    incompat = spec.U64.unpack(word)[0]
+    if incompat & (spec.INCOMPAT_DIRTY | spec.INCOMPAT_CORRUPT):
         img.sync()      # everything repaired is durable before the bits say so
-        img.pwrite(_HDR_INCOMPAT,
-                   struct.pack(">Q", incompat & ~(_INCOMPAT_DIRTY | _INCOMPAT_CORRUPT)))
+        img.pwrite(spec.HDR_INCOMPATIBLE_FEATURES,
+                   spec.U64.pack(incompat & ~(spec.INCOMPAT_DIRTY | spec.INCOMPAT_CORRUPT)))
         img.sync()
         p.findings.add("header", "Cleared the dirty/corrupt bits in the header")
