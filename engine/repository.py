@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from engine import destination as _destination
+from engine import image as _image
 from engine import ops
 from engine.catalog import Catalog, ChainRow, SnapshotRow, VolumeRow, now, parse_time
 from engine.errors import (ChainError, EngineError, ImageClosed, ImageLocked, ImageNotFound,
@@ -333,6 +334,68 @@ def _close_quietly(img) -> None:
             img.close()
         except EngineError:
             pass
+
+
+class Journaled:
+    """One journaled operation in progress (what :func:`journaled` yields)."""
+
+    def __init__(self, repo: "Repository", op: str, jid: int, images: list):
+        self.repo = repo
+        self.op = op
+        self.jid = jid
+        #: the images held for the operation (``hold=`` of :func:`journaled`), in order
+        self.images = images
+        #: files to remove once the operation is committed
+        self.remove: list[str] = []
+        self._held: list = []
+        self._leaf: tuple | None = None
+
+    def step(self, name: str) -> None:
+        """Step boundary NAME (recorded for roll-forward operations; a kill point)."""
+        self.repo._step(self.jid, self.op, name)
+
+    def hold(self, img):
+        """IMG, an image the operation made: closed if the operation fails."""
+        self._held.append(img)
+        return img
+
+    def leaf_of(self, chain: "Chain | str", img) -> None:
+        """Once committed, IMG (held) becomes the leaf handle of CHAIN (or the chain of
+        that name)."""
+        self._leaf = (chain, img)
+
+
+@contextlib.contextmanager
+def journaled(repo: "Repository", op: str, chain: str, args: dict, *,
+              illegal: Iterable[str] = (), hold: list | None = None, verify: bool = True,
+              committed: str | None = "committed"):
+    """The skeleton of every journaled operation.
+
+    HOLD ([(row, readonly, backing)], see ``Repository._holding``) opens the images the
+    operation needs before anything is recorded; then the intent is journaled (ILLEGAL:
+    volumes marked ILLEGAL with it) and the block runs.  If it raises, the images it made
+    (``Journaled.hold``) are closed and the operation is undone now or left to recovery
+    (``Repository._abort``), and the error goes on.  After it returned, the held images are
+    closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
+    point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
+    removed."""
+    with contextlib.ExitStack() as stack:
+        images = stack.enter_context(repo._holding(hold, verify=verify)) if hold else []
+        j = Journaled(repo, op, repo._begin(op, chain, args, illegal=illegal), images)
+        try:
+            yield j
+        except BaseException:
+            for img in j._held:
+                _close_quietly(img)
+            repo._abort(j.jid, chain)
+            raise
+    if j._leaf is not None:
+        target, img = j._leaf
+        (repo.chain(target) if isinstance(target, str) else target)._adopt(img)
+    if committed is not None:
+        kill_point(f"{op}.{committed}")
+    if j.remove:
+        repo._finish(j.jid, op, j.remove)
 
 
 #: The content stamp of a sealed raw volume: a hash of its size, of the first and the last
@@ -638,27 +701,17 @@ class Repository:
         """
         self._check_new_chain(name, size, base_format, cluster_size)
         vid, rel = self._new_volume(base_format)
-        jid = self._begin("create_chain", name, {"created": [rel]})
-        img = None
-        try:
-            import engine
-
-            img = engine.create(self._abs(rel), size, format=base_format,
-                                cluster_size=cluster_size)
-            self._step(jid, "create_chain", "created")
+        with journaled(self, "create_chain", name, {"created": [rel]}) as j:
+            img = j.hold(_image.create(self._abs(rel), size, format=base_format,
+                                       cluster_size=cluster_size))
+            j.step("created")
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
                 self._cat.insert_volume(self._volume_row_for(vid, name, rel, base_format, None,
                                                              size))
-                self._cat.journal_end(jid)
-        except BaseException:
-            _close_quietly(img)
-            self._abort(jid, name)
-            raise
-        kill_point("create_chain.committed")
-        chain = self.chain(name)
-        chain._img = img
-        return chain
+                self._cat.journal_end(j.jid)
+            j.leaf_of(name, img)
+        return self.chain(name)
 
     def _check_new_chain(self, name: str, size: int, base_format: str, cluster_size: int):
         self._check_writable()
@@ -700,8 +753,6 @@ class Repository:
             InvalidArgument, NotFound, RepositoryError (the name is taken), and the errors of
             ``engine.open`` for a source it cannot read.
         """
-        import engine
-
         self._check_writable()
         if format not in ("raw", "qcow2"):
             raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {format!r}",
@@ -709,7 +760,7 @@ class Repository:
         src_path = os.path.abspath(os.fspath(source))
         if os.path.isdir(src_path):
             raise InvalidArgument("is a folder, not a disk image", path=src_path)
-        with engine.open(src_path, format=format, readonly=True,
+        with _image.open(src_path, format=format, readonly=True,
                          allow_unsafe_backing=allow_unsafe_backing) as src:
             size = src.size
             if size % 512:
@@ -720,21 +771,17 @@ class Repository:
                 raise InvalidArgument("the source is an empty disk", path=src_path)
             self._check_new_chain(name, size, base_format, cluster_size)
             vid, rel = self._new_volume(base_format)
-            jid = self._begin("import_chain", name, {"created": [rel], "source": src_path})
-            try:
+            with journaled(self, "import_chain", name,
+                           {"created": [rel], "source": src_path}) as j:
                 ops.convert_new(src, self._abs(rel), format=base_format,
                                 cluster_size=cluster_size, progress=progress,
                                 hook="import.copy")
-                self._step(jid, "import_chain", "written")
+                j.step("written")
                 with self._cat.transaction():
                     self._cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
                     self._cat.insert_volume(self._volume_row_for(vid, name, rel, base_format,
                                                                  None, size))
-                    self._cat.journal_end(jid)
-            except BaseException:
-                self._abort(jid, name)
-                raise
-        kill_point("import_chain.committed")
+                    self._cat.journal_end(j.jid)
         return self.chain(name)
 
     def delete_chain(self, name: str) -> None:
@@ -1033,11 +1080,9 @@ class Repository:
         """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
         a raw volume in what was opened must still be the file the catalog recorded
         (VolumeDamaged otherwise)."""
-        import engine
-
         for attempt in (1, 2):
             try:
-                img = engine.open(self._abs(row.path), format=row.format, readonly=readonly,
+                img = _image.open(self._abs(row.path), format=row.format, readonly=readonly,
                                   backing=backing)
                 break
             except (ImageNotFound, ChainError):
@@ -1148,9 +1193,7 @@ class Repository:
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  VERIFY:
         as for _open_volume."""
-        import engine
-
-        img = engine.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
+        img = _image.create(self._abs(rel), size, format="qcow2", cluster_size=cluster_size,
                             backing=os.path.basename(parent.path),
                             backing_format=parent.format)
         if verify:
@@ -1208,15 +1251,14 @@ class Repository:
             self._refuse_damaged(row)
         vid, rel = self._new_volume("qcow2")
         sid = str(uuid.uuid4())
-        jid = self._begin("snapshot", row.name, {"created": [rel], "snapshot": sid})
-        img = None
-        try:
-            img = self._create_overlay(rel, leaf, row.size, row.cluster_size, verify=not force)
+        with journaled(self, "snapshot", row.name, {"created": [rel], "snapshot": sid}) as j:
+            img = j.hold(self._create_overlay(rel, leaf, row.size, row.cluster_size,
+                                              verify=not force))
             if not force:
                 self._refuse_damaged(row, img)
             # the leaf is sealed now: record what it is, to notice later if it is changed
             sealed = self._volume_record(leaf, sealed=True, size=row.size)
-            self._step(jid, "snapshot", "created")
+            j.step("created")
             with self._cat.transaction():
                 self._cat.insert_volume(self._volume_row_for(vid, row.name, rel, "qcow2",
                                                              leaf.id, row.size))
@@ -1225,13 +1267,8 @@ class Repository:
                 self._cat.update_volume(leaf.id, **sealed)
                 self._cat.update_chain(row.name, leaf=vid)
                 self._refresh_roles()
-                self._cat.journal_end(jid)
-        except BaseException:
-            _close_quietly(img)
-            self._abort(jid, row.name)
-            raise
-        chain._img = img
-        kill_point("snapshot.committed")
+                self._cat.journal_end(j.jid)
+            j.leaf_of(chain, img)
         return self._snapshot(self._cat.snapshot(sid))
 
     def _op_resize(self, chain: "Chain", new_size: int) -> None:
@@ -1245,21 +1282,17 @@ class Repository:
         if new_size == row.size:
             return
         leaf = self._volume_row(row.leaf)
-        with self._holding([(leaf, False, False)]) as (img,):
-            jid = self._begin("resize", row.name, {"size": new_size, "leaf": leaf.id})
-            try:
-                img.resize(new_size)                   # durable when it returns
-                self._step(jid, "resize", "resized")
-                kill_point("resize.resized")
-                rec = self._volume_record(leaf, sealed=False, size=img.size)
-                with self._cat.transaction():
-                    self._cat.update_chain(row.name, size=new_size)
-                    self._cat.update_volume(leaf.id, **rec)
-                    self._cat.journal_end(jid)
-            except BaseException:
-                self._abort(jid, row.name)
-                raise
-        kill_point("resize.committed")
+        with journaled(self, "resize", row.name, {"size": new_size, "leaf": leaf.id},
+                       hold=[(leaf, False, False)]) as j:
+            img = j.images[0]
+            img.resize(new_size)                   # durable when it returns
+            j.step("resized")
+            kill_point("resize.resized")
+            rec = self._volume_record(leaf, sealed=False, size=img.size)
+            with self._cat.transaction():
+                self._cat.update_chain(row.name, size=new_size)
+                self._cat.update_volume(leaf.id, **rec)
+                self._cat.journal_end(j.jid)
 
     def _recover_resize(self, j) -> str:
         """A resize is finished if the leaf grew (a leaf never shrinks), else it never
@@ -1285,29 +1318,20 @@ class Repository:
         base = self._snapshot_volume(snap)
         size = self._volume_size(base)
         vid, rel = self._new_volume("qcow2")
-        jid = self._begin(op, row.name, {"created": [rel], "snapshot": snap.id})
-        img = None
-        try:
-            img = self._create_overlay(rel, base, size, row.cluster_size)
-            self._step(jid, op, "created")
+        with journaled(self, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
+            img = j.hold(self._create_overlay(rel, base, size, row.cluster_size))
+            j.step("created")
             with self._cat.transaction():
                 self._cat.insert_volume(self._volume_row_for(vid, row.name, rel, "qcow2",
                                                              base.id, size))
                 self._cat.update_chain(row.name, size=size)
-                remove = apply(vid)
+                j.remove = apply(vid)
                 self._refresh_roles()
-                if remove:
-                    self._cat.journal_commit(jid, {"remove": remove})
+                if j.remove:
+                    self._cat.journal_commit(j.jid, {"remove": j.remove})
                 else:
-                    self._cat.journal_end(jid)
-        except BaseException:
-            _close_quietly(img)
-            self._abort(jid, row.name)
-            raise
-        chain._img = img
-        kill_point(f"{op}.committed")
-        if remove:
-            self._finish(jid, op, remove)
+                    self._cat.journal_end(j.jid)
+            j.leaf_of(chain, img)
 
     def _drop_newer(self, row: ChainRow, snap: SnapshotRow) -> None:
         for s in self._cat.snapshots(row.name):
@@ -1371,27 +1395,19 @@ class Repository:
         # chain may have grown since)
         size = self._volume_size(base)
         vid, rel = self._new_volume("qcow2")
-        jid = self._begin("clone", name, {"created": [rel], "snapshot": snap.id,
-                                          "origin": row.name})
-        img = None
-        try:
-            img = self._create_overlay(rel, base, size, row.cluster_size)
-            self._step(jid, "clone", "created")
+        with journaled(self, "clone", name, {"created": [rel], "snapshot": snap.id,
+                                             "origin": row.name}) as j:
+            img = j.hold(self._create_overlay(rel, base, size, row.cluster_size))
+            j.step("created")
             with self._cat.transaction():
                 self._cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
                                                 origin_chain=row.name, origin_snapshot=snap.id))
                 self._cat.insert_volume(self._volume_row_for(vid, name, rel, "qcow2", base.id,
                                                              size))
                 self._refresh_roles()
-                self._cat.journal_end(jid)
-        except BaseException:
-            _close_quietly(img)
-            self._abort(jid, name)
-            raise
-        kill_point("clone.committed")
-        clone = self.chain(name)
-        clone._img = img
-        return clone
+                self._cat.journal_end(j.jid)
+            j.leaf_of(name, img)
+        return self.chain(name)
 
     def _op_delete_snapshot(self, chain: "Chain", sid: str,
                             progress: Progress | None) -> MergeResult:
@@ -1429,15 +1445,9 @@ class Repository:
             self._open_volume(vol, backing=False).close()
         args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
                 "child": child.id, "grandchildren": grandchildren}
-        with self._merge_images(args, verify=True) as images:
-            jid = self._begin("delete_snapshot", row.name, args, illegal=[target.id])
-            try:
-                copied, remove = self._merge_steps(jid, args, "intent", images, progress)
-            except BaseException:
-                self._abort(jid, row.name)
-                raise
-        kill_point("delete_snapshot.committed")
-        self._finish(jid, "delete_snapshot", remove)
+        with journaled(self, "delete_snapshot", row.name, args, illegal=[target.id],
+                       hold=self._merge_specs(args)) as j:
+            copied, j.remove = self._merge_steps(j.jid, args, "intent", j.images, progress)
         return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
                            target.id, copied, commit_bytes, pull_bytes)
 
@@ -1446,21 +1456,21 @@ class Repository:
         with self._open_volume(child, readonly=True) as img:
             return ops.merge_costs(img, keep_zeros=vol.parent is not None)
 
-    def _merge_images(self, args: dict, *, verify: bool = False):
-        """Hold (see _holding) every image a merge opens: for a commit the snapshot's volume
-        (written, with its chain), the child (read alone) and the child's children (their
-        headers are rewritten); for a pull the child (written, with its chain)."""
+    def _merge_specs(self, args: dict) -> list[tuple[VolumeRow, bool, bool]]:
+        """What a merge holds (see _holding): for a commit the snapshot's volume (written,
+        with its chain), the child (read alone) and the child's children (their headers are
+        rewritten); for a pull the child (written, with its chain)."""
         vol, child = self._volume_row(args["volume"]), self._volume_row(args["child"])
         if args["direction"] == "commit":
             specs = [(vol, False, True), (child, True, False)]
             specs += [(self._volume_row(g), False, False) for g in args["grandchildren"]]
         else:
             specs = [(child, False, True)]
-        return self._holding(specs, verify=verify)
+        return specs
 
     def _merge_run(self, jid: int, args: dict, step: str) -> int:
         """Recovery of an interrupted merge: redo its steps from STEP, holding its images."""
-        with self._merge_images(args) as images:
+        with self._holding(self._merge_specs(args), verify=False) as images:
             copied, remove = self._merge_steps(jid, args, step, images, None)
         kill_point("delete_snapshot.committed")
         self._finish(jid, "delete_snapshot", remove)
@@ -1553,19 +1563,16 @@ class Repository:
             where = "-" if stream else os.path.abspath(os.fspath(path))
             return ExportResult(where, fmt, size, sid, written)
         tmp = dest.temp_path()
-        jid = self._begin("export", row.name, {"tmp_files": [tmp], "dest": dest.path})
-        try:
+        with journaled(self, "export", row.name, {"tmp_files": [tmp], "dest": dest.path},
+                       committed=None) as j:
             with self._open_volume(src_row, readonly=True) as src:
                 size = src.size                 # a snapshot's own size (the disk may have grown)
                 written = ops.convert_new(src, tmp, format=fmt, cluster_size=row.cluster_size,
                                           progress=progress, hook="export.copy")
-            self._step(jid, "export", "written")
+            j.step("written")
             dest.commit(tmp)
             kill_point("export.renamed")
-            self._cat.journal_end(jid)
-        except BaseException:
-            self._abort(jid, row.name)
-            raise
+            self._cat.journal_end(j.jid)
         return ExportResult(dest.path, fmt, size, sid, written)
 
     def _op_diff(self, chain: "Chain", from_id: str, to_id: str | None) -> "DiffResult":
@@ -2135,6 +2142,10 @@ class Chain:
         return self._repo._op_diff(self, from_snapshot_id, to_snapshot_id)
 
     # --- lifetime ---------------------------------------------------------------------------
+
+    def _adopt(self, img) -> None:
+        """Take IMG, open read-write, as the leaf handle (an operation made the new leaf)."""
+        self._img = img
 
     def _release(self) -> None:
         """Flush and close the leaf handle (it reopens on the next I/O)."""
