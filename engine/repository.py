@@ -327,6 +327,18 @@ def _volume_users(vols: dict[str, VolumeRow], chains: Iterable[ChainRow]) -> dic
     return users
 
 
+def _roles(vols: dict[str, VolumeRow], chains: Iterable[ChainRow]) -> dict[str, str]:
+    """Each volume's role, from the parent links and the chains' tops: "leaf" (no volume on
+    top of it), "shared" (another chain than its own reads through it), "base" (no parent)
+    or "internal"."""
+    users = _volume_users(vols, chains)
+    has_child = {v.parent for v in vols.values() if v.parent}
+    return {v.id: ("leaf" if v.id not in has_child else
+                   "shared" if users.get(v.id, set()) - {v.chain} else
+                   "base" if v.parent is None else "internal")
+            for v in vols.values()}
+
+
 def _close_quietly(img) -> None:
     """Close IMG on an error path without hiding the error being handled."""
     if img is not None:
@@ -391,7 +403,7 @@ def journaled(repo: "Repository", op: str, chain: str, args: dict, *,
             raise
     if j._leaf is not None:
         target, img = j._leaf
-        (repo.chain(target) if isinstance(target, str) else target)._adopt(img)
+        (repo.chain(target) if isinstance(target, str) else target).adopt_leaf(img)
     if committed is not None:
         kill_point(f"{op}.{committed}")
     if j.remove:
@@ -995,19 +1007,9 @@ class Repository:
     def _refresh_roles(self) -> None:
         """Recompute every volume's role from the parent links (inside a transaction)."""
         vols = self._cat.volumes()
-        users = _volume_users(vols, self._cat.chains())
-        has_child = {v.parent for v in vols.values() if v.parent}
-        for v in vols.values():
-            if v.id not in has_child:
-                role = "leaf"
-            elif users.get(v.id, set()) - {v.chain}:
-                role = "shared"
-            elif v.parent is None:
-                role = "base"
-            else:
-                role = "internal"
-            if role != v.role:
-                self._cat.update_volume(v.id, role=role)
+        for vid, role in _roles(vols, self._cat.chains()).items():
+            if role != vols[vid].role:
+                self._cat.update_volume(vid, role=role)
 
     def _collect_garbage(self, candidates: Iterable[str]) -> list[str]:
         """Drop the catalog rows of CANDIDATES no chain reads through any more (inside a
@@ -1183,9 +1185,8 @@ class Repository:
     def _release_handles(self, rows: Iterable[VolumeRow]) -> None:
         paths = {self._abs(r.path) for r in rows}
         for c in self._chains.values():
-            img = c._img
-            if img is not None and not img.closed and any(i.path in paths for i in img.chain()):
-                c._release()
+            if c.leaf_uses(paths):
+                c.release_leaf()
 
     def _create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
                         verify: bool = True):
@@ -1215,7 +1216,7 @@ class Repository:
             raise RepositoryError(
                 f"chain {chain.name!r} is previewing snapshot {row.preview}",
                 hint="commit_preview() or undo_preview() first")
-        chain._release()
+        chain.release_leaf()
         return row
 
     def _refuse_damaged(self, row: ChainRow, img=None) -> None:
@@ -1553,7 +1554,7 @@ class Repository:
                 src_row = self._volume_row(snap.volume)
             sid = snap.id
         else:
-            chain._release()
+            chain.release_leaf()
             src_row = self._volume_row(row.leaf)
         if dest is None:
             with self._open_volume(src_row, readonly=True) as src:
@@ -1589,7 +1590,7 @@ class Repository:
         between = path_a[:path_a.index(lca)] if lca else path_a
         between += path_b[:path_b.index(lca)] if lca else path_b
         if row.leaf in between or b == row.leaf:
-            chain._release()
+            chain.release_leaf()
         size_a = self._volume_size(vols[a]) if a != row.leaf else row.size
         if not between:
             return DiffResult([], size_a, size_a)
@@ -1638,7 +1639,7 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
         add(p)
     # Our own handles hold locks that a repair (and an accurate check) must not meet.
     for c in repo._chains.values():
-        c._release()
+        c.release_leaf()
     vols = cat.volumes()
     chains = cat.chains()
     scope_chains = [c for c in chains if only is None or c.name == only]
@@ -1696,13 +1697,10 @@ def _run_check(repo: Repository, repair: bool, only: str | None) -> RepositoryCh
                 p.repair = "left ILLEGAL: its image check is not clean"
             add(p)
     vols = cat.volumes()
-    users = _volume_users(vols, cat.chains())
-    has_child = {v.parent for v in vols.values() if v.parent}
+    roles = _roles(vols, cat.chains())
     stale = []
     for v in vols.values():
-        role = ("leaf" if v.id not in has_child else
-                "shared" if users.get(v.id, set()) - {v.chain} else
-                "base" if v.parent is None else "internal")
+        role = roles[v.id]
         if role != v.role and v.id in in_scope:
             stale.append(Problem("role", f"volume {v.id} is recorded as {v.role} but is {role}",
                                  chain=v.chain, volume=v.id))
@@ -2143,11 +2141,18 @@ class Chain:
 
     # --- lifetime ---------------------------------------------------------------------------
 
-    def _adopt(self, img) -> None:
+    # --- the leaf handle (for the repository's operations; the chain alone assigns it) ----
+
+    def adopt_leaf(self, img) -> None:
         """Take IMG, open read-write, as the leaf handle (an operation made the new leaf)."""
         self._img = img
 
-    def _release(self) -> None:
+    def leaf_uses(self, paths: set[str]) -> bool:
+        """The open leaf handle reads through one of the files PATHS."""
+        img = self._img
+        return img is not None and not img.closed and any(i.path in paths for i in img.chain())
+
+    def release_leaf(self) -> None:
         """Flush and close the leaf handle (it reopens on the next I/O)."""
         img, self._img = self._img, None
         if img is not None:
