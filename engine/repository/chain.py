@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from engine.catalog import ChainRow
 from engine.errors import ImageClosed, NotFound
 from engine.repository import operations
-from engine.repository.values import DiffResult, ExportResult, MergeResult, Progress, Snapshot, Volume
+from engine.repository.values import (DiffResult, ExportResult, MergeResult, Progress,
+                                      Snapshot, Volume)
 
 if TYPE_CHECKING:
     from engine.repository.context import Context
@@ -206,7 +207,7 @@ class Chain:
         self._check_open()
         with self._ctx.cat.read():
             row = self._ctx.snapshot_volume(self._ctx.find_snapshot(self._name,
-                                                                        snapshot_id))
+                                                                    snapshot_id))
         img = self._ctx.open_volume(row, readonly=True)
         self._views.add(img)
         return img
@@ -289,7 +290,7 @@ class Chain:
             InvalidArgument: PATH exists and ``overwrite`` is false.
         """
         return operations.export(self._ctx, self, path, format, snapshot_id, progress, overwrite,
-                                     output_device)
+                                 output_device)
 
     def diff(self, from_snapshot_id: str, to_snapshot_id: str | None = None) -> "DiffResult":
         """The guest ranges that may differ between two snapshots (or a snapshot and the

@@ -161,7 +161,6 @@ def _check_raw_identity(ctx: Context, v: VolumeRow, add, repair) -> bool:
 _DAMAGE_KINDS = frozenset({"missing-file", "unreadable", "size", "identity", "image"})
 
 
-
 def _record_damage(ctx: Context, res: RepositoryCheck, checked: Iterable[VolumeRow]) -> None:
     """Mark in the catalog the volumes this check found damaged, and unmark the clean ones
     (a read-only repository records nothing)."""

@@ -122,7 +122,7 @@ class Context:
         if row.legality == "LEGAL":
             return row
         if self.readonly and any(row.id in (j.args.get("volume"), j.args.get("child"))
-                                  for j in self.cat.journal() if j.state == "running"):
+                                 for j in self.cat.journal() if j.state == "running"):
             raise ImageLocked(f"snapshot {snap.id}'s volume {row.id} is being changed by an "
                               "operation in another process", path=self.abs(row.path),
                               hint="retry when it is done")
@@ -140,7 +140,7 @@ class Context:
         return [self.volume_of(v) for v in main + extra]
 
     def volume_row_for(self, vid: str, chain: str, rel: str, fmt: str, parent: str | None,
-                        size: int) -> VolumeRow:
+                       size: int) -> VolumeRow:
         """The catalog row of a new (unsealed) volume file, with its size and identity."""
         row = VolumeRow(vid, chain, rel, fmt, "leaf", parent, "LEGAL", now())
         for k, val in self.volume_record(row, sealed=False, size=size).items():
@@ -175,14 +175,14 @@ class Context:
         return remove
 
     def open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True,
-                     verify: bool = True):
+                    verify: bool = True):
         """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
         a raw volume in what was opened must still be the file the catalog recorded
         (VolumeDamaged otherwise)."""
         for attempt in (1, 2):
             try:
                 img = image.open(self.abs(row.path), format=row.format, readonly=readonly,
-                                  backing=backing)
+                                 backing=backing)
                 break
             except (ImageNotFound, ChainError):
                 if not self.readonly:
@@ -225,7 +225,7 @@ class Context:
             raise self.damaged(v, why, repairable=bottom.size == v.size)
 
     def damaged(self, v: VolumeRow, why: str, *, chain: str | None = None,
-                 repairable: bool = True, snapshot: bool = False) -> VolumeDamaged:
+                repairable: bool = True, snapshot: bool = False) -> VolumeDamaged:
         """The VolumeDamaged error for volume V (SNAPSHOT: a refused snapshot of CHAIN)."""
         chain = chain or v.chain
         if repairable:
@@ -276,7 +276,7 @@ class Context:
         self.release_handles(r for r, _, _ in specs)
         with contextlib.ExitStack() as stack:
             yield [stack.enter_context(self.open_volume(r, readonly=ro, backing=b,
-                                                         verify=verify))
+                                                        verify=verify))
                    for r, ro, b in specs]
 
     def release_handles(self, rows: Iterable[VolumeRow]) -> None:
@@ -286,14 +286,14 @@ class Context:
                 c.release_leaf()
 
     def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
-                        verify: bool = True):
+                       verify: bool = True):
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  VERIFY:
-        as for _open_volume."""
+        as for ``open_volume``."""
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
-                            backing=os.path.basename(parent.path),
-                            backing_format=parent.format)
+                           backing=os.path.basename(parent.path),
+                           backing_format=parent.format)
         if verify:
             try:
                 self.verify_identity(img)

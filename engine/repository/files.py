@@ -52,7 +52,6 @@ _STAMP_BLOCK = 65536
 _STAMP_SAMPLES = 8
 
 
-
 def raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
     """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp
     (STAMP: recompute that recorded stamp's blocks, to compare)."""

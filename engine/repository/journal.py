@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 #: Operations that are undone when interrupted before their catalog commit: nothing they
 #: wrote is visible until then, so removing the files they created restores the old state.
 ROLLBACK_OPS = frozenset({"create_chain", "import_chain", "snapshot", "revert", "preview",
-                           "clone", "export"})
+                          "clone", "export"})
 #: Operations that are redone when interrupted: a merge writes into an existing volume, and
 #: redoing it from its last recorded step is what restores a consistent chain.
 FORWARD_OPS = frozenset({"delete_snapshot"})
@@ -191,7 +191,8 @@ def recover_resize(ctx: Context, j) -> str:
 def merge_run(ctx: Context, jid: int, args: dict, step: str) -> int:
     """Recovery of an interrupted merge: redo its steps from STEP, holding its images."""
     with ctx.holding(merge.specs(ctx, args), verify=False) as images:
-        copied, remove = merge.steps(ctx, Journaled(ctx, "delete_snapshot", jid, images), args, step, images, None)
+        j = Journaled(ctx, "delete_snapshot", jid, images)
+        copied, remove = merge.steps(ctx, j, args, step, None)
     kill_point("delete_snapshot.committed")
     finish(ctx, jid, "delete_snapshot", remove)
     return copied

@@ -22,7 +22,7 @@ def costs(ctx: Context, vol: VolumeRow, child: VolumeRow) -> tuple[int, int]:
 
 
 def specs(ctx: Context, args: dict) -> list[tuple[VolumeRow, bool, bool]]:
-    """What a merge holds (see _holding): for a commit the snapshot's volume (written,
+    """What a merge holds (see ``Context.holding``): for a commit the snapshot's volume (written,
     with its chain), the child (read alone) and the child's children (their headers are
     rewritten); for a pull the child (written, with its chain)."""
     vol, child = ctx.volume_row(args["volume"]), ctx.volume_row(args["child"])
@@ -34,11 +34,12 @@ def specs(ctx: Context, args: dict) -> list[tuple[VolumeRow, bool, bool]]:
     return specs
 
 
-def steps(ctx: Context, j: "Journaled", args: dict, step: str, images: list,
-                 progress: Progress | None) -> tuple[int, list[str]]:
-    """The steps of a merge from STEP on, through its catalog commit, on IMAGES (from
-    _merge_images); each step is idempotent (recovery re-runs them).  Returns the bytes
-    copied and the files to remove."""
+def steps(ctx: Context, j: Journaled, args: dict, step: str,
+          progress: Progress | None) -> tuple[int, list[str]]:
+    """The steps of a merge from STEP on, through its catalog commit, on the images J holds
+    (``specs``); each step is idempotent (recovery re-runs them).  Returns the bytes copied
+    and the files to remove."""
+    images = j.images
     cat = ctx.cat
     vol = ctx.volume_row(args["volume"])
     child = ctx.volume_row(args["child"])
@@ -67,7 +68,7 @@ def steps(ctx: Context, j: "Journaled", args: dict, step: str, images: list,
         # the snapshot's volume holds the merged content now (and may have grown): its
         # record is renewed; it stays sealed unless the child was the leaf
         rec = ctx.volume_record(vol, sealed=bool(args["grandchildren"]),
-                                  size=images[0].size)
+                                size=images[0].size)
     with cat.transaction():
         if commit:
             for gid in args["grandchildren"]:

@@ -33,7 +33,6 @@ def check_name(name: str) -> None:
                               "'.', '_' or '-', starting with a letter or digit")
 
 
-
 def _check_new_chain(ctx: Context, name: str, size: int, base_format: str, cluster_size: int):
     ctx.check_writable()
     check_name(name)
@@ -56,12 +55,12 @@ def create_chain(ctx: Context, name: str, size: int, *, base_format: str = "raw"
     vid, rel = ctx.new_volume(base_format)
     with journal.journaled(ctx, "create_chain", name, {"created": [rel]}) as j:
         img = j.hold(image.create(ctx.abs(rel), size, format=base_format,
-                                   cluster_size=cluster_size))
+                                  cluster_size=cluster_size))
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
             ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, base_format, None,
-                                                         size))
+                                                     size))
             ctx.cat.journal_end(j.jid)
         j.leaf_of(name, img)
     return ctx.chain(name)
@@ -79,7 +78,7 @@ def import_chain(ctx: Context, name: str, source, *, format: str, base_format: s
     if os.path.isdir(src_path):
         raise InvalidArgument("is a folder, not a disk image", path=src_path)
     with image.open(src_path, format=format, readonly=True,
-                     allow_unsafe_backing=allow_unsafe_backing) as src:
+                    allow_unsafe_backing=allow_unsafe_backing) as src:
         size = src.size
         if size % 512:
             raise InvalidArgument(f"the source's size ({size} bytes) is not a multiple "
@@ -90,7 +89,7 @@ def import_chain(ctx: Context, name: str, source, *, format: str, base_format: s
         _check_new_chain(ctx, name, size, base_format, cluster_size)
         vid, rel = ctx.new_volume(base_format)
         with journal.journaled(ctx, "import_chain", name,
-                       {"created": [rel], "source": src_path}) as j:
+                               {"created": [rel], "source": src_path}) as j:
             ops.convert_new(src, ctx.abs(rel), format=base_format,
                             cluster_size=cluster_size, progress=progress,
                             hook="import.copy")
@@ -98,7 +97,7 @@ def import_chain(ctx: Context, name: str, source, *, format: str, base_format: s
             with ctx.cat.transaction():
                 ctx.cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
                 ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, base_format,
-                                                             None, size))
+                                                         None, size))
                 ctx.cat.journal_end(j.jid)
     return ctx.chain(name)
 
@@ -132,7 +131,7 @@ def delete_chain(ctx: Context, name: str) -> None:
         remove = ctx.collect_garbage(candidates)
         ctx.refresh_roles()
         jid = ctx.cat.journal_begin("delete_chain", name, {"remove": remove},
-                                      state="committed")
+                                    state="committed")
     journal.kill_point("delete_chain.committed")
     journal.finish(ctx, jid, "delete_chain", remove)
 
@@ -177,9 +176,9 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img=None) -> None:
                 continue
             if v.legality != "LEGAL":
                 raise ctx.damaged(v, "is ILLEGAL (an operation on it did not finish)",
-                                    chain=row.name, snapshot=True)
+                                  chain=row.name, snapshot=True)
             raise ctx.damaged(v, f"was found damaged by check: {v.damaged}",
-                                chain=row.name, snapshot=True)
+                              chain=row.name, snapshot=True)
     if img is not None:
         for im in img.chain():
             if im.header is not None and im.header.corrupt:
@@ -187,7 +186,7 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img=None) -> None:
                 v = ctx.cat.volume_by_path(rel) or VolumeRow(
                     "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
                 raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
-                                    chain=row.name, snapshot=True)
+                                  chain=row.name, snapshot=True)
 
 
 def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snapshot:
@@ -201,7 +200,7 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
     sid = str(uuid.uuid4())
     with journal.journaled(ctx, "snapshot", row.name, {"created": [rel], "snapshot": sid}) as j:
         img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
-                                          verify=not force))
+                                        verify=not force))
         if not force:
             _refuse_damaged(ctx, row, img)
         # the leaf is sealed now: record what it is, to notice later if it is changed
@@ -209,9 +208,9 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
-                                                         leaf.id, row.size))
+                                                     leaf.id, row.size))
             ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
-                                                  leaf.id))
+                                                leaf.id))
             ctx.cat.update_volume(leaf.id, **sealed)
             ctx.cat.update_chain(row.name, leaf=vid)
             ctx.refresh_roles()
@@ -232,7 +231,7 @@ def resize(ctx: Context, chain: Chain, new_size: int) -> None:
         return
     leaf = ctx.volume_row(row.leaf)
     with journal.journaled(ctx, "resize", row.name, {"size": new_size, "leaf": leaf.id},
-                   hold=[(leaf, False, False)]) as j:
+                           hold=[(leaf, False, False)]) as j:
         img = j.images[0]
         img.resize(new_size)                   # durable when it returns
         j.step("resized")
@@ -257,7 +256,7 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
-                                                         base.id, size))
+                                                     base.id, size))
             ctx.cat.update_chain(row.name, size=size)
             j.remove = apply(vid)
             ctx.refresh_roles()
@@ -314,7 +313,7 @@ def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
             candidates = [v.id for v in graph.ancestry(vols, row.saved_leaf)]
         else:
             ctx.cat.update_chain(row.name, leaf=row.saved_leaf, saved_leaf=None,
-                                   preview=None, size=saved_size)
+                                 preview=None, size=saved_size)
             candidates = [v.id for v in graph.ancestry(vols, row.leaf)]
         remove = ctx.collect_garbage(candidates)
         ctx.refresh_roles()
@@ -335,14 +334,14 @@ def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
     size = ctx.volume_size(base)
     vid, rel = ctx.new_volume("qcow2")
     with journal.journaled(ctx, "clone", name, {"created": [rel], "snapshot": snap.id,
-                                         "origin": row.name}) as j:
+                                                "origin": row.name}) as j:
         img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
-                                            origin_chain=row.name, origin_snapshot=snap.id))
+                                          origin_chain=row.name, origin_snapshot=snap.id))
             ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, "qcow2", base.id,
-                                                         size))
+                                                     size))
             ctx.refresh_roles()
             ctx.cat.journal_end(j.jid)
         j.leaf_of(name, img)
@@ -350,7 +349,7 @@ def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
 
 
 def delete_snapshot(ctx: Context, chain: Chain, sid: str,
-                        progress: Progress | None) -> MergeResult:
+                    progress: Progress | None) -> MergeResult:
     row = _prepare(ctx, chain)
     snap = ctx.find_snapshot(row.name, sid)
     vols = ctx.cat.volumes()
@@ -386,15 +385,15 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
     args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
             "child": child.id, "grandchildren": grandchildren}
     with journal.journaled(ctx, "delete_snapshot", row.name, args, illegal=[target.id],
-                   hold=merge.specs(ctx, args)) as j:
-        copied, j.remove = merge.steps(ctx, j, args, "intent", j.images, progress)
+                           hold=merge.specs(ctx, args)) as j:
+        copied, j.remove = merge.steps(ctx, j, args, "intent", progress)
     return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
                        target.id, copied, commit_bytes, pull_bytes)
 
 
 def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
-               progress: Progress | None, overwrite: bool,
-               output_device: bool = False) -> ExportResult:
+           progress: Progress | None, overwrite: bool,
+           output_device: bool = False) -> ExportResult:
     ctx.check_open()
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
@@ -403,7 +402,7 @@ def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
     # a stream or device is checked and written in place by ops.convert; a file is
     # checked here, written beside its name and published under the journal
     dest = None if stream or output_device else _destination.check(path,
-                                                                  overwrite=overwrite)
+                                                                   overwrite=overwrite)
     if sid is not None:
         with ctx.cat.read():
             snap = ctx.find_snapshot(row.name, sid)
@@ -421,7 +420,7 @@ def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
         return ExportResult(where, fmt, size, sid, written)
     tmp = dest.temp_path()
     with journal.journaled(ctx, "export", row.name, {"tmp_files": [tmp], "dest": dest.path},
-                   committed=None) as j:
+                           committed=None) as j:
         with ctx.open_volume(src_row, readonly=True) as src:
             size = src.size                 # a snapshot's own size (the disk may have grown)
             written = ops.convert_new(src, tmp, format=fmt, cluster_size=row.cluster_size,

@@ -212,7 +212,7 @@ class Repository:
             InvalidArgument, RepositoryError (the name is taken).
         """
         return operations.create_chain(self._ctx, name, size, base_format=base_format,
-                                         cluster_size=cluster_size)
+                                       cluster_size=cluster_size)
 
     def import_chain(self, name: str, source, *, format: str, base_format: str = "raw",
                      cluster_size: int = 65536, progress: Progress | None = None,
@@ -241,9 +241,9 @@ class Repository:
             ``engine.open`` for a source it cannot read.
         """
         return operations.import_chain(self._ctx, name, source, format=format,
-                                         base_format=base_format, cluster_size=cluster_size,
-                                         progress=progress,
-                                         allow_unsafe_backing=allow_unsafe_backing)
+                                       base_format=base_format, cluster_size=cluster_size,
+                                       progress=progress,
+                                       allow_unsafe_backing=allow_unsafe_backing)
 
     def delete_chain(self, name: str) -> None:
         """Remove chain NAME with its snapshots and the volumes only it uses.
