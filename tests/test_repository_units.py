@@ -81,7 +81,7 @@ def test_journaled_success_passes_its_points_and_removes_after_commit(repo, poin
 
 
 def test_journaled_hands_the_new_leaf_to_its_chain_before_the_committed_point(repo, points,
-                                                                                 monkeypatch):
+                                                                              monkeypatch):
     chain = repo.create_chain("vm", 1 << 20)
     chain.release_leaf()
     img = FakeImage()
@@ -186,3 +186,41 @@ def test_graph_ancestry_refuses_loops_and_missing_volumes():
     missing = catalog(vol("l", "a", "gone"))
     with pytest.raises(RepositoryError, match="volume gone is missing from the catalog"):
         graph.ancestry(missing, "l")
+
+
+# --- the catalog interface -------------------------------------------------------------------
+
+def protocol_members() -> set[str]:
+    from engine.repository.catalog_api import CatalogStore
+
+    return {n for n in vars(CatalogStore) if not n.startswith("_")} | \
+        set(CatalogStore.__annotations__)
+
+
+def test_sqlite_catalog_implements_the_catalog_interface():
+    import inspect
+
+    from engine.catalog import Catalog
+    from engine.repository.catalog_api import CatalogStore
+
+    for name in protocol_members() - {"version"}:
+        want = inspect.signature(getattr(CatalogStore, name))
+        have = inspect.signature(getattr(Catalog, name))
+        assert list(want.parameters) == list(have.parameters), name
+
+
+def test_the_repository_reaches_the_catalog_only_through_the_interface():
+    """Every catalog call in the repository package is a member of CatalogStore, so a
+    second implementation needs nothing more."""
+    import re
+
+    import engine.repository
+
+    folder = os.path.dirname(engine.repository.__file__)
+    used = set()
+    for name in os.listdir(folder):
+        if name.endswith(".py") and name != "catalog_api.py":
+            with open(os.path.join(folder, name)) as f:
+                used |= set(re.findall(r"(?:\b|_)cat\.([a-z_]+)\b", f.read()))
+    assert used, "the pattern finds the catalog calls"
+    assert used <= protocol_members(), used - protocol_members()

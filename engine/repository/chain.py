@@ -355,4 +355,3 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {self._name!r}{' closed' if self._closed else ''}>"
-

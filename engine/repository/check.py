@@ -246,4 +246,3 @@ def _check_volume(ctx: Context, v: VolumeRow, vols, by_file, sizes, entry, add, 
             f"repair left problems: {again.to_dict()}"
     add(p)
     return p.repaired
-

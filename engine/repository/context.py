@@ -301,4 +301,3 @@ class Context:
                 img.close()
                 raise
         return img
-

@@ -124,4 +124,3 @@ def identity_problem(v: VolumeRow, size: int, ino: int) -> str | None:
         return (f"is not the file the catalog recorded (inode {ino}, recorded {v.ino}): it "
                 "was replaced, or the repository was copied")
     return None
-

@@ -48,4 +48,3 @@ def roles(vols: dict[str, VolumeRow], chains: Iterable[ChainRow]) -> dict[str, s
                    "shared" if users.get(v.id, set()) - {v.chain} else
                    "base" if v.parent is None else "internal")
             for v in vols.values()}
-

@@ -192,4 +192,3 @@ class RepositoryCheck:
 
 def _iso(t: _dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
