@@ -197,12 +197,15 @@ class Context:
                 if attempt == 2:
                     raise
                 row = now_row
-        if verify:
-            try:
-                self.verify_identity(img)
-            except BaseException:
-                img.close()
-                raise
+        return self._verified(img) if verify else img
+
+    def _verified(self, img):
+        """IMG, once ``verify_identity`` passed (closed if it did not)."""
+        try:
+            self.verify_identity(img)
+        except BaseException:
+            img.close()
+            raise
         return img
 
     def verify_identity(self, img) -> None:
@@ -294,10 +297,4 @@ class Context:
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
                            backing_format=parent.format)
-        if verify:
-            try:
-                self.verify_identity(img)
-            except BaseException:
-                img.close()
-                raise
-        return img
+        return self._verified(img) if verify else img
