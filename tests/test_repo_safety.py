@@ -47,7 +47,7 @@ def at_point(monkeypatch, name: str, action) -> list:
     """Run ACTION once when the repository passes the step boundary NAME; returns the list
     that receives what it returned or raised."""
     seen: list = []
-    real = repository.kill_point
+    real = repository.journal.kill_point
 
     def hook(point):
         real(point)
@@ -57,7 +57,7 @@ def at_point(monkeypatch, name: str, action) -> list:
             except EngineError as e:
                 seen.append(e)
 
-    monkeypatch.setattr(repository, "kill_point", hook)
+    monkeypatch.setattr(repository.journal, "kill_point", hook)
     return seen
 
 

@@ -721,7 +721,7 @@ def test_check_finds_and_repairs(repo, repo_path, tmp_path):
     with c.open_snapshot(s1.id) as img:
         assert img.read(0, 1) == b"a"
     # A missing file cannot be repaired.
-    repo.chain("vm1")._release()
+    repo.chain("vm1").release_leaf()
     os.rename(vols[1].path, str(tmp_path / "away"))
     res = repo.check(repair=True)
     assert [p.kind for p in res.problems if not p.repaired] == ["missing-file"]

@@ -1,0 +1,300 @@
+"""The context the repository's operations run in: its folder, catalog and open chains,
+the views of catalog rows they share, and the opening of volume files under the catalog's
+identity rules.  ``Repository`` owns one; the operations (``engine.repository.operations``)
+and ``Chain`` work through it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Iterable
+
+from engine import image
+from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
+from engine.errors import (ChainError, ImageClosed, ImageLocked, ImageNotFound,
+                           InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
+from engine.repository import files, graph
+from engine.repository.files import VOLUMES_DIR
+from engine.repository.catalog_api import CatalogStore
+from engine.repository.chain import Chain
+from engine.repository.values import Snapshot, Volume
+
+if TYPE_CHECKING:
+    from engine.repository.repo import Repository
+
+#: Snapshot ids may be given by a unique prefix of at least this many characters.
+MIN_ID_PREFIX = 4
+
+
+class Context:
+    """What an operation on the repository needs (see the module docstring).
+
+    Attributes:
+        path (str): the repository folder.   cat (CatalogStore): its catalog.
+        readonly (bool): opened read-only.   closed (bool): the repository is closed.
+        chains (dict[str, Chain]): the open chains, by name.
+        blocked (dict[str, str]): chains with an interrupted roll-forward operation in
+            flight in this process (name -> operation), refused until recovery.
+    """
+
+    def __init__(self, repo: "Repository", path: str, cat: CatalogStore, readonly: bool):
+        self._repo = weakref.ref(repo)
+        self.path = path
+        self.cat = cat
+        self.readonly = readonly
+        self.closed = False
+        self.chains: dict[str, Chain] = {}
+        self.blocked: dict[str, str] = {}
+
+    def chain(self, name: str) -> Chain:
+        """The chain NAME (the same object each call while it is open)."""
+        self.check_open()
+        c = self.chains.get(name)
+        if c is not None and not c.closed:
+            return c
+        self.chain_row(name)
+        repo = self._repo()
+        assert repo is not None            # an operation runs on a live repository
+        c = self.chains[name] = Chain(repo, self, name)
+        return c
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ImageClosed("the repository is closed", path=self.path)
+
+    def check_writable(self) -> None:
+        self.check_open()
+        if self.readonly:
+            raise RepositoryError("the repository is open read-only", path=self.path,
+                                  hint="open it without readonly to change it")
+
+    def check_not_blocked(self, name: str) -> None:
+        op = self.blocked.get(name)
+        if op is not None:
+            raise RepositoryError(f"chain {name!r} has an interrupted {op} in flight",
+                                  hint="call Repository.recover() or reopen the repository")
+
+    def abs(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+    def chain_row(self, name: str) -> ChainRow:
+        row = self.cat.chain(name)
+        if row is None:
+            raise NotFound(f"no chain named {name!r}")
+        return row
+
+    def volume_row(self, vid: str) -> VolumeRow:
+        row = self.cat.volume(vid)
+        if row is None:
+            raise NotFound(f"volume {vid} is not in the catalog (removed meanwhile?)")
+        return row
+
+    def volume_of(self, row: VolumeRow) -> Volume:
+        return Volume(row.id, row.chain, self.abs(row.path), row.format, row.role, row.parent,
+                      row.legality, parse_time(row.created))
+
+    def snapshot_of(self, row: SnapshotRow) -> Snapshot:
+        return Snapshot(row.id, row.chain, parse_time(row.created), row.description,
+                        row.volume)
+
+    def find_snapshot(self, chain: str, sid: str) -> SnapshotRow:
+        """The snapshot of CHAIN with id SID, or with a unique prefix SID."""
+        if not isinstance(sid, str) or not sid:
+            raise InvalidArgument(f"a snapshot id is required, not {sid!r}")
+        rows = self.cat.snapshots(chain)
+        exact = [r for r in rows if r.id == sid]
+        if exact:
+            return exact[0]
+        if len(sid) >= MIN_ID_PREFIX:
+            hits = [r for r in rows if r.id.startswith(sid)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise InvalidArgument(f"snapshot id prefix {sid!r} is ambiguous in chain "
+                                      f"{chain!r}; give more characters")
+        raise NotFound(f"chain {chain!r} has no snapshot {sid!r}")
+
+    def snapshot_volume(self, snap: SnapshotRow) -> VolumeRow:
+        """SNAP's volume, which must be LEGAL to be read (call inside one catalog read)."""
+        row = self.volume_row(snap.volume)
+        if row.legality == "LEGAL":
+            return row
+        if self.readonly and any(row.id in (j.args.get("volume"), j.args.get("child"))
+                                 for j in self.cat.journal() if j.state == "running"):
+            raise ImageLocked(f"snapshot {snap.id}'s volume {row.id} is being changed by an "
+                              "operation in another process", path=self.abs(row.path),
+                              hint="retry when it is done")
+        raise RepositoryError(f"snapshot {snap.id}'s volume {row.id} is ILLEGAL",
+                              hint="run 'cowchain chain check --repair'")
+
+    def chain_volumes(self, name: str) -> list[Volume]:
+        row = self.chain_row(name)
+        vols = self.cat.volumes()
+        main = list(reversed(graph.ancestry(vols, row.leaf)))
+        seen = {v.id for v in main}
+        extra = []
+        if row.saved_leaf:
+            extra = [v for v in reversed(graph.ancestry(vols, row.saved_leaf)) if v.id not in seen]
+        return [self.volume_of(v) for v in main + extra]
+
+    def volume_row_for(self, vid: str, chain: str, rel: str, fmt: str, parent: str | None,
+                       size: int) -> VolumeRow:
+        """The catalog row of a new (unsealed) volume file, with its size and identity."""
+        row = VolumeRow(vid, chain, rel, fmt, "leaf", parent, "LEGAL", now())
+        for k, val in self.volume_record(row, sealed=False, size=size).items():
+            setattr(row, k, val)
+        return row
+
+    def new_volume(self, fmt: str) -> tuple[str, str]:
+        vid = str(uuid.uuid4())
+        ext = "qcow2" if fmt == "qcow2" else "raw"
+        return vid, f"{VOLUMES_DIR}/{vid}.{ext}"
+
+    def refresh_roles(self) -> None:
+        """Recompute every volume's role from the parent links (inside a transaction)."""
+        vols = self.cat.volumes()
+        for vid, role in graph.roles(vols, self.cat.chains()).items():
+            if role != vols[vid].role:
+                self.cat.update_volume(vid, role=role)
+
+    def collect_garbage(self, candidates: Iterable[str]) -> list[str]:
+        """Drop the catalog rows of CANDIDATES no chain reads through any more (inside a
+        transaction); return their files' relative paths, for removal after the commit."""
+        vols = self.cat.volumes()
+        users = graph.volume_users(vols, self.cat.chains())
+        owned = {s.volume for s in self.cat.snapshots()}
+        remove = []
+        for vid in dict.fromkeys(candidates):
+            row = vols.get(vid)
+            if row is None or users.get(vid) or vid in owned:
+                continue
+            self.cat.delete_volume(vid)
+            remove.append(row.path)
+        return remove
+
+    def open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True,
+                    verify: bool = True):
+        """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
+        a raw volume in what was opened must still be the file the catalog recorded
+        (VolumeDamaged otherwise)."""
+        for attempt in (1, 2):
+            try:
+                img = image.open(self.abs(row.path), format=row.format, readonly=readonly,
+                                 backing=backing)
+                break
+            except (ImageNotFound, ChainError):
+                if not self.readonly:
+                    raise
+                # A writer beside this read-only open may have merged the volume (or one
+                # under it) away since the catalog was read: a vanished volume is NotFound,
+                # a changed chain is opened again as it is now.
+                now_row = self.cat.volume(row.id)
+                if now_row is None:
+                    raise NotFound(f"volume {row.id} was removed while it was being opened "
+                                   "(its snapshot was deleted meanwhile)") from None
+                if attempt == 2:
+                    raise
+                row = now_row
+        return self._verified(img) if verify else img
+
+    def _verified(self, img):
+        """IMG, once ``verify_identity`` passed (closed if it did not)."""
+        try:
+            self.verify_identity(img)
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def verify_identity(self, img) -> None:
+        """The cheap identity check made at every open: a raw volume (only a chain's base can
+        be raw) must have the size and inode the catalog recorded for it."""
+        bottom = img.chain()[-1]
+        if bottom.format != "raw":
+            return
+        v = self.cat.volume_by_path(os.path.relpath(bottom.path, self.path))
+        if v is None:
+            return
+        try:
+            ino = os.stat(bottom.path).st_ino
+        except OSError as e:
+            raise io_error(e.errno, "cannot stat the volume", path=bottom.path) from None
+        why = files.identity_problem(v, bottom.size, ino)
+        if why is not None:
+            # another inode with the recorded size: a copied repository, which a check with
+            # repair accepts once the content stamp matches
+            raise self.damaged(v, why, repairable=bottom.size == v.size)
+
+    def damaged(self, v: VolumeRow, why: str, *, chain: str | None = None,
+                repairable: bool = True, snapshot: bool = False) -> VolumeDamaged:
+        """The VolumeDamaged error for volume V (SNAPSHOT: a refused snapshot of CHAIN)."""
+        chain = chain or v.chain
+        if repairable:
+            hint = f"repair it with Repository.check(repair=True, chain={chain!r})"
+            cli = f"repair it with 'cowchain chain check {chain} --repair'"
+        else:
+            hint = (f"Repository.check(chain={chain!r}) shows what is wrong; restore the "
+                    "file from a backup")
+            cli = f"'cowchain chain check {chain}' shows what is wrong; restore the file " \
+                  "from a backup"
+        if snapshot:
+            hint += ", or pass force=True to take the snapshot anyway"
+            cli += ", or pass --force to take the snapshot anyway"
+        what = "no snapshot taken: " if snapshot else ""
+        return VolumeDamaged(f"{what}volume {v.id} of chain {chain!r} {why}",
+                             volume=v.id, chain=chain, path=self.abs(v.path), hint=hint,
+                             cli_hint=cli)
+
+    def volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict:
+        """The catalog's record of volume V's file: its virtual size and, for a raw volume,
+        its identity (inode, and once SEALED a content stamp).  SIZE: the qcow2 virtual size
+        when the caller knows it (else it is read from the header)."""
+        if v.format == "raw":
+            return files.raw_record(self.abs(v.path), sealed=sealed)
+        if size is None:
+            with self.open_volume(v, readonly=True, backing=False, verify=False) as img:
+                size = img.size
+        return {"size": size, "ino": None, "stamp": None}
+
+    def volume_size(self, v: VolumeRow) -> int:
+        """Virtual size of volume V: the catalog's record, or its header (no record yet)."""
+        if v.size is not None:
+            return v.size
+        with self.open_volume(v, readonly=True, backing=False, verify=False) as img:
+            return img.size
+
+    @contextlib.contextmanager
+    def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *, verify: bool = True):
+        """Open the volumes an operation writes (or needs unchanged) and hold them to its
+        end: SPECS is [(row, readonly, backing)], the images are yielded in that order.
+
+        The rule for journaled operations: every image lock an operation needs is taken
+        here, *before* its journal entry is written, and held until its catalog commit.  An
+        image someone else holds (an open_snapshot view, qemu-img, a read-only repository)
+        then refuses the operation with ImageLocked while nothing is recorded, so a refusal
+        leaves nothing to recover.  Our own chains' leaf handles on those volumes are
+        released first (they reopen on their next I/O)."""
+        self.release_handles(r for r, _, _ in specs)
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self.open_volume(r, readonly=ro, backing=b,
+                                                        verify=verify))
+                   for r, ro, b in specs]
+
+    def release_handles(self, rows: Iterable[VolumeRow]) -> None:
+        paths = {self.abs(r.path) for r in rows}
+        for c in self.chains.values():
+            if c.leaf_uses(paths):
+                c.release_leaf()
+
+    def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
+                       verify: bool = True):
+        """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
+        open read-write with its chain: the caller makes it the chain's leaf handle, so that
+        the chain is not opened a second time (opening costs one step per level).  VERIFY:
+        as for ``open_volume``."""
+        img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
+                           backing=os.path.basename(parent.path),
+                           backing_format=parent.format)
+        return self._verified(img) if verify else img

@@ -1,0 +1,126 @@
+"""Volume files on disk: directory sync, removal, and the identity record of a raw
+volume (size, inode, content stamp)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from engine.catalog import VolumeRow
+from engine.errors import EngineError, ImageNotFound, io_error
+
+#: The repository folder: <repo>/catalog.db, <repo>/volumes/<uuid>.qcow2|.raw,
+#: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside.
+CATALOG_NAME = "catalog.db"
+VOLUMES_DIR = "volumes"
+LOCK_NAME = "repository.lock"
+LOST_FOUND = "lost+found"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def close_quietly(img) -> None:
+    """Close IMG on an error path without hiding the error being handled."""
+    if img is not None:
+        try:
+            img.close()
+        except EngineError:
+            pass
+
+
+#: The content stamp of a sealed raw volume: a hash of its size, of the first and the last
+#: block holding data when it was sealed (found with SEEK_DATA) and of blocks at fixed
+#: offsets spread over the file.  The stamp records where those data blocks were, and a
+#: later check reads the same offsets: a copy of the repository that changed which ranges
+#: are sparse still has the same stamp.  Cost: O(log size) seeks and ten block reads.
+_STAMP_BLOCK = 65536
+
+_STAMP_SAMPLES = 8
+
+
+def raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
+    """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp
+    (STAMP: recompute that recorded stamp's blocks, to compare)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageNotFound("no such file", path=path) from None
+    except OSError as e:
+        raise io_error(e.errno, "cannot open", path=path) from None
+    try:
+        st = os.fstat(fd)
+        return {"size": st.st_size, "ino": st.st_ino,
+                "stamp": _stamp(fd, st.st_size, path, stamp) if sealed else None}
+    finally:
+        os.close(fd)
+
+
+def _data_at_or_after(fd: int, offset: int) -> int | None:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return None                     # ENXIO: only holes from OFFSET on
+
+
+def _stamp(fd: int, size: int, path: str, recorded: str | None = None) -> str:
+    """The stamp of raw file FD (SIZE bytes); with RECORDED, over the blocks it names."""
+    B = _STAMP_BLOCK
+    if recorded is not None:
+        try:
+            first, last = (int(x) for x in recorded.split(":")[:2])
+        except ValueError:
+            first = last = -1
+    else:
+        pos = _data_at_or_after(fd, 0)
+        first = last = -1
+        if pos is not None and pos < size:
+            first = pos // B * B
+            lo, hi = first // B, (size - 1) // B      # the last block with data, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                found = _data_at_or_after(fd, mid * B)
+                if found is not None and found < size:
+                    lo = found // B if found // B > mid else mid
+                else:
+                    hi = mid - 1
+            last = lo * B
+    top = max(0, size - B)
+    offsets = [top * i // (_STAMP_SAMPLES - 1) // 512 * 512 for i in range(_STAMP_SAMPLES)]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(size.to_bytes(8, "little"))
+    try:
+        for off in offsets + [o for o in (first, last) if 0 <= o < size]:
+            h.update(os.pread(fd, B, off))
+    except OSError as e:
+        raise io_error(e.errno, "cannot read the volume", path=path) from None
+    return f"{first}:{last}:{h.hexdigest()}"
+
+
+def identity_problem(v: VolumeRow, size: int, ino: int) -> str | None:
+    """What is wrong with raw volume V's file, now SIZE bytes at inode INO, against the
+    catalog's record (size and inode: the cheap comparison made at every open), or None."""
+    if v.format != "raw" or v.size is None:
+        return None
+    if size < v.size:
+        return (f"is {size} bytes, shorter than the {v.size} bytes of disk it serves "
+                "(the file was truncated or replaced)")
+    if size != v.size:
+        return f"is {size} bytes, the catalog records {v.size} (the file was replaced?)"
+    if v.ino is not None and ino != v.ino:
+        return (f"is not the file the catalog recorded (inode {ino}, recorded {v.ino}): it "
+                "was replaced, or the repository was copied")
+    return None

@@ -1,0 +1,469 @@
+"""The repository's operations, as functions over its ``Context``: chains made, imported
+and deleted; snapshot, resize, revert, preview, clone, delete_snapshot (a merge), export and
+diff.  Each journaled one runs inside ``journal.journaled``; ``Repository`` and ``Chain``
+call these."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import TYPE_CHECKING
+
+from engine import destination as _destination
+from engine import image
+from engine import ops
+from engine.catalog import ChainRow, SnapshotRow, VolumeRow, now
+from engine.errors import EngineError, InvalidArgument, RepositoryError, UnsupportedFeature
+from engine.repository import graph, journal, merge
+from engine.repository.values import DiffResult, ExportResult, MergeResult, Progress, Snapshot
+
+if TYPE_CHECKING:
+    from engine.repository.chain import Chain
+    from engine.repository.context import Context
+
+
+#: Chain names: what fits in a file name and a shell word without quoting.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(f"invalid chain name {name!r}: use 1-128 letters, digits, "
+                              "'.', '_' or '-', starting with a letter or digit")
+
+
+def _check_new_chain(ctx: Context, name: str, size: int, base_format: str, cluster_size: int):
+    ctx.check_writable()
+    check_name(name)
+    if base_format not in ("raw", "qcow2"):
+        raise InvalidArgument(f"base_format must be 'raw' or 'qcow2', not {base_format!r}")
+    if not isinstance(size, int) or size <= 0 or size % 512:
+        raise InvalidArgument(f"size must be a positive multiple of 512 bytes, not {size!r}")
+    if (not isinstance(cluster_size, int) or cluster_size < 512 or cluster_size > 2 << 20
+            or cluster_size & (cluster_size - 1)):
+        raise InvalidArgument(f"cluster_size must be a power of two from 512 to 2 MiB, "
+                              f"not {cluster_size!r}")
+    if ctx.cat.chain(name) is not None:
+        raise RepositoryError(f"a chain named {name!r} exists already")
+
+
+def create_chain(ctx: Context, name: str, size: int, *, base_format: str = "raw",
+                 cluster_size: int = 65536) -> Chain:
+    """``Repository.create_chain``."""
+    _check_new_chain(ctx, name, size, base_format, cluster_size)
+    vid, rel = ctx.new_volume(base_format)
+    with journal.journaled(ctx, "create_chain", name, {"created": [rel]}) as j:
+        img = j.hold(image.create(ctx.abs(rel), size, format=base_format,
+                                  cluster_size=cluster_size))
+        j.step("created")
+        with ctx.cat.transaction():
+            ctx.cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
+            ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, base_format, None,
+                                                     size))
+            ctx.cat.journal_end(j.jid)
+        j.leaf_of(name, img)
+    return ctx.chain(name)
+
+
+def import_chain(ctx: Context, name: str, source, *, format: str, base_format: str = "raw",
+                 cluster_size: int = 65536, progress: Progress | None = None,
+                 allow_unsafe_backing: bool = False) -> Chain:
+    """``Repository.import_chain``."""
+    ctx.check_writable()
+    if format not in ("raw", "qcow2"):
+        raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {format!r}",
+                              hint="name the source's format; cowchain never guesses it")
+    src_path = os.path.abspath(os.fspath(source))
+    if os.path.isdir(src_path):
+        raise InvalidArgument("is a folder, not a disk image", path=src_path)
+    with image.open(src_path, format=format, readonly=True,
+                    allow_unsafe_backing=allow_unsafe_backing) as src:
+        size = src.size
+        if size % 512:
+            raise InvalidArgument(f"the source's size ({size} bytes) is not a multiple "
+                                  "of 512", path=src_path,
+                                  hint="pad it first, e.g. truncate -s %512 FILE")
+        if size == 0:
+            raise InvalidArgument("the source is an empty disk", path=src_path)
+        _check_new_chain(ctx, name, size, base_format, cluster_size)
+        vid, rel = ctx.new_volume(base_format)
+        with journal.journaled(ctx, "import_chain", name,
+                               {"created": [rel], "source": src_path}) as j:
+            ops.convert_new(src, ctx.abs(rel), format=base_format,
+                            cluster_size=cluster_size, progress=progress,
+                            hook="import.copy")
+            j.step("written")
+            with ctx.cat.transaction():
+                ctx.cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))
+                ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, base_format,
+                                                         None, size))
+                ctx.cat.journal_end(j.jid)
+    return ctx.chain(name)
+
+
+def delete_chain(ctx: Context, name: str) -> None:
+    """``Repository.delete_chain``."""
+    ctx.check_writable()
+    row = ctx.chain_row(name)
+    ctx.check_not_blocked(name)
+    vols = ctx.cat.volumes()
+    chains = ctx.cat.chains()
+    users = graph.volume_users(vols, chains)
+    for v in vols.values():
+        if v.chain == name:
+            others = sorted(users.get(v.id, set()) - {name})
+            if others:
+                raise RepositoryError(
+                    f"chain {name!r} cannot be deleted: clone {others[0]!r} uses its "
+                    f"volume {v.id}", hint=f"delete chain {others[0]!r} first")
+    c = ctx.chains.pop(name, None)
+    if c is not None:
+        c.close()
+    with ctx.cat.transaction():
+        candidates = [v.id for v in vols.values() if v.chain == name]
+        for top in (row.leaf, row.saved_leaf):
+            if top:
+                candidates += [v.id for v in graph.ancestry(vols, top)]
+        for s in ctx.cat.snapshots(name):
+            ctx.cat.delete_snapshot(s.id)
+        ctx.cat.delete_chain(name)
+        remove = ctx.collect_garbage(candidates)
+        ctx.refresh_roles()
+        jid = ctx.cat.journal_begin("delete_chain", name, {"remove": remove},
+                                    state="committed")
+    journal.kill_point("delete_chain.committed")
+    journal.finish(ctx, jid, "delete_chain", remove)
+
+
+def record_unrecorded(ctx: Context) -> None:
+    """Fill in the size and identity of volumes the catalog has no record of (a catalog
+    made by an older cowchain): what the files hold now is taken as the truth."""
+    recs = {}
+    for v in ctx.cat.unrecorded_volumes():
+        try:
+            recs[v.id] = ctx.volume_record(v, sealed=v.role != "leaf")
+        except EngineError:
+            continue             # a missing or busy file: check reports it; retried later
+    if recs:
+        with ctx.cat.transaction():
+            for vid, rec in recs.items():
+                ctx.cat.update_volume(vid, **rec)
+
+
+def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> ChainRow:
+    """Common checks before a chain operation; closes the chain's leaf handle."""
+    ctx.check_writable()
+    row = ctx.chain_row(chain.name)
+    ctx.check_not_blocked(chain.name)
+    if row.preview and not allow_preview:
+        raise RepositoryError(
+            f"chain {chain.name!r} is previewing snapshot {row.preview}",
+            hint="commit_preview() or undo_preview() first")
+    chain.release_leaf()
+    return row
+
+
+def _refuse_damaged(ctx: Context, row: ChainRow, img=None) -> None:
+    """A snapshot is not taken on a chain known to be damaged: a volume marked ILLEGAL
+    (an operation on it did not finish) or damaged (by check) in the catalog, or (IMG:
+    the chain opened) a QCOW2 volume with the corrupt bit set."""
+    flagged = ctx.cat.flagged_volumes()          # normally none: one cheap query
+    if flagged:
+        line = {v.id for v in graph.ancestry(ctx.cat.volumes(), row.leaf)}
+        for v in flagged:
+            if v.id not in line:
+                continue
+            if v.legality != "LEGAL":
+                raise ctx.damaged(v, "is ILLEGAL (an operation on it did not finish)",
+                                  chain=row.name, snapshot=True)
+            raise ctx.damaged(v, f"was found damaged by check: {v.damaged}",
+                              chain=row.name, snapshot=True)
+    if img is not None:
+        for im in img.chain():
+            if im.header is not None and im.header.corrupt:
+                rel = os.path.relpath(im.path, ctx.path)
+                v = ctx.cat.volume_by_path(rel) or VolumeRow(
+                    "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
+                raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
+                                  chain=row.name, snapshot=True)
+
+
+def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snapshot:
+    if not isinstance(description, str):
+        raise InvalidArgument("description must be a string")
+    row = _prepare(ctx, chain)
+    leaf = ctx.volume_row(row.leaf)
+    if not force:
+        _refuse_damaged(ctx, row)
+    vid, rel = ctx.new_volume("qcow2")
+    sid = str(uuid.uuid4())
+    with journal.journaled(ctx, "snapshot", row.name, {"created": [rel], "snapshot": sid}) as j:
+        img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
+                                        verify=not force))
+        if not force:
+            _refuse_damaged(ctx, row, img)
+        # the leaf is sealed now: record what it is, to notice later if it is changed
+        sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
+        j.step("created")
+        with ctx.cat.transaction():
+            ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
+                                                     leaf.id, row.size))
+            ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
+                                                leaf.id))
+            ctx.cat.update_volume(leaf.id, **sealed)
+            ctx.cat.update_chain(row.name, leaf=vid)
+            ctx.refresh_roles()
+            ctx.cat.journal_end(j.jid)
+        j.leaf_of(chain, img)
+    return ctx.snapshot_of(ctx.cat.snapshot(sid))
+
+
+def resize(ctx: Context, chain: Chain, new_size: int) -> None:
+    if not isinstance(new_size, int) or isinstance(new_size, bool) or new_size % 512:
+        raise InvalidArgument(f"size must be a multiple of 512 bytes, not {new_size!r}")
+    row = _prepare(ctx, chain)
+    if new_size < row.size:
+        raise UnsupportedFeature("shrink", f"chain {row.name!r} is {row.size} bytes; "
+                                 "shrinking a disk is not supported (data past the new "
+                                 "end would be lost)")
+    if new_size == row.size:
+        return
+    leaf = ctx.volume_row(row.leaf)
+    with journal.journaled(ctx, "resize", row.name, {"size": new_size, "leaf": leaf.id},
+                           hold=[(leaf, False, False)]) as j:
+        img = j.images[0]
+        img.resize(new_size)                   # durable when it returns
+        j.step("resized")
+        journal.kill_point("resize.resized")
+        rec = ctx.volume_record(leaf, sealed=False, size=img.size)
+        with ctx.cat.transaction():
+            ctx.cat.update_chain(row.name, size=new_size)
+            ctx.cat.update_volume(leaf.id, **rec)
+            ctx.cat.journal_end(j.jid)
+
+
+def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: SnapshotRow,
+                 apply) -> None:
+    """Revert and preview: a new empty leaf on top of SNAP's volume, at the size the disk
+    had at SNAP (the chain takes that size), then APPLY(vid) inside the commit
+    transaction (it returns the files to remove afterwards)."""
+    base = ctx.snapshot_volume(snap)
+    size = ctx.volume_size(base)
+    vid, rel = ctx.new_volume("qcow2")
+    with journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
+        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
+        j.step("created")
+        with ctx.cat.transaction():
+            ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
+                                                     base.id, size))
+            ctx.cat.update_chain(row.name, size=size)
+            j.remove = apply(vid)
+            ctx.refresh_roles()
+            if j.remove:
+                ctx.cat.journal_commit(j.jid, {"remove": j.remove})
+            else:
+                ctx.cat.journal_end(j.jid)
+        j.leaf_of(chain, img)
+
+
+def _drop_newer(ctx: Context, row: ChainRow, snap: SnapshotRow) -> None:
+    for s in ctx.cat.snapshots(row.name):
+        if s.seq > snap.seq:
+            ctx.cat.delete_snapshot(s.id)
+
+
+def revert(ctx: Context, chain: Chain, sid: str) -> None:
+    row = _prepare(ctx, chain)
+    snap = ctx.find_snapshot(row.name, sid)
+    vols = ctx.cat.volumes()
+    old = [v.id for v in graph.ancestry(vols, row.leaf)]
+
+    def apply(vid):
+        _drop_newer(ctx, row, snap)
+        ctx.cat.update_chain(row.name, leaf=vid)
+        return ctx.collect_garbage(old)
+
+    _new_leaf_on(ctx, "revert", chain, row, snap, apply)
+
+
+def preview(ctx: Context, chain: Chain, sid: str) -> None:
+    row = _prepare(ctx, chain)
+    snap = ctx.find_snapshot(row.name, sid)
+
+    def apply(vid):
+        ctx.cat.update_chain(row.name, leaf=vid, saved_leaf=row.leaf, preview=snap.id)
+        return []
+
+    _new_leaf_on(ctx, "preview", chain, row, snap, apply)
+
+
+def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
+    op = "commit_preview" if keep else "undo_preview"
+    row = _prepare(ctx, chain, allow_preview=True)
+    if not row.preview:
+        raise RepositoryError(f"chain {row.name!r} is not previewing a snapshot")
+    vols = ctx.cat.volumes()
+    saved_size = None if keep else ctx.volume_size(vols[row.saved_leaf])
+    with ctx.cat.transaction():
+        if keep:
+            snap = ctx.cat.snapshot(row.preview)
+            _drop_newer(ctx, row, snap)
+            ctx.cat.update_chain(row.name, saved_leaf=None, preview=None)
+            candidates = [v.id for v in graph.ancestry(vols, row.saved_leaf)]
+        else:
+            ctx.cat.update_chain(row.name, leaf=row.saved_leaf, saved_leaf=None,
+                                 preview=None, size=saved_size)
+            candidates = [v.id for v in graph.ancestry(vols, row.leaf)]
+        remove = ctx.collect_garbage(candidates)
+        ctx.refresh_roles()
+        jid = ctx.cat.journal_begin(op, row.name, {"remove": remove}, state="committed")
+    journal.kill_point(f"{op}.committed")
+    journal.finish(ctx, jid, op, remove)
+
+
+def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
+    row = _prepare(ctx, chain, allow_preview=True)
+    check_name(name)
+    snap = ctx.find_snapshot(row.name, sid)
+    if ctx.cat.chain(name) is not None:
+        raise RepositoryError(f"a chain named {name!r} exists already")
+    base = ctx.volume_row(snap.volume)
+    # the clone is the disk as it was at the snapshot, at the size it had then (the
+    # chain may have grown since)
+    size = ctx.volume_size(base)
+    vid, rel = ctx.new_volume("qcow2")
+    with journal.journaled(ctx, "clone", name, {"created": [rel], "snapshot": snap.id,
+                                                "origin": row.name}) as j:
+        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
+        j.step("created")
+        with ctx.cat.transaction():
+            ctx.cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
+                                          origin_chain=row.name, origin_snapshot=snap.id))
+            ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, "qcow2", base.id,
+                                                     size))
+            ctx.refresh_roles()
+            ctx.cat.journal_end(j.jid)
+        j.leaf_of(name, img)
+    return ctx.chain(name)
+
+
+def delete_snapshot(ctx: Context, chain: Chain, sid: str,
+                    progress: Progress | None) -> MergeResult:
+    row = _prepare(ctx, chain)
+    snap = ctx.find_snapshot(row.name, sid)
+    vols = ctx.cat.volumes()
+    users = graph.volume_users(vols, ctx.cat.chains())
+    others = sorted(users.get(snap.volume, set()) - {row.name})
+    if others:
+        raise RepositoryError(
+            f"snapshot {snap.id} of chain {row.name!r} cannot be deleted: clone "
+            f"{others[0]!r} uses its volume {snap.volume}",
+            hint=f"delete chain {others[0]!r} first")
+    line = graph.ancestry(vols, row.leaf)
+    ids = [v.id for v in line]
+    if snap.volume not in ids or ids.index(snap.volume) == 0:
+        raise RepositoryError(f"snapshot {snap.id}'s volume is not under the leaf of chain "
+                              f"{row.name!r}", hint="run 'cowchain chain check'")
+    vol = vols[snap.volume]
+    child = line[ids.index(snap.volume) - 1]
+    kids = ctx.cat.children(vol.id)
+    if [k.id for k in kids] != [child.id]:
+        raise RepositoryError(f"volume {vol.id} has other children than {child.id}",
+                              hint="run 'cowchain chain check'")
+    grandchildren = [k.id for k in ctx.cat.children(child.id)]
+    commit_bytes, pull_bytes = merge.costs(ctx, vol, child)
+    direction = "commit" if commit_bytes <= pull_bytes else "pull"
+    target = vol if direction == "commit" else child
+    if direction == "pull":
+        # The snapshot's own volume is removed: nobody may have it open (an open_snapshot
+        # view of this snapshot).  A writable open proves that; it is closed again because
+        # the pull reads the volume through its child (in this process a writable and a
+        # read-only open of one file exclude each other, as between processes).
+        ctx.release_handles([vol])
+        ctx.open_volume(vol, backing=False).close()
+    args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
+            "child": child.id, "grandchildren": grandchildren}
+    with journal.journaled(ctx, "delete_snapshot", row.name, args, illegal=[target.id],
+                           hold=merge.specs(ctx, args)) as j:
+        copied, j.remove = merge.steps(ctx, j, args, "intent", progress)
+    return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
+                       target.id, copied, commit_bytes, pull_bytes)
+
+
+def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
+           progress: Progress | None, overwrite: bool,
+           output_device: bool = False) -> ExportResult:
+    ctx.check_open()
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
+    row = ctx.chain_row(chain.name)
+    stream = isinstance(path, int) and not isinstance(path, bool)
+    # a stream or device is checked and written in place by ops.convert; a file is
+    # checked here, written beside its name and published under the journal
+    dest = None if stream or output_device else _destination.check(path,
+                                                                   overwrite=overwrite)
+    if sid is not None:
+        with ctx.cat.read():
+            snap = ctx.find_snapshot(row.name, sid)
+            src_row = ctx.volume_row(snap.volume)
+        sid = snap.id
+    else:
+        chain.release_leaf()
+        src_row = ctx.volume_row(row.leaf)
+    if dest is None:
+        with ctx.open_volume(src_row, readonly=True) as src:
+            size = src.size                 # a snapshot's own size (the disk may have grown)
+            written = ops.convert(src, path, format=fmt, progress=progress,
+                                  output_device=output_device)
+        where = "-" if stream else os.path.abspath(os.fspath(path))
+        return ExportResult(where, fmt, size, sid, written)
+    tmp = dest.temp_path()
+    with journal.journaled(ctx, "export", row.name, {"tmp_files": [tmp], "dest": dest.path},
+                           committed=None) as j:
+        with ctx.open_volume(src_row, readonly=True) as src:
+            size = src.size                 # a snapshot's own size (the disk may have grown)
+            written = ops.convert_new(src, tmp, format=fmt, cluster_size=row.cluster_size,
+                                      progress=progress, hook="export.copy")
+        j.step("written")
+        dest.commit(tmp)
+        journal.kill_point("export.renamed")
+        ctx.cat.journal_end(j.jid)
+    return ExportResult(dest.path, fmt, size, sid, written)
+
+
+def diff(ctx: Context, chain: Chain, from_id: str, to_id: str | None) -> DiffResult:
+    ctx.check_open()
+    with ctx.cat.read():
+        row = ctx.chain_row(chain.name)
+        a = ctx.find_snapshot(row.name, from_id).volume
+        b = ctx.find_snapshot(row.name, to_id).volume if to_id is not None else row.leaf
+        vols = ctx.cat.volumes()
+    path_a = [v.id for v in graph.ancestry(vols, a)]
+    path_b = [v.id for v in graph.ancestry(vols, b)]
+    in_b = set(path_b)
+    lca = next((v for v in path_a if v in in_b), None)
+    between = path_a[:path_a.index(lca)] if lca else path_a
+    between += path_b[:path_b.index(lca)] if lca else path_b
+    if row.leaf in between or b == row.leaf:
+        chain.release_leaf()
+    size_a = ctx.volume_size(vols[a]) if a != row.leaf else row.size
+    if not between:
+        return DiffResult([], size_a, size_a)
+    images = []
+    try:
+        for vid in between:
+            images.append(ctx.open_volume(vols[vid], readonly=True, backing=False))
+        ranges = ops.allocated_ranges(images)
+    finally:
+        for img in images:
+            img.close()
+    with ctx.open_volume(vols[b], readonly=True) as view:
+        size_b = view.size
+        inside = [(s, min(e, size_b)) for s, e in ranges if s < size_b]
+        changes = ops.annotate(inside, view)
+    # Past the TO point's end (the FROM point is larger: the disk grew in between) the
+    # ranges the FROM side holds are changed too; at TO the disk ends there (zero).
+    changes += [ops.Change(max(s, size_b), e - max(s, size_b), True, False)
+                for s, e in ranges if e > size_b]
+    return DiffResult(changes, size_a, size_b)
