@@ -203,7 +203,7 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
         L.alloc_end = end * C
     if io_sync(L) != 0:
         return fail_io(L, "sync failed while growing the refcount table", 0)
-    rc = hook(L, 2)
+    rc = hook(L, REFTABLE_WRITTEN)
     if rc < 0:
         return rc
     old_off = L.rt_offset
@@ -221,7 +221,7 @@ cdef int grow_reftable(Layer *L, uint64_t need_entries) noexcept nogil:
         rc = pend_free(L, (old_off >> L.cluster_bits) + i)
         if rc < 0:
             return rc
-    return hook(L, 3)
+    return hook(L, REFTABLE_SWITCHED)
 
 
 cdef int find_free(Layer *L, uint64_t *out) noexcept nogil:
@@ -294,7 +294,7 @@ cdef int ensure_refblock(Layer *L, uint64_t rti, int *created) noexcept nogil:
             return rc
     if io_sync(L) != 0:
         return fail_io(L, "sync failed while adding a refcount block", j * C)
-    rc = hook(L, 1)
+    rc = hook(L, REFBLOCK_ALLOC)
     if rc < 0:
         if (j >> L.rb_shift) != rti:
             set_refcount(L, j, 0)
@@ -345,7 +345,7 @@ cdef int alloc_cluster(Layer *L, uint64_t *host) noexcept nogil:
     if rc < 0:
         return rc
     L.free_hint = idx + 1
-    rc = hook(L, 0)
+    rc = hook(L, CLUSTER_ALLOC)
     if rc < 0:
         set_refcount(L, idx, 0)
         return rc

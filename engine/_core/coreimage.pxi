@@ -74,16 +74,50 @@ cdef void swap_layers(Layer *a, Layer *b) noexcept nogil:
 
 
 
+cdef class Geometry:
+    """The header fields the core needs to map a QCOW2 image, typed (built by engine.image
+    from a header engine.format has validated)."""
+
+    cdef readonly int cluster_bits
+    cdef readonly uint64_t size                      # virtual size in bytes
+    cdef readonly int version
+    cdef readonly uint64_t l1_table_offset
+    cdef readonly uint64_t l1_size
+    cdef readonly uint64_t refcount_table_offset
+    cdef readonly uint64_t refcount_table_clusters
+    cdef readonly int refcount_order
+    cdef readonly bint extended_l2
+    cdef readonly int compression_type
+    cdef readonly uint64_t snapshots_offset          # 0: no snapshot table
+    cdef readonly uint64_t snapshots_size
+
+    def __init__(self, *, int cluster_bits, uint64_t size, int version,
+                 uint64_t l1_table_offset, uint64_t l1_size, uint64_t refcount_table_offset,
+                 uint64_t refcount_table_clusters, int refcount_order, bint extended_l2,
+                 int compression_type=0, uint64_t snapshots_offset=0,
+                 uint64_t snapshots_size=0):
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.version = version
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.refcount_order = refcount_order
+        self.extended_l2 = extended_l2
+        self.compression_type = compression_type
+        self.snapshots_offset = snapshots_offset
+        self.snapshots_size = snapshots_size
+
+
 cdef class CoreImage:
     """One mapped image file (internal; use engine.open / engine.create).
 
     Arguments of the constructor:
         fd (int): a descriptor open O_RDWR (writable) or O_RDONLY; the core dups it.
-        writable (bool), raw (bool)
-        geometry (dict): for qcow2, the header fields cluster_bits, size, version,
-            l1_table_offset, l1_size, refcount_table_offset, refcount_table_clusters,
-            refcount_order, extended_l2, compression_type, snapshots_offset,
-            snapshots_size; all validated by engine.format first.
+        writable (bool)
+        geometry (Geometry or None): for qcow2, the header fields the core needs, validated
+            by engine.format first; None for a raw file.
 
     Lifetime and threads: every entry point takes the image's lock (readers share it) and
     checks under it that the image is open, so close() and adopt() -- which hold it
@@ -114,13 +148,14 @@ cdef class CoreImage:
         pthread_rwlock_init(&self.L.lock, &attr)
         pthread_rwlockattr_destroy(&attr)
 
-    def __init__(self, int fd, bint writable, bint raw, dict geometry):
+    def __init__(self, int fd, bint writable, Geometry geometry):
         import os
         cdef Layer *L = &self.L
         cdef uint64_t fsize = os.fstat(fd).st_size
         cdef uint64_t C, reserve, i
         cdef int prot
         cdef void *p
+        cdef bint raw = geometry is None
         L.fd = os.dup(fd)
         L.writable = writable
         L.raw = raw
@@ -130,20 +165,20 @@ cdef class CoreImage:
             L.size = fsize
             L.cluster_bits = 16
         else:
-            L.cluster_bits = geometry["cluster_bits"]
-            L.size = geometry["size"]
-            L.version = geometry["version"]
-            L.ext_l2 = geometry["extended_l2"]
+            L.cluster_bits = geometry.cluster_bits
+            L.size = geometry.size
+            L.version = geometry.version
+            L.ext_l2 = geometry.extended_l2
             L.entry_shift = 4 if L.ext_l2 else 3
             L.l2_bits = L.cluster_bits - L.entry_shift
-            L.l1_offset = geometry["l1_table_offset"]
-            L.l1_size = geometry["l1_size"]
-            L.rt_offset = geometry["refcount_table_offset"]
-            L.rt_entries = (<uint64_t>geometry["refcount_table_clusters"] << L.cluster_bits) // 8
-            L.refcount_order = geometry["refcount_order"]
+            L.l1_offset = geometry.l1_table_offset
+            L.l1_size = geometry.l1_size
+            L.rt_offset = geometry.refcount_table_offset
+            L.rt_entries = (geometry.refcount_table_clusters << L.cluster_bits) // 8
+            L.refcount_order = geometry.refcount_order
             L.rb_shift = L.cluster_bits + 3 - L.refcount_order
             L.rc_max = 0xffffffffffffffff if L.refcount_order == 6 else ((<uint64_t>1 << (1 << L.refcount_order)) - 1)
-            L.compression_type = geometry.get("compression_type", 0)
+            L.compression_type = geometry.compression_type
         C = <uint64_t>1 << L.cluster_bits
         L.cluster_size = C
         L.alloc_end = (fsize + C - 1) & ~(C - 1)
@@ -155,8 +190,8 @@ cdef class CoreImage:
             L.meta_hi[1] = (L.l1_offset + L.l1_size * 8 + C - 1) & ~(C - 1)
             L.meta_lo[2] = L.rt_offset
             L.meta_hi[2] = L.rt_offset + L.rt_entries * 8
-            L.meta_lo[3] = geometry.get("snapshots_offset", 0) & ~(C - 1)
-            L.meta_hi[3] = (geometry.get("snapshots_offset", 0) + geometry.get("snapshots_size", 0) + C - 1) & ~(C - 1)
+            L.meta_lo[3] = geometry.snapshots_offset & ~(C - 1)
+            L.meta_hi[3] = (geometry.snapshots_offset + geometry.snapshots_size + C - 1) & ~(C - 1)
         # map
         if writable:
             reserve = fsize + (fsize // 2) + (<uint64_t>1 << 30)
@@ -352,6 +387,21 @@ cdef class CoreImage:
         return 0
 
     # -- public (internal) API ---------------------------------------------------------------
+    def check_range(self, offset, length, bint write=False):
+        """The checks of an I/O call, for engine.image's calls that split or size a request
+        before reaching the core: open (and, with write, writable with plain L2 entries),
+        offset and length by engine.format.int_arg, inside the disk. Returns them as ints."""
+        cdef uint64_t off, n
+        if write:
+            self._check_writable()
+        else:
+            self._check_open()
+        off = self._u64(offset, "offset")
+        n = self._u64(length, "length")
+        if off > self.L.size or self.L.size - off < n:
+            self._range_error(off, n)
+        return off, n
+
     def set_backing(self, CoreImage backing):
         """Link the backing image (opened read-only by the caller) or None."""
         cdef CoreImage old = self._backing
@@ -377,25 +427,13 @@ cdef class CoreImage:
     def file_size(self):
         return self.L.file_size
 
-    @property
-    def alloc_end(self):
-        return self.L.alloc_end
 
-    @property
-    def l1_table_offset(self):
-        return self.L.l1_offset
 
     @property
     def refcount_table_offset(self):
         return self.L.rt_offset
 
-    @property
-    def refcount_table_clusters(self):
-        return (self.L.rt_entries * 8) >> self.L.cluster_bits
 
-    @property
-    def dirty(self):
-        return bool(self.L.data_dirty or self.L.n_cached or self.L.l1_dirty or self.L.n_pend)
 
     cdef uint64_t _u64(self, object value, what) except? 0xffffffffffffffff:
         """An offset or length by engine.format.int_arg (a plain int in range takes the
@@ -611,8 +649,8 @@ cdef class CoreImage:
             self._fail(rc, &err)
 
     def zero_clusters(self, uint64_t offset, uint64_t length, int mode):
-        """mode 0: discard (drop the mapping), 1: zero flag and free, 2: zero flag, keep the
-        allocation. offset and length must be cluster-aligned (or reach the end of the disk)."""
+        """mode ZERO_DISCARD: drop the mapping; ZERO_UNMAP: zero flag and free; ZERO_KEEP: zero
+        flag, keep the allocation. offset and length must be cluster-aligned (or reach the end of the disk)."""
         cdef int rc = 0
         cdef ErrInfo err
         self._check_open()
@@ -811,7 +849,7 @@ cdef class CoreImage:
                     if io_sync(L) != 0:
                         rc = fail_io(L, "sync failed", 0)
                     else:
-                        rc = hook(L, 12)
+                        rc = hook(L, L1_GROW_WRITTEN)
                     if rc < 0:
                         for i in range(n_cl):       # never referenced: give them back
                             set_refcount(L, first + i, 0)
@@ -838,7 +876,7 @@ cdef class CoreImage:
                             break
                         rc = pend_free(L, (old_off >> L.cluster_bits) + i)
                     if rc == 0:
-                        rc = hook(L, 13)
+                        rc = hook(L, L1_GROW_SWITCHED)
                 if rc == 0:
                     rc = writeback(L)
             if rc < 0 and rc != E_CLOSED:
@@ -909,6 +947,3 @@ cdef class CoreImage:
         self._backing, new._backing = new._backing, self._backing
         new.close()
 
-    @property
-    def closed(self):
-        return not self._open

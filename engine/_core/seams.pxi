@@ -41,27 +41,37 @@ cdef int fault_errno = 0
 cdef int fault_persistent = 0
 cdef uint64_t fault_hits = 0
 
-HOOK_NAMES = (
-    "cluster_alloc",          # refcount of a new cluster raised
-    "refblock_alloc",         # new refblock written and synced, reftable entry not yet
-    "reftable_written",       # grown reftable written and synced, header not yet switched
-    "reftable_switched",      # header points at the new reftable, old one not yet freed
-    "l2_alloc",               # a new L2 table allocated (in the cache)
-    "cow_read",               # copy-up source read, new cluster not yet written
-    "cow_write",              # new cluster written, L2 entry not yet updated
-    "wb_data_synced",         # writeback: data and refcounts durable, L2 not written back
-    "wb_l2_written",          # writeback: L2 tables in the page cache, L1 not yet
-    "wb_l1_written",          # writeback: L1 written, not yet synced
-    "wb_synced",              # writeback: tables durable, frees not yet applied
-    "wb_frees_applied",       # writeback: refcounts of freed clusters lowered, not synced
-    "l1_grow_written",        # resize: new L1 written and synced, header not switched
-    "l1_grow_switched",       # resize: header points at the new L1, old not freed
-)
-DEF N_HOOKS = 14
+# Hook points, named once here: C code calls hook(L, CLUSTER_ALLOC) and so on; HOOK_NAMES (the
+# names arm_hook and COWCHAIN_HOOK take) is generated from this enum, in its order.
+cpdef enum Hook:
+    CLUSTER_ALLOC           # refcount of a new cluster raised
+    REFBLOCK_ALLOC          # new refblock written and synced, reftable entry not yet
+    REFTABLE_WRITTEN        # grown reftable written and synced, header not yet switched
+    REFTABLE_SWITCHED       # header points at the new reftable, old one not yet freed
+    L2_ALLOC                # a new L2 table allocated (in the cache)
+    COW_READ                # copy-up source read, new cluster not yet written
+    COW_WRITE               # new cluster written, L2 entry not yet updated
+    WB_DATA_SYNCED          # writeback: data and refcounts durable, L2 not written back
+    WB_L2_WRITTEN           # writeback: L2 tables in the page cache, L1 not yet
+    WB_L1_WRITTEN           # writeback: L1 written, not yet synced
+    WB_SYNCED               # writeback: tables durable, frees not yet applied
+    WB_FREES_APPLIED        # writeback: refcounts of freed clusters lowered, not synced
+    L1_GROW_WRITTEN         # resize: new L1 written and synced, header not switched
+    L1_GROW_SWITCHED        # resize: header points at the new L1, old not freed
+
+cdef enum:
+    N_HOOKS = L1_GROW_SWITCHED + 1      # the last member above, plus one
+
+HOOK_NAMES = tuple(h.name.lower() for h in Hook)
+if len(HOOK_NAMES) != N_HOOKS:
+    raise ImportError("engine._core: N_HOOKS does not follow the Hook enum")
 cdef uint64_t hook_hits[N_HOOKS]
 cdef int hook_armed = -1
 cdef uint64_t hook_nth = 0
-cdef int hook_action = 0          # 1: fail with EIO, 2: SIGKILL
+cdef enum:
+    HOOK_ERROR = 1                  # an armed hook fails with EIO
+    HOOK_KILL = 2                   # an armed hook SIGKILLs the process
+cdef int hook_action = 0
 cdef object _barrier_cb = None
 cdef int have_barrier_cb = 0
 
@@ -136,10 +146,11 @@ cdef inline void *io_mremap(void *p, size_t old, size_t new, int flags) noexcept
     return mremap(p, old, new, flags)
 
 
-cdef inline int hook(Layer *L, int hid) noexcept nogil:
+cdef inline int hook(Layer *L, Hook h) noexcept nogil:
+    cdef int hid = <int>h
     hook_hits[hid] += 1
     if hook_armed == hid and hook_hits[hid] == hook_nth:
-        if hook_action == 2:
+        if hook_action == HOOK_KILL:
             kill(getpid(), SIGKILL)
         set_errno(5)    # EIO
         return fail_io(L, "injected fault at a hook point", 0)
@@ -181,7 +192,7 @@ def arm_hook(name, nth=1, action="error"):
         return
     hook_armed = HOOK_NAMES.index(name)
     hook_nth = nth
-    hook_action = 2 if action == "kill" else 1
+    hook_action = HOOK_KILL if action == "kill" else HOOK_ERROR
 
 
 def hook_counts():

@@ -84,16 +84,14 @@ DEF F_DATA = 4
 DEF F_OFFSET = 8
 DEF F_COMPRESSED = 16
 
-DEF MAX_DEPTH = 4096
-
-# Write modes
-DEF W_DATA = 0
-DEF W_ZEROBYTES = 1
-
-# Zero/discard modes
-DEF Z_DISCARD = 0
-DEF Z_ZERO_UNMAP = 1
-DEF Z_ZERO_KEEP = 2
+# Zero/discard modes of CoreImage.zero_clusters (exported below for engine.image).
+cdef enum:
+    Z_DISCARD = 0       # drop the clusters: reads fall through to the backing file
+    Z_ZERO_UNMAP = 1    # zero flag, data cluster freed
+    Z_ZERO_KEEP = 2     # zero flag, an allocated cluster stays allocated
+ZERO_DISCARD = Z_DISCARD
+ZERO_UNMAP = Z_ZERO_UNMAP
+ZERO_KEEP = Z_ZERO_KEEP
 
 cdef uint64_t LOW32 = 0xffffffff
 cdef uint64_t GROW_MIN = 1 << 20

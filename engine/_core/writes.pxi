@@ -22,7 +22,7 @@ cdef int l2_for_write(Layer *L, uint64_t l1i, uint8_t **out) noexcept nogil:
     if off == 0 or not (e & QCOW_OFLAG_COPIED):
         rc = alloc_cluster(L, &newoff)
         if rc == 0:
-            rc = hook(L, 4)
+            rc = hook(L, L2_ALLOC)
             if rc < 0:
                 set_refcount(L, newoff >> L.cluster_bits, 0)   # never linked: no leak
         if rc < 0:
@@ -62,7 +62,7 @@ cdef int writeback(Layer *L) noexcept nogil:
         return 0
     if io_sync(L) != 0:
         return fail_io(L, "sync failed", 0)
-    rc = hook(L, 7)
+    rc = hook(L, WB_DATA_SYNCED)
     if rc < 0:
         return rc
     if L.n_cached:
@@ -78,7 +78,7 @@ cdef int writeback(Layer *L) noexcept nogil:
                 free(L.l2_cache[i])
                 L.l2_cache[i] = NULL
         L.n_cached = 0
-        rc = hook(L, 8)
+        rc = hook(L, WB_L2_WRITTEN)
         if rc < 0:
             return rc
     if L.l1_dirty:
@@ -97,12 +97,12 @@ cdef int writeback(Layer *L) noexcept nogil:
             store_be64(L.base + off, L.l1[i])
         L.l1_dirty = 0
         L.new_tables = 0
-        rc = hook(L, 9)
+        rc = hook(L, WB_L1_WRITTEN)
         if rc < 0:
             return rc
     if io_sync(L) != 0:
         return fail_io(L, "sync failed", 0)
-    rc = hook(L, 10)
+    rc = hook(L, WB_SYNCED)
     if rc < 0:
         return rc
     if L.n_pend:
@@ -120,7 +120,7 @@ cdef int writeback(Layer *L) noexcept nogil:
                 L.free_hint = idx
         L.n_pend = 0
         had_frees = 1
-        rc = hook(L, 11)
+        rc = hook(L, WB_FREES_APPLIED)
         if rc < 0:
             return rc
     if had_frees and io_sync(L) != 0:
@@ -301,7 +301,7 @@ cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, 
     if rc == 1:
         # the old bytes are one mapped piece (or zeros): store them from where they live,
         # without assembling the cluster in scratch first
-        rc = hook(L, 5)
+        rc = hook(L, COW_READ)
         if rc < 0:
             return rc
         if sp != NULL:
@@ -326,7 +326,7 @@ cdef int copy_up(Layer *L, uint64_t cbase, uint64_t in_off, const uint8_t *src, 
         return store_pieces(L, newoff, iov, cnt, C)
     rc = layer_read(L, cbase, L.scratch, valid)
     if rc == 0:
-        rc = hook(L, 5)
+        rc = hook(L, COW_READ)
     if rc < 0:
         return rc
     if valid < C:
@@ -387,7 +387,7 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
             else:
                 rc = store(L, newoff, src, C)
             if rc == 0:
-                rc = hook(L, 6)
+                rc = hook(L, COW_WRITE)
             if rc < 0:
                 set_refcount(L, newoff >> L.cluster_bits, 0)
                 return rc
