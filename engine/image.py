@@ -566,7 +566,8 @@ class Image:
     # metadata ---------------------------------------------------------------------------
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Allocation runs over the range, merged as ``qemu-img map --output=json`` merges
-        them (one run per change of depth/zero/data/offset-contiguity)."""
+        them (one run per change of depth/zero/data/offset-contiguity; the core's block
+        status does the merging)."""
         self._check_open()
         offset = fmt.int_arg(offset, "offset")
         if length is None:
@@ -580,7 +581,7 @@ class Image:
             present = bool(flags & 1)
             out.append(Extent(start, ln, bool(flags & 4), bool(flags & 2), depth,
                               off if flags & 8 else None, present, bool(flags & 16)))
-        return _merge_extents(out)
+        return out
 
     def info(self, *, backing_chain: bool = False):
         """``qemu-img info --output=json`` for this image (a list, top first, with
@@ -859,23 +860,6 @@ class Image:
         self._backing, self._backing_path = new._backing, new._backing_path
         if old is not None:
             old.close()
-
-
-def _merge_extents(exts: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for e in exts:
-        if out:
-            p = out[-1]
-            if (p.depth == e.depth and p.present == e.present and p.zero == e.zero and
-                    p.data == e.data and p.compressed == e.compressed and
-                    p.start + p.length == e.start and
-                    ((p.offset is None and e.offset is None) or
-                     (p.offset is not None and e.offset is not None and
-                      p.offset + p.length == e.offset))):
-                out[-1] = p._replace(length=p.length + e.length)
-                continue
-        out.append(e)
-    return out
 
 
 def _virtual_size(h: "fmt.Header") -> int:
