@@ -122,3 +122,39 @@ def test_block_status_runs_are_maximal_and_tile_the_range(tmp_path, seed):
     for p, e in zip(exts, exts[1:]):
         assert p.start + p.length == e.start
         assert not _mergeable(p, e), (p, e)
+
+
+def _run_with_kill_at(tmp_path, spec):
+    import subprocess
+    import sys
+    code = ("import engine, sys; img = engine.create(sys.argv[1], 1 << 20); "
+            "img.write(0, b'x' * 512); img.flush(); img.close(); print('survived')")
+    env = dict(os.environ, COWCHAIN_KILL_AT=spec)
+    env.pop("COWCHAIN_HOOK_LOG", None)
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.qcow2")], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_one_kill_variable_names_a_core_hook(tmp_path):
+    proc = _run_with_kill_at(tmp_path, "cluster_alloc:1")
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_one_kill_variable_naming_a_kill_point_leaves_the_hooks_unarmed(tmp_path):
+    proc = _run_with_kill_at(tmp_path, "delete_snapshot.copy:1")
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr
+
+
+def test_testing_facade_covers_both_seams(monkeypatch):
+    from engine import testing
+    assert testing.HOOK_NAMES == _core.HOOK_NAMES and testing.KILL_ENV == "COWCHAIN_KILL_AT"
+    assert callable(testing.kill_point) and callable(testing.arm_hook)
+    monkeypatch.setenv("COWCHAIN_KILL_AT", "wb_synced:3")
+    try:
+        testing.configure()
+        from engine.ops import _hooks
+        assert _hooks._KILL_AT == ("wb_synced", 3)     # harmless: no kill point has that name
+    finally:
+        monkeypatch.delenv("COWCHAIN_KILL_AT")
+        testing.configure()
+    assert sum(_core.hook_counts().values()) == 0

@@ -42,7 +42,7 @@ cdef int fault_persistent = 0
 cdef uint64_t fault_hits = 0
 
 # Hook points, named once here: C code calls hook(L, CLUSTER_ALLOC) and so on; HOOK_NAMES (the
-# names arm_hook and COWCHAIN_HOOK take) is generated from this enum, in its order.
+# names arm_hook and COWCHAIN_KILL_AT take) is generated from this enum, in its order.
 cpdef enum Hook:
     CLUSTER_ALLOC           # refcount of a new cluster raised
     REFBLOCK_ALLOC          # new refblock written and synced, reftable entry not yet
@@ -182,7 +182,7 @@ def fault_stats():
 
 def arm_hook(name, nth=1, action="error"):
     """Arm hook `name` to fail ('error') or SIGKILL ('kill') on its nth hit from now; None
-    disarms. Test seam; also set from COWCHAIN_HOOK=name:nth:action at import."""
+    disarms. Test seam; also armed (to kill) by COWCHAIN_KILL_AT=name:nth at import."""
     global hook_armed, hook_nth, hook_action
     cdef int i
     for i in range(N_HOOKS):
@@ -209,11 +209,17 @@ def set_barrier_callback(fn):
 
 
 def _arm_from_env():
+    """COWCHAIN_KILL_AT=NAME:N (N defaults to 1), the one variable of the kill tests: when NAME
+    is a hook of HOOK_NAMES, the process SIGKILLs itself on its N-th hit. Any other NAME is a
+    repository kill point (engine.testing) and leaves the hooks unarmed."""
     import os
-    spec = os.environ.get("COWCHAIN_HOOK")
+    spec = os.environ.get("COWCHAIN_KILL_AT")
     if spec:
-        name, nth, action = (spec.split(":") + ["1", "kill"])[:3]
-        arm_hook(name, int(nth), action)
+        name, _, n = spec.rpartition(":")
+        if not (name and n.isdigit()):
+            name, n = spec, "1"
+        if name in HOOK_NAMES:
+            arm_hook(name, int(n), "kill")
 
 
 # The same shim for the metadata engine.image and engine.check write from Python (header
