@@ -154,7 +154,7 @@ def core_build() -> str:
     built = datetime.datetime.fromtimestamp(os.path.getmtime(so)).astimezone()
     text = f"{so} (built {built.isoformat(timespec='seconds')})"
     pyx = os.path.join(os.path.dirname(so), "_core.pyx")
-    srcs = [pyx, *glob.glob(os.path.join(os.path.dirname(so), "_core", "*.pxi"))]
+    srcs = [pyx, *glob.glob(os.path.join(os.path.dirname(so), "_core_src", "*.pxi"))]
     if os.path.exists(pyx) and max(map(os.path.getmtime, srcs)) > os.path.getmtime(so):
         text += " WARNING: older than _core.pyx or a room it includes (stale build)"
     return text

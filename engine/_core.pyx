@@ -38,15 +38,15 @@ copied out of the shared Layer fields before the lock is dropped (ErrInfo).
 # the C compiler still sees one translation unit and inlines across rooms); the order matters
 # only for compile-time constants, which are defined before their first use.
 
-include "_core/structs.pxi"      # cimports, C declarations, entry masks, kinds, flags, modes
-include "_core/errors.pxi"       # error codes, fail()/take_err(): how a layer records an error
-include "_core/seams.pxi"        # test seams: I/O shim with injected faults, named hooks, barrier
-include "_core/alloc.pxi"        # file growth, metadata overlap, refcounts and cluster allocation
-include "_core/lookup.pxi"       # L1/L2 lookup: what a guest range maps to
-include "_core/reads.pxi"        # reads (plain, compressed, batched) and the owner map
-include "_core/writes.pxi"       # L2 cache, writeback, writes, copy-up, zeroing, raw pwrite
-include "_core/status.pxi"       # block status: extents; the one place runs are coalesced
-include "_core/coreimage.pxi"    # CoreImage, the Python-facing handle; argument rules
-include "_core/bgsync.pxi"       # BackgroundSync: fdatasync on a native thread for create()
+include "_core_src/structs.pxi"      # cimports, C declarations, entry masks, kinds, flags, modes
+include "_core_src/errors.pxi"       # error codes, fail()/take_err(): how a layer records an error
+include "_core_src/seams.pxi"        # test seams: I/O shim with injected faults, named hooks, barrier
+include "_core_src/alloc.pxi"        # file growth, metadata overlap, refcounts and cluster allocation
+include "_core_src/lookup.pxi"       # L1/L2 lookup: what a guest range maps to
+include "_core_src/reads.pxi"        # reads (plain, compressed, batched) and the owner map
+include "_core_src/writes.pxi"       # L2 cache, writeback, writes, copy-up, zeroing, raw pwrite
+include "_core_src/status.pxi"       # block status: extents; the one place runs are coalesced
+include "_core_src/coreimage.pxi"    # CoreImage, the Python-facing handle; argument rules
+include "_core_src/bgsync.pxi"       # BackgroundSync: fdatasync on a native thread for create()
 
 _arm_from_env()

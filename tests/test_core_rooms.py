@@ -1,4 +1,4 @@
-"""Unit tests of the rooms of the compiled core (engine/_core/*.pxi): the hook enum and the
+"""Unit tests of the rooms of the compiled core (engine/_core_src/*.pxi): the hook enum and the
 names generated from it, the zero modes, the typed geometry, the checks made once at the
 seam (check_range), and block status as the one place where runs are coalesced."""
 
