@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import glob
 import itertools
 import json
 import mmap
@@ -153,8 +154,9 @@ def core_build() -> str:
     built = datetime.datetime.fromtimestamp(os.path.getmtime(so)).astimezone()
     text = f"{so} (built {built.isoformat(timespec='seconds')})"
     pyx = os.path.join(os.path.dirname(so), "_core.pyx")
-    if os.path.exists(pyx) and os.path.getmtime(pyx) > os.path.getmtime(so):
-        text += " WARNING: older than _core.pyx beside it (stale build)"
+    srcs = [pyx, *glob.glob(os.path.join(os.path.dirname(so), "_core_src", "*.pxi"))]
+    if os.path.exists(pyx) and max(map(os.path.getmtime, srcs)) > os.path.getmtime(so):
+        text += " WARNING: older than _core.pyx or a room it includes (stale build)"
     return text
 
 

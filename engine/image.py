@@ -447,16 +447,6 @@ class Image:
         if self._readonly:
             raise ReadOnlyImage("image is open read-only", path=self._path)
 
-    def _check_range(self, offset, length) -> tuple[int, int]:
-        """Offset and length as ints (by fmt.int_arg), inside the disk."""
-        offset = fmt.int_arg(offset, "offset")
-        length = fmt.int_arg(length, "length")
-        if offset + length > self.size:
-            raise InvalidArgument(f"range {offset}+{length} is past the end of the disk "
-                                  f"({self.size} bytes)",
-                                  value=offset if offset > self.size else length, path=self._path)
-        return offset, length
-
     # I/O ----------------------------------------------------------------------------------
     def readinto(self, offset: int, buffer) -> int:
         """Fill ``buffer`` (any writable C-contiguous buffer: bytearray, memoryview, numpy
@@ -466,8 +456,7 @@ class Image:
 
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` guest bytes at ``offset``, read through the chain."""
-        self._check_open()
-        offset, length = self._check_range(offset, length)
+        offset, length = self._core.check_range(offset, length)
         buf = bytearray(length)
         if length:
             self._core.readinto(offset, buf)
@@ -488,7 +477,6 @@ class Image:
     def writev(self, offsets, length: int, data) -> None:
         """Batch write: consecutive ``length``-byte slices of ``data`` (any C-contiguous
         buffer) to each offset (as for :meth:`readv`)."""
-        self._check_writable()
         self._core.writev(offsets, length, data)
 
     def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
@@ -505,19 +493,16 @@ class Image:
         """Make [offset, offset+length) read as zeros. With QCOW2 v3 whole clusters get the
         zero flag (their allocation kept, or freed with ``unmap=True``); partial clusters are
         written with zero bytes."""
-        self._check_writable()
-        offset, length = self._check_range(offset, length)
+        offset, length = self._core.check_range(offset, length, write=True)
         if length == 0:
             return
         if self._header is None:
             self._core.raw_punch(offset, length)
             return
-        if self._header.extended_l2:
-            raise UnsupportedFeature("extended L2 writes", path=self._path)
         start, end = self._aligned_span(offset, length)
         if self._header.version < 3 or start >= end:
             if self._header.version < 3 and unmap and self._backing is None and start < end:
-                self._core.zero_clusters(start, end - start, 0)
+                self._core.zero_clusters(start, end - start, _core.ZERO_DISCARD)
                 self._core.write_zero_bytes(offset, start - offset)
                 self._core.write_zero_bytes(end, offset + length - end)
             else:
@@ -525,23 +510,21 @@ class Image:
             return
         if start > offset:
             self._core.write_zero_bytes(offset, start - offset)
-        self._core.zero_clusters(start, end - start, 1 if unmap else 2)
+        self._core.zero_clusters(start, end - start,
+                                 _core.ZERO_UNMAP if unmap else _core.ZERO_KEEP)
         if offset + length > end:
             self._core.write_zero_bytes(end, offset + length - end)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the mapping of the whole clusters inside the range, so the backing file (or
         zeros, without one) shows through there. Partial clusters are left as they are."""
-        self._check_writable()
-        offset, length = self._check_range(offset, length)
+        offset, length = self._core.check_range(offset, length, write=True)
         if self._header is None:
             self._core.raw_punch(offset, length)
             return
-        if self._header.extended_l2:
-            raise UnsupportedFeature("extended L2 writes", path=self._path)
         start, end = self._aligned_span(offset, length)
         if start < end:
-            self._core.zero_clusters(start, end - start, 0)
+            self._core.zero_clusters(start, end - start, _core.ZERO_DISCARD)
 
     def flush(self) -> None:
         """Make every write issued before this call durable (D1). A failed flush is sticky."""
@@ -583,12 +566,13 @@ class Image:
     # metadata ---------------------------------------------------------------------------
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Allocation runs over the range, merged as ``qemu-img map --output=json`` merges
-        them (one run per change of depth/zero/data/offset-contiguity)."""
+        them (one run per change of depth/zero/data/offset-contiguity; the core's block
+        status does the merging)."""
         self._check_open()
         offset = fmt.int_arg(offset, "offset")
         if length is None:
             length = max(0, self.size - offset)
-        offset, length = self._check_range(offset, length)
+        offset, length = self._core.check_range(offset, length)
         if length == 0:
             return []
         runs = self._core.block_status(offset, length).tolist()
@@ -597,7 +581,7 @@ class Image:
             present = bool(flags & 1)
             out.append(Extent(start, ln, bool(flags & 4), bool(flags & 2), depth,
                               off if flags & 8 else None, present, bool(flags & 16)))
-        return _merge_extents(out)
+        return out
 
     def info(self, *, backing_chain: bool = False):
         """``qemu-img info --output=json`` for this image (a list, top first, with
@@ -854,12 +838,11 @@ class Image:
         head, size = _read_head(self._fd, self._path)
         header = None
         if self._format == "raw":
-            core = _core.CoreImage(self._fd, not self._readonly, True, {})
+            core = _core.CoreImage(self._fd, not self._readonly, None)
         else:
             header = fmt.parse_header(head, size, path=self._path)
             snap_size = _validate_snapshots(self._fd, self._path, header, size)
-            core = _core.CoreImage(self._fd, not self._readonly, False,
-                                   _geometry(header, snap_size))
+            core = _core.CoreImage(self._fd, not self._readonly, _geometry(header, snap_size))
         core.path = self._path
         # a stand-in carries the new core while its chain is attached (it owns nothing)
         new = object.__new__(Image)
@@ -879,40 +862,22 @@ class Image:
             old.close()
 
 
-def _merge_extents(exts: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for e in exts:
-        if out:
-            p = out[-1]
-            if (p.depth == e.depth and p.present == e.present and p.zero == e.zero and
-                    p.data == e.data and p.compressed == e.compressed and
-                    p.start + p.length == e.start and
-                    ((p.offset is None and e.offset is None) or
-                     (p.offset is not None and e.offset is not None and
-                      p.offset + p.length == e.offset))):
-                out[-1] = p._replace(length=p.length + e.length)
-                continue
-        out.append(e)
-    return out
-
-
 def _virtual_size(h: "fmt.Header") -> int:
     """QEMU counts the disk in 512-byte sectors: a size that is not a multiple of 512 is
     rounded down (bs->total_sectors)."""
     return h.size // 512 * 512
 
 
-def _geometry(h: "fmt.Header", snap_size: int = 0) -> dict:
-    return {
-        "cluster_bits": h.cluster_bits, "size": _virtual_size(h), "version": h.version,
-        "l1_table_offset": h.l1_table_offset, "l1_size": h.l1_size,
-        "refcount_table_offset": h.refcount_table_offset,
-        "refcount_table_clusters": h.refcount_table_clusters,
-        "refcount_order": h.refcount_order, "extended_l2": bool(h.extended_l2),
-        "compression_type": h.compression_type,
-        "snapshots_offset": h.snapshots_offset if h.nb_snapshots else 0,
-        "snapshots_size": snap_size,
-    }
+def _geometry(h: "fmt.Header", snap_size: int = 0) -> "_core.Geometry":
+    return _core.Geometry(
+        cluster_bits=h.cluster_bits, size=_virtual_size(h), version=h.version,
+        l1_table_offset=h.l1_table_offset, l1_size=h.l1_size,
+        refcount_table_offset=h.refcount_table_offset,
+        refcount_table_clusters=h.refcount_table_clusters,
+        refcount_order=h.refcount_order, extended_l2=bool(h.extended_l2),
+        compression_type=h.compression_type,
+        snapshots_offset=h.snapshots_offset if h.nb_snapshots else 0,
+        snapshots_size=snap_size)
 
 
 def _fd_headroom(n_images: int) -> None:
@@ -993,8 +958,8 @@ def _open_one(path, format, readonly, opts, seen) -> "Image":
         if header is not None and not readonly:
             header = _prepare_rw(fd, path, header, size)
         try:
-            core = _core.CoreImage(fd, not readonly, format == "raw",
-                                   _geometry(header, snap_size) if header is not None else {})
+            core = _core.CoreImage(fd, not readonly,
+                                   _geometry(header, snap_size) if header is not None else None)
         except ValueError as e:
             raise CorruptImage(str(e), path=path) from None
         except OSError as e:

@@ -44,6 +44,7 @@ STRICT_MODULES = [
     "ops/diff.py",
     "ops/measure.py",
     "ops/stream.py",
+    "testing/__init__.py",
 ]
 
 

@@ -5,7 +5,9 @@ bulk copies call it once per chunk.  Two environment variables, read once at imp
 the points on:
 
 ``COWCHAIN_KILL_AT=NAME:N``
-    the process SIGKILLs itself the N-th time (1-based) it reaches the point NAME.
+    the process SIGKILLs itself the N-th time (1-based) it reaches the point NAME.  The same
+    variable names a hook of the compiled core (``engine._core.HOOK_NAMES``), which the core
+    arms itself at import; :mod:`engine.testing` is the one facade over both.
 ``COWCHAIN_HOOK_LOG=PATH``
     every point reached is appended to PATH, one name a line, so a test can first learn the
     sequence of points an operation passes and then kill it at each of them.

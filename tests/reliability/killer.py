@@ -4,7 +4,7 @@ The lane builds a chain, then repeatedly starts :mod:`reliability.worker` on its
 kills it:
 
 - *blackbox*: SIGKILL from here after a random delay once the worker is READY;
-- *whitebox*: the worker kills itself at hook H on its n-th hit (COWCHAIN_HOOK=H:n:kill); H
+- *whitebox*: the worker kills itself at hook H on its n-th hit (COWCHAIN_KILL_AT=H:n); H
   goes round the whole registry, n is drawn from the hook's hit rate seen so far, so every
   hook is covered; a chain flavour with 512-byte clusters and 64-bit refcounts makes the
   refcount table grow, resizes make the L1 grow.
@@ -42,9 +42,9 @@ def worker_env(hook: str | None = None) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([TESTS, root] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.pop("COWCHAIN_HOOK", None)
+    env.pop("COWCHAIN_KILL_AT", None)
     if hook:
-        env["COWCHAIN_HOOK"] = hook
+        env["COWCHAIN_KILL_AT"] = hook
     return env
 
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                     continue
                 want = min(hit, key=lambda h: (stats["hook_kills"][h], rng.random()))
                 nth = rng.randint(1, counts[want])
-                hook = f"{want}:{nth}:kill"
+                hook = f"{want}:{nth}"
             else:
                 kill_after = rng.choice([rng.uniform(0, 0.05), rng.uniform(0, 0.5)])
             args = ["--folder", ch.folder, "--top", str(ch.top), "--seed", str(wseed),

@@ -17,7 +17,7 @@ knows every write that may have reached the file when the kill lands):
     ERR text                     the workload hit an exception (a finding; exit 3)
 
 The parent kills it with SIGKILL at a random time (blackbox), or it kills itself at a hook
-(whitebox: COWCHAIN_HOOK=name:nth:kill, read by engine._core at import).
+(whitebox: COWCHAIN_KILL_AT=name:nth, read by engine._core at import).
 """
 
 from __future__ import annotations
