@@ -261,17 +261,23 @@ class Catalog:
     # --- transactions ------------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def _joined(self) -> Iterator[None]:
+        """A nested transaction or read: it joins the one already open."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One durable transaction; a nested use joins the outer one."""
         if self._reading:
             raise RepositoryError("catalog: a change inside a read (internal error)",
                                   path=self.path)
         if self._depth:
-            self._depth += 1
-            try:
+            with self._joined():
                 yield
-            finally:
-                self._depth -= 1
             return
         self._exec("BEGIN IMMEDIATE")
         self._depth = 1
@@ -298,11 +304,8 @@ class Catalog:
         another process commits (a read transaction under WAL).  Inside a transaction (or
         another read) it joins that one."""
         if self._depth:
-            self._depth += 1
-            try:
+            with self._joined():
                 yield
-            finally:
-                self._depth -= 1
             return
         self._exec("BEGIN DEFERRED")
         self._depth = 1

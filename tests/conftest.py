@@ -135,3 +135,19 @@ def engine_image(tmp_path):
     for img in reversed(made):
         if not img.closed:
             img.close()
+
+
+# --- a repository in a temporary folder (test modules may define their own 'repo') -----------
+
+@pytest.fixture
+def repo_path(tmp_path):
+    return str(tmp_path / "repo")
+
+
+@pytest.fixture
+def repo(repo_path):
+    import engine
+
+    r = engine.Repository.create(repo_path)
+    yield r
+    r.close()

@@ -27,18 +27,6 @@ MiB = 1 << 20
 CS = 65536
 
 
-@pytest.fixture
-def repo_path(tmp_path):
-    return str(tmp_path / "repo")
-
-
-@pytest.fixture
-def repo(repo_path):
-    r = engine.Repository.create(repo_path)
-    yield r
-    r.close()
-
-
 def fill(byte: int, n: int) -> bytes:
     return bytes([byte]) * n
 

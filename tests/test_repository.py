@@ -107,18 +107,6 @@ def files(repo_path) -> set[str]:
     return set(os.listdir(os.path.join(repo_path, "volumes")))
 
 
-@pytest.fixture
-def repo_path(tmp_path):
-    return str(tmp_path / "repo")
-
-
-@pytest.fixture
-def repo(repo_path):
-    r = engine.Repository.create(repo_path)
-    yield r
-    r.close()
-
-
 # --- repository and chains ---------------------------------------------------------------------
 
 def test_create_open_and_persist(repo_path):
