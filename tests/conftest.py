@@ -3,7 +3,9 @@
 - QEMU is required: ``tests/qemu.py`` raises at import when qemu-img/qemu-io are missing,
   and that import happens here, so the whole run fails (never skips) without them.
 - Hypothesis profiles: ``ci`` (default, modest), ``dev`` (quick), ``long`` (nightly size).
-  Choose one with ``COWCHAIN_PROFILE=long``.
+  Choose one with ``COWCHAIN_PROFILE=long``. ``COWCHAIN_EXAMPLES=N`` sets the number of
+  examples of every Hypothesis test in the ``long`` profile (a shorter long run that still
+  has more and longer examples than ``ci``).
 - Tests marked ``long`` or ``slow`` are deselected unless ``COWCHAIN_LONG=1``.
 - ``COWCHAIN_REQUIRE_INSTALLED=1`` (set by .ci/run) makes the run fail at once if ``engine``
   would be imported from the source tree instead of the installed distribution.
@@ -31,7 +33,9 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.filter_too_much])
 settings.register_profile("dev", max_examples=10, stateful_step_count=20, **_common)
 settings.register_profile("ci", max_examples=40, stateful_step_count=40, **_common)
-settings.register_profile("long", max_examples=1000, stateful_step_count=80, **_common)
+LONG_EXAMPLES = int(os.environ.get("COWCHAIN_EXAMPLES", "0")) or None
+settings.register_profile("long", max_examples=LONG_EXAMPLES or 1000, stateful_step_count=80,
+                          **_common)
 settings.load_profile(os.environ.get("COWCHAIN_PROFILE", "ci"))
 
 LONG = os.environ.get("COWCHAIN_LONG") == "1"

@@ -88,7 +88,7 @@ def test_powerloss_long():
 
 from hypothesis import settings as _settings  # noqa: E402
 
-from conftest import LONG  # noqa: E402
+from conftest import LONG, LONG_EXAMPLES  # noqa: E402
 from reliability import stateful as _stateful  # noqa: E402
 
 TestChainModelWithCrashes = _stateful.ChainMachine.TestCase
@@ -99,7 +99,7 @@ TestChainModelWithCrashes.pytestmark = [pytest.mark.timeout(12 * 3600 if LONG el
 from hypothesis import Phase  # noqa: E402
 
 TestChainModelWithCrashes.settings = _settings(
-    max_examples=5000 if LONG else 50, stateful_step_count=80 if LONG else 40, deadline=None,
+    max_examples=(LONG_EXAMPLES or 5000) if LONG else 50, stateful_step_count=80 if LONG else 40, deadline=None,
     phases=list(Phase) if LONG else [Phase.explicit, Phase.reuse, Phase.generate],
     database=None if os.environ.get("COWCHAIN_NO_HYPOTHESIS_DB") else _settings().database)
 
