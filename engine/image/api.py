@@ -8,9 +8,9 @@ import os
 from typing import Any
 
 from engine import format as fmt
-from engine.errors import ImageNotFound, InvalidArgument, io_error
+from engine.errors import InvalidArgument, io_error
 from engine.image.chain import MAX_CHAIN_DEPTH, _open_image, _Options, _probe_size
-from engine.image.files import _check_file_length, _CreateSync, _unlink_quietly
+from engine.image.files import _check_file_length, _create_file, _CreateSync, _unlink_quietly
 from engine.image.image import Image
 from engine.image.naming import _check_backing_name, _path_arg
 
@@ -115,17 +115,7 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         _check_file_length(len(data), bdir, "the new file's size")
     else:
         _check_file_length(size, bdir, "virtual size")
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise InvalidArgument("file exists", path=path, hint="pass overwrite=True to replace it") from None
-    except FileNotFoundError:
-        raise ImageNotFound("folder does not exist", path=path) from None
-    except IsADirectoryError:
-        raise InvalidArgument("is a directory", path=path) from None
-    except OSError as e:
-        raise io_error(e.errno or errno.EIO, "cannot create", path=path) from None
+    fd = _create_file(path, overwrite)
     try:
         if format == "qcow2":
             os.pwrite(fd, data, 0)

@@ -9,6 +9,7 @@ import errno
 import os
 import resource
 import stat
+from typing import NoReturn
 
 from engine import _core
 from engine import format as fmt
@@ -33,12 +34,31 @@ def _os_open(path: str, flags: int) -> int:
             os.close(fd)
             raise InvalidArgument("not a regular file", path=path)
         return fd
-    except FileNotFoundError:
-        raise ImageNotFound("no such file", path=path) from None
-    except IsADirectoryError:
-        raise InvalidArgument("is a directory, not an image file", path=path) from None
     except OSError as e:
-        raise io_error(e.errno or errno.EIO, "cannot open", path=path) from None
+        _open_error(e, path, "cannot open", missing="no such file",
+                    directory="is a directory, not an image file")
+
+
+def _create_file(path: str, overwrite: bool) -> int:
+    """Make a new, empty file (or empty an existing one, with ``overwrite``) for create."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise InvalidArgument("file exists", path=path, hint="pass overwrite=True to replace it") from None
+    except OSError as e:
+        _open_error(e, path, "cannot create", missing="folder does not exist",
+                    directory="is a directory")
+
+
+def _open_error(e: OSError, path: str, doing: str, *, missing: str, directory: str) -> NoReturn:
+    """The typed error for an OSError of os.open: ImageNotFound (``missing``),
+    InvalidArgument (``directory``), else what the errno means."""
+    if isinstance(e, FileNotFoundError):
+        raise ImageNotFound(missing, path=path) from None
+    if isinstance(e, IsADirectoryError):
+        raise InvalidArgument(directory, path=path) from None
+    raise io_error(e.errno or errno.EIO, doing, path=path) from None
 
 
 def _read_head(fd: int, path: str) -> tuple[bytes, int]:

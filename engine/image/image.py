@@ -118,7 +118,7 @@ class Image:
     @property
     def size(self) -> int:
         """Virtual size in bytes."""
-        self._check_open()
+        self._check_usable()
         return _virtual_size(self._header) if self._header is not None else self._core.file_size
 
     @property
@@ -178,13 +178,12 @@ class Image:
             pass
 
     # checks -----------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_usable(self, write: bool = False) -> None:
+        """ImageClosed after close(); with ``write``, ReadOnlyImage on a read-only image. For
+        the calls that do not go through the core's I/O checks (metadata, rebase, resize)."""
         if self._closed:
             raise ImageClosed("image is closed", path=self._path)
-
-    def _check_writable(self) -> None:
-        self._check_open()
-        if self._readonly:
+        if write and self._readonly:
             raise ReadOnlyImage("image is open read-only", path=self._path)
 
     # I/O ----------------------------------------------------------------------------------
@@ -328,7 +327,7 @@ class Image:
     def info(self, *, backing_chain: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
         """``qemu-img info --output=json`` for this image (a list, top first, with
         ``backing_chain=True``)."""
-        self._check_open()
+        self._check_usable()
         if fmt.bool_arg(backing_chain, "backing_chain"):
             return [img.info() for img in self.chain()]
         st = os.fstat(self._fd)
@@ -376,7 +375,7 @@ class Image:
         """Consistency check with ``qemu-img check`` semantics; see engine.check.CheckResult.
         ``repair`` is None, "leaks" or "all" (needs a read-write image)."""
         from engine import check as _check
-        self._check_open()
+        self._check_usable()
         if repair is not None and (not isinstance(repair, str) or repair not in ("leaks", "all")):
             raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}",
                                   value=repair)
@@ -384,7 +383,7 @@ class Image:
             raise UnsupportedFeature("check of raw images", "raw images have no metadata to "
                                      "check (qemu-img check exits 63)", path=self._path)
         if repair is not None:
-            self._check_writable()
+            self._check_usable(write=True)
             # the repair rewrites metadata under the core: nothing may use it meanwhile
             core, err, stale = self._core, None, False
             core.lock_exclusive(flush=True, trim=True)
@@ -437,7 +436,7 @@ class Image:
             UnsupportedFeature (raw images have no header to record a backing file in),
             EngineIOError.
         """
-        self._check_writable()
+        self._check_usable(write=True)
         fmt.bool_arg(allow_unsafe_backing, "allow_unsafe_backing")
         if self._header is None:
             raise UnsupportedFeature("backing files for raw images", path=self._path)
@@ -491,7 +490,7 @@ class Image:
             InvalidArgument, UnsupportedFeature ("shrink", "resize of a v2 image with
             snapshots"), ReadOnlyImage, EngineIOError.
         """
-        self._check_writable()
+        self._check_usable(write=True)
         h = self._header
         new_size = fmt.check_virtual_size(
             new_size, self._format, cluster_size=h.cluster_size if h else fmt.DEFAULT_CLUSTER_SIZE,
@@ -527,12 +526,9 @@ class Image:
         self._reload()
 
     # header I/O -----------------------------------------------------------------------------
-    def _read_header(self) -> "fmt.Header":
+    def _read_header(self) -> fmt.Header:
         head, size = _read_head(self._fd, self._path)
         return fmt.parse_header(head, size, path=self._path)
-
-    def _write_header(self, h: "fmt.Header") -> None:
-        self._write_header_bytes(fmt.encode_header(h))
 
     def _write_header_bytes(self, data: bytes) -> None:
         try:
