@@ -45,7 +45,8 @@ def _create_file(path: str, overwrite: bool) -> int:
     try:
         return os.open(path, flags, 0o644)
     except FileExistsError:
-        raise InvalidArgument("file exists", path=path, hint="pass overwrite=True to replace it") from None
+        raise InvalidArgument("file exists", path=path,
+                              hint="pass overwrite=True to replace it") from None
     except OSError as e:
         _open_error(e, path, "cannot create", missing="folder does not exist",
                     directory="is a directory")

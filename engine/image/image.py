@@ -331,8 +331,9 @@ class Image:
         if fmt.bool_arg(backing_chain, "backing_chain"):
             return [img.info() for img in self.chain()]
         st = os.fstat(self._fd)
-        d: dict[str, Any] = {"filename": self._path, "format": self._format, "virtual-size": self.size,
-             "actual-size": st.st_blocks * 512, "dirty-flag": False}
+        d: dict[str, Any] = {"filename": self._path, "format": self._format,
+                             "virtual-size": self.size, "actual-size": st.st_blocks * 512,
+                             "dirty-flag": False}
         h = self._header
         if h is None:
             return d
@@ -513,7 +514,8 @@ class Image:
             try:
                 _core.meta_ftruncate(self._fd, new_size)
             except OSError as e:
-                raise io_error(e.errno or errno.EIO, "cannot grow the image file", path=self._path) from None
+                raise io_error(e.errno or errno.EIO, "cannot grow the image file",
+                               path=self._path) from None
             try:
                 meta_sync(self._fd, self._path)     # the new size is durable when this returns
             except EngineError as e:
