@@ -276,7 +276,7 @@ def backing(data: bytes) -> None:
     written in a folder holding: base.qcow2 (a valid image), sub/inner.qcow2, link-in ->
     base.qcow2, link-out -> an image outside the folder, loop.qcow2 (backed by itself). The
     open must give a typed error or open only files inside the folder."""
-    import engine.image as image_mod
+    import engine.image.chain as image_mod
     name = data[:1023]
     root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     top = tempfile.mkdtemp(prefix="cowchain-fuzzb-", dir=root)

@@ -1,0 +1,153 @@
+"""The public entry points: :func:`open` and :func:`create`. They check every argument
+(InvalidArgument for a bad one), then open through :mod:`engine.image.chain`."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from engine import format as fmt
+from engine.errors import InvalidArgument, io_error
+from engine.image.chain import MAX_CHAIN_DEPTH, _open_image, _Options, _probe_size
+from engine.image.files import _check_file_length, _create_file, _CreateSync, _unlink_quietly
+from engine.image.image import Image
+from engine.image.naming import _check_backing_name, _path_arg
+
+
+def open(path: Any, *, format: str | None = None, readonly: bool = False, backing: bool = True,
+         allow_unsafe_backing: bool = False, max_chain_depth: int = MAX_CHAIN_DEPTH,
+         force_share: bool = False) -> Image:
+    """Open an image and (by default) its backing chain, read-only below the top.
+
+    Arguments:
+        path (str | os.PathLike): the image file.
+        format (str | None): "qcow2" or "raw"; None means qcow2 if the file starts with the
+            QCOW2 magic, raw otherwise (top level only: backing files use the format recorded
+            in their overlay, never a guess).
+        readonly (bool): open read-only.
+        backing (bool): open the backing chain (reads of unallocated clusters then fall
+            through); False reads them as zeros.
+        allow_unsafe_backing (bool): follow absolute, ``..`` and protocol backing names.
+        max_chain_depth (int): refuse deeper chains (ChainError).
+        force_share (bool): read-only open that shares every permission (qemu's -U).
+
+    Raises:
+        ImageNotFound, ImageFormatError, UnsupportedFeature, CorruptImage,
+        SafetyLimitExceeded, ChainError, UnsafeBackingReference, ImageLocked, EngineIOError.
+    """
+    path = _path_arg(path)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS, optional=True)
+    for name, value in (("readonly", readonly), ("backing", backing),
+                        ("allow_unsafe_backing", allow_unsafe_backing),
+                        ("force_share", force_share)):
+        fmt.bool_arg(value, name)
+    max_chain_depth = fmt.int_arg(max_chain_depth, "max_chain_depth")
+    if force_share and not readonly:
+        raise InvalidArgument("force_share needs readonly=True")
+    opts = _Options(backing=backing, allow_unsafe_backing=allow_unsafe_backing,
+                    max_chain_depth=max_chain_depth, force_share=force_share)
+    return _open_image(Image, path, format, readonly, opts)
+
+
+def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: int = 65536,
+           backing: str | None = None, backing_format: str | None = None, compat: str = "1.1",
+           refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
+           overwrite: bool = False, allow_unsafe_backing: bool = False) -> Image:
+    """Create an image (laid out exactly as ``qemu-img create`` lays it out) and open it
+    read-write.
+
+    Every argument and every limit is checked before the file is made (the size against
+    the format's maximum, ``RLIMIT_FSIZE`` and the filesystem's largest file); a create that
+    raises leaves no file and no open descriptor behind.
+
+    Arguments:
+        path: the new file. It must not exist unless ``overwrite=True``.
+        size (int | None): virtual size in bytes (rounded up to 512 for qcow2); None takes
+            the backing file's size.
+        format (str): "qcow2" or "raw".
+        cluster_size (int): bytes, a power of two from 512 to 2 MiB (qcow2).
+        backing (str | None): backing file name, relative to the new file's folder.
+        backing_format (str): "raw" or "qcow2"; required with ``backing`` (never probed).
+        compat, refcount_bits, lazy_refcounts, extended_l2: as ``qemu-img create -o``.
+        overwrite (bool): replace an existing file.
+        allow_unsafe_backing (bool): follow absolute, ``..`` and protocol backing names.
+
+    Raises:
+        InvalidArgument (a bad argument; a size over a limit, with the limit in the message),
+        ImageNotFound (no such folder, or no backing file), UnsafeBackingReference,
+        SafetyLimitExceeded (a backing name too long for the header), EngineIOError, and what
+        :func:`open` raises for the backing chain.
+    """
+    path = _path_arg(path)
+    format = fmt.choice_arg(format, "format", fmt.FORMATS)
+    cluster_size = fmt.cluster_size_arg(cluster_size)
+    for name, value in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2),
+                        ("overwrite", overwrite), ("allow_unsafe_backing", allow_unsafe_backing)):
+        fmt.bool_arg(value, name)
+    bdir = os.path.dirname(path) or "."
+    if backing is not None:
+        if format != "qcow2":
+            raise InvalidArgument("only qcow2 images can have a backing file")
+        if not isinstance(backing, str):
+            raise InvalidArgument(f"backing must be a str or None, not {type(backing).__name__}",
+                                  value=backing)
+        if backing_format is None:
+            raise InvalidArgument("backing file specified without backing format; cowchain "
+                                  "never probes a format", hint="pass backing_format='raw' or 'qcow2'")
+        fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
+        full = _check_backing_name(backing, bdir, allow_unsafe_backing)
+        if size is None:
+            size = _probe_size(full, backing_format)
+    elif backing_format is not None:
+        raise InvalidArgument("a backing format without a backing file", value=backing_format)
+    if size is None:
+        raise InvalidArgument("a size is required (None takes the backing file's size, and "
+                              "there is no backing file)")
+    # every check before the file exists: a refused create leaves nothing behind
+    size = fmt.check_virtual_size(size, format, cluster_size=cluster_size,
+                                  extended_l2=extended_l2)
+    if format == "qcow2":
+        header, data = fmt.new_image_layout(
+            size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
+            lazy_refcounts=lazy_refcounts, backing_file=backing, backing_format=backing_format,
+            extended_l2=extended_l2)
+        _check_file_length(len(data), bdir, "the new file's size")
+    else:
+        _check_file_length(size, bdir, "virtual size")
+    fd = _create_file(path, overwrite)
+    try:
+        if format == "qcow2":
+            os.pwrite(fd, data, 0)
+        else:
+            os.ftruncate(fd, size)
+    except BaseException as e:
+        os.close(fd)
+        _unlink_quietly(path)
+        if isinstance(e, OSError):
+            raise io_error(e.errno or errno.EIO, "cannot write the new image",
+                           path=path) from None
+        raise
+    # Make the file and its name durable on a helper thread while this one opens the image
+    # (the two overlap: an open costs about as much CPU as the fdatasync waits); create()
+    # returns only after both syncs are done.
+    try:
+        sync = _CreateSync(fd, bdir)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    try:
+        img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
+    except BaseException:
+        # the backing chain (checked whole only now) is unusable: leave nothing behind
+        sync.wait()
+        _unlink_quietly(path)
+        raise
+    err = sync.wait()
+    if err is not None:
+        img.close()
+        _unlink_quietly(path)
+        raise io_error(err.errno or errno.EIO, "cannot write the new image",
+                       path=path) from None
+    return img
