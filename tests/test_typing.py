@@ -43,6 +43,8 @@ STRICT_MODULES = [
     "ops/convert.py",
     "ops/diff.py",
     "ops/measure.py",
+    "ops/merge.py",
+    "ops/runs.py",
     "ops/stream.py",
     "testing/__init__.py",
 ]

@@ -22,10 +22,29 @@ from engine.repository.chain import Chain
 from engine.repository.values import Snapshot, Volume
 
 if TYPE_CHECKING:
+    from engine.image import Image
     from engine.repository.repo import Repository
 
 #: Snapshot ids may be given by a unique prefix of at least this many characters.
 MIN_ID_PREFIX = 4
+
+
+class Held:
+    """Images an operation holds (``Context.holding``): ``with`` yields the list and closes
+    them at its end; ``close`` closes them too."""
+
+    def __init__(self) -> None:
+        self.images: list[Image] = []
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> list[Image]:
+        return self.images
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 class Context:
@@ -265,10 +284,11 @@ class Context:
         with self.open_volume(v, readonly=True, backing=False, verify=False) as img:
             return img.size
 
-    @contextlib.contextmanager
-    def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *, verify: bool = True):
+    def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *,
+                verify: bool = True) -> Held:
         """Open the volumes an operation writes (or needs unchanged) and hold them to its
-        end: SPECS is [(row, readonly, backing)], the images are yielded in that order.
+        end: SPECS is [(row, readonly, backing)]; ``Held.images`` are in that order, and
+        ``with`` yields them and closes them at its end.
 
         The rule for journaled operations: every image lock an operation needs is taken
         here, *before* its journal entry is written, and held until its catalog commit.  An
@@ -277,10 +297,13 @@ class Context:
         leaves nothing to recover.  Our own chains' leaf handles on those volumes are
         released first (they reopen on their next I/O)."""
         self.release_handles(r for r, _, _ in specs)
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(self.open_volume(r, readonly=ro, backing=b,
-                                                        verify=verify))
-                   for r, ro, b in specs]
+        held = Held()
+        with held.stack:
+            for r, ro, b in specs:
+                held.images.append(held.stack.enter_context(
+                    self.open_volume(r, readonly=ro, backing=b, verify=verify)))
+            held.stack = held.stack.pop_all()
+        return held
 
     def release_handles(self, rows: Iterable[VolumeRow]) -> None:
         paths = {self.abs(r.path) for r in rows}

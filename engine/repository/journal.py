@@ -18,7 +18,7 @@ from engine.repository.files import VOLUMES_DIR
 
 if TYPE_CHECKING:
     from engine.repository.chain import Chain
-    from engine.repository.context import Context
+    from engine.repository.context import Context, Held
 
 #: Operations that are undone when interrupted before their catalog commit: nothing they
 #: wrote is visible until then, so removing the files they created restores the old state.
@@ -60,20 +60,23 @@ class Journaled:
 
 @contextlib.contextmanager
 def journaled(ctx: Context, op: str, chain: str, args: dict, *,
-              illegal: Iterable[str] = (), hold: list | None = None, verify: bool = True,
-              committed: str | None = "committed"):
+              illegal: Iterable[str] = (), hold: list | Held | None = None,
+              verify: bool = True, committed: str | None = "committed"):
     """The skeleton of every journaled operation.
 
     HOLD ([(row, readonly, backing)], see ``Context.holding``) opens the images the
-    operation needs before anything is recorded; then the intent is journaled (ILLEGAL:
-    volumes marked ILLEGAL with it) and the block runs.  If it raises, the images it made
+    operation needs before anything is recorded (or is what ``Context.holding`` returned,
+    when the caller needed the images to plan the operation); then the intent is journaled
+    (ILLEGAL: volumes marked ILLEGAL with it) and the block runs.  If it raises, the images it made
     (``Journaled.hold``) are closed and the operation is undone now or left to recovery
     (``abort``), and the error goes on.  After it returned, the held images are
     closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
     point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
     removed."""
     with contextlib.ExitStack() as stack:
-        images = stack.enter_context(ctx.holding(hold, verify=verify)) if hold else []
+        if isinstance(hold, list):
+            hold = ctx.holding(hold, verify=verify) if hold else None
+        images = stack.enter_context(hold) if hold is not None else []
         j = Journaled(ctx, op, begin(ctx, op, chain, args, illegal=illegal), images)
         try:
             yield j
@@ -192,7 +195,7 @@ def merge_run(ctx: Context, jid: int, args: dict, step: str) -> int:
     """Recovery of an interrupted merge: redo its steps from STEP, holding its images."""
     with ctx.holding(merge.specs(ctx, args), verify=False) as images:
         j = Journaled(ctx, "delete_snapshot", jid, images)
-        copied, remove = merge.steps(ctx, j, args, step, None)
+        copied, remove = merge.steps(ctx, j, args, step, None, None)
     kill_point("delete_snapshot.committed")
     finish(ctx, jid, "delete_snapshot", remove)
     return copied

@@ -371,24 +371,24 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
     if [k.id for k in kids] != [child.id]:
         raise RepositoryError(f"volume {vol.id} has other children than {child.id}",
                               hint="run 'cowchain chain check'")
-    grandchildren = [k.id for k in ctx.cat.children(child.id)]
-    commit_bytes, pull_bytes = merge.costs(ctx, vol, child)
-    direction = "commit" if commit_bytes <= pull_bytes else "pull"
+    args = {"snapshot": snap.id, "volume": vol.id, "child": child.id,
+            "grandchildren": [k.id for k in ctx.cat.children(child.id)]}
+    # One open of each volume, before anything is recorded: the plan that chooses the
+    # direction is the one the copy then runs.
+    held = ctx.holding(merge.specs(ctx, args))
+    try:
+        planned = merge.plan(vol, held.images)
+    except BaseException:
+        held.close()
+        raise
+    direction = "commit" if planned.commit_bytes <= planned.pull_bytes else "pull"
     target = vol if direction == "commit" else child
-    if direction == "pull":
-        # The snapshot's own volume is removed: nobody may have it open (an open_snapshot
-        # view of this snapshot).  A writable open proves that; it is closed again because
-        # the pull reads the volume through its child (in this process a writable and a
-        # read-only open of one file exclude each other, as between processes).
-        ctx.release_handles([vol])
-        ctx.open_volume(vol, backing=False).close()
-    args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
-            "child": child.id, "grandchildren": grandchildren}
+    args["direction"] = direction
     with journal.journaled(ctx, "delete_snapshot", row.name, args, illegal=[target.id],
-                           hold=merge.specs(ctx, args)) as j:
-        copied, j.remove = merge.steps(ctx, j, args, "intent", progress)
+                           hold=held) as j:
+        copied, j.remove = merge.steps(ctx, j, args, "intent", progress, planned)
     return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
-                       target.id, copied, commit_bytes, pull_bytes)
+                       target.id, copied, planned.commit_bytes, planned.pull_bytes)
 
 
 def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
