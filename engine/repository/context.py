@@ -6,6 +6,7 @@ and ``Chain`` work through it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 import weakref
@@ -162,9 +163,7 @@ class Context:
                        size: int) -> VolumeRow:
         """The catalog row of a new (unsealed) volume file, with its size and identity."""
         row = VolumeRow(vid, chain, rel, fmt, "leaf", parent, "LEGAL", now())
-        for k, val in self.volume_record(row, sealed=False, size=size).items():
-            setattr(row, k, val)
-        return row
+        return dataclasses.replace(row, **self.volume_record(row, sealed=False, size=size))
 
     def new_volume(self, fmt: str) -> tuple[str, str]:
         vid = str(uuid.uuid4())

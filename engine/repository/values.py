@@ -7,11 +7,13 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine.catalog import VolumeFields
+
 Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class Volume:
+class Volume(VolumeFields):
     """One volume of a chain, as the catalog records it.
 
     Attributes:
@@ -24,13 +26,6 @@ class Volume:
         created (datetime): UTC.
     """
 
-    id: str
-    chain: str
-    path: str
-    format: str
-    role: str
-    parent: str | None
-    legality: str
     created: _dt.datetime
 
     def to_dict(self) -> dict:
