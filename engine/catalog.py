@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 from engine.errors import EngineError, RepositoryError, io_error
 
@@ -165,7 +165,7 @@ class JournalRow:
     id: int
     op: str
     chain: str | None
-    args: dict
+    args: dict[str, Any]
     step: str
     state: str
     started: str
@@ -206,7 +206,7 @@ class Catalog:
             this version understands.
     """
 
-    def __init__(self, path: str, *, create: bool = False, readonly: bool = False):
+    def __init__(self, path: str, *, create: bool = False, readonly: bool = False) -> None:
         if create and os.path.exists(path):
             raise RepositoryError(f"catalog already exists: {path}")
         if not create and not os.path.exists(path):
@@ -217,6 +217,7 @@ class Catalog:
         self._readonly = readonly
         #: the schema version of the file (older than SCHEMA_VERSION only when read-only)
         self.version = SCHEMA_VERSION
+        self._db: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -243,6 +244,7 @@ class Catalog:
             raise RepositoryError(f"catalog {path} cannot be used: {e}") from e
 
     def _check_schema(self) -> None:
+        assert self._db is not None            # called by __init__, once connected
         try:
             row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
         except sqlite3.DatabaseError as e:
@@ -302,7 +304,7 @@ class Catalog:
             yield
         except BaseException:
             self._depth = 0
-            if self._db.in_transaction:
+            if self._db is not None and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
         self._depth = 0
@@ -311,7 +313,7 @@ class Catalog:
         except BaseException:
             # A failed COMMIT (a deferred foreign key, a full disk) leaves the transaction
             # open in SQLite: end it, so the catalog stays as it was before.
-            if self._db.in_transaction:
+            if self._db is not None and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
 
@@ -335,7 +337,7 @@ class Catalog:
             if self._db is not None and self._db.in_transaction:
                 self._db.execute("COMMIT")
 
-    def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         if self._db is None:
             raise RepositoryError("the catalog is closed", path=self.path)
         try:
@@ -447,18 +449,19 @@ class Catalog:
 
     # --- journal -----------------------------------------------------------------------------
 
-    def journal_begin(self, op: str, chain: str | None, args: dict, *,
+    def journal_begin(self, op: str, chain: str | None, args: dict[str, Any], *,
                       state: str = "running") -> int:
         """Record the intent of OP (call inside a transaction with its other changes)."""
         cur = self._exec(
             "INSERT INTO journal (op, chain, args, step, state, started) VALUES (?,?,?,?,?,?)",
             (op, chain, json.dumps(args, sort_keys=True), "intent", state, now()))
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None      # an INSERT sets it
+        return cur.lastrowid
 
     def journal_step(self, jid: int, step: str) -> None:
         self._exec("UPDATE journal SET step = ? WHERE id = ?", (step, jid))
 
-    def journal_commit(self, jid: int, args: dict) -> None:
+    def journal_commit(self, jid: int, args: dict[str, Any]) -> None:
         """Mark OP committed, with the args its remaining (roll-forward) steps need."""
         self._exec("UPDATE journal SET state = 'committed', step = 'committed', args = ? "
                    "WHERE id = ?", (json.dumps(args, sort_keys=True), jid))

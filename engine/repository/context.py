@@ -6,11 +6,12 @@ and ``Chain`` work through it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import os
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
 
 #: Snapshot ids may be given by a unique prefix of at least this many characters.
 MIN_ID_PREFIX = 4
+
+
+T = TypeVar("T")
+
+
+def _found(row: T | None, message: str) -> T:
+    """ROW, read from the catalog; NotFound (MESSAGE) when there is none."""
+    if row is None:
+        raise NotFound(message)
+    return row
 
 
 class Held:
@@ -100,16 +111,15 @@ class Context:
         return os.path.join(self.path, rel)
 
     def chain_row(self, name: str) -> ChainRow:
-        row = self.cat.chain(name)
-        if row is None:
-            raise NotFound(f"no chain named {name!r}")
-        return row
+        return _found(self.cat.chain(name), f"no chain named {name!r}")
+
+    def snapshot_row(self, sid: str) -> SnapshotRow:
+        return _found(self.cat.snapshot(sid), f"snapshot {sid} is not in the catalog "
+                      "(removed meanwhile?)")
 
     def volume_row(self, vid: str) -> VolumeRow:
-        row = self.cat.volume(vid)
-        if row is None:
-            raise NotFound(f"volume {vid} is not in the catalog (removed meanwhile?)")
-        return row
+        return _found(self.cat.volume(vid), f"volume {vid} is not in the catalog "
+                      "(removed meanwhile?)")
 
     def volume_of(self, row: VolumeRow) -> Volume:
         return Volume(row.id, row.chain, self.abs(row.path), row.format, row.role, row.parent,
@@ -193,7 +203,7 @@ class Context:
         return remove
 
     def open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True,
-                    verify: bool = True):
+                    verify: bool = True) -> Image:
         """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
         a raw volume in what was opened must still be the file the catalog recorded
         (VolumeDamaged otherwise)."""
@@ -217,7 +227,7 @@ class Context:
                 row = now_row
         return self._verified(img) if verify else img
 
-    def _verified(self, img):
+    def _verified(self, img: Image) -> Image:
         """IMG, once ``verify_identity`` passed (closed if it did not)."""
         try:
             self.verify_identity(img)
@@ -226,7 +236,7 @@ class Context:
             raise
         return img
 
-    def verify_identity(self, img) -> None:
+    def verify_identity(self, img: Image) -> None:
         """The cheap identity check made at every open: a raw volume (only a chain's base can
         be raw) must have the size and inode the catalog recorded for it."""
         bottom = img.chain()[-1]
@@ -238,7 +248,7 @@ class Context:
         try:
             ino = os.stat(bottom.path).st_ino
         except OSError as e:
-            raise io_error(e.errno, "cannot stat the volume", path=bottom.path) from None
+            raise io_error(e.errno or errno.EIO, "cannot stat the volume", path=bottom.path) from None
         why = files.identity_problem(v, bottom.size, ino)
         if why is not None:
             # another inode with the recorded size: a copied repository, which a check with
@@ -265,7 +275,7 @@ class Context:
                              volume=v.id, chain=chain, path=self.abs(v.path), hint=hint,
                              cli_hint=cli)
 
-    def volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict:
+    def volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict[str, Any]:
         """The catalog's record of volume V's file: its virtual size and, for a raw volume,
         its identity (inode, and once SEALED a content stamp).  SIZE: the qcow2 virtual size
         when the caller knows it (else it is read from the header)."""
@@ -281,7 +291,8 @@ class Context:
         if v.size is not None:
             return v.size
         with self.open_volume(v, readonly=True, backing=False, verify=False) as img:
-            return img.size
+            size: int = img.size
+        return size
 
     def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *,
                 verify: bool = True) -> Held:
@@ -311,7 +322,7 @@ class Context:
                 c.release_leaf()
 
     def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
-                       verify: bool = True):
+                       verify: bool = True) -> Image:
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  VERIFY:
