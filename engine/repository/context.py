@@ -248,7 +248,8 @@ class Context:
         try:
             ino = os.stat(bottom.path).st_ino
         except OSError as e:
-            raise io_error(e.errno or errno.EIO, "cannot stat the volume", path=bottom.path) from None
+            raise io_error(e.errno or errno.EIO, "cannot stat the volume",
+                           path=bottom.path) from None
         why = files.identity_problem(v, bottom.size, ino)
         if why is not None:
             # another inode with the recorded size: a copied repository, which a check with
@@ -275,7 +276,8 @@ class Context:
                              volume=v.id, chain=chain, path=self.abs(v.path), hint=hint,
                              cli_hint=cli)
 
-    def volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict[str, Any]:
+    def volume_record(self, v: VolumeRow, *, sealed: bool,
+                      size: int | None = None) -> dict[str, Any]:
         """The catalog's record of volume V's file: its virtual size and, for a raw volume,
         its identity (inode, and once SEALED a content stamp).  SIZE: the qcow2 virtual size
         when the caller knows it (else it is read from the header)."""

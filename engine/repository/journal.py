@@ -12,7 +12,8 @@ import os
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from engine.errors import RepositoryError
-from engine.ops import kill_point as kill_point     # the operations pass theirs here
+# re-exported: the operations pass their kill points through journal.kill_point
+from engine.ops import kill_point as kill_point
 from engine.repository import files, merge
 from engine.repository.files import VOLUMES_DIR
 
@@ -70,8 +71,8 @@ def journaled(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
     HOLD ([(row, readonly, backing)], see ``Context.holding``) opens the images the
     operation needs before anything is recorded (or is what ``Context.holding`` returned,
     when the caller needed the images to plan the operation); then the intent is journaled
-    (ILLEGAL: volumes marked ILLEGAL with it) and the block runs.  If it raises, the images it made
-    (``Journaled.hold``) are closed and the operation is undone now or left to recovery
+    (ILLEGAL: volumes marked ILLEGAL with it) and the block runs.  If it raises, the images
+    it made (``Journaled.hold``) are closed and the operation is undone now or left to recovery
     (``abort``), and the error goes on.  After it returned, the held images are
     closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
     point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
@@ -97,7 +98,8 @@ def journaled(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
         finish(ctx, j.jid, op, j.remove)
 
 
-def begin(ctx: Context, op: str, chain: str, args: dict[str, Any], *, illegal: Iterable[str] = ()) -> int:
+def begin(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
+          illegal: Iterable[str] = ()) -> int:
     ctx.check_writable()
     with ctx.cat.transaction():
         jid = ctx.cat.journal_begin(op, chain, args)

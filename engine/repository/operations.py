@@ -69,8 +69,9 @@ def create_chain(ctx: Context, name: str, size: int, *, base_format: str = "raw"
     return ctx.chain(name)
 
 
-def import_chain(ctx: Context, name: str, source: PathArg, *, format: str, base_format: str = "raw",
-                 cluster_size: int = 65536, progress: Progress | None = None,
+def import_chain(ctx: Context, name: str, source: PathArg, *, format: str,
+                 base_format: str = "raw", cluster_size: int = 65536,
+                 progress: Progress | None = None,
                  allow_unsafe_backing: bool = False) -> Chain:
     """``Repository.import_chain``."""
     ctx.check_writable()
