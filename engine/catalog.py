@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, TypeVar
 
 from engine.errors import EngineError, RepositoryError, io_error
 
@@ -125,8 +125,11 @@ class ChainRow:
     origin_snapshot: str | None = None
 
 
-@dataclass
-class VolumeRow:
+@dataclass(frozen=True)
+class VolumeFields:
+    """What the catalog's row of a volume and the repository's public ``Volume`` both say
+    of it (the row's path is relative to the repository folder, the Volume's absolute)."""
+
     id: str
     chain: str
     path: str
@@ -134,6 +137,12 @@ class VolumeRow:
     role: str
     parent: str | None
     legality: str
+
+
+@dataclass(frozen=True)
+class VolumeRow(VolumeFields):
+    """A volume as the catalog records it (``dataclasses.replace`` makes a changed copy)."""
+
     created: str
     size: int | None = None
     ino: int | None = None
@@ -156,7 +165,7 @@ class JournalRow:
     id: int
     op: str
     chain: str | None
-    args: dict
+    args: dict[str, Any]
     step: str
     state: str
     started: str
@@ -173,7 +182,15 @@ def _translate(e: sqlite3.Error, path: str) -> EngineError:
     return RepositoryError(f"catalog: {text}", path=path)
 
 
-def _columns(cls) -> tuple[str, ...]:
+#: The tables of the row classes: (table, key column).
+_TABLES: dict[type, tuple[str, str]] = {
+    ChainRow: ("chains", "name"), VolumeRow: ("volumes", "id"), SnapshotRow: ("snapshots", "id")}
+
+Row = ChainRow | VolumeRow | SnapshotRow
+R = TypeVar("R", ChainRow, VolumeRow, SnapshotRow)
+
+
+def _columns(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
@@ -189,7 +206,7 @@ class Catalog:
             this version understands.
     """
 
-    def __init__(self, path: str, *, create: bool = False, readonly: bool = False):
+    def __init__(self, path: str, *, create: bool = False, readonly: bool = False) -> None:
         if create and os.path.exists(path):
             raise RepositoryError(f"catalog already exists: {path}")
         if not create and not os.path.exists(path):
@@ -200,6 +217,7 @@ class Catalog:
         self._readonly = readonly
         #: the schema version of the file (older than SCHEMA_VERSION only when read-only)
         self.version = SCHEMA_VERSION
+        self._db: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -226,6 +244,7 @@ class Catalog:
             raise RepositoryError(f"catalog {path} cannot be used: {e}") from e
 
     def _check_schema(self) -> None:
+        assert self._db is not None            # called by __init__, once connected
         try:
             row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
         except sqlite3.DatabaseError as e:
@@ -285,7 +304,7 @@ class Catalog:
             yield
         except BaseException:
             self._depth = 0
-            if self._db.in_transaction:
+            if self._db is not None and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
         self._depth = 0
@@ -294,7 +313,7 @@ class Catalog:
         except BaseException:
             # A failed COMMIT (a deferred foreign key, a full disk) leaves the transaction
             # open in SQLite: end it, so the catalog stays as it was before.
-            if self._db.in_transaction:
+            if self._db is not None and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
 
@@ -318,7 +337,7 @@ class Catalog:
             if self._db is not None and self._db.in_transaction:
                 self._db.execute("COMMIT")
 
-    def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         if self._db is None:
             raise RepositoryError("the catalog is closed", path=self.path)
         try:
@@ -328,13 +347,15 @@ class Catalog:
         except sqlite3.Error as e:
             raise _translate(e, self.path) from None
 
-    def _insert(self, table: str, row) -> None:
-        cols = [c for c in _columns(type(row)) if not (c == "seq" and row.seq is None)]
+    def _insert(self, row: Row) -> None:
+        table = _TABLES[type(row)][0]
+        cols = [c for c in _columns(type(row)) if not (c == "seq" and getattr(row, c) is None)]
         vals = [getattr(row, c) for c in cols]
         self._exec(f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
                    f"({', '.join('?' * len(cols))})", vals)
 
-    def _update(self, table: str, cls, key: str, key_value: Any, changes: dict) -> None:
+    def _update(self, cls: type[Row], key_value: Any, changes: dict[str, Any]) -> None:
+        table, key = _TABLES[cls]
         allowed = _columns(cls)
         bad = [k for k in changes if k not in allowed or k == key]
         if bad:
@@ -344,98 +365,103 @@ class Catalog:
         sets = ", ".join(f"{k} = ?" for k in changes)
         self._exec(f"UPDATE {table} SET {sets} WHERE {key} = ?", [*changes.values(), key_value])
 
+    def _delete(self, cls: type[Row], key_value: Any) -> None:
+        table, key = _TABLES[cls]
+        self._exec(f"DELETE FROM {table} WHERE {key} = ?", (key_value,))
+
+    def _rows(self, cls: type[R], where: str = "", args: tuple[Any, ...] = ()) -> list[R]:
+        """The rows of CLS's table that match WHERE (SQL after the table name), as CLS."""
+        cur = self._exec(f"SELECT * FROM {_TABLES[cls][0]} {where}", args)
+        return [cls(**dict(r)) for r in cur]
+
+    def _row(self, cls: type[R], column: str, value: Any) -> R | None:
+        rows = self._rows(cls, f"WHERE {column} = ?", (value,))
+        return rows[0] if rows else None
+
     # --- chains ------------------------------------------------------------------------------
 
     def chain(self, name: str) -> ChainRow | None:
-        row = self._exec("SELECT * FROM chains WHERE name = ?", (name,)).fetchone()
-        return ChainRow(**dict(row)) if row else None
+        return self._row(ChainRow, "name", name)
 
     def chains(self) -> list[ChainRow]:
-        return [ChainRow(**dict(r)) for r in self._exec("SELECT * FROM chains ORDER BY name")]
+        return self._rows(ChainRow, "ORDER BY name")
 
     def insert_chain(self, row: ChainRow) -> None:
-        self._insert("chains", row)
+        self._insert(row)
 
-    def update_chain(self, name: str, **changes) -> None:
-        self._update("chains", ChainRow, "name", name, changes)
+    def update_chain(self, name: str, **changes: Any) -> None:
+        self._update(ChainRow, name, changes)
 
     def delete_chain(self, name: str) -> None:
-        self._exec("DELETE FROM chains WHERE name = ?", (name,))
+        self._delete(ChainRow, name)
 
     # --- volumes -----------------------------------------------------------------------------
 
     def volume(self, vid: str) -> VolumeRow | None:
-        row = self._exec("SELECT * FROM volumes WHERE id = ?", (vid,)).fetchone()
-        return VolumeRow(**dict(row)) if row else None
+        return self._row(VolumeRow, "id", vid)
 
     def volumes(self) -> dict[str, VolumeRow]:
         """Every volume of the repository, by id."""
-        return {r["id"]: VolumeRow(**dict(r)) for r in self._exec("SELECT * FROM volumes")}
+        return {v.id: v for v in self._rows(VolumeRow)}
 
     def volume_by_path(self, path: str) -> VolumeRow | None:
-        row = self._exec("SELECT * FROM volumes WHERE path = ?", (path,)).fetchone()
-        return VolumeRow(**dict(row)) if row else None
+        return self._row(VolumeRow, "path", path)
 
     def unrecorded_volumes(self) -> list[VolumeRow]:
         """Volumes whose size (and identity) is not recorded yet (a migrated catalog)."""
-        return [VolumeRow(**dict(r)) for r in
-                self._exec("SELECT * FROM volumes WHERE size IS NULL")]
+        return self._rows(VolumeRow, "WHERE size IS NULL")
 
     def flagged_volumes(self) -> list[VolumeRow]:
         """Volumes marked ILLEGAL or damaged."""
-        return [VolumeRow(**dict(r)) for r in self._exec(
-            "SELECT * FROM volumes WHERE legality != 'LEGAL' OR damaged IS NOT NULL")]
+        return self._rows(VolumeRow, "WHERE legality != 'LEGAL' OR damaged IS NOT NULL")
 
     def children(self, vid: str) -> list[VolumeRow]:
-        return [VolumeRow(**dict(r)) for r in
-                self._exec("SELECT * FROM volumes WHERE parent = ? ORDER BY created", (vid,))]
+        return self._rows(VolumeRow, "WHERE parent = ? ORDER BY created", (vid,))
 
     def insert_volume(self, row: VolumeRow) -> None:
-        self._insert("volumes", row)
+        self._insert(row)
 
-    def update_volume(self, vid: str, **changes) -> None:
-        self._update("volumes", VolumeRow, "id", vid, changes)
+    def update_volume(self, vid: str, **changes: Any) -> None:
+        self._update(VolumeRow, vid, changes)
 
     def delete_volume(self, vid: str) -> None:
-        self._exec("DELETE FROM volumes WHERE id = ?", (vid,))
+        self._delete(VolumeRow, vid)
 
     # --- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self, sid: str) -> SnapshotRow | None:
-        row = self._exec("SELECT * FROM snapshots WHERE id = ?", (sid,)).fetchone()
-        return SnapshotRow(**dict(row)) if row else None
+        return self._row(SnapshotRow, "id", sid)
 
     def snapshots(self, chain: str | None = None) -> list[SnapshotRow]:
         """The snapshots of CHAIN (of every chain when None), oldest first."""
         if chain is None:
-            cur = self._exec("SELECT * FROM snapshots ORDER BY seq")
-        else:
-            cur = self._exec("SELECT * FROM snapshots WHERE chain = ? ORDER BY seq", (chain,))
-        return [SnapshotRow(**dict(r)) for r in cur]
+            return self._rows(SnapshotRow, "ORDER BY seq")
+        return self._rows(SnapshotRow, "WHERE chain = ? ORDER BY seq", (chain,))
 
     def insert_snapshot(self, row: SnapshotRow) -> None:
-        self._insert("snapshots", row)
+        self._insert(row)
 
-    def update_snapshot(self, sid: str, **changes) -> None:
-        self._update("snapshots", SnapshotRow, "id", sid, changes)
+    def update_snapshot(self, sid: str, **changes: Any) -> None:
+        self._update(SnapshotRow, sid, changes)
 
     def delete_snapshot(self, sid: str) -> None:
-        self._exec("DELETE FROM snapshots WHERE id = ?", (sid,))
+        self._delete(SnapshotRow, sid)
 
     # --- journal -----------------------------------------------------------------------------
 
-    def journal_begin(self, op: str, chain: str | None, args: dict, *,
+    def journal_begin(self, op: str, chain: str | None, args: dict[str, Any], *,
                       state: str = "running") -> int:
         """Record the intent of OP (call inside a transaction with its other changes)."""
         cur = self._exec(
             "INSERT INTO journal (op, chain, args, step, state, started) VALUES (?,?,?,?,?,?)",
             (op, chain, json.dumps(args, sort_keys=True), "intent", state, now()))
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None      # an INSERT sets it
+        return cur.lastrowid
 
     def journal_step(self, jid: int, step: str) -> None:
         self._exec("UPDATE journal SET step = ? WHERE id = ?", (step, jid))
 
-    def journal_commit(self, jid: int, args: dict) -> None:
+    def journal_commit(self, jid: int, args: dict[str, Any]) -> None:
         """Mark OP committed, with the args its remaining (roll-forward) steps need."""
         self._exec("UPDATE journal SET state = 'committed', step = 'committed', args = ? "
                    "WHERE id = ?", (json.dumps(args, sort_keys=True), jid))

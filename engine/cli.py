@@ -230,10 +230,13 @@ def cmd_create(args) -> int:
     with _open_repo(args) as repo:
         c = repo.create_chain(args.name, args.size, base_format=args.format,
                               cluster_size=args.cluster_size)
-        d = c.to_dict()
-        _emit(args, d, f"Created chain {args.name} ({human_size(d['size'])}, "
-                       f"{args.format} base volume {d['leaf']})")
+        _emit_new_chain(args, c, f"Created chain {args.name}")
     return 0
+
+
+def _emit_new_chain(args, chain, what: str) -> None:
+    d = chain.to_dict()
+    _emit(args, d, f"{what} ({human_size(d['size'])}, {args.format} base volume {d['leaf']})")
 
 
 def cmd_import(args) -> int:
@@ -246,9 +249,7 @@ def cmd_import(args) -> int:
         finally:
             if bar:
                 bar.close()
-        d = c.to_dict()
-        _emit(args, d, f"Imported {args.source} as chain {args.name} "
-                       f"({human_size(d['size'])}, {args.format} base volume {d['leaf']})")
+        _emit_new_chain(args, c, f"Imported {args.source} as chain {args.name}")
     return 0
 
 

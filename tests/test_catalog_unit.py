@@ -440,3 +440,32 @@ def test_integrity_problems_reports_broken_foreign_keys(c, db_path):
     db.close()
     problems = c.integrity_problems()
     assert problems and all(p.startswith("foreign key:") for p in problems), problems
+
+
+# --- the volume row and the public Volume: one field list ----------------------------------------
+
+def test_volume_row_and_public_volume_build_on_one_field_list(c, tmp_path):
+    """The catalog's VolumeRow and the repository's public Volume share their fields through
+    VolumeFields (declared once); a row is a value: a change is a new row, not a mutation."""
+    import dataclasses
+
+    from engine.catalog import VolumeFields
+    from engine.repository import Repository, Volume
+
+    shared = [f.name for f in dataclasses.fields(VolumeFields)]
+    assert shared == ["id", "chain", "path", "format", "role", "parent", "legality"]
+    assert [f.name for f in dataclasses.fields(Volume)] == shared + ["created"]
+    assert [f.name for f in dataclasses.fields(VolumeRow)][:len(shared) + 1] == \
+        shared + ["created"]
+    row = vol()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.role = "base"                                     # type: ignore[misc]
+    assert dataclasses.replace(row, role="base").role == "base" and row.role == "leaf"
+    with Repository.create(tmp_path / "repo") as repo:
+        vm = repo.create_chain("vm", 1 << 20)
+        [v] = vm.volumes
+        r = repo._cat.volume(v.id)
+        assert isinstance(v, VolumeFields) and isinstance(r, VolumeFields)
+        assert {k: getattr(v, k) for k in shared if k != "path"} == \
+            {k: getattr(r, k) for k in shared if k != "path"}
+        assert v.path == str(tmp_path / "repo" / r.path)

@@ -296,6 +296,59 @@ def test_stream_refuses_readonly_image(tmp_path, monkeypatch):
     assert top.read_bytes() == data
 
 
+# --- merge (plan_merge, pull) ------------------------------------------------------------------
+
+def test_plan_merge_prices_like_merge_costs(tmp_path, monkeypatch):
+    """A plan made on the top volume opened alone and its base opened with its chain (as a
+    repository merge holds them) prices both directions as the chain opened from the top
+    does, and its runs are what each direction copies."""
+    monkeypatch.chdir(tmp_path)
+    _, mid, top = make_chain(tmp_path)
+    with engine.open(str(top), readonly=True) as img:
+        costs = ops.merge_costs(img)
+        costs_data = ops.merge_costs(img, keep_zeros=False)
+        assert costs[1] == sum(r[1] for r in qemu_depth0(top, 1))
+    with engine.open(str(mid), readonly=True) as m, \
+            engine.open(str(top), readonly=True, backing=False) as t:
+        plan = ops.plan_merge(t, m)
+        assert (plan.commit_bytes, plan.pull_bytes) == costs
+        assert plan.commit_runs == ops.layer_runs(t, 0)
+        assert ops.plan_merge(t, m, keep_zeros=False).pull_bytes == costs_data[1]
+        assert ops.plan_merge(t, None) == ops.MergePlan(plan.commit_runs, [])
+    # the pull runs are the base's own runs less what the top holds: disjoint from the top's
+    held = [(s, s + n) for s, n, _ in plan.commit_runs]
+    assert not [(s, n) for s, n, _ in plan.pull_runs for a, b in held if s < b and a < s + n]
+
+
+@pytest.mark.parametrize("top_cluster", [512, 65536])
+def test_pull_into_a_top_opened_alone(tmp_path, monkeypatch, top_cluster):
+    """``pull`` writes into the top opened without its chain (the base is open read-write
+    beside it).  With the top's clusters larger than the base's, a run of the base that ends
+    inside one of the top's clusters is widened to the whole cluster, read through the base's
+    chain: the rest of the cluster keeps what lies under the base, not zeros."""
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.qcow2"
+    with engine.create(str(base), SIZE) as img:
+        img.write(0, rand(10, SIZE))
+    mid = tmp_path / "mid.qcow2"
+    with engine.create(str(mid), SIZE, cluster_size=4096, backing=base.name,
+                       backing_format="qcow2") as img:
+        img.write(68 * KiB, rand(11, 4 * KiB))
+        img.write_zeroes(300 * KiB, 4 * KiB)
+        img.write(512 * KiB, rand(12, 64 * KiB))
+    top = tmp_path / "top.qcow2"
+    with engine.create(str(top), SIZE, cluster_size=top_cluster, backing=mid.name,
+                       backing_format="qcow2") as img:
+        img.write(520 * KiB, rand(13, 2 * KiB))
+    before = snapshot_raw(top)
+    with engine.open(str(mid)) as m, engine.open(str(top), backing=False) as t:
+        plan = ops.plan_merge(t, m)
+        assert ops.pull(t, m, plan.pull_runs) == plan.pull_bytes
+        t.rebase(base.name, "qcow2")
+    assert_same_content(top, before)
+    qemu.assert_qemu_clean(top)
+
+
 # --- diff --------------------------------------------------------------------------------------
 
 def test_allocated_ranges_match_qemu_map(tmp_path, monkeypatch):
@@ -402,3 +455,58 @@ def test_copy_runs_and_meter(engine_image):
     assert n == 20000 - 8192
     assert dst2.read(0, 20000) == src.read(0, 20000)
     assert [e.data for e in dst2.extents(8192, 8192)] == [False]
+
+
+# --- runs (the one home of the re-merging rule) ------------------------------------------------
+
+def test_coalesce_merges_touching_and_overlapping_runs_of_one_kind():
+    from engine.ops.runs import coalesce
+    assert coalesce([]) == []
+    assert coalesce([(0, 4, 1), (4, 4, 1), (8, 4, 2), (10, 1, 2), (11, 5, 2), (30, 1, 2)]) == \
+        [(0, 8, 1), (8, 8, 2), (30, 1, 2)]
+    assert coalesce([(0, 10, None), (2, 3, None), (9, 4, None)]) == [(0, 13, None)]
+    assert coalesce([(0, 4, True), (4, 4, False), (8, 4, True)]) == \
+        [(0, 4, True), (4, 4, False), (8, 4, True)]
+
+
+def test_subtract_keeps_the_parts_outside_and_their_kinds():
+    from engine.ops.runs import subtract
+    assert subtract([(0, 100, "d")], []) == [(0, 100, "d")]
+    assert subtract([], [(0, 10, "x")]) == []
+    assert subtract([(0, 100, "d")], [(0, 100, "x")]) == []
+    assert subtract([(0, 100, "d"), (200, 50, "z")],
+                    [(10, 10, "x"), (20, 5, "y"), (90, 120, "x"), (240, 100, "x")]) == \
+        [(0, 10, "d"), (25, 65, "d"), (210, 30, "z")]
+
+
+class _Ext:
+    """An extent as ``Image.extents`` gives it (only the fields ops read)."""
+
+    def __init__(self, start, length, *, data, depth=0, present=True):
+        self.start, self.length, self.data, self.depth = start, length, data, depth
+        self.zero, self.present = not data, present
+
+
+class _Img:
+    def __init__(self, extents):
+        self._extents = extents
+
+    def extents(self):
+        return list(self._extents)
+
+
+def test_diff_and_measure_remerge_core_runs_by_their_coarser_kind():
+    """The core coalesces runs by qemu-img map's rule (depth, flags, host offsets); diff and
+    measure re-merge them by what they tell apart, all through ``ops.runs.coalesce``: runs
+    from different layers that read alike are one change, one allocated range, one run."""
+    view = _Img([_Ext(0, 10, data=True, depth=0), _Ext(10, 10, data=True, depth=1),
+                 _Ext(20, 5, data=False, depth=0), _Ext(25, 5, data=False, depth=2,
+                                                        present=False),
+                 _Ext(30, 10, data=True, depth=0)])
+    assert ops.annotate([(5, 28), (35, 40)], view) == [
+        ops.Change(5, 15, False, True), ops.Change(20, 8, True, False),
+        ops.Change(35, 5, False, True)]
+    assert ops.allocated_ranges([view, _Img([_Ext(18, 4, data=True), _Ext(40, 2, data=True)])]) \
+        == [(0, 10), (18, 25), (30, 42)]
+    assert ops.layer_runs(view, 1, min_depth=0) == [(0, 20, False), (20, 5, True),
+                                                      (30, 10, False)]

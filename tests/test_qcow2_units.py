@@ -170,6 +170,26 @@ def test_extension_walk_strict_and_lenient():
         list(walk_extensions(r, 0, len(area)))
 
 
+def test_header_feature_bits_are_read_by_one_descriptor():
+    """Every feature flag of the header is a FeatureBit over its feature word: set the bit,
+    the flag reads True; the flags are not dataclass fields (nothing to keep in step)."""
+    import dataclasses
+
+    from engine.qcow2.header import FeatureBit
+
+    flags = {name: bit for name, bit in vars(Header).items() if isinstance(bit, FeatureBit)}
+    assert set(flags) == {"extended_l2", "dirty", "corrupt", "lazy_refcounts", "has_data_file",
+                          "data_file_raw"}
+    assert not set(flags) & {f.name for f in dataclasses.fields(Header)}
+    for name, bit in flags.items():
+        h = _header()
+        setattr(h, bit.word, 0)
+        assert getattr(h, name) is False
+        setattr(h, bit.word, bit.mask)
+        assert getattr(h, name) is True and bit.__doc__
+    assert _header(lazy_refcounts=True).lazy_refcounts and _header(extended_l2=True).extended_l2
+
+
 # --- snapshots -------------------------------------------------------------------------------
 
 def _snap_header(nb: int, version: int = 3, offset: int = 4 * 64 * KiB) -> Header:

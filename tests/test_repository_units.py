@@ -224,3 +224,50 @@ def test_the_repository_reaches_the_catalog_only_through_the_interface():
                 used |= set(re.findall(r"(?:\b|_)cat\.([a-z_]+)\b", f.read()))
     assert used, "the pattern finds the catalog calls"
     assert used <= protocol_members(), used - protocol_members()
+
+
+# --- delete_snapshot: one open of each volume, one extents pass ----------------------------
+
+@pytest.mark.parametrize("base_format", ["raw", "qcow2"])
+@pytest.mark.parametrize("big_lower,expected", [(True, "commit"), (False, "pull")])
+def test_delete_snapshot_opens_each_volume_once_and_reads_extents_once(
+        repo, monkeypatch, base_format, big_lower, expected):
+    """A 3-volume chain (base, the snapshot's volume, the leaf): the merge that deletes the
+    middle snapshot opens each volume file once (to plan, hold and copy) and asks each of
+    the two merged volumes for its extents once (the plan that picks the direction is the
+    one the copy runs), in both directions."""
+    from engine import image
+
+    size, cl = 1 << 20, 4096
+    c = repo.create_chain("vm", size, base_format=base_format, cluster_size=cl)
+    c.write(0, b"\x01" * (size // 2))
+    c.snapshot()
+    c.write(cl, b"\x02" * ((size // 2) if big_lower else 2 * cl))
+    s2 = c.snapshot()
+    c.write(2 * cl, b"\x03" * (2 * cl if big_lower else size // 2))
+    expect = c.read(0, size)
+    assert len(c.volumes) == 3
+    opened: list[str] = []
+    extents: list[str] = []
+    real_open, real_extents = image.open, image.Image.extents
+
+    def counting_open(path, **kw):
+        img = real_open(path, **kw)
+        opened.extend(i.path for i in img.chain())
+        return img
+
+    def counting_extents(self, *a, **kw):
+        extents.append(self.path)
+        return real_extents(self, *a, **kw)
+
+    monkeypatch.setattr(image, "open", counting_open)
+    monkeypatch.setattr(image.Image, "extents", counting_extents)
+    r = c.delete_snapshot(s2.id)
+    monkeypatch.undo()
+    assert r.direction == expected
+    assert sorted(opened) == sorted(set(opened)), opened          # no file opened twice
+    assert len(opened) == 3
+    assert sorted(extents) == sorted(set(extents)) and len(extents) == 2, extents
+    assert r.copied_bytes == min(r.commit_bytes, r.pull_bytes)
+    assert c.read(0, size) == expect
+    assert repo.check().ok

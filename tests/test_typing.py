@@ -26,6 +26,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 #: Checked with ``mypy --strict``, relative to the package folder. README lists the same set.
 STRICT_MODULES = [
     "__init__.py",
+    "catalog.py",
     "errors.py",
     "format.py",
     "image/__init__.py",
@@ -52,7 +53,21 @@ STRICT_MODULES = [
     "ops/convert.py",
     "ops/diff.py",
     "ops/measure.py",
+    "ops/merge.py",
+    "ops/runs.py",
     "ops/stream.py",
+    "repository/__init__.py",
+    "repository/catalog_api.py",
+    "repository/chain.py",
+    "repository/check.py",
+    "repository/context.py",
+    "repository/files.py",
+    "repository/graph.py",
+    "repository/journal.py",
+    "repository/merge.py",
+    "repository/operations.py",
+    "repository/repo.py",
+    "repository/values.py",
     "testing/__init__.py",
 ]
 
@@ -75,6 +90,9 @@ def test_package_ships_type_information():
     ops = sorted(p.name for p in (PKG / "ops").glob("*.py"))
     assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith("ops/")] == ops, \
         "a module of engine/ops is missing from STRICT_MODULES (and README)"
+    repository = sorted(p.name for p in (PKG / "repository").glob("*.py"))
+    assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith("repository/")] == \
+        repository, "a module of engine/repository is missing from STRICT_MODULES (and README)"
 
 
 def test_mypy_strict_on_the_typed_modules(tmp_path):

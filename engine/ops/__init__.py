@@ -12,9 +12,11 @@ from engine.ops._hooks import kill_point
 from engine.ops.commit import commit
 from engine.ops.convert import convert, convert_new, write_raw
 from engine.ops.diff import Change, allocated_ranges, annotate
-from engine.ops.measure import allocated_bytes, layer_runs, merge_costs
+from engine.ops.measure import allocated_bytes, layer_runs
+from engine.ops.merge import MergePlan, merge_costs, plan_merge, pull
 from engine.ops.stream import stream
 
-__all__ = ["CHUNK", "Change", "Meter", "allocated_bytes", "allocated_ranges", "annotate",
-           "commit", "convert", "convert_new", "copy_runs", "kill_point", "layer_runs", "merge_costs",
-           "nonzero_blocks", "stream", "write_raw"]
+__all__ = ["CHUNK", "Change", "MergePlan", "Meter", "allocated_bytes", "allocated_ranges",
+           "annotate", "commit", "convert", "convert_new", "copy_runs", "kill_point",
+           "layer_runs", "merge_costs", "nonzero_blocks", "plan_merge", "pull", "stream",
+           "write_raw"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
+from engine.ops.runs import coalesce
+
 if TYPE_CHECKING:
     from engine.image import Image
 
@@ -34,23 +36,14 @@ def allocated_ranges(images: Iterable[Image]) -> list[tuple[int, int]]:
         images (iterable of Image): volumes opened alone (``backing=False``) or with their
             chain; only depth-0 extents count.
     """
-    spans: list[tuple[int, int]] = []
-    for img in images:
-        spans.extend((e.start, e.start + e.length) for e in img.extents()
-                     if e.present and e.depth == 0)
-    spans.sort()
-    merged: list[tuple[int, int]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            if e > merged[-1][1]:
-                merged[-1] = (merged[-1][0], e)
-        else:
-            merged.append((s, e))
-    return merged
+    spans = sorted((e.start, e.length, None) for img in images for e in img.extents()
+                   if e.present and e.depth == 0)
+    return [(s, s + n) for s, n, _ in coalesce(spans)]
 
 
 def annotate(ranges: list[tuple[int, int]], view: Image) -> list[Change]:
-    """Split RANGES along VIEW's extents and label each piece with how VIEW reads it.
+    """Split RANGES along VIEW's extents and label each piece with how VIEW reads it
+    (adjacent pieces read alike are one).
 
     A two-pointer walk over two sorted lists: one Python step per range or extent.
 
@@ -58,10 +51,10 @@ def annotate(ranges: list[tuple[int, int]], view: Image) -> list[Change]:
         ranges (list of (start, end)): sorted, disjoint.
         view (Image): the later point, opened with its chain.
     """
-    out: list[Change] = []
     if not ranges:
-        return out
+        return []
     extents = view.extents()
+    pieces: list[tuple[int, int, tuple[bool, bool]]] = []
     j = 0
     for s, e in ranges:
         while j < len(extents) and extents[j].start + extents[j].length <= s:
@@ -70,12 +63,7 @@ def annotate(ranges: list[tuple[int, int]], view: Image) -> list[Change]:
         while pos < e and k < len(extents):
             x = extents[k]
             end = min(e, x.start + x.length)
-            zero, data = bool(x.zero) and not x.data, bool(x.data)
-            last = out[-1] if out else None
-            if last and last.start + last.length == pos and (last.zero, last.data) == (zero, data):
-                out[-1] = last._replace(length=last.length + end - pos)
-            else:
-                out.append(Change(pos, end - pos, zero, data))
+            pieces.append((pos, end - pos, (bool(x.zero) and not x.data, bool(x.data))))
             pos = end
             k += 1
-    return out
+    return [Change(s, n, *kind) for s, n, kind in coalesce(pieces)]

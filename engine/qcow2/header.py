@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from engine.errors import (
     CorruptImage,
@@ -111,6 +111,26 @@ from engine.qcow2.args import (
 # Header
 # =========================================================================================
 
+class FeatureBit:
+    """One bit of a header's feature words (qcow2.txt, "Header": incompatible, compatible
+    and autoclear features), read as a bool: ``Header.dirty`` and its kind."""
+
+    def __init__(self, word: str, mask: int, doc: str) -> None:
+        self.word = word
+        self.mask = mask
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> FeatureBit: ...
+    @overload
+    def __get__(self, obj: Header, owner: type) -> bool: ...
+
+    def __get__(self, obj: Header | None, owner: type) -> bool | FeatureBit:
+        if obj is None:
+            return self
+        return bool(getattr(obj, self.word) & self.mask)
+
+
 @dataclass
 class Header:
     """The parsed QCOW2 header and its extensions (§1, §2, §3).
@@ -160,10 +180,9 @@ class Header:
         """Cluster size in bytes."""
         return 1 << self.cluster_bits
 
-    @property
-    def extended_l2(self) -> bool:
-        """True if L2 entries are 128-bit with 32 subclusters (incompatible bit 4)."""
-        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+    extended_l2 = FeatureBit("incompatible_features", INCOMPAT_EXTL2,
+                             "True if L2 entries are 128-bit with 32 subclusters "
+                             "(incompatible bit 4).")
 
     @property
     def l2_entry_size(self) -> int:
@@ -233,30 +252,20 @@ class Header:
         return self.refcount_table_clusters * self.cluster_size // REFTABLE_ENTRY_SIZE
 
     # -- features ---------------------------------------------------------------------------
-    @property
-    def dirty(self) -> bool:
-        """Incompatible bit 0: refcounts may be stale; a read-write open must repair."""
-        return bool(self.incompatible_features & INCOMPAT_DIRTY)
-
-    @property
-    def corrupt(self) -> bool:
-        """Incompatible bit 1: the image may only be opened read-only (or for repair)."""
-        return bool(self.incompatible_features & INCOMPAT_CORRUPT)
-
-    @property
-    def lazy_refcounts(self) -> bool:
-        """Compatible bit 0: refcount updates may be deferred behind the dirty bit."""
-        return bool(self.compatible_features & COMPAT_LAZY_REFCOUNTS)
-
-    @property
-    def has_data_file(self) -> bool:
-        """Incompatible bit 2: guest data lives in an external data file."""
-        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
-
-    @property
-    def data_file_raw(self) -> bool:
-        """Autoclear bit 1: the external data file is a valid raw image on its own."""
-        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+    dirty = FeatureBit("incompatible_features", INCOMPAT_DIRTY,
+                       "Incompatible bit 0: refcounts may be stale; a read-write open must "
+                       "repair.")
+    corrupt = FeatureBit("incompatible_features", INCOMPAT_CORRUPT,
+                         "Incompatible bit 1: the image may only be opened read-only (or for "
+                         "repair).")
+    lazy_refcounts = FeatureBit("compatible_features", COMPAT_LAZY_REFCOUNTS,
+                                "Compatible bit 0: refcount updates may be deferred behind the "
+                                "dirty bit.")
+    has_data_file = FeatureBit("incompatible_features", INCOMPAT_DATA_FILE,
+                               "Incompatible bit 2: guest data lives in an external data file.")
+    data_file_raw = FeatureBit("autoclear_features", AUTOCLEAR_DATA_FILE_RAW,
+                               "Autoclear bit 1: the external data file is a valid raw image "
+                               "on its own.")
 
     @property
     def has_bitmaps(self) -> bool:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.catalog import ChainRow
 from engine.errors import ImageClosed, NotFound
 from engine.repository import operations
-from engine.repository.values import (DiffResult, ExportResult, MergeResult, Progress,
-                                      Snapshot, Volume)
+from engine.repository.values import (DiffResult, ExportResult, MergeResult, PathArg,
+                                      Progress, Snapshot, Volume)
 
 if TYPE_CHECKING:
+    from engine.image import Extent, Image
     from engine.repository.context import Context
     from engine.repository.repo import Repository
 
@@ -29,9 +30,9 @@ class Chain:
         self._repo = repo
         self._ctx = ctx
         self._name = name
-        self._img = None
+        self._img: Image | None = None
         self._closed = False
-        self._views: weakref.WeakSet = weakref.WeakSet()
+        self._views: weakref.WeakSet[Image] = weakref.WeakSet()
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -102,17 +103,17 @@ class Chain:
     def origin(self) -> tuple[str, str] | None:
         """For a clone, (origin chain name, snapshot id); None otherwise."""
         row = self._row()
-        if row.origin_chain is None:
+        if row.origin_chain is None or row.origin_snapshot is None:
             return None
         return row.origin_chain, row.origin_snapshot
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The chain as the CLI's JSON shows it."""
         self._check_open()
         with self._ctx.cat.read():
             return self._to_dict()
 
-    def _to_dict(self) -> dict:
+    def _to_dict(self) -> dict[str, Any]:
         row = self._row()
         return {
             "name": row.name, "size": row.size, "cluster_size": row.cluster_size,
@@ -125,7 +126,7 @@ class Chain:
 
     # --- data path --------------------------------------------------------------------------
 
-    def _image(self):
+    def _image(self) -> Image:
         img = self._img
         if img is None:
             self._check_open()
@@ -140,11 +141,11 @@ class Chain:
         """LENGTH bytes of the disk at OFFSET (bytes), through the chain."""
         return self._image().read(offset, length)
 
-    def readinto(self, offset: int, buffer) -> int:
+    def readinto(self, offset: int, buffer: Any) -> int:
         """Fill BUFFER (any writable buffer) from the disk at OFFSET; returns bytes read."""
         return self._image().readinto(offset, buffer)
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data: Any) -> int:
         """Write DATA (any buffer) at OFFSET into the leaf."""
         return self._image().write(offset, data)
 
@@ -164,7 +165,7 @@ class Chain:
         else:
             self._check_open()
 
-    def extents(self, offset: int = 0, length: int | None = None):
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Allocation runs of the disk (``qemu-img map`` meanings; depth 0 is the leaf)."""
         return self._image().extents(offset, length)
 
@@ -194,7 +195,7 @@ class Chain:
         """
         return operations.snapshot(self._ctx, self, description, force)
 
-    def open_snapshot(self, snapshot_id: str):
+    def open_snapshot(self, snapshot_id: str) -> Image:
         """A read-only Image showing the disk exactly as it was at that snapshot.
 
         Close it when done (it is also closed with the chain).  While it is open, deleting
@@ -266,7 +267,7 @@ class Chain:
         """
         return operations.clone(self._ctx, self, snapshot_id, name)
 
-    def export(self, path, *, format: str = "raw", snapshot_id: str | None = None,
+    def export(self, path: PathArg | int, *, format: str = "raw", snapshot_id: str | None = None,
                progress: Progress | None = None, overwrite: bool = False,
                output_device: bool = False) -> ExportResult:
         """Write the disk (or a snapshot of it) as one self-contained image at PATH.
@@ -312,7 +313,7 @@ class Chain:
 
     # --- the leaf handle (for the repository's operations; the chain alone assigns it) ----
 
-    def adopt_leaf(self, img) -> None:
+    def adopt_leaf(self, img: Image) -> None:
         """Take IMG, open read-write, as the leaf handle (an operation made the new leaf)."""
         self._img = img
 
@@ -341,16 +342,14 @@ class Chain:
         if self._closed:
             return
         self._closed = True
-        for img in list(self._views):
-            img.close()
-        img, self._img = self._img, None
-        if img is not None:
-            img.close()
+        for view in list(self._views):
+            view.close()
+        self.release_leaf()
 
     def __enter__(self) -> "Chain":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

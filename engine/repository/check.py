@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from engine.catalog import VolumeRow
 from engine.errors import EngineError
@@ -15,6 +15,9 @@ from engine.repository.values import Problem, RepositoryCheck
 
 if TYPE_CHECKING:
     from engine.repository.context import Context
+
+#: How the check records a problem found.
+Add = Callable[[Problem], None]
 
 
 def run(ctx: Context, repair: bool, only: str | None) -> RepositoryCheck:
@@ -35,13 +38,14 @@ def run(ctx: Context, repair: bool, only: str | None) -> RepositoryCheck:
             try:
                 p.repair = journal.recover_row(ctx, j)
                 p.repaired = True
-                ctx.blocked.pop(j.chain, None)
+                if j.chain is not None:
+                    ctx.blocked.pop(j.chain, None)
             except EngineError as e:
                 p.repair = f"recovery failed: {e}"
         add(p)
     # Our own handles hold locks that a repair (and an accurate check) must not meet.
-    for c in ctx.chains.values():
-        c.release_leaf()
+    for handle in ctx.chains.values():
+        handle.release_leaf()
     vols = cat.volumes()
     chains = cat.chains()
     scope_chains = [c for c in chains if only is None or c.name == only]
@@ -130,7 +134,7 @@ def run(ctx: Context, repair: bool, only: str | None) -> RepositoryCheck:
     return res
 
 
-def _check_raw_identity(ctx: Context, v: VolumeRow, add, repair) -> bool:
+def _check_raw_identity(ctx: Context, v: VolumeRow, add: Add, repair: bool) -> bool:
     """A raw volume's file against the catalog's record: size, inode and (sealed) content
     stamp.  Returns True when it matches (or was repaired)."""
     if v.size is None:
@@ -179,7 +183,9 @@ def _record_damage(ctx: Context, res: RepositoryCheck, checked: Iterable[VolumeR
                     ctx.cat.update_volume(vid, damaged=reason)
 
 
-def _check_volume(ctx: Context, v: VolumeRow, vols, by_file, sizes, entry, add, repair) -> bool:
+def _check_volume(ctx: Context, v: VolumeRow, vols: dict[str, VolumeRow],
+                  by_file: dict[str, VolumeRow], sizes: dict[str, int], entry: dict[str, Any],
+                  add: Add, repair: bool) -> bool:
     """Check one volume's file against the catalog; returns True when its image is clean."""
     cat = ctx.cat
     path = ctx.abs(v.path)
@@ -194,9 +200,9 @@ def _check_volume(ctx: Context, v: VolumeRow, vols, by_file, sizes, entry, add, 
                     chain=v.chain, volume=v.id, repair="not repairable automatically"))
         return False
     with img:
-        want = sizes.get(v.id)
-        if want is not None and img.size != want:
-            add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain {want}",
+        want_size = sizes.get(v.id)
+        if want_size is not None and img.size != want_size:
+            add(Problem("size", f"volume {v.id} is {img.size} bytes, its chain {want_size}",
                         chain=v.chain, volume=v.id, repair="not repairable automatically"))
         if v.format == "raw":
             if v.parent is not None:

@@ -6,10 +6,12 @@ and ``Chain`` work through it."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import dataclasses
 import os
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
@@ -22,10 +24,39 @@ from engine.repository.chain import Chain
 from engine.repository.values import Snapshot, Volume
 
 if TYPE_CHECKING:
+    from engine.image import Image
     from engine.repository.repo import Repository
 
 #: Snapshot ids may be given by a unique prefix of at least this many characters.
 MIN_ID_PREFIX = 4
+
+
+T = TypeVar("T")
+
+
+def _found(row: T | None, message: str) -> T:
+    """ROW, read from the catalog; NotFound (MESSAGE) when there is none."""
+    if row is None:
+        raise NotFound(message)
+    return row
+
+
+class Held:
+    """Images an operation holds (``Context.holding``): ``with`` yields the list and closes
+    them at its end; ``close`` closes them too."""
+
+    def __init__(self) -> None:
+        self.images: list[Image] = []
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> list[Image]:
+        return self.images
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 class Context:
@@ -80,16 +111,15 @@ class Context:
         return os.path.join(self.path, rel)
 
     def chain_row(self, name: str) -> ChainRow:
-        row = self.cat.chain(name)
-        if row is None:
-            raise NotFound(f"no chain named {name!r}")
-        return row
+        return _found(self.cat.chain(name), f"no chain named {name!r}")
+
+    def snapshot_row(self, sid: str) -> SnapshotRow:
+        return _found(self.cat.snapshot(sid), f"snapshot {sid} is not in the catalog "
+                      "(removed meanwhile?)")
 
     def volume_row(self, vid: str) -> VolumeRow:
-        row = self.cat.volume(vid)
-        if row is None:
-            raise NotFound(f"volume {vid} is not in the catalog (removed meanwhile?)")
-        return row
+        return _found(self.cat.volume(vid), f"volume {vid} is not in the catalog "
+                      "(removed meanwhile?)")
 
     def volume_of(self, row: VolumeRow) -> Volume:
         return Volume(row.id, row.chain, self.abs(row.path), row.format, row.role, row.parent,
@@ -143,9 +173,7 @@ class Context:
                        size: int) -> VolumeRow:
         """The catalog row of a new (unsealed) volume file, with its size and identity."""
         row = VolumeRow(vid, chain, rel, fmt, "leaf", parent, "LEGAL", now())
-        for k, val in self.volume_record(row, sealed=False, size=size).items():
-            setattr(row, k, val)
-        return row
+        return dataclasses.replace(row, **self.volume_record(row, sealed=False, size=size))
 
     def new_volume(self, fmt: str) -> tuple[str, str]:
         vid = str(uuid.uuid4())
@@ -175,7 +203,7 @@ class Context:
         return remove
 
     def open_volume(self, row: VolumeRow, *, readonly: bool = False, backing: bool = True,
-                    verify: bool = True):
+                    verify: bool = True) -> Image:
         """Open volume ROW (with its backing chain unless BACKING is False).  With VERIFY,
         a raw volume in what was opened must still be the file the catalog recorded
         (VolumeDamaged otherwise)."""
@@ -199,7 +227,7 @@ class Context:
                 row = now_row
         return self._verified(img) if verify else img
 
-    def _verified(self, img):
+    def _verified(self, img: Image) -> Image:
         """IMG, once ``verify_identity`` passed (closed if it did not)."""
         try:
             self.verify_identity(img)
@@ -208,7 +236,7 @@ class Context:
             raise
         return img
 
-    def verify_identity(self, img) -> None:
+    def verify_identity(self, img: Image) -> None:
         """The cheap identity check made at every open: a raw volume (only a chain's base can
         be raw) must have the size and inode the catalog recorded for it."""
         bottom = img.chain()[-1]
@@ -220,7 +248,8 @@ class Context:
         try:
             ino = os.stat(bottom.path).st_ino
         except OSError as e:
-            raise io_error(e.errno, "cannot stat the volume", path=bottom.path) from None
+            raise io_error(e.errno or errno.EIO, "cannot stat the volume",
+                           path=bottom.path) from None
         why = files.identity_problem(v, bottom.size, ino)
         if why is not None:
             # another inode with the recorded size: a copied repository, which a check with
@@ -247,7 +276,8 @@ class Context:
                              volume=v.id, chain=chain, path=self.abs(v.path), hint=hint,
                              cli_hint=cli)
 
-    def volume_record(self, v: VolumeRow, *, sealed: bool, size: int | None = None) -> dict:
+    def volume_record(self, v: VolumeRow, *, sealed: bool,
+                      size: int | None = None) -> dict[str, Any]:
         """The catalog's record of volume V's file: its virtual size and, for a raw volume,
         its identity (inode, and once SEALED a content stamp).  SIZE: the qcow2 virtual size
         when the caller knows it (else it is read from the header)."""
@@ -263,12 +293,14 @@ class Context:
         if v.size is not None:
             return v.size
         with self.open_volume(v, readonly=True, backing=False, verify=False) as img:
-            return img.size
+            size: int = img.size
+        return size
 
-    @contextlib.contextmanager
-    def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *, verify: bool = True):
+    def holding(self, specs: list[tuple[VolumeRow, bool, bool]], *,
+                verify: bool = True) -> Held:
         """Open the volumes an operation writes (or needs unchanged) and hold them to its
-        end: SPECS is [(row, readonly, backing)], the images are yielded in that order.
+        end: SPECS is [(row, readonly, backing)]; ``Held.images`` are in that order, and
+        ``with`` yields them and closes them at its end.
 
         The rule for journaled operations: every image lock an operation needs is taken
         here, *before* its journal entry is written, and held until its catalog commit.  An
@@ -277,10 +309,13 @@ class Context:
         leaves nothing to recover.  Our own chains' leaf handles on those volumes are
         released first (they reopen on their next I/O)."""
         self.release_handles(r for r, _, _ in specs)
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(self.open_volume(r, readonly=ro, backing=b,
-                                                        verify=verify))
-                   for r, ro, b in specs]
+        held = Held()
+        with held.stack:
+            for r, ro, b in specs:
+                held.images.append(held.stack.enter_context(
+                    self.open_volume(r, readonly=ro, backing=b, verify=verify)))
+            held.stack = held.stack.pop_all()
+        return held
 
     def release_handles(self, rows: Iterable[VolumeRow]) -> None:
         paths = {self.abs(r.path) for r in rows}
@@ -289,7 +324,7 @@ class Context:
                 c.release_leaf()
 
     def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
-                       verify: bool = True):
+                       verify: bool = True) -> Image:
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  VERIFY:

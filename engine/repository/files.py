@@ -3,11 +3,16 @@ volume (size, inode, content stamp)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from typing import TYPE_CHECKING, Any
 
 from engine.catalog import VolumeRow
 from engine.errors import EngineError, ImageNotFound, io_error
+
+if TYPE_CHECKING:
+    from engine.image import Image
 
 #: The repository folder: <repo>/catalog.db, <repo>/volumes/<uuid>.qcow2|.raw,
 #: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside.
@@ -33,7 +38,7 @@ def unlink(path: str) -> bool:
         return False
 
 
-def close_quietly(img) -> None:
+def close_quietly(img: Image | None) -> None:
     """Close IMG on an error path without hiding the error being handled."""
     if img is not None:
         try:
@@ -52,7 +57,7 @@ _STAMP_BLOCK = 65536
 _STAMP_SAMPLES = 8
 
 
-def raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
+def raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict[str, Any]:
     """The catalog's record of a raw volume file: size, inode and (SEALED) content stamp
     (STAMP: recompute that recorded stamp's blocks, to compare)."""
     try:
@@ -60,7 +65,7 @@ def raw_record(path: str, *, sealed: bool, stamp: str | None = None) -> dict:
     except FileNotFoundError:
         raise ImageNotFound("no such file", path=path) from None
     except OSError as e:
-        raise io_error(e.errno, "cannot open", path=path) from None
+        raise io_error(e.errno or errno.EIO, "cannot open", path=path) from None
     try:
         st = os.fstat(fd)
         return {"size": st.st_size, "ino": st.st_ino,
@@ -106,7 +111,7 @@ def _stamp(fd: int, size: int, path: str, recorded: str | None = None) -> str:
         for off in offsets + [o for o in (first, last) if 0 <= o < size]:
             h.update(os.pread(fd, B, off))
     except OSError as e:
-        raise io_error(e.errno, "cannot read the volume", path=path) from None
+        raise io_error(e.errno or errno.EIO, "cannot read the volume", path=path) from None
     return f"{first}:{last}:{h.hexdigest()}"
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from engine.errors import RepositoryError
-from engine.ops import kill_point
+# re-exported: the operations pass their kill points through journal.kill_point
+from engine.ops import kill_point as kill_point
 from engine.repository import files, merge
 from engine.repository.files import VOLUMES_DIR
 
 if TYPE_CHECKING:
+    from engine.catalog import JournalRow, VolumeRow
+    from engine.image import Image
     from engine.repository.chain import Chain
-    from engine.repository.context import Context
+    from engine.repository.context import Context, Held
 
 #: Operations that are undone when interrupted before their catalog commit: nothing they
 #: wrote is visible until then, so removing the files they created restores the old state.
@@ -32,7 +35,7 @@ FORWARD_OPS = frozenset({"delete_snapshot"})
 class Journaled:
     """One journaled operation in progress (what :func:`journaled` yields)."""
 
-    def __init__(self, ctx: Context, op: str, jid: int, images: list):
+    def __init__(self, ctx: Context, op: str, jid: int, images: list[Image]) -> None:
         self.ctx = ctx
         self.op = op
         self.jid = jid
@@ -40,40 +43,44 @@ class Journaled:
         self.images = images
         #: files to remove once the operation is committed
         self.remove: list[str] = []
-        self._held: list = []
-        self._leaf: tuple | None = None
+        self._held: list[Image] = []
+        self._leaf: tuple[Chain | str, Image] | None = None
 
     def step(self, name: str) -> None:
         """Step boundary NAME (recorded for roll-forward operations; a kill point)."""
         step(self.ctx, self.jid, self.op, name)
 
-    def hold(self, img):
+    def hold(self, img: Image) -> Image:
         """IMG, an image the operation made: closed if the operation fails."""
         self._held.append(img)
         return img
 
-    def leaf_of(self, chain: "Chain | str", img) -> None:
+    def leaf_of(self, chain: Chain | str, img: Image) -> None:
         """Once committed, IMG (held) becomes the leaf handle of CHAIN (or the chain of
         that name)."""
         self._leaf = (chain, img)
 
 
 @contextlib.contextmanager
-def journaled(ctx: Context, op: str, chain: str, args: dict, *,
-              illegal: Iterable[str] = (), hold: list | None = None, verify: bool = True,
-              committed: str | None = "committed"):
+def journaled(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
+              illegal: Iterable[str] = (),
+              hold: list[tuple[VolumeRow, bool, bool]] | Held | None = None,
+              verify: bool = True, committed: str | None = "committed") -> Iterator[Journaled]:
     """The skeleton of every journaled operation.
 
     HOLD ([(row, readonly, backing)], see ``Context.holding``) opens the images the
-    operation needs before anything is recorded; then the intent is journaled (ILLEGAL:
-    volumes marked ILLEGAL with it) and the block runs.  If it raises, the images it made
-    (``Journaled.hold``) are closed and the operation is undone now or left to recovery
+    operation needs before anything is recorded (or is what ``Context.holding`` returned,
+    when the caller needed the images to plan the operation); then the intent is journaled
+    (ILLEGAL: volumes marked ILLEGAL with it) and the block runs.  If it raises, the images
+    it made (``Journaled.hold``) are closed and the operation is undone now or left to recovery
     (``abort``), and the error goes on.  After it returned, the held images are
     closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
     point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
     removed."""
     with contextlib.ExitStack() as stack:
-        images = stack.enter_context(ctx.holding(hold, verify=verify)) if hold else []
+        if isinstance(hold, list):
+            hold = ctx.holding(hold, verify=verify) if hold else None
+        images = stack.enter_context(hold) if hold is not None else []
         j = Journaled(ctx, op, begin(ctx, op, chain, args, illegal=illegal), images)
         try:
             yield j
@@ -91,7 +98,8 @@ def journaled(ctx: Context, op: str, chain: str, args: dict, *,
         finish(ctx, j.jid, op, j.remove)
 
 
-def begin(ctx: Context, op: str, chain: str, args: dict, *, illegal: Iterable[str] = ()) -> int:
+def begin(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
+          illegal: Iterable[str] = ()) -> int:
     ctx.check_writable()
     with ctx.cat.transaction():
         jid = ctx.cat.journal_begin(op, chain, args)
@@ -146,11 +154,12 @@ def recover(ctx: Context) -> list[str]:
     done = []
     for j in ctx.cat.journal():
         done.append(recover_row(ctx, j))
-        ctx.blocked.pop(j.chain, None)
+        if j.chain is not None:
+            ctx.blocked.pop(j.chain, None)
     return done
 
 
-def recover_row(ctx: Context, j) -> str:
+def recover_row(ctx: Context, j: JournalRow) -> str:
     if j.state == "committed":
         finish(ctx, j.id, j.op, j.args.get("remove", []))
         return f"{j.op} on {j.chain}: finished (removed {len(j.args.get('remove', []))} files)"
@@ -171,28 +180,28 @@ def recover_row(ctx: Context, j) -> str:
                           "a newer cowchain wrote it", hint="upgrade cowchain")
 
 
-def recover_resize(ctx: Context, j) -> str:
+def recover_resize(ctx: Context, j: JournalRow) -> str:
     """A resize is finished if the leaf grew (a leaf never shrinks), else it never
     happened; the catalog is made to say which."""
     leaf = ctx.cat.volume(j.args["leaf"])
-    grown = False
+    grown, rec = False, {}
     if leaf is not None and os.path.exists(ctx.abs(leaf.path)):
         with ctx.open_volume(leaf, readonly=True, backing=False, verify=False) as img:
             grown = img.size >= j.args["size"]
             rec = ctx.volume_record(leaf, sealed=False, size=img.size)
     with ctx.cat.transaction():
-        if grown:
+        if grown and leaf is not None and j.chain is not None:
             ctx.cat.update_chain(j.chain, size=j.args["size"])
             ctx.cat.update_volume(leaf.id, **rec)
         ctx.cat.journal_end(j.id)
     return f"resize on {j.chain}: {'finished' if grown else 'rolled back'}"
 
 
-def merge_run(ctx: Context, jid: int, args: dict, step: str) -> int:
+def merge_run(ctx: Context, jid: int, args: dict[str, Any], step: str) -> int:
     """Recovery of an interrupted merge: redo its steps from STEP, holding its images."""
     with ctx.holding(merge.specs(ctx, args), verify=False) as images:
         j = Journaled(ctx, "delete_snapshot", jid, images)
-        copied, remove = merge.steps(ctx, j, args, step, None)
+        copied, remove = merge.steps(ctx, j, args, step, None, None)
     kill_point("delete_snapshot.committed")
     finish(ctx, jid, "delete_snapshot", remove)
     return copied

@@ -1,44 +1,45 @@
-"""The merge that deletes a snapshot: its cost in each direction, the images it holds,
-and its idempotent steps (run by ``delete_snapshot`` and redone by recovery)."""
+"""The merge that deletes a snapshot: the images it holds, its plan (both directions priced
+from one extents pass, the cheaper one run from the same runs) and its idempotent steps (run
+by ``delete_snapshot`` and redone by recovery)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import ops
 from engine.catalog import VolumeRow
 from engine.repository.values import Progress
 
 if TYPE_CHECKING:
+    from engine.image import Image
     from engine.repository.context import Context
     from engine.repository.journal import Journaled
 
 
-def costs(ctx: Context, vol: VolumeRow, child: VolumeRow) -> tuple[int, int]:
-    """(bytes a commit of CHILD into VOL writes, bytes a pull of VOL into CHILD writes)."""
-    with ctx.open_volume(child, readonly=True) as img:
-        return ops.merge_costs(img, keep_zeros=vol.parent is not None)
-
-
-def specs(ctx: Context, args: dict) -> list[tuple[VolumeRow, bool, bool]]:
-    """What a merge holds (see ``Context.holding``): for a commit the snapshot's volume (written,
-    with its chain), the child (read alone) and the child's children (their headers are
-    rewritten); for a pull the child (written, with its chain)."""
+def specs(ctx: Context, args: dict[str, Any]) -> list[tuple[VolumeRow, bool, bool]]:
+    """What a merge holds (see ``Context.holding``), the same in both directions, so that it
+    is planned and run on one open of each volume: the snapshot's volume with its chain
+    (a commit writes it; after a pull it is removed, so nobody else may hold it), the child
+    alone (a pull writes it; after a commit it is removed) and the child's children alone
+    (a commit rewrites their headers), all read-write."""
     vol, child = ctx.volume_row(args["volume"]), ctx.volume_row(args["child"])
-    if args["direction"] == "commit":
-        specs = [(vol, False, True), (child, True, False)]
-        specs += [(ctx.volume_row(g), False, False) for g in args["grandchildren"]]
-    else:
-        specs = [(child, False, True)]
-    return specs
+    return ([(vol, False, True), (child, False, False)]
+            + [(ctx.volume_row(g), False, False) for g in args["grandchildren"]])
 
 
-def steps(ctx: Context, j: Journaled, args: dict, step: str,
-          progress: Progress | None) -> tuple[int, list[str]]:
+def plan(vol: VolumeRow, images: list[Image]) -> ops.MergePlan:
+    """Both directions of merging the child into VOL (whose images ``specs`` holds), priced
+    and planned from one extents pass over each of the two volumes."""
+    return ops.plan_merge(images[1], images[0], keep_zeros=vol.parent is not None)
+
+
+def steps(ctx: Context, j: Journaled, args: dict[str, Any], step: str,
+          progress: Progress | None, planned: ops.MergePlan | None) -> tuple[int, list[str]]:
     """The steps of a merge from STEP on, through its catalog commit, on the images J holds
-    (``specs``); each step is idempotent (recovery re-runs them).  Returns the bytes copied
-    and the files to remove."""
+    (``specs``); each step is idempotent (recovery re-runs them).  PLANNED: the plan the
+    direction was chosen by (None: the copy, if still to do, is planned now).  Returns the
+    bytes copied and the files to remove."""
     images = j.images
     cat = ctx.cat
     vol = ctx.volume_row(args["volume"])
@@ -47,12 +48,14 @@ def steps(ctx: Context, j: Journaled, args: dict, step: str,
     parent = ctx.volume_row(vol.parent) if vol.parent else None
     copied = 0
     if step == "intent":
+        base, top = images[0], images[1]
+        planned = planned or plan(vol, images)
         if commit:
-            base, top = images[0], images[1]
-            copied = ops.commit(top, base, progress=progress, hook="delete_snapshot.copy")
+            copied = ops.commit(top, base, runs=planned.commit_runs, progress=progress,
+                                hook="delete_snapshot.copy")
         else:
-            copied = ops.stream(images[0], depth=1, keep_zeros=parent is not None,
-                                progress=progress, hook="delete_snapshot.copy")
+            copied = ops.pull(top, base, planned.pull_runs, progress=progress,
+                              hook="delete_snapshot.copy")
         j.step("copied")
         step = "copied"
     if step == "copied":
@@ -60,9 +63,9 @@ def steps(ctx: Context, j: Journaled, args: dict, step: str,
             for img in images[2:]:
                 img.rebase(os.path.basename(vol.path), vol.format)
         elif parent is None:
-            images[0].rebase(None, None)
+            images[1].rebase(None, None)
         else:
-            images[0].rebase(os.path.basename(parent.path), parent.format)
+            images[1].rebase(os.path.basename(parent.path), parent.format)
         j.step("rebased")
     if commit:
         # the snapshot's volume holds the merged content now (and may have grown): its

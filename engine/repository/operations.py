@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from engine import destination as _destination
 from engine import image
@@ -16,9 +16,11 @@ from engine import ops
 from engine.catalog import ChainRow, SnapshotRow, VolumeRow, now
 from engine.errors import EngineError, InvalidArgument, RepositoryError, UnsupportedFeature
 from engine.repository import graph, journal, merge
-from engine.repository.values import DiffResult, ExportResult, MergeResult, Progress, Snapshot
+from engine.repository.values import (DiffResult, ExportResult, MergeResult, PathArg, Progress,
+                                      Snapshot)
 
 if TYPE_CHECKING:
+    from engine.image import Image
     from engine.repository.chain import Chain
     from engine.repository.context import Context
 
@@ -33,7 +35,8 @@ def check_name(name: str) -> None:
                               "'.', '_' or '-', starting with a letter or digit")
 
 
-def _check_new_chain(ctx: Context, name: str, size: int, base_format: str, cluster_size: int):
+def _check_new_chain(ctx: Context, name: str, size: int, base_format: str,
+                     cluster_size: int) -> None:
     ctx.check_writable()
     check_name(name)
     if base_format not in ("raw", "qcow2"):
@@ -66,8 +69,9 @@ def create_chain(ctx: Context, name: str, size: int, *, base_format: str = "raw"
     return ctx.chain(name)
 
 
-def import_chain(ctx: Context, name: str, source, *, format: str, base_format: str = "raw",
-                 cluster_size: int = 65536, progress: Progress | None = None,
+def import_chain(ctx: Context, name: str, source: PathArg, *, format: str,
+                 base_format: str = "raw", cluster_size: int = 65536,
+                 progress: Progress | None = None,
                  allow_unsafe_backing: bool = False) -> Chain:
     """``Repository.import_chain``."""
     ctx.check_writable()
@@ -164,7 +168,7 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> Chai
     return row
 
 
-def _refuse_damaged(ctx: Context, row: ChainRow, img=None) -> None:
+def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> None:
     """A snapshot is not taken on a chain known to be damaged: a volume marked ILLEGAL
     (an operation on it did not finish) or damaged (by check) in the catalog, or (IMG:
     the chain opened) a QCOW2 volume with the corrupt bit set."""
@@ -216,7 +220,7 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
             ctx.refresh_roles()
             ctx.cat.journal_end(j.jid)
         j.leaf_of(chain, img)
-    return ctx.snapshot_of(ctx.cat.snapshot(sid))
+    return ctx.snapshot_of(ctx.snapshot_row(sid))
 
 
 def resize(ctx: Context, chain: Chain, new_size: int) -> None:
@@ -244,7 +248,7 @@ def resize(ctx: Context, chain: Chain, new_size: int) -> None:
 
 
 def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: SnapshotRow,
-                 apply) -> None:
+                 apply: Callable[[str], list[str]]) -> None:
     """Revert and preview: a new empty leaf on top of SNAP's volume, at the size the disk
     had at SNAP (the chain takes that size), then APPLY(vid) inside the commit
     transaction (it returns the files to remove afterwards)."""
@@ -268,8 +272,9 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
 
 
 def _drop_newer(ctx: Context, row: ChainRow, snap: SnapshotRow) -> None:
+    assert snap.seq is not None                  # a row read from the catalog has one
     for s in ctx.cat.snapshots(row.name):
-        if s.seq > snap.seq:
+        if s.seq is not None and s.seq > snap.seq:
             ctx.cat.delete_snapshot(s.id)
 
 
@@ -279,7 +284,7 @@ def revert(ctx: Context, chain: Chain, sid: str) -> None:
     vols = ctx.cat.volumes()
     old = [v.id for v in graph.ancestry(vols, row.leaf)]
 
-    def apply(vid):
+    def apply(vid: str) -> list[str]:
         _drop_newer(ctx, row, snap)
         ctx.cat.update_chain(row.name, leaf=vid)
         return ctx.collect_garbage(old)
@@ -291,7 +296,7 @@ def preview(ctx: Context, chain: Chain, sid: str) -> None:
     row = _prepare(ctx, chain)
     snap = ctx.find_snapshot(row.name, sid)
 
-    def apply(vid):
+    def apply(vid: str) -> list[str]:
         ctx.cat.update_chain(row.name, leaf=vid, saved_leaf=row.leaf, preview=snap.id)
         return []
 
@@ -301,13 +306,13 @@ def preview(ctx: Context, chain: Chain, sid: str) -> None:
 def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
     op = "commit_preview" if keep else "undo_preview"
     row = _prepare(ctx, chain, allow_preview=True)
-    if not row.preview:
+    if not row.preview or row.saved_leaf is None:
         raise RepositoryError(f"chain {row.name!r} is not previewing a snapshot")
     vols = ctx.cat.volumes()
     saved_size = None if keep else ctx.volume_size(vols[row.saved_leaf])
     with ctx.cat.transaction():
         if keep:
-            snap = ctx.cat.snapshot(row.preview)
+            snap = ctx.snapshot_row(row.preview)
             _drop_newer(ctx, row, snap)
             ctx.cat.update_chain(row.name, saved_leaf=None, preview=None)
             candidates = [v.id for v in graph.ancestry(vols, row.saved_leaf)]
@@ -371,27 +376,27 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
     if [k.id for k in kids] != [child.id]:
         raise RepositoryError(f"volume {vol.id} has other children than {child.id}",
                               hint="run 'cowchain chain check'")
-    grandchildren = [k.id for k in ctx.cat.children(child.id)]
-    commit_bytes, pull_bytes = merge.costs(ctx, vol, child)
-    direction = "commit" if commit_bytes <= pull_bytes else "pull"
+    args = {"snapshot": snap.id, "volume": vol.id, "child": child.id,
+            "grandchildren": [k.id for k in ctx.cat.children(child.id)]}
+    # One open of each volume, before anything is recorded: the plan that chooses the
+    # direction is the one the copy then runs.
+    held = ctx.holding(merge.specs(ctx, args))
+    try:
+        planned = merge.plan(vol, held.images)
+    except BaseException:
+        held.close()
+        raise
+    direction = "commit" if planned.commit_bytes <= planned.pull_bytes else "pull"
     target = vol if direction == "commit" else child
-    if direction == "pull":
-        # The snapshot's own volume is removed: nobody may have it open (an open_snapshot
-        # view of this snapshot).  A writable open proves that; it is closed again because
-        # the pull reads the volume through its child (in this process a writable and a
-        # read-only open of one file exclude each other, as between processes).
-        ctx.release_handles([vol])
-        ctx.open_volume(vol, backing=False).close()
-    args = {"snapshot": snap.id, "direction": direction, "volume": vol.id,
-            "child": child.id, "grandchildren": grandchildren}
+    args["direction"] = direction
     with journal.journaled(ctx, "delete_snapshot", row.name, args, illegal=[target.id],
-                           hold=merge.specs(ctx, args)) as j:
-        copied, j.remove = merge.steps(ctx, j, args, "intent", progress)
+                           hold=held) as j:
+        copied, j.remove = merge.steps(ctx, j, args, "intent", progress, planned)
     return MergeResult(snap.id, direction, child.id if direction == "commit" else vol.id,
-                       target.id, copied, commit_bytes, pull_bytes)
+                       target.id, copied, planned.commit_bytes, planned.pull_bytes)
 
 
-def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
+def export(ctx: Context, chain: Chain, path: PathArg | int, fmt: str, sid: str | None,
            progress: Progress | None, overwrite: bool,
            output_device: bool = False) -> ExportResult:
     ctx.check_open()
@@ -399,6 +404,7 @@ def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
         raise InvalidArgument(f"format must be 'raw' or 'qcow2', not {fmt!r}")
     row = ctx.chain_row(chain.name)
     stream = isinstance(path, int) and not isinstance(path, bool)
+    target = path if isinstance(path, int) else os.fspath(path)
     # a stream or device is checked and written in place by ops.convert; a file is
     # checked here, written beside its name and published under the journal
     dest = None if stream or output_device else _destination.check(path,
@@ -414,9 +420,9 @@ def export(ctx: Context, chain: Chain, path, fmt: str, sid: str | None,
     if dest is None:
         with ctx.open_volume(src_row, readonly=True) as src:
             size = src.size                 # a snapshot's own size (the disk may have grown)
-            written = ops.convert(src, path, format=fmt, progress=progress,
+            written = ops.convert(src, target, format=fmt, progress=progress,
                                   output_device=output_device)
-        where = "-" if stream else os.path.abspath(os.fspath(path))
+        where = "-" if isinstance(target, int) else os.path.abspath(target)
         return ExportResult(where, fmt, size, sid, written)
     tmp = dest.temp_path()
     with journal.journaled(ctx, "export", row.name, {"tmp_files": [tmp], "dest": dest.path},

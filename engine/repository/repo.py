@@ -14,7 +14,7 @@ from engine.repository import journal, operations
 from engine.repository.chain import Chain
 from engine.repository.context import Context
 from engine.repository.files import CATALOG_NAME, LOCK_NAME, VOLUMES_DIR, fsync_dir
-from engine.repository.values import Progress, RepositoryCheck
+from engine.repository.values import PathArg, Progress, RepositoryCheck
 
 
 class Repository:
@@ -36,9 +36,8 @@ class Repository:
     b'hello'
     """
 
-    def __init__(self, path: str, *, _create: bool = False, readonly: bool = False):
+    def __init__(self, path: PathArg, *, _create: bool = False, readonly: bool = False) -> None:
         self._path = os.path.abspath(os.fspath(path))
-        self._ctx: Context | None = None
         self._lock_fd: int | None = None
         if not readonly:
             self._lock()
@@ -49,7 +48,7 @@ class Repository:
             self._unlock()
             raise
         self._in_use = _destination.register_folder(self._path)   # for the export rule
-        self._ctx = Context(self, self._path, self._cat, readonly)
+        self._ctx: Context = Context(self, self._path, self._cat, readonly)
         if not _create and not readonly:
             try:
                 self.recover()
@@ -61,7 +60,7 @@ class Repository:
     # --- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path) -> Repository:
+    def create(cls, path: PathArg) -> Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
 
         Raises:
@@ -87,7 +86,7 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, path, *, readonly: bool = False) -> Repository:
+    def open(cls, path: PathArg, *, readonly: bool = False) -> Repository:
         """Open the repository in PATH and recover interrupted operations.
 
         With ``readonly=True`` nothing is locked, recovered or changed: any number of
@@ -137,7 +136,7 @@ class Repository:
 
     def close(self) -> None:
         """Flush and close every chain, the catalog and the lock. Idempotent."""
-        ctx = self._ctx
+        ctx: Context | None = getattr(self, "_ctx", None)   # None: __init__ failed early
         if ctx is None or ctx.closed:
             return
         err = None
@@ -154,7 +153,7 @@ class Repository:
         if err is not None:
             raise err
 
-    def __del__(self):
+    def __del__(self) -> None:
         # An unclosed repository must not keep its lock (and its leaf handles) forever.
         if not self.closed:
             try:
@@ -174,7 +173,7 @@ class Repository:
     def __enter__(self) -> Repository:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -214,7 +213,7 @@ class Repository:
         return operations.create_chain(self._ctx, name, size, base_format=base_format,
                                        cluster_size=cluster_size)
 
-    def import_chain(self, name: str, source, *, format: str, base_format: str = "raw",
+    def import_chain(self, name: str, source: PathArg, *, format: str, base_format: str = "raw",
                      cluster_size: int = 65536, progress: Progress | None = None,
                      allow_unsafe_backing: bool = False) -> Chain:
         """Make a chain whose base volume is a copy of an existing disk image.

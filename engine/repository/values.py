@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Callable
+import os
+from typing import Any, Callable, Iterable, Union
+
+from engine.catalog import VolumeFields
+from engine.ops import Change
 
 Progress = Callable[[int, int], None]
+#: A file path as the public verbs take it.
+PathArg = Union[str, "os.PathLike[str]"]
 
 
 @dataclass(frozen=True)
-class Volume:
+class Volume(VolumeFields):
     """One volume of a chain, as the catalog records it.
 
     Attributes:
@@ -24,16 +30,9 @@ class Volume:
         created (datetime): UTC.
     """
 
-    id: str
-    chain: str
-    path: str
-    format: str
-    role: str
-    parent: str | None
-    legality: str
     created: _dt.datetime
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "chain": self.chain, "path": self.path, "format": self.format,
                 "role": self.role, "parent": self.parent, "legality": self.legality,
                 "created": _iso(self.created)}
@@ -56,7 +55,7 @@ class Snapshot:
     description: str
     volume: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "chain": self.chain, "created": _iso(self.created),
                 "description": self.description, "volume": self.volume}
 
@@ -84,7 +83,7 @@ class MergeResult:
     commit_bytes: int
     pull_bytes: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -104,11 +103,11 @@ class ExportResult:
     snapshot: str | None
     data_bytes: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-class DiffResult(list):
+class DiffResult(list[Change]):
     """What ``Chain.diff`` found: a list of ``Change(start, length, zero, data)``, sorted and
     disjoint, with the disk's size at each point (a resize in between changes it).
 
@@ -117,7 +116,7 @@ class DiffResult(list):
         size_changed (bool): the two differ.
     """
 
-    def __init__(self, changes, from_size: int, to_size: int):
+    def __init__(self, changes: Iterable[Change], from_size: int, to_size: int) -> None:
         super().__init__(changes)
         self.from_size = from_size
         self.to_size = to_size
@@ -126,7 +125,7 @@ class DiffResult(list):
     def size_changed(self) -> bool:
         return self.from_size != self.to_size
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"from-size": self.from_size, "to-size": self.to_size,
                 "changes": [c.to_dict() for c in self]}
 
@@ -153,7 +152,7 @@ class Problem:
     repair: str | None = None
     leaks_only: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -171,7 +170,7 @@ class RepositoryCheck:
     """
 
     problems: list[Problem] = field(default_factory=list)
-    volumes: list[dict] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -184,7 +183,7 @@ class RepositoryCheck:
             return 0
         return 3 if all(p.leaks_only for p in left) else 2
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "exit_code": self.exit_code,
                 "problems": [p.to_dict() for p in self.problems],
                 "volumes": self.volumes}
