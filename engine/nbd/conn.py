@@ -46,7 +46,7 @@ class _Budget:
 
     def __init__(self, max_requests: int, max_bytes: int):
         self.max_requests, self.max_bytes = max_requests, max_bytes
-        self.requests = self.bytes = 0
+        self.requests = self.bytes = self.peak = 0
         self.cond = threading.Condition()
 
     def take(self, nbytes: int) -> None:
@@ -56,6 +56,7 @@ class _Budget:
                 self.cond.wait()
             self.requests += 1
             self.bytes += nbytes
+            self.peak = max(self.peak, self.bytes)
 
     def give(self, nbytes: int) -> None:
         with self.cond:
@@ -69,7 +70,8 @@ class Connection:
 
     def __init__(self, session: Session, *, workers: int = 4, max_inflight: int = 64,
                  max_inflight_bytes: int = 64 << 20):
-        assert session.wire is not None
+        if session.wire is None:
+            raise ValueError("the session has no wire")
         self.wire: Wire = session.wire
         self.export: Export = session.export
         self.structured = session.structured
@@ -81,6 +83,11 @@ class Connection:
         self._local = threading.local()
         self._wbuf = bytearray(INLINE_MAX)
         self.broken = False
+
+    @property
+    def peak_inflight_bytes(self) -> int:
+        """The most payload bytes this connection held queued for its workers at once."""
+        return self._budget.peak
 
     # --- sending --------------------------------------------------------------------------
 

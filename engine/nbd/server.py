@@ -89,6 +89,7 @@ class Server:
         #: connections served so far, and those refused over max_connections
         self.accepted = 0
         self.refused = 0
+        self._peak = 0
 
     # --- listening ---------------------------------------------------------------------------
 
@@ -207,7 +208,9 @@ class Server:
             pass
         finally:
             with self._lock:
-                self._clients.pop(sock, None)
+                conn = self._clients.pop(sock, None)
+                if conn is not None:
+                    self._peak = max(self._peak, conn.peak_inflight_bytes)
                 self._threads.discard(threading.current_thread())
             try:
                 sock.close()
@@ -221,6 +224,14 @@ class Server:
         """Clients connected now."""
         with self._lock:
             return len(self._clients)
+
+    @property
+    def peak_inflight_bytes(self) -> int:
+        """The most payload bytes one connection has held queued at once (its memory bound
+        is ``max_inflight_bytes``)."""
+        with self._lock:
+            live = [c.peak_inflight_bytes for c in self._clients.values() if c is not None]
+        return max([self._peak, *live])
 
     def shutdown(self) -> None:
         """Stop accepting; connections finish their in-flight requests and are closed.
