@@ -246,3 +246,36 @@ def test_serve_command_lifecycle(chain, tmp_path):
     assert not os.path.exists(s.sock) and not os.path.exists(s.pid_file)
     qemu.qemu_io(leaf, "write -P 7 0 4096")          # the write lock is free again
     qemu.assert_qemu_clean(leaf)
+
+
+def test_repository_leaf_and_snapshot_exports(tmp_path):
+    """``cowchain --repo DIR serve --chain NAME`` serves the leaf read-write (the writes land
+    in the leaf, snapshots keep their content); ``--snapshot ID`` serves a snapshot
+    read-only; while the leaf is served, another process cannot change the repository."""
+    from engine.repository import Repository
+
+    repo_dir = str(tmp_path / "repo")
+    rng = random.Random(SEED + 2)
+    first = bytes(rng.randrange(256) for _ in range(4096)) * 16
+    with Repository.create(repo_dir) as r:
+        c = r.create_chain("vm", SIZE)
+        c.write(0, first)
+        snap = c.snapshot("one").id
+    with Served(tmp_path, "--repo", repo_dir, "--chain", "vm") as s:
+        qemu.qemu_io(s.uri, "write -P 0x5a 1M 64k", "write -z 0 4096", "flush",
+                     "read -P 0x5a 1M 64k", fmt="raw")
+        p = subprocess.run([sys.executable, "-m", "engine.cli", "--repo", repo_dir, "chain",
+                            "snapshot", "vm"], capture_output=True, text=True, timeout=TIMEOUT)
+        assert p.returncode != 0 and "in use by another process" in p.stderr
+    with Served(tmp_path, "--repo", repo_dir, "--chain", "vm", "--snapshot", snap[:8]) as s:
+        assert "is_read_only: true" in _run([TOOLS["nbdinfo"], s.uri]).stdout
+        out = tmp_path / "snap.raw"
+        qemu.qemu_img("convert", "-f", "raw", "-O", "raw", s.uri, out)
+    data = open(out, "rb").read()
+    assert data[:len(first)] == first and data[len(first):] == bytes(SIZE - len(first))
+    with Repository.open(repo_dir) as r:
+        c = r.chain("vm")
+        assert c.read(MiB, 65536) == b"\x5a" * 65536
+        assert c.read(0, 4096) == bytes(4096) and c.read(4096, 4096) == first[4096:8192]
+        res = r.check()
+        assert res.ok and res.exit_code == 0, res
