@@ -79,6 +79,7 @@ class Export:
             flags |= (proto.TF_SEND_TRIM | proto.TF_SEND_WRITE_ZEROES
                       | proto.TF_SEND_FAST_ZERO)
         self.transmission_flags = flags
+        self.readinto = disk.readinto         # type: ignore[method-assign]  (one frame less)
 
     def __repr__(self) -> str:
         return f"<engine.nbd.Export {self.name!r} {'ro' if self.readonly else 'rw'}>"
@@ -108,6 +109,7 @@ class Export:
         return out
 
     def readinto(self, offset: int, buf: Any) -> None:
+        """Fill BUF from the disk at OFFSET (the disk's own method, bound in __init__)."""
         self.disk.readinto(offset, buf)
 
     def write(self, offset: int, data: Any, fua: bool) -> None:

@@ -158,6 +158,7 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")     # size, transmission flags (+124 ze
 REQUEST = struct.Struct(">IHHQQI")           # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")         # magic, error, cookie
 CHUNK = struct.Struct(">IHHQI")              # magic, flags, type, cookie, payload length
+DATA_CHUNK = struct.Struct(">IHHQIQ")        # CHUNK + the offset of an OFFSET_DATA chunk
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -216,6 +217,12 @@ def chunk(cookie: int, ctype: int, length: int, done: bool) -> bytes:
 def chunk_offset_data_header(cookie: int, offset: int, nbytes: int, done: bool) -> bytes:
     """Chunk header plus the offset field of an OFFSET_DATA chunk carrying NBYTES of data."""
     return chunk(cookie, REPLY_TYPE_OFFSET_DATA, 8 + nbytes, done) + U64.pack(offset)
+
+
+def data_reply_header(cookie: int, offset: int, nbytes: int) -> bytes:
+    """The header of a whole READ reply in one OFFSET_DATA chunk (flagged DONE)."""
+    return DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                           cookie, 8 + nbytes, offset)
 
 
 def chunk_offset_hole(cookie: int, offset: int, nbytes: int, done: bool) -> bytes:

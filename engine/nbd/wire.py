@@ -34,6 +34,7 @@ class Wire:
         self._start = 0
         self._end = 0
         self.deadline: float | None = None
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     def _recv_into(self, view: memoryview) -> int:
         if self.deadline is not None:
@@ -103,22 +104,23 @@ class Wire:
             n -= len(got)
 
     def send(self, buffers: Sequence[Any]) -> None:
-        """Send every buffer, in order (one sendmsg while the kernel takes them whole)."""
-        bufs = [memoryview(b).cast("B") for b in buffers]
-        if isinstance(self.sock, ssl.SSLSocket):      # no sendmsg over TLS
-            for b in bufs:
+        """Send every buffer, in order (one sendmsg while the kernel takes them whole).
+        Buffers are bytes-like objects of unsigned bytes (bytes, bytearray, memoryviews of
+        them)."""
+        if self._tls:                                  # no sendmsg over TLS
+            for b in buffers:
                 self.sock.sendall(b)
             return
+        bufs = list(buffers)
         while bufs:
             batch = bufs[:_IOV_MAX]
             sent = self.sock.sendmsg(batch)
-            total = sum(len(b) for b in batch)
-            if sent == total:
+            if sent == sum(map(len, batch)):
                 bufs = bufs[len(batch):]
                 continue
             # drop what went out, keep the rest of the partly sent buffer
             i = 0
-            while sent >= len(bufs[i]):
-                sent -= len(bufs[i])
+            while sent >= len(batch[i]):
+                sent -= len(batch[i])
                 i += 1
-            bufs = [bufs[i][sent:]] + bufs[i + 1:]
+            bufs = [memoryview(bufs[i])[sent:]] + bufs[i + 1:]
