@@ -79,7 +79,7 @@ class Export:
             flags |= (proto.TF_SEND_TRIM | proto.TF_SEND_WRITE_ZEROES
                       | proto.TF_SEND_FAST_ZERO)
         self.transmission_flags = flags
-        self.readinto = disk.readinto         # type: ignore[method-assign]  (one frame less)
+        self.readinto = disk.readinto         # type: ignore[method-assign]  # one frame less
 
     def __repr__(self) -> str:
         return f"<engine.nbd.Export {self.name!r} {'ro' if self.readonly else 'rw'}>"

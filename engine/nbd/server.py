@@ -208,9 +208,9 @@ class Server:
             pass
         finally:
             with self._lock:
-                conn = self._clients.pop(sock, None)
-                if conn is not None:
-                    self._peak = max(self._peak, conn.peak_inflight_bytes)
+                ended = self._clients.pop(sock, None)
+                if ended is not None:
+                    self._peak = max(self._peak, ended.peak_inflight_bytes)
                 self._threads.discard(threading.current_thread())
             try:
                 sock.close()
