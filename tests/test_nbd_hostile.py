@@ -324,7 +324,7 @@ def test_broken_streams_close_only_their_connection(served, case):
 
 
 @pytest.mark.parametrize("case", ["flood", "huge_option", "bad_client_flags", "silence",
-                                  "export_name_unknown", "garbage_info"])
+                                  "export_name_unknown", "garbage_info", "starttls_no_tls"])
 def test_hostile_negotiation(served, case):
     srv, sock, path, expected = served
     c = Client(sock)
@@ -366,6 +366,10 @@ def test_hostile_negotiation(served, case):
             assert c.option_reply()[1] == proto.REP_ERR_INVALID
             c.option(proto.OPT_ABORT)
             assert c.option_reply()[1] == proto.REP_ACK
+        elif case == "starttls_no_tls":
+            c.option(proto.OPT_STARTTLS)
+            assert c.option_reply()[1] == proto.REP_ERR_POLICY     # no TLS configured
+            c.s.sendall(b"\x16\x03\x01" + bytes(100))               # a ClientHello anyway
         assert c.closed()
     c.close()
     _outcome("closed")

@@ -24,11 +24,11 @@ import pytest
 
 import qemu
 
-TOOLS = {t: shutil.which(t) for t in ("nbdinfo", "nbdcopy", "fio", "qemu-nbd")}
+TOOLS = {t: shutil.which(t) for t in ("nbdinfo", "nbdcopy", "fio", "qemu-nbd", "openssl")}
 _missing = [t for t, p in TOOLS.items() if p is None]
 if _missing:
     raise RuntimeError(f"{', '.join(_missing)} not found on PATH: these tests need Debian's "
-                       "libnbd-bin, fio and qemu-utils (.ci/run installs them). They are "
+                       "libnbd-bin, fio, qemu-utils and openssl (.ci/run installs them). They are "
                        "never skipped.")
 
 SEED = int(os.environ.get("COWCHAIN_NBD_SEED", "1"))
@@ -279,3 +279,44 @@ def test_repository_leaf_and_snapshot_exports(tmp_path):
         assert c.read(0, 4096) == bytes(4096) and c.read(4096, 4096) == first[4096:8192]
         res = r.check()
         assert res.ok and res.exit_code == 0, res
+
+
+def _make_certs(folder) -> str:
+    """A CA and a server certificate for localhost, made with openssl (files named as qemu's
+    tls-creds-x509 and libnbd's tls-certificates expect)."""
+    folder.mkdir()
+    d = str(folder)
+
+    def ssl(*args: str) -> None:
+        _run([TOOLS["openssl"], *args], cwd=d)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
+        "ca-cert.pem", "-days", "2", "-subj", "/CN=cowchain test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out",
+        "server.csr", "-subj", "/CN=localhost")
+    (folder / "ext.cnf").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                    "extendedKeyUsage=serverAuth\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d
+
+
+def test_tls_with_x509_certificates(chain, tmp_path):
+    leaf, ref = chain
+    certs = _make_certs(tmp_path / "certs")
+    with Served(tmp_path, "--read-only", "--tls-certs", certs, "--tls", "require", leaf) as s:
+        assert s.uri.startswith("nbds+unix://")
+        tls_uri = f"{s.uri}&tls-certificates={certs}"
+        assert "with TLS" in _run([TOOLS["nbdinfo"], tls_uri]).stdout
+        out = tmp_path / "tls.raw"
+        _run([TOOLS["nbdcopy"], "--connections=2", tls_uri, str(out)])
+        assert open(out, "rb").read() == open(ref, "rb").read()
+        qemu.qemu_img("convert", "--object",
+                      f"tls-creds-x509,id=tls0,dir={certs},endpoint=client", "--image-opts",
+                      f"driver=raw,file.driver=nbd,file.server.type=unix,"
+                      f"file.server.path={s.sock},file.tls-creds=tls0,"
+                      f"file.tls-hostname=localhost", "-O", "raw", tmp_path / "q.raw")
+        assert open(tmp_path / "q.raw", "rb").read() == open(ref, "rb").read()
+        plain = subprocess.run([TOOLS["nbdinfo"], f"nbd+unix:///?socket={s.sock}"],
+                               capture_output=True, text=True, timeout=TIMEOUT)
+        assert plain.returncode != 0          # TLS is required: no plain-text session
