@@ -459,3 +459,30 @@ def test_memory_per_connection_is_bounded(served):
     c.close()
     t.join(10)
     _outcome("closed")
+
+
+def test_shutdown_cuts_off_a_client_that_never_reads(image, tmp_path):
+    """close() ends even while a client holds the server by never taking its replies (the
+    reader waits on the memory bound, workers on the socket): past the grace period the
+    connection is cut, the image is flushed and closed."""
+    sock = str(tmp_path / "stuck.sock")
+    srv = Server([Export("", engine.open(image))], socket_path=sock,
+                 max_inflight_bytes=4 * MiB)
+    srv.start()
+    c = Client(sock)
+    c.go()
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    c.s.settimeout(2)
+    try:
+        for i in range(64):
+            c.request(proto.CMD_READ, (i % 8) * MiB, MiB, cookie=i)
+    except OSError:
+        pass                              # the server stopped reading: the send buffer is full
+    closer = threading.Thread(target=srv.close, kwargs={"grace": 0.5})
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() hung on a client that never reads"
+    c.close()
+    assert engine.open(image).close() is None        # the write lock is free again
+    _outcome("closed")
+    print("\n" + _publish())

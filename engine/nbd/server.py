@@ -81,7 +81,8 @@ class Server:
         self._listener: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        # re-entrant: shutdown() may run in a signal handler on a thread that holds it
+        self._lock = threading.RLock()
         self._clients: dict[socket.socket, Connection | None] = {}
         self._threads: set[threading.Thread] = set()
         self._accept_thread: threading.Thread | None = None
@@ -249,22 +250,31 @@ class Server:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def close(self, grace: float = 10.0) -> None:
         """Shut down, wait for the connections to end, then flush and close the exports
-        (releasing their image locks). Idempotent."""
+        (releasing their image locks). Idempotent. A client that does not take its replies
+        within GRACE seconds is cut off (its pending replies are dropped)."""
         if self._closed:
             return
         self.shutdown()
         if self._accept_thread is not None and self._accept_thread is not \
                 threading.current_thread():
             self._accept_thread.join()
+        deadline = time.monotonic() + grace
         while True:
             with self._lock:
                 threads = list(self._threads)
+                late = time.monotonic() > deadline
+                clients = list(self._clients) if late else []
             if not threads:
                 break
+            for sock in clients:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             for t in threads:
-                t.join(1.0)
+                t.join(0.2)
         self._closed = True
         if self._listener is not None:
             self._listener.close()
