@@ -42,8 +42,16 @@ import time
 MiB, GiB = 1 << 20, 1 << 30
 
 
+class ToolFailed(Exception):
+    pass
+
+
 def sh(*argv: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), check=True, capture_output=True, text=True, **kw)
+    p = subprocess.run(list(argv), capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        raise ToolFailed(f"{' '.join(argv[:3])} ... exited {p.returncode}: "
+                         f"{(p.stderr or p.stdout)[-500:]}")
+    return p
 
 
 def build(work: str, size: int) -> tuple[str, str]:
@@ -103,6 +111,8 @@ class Srv:
 
 
 def start(kind: str, image: str, sock: str, readonly: bool) -> Srv:
+    if os.path.exists(sock):
+        os.unlink(sock)
     if kind == "cowchain":
         argv = [sys.executable, "-m", "engine.cli", "serve", "--socket", sock, image]
         if readonly:
@@ -138,6 +148,17 @@ def nbdcopy(uri: str) -> float:
 KINDS = ["qemu-nbd", "nbdkit", "cowchain"]
 
 
+def measure(runs: dict, kind: str, row: str, fn) -> None:
+    """Run FN and record its figure under ROW; a failure is printed and recorded as N/A."""
+    try:
+        value = fn()
+    except (ToolFailed, subprocess.TimeoutExpired) as e:
+        print(f"  {kind} {row}: failed: {e}", flush=True)
+        value = float("nan")
+    runs[kind].setdefault(row, []).append(value)
+    print(f"  {kind:9} {row:40} {value:12.2f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="disk size (default 1G)")
@@ -164,13 +185,13 @@ def main() -> int:
     try:
         for _ in range(args.repeat):
             for k, s in servers.items():
-                runs[k].setdefault("nbdcopy GiB/s", []).append(size / nbdcopy(s.uri) / GiB)
+                measure(runs, k, "nbdcopy GiB/s", lambda: size / nbdcopy(s.uri) / GiB)
             for k, s in servers.items():
-                r = fio(s.uri, "randread", "4k", 32, args.runtime)
-                runs[k].setdefault("4k randread QD32 IOPS", []).append(r["iops"])
+                measure(runs, k, "4k randread QD32 IOPS",
+                        lambda: fio(s.uri, "randread", "4k", 32, args.runtime)["iops"])
             for k, s in servers.items():
-                r = fio(s.uri, "read", "1M", 8, args.runtime)
-                runs[k].setdefault("1M seq read QD8 GiB/s", []).append(r["bw"] / GiB)
+                measure(runs, k, "1M seq read QD8 GiB/s",
+                        lambda: fio(s.uri, "read", "1M", 8, args.runtime)["bw"] / GiB)
     finally:
         for s in servers.values():
             s.stop()
@@ -184,24 +205,25 @@ def main() -> int:
                    "-F", "qcow2", target)
             s = start(k, target, os.path.join(work, f"w{k}.sock"), False)
             try:
-                r = fio(s.uri, "randwrite", "4k", 32, args.runtime)
+                measure(runs, k, "4k randwrite QD32 IOPS (fresh overlay)",
+                        lambda: fio(s.uri, "randwrite", "4k", 32, args.runtime)["iops"])
             finally:
                 s.stop()
                 os.unlink(target)
-            runs[k].setdefault("4k randwrite QD32 IOPS (fresh overlay)", []).append(r["iops"])
     print(f"load average at end: {os.getloadavg()}")
     rows = list(runs["cowchain"])
     print(f"\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} {'cowchain':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}  goals")
     for row in rows:
-        best = {k: max(runs[k][row]) for k in KINDS}
+        best = {k: max((v for v in runs[k][row] if v == v), default=float("nan"))
+                for k in KINDS}
         rq, rk = best["cowchain"] / best["qemu-nbd"], best["cowchain"] / best["nbdkit"]
         goal_q = rq >= 1.5
         goal_k = rk >= 1.0 or "write" in row
         fmt = "{:>10.0f}" if "IOPS" in row else "{:>10.2f}"
         print(f"{row:40} " + " ".join(fmt.format(best[k]) for k in KINDS)
               + f" {rq:>11.2f}x {rk:>9.2f}x  "
-              + ("met" if goal_q and goal_k else "MISSED"))
+              + ("met" if goal_q and goal_k else "MISSED" if rq == rq and rk == rk else "N/A"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)

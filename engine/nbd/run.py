@@ -45,6 +45,9 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
     out = out or sys.stdout
     tls = tls_context(tls_certs) if tls_certs else None
     with contextlib.ExitStack() as stack:
+        written: list[str] = []
+        # the pid file goes last, once the disk is flushed and closed: its absence means done
+        stack.callback(lambda: [_unlink(p) for p in written])
         if image is not None:
             import engine
 
@@ -76,7 +79,7 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
         if pid_file:
             with open(pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-            stack.callback(_unlink, pid_file)
+            written.append(pid_file)
         old = {s: signal.signal(s, lambda *_: server.shutdown())
                for s in (signal.SIGTERM, signal.SIGINT)}
         for s, h in old.items():
