@@ -47,7 +47,7 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
     with contextlib.ExitStack() as stack:
         written: list[str] = []
         # the pid file goes last, once the disk is flushed and closed: its absence means done
-        stack.callback(lambda: [_unlink(p) for p in written])
+        stack.callback(_unlink, written)
         if image is not None:
             import engine
 
@@ -89,6 +89,7 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
     return 0
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+def _unlink(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
