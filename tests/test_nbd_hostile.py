@@ -486,3 +486,49 @@ def test_shutdown_cuts_off_a_client_that_never_reads(image, tmp_path):
     assert engine.open(image).close() is None        # the write lock is free again
     _outcome("closed")
     print("\n" + _publish())
+
+
+def test_commands_map_to_the_engine(served):
+    """What each command leaves in the image, read back through the engine: FUA writes,
+    WRITE_ZEROES (FAST_ZERO on whole clusters, NO_HOLE keeping the allocation), TRIM, CACHE,
+    DF reads, READ holes as OFFSET_HOLE chunks, and block status in both contexts."""
+    srv, sock, path, expected = served
+    c = Client(sock)
+    tflags = c.go(contexts=(proto.CONTEXT_BASE_ALLOCATION, proto.CONTEXT_ALLOCATION_DEPTH))
+    want = (proto.TF_SEND_FLUSH | proto.TF_SEND_FUA | proto.TF_SEND_TRIM | proto.TF_SEND_DF
+            | proto.TF_SEND_WRITE_ZEROES | proto.TF_SEND_FAST_ZERO | proto.TF_CAN_MULTI_CONN
+            | proto.TF_SEND_CACHE)
+    assert tflags & want == want and not tflags & proto.TF_READ_ONLY
+    C = 65536
+    c.request(proto.CMD_WRITE, 2 * C, C, flags=proto.CMD_FLAG_FUA, payload=b"\x42" * C)
+    assert c.reply()[1] == 0
+    c.request(proto.CMD_WRITE_ZEROES, 4 * C, 2 * C, flags=proto.CMD_FLAG_FAST_ZERO)
+    assert c.reply()[1] == 0
+    c.request(proto.CMD_WRITE_ZEROES, 2 * C, C, flags=proto.CMD_FLAG_NO_HOLE)
+    assert c.reply()[1] == 0
+    c.request(proto.CMD_CACHE, 0, SIZE)
+    assert c.reply()[1] == 0
+    c.request(proto.CMD_READ, 0, 8 * C, flags=proto.CMD_FLAG_DF)
+    _, err, chunks = c.reply()
+    assert err == 0 and [t for t, _ in chunks] == [proto.REPLY_TYPE_OFFSET_DATA]
+    c.request(proto.CMD_READ, 4 * C, 2 * C)          # zeros: one hole chunk, no data
+    _, err, chunks = c.reply()
+    assert err == 0 and chunks == [(proto.REPLY_TYPE_OFFSET_HOLE,
+                                    struct.pack(">QI", 4 * C, 2 * C))]
+    c.request(proto.CMD_BLOCK_STATUS, 4 * C, 2 * C)
+    _, err, chunks = c.reply()
+    status = {struct.unpack(">I", d[:4])[0]: struct.unpack(">II", d[4:12]) for _, d in chunks}
+    assert status[1] == (2 * C, proto.STATE_HOLE | proto.STATE_ZERO)
+    assert status[2] == (2 * C, 1)                   # zero clusters owned by the top layer
+    c.request(proto.CMD_TRIM, 6 * C, C)
+    assert c.reply()[1] == 0
+    c.request(proto.CMD_FLUSH, 0, 0)
+    assert c.reply()[1] == 0
+    c.close()
+    with engine.open(path, readonly=True, force_share=True) as img:
+        assert img.read(2 * C, C) == bytes(C) and img.read(4 * C, 2 * C) == bytes(2 * C)
+        kept, _, zeroed, trimmed = img.extents(2 * C, 5 * C)
+    assert (kept.start, kept.zero, kept.offset is not None) == (2 * C, True, True)   # NO_HOLE
+    assert (zeroed.start, zeroed.zero, zeroed.present, zeroed.offset) == (4 * C, True, True,
+                                                                         None)
+    assert (trimmed.start, trimmed.present) == (6 * C, False)
