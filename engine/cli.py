@@ -479,7 +479,15 @@ def cmd_serve(args) -> int:
                  socket_path=args.socket, bind=args.bind, export_name=args.export_name,
                  description=args.description, pid_file=args.pid_file,
                  tls_certs=args.tls_certs if args.tls != "off" else None,
-                 tls_required=args.tls == "require", max_connections=args.max_connections)
+                 tls_required=args.tls == "require", more=args.export,
+                 max_connections=args.max_connections)
+
+
+def _name_image(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"invalid export {text!r} (example: disk2=other.qcow2)")
+    return name, path
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -506,6 +514,9 @@ def serve_parser(groups, common) -> None:
                        help="listen on this TCP address")
     sp.add_argument("--export-name", default="", metavar="NAME",
                     help="the export's name (default: the empty name)")
+    sp.add_argument("--export", type=_name_image, action="append", default=[],
+                    metavar="NAME=IMAGE", help="also serve IMAGE as the export NAME "
+                                               "(repeatable)")
     sp.add_argument("--description", default="", metavar="TEXT",
                     help="the export's description (default: the file or chain name)")
     sp.add_argument("--pid-file", metavar="PATH", help="write the process id here once "

@@ -320,3 +320,24 @@ def test_tls_with_x509_certificates(chain, tmp_path):
         plain = subprocess.run([TOOLS["nbdinfo"], f"nbd+unix:///?socket={s.sock}"],
                                capture_output=True, text=True, timeout=TIMEOUT)
         assert plain.returncode != 0          # TLS is required: no plain-text session
+
+
+def test_several_exports_by_name(chain, tmp_path):
+    """``--export NAME=IMAGE`` serves more images from the same process, each under its
+    name; ``nbdinfo --list`` lists them all and each reads as its own image."""
+    leaf, ref = chain
+    other = tmp_path / "other.raw"
+    other.write_bytes(bytes(range(256)) * 4096)
+    with Served(tmp_path, "--read-only", "--export-name", "chain", leaf,
+                "--export", f"plain={other}") as s:
+        names = [e["export-name"] for e in json.loads(
+            _run([TOOLS["nbdinfo"], "--list", "--json", s.uri]).stdout)["exports"]]
+        assert names == ["chain", "plain"]
+        code, text = qemu.qemu_compare(s.uri, ref, fmt_a="raw")
+        assert code == 0, text
+        code, text = qemu.qemu_compare(f"nbd+unix:///plain?socket={s.sock}", other,
+                                       fmt_a="raw")
+        assert code == 0, text
+        missing = subprocess.run([TOOLS["nbdinfo"], f"nbd+unix:///nope?socket={s.sock}"],
+                                 capture_output=True, text=True, timeout=TIMEOUT)
+        assert missing.returncode != 0 and "nope" in missing.stderr

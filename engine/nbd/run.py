@@ -36,9 +36,11 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
           snapshot: str | None = None, readonly: bool = False, socket_path: str | None = None,
           bind: tuple[str, int] | None = None, export_name: str = "", description: str = "",
           pid_file: str | None = None, tls_certs: str | None = None,
-          tls_required: bool = False, out: TextIO | None = None, **server_opts: Any) -> int:
+          tls_required: bool = False, more: list[tuple[str, str]] | None = None,
+          out: TextIO | None = None, **server_opts: Any) -> int:
     """Serve IMAGE (a file and its backing chain), or CHAIN of the repository REPO (its leaf
-    read-write, or SNAPSHOT read-only), until SIGTERM or SIGINT. Prints the NBD URI on OUT
+    read-write, or SNAPSHOT read-only), as the export EXPORT_NAME, and the images of MORE
+    ((name, path) pairs) under their names, until SIGTERM or SIGINT. Prints the NBD URI on OUT
     (default stdout) once listening, writes PID_FILE then; on the signal, finishes the
     requests in flight, flushes, closes (releasing the image and repository locks) and
     returns 0."""
@@ -70,9 +72,16 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
                 disk = c
                 default_desc = chain
             readonly = ro
-        ex = Export(export_name, disk, readonly=readonly, close=False,
-                    description=description or default_desc)
-        server = Server([ex], socket_path=socket_path, bind=bind, tls=tls,
+        exports = [Export(export_name, disk, readonly=readonly, close=False,
+                          description=description or default_desc)]
+        for name, path in more or ():
+            import engine
+
+            exports.append(Export(name, stack.enter_context(engine.open(path,
+                                                                        readonly=readonly)),
+                                  readonly=readonly, close=False,
+                                  description=os.path.basename(path)))
+        server = Server(exports, socket_path=socket_path, bind=bind, tls=tls,
                         tls_required=tls_required, **server_opts)
         stack.callback(server.close)
         uri = server.listen()
