@@ -46,10 +46,11 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 class Served:
     """A ``cowchain serve`` subprocess; ``uri`` is the line it printed."""
 
-    def __init__(self, tmp_path, *args: str):
+    def __init__(self, tmp_path, *args: str, tcp: bool = False):
         self.sock = str(tmp_path / f"s{random.random():.8f}.sock")
         self.pid_file = str(tmp_path / "serve.pid")
-        argv = [sys.executable, "-m", "engine.cli", "serve", "--socket", self.sock,
+        where = ["--bind", "127.0.0.1:0"] if tcp else ["--socket", self.sock]
+        argv = [sys.executable, "-m", "engine.cli", "serve", *where,
                 "--pid-file", self.pid_file, *args]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -341,3 +342,16 @@ def test_several_exports_by_name(chain, tmp_path):
         missing = subprocess.run([TOOLS["nbdinfo"], f"nbd+unix:///nope?socket={s.sock}"],
                                  capture_output=True, text=True, timeout=TIMEOUT)
         assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_tcp_bind(chain, tmp_path):
+    """--bind HOST:PORT (port 0: any free port; the URI names the one taken)."""
+    leaf, ref = chain
+    with Served(tmp_path, "--read-only", "--export-name", "d", leaf, tcp=True) as s:
+        assert s.uri.startswith("nbd://127.0.0.1:") and s.uri.endswith("/d")
+        assert int(s.uri.split(":")[2].split("/")[0]) > 0
+        code, text = qemu.qemu_compare(s.uri, ref, fmt_a="raw")
+        assert code == 0, text
+        out = tmp_path / "tcp.raw"
+        _run([TOOLS["nbdcopy"], "--connections=2", s.uri, str(out)])
+        assert open(out, "rb").read() == open(ref, "rb").read()
