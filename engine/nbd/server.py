@@ -19,6 +19,10 @@ from engine.nbd.handshake import Negotiation, ProtocolError
 from engine.nbd.wire import Disconnected, Wire
 
 
+#: Send buffer asked for each connection (the kernel caps it at net.core.wmem_max).
+_SNDBUF = 4 << 20
+
+
 class Server:
     """An NBD server for one or more :class:`~engine.nbd.Export` objects.
 
@@ -189,6 +193,9 @@ class Server:
         try:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # room for a few whole replies in the kernel (the default fits less than one of
+            # nbdcopy's 256 KiB reads), so a worker rarely waits for the client to catch up
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             wire = Wire(sock)
             wire.deadline = time.monotonic() + self.handshake_timeout
             session = Negotiation(wire, lambda: self.exports, max_options=self.max_options,
