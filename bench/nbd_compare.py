@@ -21,7 +21,9 @@ What it does:
    - fio 4 KiB random write at queue depth 32 into a fresh overlay of the chain (for nbdkit:
      into a copy of the raw file), each server on its own fresh target (IOPS).
 4. Prints one row per workload: the three figures, then cowchain/qemu-nbd and
-   cowchain/nbdkit. The goals (README "cowchain serve") are 1.5x qemu-nbd on every row and at
+   cowchain/nbdkit; then a second table of each server's CPU time per unit of work (from
+   /proc, per op or per GiB), as ratios too: on a shared machine other jobs disturb it far
+   less than the wall-clock figures. The goals (README "cowchain serve") are 1.5x qemu-nbd on every row and at
    least nbdkit on reads; a missed goal is printed as MISSED, never hidden.
 
 Client and servers share the machine's cores; compare only figures from one run.
@@ -136,7 +138,8 @@ def fio(uri: str, rw: str, bs: str, depth: int, runtime: float) -> dict:
            timeout=runtime * 4 + 60)
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
     side = job["write" if "write" in rw else "read"]
-    return {"iops": side["iops"], "bw": side["bw_bytes"]}
+    return {"iops": side["iops"], "bw": side["bw_bytes"], "ios": side["total_ios"],
+            "bytes": side["io_bytes"]}
 
 
 def nbdcopy(uri: str) -> float:
@@ -148,15 +151,42 @@ def nbdcopy(uri: str) -> float:
 KINDS = ["qemu-nbd", "nbdkit", "cowchain"]
 
 
-def measure(runs: dict, kind: str, row: str, fn) -> None:
-    """Run FN and record its figure under ROW; a failure is printed and recorded as N/A."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(runs: dict, cpu: dict, srv: "Srv", row: str, fn) -> None:
+    """Run FN, which returns (figure, work done: ops for IOPS rows, GiB otherwise), and record
+    the figure under ROW, and the server's CPU time per unit of work (a figure that load from
+    other jobs on a shared machine disturbs far less than wall time). A failure is printed
+    and recorded as N/A."""
+    kind = srv.name
+    before = cpu_seconds(srv.proc.pid)
     try:
-        value = fn()
+        value, work = fn()
+        used = (cpu_seconds(srv.proc.pid) - before) / work if work else float("nan")
     except (ToolFailed, subprocess.TimeoutExpired) as e:
         print(f"  {kind} {row}: failed: {e}", flush=True)
-        value = float("nan")
+        value = used = float("nan")
     runs[kind].setdefault(row, []).append(value)
+    cpu[kind].setdefault(row, []).append(used)
     print(f"  {kind:9} {row:40} {value:12.2f}", flush=True)
+
+
+def fio_row(uri: str, rw: str, bs: str, depth: int, runtime: float, iops: bool):
+    def run() -> tuple[float, float]:
+        r = fio(uri, rw, bs, depth, runtime)
+        return (r["iops"], r["ios"]) if iops else (r["bw"] / GiB, r["bytes"] / GiB)
+    return run
+
+
+def copy_row(uri: str, size: int):
+    def run() -> tuple[float, float]:
+        return size / nbdcopy(uri) / GiB, size / GiB
+    return run
 
 
 def main() -> int:
@@ -178,20 +208,21 @@ def main() -> int:
     top, flat = build(work, size)
     warm([os.path.join(work, f"l{i}.qcow2") for i in range(11)] + [flat])
     runs: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    cpu: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
     print(f"load average at start: {os.getloadavg()}", flush=True)
 
     servers = {k: start(k, flat if k == "nbdkit" else top, os.path.join(work, f"{k}.sock"),
                         True) for k in KINDS}
     try:
         for _ in range(args.repeat):
-            for k, s in servers.items():
-                measure(runs, k, "nbdcopy GiB/s", lambda: size / nbdcopy(s.uri) / GiB)
-            for k, s in servers.items():
-                measure(runs, k, "4k randread QD32 IOPS",
-                        lambda: fio(s.uri, "randread", "4k", 32, args.runtime)["iops"])
-            for k, s in servers.items():
-                measure(runs, k, "1M seq read QD8 GiB/s",
-                        lambda: fio(s.uri, "read", "1M", 8, args.runtime)["bw"] / GiB)
+            for s in servers.values():
+                measure(runs, cpu, s, "nbdcopy GiB/s", copy_row(s.uri, size))
+            for s in servers.values():
+                measure(runs, cpu, s, "4k randread QD32 IOPS",
+                        fio_row(s.uri, "randread", "4k", 32, args.runtime, True))
+            for s in servers.values():
+                measure(runs, cpu, s, "1M seq read QD8 GiB/s",
+                        fio_row(s.uri, "read", "1M", 8, args.runtime, False))
     finally:
         for s in servers.values():
             s.stop()
@@ -205,8 +236,8 @@ def main() -> int:
                    "-F", "qcow2", target)
             s = start(k, target, os.path.join(work, f"w{k}.sock"), False)
             try:
-                measure(runs, k, "4k randwrite QD32 IOPS (fresh overlay)",
-                        lambda: fio(s.uri, "randwrite", "4k", 32, args.runtime)["iops"])
+                measure(runs, cpu, s, "4k randwrite QD32 IOPS (fresh overlay)",
+                        fio_row(s.uri, "randwrite", "4k", 32, args.runtime, True))
             finally:
                 s.stop()
                 os.unlink(target)
@@ -224,9 +255,18 @@ def main() -> int:
         print(f"{row:40} " + " ".join(fmt.format(best[k]) for k in KINDS)
               + f" {rq:>11.2f}x {rk:>9.2f}x  "
               + ("met" if goal_q and goal_k else "MISSED" if rq == rq and rk == rk else "N/A"))
+    print(f"\nserver CPU per unit of work (best run; lower is better): us per op for IOPS "
+          f"rows, s per GiB otherwise\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} "
+          f"{'cowchain':>10} {'vs qemu-nbd':>12} {'vs nbdkit':>10}")
+    for row in rows:
+        best = {k: min((v for v in cpu[k][row] if v == v), default=float("nan"))
+                * (1e6 if "IOPS" in row else 1) for k in KINDS}
+        print(f"{row:40} " + " ".join(f"{best[k]:>10.2f}" for k in KINDS)
+              + f" {best['qemu-nbd'] / best['cowchain']:>11.2f}x "
+                f"{best['nbdkit'] / best['cowchain']:>9.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(runs, f, indent=1)
+            json.dump({"figures": runs, "server_cpu_per_work": cpu}, f, indent=1)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
