@@ -155,36 +155,29 @@ class Connection:
             wire.consume(proto.REQUEST.size)
             if magic != proto.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            if t == proto.CMD_READ and not flags and 0 < length <= small \
-                    and offset + length <= size:
-                if used + length > _ARENA:
+            is_read = t == proto.CMD_READ and not flags and 0 < length <= small \
+                and offset + length <= size
+            if is_read or (t == proto.CMD_WRITE and not flags and length <= INLINE_MAX
+                           and writable and offset + length <= size):
+                if not is_read:
+                    wire.read_into(wbuf[:length])
+                elif used + length > _ARENA:
                     self._send(pending)
                     pending, used = [], 0
-                view = arena[used:used + length]
                 try:
-                    readinto(offset, view)
+                    if is_read:
+                        view = arena[used:used + length]
+                        readinto(offset, view)
+                        used += length
+                        pending += [proto.data_reply_header(cookie, offset, length)
+                                    if structured else proto.simple_reply(cookie), view]
+                    else:
+                        write(offset, wbuf[:length])
+                        pending.append(proto.simple_reply(cookie))
                 except Exception as e:      # noqa: BLE001  (an error reply, as below)
                     self._send(pending)
                     pending, used = [], 0
                     self._fail(cookie, nbd_error(e), str(e))
-                    continue
-                used += length
-                pending.append(proto.data_reply_header(cookie, offset, length)
-                               if structured else proto.simple_reply(cookie))
-                pending.append(view)
-                continue
-            if t == proto.CMD_WRITE and not flags and length <= INLINE_MAX and writable \
-                    and offset + length <= size:
-                payload = wbuf[:length]
-                wire.read_into(payload)
-                try:
-                    write(offset, payload)
-                except Exception as e:      # noqa: BLE001  (an error reply, as below)
-                    self._send(pending)
-                    pending, used = [], 0
-                    self._fail(cookie, nbd_error(e), str(e))
-                    continue
-                pending.append(proto.simple_reply(cookie))
                 continue
             if pending:
                 self._send(pending)
