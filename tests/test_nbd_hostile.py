@@ -27,7 +27,7 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 SEED = 3
 
-_TOTAL = {"cases": 0, "refused": 0, "closed": 0, "served_after": 0}
+_TOTAL = {"cases": 0, "refused": 0, "closed": 0, "served_after": 0, "fuzzed": 0}
 
 
 def _publish() -> str:
@@ -36,7 +36,7 @@ def _publish() -> str:
         "nbd", f"{t['cases']} hostile-client cases ({t['refused']} refused with the "
                f"protocol's error, {t['closed']} closed connections) — 0 crashes, 0 hangs of "
                f"other connections, 0 image changes; a second client served after each "
-               f"({t['served_after']} checks)")
+               f"({t['served_after']} checks); {t['fuzzed']} random requests fuzzed")
 
 
 class Client:
@@ -536,3 +536,54 @@ def test_commands_map_to_the_engine(served):
     assert (zeroed.start, zeroed.zero, zeroed.present, zeroed.offset) == (4 * C, True, True,
                                                                          None)
     assert (trimmed.start, trimmed.present) == (6 * C, False)
+
+
+def test_random_requests_fuzz(image, tmp_path):
+    """Seeded random request headers (any type, flags, offset and length, now and then a
+    bad magic or a DISC) on a read-only export: each gets a reply or a closed connection,
+    the server keeps serving new clients, and the file does not change."""
+    rng = random.Random(SEED)
+    sock = str(tmp_path / "fuzz.sock")
+    before = _hash(image)
+    with engine.open(image, readonly=True) as img:
+        expected = img.read(0, SIZE)
+    offsets = [0, 1, 511, SIZE - 1, SIZE, SIZE + 1, (1 << 63), (1 << 64) - 1]
+    lengths = [0, 1, 512, 4096, 65536, SIZE, (1 << 32) - 1, proto.MAX_PAYLOAD + 1]
+    replies = closes = 0
+    with Server([Export("", engine.open(image, readonly=True))], socket_path=sock,
+                max_options=16) as srv:
+        srv.start()
+        c = None
+        for i in range(300):
+            if c is None:
+                c = Client(sock)
+                structured = rng.random() < 0.8
+                c.go(structured=structured,
+                     contexts=(proto.CONTEXT_BASE_ALLOCATION,)
+                     if structured and rng.random() < 0.5 else ())
+            ctype = rng.choice([0, 0, 1, 3, 4, 5, 6, 7, 7, 8, 99, 2])
+            offset = rng.choice(offsets + [rng.randrange(SIZE)])
+            length = rng.choice(lengths + [rng.randrange(1, 1 << 20)])
+            payload = b""
+            if ctype == proto.CMD_WRITE and length <= proto.MAX_PAYLOAD:
+                length = min(length, 1 << 20)
+                payload = bytes([i % 256]) * length
+            head = proto.pack_request(ctype, i, offset, length, rng.randrange(0, 64))
+            if rng.random() < 0.03:
+                head = b"\xde\xad" + head[2:]
+            try:
+                c.s.sendall(head + payload)
+                cookie, err, _ = c.reply()
+                assert cookie == i
+                replies += 1
+            except (EOFError, ConnectionResetError, BrokenPipeError):
+                c.close()
+                c = None
+                closes += 1
+        if c is not None:
+            c.close()
+        _second_client_ok(sock, expected)
+    assert _hash(image) == before
+    assert replies > 200 and closes > 0
+    _TOTAL["fuzzed"] += replies + closes
+    print("\n" + _publish())
