@@ -464,6 +464,73 @@ def cmd_read(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from engine.nbd.run import serve
+
+    if (args.image is None) == (args.chain is None):
+        raise UsageError("give an IMAGE, or --chain NAME with --repo DIR")
+    if args.snapshot is not None and args.chain is None:
+        raise UsageError("--snapshot goes with --chain")
+    if (args.socket is None) == (args.bind is None):
+        raise UsageError("give one of --socket PATH and --bind HOST:PORT")
+    if args.tls == "require" and not args.tls_certs:
+        raise UsageError("--tls=require needs --tls-certs DIR")
+    return serve(image=args.image, repo=_repo_dir(args) if args.chain else None,
+                 chain=args.chain, snapshot=args.snapshot, readonly=args.read_only,
+                 socket_path=args.socket, bind=args.bind, export_name=args.export_name,
+                 description=args.description, pid_file=args.pid_file,
+                 tls_certs=args.tls_certs if args.tls != "off" else None,
+                 tls_required=args.tls == "require", more=args.export,
+                 max_connections=args.max_connections)
+
+
+def _name_image(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"invalid export {text!r} (example: disk2=other.qcow2)")
+    return name, path
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r} (examples: "
+                                         "127.0.0.1:10809, [::1]:10809)")
+    return host.strip("[]"), int(port)
+
+
+def serve_parser(groups, common) -> None:
+    """The ``serve`` command's arguments (an NBD server; the work is in engine.nbd)."""
+    help = "serve an image, or a chain's disk, to NBD clients until SIGTERM or SIGINT"
+    sp = groups.add_parser("serve", parents=[common], help=help, description=help)
+    sp.set_defaults(func=cmd_serve)
+    sp.add_argument("image", nargs="?", metavar="IMAGE",
+                    help="an image file (served with its backing chain)")
+    sp.add_argument("--chain", metavar="NAME", help="serve this chain of --repo instead")
+    sp.add_argument("--snapshot", metavar="ID", help="serve this snapshot (read-only)")
+    sp.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--bind", type=_host_port, metavar="HOST:PORT",
+                       help="listen on this TCP address")
+    sp.add_argument("--export-name", default="", metavar="NAME",
+                    help="the export's name (default: the empty name)")
+    sp.add_argument("--export", type=_name_image, action="append", default=[],
+                    metavar="NAME=IMAGE", help="also serve IMAGE as the export NAME "
+                                               "(repeatable)")
+    sp.add_argument("--description", default="", metavar="TEXT",
+                    help="the export's description (default: the file or chain name)")
+    sp.add_argument("--pid-file", metavar="PATH", help="write the process id here once "
+                                                       "listening")
+    sp.add_argument("--max-connections", type=int, default=64, metavar="N",
+                    help="clients served at once (default: 64)")
+    sp.add_argument("--tls-certs", metavar="DIR",
+                    help="offer TLS with DIR/server-cert.pem and DIR/server-key.pem")
+    sp.add_argument("--tls", choices=("off", "on", "require"), default="on",
+                    help="with --tls-certs: offer TLS (on, the default), require it, or not "
+                         "offer it (off)")
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -515,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                 True)
     p.add_argument("--version", action="version", version=f"cowchain {__version__}",
                    help="print the version and exit")
-    groups = p.add_subparsers(dest="group", metavar="{repo,chain}", parser_class=_Parser)
+    groups = p.add_subparsers(dest="group", metavar="{repo,chain,serve}", parser_class=_Parser)
     groups.required = True
 
     def group(name, help):
@@ -640,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace --out if it is a regular file (atomically; never a link, "
                          "device, FIFO or socket)")
+    serve_parser(groups, common)
     return p
 
 
