@@ -10,6 +10,7 @@ overlap check for repair writes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,10 +20,12 @@ from engine.qcow2 import spec
 from engine.qcow2.header import (
     ByteReader,
     Header,
-    l1_entries_for,
+    l1_size_limit,
     looks_like_qcow2,
     parse_header,
     read_fixed_fields,
+    table_offset_limit,
+    table_size_limit,
     walk_extensions,
 )
 from engine.qcow2.refblocks import reftable_offsets
@@ -59,28 +62,71 @@ class _Image:
         self.path = path
         self.h = h
         self.file_size = file_size
-        # Short names of the header's geometry, for the numpy code below (all from Header).
-        self.cb = h.cluster_bits
-        self.C = h.cluster_size
-        self.ext = h.extended_l2
-        self.rmax = h.refcount_max
-        self.rb_bits = h.refblock_bits
-        self.E = h.refblock_entries
-        self.rt_size = h.reftable_entries
-        self.nb_snapshots = h.nb_snapshots
         self.snapshots_size = 0        # bytes, known once the table has been read
         self.snapshots: list[SnapshotEntry] = []   # once read
         self.bitmaps, self.crypto = _extensions(head, h)
 
-    # The header fields the check reads (the header is the one place that holds them).
-    version = property(lambda self: self.h.version)
-    size = property(lambda self: self.h.size)
-    data_file = property(lambda self: self.h.has_data_file)
-    rorder = property(lambda self: self.h.refcount_order)
-    l1_off = property(lambda self: self.h.l1_table_offset)
-    l1_size = property(lambda self: self.h.l1_size)
-    rt_off = property(lambda self: self.h.refcount_table_offset)
-    snapshots_offset = property(lambda self: self.h.snapshots_offset)
+    # Short names for the numpy code of the check, each one of the header's own fields or
+    # geometry properties (the header is the one place that derives them).
+    @property
+    def cb(self) -> int:
+        return self.h.cluster_bits
+
+    @property
+    def C(self) -> int:
+        return self.h.cluster_size
+
+    @property
+    def ext(self) -> bool:
+        return self.h.extended_l2
+
+    @property
+    def rmax(self) -> int:
+        return self.h.refcount_max
+
+    @property
+    def rorder(self) -> int:
+        return self.h.refcount_order
+
+    @property
+    def rb_bits(self) -> int:
+        return self.h.refblock_bits
+
+    @property
+    def E(self) -> int:
+        return self.h.refblock_entries
+
+    @property
+    def rt_off(self) -> int:
+        return self.h.refcount_table_offset
+
+    @property
+    def rt_size(self) -> int:
+        return self.h.reftable_entries
+
+    @property
+    def l1_off(self) -> int:
+        return self.h.l1_table_offset
+
+    @property
+    def l1_size(self) -> int:
+        return self.h.l1_size
+
+    @property
+    def version(self) -> int:
+        return self.h.version
+
+    @property
+    def size(self) -> int:
+        return self.h.size
+
+    @property
+    def data_file(self) -> bool:
+        return self.h.has_data_file
+
+    @property
+    def snapshots_offset(self) -> int:
+        return self.h.snapshots_offset
 
     # I/O. Reads past the end of the file return zeros, as QEMU's block layer does.
     def pread(self, offset: int, length: int) -> bytes:
@@ -203,46 +249,50 @@ def _load(fd: int, path: str):
 
 def _validate_open(p: _Pass, img: _Image) -> bool:
     """What qcow2_do_open refuses even in check mode (beyond the basic header checks); a
-    failure means qemu-img cannot check the image (a check error, nothing else examined)."""
-    C = img.C
+    failure means qemu-img cannot check the image (a check error, nothing else examined).
+
+    The table and L1 limits are engine.qcow2.header's (the ones every open applies); this
+    says, in qemu-img's words and QEMU's order, which one the image breaks."""
     h = img.h
-    if img.h.incompatible_features & ~spec.INCOMPAT_MASK:
+    C = h.cluster_size
+    if h.incompatible_features & ~spec.INCOMPAT_MASK:
         p.fail(f"ERROR Unsupported qcow2 feature(s): incompatible bits "
-               f"{img.h.incompatible_features & ~spec.INCOMPAT_MASK:#x}")
+               f"{h.incompatible_features & ~spec.INCOMPAT_MASK:#x}")
         return False
-    if img.ext and C < spec.EXTL2_MIN_CLUSTER_SIZE:
-        p.fail(f"ERROR Unsupported subcluster size: {C // 32}")
+    if h.extended_l2 and C < spec.EXTL2_MIN_CLUSTER_SIZE:
+        p.fail(f"ERROR Unsupported subcluster size: {h.subcluster_size}")
         return False
-    if img.rorder > spec.MAX_REFCOUNT_ORDER:
+    if h.refcount_order > spec.MAX_REFCOUNT_ORDER:
         p.fail("ERROR Refcount width can be at most 64 bits")
         return False
     if h.backing_file_offset > C:
         p.fail("ERROR Invalid backing file offset")
         return False
-    if img.rt_size * 8 > spec.MAX_REFTABLE_SIZE:
-        p.fail("ERROR Reference count table too large")
-        return False
-    if img.rt_off & (C - 1) or img.rt_off > spec.INT64_MAX - img.rt_size * 8:
-        p.fail("ERROR Reference count table offset invalid")
-        return False
-    if img.l1_size * 8 > spec.MAX_L1_SIZE:
-        p.fail("ERROR Active L1 table too large")
-        return False
-    need = l1_entries_for(img.size, img.cb, img.ext)
-    if need > spec.INT_MAX:
-        p.fail("ERROR Image is too big")
-        return False
-    if img.l1_size < need:
-        p.fail("ERROR L1 table is too small")
-        return False
-    if img.l1_off & (C - 1) or img.l1_off > spec.INT64_MAX - img.l1_size * 8:
-        p.fail("ERROR Active L1 table offset invalid")
-        return False
+    rt, l1 = "Reference count table", "Active L1 table"
+    rules: list[tuple[Callable[[], None], dict[type[EngineError], str]]] = [
+        (lambda: table_size_limit(rt, h.refcount_table_clusters, C, spec.MAX_REFTABLE_SIZE),
+         {SafetyLimitExceeded: f"{rt} too large"}),
+        (lambda: table_offset_limit(rt, h.refcount_table_offset, h.refcount_table_clusters, C,
+                                    C),
+         {CorruptImage: f"{rt} offset invalid"}),
+        (lambda: table_size_limit(l1, h.l1_size, spec.L1E_SIZE, spec.MAX_L1_SIZE),
+         {SafetyLimitExceeded: f"{l1} too large"}),
+        (lambda: l1_size_limit(h.size, h.cluster_bits, h.extended_l2, h.l1_size,
+                               h.l1_table_offset),
+         {SafetyLimitExceeded: "Image is too big", CorruptImage: "L1 table is too small"}),
+        (lambda: table_offset_limit(l1, h.l1_table_offset, h.l1_size, spec.L1E_SIZE, C),
+         {CorruptImage: f"{l1} offset invalid"}),
+    ]
+    for rule, words in rules:
+        try:
+            rule()
+        except EngineError as e:
+            p.fail(f"ERROR {words.get(type(e), e)}")
+            return False
     if -(-img.file_size // C) > spec.INT_MAX:
         p.fail("ERROR the image file has too many clusters to check")
         return False
     return True
-
 
 
 class _L2Rows:

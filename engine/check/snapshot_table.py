@@ -48,7 +48,7 @@ def _read_snapshot_table(p: _Pass, img: _Image) -> list[SnapshotEntry] | None:
     Sets img.snapshots_size. The table is read by engine.qcow2's one parser, in its lenient
     mode; this decides, as QEMU's check does, which of its problems end the check (without
     repair "all") and which the repair fixes."""
-    nb = img.nb_snapshots
+    nb = img.h.nb_snapshots
     off = img.snapshots_offset
     repair = bool(p.fix & _FIX_ERRORS)
     reduced = dropped = 0
@@ -91,7 +91,7 @@ def _read_snapshot_table(p: _Pass, img: _Image) -> list[SnapshotEntry] | None:
         # As QEMU: shorten the table in the header now (this only leaks clusters).
         img.pwrite(spec.HDR_NB_SNAPSHOTS, spec.U32.pack(len(snaps)))
         img.sync()
-        img.nb_snapshots = len(snaps)
+        img.h.nb_snapshots = len(snaps)
         p.corruptions_fixed += reduced
         p.corruptions -= reduced
     p.corruptions += len(incomplete)
