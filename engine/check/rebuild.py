@@ -8,9 +8,15 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from engine.qcow2 import spec
-from engine.qcow2.refblocks import encode_refblocks
+from engine.qcow2.refblocks import (
+    encode_refblocks,
+    first_free_run,
+    reftable_clusters,
+    reftable_entries,
+)
 from engine.check.result import _Pass
 from engine.check.reader import _Image
 
@@ -27,23 +33,22 @@ class _Imrt:
     overwritten through such a pointer (QEMU relies on its metadata overlap check, which does
     not cover all of them)."""
 
-    def __init__(self, img: _Image, idx: np.ndarray, cnt: np.ndarray, n: int,
-                 protect: np.ndarray):
+    def __init__(self, img: _Image, idx: npt.NDArray[np.int64], cnt: npt.NDArray[np.int64],
+                 n: int, protect: npt.NDArray[np.int64]) -> None:
         self.dtype = {1: np.uint8, 2: np.uint8, 4: np.uint8, 8: np.uint8, 16: np.uint16,
                       32: np.uint32, 64: np.uint64}[img.h.refcount_bits]
         self.n = n
-        cap = max(n, 1) + 1024
+        far = np.unique(protect[protect >= 0]) if len(protect) else np.zeros(0, np.int64)
+        # Room for every blocked cluster: past the end of the arrays nothing is in use or
+        # blocked.
+        cap = max(n, 1, int(far[-1]) + 1 if len(far) else 0) + 1024
         self.vals = np.zeros(cap, dtype=self.dtype)
         self.vals[idx] = cnt.astype(self.dtype)
         self.blocked = np.zeros(cap, dtype=bool)
-        self.far = np.unique(protect[protect >= 0]) if len(protect) else np.zeros(0, np.int64)
-        self._mark_blocked()
-
-    def _mark_blocked(self) -> None:
-        inside = self.far[self.far < len(self.vals)]
-        self.blocked[inside] = True
+        self.blocked[far] = True
 
     def grow(self, n: int) -> None:
+        """The table now covers ``n`` clusters (at least)."""
         if n > len(self.vals):
             cap = max(n, 2 * len(self.vals))
             vals = np.zeros(cap, dtype=self.dtype)
@@ -51,60 +56,27 @@ class _Imrt:
             blocked = np.zeros(cap, dtype=bool)
             blocked[:len(self.blocked)] = self.blocked
             self.vals, self.blocked = vals, blocked
-            self._mark_blocked()
         self.n = max(self.n, n)
 
-    def _first(self, start: int, end: int, want_free: bool) -> int:
-        """First cluster in [start, end) that is free (or in use); -1 if none. Searches in
-        growing windows, so a hit near ``start`` costs little."""
-        w = 4096
-        while start < end:
-            stop = min(end, start + w)
-            seg = self.vals[start:stop]
-            if want_free:
-                hits = np.flatnonzero((seg == 0) & ~self.blocked[start:stop])
-            else:
-                hits = np.flatnonzero(seg)
-            if len(hits):
-                return start + int(hits[0])
-            start = stop
-            w *= 4
-        return -1
+    def _free(self, a: int, b: int) -> npt.NDArray[np.bool_]:
+        return (self.vals[a:b] == 0) & ~self.blocked[a:b]
 
-    def _append_at(self, c: int, count: int) -> int:
-        """The first c' >= c where ``count`` unblocked clusters follow (past the table end)."""
-        while True:
-            self.grow(c + count)
-            bad = np.flatnonzero(self.blocked[c:c + count])
-            if not len(bad):
-                return c
-            c += int(bad[-1]) + 1
+    def _used(self, a: int, b: int) -> npt.NDArray[np.bool_]:
+        return self.vals[a:b] != 0
 
-    def alloc(self, count: int, first_free: int):
+    def first_used(self, start: int, end: int) -> int:
+        """The first cluster in [start, end) with a refcount; -1 if none."""
+        c = first_free_run(self._used, end, 1, start)
+        return c if c < end else -1
+
+    def alloc(self, count: int, first_free: int) -> tuple[int, int]:
         """alloc_clusters_imrt: the first run of ``count`` free clusters at or after
         first_free (growing the table at its end if needed); they get refcount 1.
-        Returns (cluster index, updated first_free)."""
-        c = -1
-        if count == 1:
-            c = self._first(first_free, self.n, True)
-            if c >= 0:
-                first_free = c
-        elif first_free < self.n:
-            free = np.flatnonzero((self.vals[first_free:self.n] == 0)
-                                  & ~self.blocked[first_free:self.n])
-            if len(free):
-                brk = np.flatnonzero(np.diff(free) != 1) + 1
-                starts = free[np.concatenate(([0], brk))]
-                ends = free[np.concatenate((brk - 1, [len(free) - 1]))] + 1
-                ok = np.flatnonzero(ends - starts >= count)
-                if len(ok):
-                    c = first_free + int(starts[ok[0]])
-                elif first_free + int(ends[-1]) == self.n:     # a free run reaching the end
-                    tail = first_free + int(starts[-1])
-                    c = self._append_at(tail, count)
-                first_free = first_free + int(free[0])
-        if c < 0:
-            c = self._append_at(max(first_free, self.n), count)
+        Returns (cluster index, updated first_free: the first free cluster it met)."""
+        c = first_free_run(self._free, len(self.vals), count, first_free)
+        seen = first_free_run(self._free, self.n, 1, first_free)
+        if seen < self.n:
+            first_free = seen
         self.grow(c + count)
         self.vals[c:c + count] = 1
         return c, first_free
@@ -132,7 +104,7 @@ def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
         grown = False
         cluster = first
         while cluster < end:
-            cluster = imrt._first(cluster, min(end, imrt.n), False)
+            cluster = imrt.first_used(cluster, min(end, imrt.n))
             if cluster < 0:
                 break
             ri = cluster >> img.rb_bits
@@ -146,7 +118,7 @@ def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
                 if rc >= end:
                     end = rc + 1           # that refblock's own refcount must be written too
                 if ri >= len(reftable):
-                    entries = -(-(ri + 1) * 8 // C) * C // 8
+                    entries = reftable_entries(ri + 1, C)
                     reftable = np.concatenate((reftable, np.zeros(entries - len(reftable),
                                                                   np.int64)))
                     grown = True
@@ -161,7 +133,7 @@ def _rebuild(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray, nb: int,
 
     write_refblocks(0, nb)
     for _ in range(64):
-        n_rt = -(-len(reftable) * 8 // C)
+        n_rt = reftable_clusters(len(reftable), C)
         rt_cluster, _ff = imrt.alloc(n_rt, 0)
         if not write_refblocks(rt_cluster, rt_cluster + n_rt):
             break

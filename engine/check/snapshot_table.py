@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.qcow2 import spec
-from engine.qcow2.refblocks import reftable_offsets
+from engine.qcow2.refblocks import first_free_run, reftable_offsets
 from engine.qcow2.snapshots import (
     SnapshotEntry,
     SnapshotProblem,
@@ -124,7 +124,7 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[SnapshotEntry],
         keep_out = [(old_off, old_size), (img.l1_off, img.l1_size * 8),
                     (img.rt_off, img.rt_size * 8)]
         keep_out += [(sn.l1_table_offset, sn.l1_size * 8) for sn in snaps]
-        first = _first_free_run(img, n, keep_out)
+        first = _place_table(img, n, keep_out)
         if first is None:
             p.findings.add("snapshot", "ERROR failed to update snapshot table: no refcount "
                            "block covers the free space it needs")
@@ -148,7 +148,7 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[SnapshotEntry],
     p.findings.add("snapshot", f"Rewrote the snapshot table at offset {new_off:#x}")
 
 
-def _first_free_run(img: _Image, n: int, keep_out):
+def _place_table(img: _Image, n: int, keep_out: list[tuple[int, int]]) -> int | None:
     """alloc_clusters_noref: the first run of ``n`` clusters whose stored refcount is 0, from
     cluster 0, outside the ``keep_out`` (offset, size) ranges; None when a refblock for it is
     missing (QEMU would grow the refcount structures, which this repair does not do)."""
@@ -164,11 +164,9 @@ def _first_free_run(img: _Image, n: int, keep_out):
     for off, size in keep_out:          # per metadata table
         if size > 0 and off < limit * img.C:
             free[off >> img.cb:min(limit, ((off + size - 1) >> img.cb) + 1)] = False
-    run = np.convolve(free.astype(np.int64), np.ones(n, np.int64), "valid")
-    hits = np.flatnonzero(run == n)
-    if not len(hits):
+    first = first_free_run(lambda a, b: free[a:b], limit, n)
+    if first + n > limit:
         return None
-    first = int(hits[0])
     blocks = np.unique(np.arange(first, first + n) >> img.rb_bits)
     offs = np.zeros(len(blocks), np.int64)
     inrt = blocks < len(st.rt)
