@@ -25,6 +25,8 @@ from engine.check.reader import _BATCH_BYTES, _Image, _L2Rows, _Metadata
 _MAX_EXTEND = 1 << 30
 
 _U64 = np.uint64
+# The zero half of an extended L2 entry's subcluster bitmap (bits 32..63).
+_ZERO_HALF = spec.L2_BITMAP_ALL_ALLOC << spec.SUBCLUSTERS_PER_CLUSTER
 
 
 class _Refs:
@@ -207,20 +209,21 @@ class _Calc:
                 p.findings.add("snapshot", f"ERROR snapshot {s.shown_id} ({s.shown_name}) "
                                f"l1_offset={s.l1_table_offset:#x}: L1 table is not cluster "
                                "aligned; snapshot table entry corrupted")
-                self.uncount_range(s.l1_table_offset, s.l1_size * 8)
+                self.uncount_range(s.l1_table_offset, s.l1_size * spec.L1E_SIZE)
                 continue
-            if s.l1_size > spec.MAX_L1_SIZE // 8:
+            if s.l1_size > spec.MAX_L1_ENTRIES:
                 p.corruptions += 1
                 p.findings.add("snapshot", f"ERROR snapshot {s.shown_id} ({s.shown_name}) "
                                f"l1_size={s.l1_size:#x}: L1 table is too large; snapshot "
                                "table entry corrupted")
-                self.uncount_range(s.l1_table_offset, min(s.l1_size * 8, spec.MAX_L1_SIZE))
+                self.uncount_range(s.l1_table_offset,
+                                   min(s.l1_size * spec.L1E_SIZE, spec.MAX_L1_SIZE))
                 continue
             l1s.append((s.l1_table_offset, s.l1_size, False))
         self.walk_l1s(l1s)
         # snapshot table, reftable, LUKS header, bitmaps
         self.inc(self.main, img.snapshots_offset, img.snapshots_size)
-        self.inc(self.rt_refs, img.rt_off, img.rt_size * 8)
+        self.inc(self.rt_refs, img.rt_off, img.rt_bytes)
         if img.crypto is not None and img.crypto[1]:
             self.inc(self.main, img.crypto[0], img.crypto[1])
         self.count_bitmaps()
@@ -236,8 +239,8 @@ class _Calc:
         for (off, size, active), k in groups.items():
             if size == 0:
                 continue
-            self.inc(self.main, off, size * 8, k)
-            if off > spec.MAX_DISK_LENGTH - size * 8:
+            self.inc(self.main, off, size * spec.L1E_SIZE, k)
+            if off > spec.MAX_DISK_LENGTH - size * spec.L1E_SIZE:
                 # QEMU's read of this table fails (EIO) and so does its whole check.
                 p.fail("ERROR: I/O error in check_refcounts_l1")
                 raise _Abort()
@@ -279,8 +282,7 @@ class _Calc:
         img = self.img
         p = self.p
         C = img.C
-        raw = img.read_rows(offs, C)
-        rows = _L2Rows(img, raw)
+        rows = _L2Rows(img, img.read_rows(offs, C))
         e, bm, comp, copied, off = rows.e, rows.bm, rows.comp, rows.copied, rows.off
         zero, normal = rows.zero, rows.normal
         W = m_tot[:, None]
@@ -315,7 +317,7 @@ class _Calc:
             good_comp = comp & ~bad
         # normal and preallocated-zero clusters
         if bm is not None:
-            count(normal & (((bm >> _U64(32)) & bm) != 0), "l2",
+            count(normal & (((bm >> _U64(spec.SUBCLUSTERS_PER_CLUSTER)) & bm) != 0), "l2",
                   lambda v, i, j: f"ERROR offset={v & spec.L2E_OFFSET_MASK:x}: Allocated cluster "
                   "has corrupted subcluster allocation bitmap")
             count(unalloc & ((bm & _U64(spec.L2_BITMAP_ALL_ALLOC)) != 0), "l2",
@@ -336,7 +338,7 @@ class _Calc:
                   lambda v, i, j: f"ERROR offset={v & spec.L2E_OFFSET_MASK:x}: Data cluster is "
                   "not properly aligned; L2 entry corrupted.")
             if fixable.any():
-                fixed = self.fix_prealloc(offs, e, bm, raw, fixable)
+                fixed = self.fix_prealloc(offs, rows, fixable)
                 normal = normal & ~fixed
         # statistics (active tree only)
         if self.stats and m_act.any():
@@ -360,7 +362,7 @@ class _Calc:
             csize = nsec * spec.COMPRESSED_SECTOR_SIZE - (coff & (spec.COMPRESSED_SECTOR_SIZE - 1))
             self.inc_many(self.main, coff, csize, m_tot[r])
 
-    def fix_prealloc(self, offs, e, bm, raw, fixable) -> np.ndarray:
+    def fix_prealloc(self, offs: np.ndarray, rows: _L2Rows, fixable: np.ndarray) -> np.ndarray:
         """fix_l2_entry_by_zero: misaligned preallocated-zero entries become plain zero entries
         (the data is zeros anyway). Returns the entries fixed (they carry no reference)."""
         img = self.img
@@ -375,21 +377,22 @@ class _Calc:
                 p.corruptions += len(cols)
                 p.findings.add("l2", "ERROR: Overlap check failed")
                 continue
-            row = raw[i].view(">u8").copy()
-            if img.ext:
-                b = bm[i, cols]
-                b = (b | (b << _U64(32))) & _U64(0xFFFFFFFF00000000)
-                row[2 * cols] = 0
-                row[2 * cols + 1] = b
+            row = rows.words[i].copy()
+            at = rows.entry_cols(cols)
+            if rows.bm is not None:
+                # every subcluster allocated becomes a zero subcluster, the others stay zero
+                b = rows.bm[i, cols]
+                row[at] = 0
+                row[at + 1] = (b | (b << _U64(spec.SUBCLUSTERS_PER_CLUSTER))) & _U64(_ZERO_HALF)
             else:
-                row[cols] = spec.QCOW_OFLAG_ZERO
-            img.pwrite(l2_off, row.astype(">u8").tobytes())
+                row[at] = spec.QCOW_OFLAG_ZERO
+            img.pwrite(l2_off, _L2Rows.encode(row))
             img.sync()
             fixed[i, cols] = True
             p.corruptions_fixed += len(cols)
             p.findings.add_many("l2", len(cols), (
-                f"Repairing offset={int(e[i, j]) & spec.L2E_OFFSET_MASK:x}: Preallocated cluster is "
-                "not properly aligned; L2 entry corrupted." for j in cols.tolist()))
+                f"Repairing offset={int(rows.e[i, j]) & spec.L2E_OFFSET_MASK:x}: Preallocated "
+                "cluster is not properly aligned; L2 entry corrupted." for j in cols.tolist()))
         return fixed
 
     def count_bitmaps(self) -> None:

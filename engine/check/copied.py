@@ -7,6 +7,7 @@ refcount of what it points to is 1 (qcow2.txt "Cluster mapping").
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from engine.qcow2 import spec
 from engine.check.result import _FIX_ERRORS, _FIX_LEAKS, _Pass
@@ -43,13 +44,9 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
             f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={int(l1[i]):x} "
             f"refcount={int(r)}" for i, r in zip(bi.tolist(), rc[bad].tolist())))
         if repair:
-            new = l1.copy()
-            fixed = np.where(rc[bad] == 1, new[bi] | _U64(spec.QCOW_OFLAG_COPIED),
-                             new[bi] & _U64(~spec.QCOW_OFLAG_COPIED & (2**64 - 1)))
-            new[bi] = fixed
-            be = new.astype(">u8")
-            for i in bi.tolist():                  # one 8-byte write per fixed L1 entry
-                img.pwrite(img.l1_off + 8 * i, be[i:i + 1].tobytes())
+            be = _with_copied(l1[bi], rc[bad] == 1).astype(">u8")
+            for k, i in enumerate(bi.tolist()):    # one 8-byte write per fixed L1 entry
+                img.pwrite(img.l1_off + spec.L1E_SIZE * i, be[k:k + 1].tobytes())
             img.sync()
             p.corruptions -= len(bi)
             p.corruptions_fixed += len(bi)
@@ -57,10 +54,10 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
     uoffs, mult = np.unique(l2[use], return_counts=True)
     meta = _Metadata(img, img.snapshots) if repair else None
     C = img.C
-    rows = max(1, _BATCH_BYTES // C)
-    for s in range(0, len(uoffs), rows):
-        offs = uoffs[s:s + rows]
-        m = mult[s:s + rows]
+    per = max(1, _BATCH_BYTES // C)
+    for s in range(0, len(uoffs), per):
+        offs = uoffs[s:s + per]
+        m = mult[s:s + per]
         rows = _L2Rows(img, img.read_rows(offs, C))
         words, e, copied, off = rows.words, rows.e, rows.copied, rows.off
         r, c = np.nonzero(rows.normal)
@@ -84,10 +81,8 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
             f"{word} OFLAG_COPIED data cluster: l2_entry={int(e[i, j]):x} refcount={int(v)}"
             for i, j, v in zip(br.tolist(), bc.tolist(), brc.tolist())))
         if repair:
-            col = 2 * bc if img.ext else bc
-            cur = words[br, col]
-            words[br, col] = np.where(brc == 1, cur | _U64(spec.QCOW_OFLAG_COPIED),
-                                      cur & _U64(~spec.QCOW_OFLAG_COPIED & (2**64 - 1)))
+            col = rows.entry_cols(bc)
+            words[br, col] = _with_copied(words[br, col], brc == 1)
             for i in np.unique(br).tolist():       # one write per fixed L2 table
                 l2_off = int(offs[i])
                 if meta.overlaps(l2_off, C):
@@ -99,6 +94,13 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
                                    "overlap check failed")
                     img.sync()
                     return False
-                img.pwrite(l2_off, words[i].astype(">u8").tobytes())
+                img.pwrite(l2_off, _L2Rows.encode(words[i]))
             img.sync()
     return True
+
+
+def _with_copied(entries: npt.NDArray[np.uint64], on: npt.NDArray[np.bool_]
+                 ) -> npt.NDArray[np.uint64]:
+    """L1 or standard L2 entries with COPIED set where ``on`` and cleared elsewhere."""
+    return np.where(on, entries | _U64(spec.QCOW_OFLAG_COPIED),
+                    entries & _U64(spec.MAX_U64 ^ spec.QCOW_OFLAG_COPIED))

@@ -105,6 +105,14 @@ class _Image:
         return self.h.reftable_entries
 
     @property
+    def rt_bytes(self) -> int:
+        return self.h.reftable_entries * spec.REFTABLE_ENTRY_SIZE
+
+    @property
+    def l1_bytes(self) -> int:
+        return self.h.l1_size * spec.L1E_SIZE
+
+    @property
     def l1_off(self) -> int:
         return self.h.l1_table_offset
 
@@ -301,6 +309,7 @@ class _L2Rows:
     COPIED check use (qcow2.txt "Cluster mapping")."""
 
     def __init__(self, img: _Image, raw: np.ndarray):
+        self.ext = img.ext
         self.words = raw.view(">u8").astype(_U64)      # native copy: the COPIED repair edits it
         if img.ext:
             self.e, self.bm = self.words[:, 0::2], self.words[:, 1::2]
@@ -319,6 +328,16 @@ class _L2Rows:
             self.has_off = self.has_off | self.copied
         self.normal = ~self.comp & self.has_off          # NORMAL or ZERO_ALLOC
 
+    def entry_cols(self, cols: np.ndarray) -> np.ndarray:
+        """The columns of :attr:`words` that hold entries ``cols`` (with extended L2, each
+        entry's subcluster bitmap is the next column)."""
+        return 2 * cols if self.ext else cols
+
+    @staticmethod
+    def encode(words: np.ndarray) -> bytes:
+        """Words (one row, or part of one) as the bytes of their L2 table."""
+        return words.astype(">u8").tobytes()
+
 
 
 class _Metadata:
@@ -329,9 +348,9 @@ class _Metadata:
 
     def __init__(self, img: _Image, snaps):
         C = img.C
-        ranges = [(0, C), (img.l1_off, img.l1_size * 8), (img.rt_off, img.rt_size * 8),
+        ranges = [(0, C), (img.l1_off, img.l1_bytes), (img.rt_off, img.rt_bytes),
                   (img.snapshots_offset, img.snapshots_size)]
-        ranges += [(s.l1_table_offset, s.l1_size * 8) for s in snaps]
+        ranges += [(s.l1_table_offset, s.l1_size * spec.L1E_SIZE) for s in snaps]
         if img.bitmaps is not None:
             ranges.append((img.bitmaps[2], img.bitmaps[1]))
         starts = [o >> img.cb for o, n in ranges if n > 0]

@@ -121,9 +121,9 @@ def _fix_snapshot_table(p: _Pass, img: _Image, snaps: list[SnapshotEntry],
     if n:
         # Never inside the old table (a crash before the pointer switch would destroy it)
         # nor on other metadata the refcounts may not account for.
-        keep_out = [(old_off, old_size), (img.l1_off, img.l1_size * 8),
-                    (img.rt_off, img.rt_size * 8)]
-        keep_out += [(sn.l1_table_offset, sn.l1_size * 8) for sn in snaps]
+        keep_out = [(old_off, old_size), (img.l1_off, img.l1_bytes),
+                    (img.rt_off, img.rt_bytes)]
+        keep_out += [(sn.l1_table_offset, sn.l1_size * spec.L1E_SIZE) for sn in snaps]
         first = _place_table(img, n, keep_out)
         if first is None:
             p.findings.add("snapshot", "ERROR failed to update snapshot table: no refcount "
