@@ -28,6 +28,15 @@ STRICT_MODULES = [
     "__init__.py",
     "errors.py",
     "format.py",
+    "check/__init__.py",
+    "check/computed.py",
+    "check/copied.py",
+    "check/passes.py",
+    "check/reader.py",
+    "check/rebuild.py",
+    "check/result.py",
+    "check/snapshot_table.py",
+    "check/stored.py",
     "qcow2/__init__.py",
     "qcow2/args.py",
     "qcow2/header.py",
@@ -66,6 +75,9 @@ def test_package_ships_type_information():
     ops = sorted(p.name for p in (PKG / "ops").glob("*.py"))
     assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith("ops/")] == ops, \
         "a module of engine/ops is missing from STRICT_MODULES (and README)"
+    check = sorted(p.name for p in (PKG / "check").glob("*.py"))
+    assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith("check/")] == check, \
+        "a module of engine/check is missing from STRICT_MODULES (and README)"
 
 
 def test_mypy_strict_on_the_typed_modules(tmp_path):

@@ -9,7 +9,9 @@ The work is numpy over whole tables and batches of tables, never per entry.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,16 +34,16 @@ _ZERO_HALF = spec.L2_BITMAP_ALL_ALLOC << spec.SUBCLUSTERS_PER_CLUSTER
 class _Refs:
     """Computed references, kept sparse: pieces of (cluster index, weight) arrays."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.idx: list[np.ndarray] = []
         self.w: list[np.ndarray] = []
 
-    def add(self, idx: np.ndarray, w: np.ndarray) -> None:
+    def add(self, idx: np.ndarray, w: np.ndarray | int) -> None:
         if len(idx):
             self.idx.append(idx.astype(np.int64))
             self.w.append(np.broadcast_to(np.asarray(w, dtype=np.int64), idx.shape).copy())
 
-    def totals(self):
+    def totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted distinct cluster indexes, summed weights)."""
         if not self.idx:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -65,7 +67,8 @@ def _lookup(uidx: np.ndarray, ucnt: np.ndarray, clusters: np.ndarray) -> np.ndar
 
 
 
-def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int):
+def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int
+                      ) -> list[tuple[int, int]] | str:
     """bitmap_list_load's checks: the (table offset, table size) of each bitmap, or the reason
     the directory is unusable (a string)."""
     if dsize == 0:
@@ -76,7 +79,7 @@ def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int):
         return "cannot be read"
     d = img.pread(doff, dsize)
     pos = 0
-    tables = []
+    tables: list[tuple[int, int]] = []
     while pos < dsize:                   # per bitmap directory entry
         if pos + spec.BME_DIR_ENTRY_SIZE > dsize:
             return "broken bitmap directory"
@@ -141,7 +144,8 @@ class _Calc:
         last = (offset + size - 1) >> self.img.cb
         refs.add(np.arange(first, last + 1, dtype=np.int64), weight)
 
-    def inc_many(self, refs: _Refs, offs: np.ndarray, sizes, weights) -> None:
+    def inc_many(self, refs: _Refs, offs: np.ndarray, sizes: np.ndarray | int,
+                 weights: np.ndarray | int) -> None:
         if len(offs) == 0:
             return
         img = self.img
@@ -228,11 +232,11 @@ class _Calc:
             self.inc(self.main, img.crypto[0], img.crypto[1])
         self.count_bitmaps()
 
-    def walk_l1s(self, l1s) -> None:
+    def walk_l1s(self, l1s: list[tuple[int, int, bool]]) -> None:
         """check_refcounts_l1 for every L1 table; identical tables are read once."""
         img = self.img
         p = self.p
-        groups: dict[tuple, int] = {}
+        groups: dict[tuple[int, int, bool], int] = {}
         for key in l1s:
             groups[key] = groups.get(key, 0) + 1
         l2_offs, l2_w, l2_act = [], [], []
@@ -288,7 +292,8 @@ class _Calc:
         W = m_tot[:, None]
         unalloc = ~comp & ~zero & ~rows.has_off
 
-        def count(mask, kind, fmt_line):
+        def count(mask: np.ndarray, kind: str,
+                  fmt_line: Callable[[int, int, int], str]) -> None:
             n = int(mask.sum())
             if not n:
                 return
@@ -472,7 +477,7 @@ class _Calc:
                 _core.meta_ftruncate(img.fd, new_size)
             except OSError as e:
                 p.findings.add("refblock", f"ERROR could not resize image: "
-                               f"{os.strerror(e.errno)}")
+                               f"{os.strerror(e.errno or errno.EIO)}")
                 grow[:] = False
                 self.rebuild = True
             else:
@@ -533,7 +538,8 @@ class _Calc:
 
 
 
-def _calculate(p: _Pass, img: _Image, snaps, fix: int, stats: bool):
+def _calculate(p: _Pass, img: _Image, snaps: list[SnapshotEntry], fix: int, stats: bool
+               ) -> tuple[_Calc, np.ndarray, np.ndarray, int]:
     """calculate_refcounts: returns (calc, sparse counts (idx, cnt), nb_clusters)."""
     calc = _Calc(p, img, snaps, fix, stats)
     calc.run()
@@ -553,7 +559,8 @@ def _calculate(p: _Pass, img: _Image, snaps, fix: int, stats: bool):
     return calc, idx, cnt, nb
 
 
-def _merge(a_idx, a_cnt, b_idx, b_cnt):
+def _merge(a_idx: np.ndarray, a_cnt: np.ndarray, b_idx: np.ndarray, b_cnt: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
     if len(b_idx) == 0:
         return a_idx, a_cnt
     if len(a_idx) == 0:
@@ -564,7 +571,7 @@ def _merge(a_idx, a_cnt, b_idx, b_cnt):
     return r.totals()
 
 
-def _clamp(p: _Pass, img: _Image, idx, cnt):
+def _clamp(p: _Pass, img: _Image, idx: np.ndarray, cnt: np.ndarray) -> np.ndarray:
     """Refcounts cannot exceed the maximum: each increment past it is an overflow error."""
     if img.rmax >= (1 << 62) or len(cnt) == 0:
         return cnt
@@ -573,5 +580,6 @@ def _clamp(p: _Pass, img: _Image, idx, cnt):
         p.corruptions += int((cnt[over] - img.rmax).sum())
         p.findings.add_many("overflow", int((cnt[over] - img.rmax).sum()), (
             f"ERROR: overflow cluster offset={int(i) << img.cb:#x}" for i in idx[over].tolist()))
-        return np.minimum(cnt, img.rmax)
+        clamped: np.ndarray = np.minimum(cnt, img.rmax)
+        return clamped
     return cnt

@@ -85,7 +85,7 @@ def _check_copied(p: _Pass, img: _Image) -> bool:
             words[br, col] = _with_copied(words[br, col], brc == 1)
             for i in np.unique(br).tolist():       # one write per fixed L2 table
                 l2_off = int(offs[i])
-                if meta.overlaps(l2_off, C):
+                if meta is not None and meta.overlaps(l2_off, C):
                     n = int((br == i).sum())
                     p.corruptions_fixed -= n
                     p.corruptions += n

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from engine.qcow2 import spec
+from engine.qcow2.snapshots import SnapshotEntry
 from engine.check.result import _FIX_ERRORS, _FIX_LEAKS, _Abort, _Pass
 from engine.check.reader import _Image, _load, _pread, _reload, _validate_open
 from engine.check.stored import _compare, _report_mismatches, _write_refcounts
@@ -39,7 +40,7 @@ def _check_once(fd: int, path: str, fix: int, cap: int) -> _Pass:
 
 
 
-def _check_refcounts(p: _Pass, img: _Image, snaps) -> bool:
+def _check_refcounts(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) -> bool:
     """qcow2_check_refcounts (and its repairs), then check_oflag_copied. Returns False when
     the check could not complete (qemu-img then prints no result).
 
@@ -56,7 +57,7 @@ def _check_refcounts(p: _Pass, img: _Image, snaps) -> bool:
     return ok
 
 
-def _check_refcounts_inner(p: _Pass, img: _Image, snaps) -> bool:
+def _check_refcounts_inner(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) -> bool:
     fix = p.fix
     img.snapshots = snaps
     p.total_clusters = -(-((img.size // spec.SECTOR_SIZE) * spec.SECTOR_SIZE) // img.C)

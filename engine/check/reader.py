@@ -9,6 +9,7 @@ overlap check for repair writes.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
@@ -175,7 +176,7 @@ class _Image:
         try:
             _core.meta_pwrite(self.fd, data, offset)
         except OSError as e:
-            raise io_error(e.errno, f"cannot write {len(data)} bytes at offset {offset}",
+            raise io_error(e.errno or errno.EIO, f"cannot write {len(data)} bytes at offset {offset}",
                            path=self.path) from None
 
     def sync(self) -> None:
@@ -205,16 +206,18 @@ def _pread(fd: int, offset: int, length: int, path: str) -> bytes:
             offset += len(b)
             length -= len(b)
     except OSError as e:
-        raise io_error(e.errno, f"cannot read {length} bytes at offset {offset}",
+        raise io_error(e.errno or errno.EIO, f"cannot read {length} bytes at offset {offset}",
                        path=path) from None
     return b"".join(parts)
 
 
-def _extensions(head: bytes, h: Header):
+def _extensions(head: bytes, h: Header
+                ) -> tuple[tuple[int, int, int] | None, tuple[int, int] | None]:
     """(bitmaps, crypto) from the header extensions: bitmaps is (nb, directory size, directory
     offset) or None, crypto is (offset, length) or None. Only what the check counts; the walk
     stops quietly at a broken record, as QEMU's check does."""
-    bitmaps = crypto = None
+    bitmaps: tuple[int, int, int] | None = None
+    crypto: tuple[int, int] | None = None
     end = min(h.backing_file_offset or h.cluster_size, h.cluster_size, len(head))
     for magic, data in walk_extensions(ByteReader(head, None), h.extension_area_start, end,
                                        lenient=True):
@@ -222,13 +225,15 @@ def _extensions(head: bytes, h: Header):
             nb, _reserved, dsize, doff = spec.BITMAPS_EXT_STRUCT.unpack_from(data)
             bitmaps = (nb, dsize, doff)
         elif magic == spec.EXT_MAGIC_CRYPTO_HEADER and len(data) >= spec.CRYPTO_EXT_SIZE:
-            crypto = spec.CRYPTO_EXT_STRUCT.unpack_from(data)
+            off, length = spec.CRYPTO_EXT_STRUCT.unpack_from(data)
+            crypto = (off, length)
     if not h.autoclear_features & spec.AUTOCLEAR_BITMAPS or h.version < 3:
         bitmaps = None     # QEMU ignores the extension unless the autoclear bit vouches for it
     return bitmaps, crypto
 
 
-def _load(fd: int, path: str):
+def _load(fd: int, path: str
+          ) -> tuple[Header | None, bytes, int, EngineError | None]:
     """(header or None, head bytes, file size, the parse problem or None).
 
     Raises only when the file is not a QCOW2 image at all (bad magic, version, cluster size,
@@ -239,7 +244,7 @@ def _load(fd: int, path: str):
     try:
         file_size = os.fstat(fd).st_size
     except OSError as e:
-        raise io_error(e.errno, "cannot stat the image", path=path) from None
+        raise io_error(e.errno or errno.EIO, "cannot stat the image", path=path) from None
     head = _pread(fd, 0, min(file_size, 2 << 20), path)
     if not looks_like_qcow2(head):
         parse_header(head, file_size, path=path)    # raises the precise ImageFormatError
@@ -308,13 +313,14 @@ class _L2Rows:
     extended L2, the subcluster bitmaps, and the masks both the reference count and the
     COPIED check use (qcow2.txt "Cluster mapping")."""
 
-    def __init__(self, img: _Image, raw: np.ndarray):
+    def __init__(self, img: _Image, raw: np.ndarray) -> None:
         self.ext = img.ext
         self.words = raw.view(">u8").astype(_U64)      # native copy: the COPIED repair edits it
+        self.bm: np.ndarray | None = None
         if img.ext:
             self.e, self.bm = self.words[:, 0::2], self.words[:, 1::2]
         else:
-            self.e, self.bm = self.words, None
+            self.e = self.words
         e = self.e
         self.comp = (e & _U64(spec.QCOW_OFLAG_COMPRESSED)) != 0
         self.copied = (e & _U64(spec.QCOW_OFLAG_COPIED)) != 0
@@ -346,7 +352,7 @@ class _Metadata:
     reftable, the refblocks, the snapshot table, the snapshot L1 tables and the bitmap
     directory, as merged cluster intervals."""
 
-    def __init__(self, img: _Image, snaps):
+    def __init__(self, img: _Image, snaps: list[SnapshotEntry]) -> None:
         C = img.C
         ranges = [(0, C), (img.l1_off, img.l1_bytes), (img.rt_off, img.rt_bytes),
                   (img.snapshots_offset, img.snapshots_size)]

@@ -59,10 +59,12 @@ class _Imrt:
         self.n = max(self.n, n)
 
     def _free(self, a: int, b: int) -> npt.NDArray[np.bool_]:
-        return (self.vals[a:b] == 0) & ~self.blocked[a:b]
+        free: npt.NDArray[np.bool_] = (self.vals[a:b] == 0) & ~self.blocked[a:b]
+        return free
 
     def _used(self, a: int, b: int) -> npt.NDArray[np.bool_]:
-        return self.vals[a:b] != 0
+        used: npt.NDArray[np.bool_] = self.vals[a:b] != 0
+        return used
 
     def first_used(self, start: int, end: int) -> int:
         """The first cluster in [start, end) with a refcount; -1 if none."""

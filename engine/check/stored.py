@@ -23,11 +23,11 @@ _U64 = np.uint64
 class _StoredRefcounts:
     """The refcounts stored on disk, looked up through the reftable (qcow2_get_refcount)."""
 
-    def __init__(self, img: _Image):
+    def __init__(self, img: _Image) -> None:
         self.img = img
         self.rt = img.u64_table(img.rt_off, img.rt_size)
 
-    def get(self, clusters: np.ndarray):
+    def get(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values, readable) for an array of cluster indexes: a cluster without a refblock
         reads 0; one whose refblock offset is not cluster-aligned cannot be read (QEMU: EIO).
         The refblocks are read in batches, once each."""
@@ -73,7 +73,7 @@ class _Mismatches:
     computed: np.ndarray
     highest: int
     eio_clusters: int
-    eio_blocks: list
+    eio_blocks: list[int]
     nb: int
 
 
@@ -154,7 +154,8 @@ def _compare(img: _Image, uidx: np.ndarray, ucnt: np.ndarray, nb: int) -> _Misma
     return mis
 
 
-def _report_mismatches(p: _Pass, img: _Image, mis: _Mismatches, fix: int):
+def _report_mismatches(p: _Pass, img: _Image, mis: _Mismatches, fix: int
+                       ) -> tuple[bool, np.ndarray, np.ndarray]:
     """The verdicts of compare_refcounts for one set of mismatches. Returns (rebuild,
     clusters to raise, clusters to lower) and counts what stays unfixed."""
     if mis.eio_clusters:
