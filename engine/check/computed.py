@@ -66,7 +66,6 @@ def _lookup(uidx: np.ndarray, ucnt: np.ndarray, clusters: np.ndarray) -> np.ndar
     return np.where(hit, ucnt[pos_c], 0)
 
 
-
 def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int
                       ) -> list[tuple[int, int]] | str:
     """bitmap_list_load's checks: the (table offset, table size) of each bitmap, or the reason
@@ -104,7 +103,6 @@ def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int
     if len(tables) != nb:
         return "less bitmaps found than specified in header extension"
     return tables
-
 
 
 class _Calc:
@@ -535,7 +533,6 @@ class _Calc:
                 f"ERROR refcount block {i} refcount={v}"
                 for i, v in zip(sel[bad].tolist(), seen[bad].tolist())))
         return nb
-
 
 
 def _calculate(p: _Pass, img: _Image, snaps: list[SnapshotEntry], fix: int, stats: bool

@@ -39,7 +39,6 @@ def _check_once(fd: int, path: str, fix: int, cap: int) -> _Pass:
     return p
 
 
-
 def _check_refcounts(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) -> bool:
     """qcow2_check_refcounts (and its repairs), then check_oflag_copied. Returns False when
     the check could not complete (qemu-img then prints no result).
@@ -117,7 +116,6 @@ def _check_refcounts_inner(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) ->
         return False
     p.image_end_offset = (highest + 1) * img.C
     return True
-
 
 
 def _mark_clean(p: _Pass, img: _Image) -> None:

@@ -259,7 +259,6 @@ def _load(fd: int, path: str
         return None, head, file_size, e
 
 
-
 def _validate_open(p: _Pass, img: _Image) -> bool:
     """What qcow2_do_open refuses even in check mode (beyond the basic header checks); a
     failure means qemu-img cannot check the image (a check error, nothing else examined).
@@ -345,7 +344,6 @@ class _L2Rows:
         return words.astype(">u8").tobytes()
 
 
-
 class _Metadata:
     """QEMU's metadata overlap check (qcow2_check_metadata_overlap, default "cached" template)
     for repair writes into L2 tables: the clusters of the header, the active L1 table, the
@@ -375,7 +373,6 @@ class _Metadata:
         b = ((offset + size - 1) >> self.cb) + 1
         i = int(np.searchsorted(self.starts, b, "left")) - 1
         return i >= 0 and int(self.ends[i]) > a
-
 
 
 def _reload(p: _Pass, img: _Image) -> _Image | None:

@@ -116,7 +116,6 @@ class CheckResult:
         return "\n".join(out) + "\n"
 
 
-
 class _Findings:
     """Finding lines, capped at ``cap`` per kind of message."""
 

@@ -65,7 +65,6 @@ class _StoredRefcounts:
         return vals, ok
 
 
-
 @dataclass
 class _Mismatches:
     idx: np.ndarray
