@@ -350,6 +350,44 @@ def _format_error(msg: str, path: str | None) -> ImageFormatError:
     return ImageFormatError(msg, path=path)
 
 
+def table_size_limit(name: str, entries: int, entry_len: int, max_bytes: int,
+                     path: str | None = None) -> None:
+    """QEMU's ``qcow2_validate_table``, first rule: a table holds at most ``max_bytes``
+    (SafetyLimitExceeded).  Also applied when an image is opened only to be checked."""
+    if entries > max_bytes // entry_len:
+        raise SafetyLimitExceeded(
+            f"{name} too large: {entries} entries of {entry_len} bytes, limit {max_bytes} bytes",
+            limit=max_bytes, path=path)
+
+
+def table_offset_limit(name: str, offset: int, entries: int, entry_len: int,
+                       cluster_size: int, path: str | None = None) -> None:
+    """QEMU's ``qcow2_validate_table``, second rule: the table's end fits in an int64 and its
+    offset is cluster-aligned (CorruptImage).  Also applied to an image opened only to be
+    checked."""
+    nbytes = entries * entry_len
+    if INT64_MAX - nbytes < offset:
+        raise CorruptImage(f"{name} offset {offset:#x} + {nbytes} bytes overflows",
+                           offset=offset, path=path)
+    if offset % cluster_size:
+        raise CorruptImage(f"{name} offset {offset:#x} is not aligned to the cluster size "
+                           f"{cluster_size}", offset=offset, path=path)
+
+
+def l1_size_limit(size: int, cluster_bits: int, extended_l2: bool, l1_size: int,
+                  l1_table_offset: int, path: str | None = None) -> None:
+    """QEMU's rules for the active L1 at open (check mode too): the disk needs at most
+    INT_MAX entries (SafetyLimitExceeded, "Image is too big"), and the L1 holds at least
+    that many (CorruptImage, "L1 table is too small")."""
+    l1_needed = l1_entries_for(size, cluster_bits, extended_l2)
+    if l1_needed > INT_MAX:
+        raise SafetyLimitExceeded(f"image is too big: virtual size {size} bytes",
+                                  limit=INT_MAX, path=path)
+    if l1_size < l1_needed:
+        raise CorruptImage(f"L1 table is too small: {l1_size} entries, virtual size {size} "
+                           f"needs {l1_needed}", offset=l1_table_offset, path=path)
+
+
 def validate_table(name: str, offset: int, entries: int, entry_len: int, max_bytes: int,
                     cluster_size: int, file_size: int, path: str | None,
                     *, check_eof: bool = True) -> None:
@@ -359,17 +397,9 @@ def validate_table(name: str, offset: int, entries: int, entry_len: int, max_byt
     int64 overflow (CorruptImage).  Then ours: a non-empty table must not overlap the header
     cluster and must lie inside the file.
     """
-    if entries > max_bytes // entry_len:
-        raise SafetyLimitExceeded(
-            f"{name} too large: {entries} entries of {entry_len} bytes, limit {max_bytes} bytes",
-            limit=max_bytes, path=path)
+    table_size_limit(name, entries, entry_len, max_bytes, path)
+    table_offset_limit(name, offset, entries, entry_len, cluster_size, path)
     nbytes = entries * entry_len
-    if INT64_MAX - nbytes < offset:
-        raise CorruptImage(f"{name} offset {offset:#x} + {nbytes} bytes overflows",
-                           offset=offset, path=path)
-    if offset % cluster_size:
-        raise CorruptImage(f"{name} offset {offset:#x} is not aligned to the cluster size "
-                           f"{cluster_size}", offset=offset, path=path)
     if entries == 0:
         return
     if offset < cluster_size:
@@ -689,13 +719,8 @@ def _parse_header(buf: object, file_size: int, path: str | None) -> Header:
                     SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, cluster_size, file_size, path)
     validate_table("active L1 table", l1_table_offset, l1_size, L1E_SIZE, MAX_L1_SIZE,
                     cluster_size, file_size, path)
-    l1_needed = l1_entries_for(size, cluster_bits, bool(incompat & INCOMPAT_EXTL2))
-    if l1_needed > INT_MAX:
-        raise SafetyLimitExceeded(f"image is too big: virtual size {size} bytes",
-                                  limit=INT_MAX, path=path)
-    if l1_size < l1_needed:
-        raise CorruptImage(f"L1 table is too small: {l1_size} entries, virtual size {size} "
-                           f"needs {l1_needed}", offset=l1_table_offset, path=path)
+    l1_size_limit(size, cluster_bits, bool(incompat & INCOMPAT_EXTL2), l1_size, l1_table_offset,
+                  path)
 
     ext = _read_extensions(c0, ext_start, ext_end, autoclear, crypt_method, cluster_size, path)
     if autoclear & AUTOCLEAR_DATA_FILE_RAW and not incompat & INCOMPAT_DATA_FILE:

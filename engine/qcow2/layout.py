@@ -11,6 +11,9 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from engine.errors import EngineError, InvalidArgument, SafetyLimitExceeded
 
 from engine.qcow2.spec import (
@@ -47,7 +50,10 @@ from engine.qcow2.args import (
     size_text,
 )
 from engine.qcow2.refblocks import (
+    first_free_run,
     refblock_with_ones,
+    reftable_clusters,
+    reftable_entries,
 )
 from engine.qcow2.header import (
     Header,
@@ -255,14 +261,16 @@ class CreateAllocator:
         self.file[offset:end] = data
 
     # -- QEMU functions ----------------------------------------------------------------
+    def _free(self, a: int, b: int) -> npt.NDArray[np.bool_]:
+        free = np.ones(b - a, dtype=bool)
+        for s, e in self.used.clip(a, b):
+            free[s - a:e - a] = False
+        return free
+
     def alloc_noref(self, nbytes: int) -> int:
         n = -(-nbytes // self.C)
-        p = self.free_cluster_index
-        while True:
-            hit = self.used.first_overlap(p, p + n)
-            if hit is None:
-                break
-            p = hit[1]          # QEMU restarts counting just past each used cluster
+        end = self.used.ends[-1] if self.used.ends else 0
+        p = first_free_run(self._free, end, n, self.free_cluster_index)
         self.free_cluster_index = p + n
         if p + n - 1 > (MAX_CLUSTER_OFFSET - 1) >> self.cb:
             raise SafetyLimitExceeded("image would need host offsets beyond 2^56",
@@ -348,10 +356,8 @@ class CreateAllocator:
             raise SafetyLimitExceeded("refcount table would exceed QEMU's limit",
                                       limit=MAX_REFTABLE_SIZE)
         area_index = (start_offset // C) // E
-        per_cluster = C // REFTABLE_ENTRY_SIZE
-        table_size = total + -(-total // 2)
-        table_size = -(-table_size // per_cluster) * per_cluster
-        table_clusters = table_size * REFTABLE_ENTRY_SIZE // C
+        table_size = reftable_entries(total + -(-total // 2), C)
+        table_clusters = reftable_clusters(table_size, C)
         if table_size > MAX_REFTABLE_SIZE:
             raise SafetyLimitExceeded("refcount table would exceed QEMU's limit",
                                       limit=MAX_REFTABLE_SIZE)
@@ -386,7 +392,7 @@ class CreateAllocator:
     # -- output ---------------------------------------------------------------------------
     @property
     def reftable_clusters(self) -> int:
-        return len(self.reftable) * REFTABLE_ENTRY_SIZE // self.C
+        return reftable_clusters(len(self.reftable), self.C)
 
     def write_refblocks(self) -> None:
         """Write every refblock with its final content (QEMU's cache flush at close).

@@ -1,13 +1,23 @@
-"""Refcount blocks and the refcount table: the codec for every refcount width (§5.1).
+"""Refcount blocks and the refcount table: the codec for every refcount width (§5.1), the
+sizing of the refcount table, and the search for free clusters.
 
 A refcount block is one cluster of ``cluster_size * 8 >> refcount_order`` big-endian
 entries of ``1 << refcount_order`` bits; entries narrower than a byte are packed from the
 least significant bit of each byte.  The numpy codec (:func:`decode_refblocks`,
 :func:`encode_refblocks`) serves the check and repair; :func:`refblock_with_ones` serves
 the create-time layout.
+
+The two Python replays of QEMU's allocators, the create-time one
+(:class:`engine.qcow2.layout.CreateAllocator`) and the rebuild's in-memory refcount table
+(``engine.check.rebuild``), share :func:`first_free_run` (where free clusters are found),
+:func:`reftable_entries` and :func:`reftable_clusters` (how a refcount table is sized), and
+this codec; each keeps its own state and order of allocation, which is QEMU's for that
+algorithm.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -17,10 +27,12 @@ from engine.errors import InvalidArgument
 from engine.qcow2.spec import (
     MAX_DISK_LENGTH,
     MAX_REFCOUNT_ORDER,
+    REFTABLE_ENTRY_SIZE,
     REFT_OFFSET_MASK,
 )
 
-__all__ = ["decode_refblocks", "encode_refblocks", "refblock_with_ones", "reftable_offsets"]
+__all__ = ["decode_refblocks", "encode_refblocks", "first_free_run", "refblock_with_ones",
+           "reftable_clusters", "reftable_entries", "reftable_offsets"]
 
 _U64 = np.uint64
 # Where QEMU's block layer refuses a read (BDRV_MAX_LENGTH): a refblock there cannot be read.
@@ -83,3 +95,47 @@ def reftable_offsets(rt: npt.NDArray[np.uint64], cluster_size: int
     if huge.any():
         off = np.where(huge, _U64(_PINNED) | (off & _U64(cluster_size - 1)), off)
     return off.astype(np.int64), unreadable
+
+
+def reftable_entries(n: int, cluster_size: int) -> int:
+    """Entries of a refcount table holding at least ``n`` entries: whole clusters of them."""
+    per_cluster = cluster_size // REFTABLE_ENTRY_SIZE
+    return -(-n // per_cluster) * per_cluster
+
+
+def reftable_clusters(entries: int, cluster_size: int) -> int:
+    """Clusters a refcount table of ``entries`` entries takes."""
+    return -(-entries * REFTABLE_ENTRY_SIZE // cluster_size)
+
+
+#: ``is_free(a, b)``: whether each of the clusters ``a .. b-1`` is free (a bool array).
+FreeMask = Callable[[int, int], npt.NDArray[np.bool_]]
+
+_FIRST_WINDOW = 4096
+
+
+def first_free_run(is_free: FreeMask, end: int, count: int, start: int = 0) -> int:
+    """The first cluster ``c >= start`` such that clusters ``c .. c+count-1`` are all free,
+    where every cluster at or past ``end`` is free (nothing is allocated past the end of
+    the refcounts): the search of QEMU's ``alloc_clusters_noref`` and
+    ``alloc_clusters_imrt``.  When no run fits before ``end``, the answer is the start of
+    the free run that reaches ``end`` (the table then grows), or ``max(start, end)``.
+
+    ``is_free`` is asked about windows that grow from ``start``, so a hit near it costs
+    little whatever the size of the table.
+    """
+    run = start                 # where the free run in progress began
+    pos = start
+    window = max(_FIRST_WINDOW, count)
+    while pos < end:
+        stop = min(end, pos + window)
+        used = np.flatnonzero(~is_free(pos, stop)) + pos
+        starts = np.concatenate(([run], used + 1))
+        ends = np.concatenate((used, [stop]))
+        fits = np.flatnonzero(ends - starts >= count)
+        if len(fits):
+            return int(starts[fits[0]])
+        run = int(starts[-1])
+        pos = stop
+        window *= 4
+    return run
