@@ -30,6 +30,15 @@ from collections import Counter
 
 from engine.errors import InvalidArgument, NotFound, UnsafeDestination, io_error
 
+#: The repository folder: <repo>/catalog.db, <repo>/volumes/<uuid>.qcow2|.raw,
+#: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside.  Named here,
+#: the lowest room that needs them (this rule must know a repository's files without
+#: importing the repository); engine.repository takes them from here.
+CATALOG_NAME = "catalog.db"
+VOLUMES_DIR = "volumes"
+LOCK_NAME = "repository.lock"
+LOST_FOUND = "lost+found"
+
 _lock = threading.Lock()
 _files: Counter = Counter()        # (st_dev, st_ino) of files open images use
 _folders: Counter = Counter()      # real paths of open repositories
@@ -67,8 +76,6 @@ def unregister_folder(real: str) -> None:
 
 
 def _is_repository(folder: str) -> bool:
-    from engine.repository import CATALOG_NAME, VOLUMES_DIR
-
     with _lock:
         if folder in _folders:
             return True
@@ -97,8 +104,6 @@ def _in_use(st: os.stat_result) -> bool:
         folders = list(_folders)
     if st.st_nlink < 2:
         return False      # one name only, and that name is not in a repository (checked)
-    from engine.repository import VOLUMES_DIR
-
     for folder in folders:
         for sub in (folder, os.path.join(folder, VOLUMES_DIR)):
             try:

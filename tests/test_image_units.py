@@ -24,7 +24,7 @@ import types
 import pytest
 
 import engine
-from engine import errors
+from engine import errors, metaio
 from engine.image import chain, files, locks, naming
 
 # --- locks ----------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_failed_meta_sync_marks_its_error(tmp_path, blank):
     fd = os.open(blank, os.O_RDONLY)
     os.close(fd)                              # a closed descriptor: the sync fails (EBADF)
     with pytest.raises(errors.EngineIOError) as ei:
-        files.meta_sync(fd, blank)
+        metaio.meta_sync(fd, blank)
     assert "cannot sync" in ei.value.message
     assert ei.value.sync_failed is True
     assert ei.value.path == blank
@@ -248,6 +248,6 @@ def test_package_exports():
     assert (engine.open, engine.create, engine.Image, engine.Extent) == \
         (image_mod.open, image_mod.create, image_mod.Image, image_mod.Extent)
     assert set(image_mod.__all__) == {"Image", "Extent", "open", "create", "MAX_CHAIN_DEPTH"}
-    for name in ("meta_sync", "_decompress", "_geometry", "_fs_max_file_size", "_os_open"):
+    for name in ("_decompress", "_geometry", "_fs_max_file_size", "_os_open"):
         assert callable(getattr(image_mod, name)), name
     assert not hasattr(engine.Extent, "from_dict")

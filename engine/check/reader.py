@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine import _core
-from engine.image import meta_sync
+from engine.metaio import meta_sync
 from engine.qcow2 import spec
 from engine.qcow2.header import (
     ByteReader,

@@ -22,11 +22,9 @@ from engine.image.chain import MAX_CHAIN_DEPTH as MAX_CHAIN_DEPTH
 from engine.image.extent import Extent as Extent
 from engine.image.image import Image as Image
 
-# Also used as engine.image.NAME: meta_sync by the repairs of engine.check; the others by
-# tests and the fuzz targets (importing compress registers the core's decompressor).
+# Also used as engine.image.NAME by tests and the fuzz targets (importing compress registers the core's decompressor).
 from engine.image.chain import _geometry as _geometry
 from engine.image.compress import _decompress as _decompress
-from engine.image.files import _fs_max_file_size as _fs_max_file_size, _os_open as _os_open, \
-    meta_sync as meta_sync
+from engine.image.files import _fs_max_file_size as _fs_max_file_size, _os_open as _os_open
 
 __all__ = ["Image", "Extent", "open", "create", "MAX_CHAIN_DEPTH"]

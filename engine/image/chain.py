@@ -14,10 +14,12 @@ import os
 from typing import TYPE_CHECKING
 
 from engine import _core
+from engine import check as _check
 from engine import format as fmt
 from engine.errors import ChainError, CorruptImage, InvalidArgument, UnsafeBackingReference, \
     UnsupportedFeature, io_error
-from engine.image.files import _fd_headroom, _meta_write, _os_open, _read_head
+from engine.image.files import _fd_headroom, _os_open, _read_head
+from engine.metaio import meta_write as _meta_write
 from engine.image.locks import _Lock
 from engine.image.naming import _check_backing_name
 
@@ -186,7 +188,6 @@ def _prepare_rw(fd: int, path: str, h: fmt.Header, size: int) -> fmt.Header:
                            path=path, hint="run check(repair='all') in a repair tool, or "
                            "'qemu-img check -r all'")
     if h.dirty:
-        from engine import check as _check
         res = _check.check_file(fd, filename=path, repair="all")
         if res.corruptions or res.check_errors:
             raise CorruptImage("could not repair the dirty image", path=path)

@@ -71,29 +71,6 @@ def _read_head(fd: int, path: str) -> tuple[bytes, int]:
         raise io_error(e.errno or errno.EIO, "cannot read the header", path=path) from None
 
 
-def _meta_write(fd: int, data: bytes, offset: int, path: str) -> None:
-    """Write metadata beside the core (a header rewrite) and make it durable, through the
-    core's I/O shim, so that fault injection and the power-loss recorder see it."""
-    try:
-        _core.meta_pwrite(fd, data, offset)
-    except OSError as e:
-        raise io_error(e.errno or errno.EIO, "cannot write the header", path=path) from None
-    meta_sync(fd, path)
-
-
-def meta_sync(fd: int, path: str) -> None:
-    """fdatasync through the core's I/O shim, for metadata written beside the core (header
-    rewrites here, repairs in engine.check).  A failure carries ``sync_failed = True``: the
-    kernel may have dropped pages, so the open handle must fail every later flush, as after a
-    failed sync of the core (see :meth:`Image._failed_sync`)."""
-    try:
-        _core.meta_sync(fd)
-    except OSError as e:
-        err = io_error(e.errno or errno.EIO, "cannot sync the metadata written", path=path)
-        err.sync_failed = True  # type: ignore[attr-defined]  # read by Image._failed_sync
-        raise err from None
-
-
 def _check_file_length(nbytes: int, folder: str, what: str) -> None:
     """The host's limits on a file of ``nbytes`` bytes in ``folder``, checked before any file
     is made or grown: the process's RLIMIT_FSIZE and the filesystem's largest file.

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from engine import _core
 from engine._core import CoreImage
+from engine import check as _check
 from engine import destination as _destination
 from engine import format as fmt
+from engine.check import CheckResult
 from engine.errors import (
     ChainError,
     CorruptImage,
@@ -39,14 +41,13 @@ from engine.errors import (
 from engine.image.chain import _attach_chain, _geometry, _open_image, _Options, \
     _validate_snapshots, _virtual_size
 from engine.image.extent import Extent
-from engine.image.files import _check_file_length, _meta_write, _read_head, meta_sync
+from engine.image.files import _check_file_length, _read_head
+from engine.metaio import meta_sync, meta_write as _meta_write
 from engine.image.locks import _Lock
 from engine.image.naming import _check_backing_name
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
-
-    from engine.check import CheckResult
 
 
 class Image:
@@ -375,7 +376,6 @@ class Image:
     def check(self, repair: str | None = None) -> CheckResult:
         """Consistency check with ``qemu-img check`` semantics; see engine.check.CheckResult.
         ``repair`` is None, "leaks" or "all" (needs a read-write image)."""
-        from engine import check as _check
         self._check_usable()
         if repair is not None and (not isinstance(repair, str) or repair not in ("leaks", "all")):
             raise InvalidArgument(f"repair must be None, 'leaks' or 'all', not {repair!r}",

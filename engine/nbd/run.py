@@ -10,8 +10,10 @@ import sys
 from typing import Any, TextIO
 
 from engine.errors import InvalidArgument
+from engine.image import open as open_image
 from engine.nbd.export import Export
 from engine.nbd.server import Server
+from engine.repository import Repository
 
 #: The files ``--tls-certs DIR`` reads, named as qemu's tls-creds-x509 and nbdkit's
 #: --tls-certificates name them.
@@ -51,13 +53,9 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
         # the pid file goes last, once the disk is flushed and closed: its absence means done
         stack.callback(_unlink, written)
         if image is not None:
-            import engine
-
-            disk: Any = stack.enter_context(engine.open(image, readonly=readonly))
+            disk: Any = stack.enter_context(open_image(image, readonly=readonly))
             default_desc = os.path.basename(image)
         else:
-            from engine.repository import Repository
-
             if repo is None or chain is None:
                 raise InvalidArgument("give an image, or a repository and a chain")
             ro = readonly or snapshot is not None
@@ -75,9 +73,7 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
         exports = [Export(export_name, disk, readonly=readonly, close=False,
                           description=description or default_desc)]
         for name, path in more or ():
-            import engine
-
-            exports.append(Export(name, stack.enter_context(engine.open(path,
+            exports.append(Export(name, stack.enter_context(open_image(path,
                                                                         readonly=readonly)),
                                   readonly=readonly, close=False,
                                   description=os.path.basename(path)))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from engine import destination as _destination
 from engine.errors import InvalidArgument, io_error
+from engine.image import create as create_image
 from engine.ops._copy import CHUNK, Meter, Progress, Run, copy_runs, runs_total
 
 if TYPE_CHECKING:
@@ -121,12 +122,10 @@ def convert_new(src: Image, dest: str, *, format: str = "raw", cluster_size: int
     Returns:
         int: bytes of data written.
     """
-    import engine
-
     runs = [r for r in _data_runs(src)]
     meter = Meter(runs_total(runs), progress)
     kw: dict[str, Any] = {"cluster_size": cluster_size} if format == "qcow2" else {}
-    with engine.create(dest, src.size, format=format, **kw) as out:
+    with create_image(dest, src.size, format=format, **kw) as out:
         written = copy_runs(src, out, runs, meter, hook=hook,
                             skip_zero_blocks=min(ZERO_BLOCK, cluster_size)
                             if format == "qcow2" else ZERO_BLOCK)

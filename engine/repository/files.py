@@ -9,17 +9,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from engine.catalog import VolumeRow
+from engine.destination import CATALOG_NAME as CATALOG_NAME, LOCK_NAME as LOCK_NAME, \
+    LOST_FOUND as LOST_FOUND, VOLUMES_DIR as VOLUMES_DIR
 from engine.errors import EngineError, ImageNotFound, io_error
 
 if TYPE_CHECKING:
     from engine.image import Image
 
-#: The repository folder: <repo>/catalog.db, <repo>/volumes/<uuid>.qcow2|.raw,
-#: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside.
-CATALOG_NAME = "catalog.db"
-VOLUMES_DIR = "volumes"
-LOCK_NAME = "repository.lock"
-LOST_FOUND = "lost+found"
 
 
 def fsync_dir(path: str) -> None:
