@@ -1,0 +1,273 @@
+# Included by engine/_core.pyx (one compiled module); see the list of rooms there.
+
+# --- bulk copy: guest runs of one chain into another image ------------------------------------
+#
+# The one copy loop of export/convert, import, clone, commit and pull (engine.ops).  Python
+# hands over the runs it selected from block status and is called back once per chunk
+# (progress, kill points) and once per zero run (the rule for writing zeros lives in
+# engine.image).  Inside a chunk everything runs here without the GIL:
+#
+# - the chunk is split by layer_status (the one place runs are coalesced) into pieces that
+#   each live in one layer's file, host-contiguous; such a piece is written from that layer's
+#   mapping, with no copy into a buffer.  Pieces that do not (compressed clusters, pread-mode
+#   files, data past the end of a file) are read with layer_read into a buffer.
+# - with zero_block > 0 (a new destination, which reads zeros already), blocks of that size
+#   (aligned to the guest offset) that hold only zero bytes are not written.
+# - the writes use the destination's own write path (layer_write for qcow2: allocation,
+#   refcounts and L2 updates as for any write; raw_pwrite for raw), or, from a file to a raw
+#   destination, copy_file_range, all through the I/O shim (fault kind "pwrite").
+# - every SYNC_STEP bytes, writeback of what is written so far is started
+#   (sync_file_range(SYNC_FILE_RANGE_WRITE), a hint that makes nothing durable), so the
+#   caller's final flush waits for the tail, not for the whole copy.
+
+cdef extern from "<fcntl.h>" nogil:
+    int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
+    unsigned int SYNC_FILE_RANGE_WRITE
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t copy_file_range(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t n,
+                            unsigned int flags)
+
+cdef extern from "<errno.h>" nogil:
+    int EXDEV, ENOSYS, EBADF
+
+cdef uint64_t SYNC_STEP = 64 << 20
+
+
+ctypedef struct CopyJob:
+    Layer *S                # the source (top of its chain)
+    Layer *D                # the destination
+    uint8_t *buf            # chunk bytes, for pieces that are not written from a mapping
+    uint64_t zb             # zero block: 0 writes every byte
+    int cfr                 # copy_file_range may be tried (raw destination)
+    uint64_t written        # bytes written as data
+    uint64_t unsynced       # bytes written since writeback was last started
+    int side                # where an error was recorded: 0 source, 1 destination
+
+
+cdef inline bint is_zero(const uint8_t *p, uint64_t n) noexcept nogil:
+    """Whether n bytes at p are all zero (the first 16 checked, then the rest against them)."""
+    cdef uint64_t i
+    if n <= 16:
+        for i in range(n):
+            if p[i]:
+                return False
+        return True
+    for i in range(16):
+        if p[i]:
+            return False
+    return memcmp(p, p + 16, n - 16) == 0
+
+
+cdef inline ssize_t io_copy_range(int fd_in, off_t *off_in, int fd_out, off_t *off_out,
+                                  size_t n) noexcept nogil:
+    if io_fault(IO_PWRITE):
+        return -1
+    return copy_file_range(fd_in, off_in, fd_out, off_out, n, 0)
+
+
+cdef int put_data(CopyJob *j, Layer *owner, uint64_t host, uint64_t vaddr, const uint8_t *p,
+                  uint64_t n) noexcept nogil:
+    """Write n bytes at guest vaddr of the destination: from p, or, for a raw destination and
+    an owner file (host offset), with copy_file_range where the kernel takes it."""
+    cdef Layer *D = j.D
+    cdef off_t si, di
+    cdef ssize_t w
+    cdef int rc
+    j.written += n
+    j.unsynced += n
+    if D.raw:
+        if j.cfr and owner != NULL:
+            si = <off_t>host
+            di = <off_t>vaddr
+            D.data_dirty = 1
+            while n:
+                w = io_copy_range(owner.fd, &si, D.fd, &di, n)
+                if w < 0 and errno == EINTR:
+                    continue
+                if w <= 0:
+                    if w < 0 and (errno == EXDEV or errno == EINVAL or errno == ENOSYS or
+                                  errno == EOPNOTSUPP or errno == EBADF):
+                        j.cfr = 0           # not between these files: plain writes from now
+                        break
+                    if w == 0:
+                        set_errno(5)
+                    return fail_io(D, "write failed", <uint64_t>di)
+                n -= <uint64_t>w
+                p += w
+            if n == 0:
+                return 0
+            vaddr = <uint64_t>di
+        return raw_pwrite(D, vaddr, p, n)
+    return layer_write(D, vaddr, p, n)
+
+
+cdef int put_nonzero(CopyJob *j, Layer *owner, uint64_t host, uint64_t vaddr, const uint8_t *p,
+                     uint64_t n) noexcept nogil:
+    """put_data for every run of blocks of [p, p+n) that is not all zeros (j.zb > 0), or for
+    all of it (j.zb == 0). Blocks are aligned to the guest offset."""
+    cdef uint64_t zb = j.zb, pos = 0, blk, run_start
+    cdef int rc, in_run = 0
+    if zb == 0:
+        return put_data(j, owner, host, vaddr, p, n)
+    run_start = 0
+    while pos < n:
+        blk = zb - ((vaddr + pos) & (zb - 1))
+        if blk > n - pos:
+            blk = n - pos
+        if is_zero(p + pos, blk):
+            if in_run:
+                rc = put_data(j, owner, host + run_start, vaddr + run_start, p + run_start,
+                              pos - run_start)
+                if rc < 0:
+                    return rc
+                in_run = 0
+        elif not in_run:
+            run_start = pos
+            in_run = 1
+        pos += blk
+    if in_run:
+        return put_data(j, owner, host + run_start, vaddr + run_start, p + run_start,
+                        n - run_start)
+    return 0
+
+
+cdef inline Layer *layer_at(Layer *L, uint64_t depth) noexcept nogil:
+    while depth and L != NULL:
+        L = L.backing
+        depth -= 1
+    return L
+
+
+cdef int copy_chunk(CopyJob *j, uint64_t vaddr, uint64_t n) noexcept nogil:
+    """Copy guest [vaddr, vaddr+n) of the source into the destination (the caller holds the
+    locks). Errors are recorded on the side j.side names."""
+    cdef RunBuf rb
+    cdef uint64_t i, start, length, flags, host
+    cdef uint64_t *r
+    cdef Layer *owner
+    cdef const uint8_t *p
+    cdef int rc = 0
+    rb.v = NULL
+    rb.n = rb.cap = 0
+    j.side = 0
+    rc = layer_status(j.S, vaddr, n, 0, &rb)
+    i = 0
+    while rc == 0 and i < rb.n:
+        r = rb.v + i * 5
+        start = r[0]
+        length = r[1]
+        flags = r[3]
+        host = r[4]
+        i += 1
+        owner = NULL
+        if (flags & F_DATA) and (flags & F_OFFSET) and not (flags & F_COMPRESSED):
+            owner = layer_at(j.S, r[2])
+            if (owner == NULL or owner.pread_data or owner.base == NULL or
+                    host >= owner.file_size or owner.file_size - host < length):
+                owner = NULL
+        if owner != NULL:
+            p = owner.base + host
+            advise_read(owner, host, length)
+            if j.zb == 0 and length >= 16384:
+                prefault(p, length)         # is_zero touches the pages otherwise
+        elif j.zb and not (flags & F_DATA):
+            continue                        # reads as zeros: a new destination has them
+        else:
+            j.side = 0
+            rc = layer_read(j.S, start, j.buf, length)
+            if rc < 0:
+                break
+            p = j.buf
+        j.side = 1
+        rc = put_nonzero(j, owner, host, start, p, length)
+    free(rb.v)
+    if rc == 0 and j.unsynced >= SYNC_STEP:
+        # start writeback of what is written; durability stays with the caller's flush
+        sync_file_range(j.D.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        j.unsynced = 0
+    return rc
+
+
+def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zero_block=0,
+              uint64_t chunk=8 << 20, step=None):
+    """Copy guest runs of ``src`` (read through its chain) into ``dst`` at the same offsets.
+
+    runs: (n, 3) array-like of (start, length, zero), in guest order.  Data runs are copied
+    here, at most ``chunk`` bytes per step, without the GIL; zero runs are only handed to
+    ``step(start, length, True)`` (the caller writes them: the zero rule of each format lives
+    in engine.image).  After each data chunk, ``step(start, length, False)``; an exception
+    from step stops the copy and is raised as it is.  With ``zero_block`` (a power of two;
+    the destination is new and reads zeros), all-zero blocks are not written.  Returns the
+    bytes written as data.  Nothing is flushed: the caller's flush makes the copy durable."""
+    cdef CopyJob j
+    cdef cnp.ndarray arr
+    cdef const uint64_t *rv
+    cdef uint64_t i, k, start, length, pos, end, m
+    cdef int rc = 0
+    cdef ErrInfo err
+    cdef bint same = dst is src
+    dst._check_writable()
+    src._check_open()
+    if zero_block & (zero_block - 1):
+        from engine.errors import InvalidArgument
+        raise InvalidArgument(f"zero_block {zero_block} is not a power of two", value=zero_block)
+    if chunk == 0:
+        chunk = 8 << 20
+    arr = np.ascontiguousarray(np.asarray(runs, dtype=np.uint64).reshape(-1, 3))
+    k = <uint64_t>arr.shape[0]
+    rv = <const uint64_t *>cnp.PyArray_DATA(arr)
+    for i in range(k):
+        start = rv[i * 3]
+        length = rv[i * 3 + 1]
+        if start > src.L.size or src.L.size - start < length:
+            src._range_error(start, length)
+        if start > dst.L.size or dst.L.size - start < length:
+            dst._range_error(start, length)
+    memset(&j, 0, sizeof(CopyJob))
+    j.S = &src.L
+    j.D = &dst.L
+    j.zb = zero_block
+    j.cfr = dst.L.raw
+    j.buf = <uint8_t *>malloc(chunk)
+    if j.buf == NULL:
+        raise MemoryError()
+    try:
+        for i in range(k):
+            start = rv[i * 3]
+            length = rv[i * 3 + 1]
+            if rv[i * 3 + 2]:
+                if step is not None:
+                    step(start, length, True)
+                continue
+            pos = start
+            end = start + length
+            while pos < end:
+                m = end - pos
+                if m > chunk:
+                    m = chunk
+                with nogil:
+                    # reads and writes under the locks: the source's shared (unless it is the
+                    # destination itself: a pull reads its own backing chain), then ours
+                    if not same:
+                        pthread_rwlock_rdlock(&src.L.lock)
+                    pthread_rwlock_wrlock(&dst.L.lock)
+                    if not (src._open and dst._open):
+                        rc = E_CLOSED
+                    else:
+                        rc = copy_chunk(&j, pos, m)
+                        if rc < 0:
+                            take_err(j.D if j.side else j.S, rc, &err)
+                    pthread_rwlock_unlock(&dst.L.lock)
+                    if not same:
+                        pthread_rwlock_unlock(&src.L.lock)
+                if rc < 0:
+                    if rc == E_CLOSED:
+                        (src if not src._open else dst)._closed_error()
+                    (dst if j.side else src)._fail(rc, &err, pos, m)
+                if step is not None:
+                    step(pos, m, False)
+                pos += m
+    finally:
+        free(j.buf)
+    return j.written
