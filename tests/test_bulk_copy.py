@@ -1,6 +1,6 @@
 """The core's bulk copy (``engine._core.copy_runs``), used by export/convert, import, clone,
 commit and pull: content against QEMU on randomized chains (raw and qcow2 sources and
-destinations), zero detection, progress and kill-point steps, copy_file_range and its
+destinations), zero detection, progress and kill-point steps, reflinks and their
 fallback, and faults injected through the core's I/O shim during a copy.
 """
 
@@ -84,7 +84,7 @@ def test_export_random_chain_equals_qemu(tmp_path, seed, base_fmt, dest_fmt):
 
 @pytest.mark.parametrize("dest_fmt", ["qcow2", "raw"])
 def test_export_of_a_raw_file_both_ways(tmp_path, dest_fmt):
-    """A raw source alone (raw to raw takes copy_file_range) and back from qcow2 to raw."""
+    """A raw source alone (raw to raw tries a reflink first) and back from qcow2 to raw."""
     rng = random.Random(7)
     raw = tmp_path / "disk.raw"
     with open(raw, "wb") as f:
@@ -104,7 +104,7 @@ def test_export_of_a_raw_file_both_ways(tmp_path, dest_fmt):
 
 
 def test_raw_to_raw_on_another_filesystem_falls_back(tmp_path):
-    """copy_file_range between two filesystems may be refused (EXDEV): the copy goes on with
+    """A reflink between two filesystems is refused (EXDEV): the copy goes on with
     plain writes and the result is the same."""
     other = "/dev/shm" if os.path.isdir("/dev/shm") else None
     if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
@@ -247,7 +247,7 @@ def test_core_copy_refuses_bad_arguments(tmp_path, engine_image):
     if not (op == "fallocate" and d == "raw")])       # a raw destination never grows by it
 def test_fault_during_export_is_typed_and_leaves_nothing(tmp_path, dest_fmt, base_fmt, op, nth):
     """A fault injected through the shim while an export copies (a data write, raw to raw
-    by copy_file_range included; a file growth; the final sync) is an EngineIOError with its
+    by a reflink attempt included; a file growth; the final sync) is an EngineIOError with its
     errno, and the destination folder is left as it was: no file, no temporary."""
     if base_fmt == "raw":
         top = tmp_path / "src" / "disk.raw"
