@@ -82,6 +82,30 @@ def test_export_random_chain_equals_qemu(tmp_path, seed, base_fmt, dest_fmt):
         qemu.assert_qemu_clean(dest)
 
 
+@pytest.mark.parametrize("dest_fmt", ["raw", "qcow2"])
+def test_export_of_long_runs_equals_qemu(tmp_path, dest_fmt):
+    """Runs longer than a chunk, with compressed clusters and all-zero blocks inside them
+    (into a raw destination the two halves of each chunk are copied by two threads)."""
+    rng = random.Random(12)
+    base = tmp_path / "base.qcow2"
+    qemu.create(base, 4 * SIZE)
+    cmds = [f"write -q -c -P {rng.randrange(1, 256)} {c * 65536} 65536"
+            for c in rng.sample(range(4 * SIZE // 65536), 40)]
+    cmds += [f"write -q -P {rng.randrange(1, 256)} {off} {MiB}"
+             for off in range(0, 4 * SIZE, MiB) if rng.random() < 0.9]
+    cmds += [f"write -q -P 0 {rng.randrange(0, 4 * SIZE // 65536) * 65536} {65536 * 3}"
+             for _ in range(5)]
+    qemu.qemu_io(base, *cmds)
+    top = tmp_path / "top.qcow2"
+    qemu.create(top, 4 * SIZE, backing=base.name, backing_fmt="qcow2", cluster_size=4096)
+    qemu.qemu_io(top, *[f"write -q -P {rng.randrange(0, 256)} {rng.randrange(0, 4 * SIZE - MiB)} "
+                        f"{rng.randrange(1, 64) * 512}" for _ in range(30)])
+    dest = tmp_path / f"flat.{dest_fmt}"
+    with engine.open(str(top), readonly=True) as src:
+        ops.convert(src, str(dest), format=dest_fmt)
+    assert_same(top, dest, "qcow2", dest_fmt)
+
+
 @pytest.mark.parametrize("dest_fmt", ["qcow2", "raw"])
 def test_export_of_a_raw_file_both_ways(tmp_path, dest_fmt):
     """A raw source alone (raw to raw tries a reflink first) and back from qcow2 to raw."""

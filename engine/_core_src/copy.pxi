@@ -24,8 +24,8 @@
 #   (sync_file_range(SYNC_FILE_RANGE_WRITE), a hint that makes nothing durable), so the disk
 #   writes while the copy goes on and the caller's final flush waits for the tail, not for
 #   the whole copy; the copying thread never blocks in the block layer for it.
-# - one copying thread: a copy costs 0.25-0.4 s of CPU per GiB here, the disk's writeback of
-#   that GiB more than a second, so more copying threads would wait for the same disk.
+# - into a raw destination, two threads copy the two halves of each chunk (raw writes need
+#   no lock of their own); into qcow2 one thread copies, as its writes hold the image's lock.
 
 cdef extern from "<fcntl.h>" nogil:
     int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
@@ -263,6 +263,48 @@ cdef int copy_chunk(CopyJob *j, uint64_t vaddr, uint64_t n) noexcept nogil:
     return rc
 
 
+ctypedef struct Half:
+    CopyJob *j
+    uint64_t vaddr
+    uint64_t n
+    int rc
+
+
+cdef void *half_main(void *arg) noexcept nogil:
+    cdef Half *h = <Half *>arg
+    h.rc = copy_chunk(h.j, h.vaddr, h.n)
+    return NULL
+
+
+cdef int copy_chunk_2(CopyJob *j, CopyJob *j2, uint64_t vaddr, uint64_t n) noexcept nogil:
+    """copy_chunk with the upper half of the chunk on a second thread (a raw destination:
+    its writes need no lock of their own; the caller holds both images' locks for the two
+    threads). The halves' byte counts are merged into j; an error of either is returned,
+    the lower half's first."""
+    cdef Half h
+    cdef pthread_t th
+    cdef uint64_t half = (n // 2) & ~(<uint64_t>(1 << 20) - 1)
+    cdef int rc
+    if half == 0:
+        return copy_chunk(j, vaddr, n)
+    j2.written = j2.unsynced = 0
+    j2.clone = j.clone
+    h.j = j2
+    h.vaddr = vaddr + half
+    h.n = n - half
+    if pthread_create(&th, NULL, half_main, &h) != 0:
+        rc = copy_chunk(j, vaddr, n)
+    else:
+        rc = copy_chunk(j, vaddr, half)
+        pthread_join(th, NULL)
+        j.written += j2.written
+        j.clone = j.clone and j2.clone
+        if rc == 0 and h.rc < 0:
+            rc = h.rc
+            j.side = j2.side
+    return rc
+
+
 def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zero_block=0,
               uint64_t chunk=8 << 20, step=None):
     """Copy guest runs of ``src`` (read through its chain) into ``dst`` at the same offsets.
@@ -274,7 +316,7 @@ def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zer
     from step stops the copy and is raised as it is.  With ``zero_block`` (a power of two;
     the destination is new and reads zeros), all-zero blocks are not written.  Returns the
     bytes written as data.  Nothing is flushed: the caller's flush makes the copy durable."""
-    cdef CopyJob j
+    cdef CopyJob j, j2
     cdef Flusher F
     cdef cnp.ndarray arr
     cdef const uint64_t *rv
@@ -300,19 +342,29 @@ def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zer
         if start > dst.L.size or dst.L.size - start < length:
             dst._range_error(start, length)
     memset(&j, 0, sizeof(CopyJob))
+    memset(&j2, 0, sizeof(CopyJob))
     j.S = &src.L
     j.D = &dst.L
     j.zb = zero_block
     j.clone = dst.L.raw
     j.sync_step = SYNC_STEP
+    # Two copying threads into a raw destination (measured: 0.93 s against 1.55 s for 1 GiB
+    # on this shared machine); one into qcow2, whose writes hold the image's lock.  Not while
+    # a fault is armed: the shim's call counts must name one call.
+    cdef bint two = dst.L.raw and not same and fault_op < 0
     j.buf = <uint8_t *>malloc(chunk)
-    if j.buf == NULL:
+    j2.buf = <uint8_t *>malloc(chunk) if two else NULL
+    if j.buf == NULL or (two and j2.buf == NULL):
+        free(j.buf)
+        free(j2.buf)
         raise MemoryError()
     memset(&F, 0, sizeof(Flusher))
     F.fd = c_dup(dst.L.fd)
     pthread_mutex_init(&F.mu, NULL)
     pthread_cond_init(&F.cv, NULL)
     j.flusher = &F
+    if two:
+        j2.S, j2.D, j2.zb, j2.sync_step, j2.flusher = j.S, j.D, j.zb, j.sync_step, j.flusher
     if F.fd >= 0 and pthread_create(&F.th, NULL, flusher_main, &F) == 0:
         F.running = 1
     try:
@@ -338,7 +390,10 @@ def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zer
                     if not (src._open and dst._open):
                         rc = E_CLOSED
                     else:
-                        rc = copy_chunk(&j, pos, m)
+                        if two:
+                            rc = copy_chunk_2(&j, &j2, pos, m)
+                        else:
+                            rc = copy_chunk(&j, pos, m)
                         if rc < 0:
                             take_err(j.D if j.side else j.S, rc, &err)
                     pthread_rwlock_unlock(&dst.L.lock)
@@ -359,4 +414,5 @@ def copy_runs(CoreImage dst not None, CoreImage src not None, runs, uint64_t zer
         if F.fd >= 0:
             c_close(F.fd)
         free(j.buf)
+        free(j2.buf)
     return j.written
