@@ -153,6 +153,8 @@ cdef int put_data(CopyJob *j, Layer *owner, uint64_t host, uint64_t vaddr, const
     bytes of a file (owner, at host offset), share the file's blocks instead where its
     filesystem can (a reflink)."""
     cdef Layer *D = j.D
+    if n == 0:
+        return 0                        # (a clone of length 0 would mean "to the end")
     j.written += n
     j.unsynced += n
     if not D.raw:
@@ -190,12 +192,12 @@ cdef int put_nonzero(CopyJob *j, Layer *owner, uint64_t host, uint64_t vaddr, co
                 return rc
             run_start = pos
         if is_zero(p + pos, blk):
-            if in_run:
+            if in_run and pos > run_start:
                 rc = put_data(j, owner, host + run_start, vaddr + run_start, p + run_start,
                               pos - run_start)
                 if rc < 0:
                     return rc
-                in_run = 0
+            in_run = 0
         elif not in_run:
             run_start = pos
             in_run = 1
