@@ -117,6 +117,9 @@ FIGURES = [
     "threads_hot",
     "rss_open200",
     "cold_rand4k",
+    "export_qcow2",
+    "export_raw",
+    "export_unsafe",
 ]
 
 PROFILES = {
@@ -772,6 +775,68 @@ def fig_snapshot(res, p, d):
             g, t, "ms", None, "< 2 ms each", max(g, t) < 2.0)
 
 
+def _timed_export(cmd_or_fn, out: str):
+    """A rater for interleave(): seconds of one export into OUT (removed before and after,
+    outside the timing)."""
+    def once():
+        for path in (out, out + ".tmp"):
+            if os.path.exists(path):
+                os.unlink(path)
+        t = time.perf_counter()
+        if callable(cmd_or_fn):
+            cmd_or_fn()
+        else:
+            run(cmd_or_fn)
+        dt = time.perf_counter() - t
+        os.unlink(out)
+        return dt
+
+    return once
+
+
+def fig_export(res, chain, p, d):
+    """Flatten the chain into one new file: ``qemu-img convert -t writeback`` (durable at
+    exit, as an export is) and ``-t unsafe`` (qemu-img's default: no flush) against
+    engine.open + ops.convert (durable before it returns), both formats, interleaved."""
+    from engine import ops
+
+    top, size = chain["top"], os.path.getsize(chain["flat"])
+    raters = {}
+    for fmt in ("qcow2", "raw"):
+        out = os.path.join(d, f"export-out.{fmt}")
+
+        def cowchain(fmt=fmt, out=out):
+            with engine.open(top, readonly=True) as img:
+                ops.convert(img, out, format=fmt)
+
+        raters[f"qemu-img convert -t writeback -O {fmt}"] = _timed_export(
+            ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", fmt, top, out], out)
+        raters[f"qemu-img convert -t unsafe -O {fmt}"] = _timed_export(
+            ["qemu-img", "convert", "-t", "unsafe", "-f", "qcow2", "-O", fmt, top, out], out)
+        raters[f"cowchain export {fmt}"] = _timed_export(cowchain, out)
+    for fn in raters.values():          # warm-up pass of each, not counted
+        fn()
+    runs = {k: [] for k in raters}
+    for _ in range(p["repeat"]):
+        for k, fn in raters.items():
+            runs[k].append(fn())
+    best = {k: min(v) for k, v in runs.items()}
+    note = (f"{size // MiB} MiB virtual disk, best of {p['repeat']} interleaved runs each, "
+            f"seconds from the command's start to a durable file (qemu-img's process start "
+            f"included; cowchain's open of the chain included)")
+    for fmt in ("qcow2", "raw"):
+        ref, cc = best[f"qemu-img convert -t writeback -O {fmt}"], best[f"cowchain export {fmt}"]
+        res.add(f"export_{fmt}", f"export the chain to {fmt} (s)",
+                "qemu-img convert -t writeback", ref, cc, "s", ref / cc, ">= 1.2x",
+                ref >= 1.2 * cc, note, runs={k: v for k, v in runs.items() if fmt in k})
+    uq, ur = best["qemu-img convert -t unsafe -O qcow2"], best["qemu-img convert -t unsafe -O raw"]
+    cq = best["cowchain export qcow2"]
+    res.add("export_unsafe", "export to qcow2 | raw vs qemu-img -t unsafe (no flush; s)",
+            "qemu-img convert -t unsafe", uq, cq, "s", uq / cq, "info", None,
+            f"qemu-img -t unsafe: {uq:.2f} s to qcow2, {ur:.2f} s to raw; cowchain (durable): "
+            f"{cq:.2f} s to qcow2, {best['cowchain export raw']:.2f} s to raw")
+
+
 _SPIN = ("import time\nt = time.perf_counter()\nx = 0\nfor i in range(%d): x += i\n"
          "print(time.perf_counter() - t)")
 
@@ -1004,7 +1069,7 @@ def main(argv=None) -> int:
                     "reported)")
     ap.add_argument("--batch", type=int, default=1024, help="offsets per readv call")
     ap.add_argument("--only", help="comma-separated groups: reads,seq,writes,depth,snapshot,"
-                    "threads,rss,cold")
+                    "threads,rss,export,cold")
     args = ap.parse_args(argv)
 
     p = dict(PROFILES["quick" if args.quick else "full"])
@@ -1012,7 +1077,7 @@ def main(argv=None) -> int:
         p["min_time"] = args.min_time
     if args.repeat:
         p["repeat"] = args.repeat
-    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss,cold").split(","))
+    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss,export,cold").split(","))
 
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -1080,6 +1145,8 @@ def main(argv=None) -> int:
             ("threads", ["cpu_parallel", "threads_2v1", "threads_ceiling", "threads_hot"],
              lambda: fig_threads(res, chain, p)),
             ("rss", ["rss_open200"], lambda: fig_rss(res, p, d)),
+            ("export", ["export_qcow2", "export_raw", "export_unsafe"],
+             lambda: fig_export(res, chain, p, d)),
             ("cold", ["cold_rand4k"], lambda: fig_cold(res, q, chain, p)),   # leaves it cold
         ]
         for group, keys, fn in steps:

@@ -48,5 +48,6 @@ include "_core_src/writes.pxi"       # L2 cache, writeback, writes, copy-up, zer
 include "_core_src/status.pxi"       # block status: extents; the one place runs are coalesced
 include "_core_src/coreimage.pxi"    # CoreImage, the Python-facing handle; argument rules
 include "_core_src/bgsync.pxi"       # BackgroundSync: fdatasync on a native thread for create()
+include "_core_src/copy.pxi"         # bulk copy: runs of a chain into an image (export, commit, pull)
 
 _arm_from_env()
