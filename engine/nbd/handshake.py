@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine.errors import InvalidArgument
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export
 from engine.nbd.wire import Disconnected, Wire
@@ -77,23 +78,33 @@ def _matches(query: str, name: str) -> bool:
     return query == name or (query.endswith(":") and name.startswith(query))
 
 
-class Negotiation:
-    """One client's handshake over WIRE, against the server's EXPORTS.
+@dataclass(frozen=True)
+class Policy:
+    """What a server allows in the handshake, given to each client's :class:`Negotiation`.
 
     Arguments:
+        max_options: options a client may send before the server hangs up.
         tls: a server-side SSLContext for STARTTLS, or None (STARTTLS gets ERR_POLICY).
         tls_required: refuse every option but STARTTLS and ABORT until TLS is up.
-        wrap: called with the TLS socket after STARTTLS, to replace the connection's wire.
     """
 
-    def __init__(self, wire: Wire, exports: Callable[[], dict[str, Export]], *,
-                 max_options: int = 256, tls: ssl.SSLContext | None = None,
-                 tls_required: bool = False):
+    max_options: int = 256
+    tls: ssl.SSLContext | None = None
+    tls_required: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls_required and self.tls is None:
+            raise InvalidArgument("tls_required needs a TLS context")
+
+
+class Negotiation:
+    """One client's handshake over WIRE, against the server's EXPORTS, under POLICY."""
+
+    def __init__(self, wire: Wire, exports: Callable[[], dict[str, Export]],
+                 policy: Policy = Policy()):
         self.wire = wire
         self.exports = exports
-        self.max_options = max_options
-        self.tls = tls
-        self.tls_required = tls_required
+        self.policy = policy
         self.tls_active = False
         self.structured = False
         self.meta: tuple[str, list[int]] | None = None
@@ -113,7 +124,7 @@ class Negotiation:
                 or not cflags & proto.FLAG_C_FIXED_NEWSTYLE:
             raise ProtocolError(f"client flags {cflags:#x} are not fixed newstyle")
         self.no_zeroes = bool(cflags & proto.FLAG_C_NO_ZEROES)
-        for _ in range(self.max_options):
+        for _ in range(self.policy.max_options):
             magic, option, length = proto.OPTION_HEADER.unpack(self.wire.read(16))
             if magic != proto.IHAVEOPT:
                 raise ProtocolError(f"bad option magic {magic:#x}")
@@ -121,7 +132,7 @@ class Negotiation:
                 raise ProtocolError(f"option {option} carries {length} bytes (the limit is "
                                     f"{proto.MAX_OPTION_DATA})")
             data = self.wire.read(length)
-            if self.tls_required and not self.tls_active and option not in (
+            if self.policy.tls_required and not self.tls_active and option not in (
                     proto.OPT_STARTTLS, proto.OPT_ABORT):
                 if option == proto.OPT_EXPORT_NAME:
                     raise ProtocolError("EXPORT_NAME before TLS")
@@ -137,7 +148,7 @@ class Negotiation:
                 return done
             if done is not None:
                 return None
-        raise ProtocolError(f"more than {self.max_options} options")
+        raise ProtocolError(f"more than {self.policy.max_options} options")
 
     def _option(self, option: int, data: bytes) -> Session | bool | None:
         if option == proto.OPT_EXPORT_NAME:
@@ -240,7 +251,7 @@ class Negotiation:
 
     def _starttls(self, data: bytes) -> None:
         _Reader(data).end()
-        if self.tls is None:
+        if self.policy.tls is None:
             self._error(proto.OPT_STARTTLS, proto.REP_ERR_POLICY, "this server has no TLS")
             return
         if self.tls_active:
@@ -250,7 +261,7 @@ class Negotiation:
             raise ProtocolError("data sent after STARTTLS before the TLS handshake")
         self._reply(proto.OPT_STARTTLS, proto.REP_ACK)
         try:
-            tls_sock = self.tls.wrap_socket(self.wire.sock, server_side=True)
+            tls_sock = self.policy.tls.wrap_socket(self.wire.sock, server_side=True)
         except (ssl.SSLError, OSError) as e:
             raise Disconnected(f"TLS handshake failed: {e}") from None
         deadline = self.wire.deadline

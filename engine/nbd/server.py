@@ -15,7 +15,7 @@ from typing import Iterable
 from engine.errors import EngineError, InvalidArgument
 from engine.nbd.conn import Connection
 from engine.nbd.export import Export
-from engine.nbd.handshake import Negotiation, ProtocolError
+from engine.nbd.handshake import Negotiation, Policy, ProtocolError
 from engine.nbd.wire import Disconnected, Wire
 
 
@@ -71,17 +71,13 @@ class Server:
             raise InvalidArgument("a server needs at least one export")
         if (socket_path is None) == (bind is None):
             raise InvalidArgument("give exactly one of socket_path and bind")
-        if tls_required and tls is None:
-            raise InvalidArgument("tls_required needs a TLS context")
+        self.policy = Policy(max_options, tls, tls_required)
         self.socket_path = socket_path
         self.bind = bind
         self.max_connections = max_connections
         self.workers = workers
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
-        self.max_options = max_options
-        self.tls = tls
-        self.tls_required = tls_required
         self._listener: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
@@ -140,7 +136,7 @@ class Server:
         """The NBD URI of the first export (``nbd+unix:///NAME?socket=PATH`` or
         ``nbd://HOST:PORT/NAME``; ``nbds`` schemes when TLS is required)."""
         name = urllib.parse.quote(next(iter(self.exports)), safe="")
-        tls = "s" if self.tls_required else ""
+        tls = "s" if self.policy.tls_required else ""
         if self.socket_path is not None:
             return f"nbd{tls}+unix:///{name}?socket={urllib.parse.quote(self.socket_path)}"
         if self._listener is None:
@@ -198,8 +194,7 @@ class Server:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             wire = Wire(sock)
             wire.deadline = time.monotonic() + self.handshake_timeout
-            session = Negotiation(wire, lambda: self.exports, max_options=self.max_options,
-                                  tls=self.tls, tls_required=self.tls_required).run()
+            session = Negotiation(wire, lambda: self.exports, self.policy).run()
             if session is None or self._stop.is_set():
                 return
             assert session.wire is not None
