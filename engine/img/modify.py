@@ -1,0 +1,196 @@
+"""The verbs that change an image: ``resize``, ``rebase``, ``commit``, ``amend``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from engine import ops
+from engine.errors import InvalidArgument, UnsupportedFeature
+from engine.img._open import format_arg, open_image, parse_size, rewrite_header
+from engine.ops._copy import Meter, Progress
+from engine.qcow2.header import Header
+from engine.qcow2.spec import COMPAT_LAZY_REFCOUNTS, V3_HEADER_LENGTH
+
+
+def resize(path: str, size: int | str, *, format: str | None = None,
+           shrink: bool = False) -> int:
+    """``qemu-img resize [-f FMT] [--shrink] PATH [+|-]SIZE``: grow the virtual disk.
+
+    SIZE is absolute, or relative with a leading '+' or '-'.  Shrinking is refused
+    (UnsupportedFeature), with or without ``shrink``.  Returns the new size.
+    """
+    with open_image(path, format=format, readonly=False, backing=False) as img:
+        text = str(size)
+        if text[:1] in "+-" and text[:1] != "":
+            delta = parse_size(text[1:])
+            new = img.size + delta if text[0] == "+" else img.size - delta
+        else:
+            new = parse_size(size)
+        if new < img.size and not shrink:
+            raise InvalidArgument("Use the --shrink option to perform a shrink operation.",
+                                  value=new, path=path)
+        if new != img.size:
+            img.resize(new)
+        return img.size
+
+
+def rebase(path: str, backing: str | None, *, backing_format: str | None = None,
+           format: str | None = None, unsafe: bool = False,
+           allow_unsafe_backing: bool = False, progress: Progress | None = None) -> int:
+    """``qemu-img rebase [-f FMT] [-u] -b BACKING -F FMT PATH`` (``backing`` None or "":
+    no backing file).
+
+    Safe mode (the default) first copies into PATH every block that reads differently
+    through the new backing file than through the old chain, where PATH does not hold the
+    range itself, so the disk reads the same afterwards; then the header changes.
+    ``unsafe`` (``-u``) only rewrites the header.  Returns the bytes copied.
+
+    Raises:
+        InvalidArgument (a backing file without its format), and what
+        :meth:`engine.Image.rebase` raises.
+    """
+    backing = backing or None
+    backing_format = format_arg(backing_format, "backing format")
+    if backing is not None and backing_format is None:
+        raise InvalidArgument("backing format must be specified", path=path,
+                              hint="add -F raw or -F qcow2")
+    copied = 0
+    with open_image(path, format=format, readonly=False, backing=not unsafe,
+                    allow_unsafe_backing=allow_unsafe_backing) as img:
+        if not unsafe:
+            copied = _copy_differences(img, backing, backing_format, allow_unsafe_backing,
+                                       progress)
+        img.rebase(backing, backing_format, allow_unsafe_backing=allow_unsafe_backing)
+    return copied
+
+
+def _copy_differences(img: Any, backing: str | None, backing_format: str | None,
+                      allow_unsafe: bool, progress: Progress | None) -> int:
+    runs = [(e.start, e.length) for e in img.extents() if e.depth > 0 or not e.present]
+    new = None
+    if backing is not None:
+        folder = os.path.dirname(img.path) or "."
+        new = open_image(os.path.join(folder, backing), format=backing_format,
+                         force_share=True, allow_unsafe_backing=allow_unsafe)
+    block = img.cluster_size or 65536
+    meter = Meter(sum(n for _, n in runs), progress)
+    copied = 0
+    try:
+        for start, length in runs:
+            pos, end = start, start + length
+            while pos < end:
+                n = min(ops.CHUNK, end - pos)
+                old = img.read(pos, n)
+                now = bytes(n) if new is None else _read_padded(new, pos, n)
+                for off in range(0, n, block):
+                    if old[off:off + block] != now[off:off + block]:
+                        img.write(pos + off, old[off:off + block])
+                        copied += min(block, n - off)
+                pos += n
+                meter.add(n)
+        img.flush()
+    finally:
+        if new is not None:
+            new.close()
+    meter.finish()
+    return copied
+
+
+def _read_padded(img: Any, pos: int, n: int) -> bytes:
+    """N bytes at POS, zeros past the end of a shorter backing disk."""
+    have = max(0, min(n, img.size - pos))
+    return (img.read(pos, have) if have else b"") + bytes(n - have)
+
+
+def commit(path: str, *, format: str | None = None, base: str | None = None,
+           drop: bool = False, progress: Progress | None = None) -> int:
+    """``qemu-img commit [-f FMT] [-b BASE] [-d] PATH``: write what PATH holds into its
+    backing file (:func:`engine.ops.commit`), then empty PATH (its clusters are discarded,
+    so it reads through to the backing file) unless ``drop`` (``-d``) keeps them.
+
+    Only the direct backing file can be the base (a deeper ``-b`` is refused with
+    UnsupportedFeature).  Returns the bytes committed.
+    """
+    with open_image(path, format=format, readonly=True, backing=True) as probe:
+        chain = probe.chain()
+        if len(chain) < 2:
+            raise InvalidArgument("Image does not have a backing file", path=path)
+        base_path, base_fmt = chain[1].path, chain[1].format
+    if base is not None and os.path.realpath(base) != os.path.realpath(base_path):
+        raise UnsupportedFeature("commit into a deeper base",
+                                 "only the direct backing file can be the base", path=path)
+    with open_image(path, format=format, readonly=drop, backing=False) as top, \
+            open_image(base_path, format=base_fmt, readonly=False, backing=False) as low:
+        done = ops.commit(top, low, progress=progress)
+        if not drop and top.size:
+            top.discard(0, top.size)
+            top.flush()
+    return done
+
+
+def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> None:
+    """``qemu-img amend -o OPTIONS [-f FMT] PATH`` for the header-only changes:
+    ``compat`` 0.10 -> 1.1, ``compat`` 1.1 -> 0.10 when nothing needs v3 (no zero clusters,
+    snapshots, extended L2, lazy refcounts, zstd, refcount width other than 16),
+    ``lazy_refcounts`` on/off (v3).  Options qemu-img cannot amend (cluster_size,
+    extended_l2, compression_type, preallocation, size) are refused as qemu-img refuses
+    them; ``refcount_bits`` changes are refused (UnsupportedFeature: they need new refcount
+    structures)."""
+    allowed = {"compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt"}
+    for name in options:
+        if name not in allowed:
+            raise InvalidArgument(f"Changing the {name} option is not supported", value=name,
+                                  path=path)
+    with open_image(path, format=format, readonly=False, backing=False) as img:
+        if img.header is None:
+            raise UnsupportedFeature("amend of raw images", "raw images have no options to "
+                                     "amend", path=path)
+        h = img.header
+        if "refcount_bits" in options and int(options["refcount_bits"]) != h.refcount_bits:
+            raise UnsupportedFeature("refcount_bits change", "changing the refcount width "
+                                     "is not supported", path=path)
+        if "backing_file" in options or "backing_fmt" in options:
+            raise UnsupportedFeature("backing change by amend", path=path,
+                                     hint="use 'rebase -u' instead")
+        compat = options.get("compat", h.compat)
+        lazy = bool(options.get("lazy_refcounts", h.lazy_refcounts))
+        if compat == "0.10":
+            _check_downgrade(img, h, lazy)
+        rewrite_header(img, lambda new: _amend_header(new, compat, lazy))
+
+
+def _check_downgrade(img: Any, h: Header, lazy: bool) -> None:
+    why = []
+    if lazy:
+        why.append("lazy refcounts")
+    if h.extended_l2:
+        why.append("extended L2 entries")
+    if h.refcount_bits != 16:
+        why.append(f"{h.refcount_bits}-bit refcounts")
+    if h.compression_type:
+        why.append("zstd compression")
+    if h.nb_snapshots:
+        why.append("internal snapshots")
+    if h.has_bitmaps:
+        why.append("persistent bitmaps")
+    if any(e.depth == 0 and e.present and e.zero and not e.data for e in img.extents()):
+        why.append("zero clusters")
+    if why:
+        raise UnsupportedFeature("compat=0.10 downgrade", "the image uses "
+                                 + ", ".join(why) + ", which compat=0.10 cannot express",
+                                 path=img.path)
+
+
+def _amend_header(h: Header, compat: str, lazy: bool) -> None:
+    if compat == "0.10":
+        h.version = 2
+        h.compatible_features = h.incompatible_features = h.autoclear_features = 0
+        return
+    if h.version == 2:
+        h.version = 3
+        h.header_length = V3_HEADER_LENGTH
+    if lazy:
+        h.compatible_features |= COMPAT_LAZY_REFCOUNTS
+    else:
+        h.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
