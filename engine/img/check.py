@@ -30,5 +30,5 @@ def check(path: str, *, format: str | None = None, repair: str | None = None,
                     force_share=force_share, backing=False) as img:
         if img.format == "raw":
             raise UnsupportedFeature(NO_CHECK, "This image format does not support checks",
-                          path=path)
+                                     path=path, hint="")
         return img.check(repair)

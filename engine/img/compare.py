@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 #: Bytes read per step while comparing data.
 STEP = 4 << 20
-#: qemu-img compares data in 512-byte sectors: a mismatch between two allocated ranges is
-#: reported at the start of the first sector that differs.
+#: qemu-img compares data in 512-byte sectors: a mismatch is reported at the start of the
+#: first sector that differs (or, against an unallocated range, holds a non-zero byte).
 SECTOR = 512
 
 
@@ -125,7 +125,7 @@ def _first_nonzero(img: Image, start: int, end: int) -> int | None:
         buf = np.frombuffer(img.read(pos, n), dtype=np.uint8)
         nz = np.flatnonzero(buf)
         if len(nz):
-            return pos + int(nz[0])
+            return _sector_start(start, pos + int(nz[0]))
         pos += n
     return None
 
@@ -138,7 +138,12 @@ def _first_difference(a: Image, b: Image, start: int, end: int) -> int | None:
         y = np.frombuffer(b.read(pos, n), dtype=np.uint8)
         diff = np.flatnonzero(x != y)
         if len(diff):
-            off = pos + int(diff[0])
-            return max(start, off - (off - start) % SECTOR)
+            return _sector_start(start, pos + int(diff[0]))
         pos += n
     return None
+
+
+def _sector_start(start: int, off: int) -> int:
+    """The start of the 512-byte sector (counted from START) holding OFF: qemu-img reports
+    a mismatch at the sector that differs, not at the byte."""
+    return max(start, off - (off - start) % SECTOR)

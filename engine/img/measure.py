@@ -55,7 +55,7 @@ def measure(*, size: int | None = None, filename: str | None = None,
     Exactly one of SIZE (an empty disk) and FILENAME (an image, read with its chain) is
     given.  For qcow2, ``required`` counts the clusters the source holds data in (zero and
     unallocated ranges cost nothing), ``fully-allocated`` every cluster; ``bitmaps`` (0: no
-    bitmap is copied) appears when a qcow2 source is measured for a v3 target, as in
+    bitmap is copied) appears when a qcow2 v3 source is measured for a v3 target, as in
     qemu-img.  For raw, both are the disk size.
 
     Raises:
@@ -64,11 +64,12 @@ def measure(*, size: int | None = None, filename: str | None = None,
     out = format_arg(out_format, "output format")
     if (size is None) == (filename is None):
         raise InvalidArgument("Either --size N or one filename must be specified.")
-    src_format = None
+    bitmaps_source = False
     if filename is not None:
         with open_image(filename, format=format, force_share=force_share) as img:
             disk = img.size
-            src_format = img.format
+            # qcow2 v3 can hold persistent bitmaps (v2 and raw cannot)
+            bitmaps_source = img.header is not None and img.header.version >= 3
             data = _data_clusters_bytes(img, int((options or {}).get("cluster_size", 65536)))
     else:
         disk = _round_up(int(size or 0), SECTOR)
@@ -88,7 +89,7 @@ def measure(*, size: int | None = None, filename: str | None = None,
     required = virtual if opts.get("backing_file") or opts["preallocation"] in ("full", "falloc") \
         else data
     res = {"required": full - virtual + required, "fully-allocated": full}
-    if src_format == "qcow2" and opts["compat"] == "1.1":
+    if bitmaps_source and opts["compat"] == "1.1":
         res["bitmaps"] = 0
     return res
 
