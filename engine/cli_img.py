@@ -8,9 +8,10 @@ The work is in :mod:`engine.img`.  Exit codes are qemu-img's, not the ``cowchain
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from engine import cli as _cli
 from engine import img
@@ -45,8 +46,15 @@ def _json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _progress(args: argparse.Namespace, label: str) -> Any:
-    return _cli.ProgressBar(label) if getattr(args, "progress", False) else None
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, label: str) -> Iterator[Any]:
+    """A progress bar on stderr with -p (None without), closed afterwards."""
+    bar = _cli.ProgressBar(label) if getattr(args, "progress", False) else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _options(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
@@ -129,16 +137,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
 @_fails_with(EXIT_FAILURE)
 def cmd_convert(args: argparse.Namespace) -> int:
     out = args.out_format or "raw"
-    bar = _progress(args, "convert")
-    try:
+    with _progress(args, "convert") as bar:
         img.convert(args.source, args.dest, format=args.format, out_format=out,
                     options=_options(args, out), compress=args.compress,
                     sparse_size=args.sparse_size, backing=args.backing,
                     backing_format=args.backing_format, no_create=args.no_create,
                     force_share=args.force_share, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     return 0
 
 
@@ -152,25 +156,17 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 @_fails_with(EXIT_FAILURE)
 def cmd_rebase(args: argparse.Namespace) -> int:
-    bar = _progress(args, "rebase")
-    try:
+    with _progress(args, "rebase") as bar:
         img.rebase(args.filename, args.backing, backing_format=args.backing_format,
                    format=args.format, unsafe=args.unsafe, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     return 0
 
 
 @_fails_with(EXIT_FAILURE)
 def cmd_commit(args: argparse.Namespace) -> int:
-    bar = _progress(args, "commit")
-    try:
+    with _progress(args, "commit") as bar:
         img.commit(args.filename, format=args.format, base=args.base, drop=args.drop,
                    progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     if not args.quiet:
         print("Image committed.")
     return 0
@@ -232,7 +228,8 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
 
     def verb(name: str, func: Handler, help: str, *, fmt: bool = True,
              share: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=help,
+                                                     description=help)
         if fmt:
             sp.add_argument("-f", dest="format", choices=("qcow2", "raw"),
                             help="the image's format (default: qcow2 if it has the magic)")
@@ -252,86 +249,106 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
         sp.add_argument("-o", dest="options", action="append",
                         help="format options, NAME=VALUE[,...]")
 
+    FILE = "the image file"
     sp = verb("info", cmd_info, "show an image's header, as qemu-img info")
     sp.add_argument("--backing-chain", action="store_true", help="also every backing file")
-    sp.add_argument("filename")
+    sp.add_argument("filename", help=FILE)
     sp = verb("map", cmd_map, "show the allocation of an image, as qemu-img map")
-    sp.add_argument("--start-offset", type=_size, default=0)
-    sp.add_argument("--max-length", type=_size, default=None)
-    sp.add_argument("filename")
-    sp = verb("check", cmd_check, "check an image's consistency, as qemu-img check")
-    sp.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair")
-    sp.add_argument("filename")
+    sp.add_argument("--start-offset", type=_size, default=0, help="first byte to map")
+    sp.add_argument("--max-length", type=_size, default=None, help="bytes to map")
+    sp.add_argument("filename", help=FILE)
+    sp = verb("check", cmd_check, "check an image's consistency, as qemu-img check (exit 0 "
+              "clean, 1 check errors, 2 corruptions, 3 only leaks, 63 raw)")
+    sp.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                    help="repair leaks, or leaks and corruptions")
+    sp.add_argument("filename", help=FILE)
     sp = verb("create", cmd_create, "create an image, as qemu-img create", share=False)
     options(sp)
     quiet(sp)
-    sp.add_argument("-b", dest="backing", help="backing file")
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"))
+    sp.add_argument("-b", dest="backing", help="backing file, relative to the new image")
+    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                    help="the backing file's format (required with -b)")
     sp.add_argument("-u", dest="unsafe", action="store_true",
-                    help="do not open the backing file")
-    sp.add_argument("filename")
-    sp.add_argument("size", nargs="?", type=_size)
-    sp = verb("compare", cmd_compare, "compare two disks, as qemu-img compare")
-    sp.add_argument("-F", dest="format2", choices=("qcow2", "raw"))
-    sp.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+                    help="record the backing file without opening it")
+    sp.add_argument("filename", help="the new image file")
+    sp.add_argument("size", nargs="?", type=_size,
+                    help="virtual size (default: the backing file's)")
+    sp = verb("compare", cmd_compare, "compare two disks, as qemu-img compare (exit 0 "
+              "identical, 1 different, 2 an image could not be opened)")
+    sp.add_argument("-F", dest="format2", choices=("qcow2", "raw"),
+                    help="the second image's format")
+    sp.add_argument("-s", dest="strict", action="store_true",
+                    help="strict: sizes and allocation must match too")
     quiet(sp)
-    sp.add_argument("filename1")
-    sp.add_argument("filename2")
+    sp.add_argument("filename1", help="the first image")
+    sp.add_argument("filename2", help="the second image")
     sp = verb("measure", cmd_measure, "size a new image would need, as qemu-img measure")
-    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"))
-    sp.add_argument("--size", type=_size)
+    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"),
+                    help="the new image's format (default: raw)")
+    sp.add_argument("--size", type=_size, help="measure an empty disk of this size")
     options(sp)
-    sp.add_argument("filename", nargs="?")
+    sp.add_argument("filename", nargs="?", help="measure a copy of this image")
     sp = verb("convert", cmd_convert, "copy a disk into a new image, as qemu-img convert")
-    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"))
+    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"),
+                    help="the target's format (default: raw)")
     options(sp)
-    sp.add_argument("-c", dest="compress", action="store_true", help="compress")
-    sp.add_argument("-S", dest="sparse_size", type=_size, default=4096)
-    sp.add_argument("-B", dest="backing", help="backing file of the target")
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"))
-    sp.add_argument("-n", dest="no_create", action="store_true", help="target exists")
+    sp.add_argument("-c", dest="compress", action="store_true",
+                    help="write compressed clusters (qcow2 target)")
+    sp.add_argument("-S", dest="sparse_size", type=_size, default=4096,
+                    help="all-zero blocks of this size are not written (default: 4k)")
+    sp.add_argument("-B", dest="backing", help="the target's backing file: only what "
+                                               "differs from it is written")
+    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                    help="the backing file's format")
+    sp.add_argument("-n", dest="no_create", action="store_true",
+                    help="the target exists: write into it")
     sp.add_argument("-W", dest="out_of_order", action="store_true",
                     help="accepted; writes are in order")
     progress(sp)
-    sp.add_argument("source")
-    sp.add_argument("dest")
+    sp.add_argument("source", help="the image to copy")
+    sp.add_argument("dest", help="the target image")
     sp = verb("resize", cmd_resize, "change the disk size, as qemu-img resize", share=False)
-    sp.add_argument("--shrink", action="store_true")
+    sp.add_argument("--shrink", action="store_true", help="allow a smaller size")
     quiet(sp)
-    sp.add_argument("filename")
-    sp.add_argument("size")
+    sp.add_argument("filename", help=FILE)
+    sp.add_argument("size", help="new size, or +SIZE / -SIZE")
     sp = verb("rebase", cmd_rebase, "change the backing file, as qemu-img rebase", share=False)
-    sp.add_argument("-b", dest="backing", required=True)
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"))
-    sp.add_argument("-u", dest="unsafe", action="store_true", help="header only")
+    sp.add_argument("-b", dest="backing", required=True,
+                    help="the new backing file ('' for none)")
+    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                    help="the new backing file's format")
+    sp.add_argument("-u", dest="unsafe", action="store_true",
+                    help="only rewrite the header (the caller vouches for the data)")
     progress(sp)
-    sp.add_argument("filename")
+    sp.add_argument("filename", help=FILE)
     sp = verb("commit", cmd_commit, "commit an overlay into its backing file", share=False)
-    sp.add_argument("-b", dest="base")
-    sp.add_argument("-d", dest="drop", action="store_true", help="keep the overlay's data")
+    sp.add_argument("-b", dest="base", help="the base (only the direct backing file)")
+    sp.add_argument("-d", dest="drop", action="store_true",
+                    help="do not empty the overlay afterwards")
     progress(sp)
     quiet(sp)
-    sp.add_argument("filename")
+    sp.add_argument("filename", help=FILE)
     sp = verb("amend", cmd_amend, "change format options, as qemu-img amend", share=False)
     options(sp)
-    sp.add_argument("filename")
-    sp = verb("snapshot", cmd_snapshot, "list internal snapshots, as qemu-img snapshot")
-    sp.add_argument("-l", dest="list", action="store_true", help="list")
-    sp.add_argument("-c", dest="create", metavar="NAME")
-    sp.add_argument("-a", dest="apply", metavar="NAME")
-    sp.add_argument("-d", dest="delete", metavar="NAME")
-    sp.add_argument("filename")
+    sp.add_argument("filename", help=FILE)
+    sp = verb("snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots, "
+              "as qemu-img snapshot")
+    sp.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    sp.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
+    sp.add_argument("-a", dest="apply", metavar="NAME", help="apply a snapshot")
+    sp.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
+    sp.add_argument("filename", help=FILE)
     sp = verb("bench", cmd_bench, "time requests against an image, as qemu-img bench")
-    sp.add_argument("-c", dest="count", type=int, default=75000)
-    sp.add_argument("-d", dest="depth", type=int, default=64)
-    sp.add_argument("-s", dest="size", type=_size, default=4096)
-    sp.add_argument("-S", dest="step", type=_size)
-    sp.add_argument("-o", dest="offset", type=_size, default=0)
-    sp.add_argument("-w", dest="write", action="store_true")
-    sp.add_argument("--pattern", type=int, default=0xA5)
-    sp.add_argument("--random", action="store_true", help="random offsets")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-c", dest="count", type=int, default=75000, help="requests")
+    sp.add_argument("-d", dest="depth", type=int, default=64, help="requests in flight")
+    sp.add_argument("-s", dest="size", type=_size, default=4096, help="bytes per request")
+    sp.add_argument("-S", dest="step", type=_size, help="offset step (default: -s)")
+    sp.add_argument("-o", dest="offset", type=_size, default=0, help="first offset")
+    sp.add_argument("-w", dest="write", action="store_true", help="write instead of read")
+    sp.add_argument("--pattern", type=int, default=0xA5, help="byte value written")
+    sp.add_argument("--random", action="store_true", help="random offsets (aligned to -s)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of --random")
     sp.add_argument("--write-ratio", type=float, help="share of writes, 0..1")
-    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--threads", type=int, default=1, help="worker threads")
     sp.add_argument("--duration", type=float, help="seconds to run instead of -c")
-    sp.add_argument("filename")
+    sp.add_argument("filename", help=FILE)

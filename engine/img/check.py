@@ -31,4 +31,5 @@ def check(path: str, *, format: str | None = None, repair: str | None = None,
         if img.format == "raw":
             raise UnsupportedFeature(NO_CHECK, "This image format does not support checks",
                                      path=path, hint="")
-        return img.check(repair)
+        res: CheckResult = img.check(repair)
+        return res

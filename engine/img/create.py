@@ -10,11 +10,11 @@ from engine.img._open import format_arg, open_image, parse_size, rewrite_header
 from engine.qcow2.spec import COMPRESSION_ZSTD, INCOMPAT_COMPRESSION
 
 #: ``-o`` options per format, with qemu-img's defaults (the order of its "Formatting" line).
-QCOW2_OPTIONS = {"cluster_size": 65536, "extended_l2": False, "preallocation": "off",
+QCOW2_OPTIONS: dict[str, Any] = {"cluster_size": 65536, "extended_l2": False, "preallocation": "off",
                  "compression_type": "zlib", "size": None, "compat": "1.1",
                  "backing_file": None, "backing_fmt": None, "lazy_refcounts": False,
                  "refcount_bits": 16}
-RAW_OPTIONS = {"preallocation": "off", "size": None}
+RAW_OPTIONS: dict[str, Any] = {"preallocation": "off", "size": None}
 _BOOLS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 _SIZES = ("cluster_size", "size")

@@ -22,17 +22,19 @@ def resize(path: str, size: int | str, *, format: str | None = None,
     """
     with open_image(path, format=format, readonly=False, backing=False) as img:
         text = str(size)
-        if text[:1] in "+-" and text[:1] != "":
+        old: int = img.size
+        new: int
+        if text[:1] in ("+", "-"):
             delta = parse_size(text[1:])
-            new = img.size + delta if text[0] == "+" else img.size - delta
+            new = old + delta if text[0] == "+" else old - delta
         else:
             new = parse_size(size)
-        if new < img.size and not shrink:
+        if new < old and not shrink:
             raise InvalidArgument("Use the --shrink option to perform a shrink operation.",
                                   value=new, path=path)
-        if new != img.size:
+        if new != old:
             img.resize(new)
-        return img.size
+        return new
 
 
 def rebase(path: str, backing: str | None, *, backing_format: str | None = None,

@@ -17,7 +17,8 @@ def snapshot_list(path: str, *, format: str | None = None,
                   force_share: bool = False) -> list[dict[str, Any]]:
     """The image's internal snapshots: qemu-img info's ``snapshots`` objects."""
     with open_image(path, format=format, force_share=force_share, backing=False) as img:
-        return img.snapshots()
+        snaps: list[dict[str, Any]] = img.snapshots()
+        return snaps
 
 
 def snapshot_change(path: str, action: str, name: str) -> None:
