@@ -18,7 +18,6 @@ from engine import img
 from engine.errors import EngineError, UnsupportedFeature
 from engine.img._open import parse_size
 from engine.img.check import EXIT_NO_CHECK, NO_CHECK
-from engine.img.snapshot import snapshot_change
 
 #: qemu-img's exit code for a failed verb.
 EXIT_FAILURE = 1
@@ -181,10 +180,15 @@ def cmd_amend(args: argparse.Namespace) -> int:
 
 @_fails_with(EXIT_FAILURE)
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    for action in ("create", "apply", "delete"):
-        name = getattr(args, action)
-        if name is not None:
-            snapshot_change(args.filename, action[0], name)
+    if args.create is not None:
+        img.snapshot_create(args.filename, args.create, format=args.format)
+        return 0
+    if args.apply is not None:
+        img.snapshot_apply(args.filename, args.apply, format=args.format)
+        return 0
+    if args.delete is not None:
+        img.snapshot_delete(args.filename, args.delete, format=args.format)
+        return 0
     snaps = img.snapshot_list(args.filename, format=args.format,
                               force_share=args.force_share)
     if snaps:

@@ -458,3 +458,64 @@ def test_bench_runs_the_qemu_img_pattern(case, capsys):
     res = json.loads(out)
     assert (res["requests"], res["reads"], res["bytes"]) == (200, 200, 200 * 4096)
     assert theirs("bench", "-c", "200", "-s", "4k", "-f", "qcow2", "top.qcow2")[0] == 0
+
+
+# --- internal snapshots both ways -----------------------------------------------------------
+
+def _flat(name: str, out: str) -> None:
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", name, out)
+
+
+def test_snapshot_made_by_cowchain_is_applied_by_qemu(case, capsys):
+    _flat("top.qcow2", "before.raw")
+    code, _, err = ours(capsys, "snapshot", "-c", "mine", "top.qcow2")
+    if case.refcount_bits == 1:
+        assert code == 1 and theirs("snapshot", "-c", "x", "top.qcow2")[0] == 1, err
+        return
+    assert code == 0, err
+    assert theirs("check", "top.qcow2")[0] == 0
+    assert "mine" in theirs("snapshot", "-l", "top.qcow2")[1]
+    q, c = (json.loads(o)["snapshots"] for o in (theirs("info", "--output=json", "top.qcow2")[1],
+                                                ours(capsys, "info", "--output=json",
+                                                     "top.qcow2")[1]))
+    assert c == q
+    mine = q[-1]
+    assert (mine["name"], mine["vm-state-size"], mine["icount"], mine["vm-clock-sec"]) == \
+        ("mine", 0, 0, 0)
+    assert mine["id"] == str(max(int(s["id"]) for s in q))
+    qemu_io("top.qcow2", f"write -P 77 0 {case.cluster_size}", "write -z "
+            f"{case.size // 2} {case.cluster_size}" if case.compat == "1.1" else
+            f"write -P 78 {case.size // 2} 512")
+    assert theirs("check", "top.qcow2")[0] == 0
+    assert theirs("snapshot", "-a", "mine", "top.qcow2")[0] == 0
+    assert theirs("compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "before.raw")[0] == 0
+    assert theirs("check", "top.qcow2")[0] == 0
+
+
+def test_snapshot_made_by_qemu_is_applied_and_deleted_by_cowchain(case, capsys):
+    if case.refcount_bits == 1:
+        return
+    _flat("top.qcow2", "before.raw")
+    qemu_img("snapshot", "-c", "theirs", "top.qcow2")
+    qemu_io("top.qcow2", f"write -P 91 0 {case.cluster_size}", f"write -P 92 {case.size - 512} 512")
+    code, _, err = ours(capsys, "snapshot", "-a", "theirs", "top.qcow2")
+    assert code == 0, err
+    assert theirs("check", "top.qcow2")[0] == 0
+    assert theirs("compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "before.raw")[0] == 0
+    code, _, err = ours(capsys, "snapshot", "-d", "theirs", "top.qcow2")
+    assert code == 0, err
+    assert theirs("check", "top.qcow2")[0] == 0
+    assert "theirs" not in theirs("snapshot", "-l", "top.qcow2")[1]
+    assert theirs("compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "before.raw")[0] == 0
+
+
+def test_snapshot_refusals_match(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-f", "qcow2", "a.qcow2", "1M")
+    qemu_img("create", "-f", "raw", "b.raw", "1M")
+    for args in (["-d", "nothere", "a.qcow2"], ["-a", "nothere", "a.qcow2"],
+                 ["-c", "x", "-f", "raw", "b.raw"]):
+        c1, _, e1 = theirs("snapshot", *args)
+        c2, _, e2 = ours(capsys, "snapshot", *args)
+        assert c1 == c2 == 1, (args, e1, e2)
+        assert e2.count("\n") == 1

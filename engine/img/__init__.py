@@ -17,9 +17,10 @@ from engine.img.info import info, info_text
 from engine.img.map import map_entries, map_human, map_json_text
 from engine.img.measure import measure
 from engine.img.modify import amend, commit, rebase, resize
-from engine.img.snapshot import snapshot_list, snapshot_text
+from engine.img.snapshot import (snapshot_apply, snapshot_create, snapshot_delete, snapshot_list,
+                                 snapshot_text)
 
 __all__ = ["BenchResult", "CompareResult", "amend", "bench", "check", "commit", "compare",
            "convert", "create", "info", "info_text", "map_entries", "map_human",
-           "map_json_text", "measure", "parse_options", "rebase", "resize", "snapshot_list",
-           "snapshot_text"]
+           "map_json_text", "measure", "parse_options", "rebase", "resize", "snapshot_apply",
+           "snapshot_create", "snapshot_delete", "snapshot_list", "snapshot_text"]
