@@ -519,3 +519,50 @@ def test_snapshot_refusals_match(tmp_path, monkeypatch, capsys):
         c2, _, e2 = ours(capsys, "snapshot", *args)
         assert c1 == c2 == 1, (args, e1, e2)
         assert e2.count("\n") == 1
+
+
+# --- compressed output ----------------------------------------------------------------------
+
+def test_convert_compressed_reads_back_identical(case, capsys):
+    code, _, err = ours(capsys, "convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o",
+                        case.options(), "top.qcow2", "packed.qcow2")
+    assert code == 0, err
+    assert theirs("compare", "-f", "qcow2", "-F", "qcow2", "top.qcow2", "packed.qcow2")[0] == 0
+    code, out, _ = theirs("check", "--output=json", "packed.qcow2")
+    assert code == 0, out
+    info = json.loads(theirs("info", "--output=json", "packed.qcow2")[1])
+    assert info["dirty-flag"] is False
+    assert info["format-specific"]["data"]["compression-type"] == (case.compressed or "zlib")
+    entries = json.loads(theirs("map", "--output=json", "packed.qcow2")[1])
+    assert any(e["data"] and "offset" not in e for e in entries), "no compressed cluster"
+    q, c = both_json(capsys, "map", "-f", "qcow2", "packed.qcow2")
+    assert c == without_recursed_zeros(q)
+
+
+def _text_disk(path: str, size: int, seed: int) -> None:
+    """SIZE bytes of word-like text followed by as many zeros (compresses like real data)."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choice(words) for _ in range(200)) + b"\n"
+    with open(path, "wb") as f:
+        f.write(bytes(out[:size]) + bytes(size))
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+@pytest.mark.parametrize("cluster", ["4k", "64k", "1M"])
+def test_convert_compressed_size_is_within_5_percent_of_qemu(tmp_path, monkeypatch, capsys,
+                                                             ctype, cluster):
+    monkeypatch.chdir(tmp_path)
+    _text_disk("src.raw", 6 * MiB, seed=len(ctype) + len(cluster))
+    opts = f"compression_type={ctype},cluster_size={cluster}"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, "src.raw", "q.qcow2")
+    code, _, err = ours(capsys, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts,
+                        "src.raw", "c.qcow2")
+    assert code == 0, err
+    assert theirs("compare", "-f", "raw", "-F", "qcow2", "src.raw", "c.qcow2")[0] == 0
+    assert theirs("check", "c.qcow2")[0] == 0
+    ours_size, qemu_size = os.path.getsize("c.qcow2"), os.path.getsize("q.qcow2")
+    assert abs(ours_size - qemu_size) <= 0.05 * qemu_size, (ours_size, qemu_size)

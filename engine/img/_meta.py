@@ -60,9 +60,16 @@ class MetaWriter:
 
     def alloc(self, nbytes: int) -> int:
         """Cluster-aligned room for NBYTES past everything allocated so far: its offset."""
-        off = self.end
-        self.end += -(-max(nbytes, 1) // self.cluster_size) * self.cluster_size
+        c = self.cluster_size
+        off = -(-self.end // c) * c
+        self.end = off + -(-max(nbytes, 1) // c) * c
         return off
+
+    def reserve_to(self, offset: int) -> None:
+        """Bytes up to OFFSET are used (byte-granular writes, e.g. compressed clusters):
+        the file is at least that long, and the next :meth:`alloc` starts at the first
+        cluster boundary at or after it."""
+        self.end = max(self.end, offset)
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)

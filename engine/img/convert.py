@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from engine import destination as _destination
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature
 from engine.img._open import format_arg, open_image
+from engine.img.compress import write_compressed
 from engine.img.create import create
 from engine.ops._copy import Meter, Progress, runs_total
 
@@ -35,20 +37,23 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
     Arguments:
         sparse_size (int): ``-S``: all-zero blocks of this many bytes are not written
             (0: write every byte of the data ranges).
-        compress (bool): ``-c`` (not supported yet: refused with UnsupportedFeature).
+        compress (bool): ``-c``: compressed clusters (:mod:`engine.img.compress`); a new
+            qcow2 target only.
 
     Returns:
         int: bytes of data written.
     """
     out = format_arg(out_format, "output format") or "raw"
-    if compress:
-        raise UnsupportedFeature("compressed output (-c)", "convert -c is not supported yet",
-                                 path=dest, hint="convert without -c")
+    if compress and (out != "qcow2" or backing is not None or no_create):
+        raise UnsupportedFeature("compressed output (-c) here", "-c writes a new qcow2 image "
+                                 "(not raw, not with -B or -n)", path=dest, hint="")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("Invalid buffer size for sparse output specified: a multiple of "
                               "512 bytes is needed", value=sparse_size)
     opts = dict(options or {})
     with open_image(src_path, format=format, force_share=force_share) as src:
+        if compress:
+            return _compressed(src, dest, opts, progress)
         if backing is None and not no_create and set(opts) <= {"cluster_size"} \
                 and sparse_size in (DEFAULT_SPARSE, 0):
             return ops.convert(src, dest, format=out,
@@ -67,6 +72,29 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
                             full=no_create, progress=progress)
             dst.flush()
     return written
+
+
+def _compressed(src: Image, dest: str, opts: dict[str, Any], progress: Progress | None) -> int:
+    """``-c``: a new qcow2 file beside DEST, filled with compressed clusters, then renamed
+    over DEST under the destination rule of :mod:`engine.destination`."""
+    d = _destination.check(dest, overwrite=True)
+    tmp = d.temp_path()
+    try:
+        create(tmp, src.size, format="qcow2", options=opts)
+        with open_image(tmp, format="qcow2", readonly=False, backing=False) as out:
+            written = write_compressed(src, out, progress)
+        d.commit(tmp)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return written
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _copy(src: Image, dst: Image, sparse: int, *, differ_only: bool, full: bool,
