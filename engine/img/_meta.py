@@ -21,7 +21,7 @@ import os
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable
 
-from engine.errors import CorruptImage, io_error
+from engine.errors import CorruptImage, EngineError, io_error
 from engine.img._open import rewrite_header
 from engine.qcow2.header import Header
 from engine.qcow2.spec import INCOMPAT_DIRTY
@@ -35,7 +35,9 @@ class MetaWriter:
 
     Use as a context manager: on entry the dirty bit is set (v3); :meth:`alloc` hands out
     cluster-aligned space past the end of the file; :meth:`pwrite` writes; :meth:`publish`
-    changes header fields; on a clean exit everything is synced and the repair runs.
+    changes header fields; on a clean exit everything is synced and the repair runs.  An
+    exception before :meth:`publish` (and before any in-place write) truncates the new
+    clusters away and clears the dirty bit again: the file is byte for byte as it was.
     """
 
     def __init__(self, img: Image) -> None:
@@ -45,17 +47,24 @@ class MetaWriter:
         self.cluster_size: int = h.cluster_size
         self.fd = -1
         self.end = 0
+        self.start_size = 0
+        self.published = False
 
     def __enter__(self) -> MetaWriter:
         self.img.flush()
-        if self.img.header is not None and self.img.header.version >= 3:
-            rewrite_header(self.img, _set_dirty)
         try:
             self.fd = os.open(self.img.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise io_error(e.errno or 0, "cannot open the image", path=self.img.path) from None
-        size = os.fstat(self.fd).st_size
-        self.end = -(-size // self.cluster_size) * self.cluster_size
+        self.start_size = self.end = os.fstat(self.fd).st_size
+        self.dirty_set = self.img.header is not None and self.img.header.version >= 3 \
+            and not self.img.header.dirty
+        if self.dirty_set:
+            try:
+                rewrite_header(self.img, _set_dirty)
+            except BaseException:
+                os.close(self.fd)
+                raise
         return self
 
     def alloc(self, nbytes: int) -> int:
@@ -93,6 +102,7 @@ class MetaWriter:
     def publish(self, change: Callable[[Header], None]) -> None:
         """Sync what was written, then apply CHANGE to the header (the switch)."""
         self.sync()
+        self.published = True
         rewrite_header(self.img, change)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -100,6 +110,8 @@ class MetaWriter:
         try:
             if exc_type is None:
                 self.sync()
+            elif not self.published:
+                self._undo()
         finally:
             os.close(self.fd)
         if exc_type is None:
@@ -107,6 +119,23 @@ class MetaWriter:
             if res.corruptions or res.check_errors:
                 raise CorruptImage("the repair after the metadata change left "
                                    f"{res.corruptions} corruptions", path=self.img.path)
+
+
+    def _undo(self) -> None:
+        """Before the switch nothing refers to the new clusters: drop them and the dirty
+        bit, so the file is as it was (best effort: if this fails too, the dirty image is
+        repaired by its next read-write open)."""
+        try:
+            os.ftruncate(self.fd, self.start_size)
+            os.fsync(self.fd)
+            if self.dirty_set:
+                rewrite_header(self.img, _clear_dirty)
+        except (OSError, EngineError):
+            pass
+
+
+def _clear_dirty(h: Header) -> None:
+    h.incompatible_features &= ~INCOMPAT_DIRTY
 
 
 def _set_dirty(h: Header) -> None:

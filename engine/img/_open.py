@@ -76,7 +76,7 @@ def parse_size(text: str | int, what: str = "size") -> int:
     1024, an optional B). Returns bytes; a bad or fractional size is InvalidArgument."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    s = str(text).strip().upper().removesuffix("B")
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
     mult = 1
     if s and s[-1] in _SUFFIXES:
         mult = 1 << (10 * (_SUFFIXES.index(s[-1]) + 1))

@@ -119,6 +119,11 @@ def commit(path: str, *, format: str | None = None, base: str | None = None,
         if len(chain) < 2:
             raise InvalidArgument("Image does not have a backing file", path=path)
         base_path, base_fmt = chain[1].path, chain[1].format
+        if not drop and probe.header is not None and probe.header.extended_l2:
+            # emptying it afterwards would be refused half-way, after the base changed
+            raise UnsupportedFeature("emptying an extended-L2 overlay", "the engine does not "
+                                     "write images with extended L2 entries yet", path=path,
+                                     hint="commit with -d to keep the overlay as it is")
     if base is not None and os.path.realpath(base) != os.path.realpath(base_path):
         raise UnsupportedFeature("commit into a deeper base",
                                  "only the direct backing file can be the base", path=path)

@@ -89,11 +89,11 @@ def snapshot_create(path: str, name: str, *, format: str | None = None) -> dict[
     """
     with open_image(path, format=format, readonly=False, backing=False) as img:
         h = _qcow2(img, "-c")
+        entries = _entries(img, h)
+        if len(entries) >= MAX_SNAPSHOTS:
+            raise InvalidArgument(f"the image has {len(entries)} snapshots, QEMU's limit",
+                                  path=path)
         with MetaWriter(img) as w:
-            entries = _entries(img, h)
-            if len(entries) >= MAX_SNAPSHOTS:
-                raise InvalidArgument(f"the image has {len(entries)} snapshots, QEMU's limit",
-                                      path=path)
             ids = [int(e.id) for e in entries if e.id.isdigit()]
             now = time.time_ns() // 1000
             l1 = w.pread(h.l1_table_offset, h.l1_size * L1E_SIZE)
@@ -113,9 +113,9 @@ def snapshot_delete(path: str, name: str, *, format: str | None = None) -> None:
     clusters only it used are freed."""
     with open_image(path, format=format, readonly=False, backing=False) as img:
         h = _qcow2(img, "-d")
+        entries = _entries(img, h)
+        del entries[_find(entries, name, path)]
         with MetaWriter(img) as w:
-            entries = _entries(img, h)
-            del entries[_find(entries, name, path)]
             _write_table(w, h, entries)
 
 
