@@ -7,7 +7,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Callable
 
 from engine import image as _image
-from engine.errors import InvalidArgument
+from engine.errors import InvalidArgument, UnsupportedFeature
 from engine.qcow2.header import Header, encode_header
 
 if TYPE_CHECKING:
@@ -30,8 +30,23 @@ def open_image(path: str, *, format: str | None = None, readonly: bool = True,
                allow_unsafe_backing: bool = False) -> Image:
     """Open PATH the way a qemu-img verb does: read-only unless it changes the image, with
     its backing chain unless ``backing=False``, sharing every permission with ``force_share``
-    (qemu-img ``-U``; read-only opens only)."""
-    return _image.open(path, format=format_arg(format), readonly=readonly,
+    (qemu-img ``-U``; read-only opens only).
+
+    A read-write open of an image with persistent bitmaps is refused (UnsupportedFeature)
+    before anything is written: the engine does not maintain bitmaps, so its read-write open
+    would drop them (and ``qemu-img check`` would then count their clusters as leaks).
+    """
+    fmt = format_arg(format)
+    if not readonly:
+        with _image.open(path, format=fmt, readonly=True, force_share=True,
+                         backing=False) as peek:
+            if peek.header is not None and peek.header.has_bitmaps:
+                raise UnsupportedFeature(
+                    "writing images with persistent bitmaps", "the image has persistent "
+                    "dirty bitmaps, which cowchain does not maintain; a write would drop them",
+                    path=path, hint="remove them with 'qemu-img bitmap --remove' first, or "
+                    "use qemu-img for this step")
+    return _image.open(path, format=fmt, readonly=readonly,
                        force_share=force_share and readonly, backing=backing,
                        allow_unsafe_backing=allow_unsafe_backing)
 

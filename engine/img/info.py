@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.img.bitmaps import bitmap_list
 from engine.img._open import backing_display_name, chain_names, open_image, size_text
 from engine.img.snapshot import snapshot_text
 
@@ -27,6 +28,15 @@ def info(path: str, *, format: str | None = None, backing_chain: bool = False,
         for one, name in zip(images, names):
             d: dict[str, Any] = one.info()
             d["filename"] = name
+            bitmaps = bitmap_list(one.path, one.header) if one.header is not None else []
+            if bitmaps:
+                data = d["format-specific"]["data"]
+                # where qemu-img 7.2 prints it: after lazy-refcounts
+                keys = list(data)
+                at = keys.index("lazy-refcounts") + 1 if "lazy-refcounts" in keys else len(keys)
+                d["format-specific"]["data"] = dict(
+                    [(k, data[k]) for k in keys[:at]] + [("bitmaps", bitmaps)]
+                    + [(k, data[k]) for k in keys[at:]])
             if "backing-filename" in d:
                 d["full-backing-filename"] = backing_display_name(name, d["backing-filename"])
             out.append(d)
@@ -54,7 +64,21 @@ def info_text(result: Any) -> str:
         if spec:
             lines.append("Format specific information:")
             for k, v in spec["data"].items():
-                shown = str(v).lower() if isinstance(v, bool) else v
-                lines.append(f"    {k.replace('-', ' ')}: {shown}")
+                _human(lines, k.replace("-", " "), v, 1)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def _human(lines: list[str], key: str, value: Any, depth: int) -> None:
+    """One value as qemu-img's human output nests it (lists as [i]:, four spaces a level)."""
+    pad = "    " * depth
+    if isinstance(value, dict):
+        lines.append(f"{pad}{key}:")
+        for k, v in value.items():
+            _human(lines, k.replace("-", " "), v, depth + 1)
+    elif isinstance(value, list):
+        lines.append(f"{pad}{key}:")
+        for i, v in enumerate(value):
+            _human(lines, f"[{i}]", v, depth + 1)
+    else:
+        lines.append(f"{pad}{key}: {str(value).lower() if isinstance(value, bool) else value}")

@@ -6,8 +6,9 @@ from typing import Any
 
 from engine.errors import InvalidArgument
 from engine.img._open import format_arg, open_image
+from engine.img.bitmaps import bitmap_list
 from engine.img.create import QCOW2_OPTIONS
-from engine.qcow2.spec import L1E_SIZE, MAX_L1_SIZE
+from engine.qcow2.spec import BME_DIR_ENTRY_SIZE, L1E_SIZE, MAX_L1_SIZE
 
 SECTOR = 512
 
@@ -54,9 +55,9 @@ def measure(*, size: int | None = None, filename: str | None = None,
 
     Exactly one of SIZE (an empty disk) and FILENAME (an image, read with its chain) is
     given.  For qcow2, ``required`` counts the clusters the source holds data in (zero and
-    unallocated ranges cost nothing), ``fully-allocated`` every cluster; ``bitmaps`` (0: no
-    bitmap is copied) appears when a qcow2 v3 source is measured for a v3 target, as in
-    qemu-img.  For raw, both are the disk size.
+    unallocated ranges cost nothing), ``fully-allocated`` every cluster; ``bitmaps`` (the
+    bytes of the source's persistent bitmaps, :func:`bitmaps_size`) appears when a qcow2 v3
+    source is measured for a v3 target, as in qemu-img.  For raw, both are the disk size.
 
     Raises:
         InvalidArgument: neither or both of SIZE and FILENAME; an L1 table over QEMU's limit.
@@ -65,11 +66,14 @@ def measure(*, size: int | None = None, filename: str | None = None,
     if (size is None) == (filename is None):
         raise InvalidArgument("Either --size N or one filename must be specified.")
     bitmaps_source = False
+    bitmaps: list[dict[str, Any]] = []
     if filename is not None:
         with open_image(filename, format=format, force_share=force_share) as img:
             disk = img.size
             # qcow2 v3 can hold persistent bitmaps (v2 and raw cannot)
             bitmaps_source = img.header is not None and img.header.version >= 3
+            if img.header is not None:
+                bitmaps = bitmap_list(img.path, img.header)
             data = _data_clusters_bytes(img, int((options or {}).get("cluster_size", 65536)))
     else:
         disk = _round_up(int(size or 0), SECTOR)
@@ -90,8 +94,22 @@ def measure(*, size: int | None = None, filename: str | None = None,
         else data
     res = {"required": full - virtual + required, "fully-allocated": full}
     if bitmaps_source and opts["compat"] == "1.1":
-        res["bitmaps"] = 0
+        res["bitmaps"] = bitmaps_size(bitmaps, virtual, cs)
     return res
+
+
+def bitmaps_size(bitmaps: list[dict[str, Any]], virtual: int, cluster_size: int) -> int:
+    """Bytes the source's persistent bitmaps take in the new image, as qemu-img measure
+    counts them: each bitmap whole (one bit per granule of the disk, in clusters) plus its
+    table (8 bytes per data cluster, in clusters), plus the directory (24 bytes and the name
+    per entry, 8-byte aligned), rounded to clusters."""
+    total = directory = 0
+    for b in bitmaps:
+        granules = -(-_round_up(virtual, b["granularity"]) // b["granularity"])
+        clusters = -(-(-(-granules // 8)) // cluster_size)
+        total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)
+        directory += _round_up(BME_DIR_ENTRY_SIZE + len(b["name"].encode()), 8)
+    return total + _round_up(directory, cluster_size)
 
 
 def _data_clusters_bytes(img: Any, cluster_size: int) -> int:
