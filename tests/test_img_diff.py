@@ -589,3 +589,29 @@ def test_info_human_text(case, capsys):
     c1, o1, _ = theirs("info", "-f", "qcow2", "--backing-chain", "top.qcow2")
     c2, o2, _ = ours(capsys, "info", "-f", "qcow2", "--backing-chain", "top.qcow2")
     assert (c2, o2) == (c1, o1)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("cluster", [512, 65536, 2 * MiB])
+def test_resize_shrink_an_empty_tail(tmp_path, monkeypatch, capsys, fmt, cluster):
+    monkeypatch.chdir(tmp_path)
+    for n in ("q", "c"):
+        opts = ["-o", f"cluster_size={cluster}"] if fmt == "qcow2" else []
+        qemu_img("create", "-f", fmt, *opts, n, "8M")
+        cmds = ["write -P 1 0 1M"]
+        if fmt == "qcow2":
+            cmds += [f"write -z 4M {cluster}", f"write -P 2 6M {cluster}",
+                     f"discard 6M {cluster}"]
+        qemu_io(n, *cmds, fmt=fmt)
+    assert theirs("resize", "-f", fmt, "--shrink", "q", "3M")[0] == 0
+    code, _, err = ours(capsys, "resize", "-f", fmt, "--shrink", "c", "3M")
+    assert code == 0, err
+    assert theirs("compare", "-f", fmt, "-F", fmt, "-s", "q", "c")[0] == 0
+    if fmt == "qcow2":
+        assert theirs("check", "c")[0] == 0
+    # data past the new end, or no --shrink: both refuse (cowchain keeps the data)
+    qemu_io("c", "write -P 3 2M 512", fmt=fmt)
+    code, _, err = ours(capsys, "resize", "-f", fmt, "--shrink", "c", "1M")
+    assert code == 1 and "holds data" in err
+    assert ours(capsys, "resize", "-f", fmt, "c", "1M")[0] == theirs("resize", "-f", fmt,
+                                                                        "c", "1M")[0] == 1

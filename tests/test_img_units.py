@@ -117,7 +117,7 @@ def test_refused_operations_leave_the_file_as_it_was(tmp_path, monkeypatch, acti
         "apply-missing": lambda: img.snapshot_apply("a.qcow2", "nope"),
         "delete-missing": lambda: img.snapshot_delete("a.qcow2", "nope"),
         "snapshot-rc1": lambda: img.snapshot_create("a.qcow2", "s"),
-        "resize-shrink": lambda: img.resize("a.qcow2", "-1M"),
+        "resize-shrink": lambda: img.resize("a.qcow2", "-4M", shrink=True),
         "commit-no-backing": lambda: img.commit("a.qcow2"),
         "convert-c-raw": lambda: img.convert("a.qcow2", "b.raw", out_format="raw",
                                              compress=True),

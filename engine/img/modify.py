@@ -6,19 +6,30 @@ import os
 from typing import Any
 
 from engine import ops
-from engine.errors import InvalidArgument, UnsupportedFeature
+from engine.errors import InvalidArgument, UnsupportedFeature, io_error
 from engine.img._open import format_arg, open_image, parse_size, rewrite_header
 from engine.ops._copy import Meter, Progress
-from engine.qcow2.header import Header
-from engine.qcow2.spec import COMPAT_LAZY_REFCOUNTS, V3_HEADER_LENGTH
+from engine.img._meta import MetaWriter
+from engine.qcow2.header import Header, l1_entries_for
+from engine.qcow2.spec import COMPAT_LAZY_REFCOUNTS, L1E_SIZE, V3_HEADER_LENGTH
 
 
 def resize(path: str, size: int | str, *, format: str | None = None,
            shrink: bool = False) -> int:
-    """``qemu-img resize [-f FMT] [--shrink] PATH [+|-]SIZE``: grow the virtual disk.
+    """``qemu-img resize [-f FMT] [--shrink] PATH [+|-]SIZE``: change the virtual size.
 
-    SIZE is absolute, or relative with a leading '+' or '-'.  Shrinking is refused
-    (UnsupportedFeature), with or without ``shrink``.  Returns the new size.
+    SIZE is absolute, or relative with a leading '+' or '-'.  Growing is
+    :meth:`engine.Image.resize`.  Shrinking needs ``shrink`` (``--shrink``, as qemu-img) and
+    is done only where it loses no data: the image itself must hold no data from the first
+    cluster past the new end (zero clusters may be there); qcow2 images must have no
+    internal snapshots.  Then the L1 entries past the new end are cleared, the header gets
+    the new size (a :class:`~engine.img._meta.MetaWriter` change: the repair frees the L2
+    tables no longer used); a raw file is truncated.  Returns the new size.
+
+    Raises:
+        InvalidArgument (a shrink without ``shrink``, a size that is not a multiple of 512),
+        UnsupportedFeature (a shrink that would drop data or snapshots), and what
+        :meth:`engine.Image.resize` raises.
     """
     with open_image(path, format=format, readonly=False, backing=False) as img:
         text = str(size)
@@ -32,9 +43,47 @@ def resize(path: str, size: int | str, *, format: str | None = None,
         if new < old and not shrink:
             raise InvalidArgument("Use the --shrink option to perform a shrink operation.",
                                   value=new, path=path)
-        if new != old:
+        raw = img.header is None
+        if new > old:
             img.resize(new)
-        return new
+        elif new < old:
+            _shrink(img, new)
+    if new < old and raw:
+        # raw: the tail holds nothing (checked above); the lock is released by now, so the
+        # file is opened and truncated by name, as qemu-img's raw driver does
+        try:
+            os.truncate(path, new)
+        except OSError as e:
+            raise io_error(e.errno or 0, "cannot shrink the image file", path=path) from None
+    return new
+
+
+def _shrink(img: Any, new: int) -> None:
+    h = img.header
+    cluster = h.cluster_size if h is not None else 512
+    if new % 512:
+        raise InvalidArgument(f"the new size must be a multiple of 512 bytes, not {new}",
+                              value=new, path=img.path)
+    tail = -(-new // cluster) * cluster
+    held = [e for e in img.extents(tail, img.size - tail)
+            if e.present and e.depth == 0 and e.data] if tail < img.size else []
+    if held:
+        raise UnsupportedFeature("shrinking over data", f"the image holds data at offset "
+                                 f"{held[0].start}, past the new end {new}; cowchain shrinks "
+                                 "only a tail that holds no data", path=img.path, hint="")
+    if h is None:
+        return
+    if h.nb_snapshots:
+        raise UnsupportedFeature("shrinking an image with internal snapshots", path=img.path,
+                                 hint="")
+    keep = l1_entries_for(new, h.cluster_bits, h.extended_l2)
+    with MetaWriter(img) as w:
+        def change(hdr: Header) -> None:
+            hdr.size = new
+        w.publish(change)
+        # past the new end now: the L2 tables there (mapping nothing) become leaks
+        if keep < h.l1_size:
+            w.pwrite(h.l1_table_offset + keep * L1E_SIZE, bytes((h.l1_size - keep) * L1E_SIZE))
 
 
 def rebase(path: str, backing: str | None, *, backing_format: str | None = None,
