@@ -615,3 +615,24 @@ def test_resize_shrink_an_empty_tail(tmp_path, monkeypatch, capsys, fmt, cluster
     assert code == 1 and "holds data" in err
     assert ours(capsys, "resize", "-f", fmt, "c", "1M")[0] == theirs("resize", "-f", fmt,
                                                                         "c", "1M")[0] == 1
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_commit_into_a_deeper_base(tmp_path, monkeypatch, capsys, base_fmt):
+    monkeypatch.chdir(tmp_path)
+    base = f"l0.{base_fmt}"
+    qemu_img("create", "-f", base_fmt, base, "4M")
+    qemu_io(base, "write -P 1 0 1M", fmt=base_fmt)
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", base_fmt, "l1.qcow2", "6M")
+    qemu_io("l1.qcow2", "write -P 2 512k 1M", "write -z 3M 64k", "write -P 4 5M 64k")
+    qemu_img("create", "-f", "qcow2", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2")
+    qemu_io("l2.qcow2", "write -P 3 1M 64k", "write -z 0 4k")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", "l2.qcow2", "flat.raw")
+    code, out, err = ours(capsys, "commit", "-f", "qcow2", "-b", base, "l2.qcow2")
+    assert code == 0 and out == "Image committed.\n", err
+    assert theirs("compare", "-f", base_fmt, "-F", "raw", base, "flat.raw")[0] == 0
+    assert theirs("compare", "-f", "qcow2", "-F", "raw", "l2.qcow2", "flat.raw")[0] == 0
+    if base_fmt == "qcow2":
+        assert theirs("check", base)[0] == 0
+    args = ["commit", "-f", "qcow2", "-b", "flat.raw", "l2.qcow2"]
+    assert ours(capsys, *args)[0] == theirs(*args)[0] == 1

@@ -8,7 +8,8 @@ from typing import Any
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature, io_error
 from engine.img._open import format_arg, open_image, parse_size, rewrite_header
-from engine.ops._copy import Meter, Progress
+from engine.ops._copy import Meter, Progress, runs_total
+from engine.ops.measure import layer_runs
 from engine.img._meta import MetaWriter
 from engine.qcow2.header import Header, l1_entries_for
 from engine.qcow2.spec import COMPAT_LAZY_REFCOUNTS, L1E_SIZE, V3_HEADER_LENGTH
@@ -160,22 +161,39 @@ def commit(path: str, *, format: str | None = None, base: str | None = None,
     backing file (:func:`engine.ops.commit`), then empty PATH (its clusters are discarded,
     so it reads through to the backing file) unless ``drop`` (``-d``) keeps them.
 
-    Only the direct backing file can be the base (a deeper ``-b`` is refused with
-    UnsupportedFeature).  Returns the bytes committed.
+    With BASE (an image of PATH's backing chain, by file name), everything the layers above
+    BASE hold is written into BASE, and, as in qemu-img, ``-b`` implies ``-d``: the images
+    between are left as they are (they no longer read right on their own).  Returns the
+    bytes committed.
     """
-    with open_image(path, format=format, readonly=True, backing=True) as probe:
+    with open_image(path, format=format, readonly=True, force_share=True) as probe:
         chain = probe.chain()
         if len(chain) < 2:
             raise InvalidArgument("Image does not have a backing file", path=path)
-        base_path, base_fmt = chain[1].path, chain[1].format
+        depth = 1
+        if base is not None:
+            real = os.path.realpath(base)
+            found = [i for i, im in enumerate(chain) if os.path.realpath(im.path) == real]
+            if not found or found[0] == 0:
+                raise InvalidArgument(f"'{base}' is not in the backing chain of '{path}'",
+                                      value=base, path=path)
+            depth, drop = found[0], True
+        base_path, base_fmt = chain[depth].path, chain[depth].format
         if not drop and probe.header is not None and probe.header.extended_l2:
             # emptying it afterwards would be refused half-way, after the base changed
             raise UnsupportedFeature("emptying an extended-L2 overlay", "the engine does not "
                                      "write images with extended L2 entries yet", path=path,
                                      hint="commit with -d to keep the overlay as it is")
-    if base is not None and os.path.realpath(base) != os.path.realpath(base_path):
-        raise UnsupportedFeature("commit into a deeper base",
-                                 "only the direct backing file can be the base", path=path)
+        if depth > 1:
+            with open_image(base_path, format=base_fmt, readonly=False, backing=False) as low:
+                if low.size < probe.size:
+                    low.resize(probe.size)
+                runs = layer_runs(probe, depth - 1, min_depth=0)
+                meter = Meter(runs_total(runs), progress)
+                ops.copy_runs(probe, low, runs, meter)
+                low.flush()
+                meter.finish()
+                return meter.total
     with open_image(path, format=format, readonly=drop, backing=False) as top, \
             open_image(base_path, format=base_fmt, readonly=False, backing=False) as low:
         done = ops.commit(top, low, progress=progress)
