@@ -636,3 +636,44 @@ def test_commit_into_a_deeper_base(tmp_path, monkeypatch, capsys, base_fmt):
         assert theirs("check", base)[0] == 0
     args = ["commit", "-f", "qcow2", "-b", "flat.raw", "l2.qcow2"]
     assert ours(capsys, *args)[0] == theirs(*args)[0] == 1
+
+
+def test_raw_image_verbs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-f", "raw", "r.raw", "5M")
+    qemu_io("r.raw", "write -P 1 0 100k", "write -P 2 3M 4k", fmt="raw")
+    for args in (["info", "-f", "raw", "r.raw"], ["map", "-f", "raw", "r.raw"],
+                 ["measure", "-f", "raw", "-O", "qcow2", "r.raw"],
+                 ["measure", "-f", "raw", "-O", "raw", "r.raw"]):
+        q, c = both_json(capsys, *args)
+        assert c == q, args
+    c1, o1, _ = theirs("map", "-f", "raw", "r.raw")
+    c2, o2, _ = ours(capsys, "map", "-f", "raw", "r.raw")
+    assert (c2, o2) == (c1, o1)
+
+
+def test_locks_and_force_share_like_qemu_img(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import time
+
+    from qemu import QEMU_IO
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-f", "qcow2", "a.qcow2", "1M")
+    holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", "a.qcow2"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):        # until qemu-io holds its write lock
+            if theirs("info", "a.qcow2")[0] != 0:
+                break
+            time.sleep(0.05)
+        for args in (["info", "a.qcow2"], ["info", "-U", "a.qcow2"], ["map", "a.qcow2"],
+                     ["map", "-U", "a.qcow2"], ["check", "a.qcow2"], ["check", "-U", "a.qcow2"],
+                     ["snapshot", "-c", "s", "a.qcow2"], ["resize", "a.qcow2", "2M"]):
+            c1, _, e1 = theirs(*args)
+            c2, _, e2 = ours(capsys, *args)
+            assert c1 == c2, (args, e1, e2)
+            if c2:
+                assert "lock" in e2 and e2.count("\n") == 1, e2
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
