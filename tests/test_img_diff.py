@@ -414,6 +414,12 @@ def test_rebase_safe_keeps_the_disk(case, capsys):
     assert json.loads(theirs("info", "--output=json", "top.qcow2")[1])["backing-filename"] \
         == "empty.raw"
     assert theirs("check", "top.qcow2")[0] == 0
+    code, _, err = ours(capsys, "rebase", "-f", "qcow2", "-b", "", "top.qcow2")
+    assert code == 0, err
+    assert theirs("compare", "-f", "qcow2", "-F", "qcow2", "orig.qcow2", "top.qcow2")[0] == 0
+    assert "backing-filename" not in json.loads(theirs("info", "--output=json",
+                                                       "top.qcow2")[1])
+    assert theirs("check", "top.qcow2")[0] == 0
 
 
 def test_rebase_unsafe_is_header_only(case, capsys):
@@ -447,7 +453,8 @@ def test_commit(case, capsys):
     assert theirs("check", c)[0] == 0
 
 
-@pytest.mark.parametrize("opts", ["compat=1.1", "lazy_refcounts=on", "lazy_refcounts=off"])
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "lazy_refcounts=on",
+                                  "lazy_refcounts=off"])
 def test_amend(tmp_path, monkeypatch, capsys, opts):
     monkeypatch.chdir(tmp_path)
     compat = "0.10" if opts == "compat=1.1" else "1.1"

@@ -55,7 +55,7 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
         if compress:
             return _compressed(src, dest, opts, progress)
         if backing is None and not no_create and set(opts) <= {"cluster_size"} \
-                and sparse_size in (DEFAULT_SPARSE, 0):
+                and sparse_size == DEFAULT_SPARSE:
             return ops.convert(src, dest, format=out,
                                cluster_size=int(opts.get("cluster_size", 65536)),
                                progress=progress, overwrite=True)
