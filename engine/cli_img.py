@@ -26,6 +26,30 @@ EXIT_COMPARE_ERROR = 2
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: Engine hints whose ``cowchain`` wording (``CLI_HINTS``) names another command group.
+IMG_HINTS = {
+    "backing files must be named relative to the overlay's folder, with the format recorded; "
+    "pass allow_unsafe_backing=True only for images you trust":
+        "backing files must be named relative to the overlay's folder, with the format "
+        "recorded; pass --allow-unsafe-backing only for images you trust",
+    "repair a copy with Image.check(repair='all') or 'qemu-img check -r all'":
+        "repair it with 'cowchain img check -r all'",
+    "run check(repair='all') in a repair tool, or 'qemu-img check -r all'":
+        "repair it with 'cowchain img check -r all'",
+    "the file is not a valid QCOW2 image; open it with format='raw' if it is raw":
+        "the file is not a valid QCOW2 image; pass -f raw if it is raw",
+    "pass a larger max_chain_depth if the chain is meant to be this deep":
+        "flatten the chain first with 'cowchain img convert'",
+    "use format='raw'": "use -O raw",
+}
+
+
+def _error_line(e: EngineError) -> str:
+    """The one line printed for E, its hint in this group's terms."""
+    if e.hint in IMG_HINTS:
+        setattr(e, "cli_hint", IMG_HINTS[e.hint])
+    return _cli.error_line(e)
+
 
 def _fails_with(code: int) -> Callable[[Handler], Handler]:
     """Run a verb; an EngineError becomes one line on stderr and qemu-img's exit CODE."""
@@ -34,7 +58,7 @@ def _fails_with(code: int) -> Callable[[Handler], Handler]:
             try:
                 return func(args)
             except EngineError as e:
-                print(f"cowchain img: error: {_cli.error_line(e)}", file=sys.stderr)
+                print(f"cowchain img: error: {_error_line(e)}", file=sys.stderr)
                 return code
         return run
     return wrap
@@ -63,7 +87,7 @@ def _options(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
 @_fails_with(EXIT_FAILURE)
 def cmd_info(args: argparse.Namespace) -> int:
     res = img.info(args.filename, format=args.format, backing_chain=args.backing_chain,
-                   force_share=args.force_share)
+                   force_share=args.force_share, allow_unsafe_backing=args.allow_unsafe_backing)
     _json(res) if args.output == "json" else sys.stdout.write(img.info_text(res))
     return 0
 
@@ -72,7 +96,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     entries = img.map_entries(args.filename, format=args.format,
                               start_offset=args.start_offset, max_length=args.max_length,
-                              force_share=args.force_share)
+                              force_share=args.force_share,
+                              allow_unsafe_backing=args.allow_unsafe_backing)
     sys.stdout.write(img.map_json_text(entries) if args.output == "json"
                      else img.map_human(entries))
     return 0
@@ -83,7 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         res = img.check(args.filename, format=args.format, repair=args.repair,
                         force_share=args.force_share)
     except EngineError as e:
-        print(f"cowchain img: error: {_cli.error_line(e)}", file=sys.stderr)
+        print(f"cowchain img: error: {_error_line(e)}", file=sys.stderr)
         return (EXIT_NO_CHECK if isinstance(e, UnsupportedFeature) and e.feature == NO_CHECK
                 else EXIT_FAILURE)
     if args.output == "json":
@@ -98,7 +123,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     fmt = args.format or "qcow2"
     line = img.create(args.filename, args.size, format=fmt, options=_options(args, fmt),
                       backing=args.backing, backing_format=args.backing_format,
-                      unsafe=args.unsafe)
+                      unsafe=args.unsafe, allow_unsafe_backing=args.allow_unsafe_backing)
     if not args.quiet:
         print(line)
     return 0
@@ -108,9 +133,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         res = img.compare(args.filename1, args.filename2, format_a=args.format,
                           format_b=args.format2, strict=args.strict,
-                          force_share=args.force_share)
+                          force_share=args.force_share,
+                          allow_unsafe_backing=args.allow_unsafe_backing)
     except EngineError as e:
-        print(f"cowchain img: error: {_cli.error_line(e)}", file=sys.stderr)
+        print(f"cowchain img: error: {_error_line(e)}", file=sys.stderr)
         return EXIT_COMPARE_ERROR
     if not args.quiet:
         sys.stdout.write(res.to_text())
@@ -122,7 +148,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     out = args.out_format or "raw"
     res = img.measure(size=args.size, filename=args.filename, format=args.format,
                       out_format=out, options=_options(args, out),
-                      force_share=args.force_share)
+                      force_share=args.force_share,
+                      allow_unsafe_backing=args.allow_unsafe_backing)
     if args.output == "json":
         _json(res)
     else:
@@ -141,7 +168,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     options=_options(args, out), compress=args.compress,
                     sparse_size=args.sparse_size, backing=args.backing,
                     backing_format=args.backing_format, no_create=args.no_create,
-                    force_share=args.force_share, progress=bar)
+                    force_share=args.force_share,
+                    allow_unsafe_backing=args.allow_unsafe_backing, progress=bar)
     return 0
 
 
@@ -157,7 +185,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def cmd_rebase(args: argparse.Namespace) -> int:
     with _progress(args, "rebase") as bar:
         img.rebase(args.filename, args.backing, backing_format=args.backing_format,
-                   format=args.format, unsafe=args.unsafe, progress=bar)
+                   format=args.format, unsafe=args.unsafe,
+                   allow_unsafe_backing=args.allow_unsafe_backing, progress=bar)
     return 0
 
 
@@ -165,7 +194,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 def cmd_commit(args: argparse.Namespace) -> int:
     with _progress(args, "commit") as bar:
         img.commit(args.filename, format=args.format, base=args.base, drop=args.drop,
-                   progress=bar)
+                   allow_unsafe_backing=args.allow_unsafe_backing, progress=bar)
     if not args.quiet:
         print("Image committed.")
     return 0
@@ -202,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     size=args.size, step=args.step, offset=args.offset, write=args.write,
                     pattern=args.pattern, random_offsets=args.random, seed=args.seed,
                     write_ratio=args.write_ratio, threads=args.threads,
-                    duration=args.duration, force_share=args.force_share)
+                    duration=args.duration, force_share=args.force_share,
+                    allow_unsafe_backing=args.allow_unsafe_backing)
     if args.output == "json":
         _json(res.to_dict())
     else:
@@ -240,6 +270,9 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
         if share:
             sp.add_argument("-U", "--force-share", action="store_true",
                             help="open read-only, sharing the image with writers")
+        sp.add_argument("--allow-unsafe-backing", action="store_true",
+                        help="follow backing files named by absolute paths, outside the "
+                             "image's folder or by protocol (only for images you trust)")
         sp.set_defaults(func=func)
         return sp
 

@@ -684,3 +684,17 @@ def test_locks_and_force_share_like_qemu_img(tmp_path, monkeypatch, capsys):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def test_absolute_backing_names_need_allow_unsafe_backing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-f", "raw", "base.raw", "2M")
+    qemu_io("base.raw", "write -P 6 4k 4k", fmt="raw")
+    qemu_img("create", "-f", "qcow2", "-b", str(tmp_path / "base.raw"), "-F", "raw", "t.qcow2")
+    code, _, err = ours(capsys, "info", "--backing-chain", "t.qcow2")
+    assert code == 1 and "--allow-unsafe-backing" in err and err.count("\n") == 1, err
+    for verb in (["info", "--backing-chain"], ["map"]):
+        q = json.loads(theirs(*verb, "--output=json", "t.qcow2")[1])
+        c = json.loads(ours(capsys, *verb, "--output=json", "--allow-unsafe-backing",
+                            "t.qcow2")[1])
+        assert c == q, verb

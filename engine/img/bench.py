@@ -45,7 +45,8 @@ def bench(path: str, *, format: str | None = None, count: int = 75000, depth: in
           size: int = 4096, step: int | None = None, offset: int = 0, write: bool = False,
           pattern: int = 0xA5, random_offsets: bool = False, seed: int = 0,
           write_ratio: float | None = None, threads: int = 1,
-          duration: float | None = None, force_share: bool = False) -> BenchResult:
+          duration: float | None = None, force_share: bool = False,
+          allow_unsafe_backing: bool = False) -> BenchResult:
     """Run ``count`` requests of ``size`` bytes against PATH (with its chain), as
     ``qemu-img bench -c COUNT -d DEPTH -s SIZE -S STEP -o OFFSET [-w] [--pattern P]``.
 
@@ -64,7 +65,8 @@ def bench(path: str, *, format: str | None = None, count: int = 75000, depth: in
     step = size if step is None else step
     writing = ratio > 0
     with open_image(path, format=format, readonly=not writing,
-                    force_share=force_share and not writing) as img:
+                    force_share=force_share and not writing,
+                    allow_unsafe_backing=allow_unsafe_backing) as img:
         if size > img.size:
             raise InvalidArgument(f"request size {size} is larger than the disk", path=path)
         span = img.size - size

@@ -46,7 +46,7 @@ class CompareResult:
 
 def compare(path_a: str, path_b: str, *, format_a: str | None = None,
             format_b: str | None = None, strict: bool = False,
-            force_share: bool = False) -> CompareResult:
+            force_share: bool = False, allow_unsafe_backing: bool = False) -> CompareResult:
     """Compare the disks two images (with their backing chains) read.
 
     As qemu-img: where both are unallocated or zero nothing is read; where one is allocated
@@ -58,8 +58,9 @@ def compare(path_a: str, path_b: str, *, format_a: str | None = None,
     Raises:
         what :func:`engine.open` raises (qemu-img compare exits 2 for those).
     """
-    with open_image(path_a, format=format_a, force_share=force_share) as a, \
-            open_image(path_b, format=format_b, force_share=force_share) as b:
+    opts = {"force_share": force_share, "allow_unsafe_backing": allow_unsafe_backing}
+    with open_image(path_a, format=format_a, **opts) as a, \
+            open_image(path_b, format=format_b, **opts) as b:
         warn = a.size != b.size
         if strict and warn:
             return CompareResult(False, None, "Strict mode: Image size mismatch!")

@@ -25,7 +25,8 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
             options: dict[str, Any] | None = None, compress: bool = False,
             sparse_size: int = DEFAULT_SPARSE, backing: str | None = None,
             backing_format: str | None = None, no_create: bool = False,
-            force_share: bool = False, progress: Progress | None = None) -> int:
+            force_share: bool = False, allow_unsafe_backing: bool = False,
+            progress: Progress | None = None) -> int:
     """Write the disk SRC_PATH reads (with its chain) into DEST.
 
     Without ``backing``, ``no_create`` and target options other than ``cluster_size``, this
@@ -51,7 +52,8 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
         raise InvalidArgument("Invalid buffer size for sparse output specified: a multiple of "
                               "512 bytes is needed", value=sparse_size)
     opts = dict(options or {})
-    with open_image(src_path, format=format, force_share=force_share) as src:
+    with open_image(src_path, format=format, force_share=force_share,
+                    allow_unsafe_backing=allow_unsafe_backing) as src:
         if compress:
             return _compressed(src, dest, opts, progress)
         if backing is None and not no_create and set(opts) <= {"cluster_size"} \

@@ -10,7 +10,7 @@ from engine.img.snapshot import snapshot_text
 
 
 def info(path: str, *, format: str | None = None, backing_chain: bool = False,
-         force_share: bool = False) -> Any:
+         force_share: bool = False, allow_unsafe_backing: bool = False) -> Any:
     """``qemu-img info --output=json [--backing-chain] [-f FMT] [-U] PATH``.
 
     Returns one dict (:meth:`engine.Image.info`'s fields, with ``filename`` and
@@ -21,7 +21,7 @@ def info(path: str, *, format: str | None = None, backing_chain: bool = False,
         what :func:`engine.open` raises (ImageNotFound, ImageFormatError, ImageLocked, ...).
     """
     with open_image(path, format=format, force_share=force_share,
-                    backing=bool(backing_chain)) as img:
+                    backing=bool(backing_chain), allow_unsafe_backing=allow_unsafe_backing) as img:
         images = img.chain() if backing_chain else [img]
         names = chain_names(img, path) if backing_chain else [path]
         out = []

@@ -14,7 +14,8 @@ KEYS = ("start", "length", "depth", "present", "zero", "data", "offset")
 
 
 def map_entries(path: str, *, format: str | None = None, start_offset: int = 0,
-                max_length: int | None = None, force_share: bool = False) -> list[dict[str, Any]]:
+                max_length: int | None = None, force_share: bool = False,
+                allow_unsafe_backing: bool = False) -> list[dict[str, Any]]:
     """``qemu-img map --output=json [-f FMT] [--start-offset S] [--max-length L] [-U] PATH``.
 
     Returns:
@@ -22,7 +23,8 @@ def map_entries(path: str, *, format: str | None = None, start_offset: int = 0,
         qemu-img merges them (same depth/present/zero/data, contiguous offsets); each dict
         also carries the layer's ``filename`` (qemu-img prints it in human output only).
     """
-    with open_image(path, format=format, force_share=force_share) as img:
+    with open_image(path, format=format, force_share=force_share,
+                    allow_unsafe_backing=allow_unsafe_backing) as img:
         names = chain_names(img, path)
         out: list[dict[str, Any]] = []
         for e in img.extents(start_offset, max_length):

@@ -50,7 +50,8 @@ def fully_allocated_size(size: int, cluster_size: int, refcount_order: int,
 
 def measure(*, size: int | None = None, filename: str | None = None,
             format: str | None = None, out_format: str = "raw",
-            options: dict[str, Any] | None = None, force_share: bool = False) -> dict[str, int]:
+            options: dict[str, Any] | None = None, force_share: bool = False,
+            allow_unsafe_backing: bool = False) -> dict[str, int]:
     """``qemu-img measure --output=json``: the bytes a new image of OUT_FORMAT needs.
 
     Exactly one of SIZE (an empty disk) and FILENAME (an image, read with its chain) is
@@ -68,7 +69,8 @@ def measure(*, size: int | None = None, filename: str | None = None,
     bitmaps_source = False
     bitmaps: list[dict[str, Any]] = []
     if filename is not None:
-        with open_image(filename, format=format, force_share=force_share) as img:
+        with open_image(filename, format=format, force_share=force_share,
+                        allow_unsafe_backing=allow_unsafe_backing) as img:
             disk = img.size
             # qcow2 v3 can hold persistent bitmaps (v2 and raw cannot)
             bitmaps_source = img.header is not None and img.header.version >= 3

@@ -156,7 +156,8 @@ def _read_padded(img: Any, pos: int, n: int) -> bytes:
 
 
 def commit(path: str, *, format: str | None = None, base: str | None = None,
-           drop: bool = False, progress: Progress | None = None) -> int:
+           drop: bool = False, allow_unsafe_backing: bool = False,
+           progress: Progress | None = None) -> int:
     """``qemu-img commit [-f FMT] [-b BASE] [-d] PATH``: write what PATH holds into its
     backing file (:func:`engine.ops.commit`), then empty PATH (its clusters are discarded,
     so it reads through to the backing file) unless ``drop`` (``-d``) keeps them.
@@ -166,7 +167,8 @@ def commit(path: str, *, format: str | None = None, base: str | None = None,
     between are left as they are (they no longer read right on their own).  Returns the
     bytes committed.
     """
-    with open_image(path, format=format, readonly=True, force_share=True) as probe:
+    with open_image(path, format=format, readonly=True, force_share=True,
+                    allow_unsafe_backing=allow_unsafe_backing) as probe:
         chain = probe.chain()
         if len(chain) < 2:
             raise InvalidArgument("Image does not have a backing file", path=path)
