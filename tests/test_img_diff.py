@@ -454,7 +454,8 @@ def test_commit(case, capsys):
 
 
 @pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "lazy_refcounts=on",
-                                  "lazy_refcounts=off"])
+                                  "lazy_refcounts=off", "refcount_bits=64", "refcount_bits=1",
+                                  "refcount_bits=4,lazy_refcounts=on"])
 def test_amend(tmp_path, monkeypatch, capsys, opts):
     monkeypatch.chdir(tmp_path)
     compat = "0.10" if opts == "compat=1.1" else "1.1"

@@ -102,7 +102,7 @@ def _digest(path) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("action", ["amend-refcount", "amend-downgrade", "apply-missing",
+@pytest.mark.parametrize("action", ["amend-refcount", "amend-narrow-shared", "amend-downgrade", "apply-missing",
                                     "delete-missing", "snapshot-rc1", "resize-shrink",
                                     "commit-no-backing", "convert-c-raw"])
 def test_refused_operations_leave_the_file_as_it_was(tmp_path, monkeypatch, action):
@@ -110,10 +110,13 @@ def test_refused_operations_leave_the_file_as_it_was(tmp_path, monkeypatch, acti
     opts = "refcount_bits=1" if action == "snapshot-rc1" else "refcount_bits=16"
     qemu_img("create", "-f", "qcow2", "-o", opts, "a.qcow2", "4M")
     qemu_io("a.qcow2", "write -P 5 0 64k", "write -z 1M 64k")
+    if action == "amend-narrow-shared":
+        qemu_img("snapshot", "-c", "s", "a.qcow2")
     before = _digest("a.qcow2")
     calls = {
-        "amend-refcount": lambda: img.amend("a.qcow2", {"refcount_bits": 8}),
+        "amend-refcount": lambda: img.amend("a.qcow2", {"refcount_bits": 3}),
         "amend-downgrade": lambda: img.amend("a.qcow2", {"compat": "0.10"}),
+        "amend-narrow-shared": lambda: img.amend("a.qcow2", {"refcount_bits": 8}),
         "apply-missing": lambda: img.snapshot_apply("a.qcow2", "nope"),
         "delete-missing": lambda: img.snapshot_delete("a.qcow2", "nope"),
         "snapshot-rc1": lambda: img.snapshot_create("a.qcow2", "s"),

@@ -36,8 +36,9 @@ class MetaWriter:
     Use as a context manager: on entry the dirty bit is set (v3); :meth:`alloc` hands out
     cluster-aligned space past the end of the file; :meth:`pwrite` writes; :meth:`publish`
     changes header fields; on a clean exit everything is synced and the repair runs.  An
-    exception before :meth:`publish` (and before any in-place write) truncates the new
-    clusters away and clears the dirty bit again: the file is byte for byte as it was.
+    exception before :meth:`publish` and before any write inside the old file truncates
+    the new clusters away and clears the dirty bit again: the file is byte for byte as it
+    was.  Later, the image stays dirty and its next read-write open repairs it.
     """
 
     def __init__(self, img: Image) -> None:
@@ -49,6 +50,7 @@ class MetaWriter:
         self.end = 0
         self.start_size = 0
         self.published = False
+        self.touched = False        # written inside the old file (not undone on failure)
 
     def __enter__(self) -> MetaWriter:
         self.img.flush()
@@ -84,6 +86,8 @@ class MetaWriter:
         return os.pread(self.fd, length, offset)
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        if offset < self.start_size:
+            self.touched = True
         try:
             done = 0
             while done < len(data):
@@ -124,7 +128,10 @@ class MetaWriter:
     def _undo(self) -> None:
         """Before the switch nothing refers to the new clusters: drop them and the dirty
         bit, so the file is as it was (best effort: if this fails too, the dirty image is
-        repaired by its next read-write open)."""
+        repaired by its next read-write open).  After a write inside the old file the
+        image stays dirty: its next read-write open repairs it."""
+        if self.touched:
+            return
         try:
             os.ftruncate(self.fd, self.start_size)
             os.fsync(self.fd)

@@ -206,13 +206,15 @@ def commit(path: str, *, format: str | None = None, base: str | None = None,
 
 
 def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> None:
-    """``qemu-img amend -o OPTIONS [-f FMT] PATH`` for the header-only changes:
-    ``compat`` 0.10 -> 1.1, ``compat`` 1.1 -> 0.10 when nothing needs v3 (no zero clusters,
-    snapshots, extended L2, lazy refcounts, zstd, refcount width other than 16),
-    ``lazy_refcounts`` on/off (v3).  Options qemu-img cannot amend (cluster_size,
-    extended_l2, compression_type, preallocation, size) are refused as qemu-img refuses
-    them; ``refcount_bits`` changes are refused (UnsupportedFeature: they need new refcount
-    structures)."""
+    """``qemu-img amend -o OPTIONS [-f FMT] PATH``: ``compat`` 0.10 -> 1.1, ``compat`` 1.1 ->
+    0.10 when nothing needs v3 (no zero clusters, snapshots, extended L2, lazy refcounts,
+    zstd, refcount width other than 16), ``lazy_refcounts`` on/off (v3), ``refcount_bits``
+    (v3): wider always, narrower when nothing is shared (no internal snapshot, no
+    compressed cluster), so every refcount is 1.  A new width is a
+    :class:`~engine.img._meta.MetaWriter` change: the refcount table is cleared and the
+    header gets the new order, so the repair lays out new refcount structures.  Options
+    qemu-img cannot amend (cluster_size, extended_l2, compression_type, preallocation,
+    size) are refused as qemu-img refuses them."""
     allowed = {"compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt"}
     for name in options:
         if name not in allowed:
@@ -223,9 +225,7 @@ def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> N
             raise UnsupportedFeature("amend of raw images", "raw images have no options to "
                                      "amend", path=path)
         h = img.header
-        if "refcount_bits" in options and int(options["refcount_bits"]) != h.refcount_bits:
-            raise UnsupportedFeature("refcount_bits change", "changing the refcount width "
-                                     "is not supported", path=path)
+        bits = int(options.get("refcount_bits", h.refcount_bits))
         if "backing_file" in options or "backing_fmt" in options:
             raise UnsupportedFeature("backing change by amend", path=path,
                                      hint="use 'rebase -u' instead")
@@ -233,7 +233,37 @@ def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> N
         lazy = bool(options.get("lazy_refcounts", h.lazy_refcounts))
         if compat == "0.10":
             _check_downgrade(img, h, lazy)
+        if bits != h.refcount_bits:
+            _check_width(img, h, bits, compat)
         rewrite_header(img, lambda new: _amend_header(new, compat, lazy))
+        if bits != h.refcount_bits:
+            _change_width(img, bits)
+
+
+def _check_width(img: Any, h: Header, bits: int, compat: str) -> None:
+    if bits not in (1, 2, 4, 8, 16, 32, 64):
+        raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 "
+                              "bits", value=bits, path=img.path)
+    if compat != "1.1":
+        raise InvalidArgument("Different refcount widths than 16 bits require compatibility "
+                              "level 1.1 or above (use compat=1.1 or greater)", value=bits,
+                              path=img.path)
+    if bits < h.refcount_bits and (h.nb_snapshots or any(e.compressed and e.depth == 0
+                                                         for e in img.extents())):
+        raise UnsupportedFeature("a narrower refcount width with shared clusters",
+                                 "internal snapshots or compressed clusters share clusters; "
+                                 "cowchain narrows the refcount width only when every "
+                                 "refcount is 1", path=img.path, hint="")
+
+
+def _change_width(img: Any, bits: int) -> None:
+    h = img.header
+    with MetaWriter(img) as w:
+        w.pwrite(h.refcount_table_offset, bytes(h.refcount_table_clusters * h.cluster_size))
+
+        def change(new: Header) -> None:
+            new.refcount_order = bits.bit_length() - 1
+        w.publish(change)
 
 
 def _check_downgrade(img: Any, h: Header, lazy: bool) -> None:
