@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -122,6 +123,9 @@ def build(case: Case, folder: str) -> str:
 
 @pytest.fixture(params=CASES, ids=lambda c: c.name)
 def case(request, tmp_path, monkeypatch):
+    """The case's files, built in the test's own folder, which is the cwd.  (Built per
+    test, not copied: a copy changes which ranges of the files are holes, and qemu-img's
+    answers depend on that; see test_where_qemu_img_guesses_preallocation.)"""
     monkeypatch.chdir(tmp_path)
     build(request.param, str(tmp_path))
     return request.param
@@ -661,7 +665,6 @@ def test_raw_image_verbs(tmp_path, monkeypatch, capsys):
 
 
 def test_locks_and_force_share_like_qemu_img(tmp_path, monkeypatch, capsys):
-    import subprocess
     import time
 
     from qemu import QEMU_IO
@@ -699,3 +702,23 @@ def test_absolute_backing_names_need_allow_unsafe_backing(tmp_path, monkeypatch,
         c = json.loads(ours(capsys, *verb, "--output=json", "--allow-unsafe-backing",
                             "t.qcow2")[1])
         assert c == q, verb
+
+
+def test_where_qemu_img_guesses_preallocation(tmp_path, monkeypatch, capsys):
+    """The fields that must differ.  Copied with every zero block made a hole, a qcow2 file
+    has more refcounted clusters than allocated blocks, and qemu-img then guesses that it
+    was preallocated: it asks the host file for holes inside data clusters.  map reports
+    them ``zero: true, data: true`` (cowchain: data, ``zero: false``) and measure's
+    ``required`` leaves them out (cowchain counts the whole cluster, never less).  README
+    ("Fields that differ from qemu-img") says why cowchain does not guess."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=2M", "a.qcow2", "16M")
+    qemu_io("a.qcow2", "write -P 1 0 4k", "write -P 2 4M 4k", "write -P 3 9M 1M")
+    subprocess.run(["cp", "--sparse=always", "a.qcow2", "holey.qcow2"], check=True)
+    q, c = both_json(capsys, "map", "-f", "qcow2", "holey.qcow2")
+    assert q != without_recursed_zeros(q), "qemu-img did not guess preallocation"
+    assert c == without_recursed_zeros(q)
+    q, c = both_json(capsys, "measure", "-f", "qcow2", "-O", "qcow2", "holey.qcow2")
+    assert c["fully-allocated"] == q["fully-allocated"]
+    assert c["required"] > q["required"]
+    assert c == both_json(capsys, "measure", "-f", "qcow2", "-O", "qcow2", "a.qcow2")[0]
