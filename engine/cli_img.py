@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 from engine import cli as _cli
 from engine import img
 from engine.errors import EngineError, UnsupportedFeature
-from engine.img._open import parse_size
+from engine.img._open import FORMATS, parse_size
 from engine.img.check import EXIT_NO_CHECK, NO_CHECK
 
 #: qemu-img's exit code for a failed verb.
@@ -265,7 +265,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
         sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=help,
                                                      description=help)
         if fmt:
-            sp.add_argument("-f", dest="format", choices=("qcow2", "raw"),
+            sp.add_argument("-f", dest="format", choices=FORMATS,
                             help="the image's format (default: qcow2 if it has the magic)")
         if share:
             sp.add_argument("-U", "--force-share", action="store_true",
@@ -275,6 +275,9 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
                              "image's folder or by protocol (only for images you trust)")
         sp.set_defaults(func=func)
         return sp
+
+    def fmt_option(sp: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
+        sp.add_argument(flag, dest=dest, choices=FORMATS, help=help)
 
     def quiet(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-q", dest="quiet", action="store_true", help="quiet")
@@ -303,8 +306,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
     options(sp)
     quiet(sp)
     sp.add_argument("-b", dest="backing", help="backing file, relative to the new image")
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
-                    help="the backing file's format (required with -b)")
+    fmt_option(sp, "-F", "backing_format", "the backing file's format (required with -b)")
     sp.add_argument("-u", dest="unsafe", action="store_true",
                     help="record the backing file without opening it")
     sp.add_argument("filename", help="the new image file")
@@ -312,22 +314,19 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
                     help="virtual size (default: the backing file's)")
     sp = verb("compare", cmd_compare, "compare two disks, as qemu-img compare (exit 0 "
               "identical, 1 different, 2 an image could not be opened)")
-    sp.add_argument("-F", dest="format2", choices=("qcow2", "raw"),
-                    help="the second image's format")
+    fmt_option(sp, "-F", "format2", "the second image's format")
     sp.add_argument("-s", dest="strict", action="store_true",
                     help="strict: sizes and allocation must match too")
     quiet(sp)
     sp.add_argument("filename1", help="the first image")
     sp.add_argument("filename2", help="the second image")
     sp = verb("measure", cmd_measure, "size a new image would need, as qemu-img measure")
-    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"),
-                    help="the new image's format (default: raw)")
+    fmt_option(sp, "-O", "out_format", "the new image's format (default: raw)")
     sp.add_argument("--size", type=_size, help="measure an empty disk of this size")
     options(sp)
     sp.add_argument("filename", nargs="?", help="measure a copy of this image")
     sp = verb("convert", cmd_convert, "copy a disk into a new image, as qemu-img convert")
-    sp.add_argument("-O", dest="out_format", choices=("qcow2", "raw"),
-                    help="the target's format (default: raw)")
+    fmt_option(sp, "-O", "out_format", "the target's format (default: raw)")
     options(sp)
     sp.add_argument("-c", dest="compress", action="store_true",
                     help="write compressed clusters (qcow2 target)")
@@ -335,8 +334,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
                     help="all-zero blocks of this size are not written (default: 4k)")
     sp.add_argument("-B", dest="backing", help="the target's backing file: only what "
                                                "differs from it is written")
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
-                    help="the backing file's format")
+    fmt_option(sp, "-F", "backing_format", "the backing file's format")
     sp.add_argument("-n", dest="no_create", action="store_true",
                     help="the target exists: write into it")
     sp.add_argument("-W", dest="out_of_order", action="store_true",
@@ -352,8 +350,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
     sp = verb("rebase", cmd_rebase, "change the backing file, as qemu-img rebase", share=False)
     sp.add_argument("-b", dest="backing", required=True,
                     help="the new backing file ('' for none)")
-    sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
-                    help="the new backing file's format")
+    fmt_option(sp, "-F", "backing_format", "the new backing file's format")
     sp.add_argument("-u", dest="unsafe", action="store_true",
                     help="only rewrite the header (the caller vouches for the data)")
     progress(sp)
