@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from engine.errors import CorruptImage, EngineError, io_error
 from engine.img._open import rewrite_header
+from engine.ops._hooks import kill_point
 from engine.qcow2.header import Header
 from engine.qcow2.spec import INCOMPAT_DIRTY
 
@@ -67,6 +68,7 @@ class MetaWriter:
             except BaseException:
                 os.close(self.fd)
                 raise
+        kill_point("img.meta.dirty")
         return self
 
     def alloc(self, nbytes: int) -> int:
@@ -106,8 +108,10 @@ class MetaWriter:
     def publish(self, change: Callable[[Header], None]) -> None:
         """Sync what was written, then apply CHANGE to the header (the switch)."""
         self.sync()
+        kill_point("img.meta.written")
         self.published = True
         rewrite_header(self.img, change)
+        kill_point("img.meta.published")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -119,6 +123,7 @@ class MetaWriter:
         finally:
             os.close(self.fd)
         if exc_type is None:
+            kill_point("img.meta.synced")
             res = self.img.check(repair="all")
             if res.corruptions or res.check_errors:
                 raise CorruptImage("the repair after the metadata change left "
