@@ -19,6 +19,7 @@ import sys
 import time
 from fractions import Fraction
 
+from engine import cli_img
 from engine.errors import (EX_INTERRUPTED, EX_IOERR, EX_SOFTWARE, EX_USAGE, EngineError,
                            ImageNotFound, exit_code_table)
 
@@ -582,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                 True)
     p.add_argument("--version", action="version", version=f"cowchain {__version__}",
                    help="print the version and exit")
-    groups = p.add_subparsers(dest="group", metavar="{repo,chain,serve}", parser_class=_Parser)
+    groups = p.add_subparsers(dest="group", metavar="{repo,chain,img,serve}", parser_class=_Parser)
     groups.required = True
 
     def group(name, help):
@@ -707,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace --out if it is a regular file (atomically; never a link, "
                          "device, FIFO or socket)")
+    cli_img.register(groups, common)
     serve_parser(groups, common)
     return p
 

@@ -27,6 +27,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 STRICT_MODULES = [
     "__init__.py",
     "catalog.py",
+    "cli_img.py",
     "errors.py",
     "format.py",
     "check/__init__.py",
@@ -38,6 +39,21 @@ STRICT_MODULES = [
     "check/result.py",
     "check/snapshot_table.py",
     "check/stored.py",
+    "img/__init__.py",
+    "img/_meta.py",
+    "img/_open.py",
+    "img/bench.py",
+    "img/bitmaps.py",
+    "img/check.py",
+    "img/compare.py",
+    "img/compress.py",
+    "img/convert.py",
+    "img/create.py",
+    "img/info.py",
+    "img/map.py",
+    "img/measure.py",
+    "img/modify.py",
+    "img/snapshot.py",
     "image/__init__.py",
     "image/api.py",
     "image/chain.py",
@@ -104,7 +120,7 @@ def _run(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess
 def test_package_ships_type_information():
     assert (PKG / "py.typed").is_file(), f"{PKG}/py.typed is missing"
     assert (PKG / "_core.pyi").is_file(), f"{PKG}/_core.pyi is missing"
-    for pkg in ("check", "image", "nbd", "ops", "qcow2", "repository"):
+    for pkg in ("check", "image", "img", "nbd", "ops", "qcow2", "repository"):
         have = sorted(p.name for p in (PKG / pkg).glob("*.py"))
         assert [m.split("/")[1] for m in STRICT_MODULES if m.startswith(pkg + "/")] == have, \
             f"a module of engine/{pkg} is missing from STRICT_MODULES (and README)"
