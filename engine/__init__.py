@@ -43,25 +43,37 @@ _CORE_MISSING = ("cowchain's compiled core (engine._core) is not built in this s
                 "build_ext --inplace' (needs Cython, numpy and a C compiler)")
 
 
+def _load(module: str) -> _typing.Any:
+    """The submodule behind a lazily loaded public name (plain imports, so readers and tools
+    see the edges)."""
+    if module == "engine.image":
+        from engine import image
+        return image
+    if module == "engine.check":
+        from engine import check
+        return check
+    from engine import repository
+    return repository
+
+
 def __getattr__(name: str) -> _typing.Any:
     if name == "_core":
         # 'from engine import _core' asks here first: import it, or say how to build it
-        import importlib
         import os
+        import sys
 
         try:
-            return importlib.import_module("engine._core")
+            import engine._core
         except ModuleNotFoundError as e:
             if e.name != "engine._core":
                 raise
             raise ImportError(_CORE_MISSING.format(path=os.path.dirname(__file__)),
                               name="engine._core") from None
+        return sys.modules["engine._core"]
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_load(module), name)
     globals()[name] = value
     return value
 
