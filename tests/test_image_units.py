@@ -19,7 +19,6 @@ import fcntl
 import os
 import resource
 import struct
-import types
 
 import pytest
 
@@ -232,13 +231,18 @@ def test_unlink_quietly_ignores_a_missing_file(tmp_path):
 
 # --- chain ----------------------------------------------------------------------------------
 
-def test_open_options_and_virtual_size():
+def test_open_options_and_virtual_size(tmp_path):
     o = chain._Options()
     assert (o.backing, o.allow_unsafe_backing, o.max_chain_depth, o.force_share) == \
         (True, False, chain.MAX_CHAIN_DEPTH, False)
     assert dataclasses.replace(o, backing=False).real_dirs is o.real_dirs   # one cache per open
     # QEMU counts the disk in whole sectors: a header size of 1000 is a 512-byte disk
-    assert chain._virtual_size(types.SimpleNamespace(size=1000)) == 512
+    path = str(tmp_path / "d.qcow2")
+    engine.create(path, 1 << 20).close()
+    with open(path, "rb") as f:
+        h = engine.format.parse_header(f.read(65536), os.path.getsize(path), path=path)
+    h = dataclasses.replace(h, size=1000)
+    assert (h.disk_size, chain._virtual_size(h)) == (512, 512)
 
 
 # --- the package's exports ------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _check_refcounts(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) -> bool:
 def _check_refcounts_inner(p: _Pass, img: _Image, snaps: list[SnapshotEntry]) -> bool:
     fix = p.fix
     img.snapshots = snaps
-    p.total_clusters = -(-((img.size // spec.SECTOR_SIZE) * spec.SECTOR_SIZE) // img.C)
+    p.total_clusters = -(-img.h.disk_size // img.C)
     calc, idx, cnt, nb = _calculate(p, img, snaps, fix, True)
     pre = p.counters()
     mis = _compare(img, idx, cnt, nb)

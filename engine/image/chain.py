@@ -45,9 +45,8 @@ class _Options:
 
 
 def _virtual_size(h: fmt.Header) -> int:
-    """QEMU counts the disk in 512-byte sectors: a size that is not a multiple of 512 is
-    rounded down (bs->total_sectors)."""
-    return h.size // 512 * 512
+    """The disk's size as QEMU counts it (:attr:`engine.qcow2.header.Header.disk_size`)."""
+    return h.disk_size
 
 
 def _geometry(h: fmt.Header, snap_size: int = 0) -> _core.Geometry:

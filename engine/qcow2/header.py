@@ -87,6 +87,7 @@ from engine.qcow2.spec import (
     QCOW_MAGIC_BYTES,
     QEMU_FEATURE_TABLE,
     REFTABLE_ENTRY_SIZE,
+    SECTOR_SIZE,
     SNAPSHOT_HEADER_SIZE,
     SUBCLUSTERS_PER_CLUSTER,
     SUPPORTED_VERSIONS,
@@ -175,6 +176,12 @@ class Header:
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
 
     # -- geometry ---------------------------------------------------------------------------
+    @property
+    def disk_size(self) -> int:
+        """The disk's size as QEMU sees it: whole 512-byte sectors (bs->total_sectors), so a
+        header size that is not a multiple of 512 is rounded down."""
+        return self.size // SECTOR_SIZE * SECTOR_SIZE
+
     @property
     def cluster_size(self) -> int:
         """Cluster size in bytes."""
