@@ -58,8 +58,7 @@ def plan_merge(top: Image, base: Image | None, *, keep_zeros: bool = True) -> Me
         # reads zeros, not what the chain under BASE holds there.  Runs that end inside one
         # of TOP's allocation units are widened to whole units (copied as data, read
         # through BASE's chain); in a chain of one cluster size none does.
-        h = top.header
-        grain = h.cluster_size >> 5 if h.extended_l2 else h.cluster_size
+        grain = top.header.subcluster_size
         pull = subtract(coalesce(_widened(pull, grain, base.size)), held)
     return MergePlan(held, pull)
 
