@@ -161,3 +161,31 @@ def repo(repo_path):
     r = engine.Repository.create(repo_path)
     yield r
     r.close()
+
+
+# --- PostgreSQL (the multi-host catalog) ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (initdb + pg_ctl, unix socket only).
+
+    Missing PostgreSQL is a failure, never a skip: .ci/run installs it."""
+    from engine.testing.pgserver import PgServer
+    srv = PgServer(settings={"max_connections": "300"})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+_pg_db_counter = [0]
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A new empty database on the session's server, for one test."""
+    if not pg_server.running:
+        pg_server.start()
+    _pg_db_counter[0] += 1
+    return pg_server.create_database(f"t{os.getpid()}_{_pg_db_counter[0]}")
