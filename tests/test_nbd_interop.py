@@ -223,7 +223,8 @@ def test_fio_randrw_with_verify(tmp_path):
     with Served(tmp_path, img) as s:
         p = _run([TOOLS["fio"], "--name=nbd", "--ioengine=nbd", f"--uri={s.uri}",
                   "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=64M", "--io_size=12M",
-                  "--verify=crc32c", "--verify_fatal=1", f"--randseed={SEED}",
+                  "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
+                  f"--randseed={SEED}",
                   "--output-format=json"])
         result = json.loads(p.stdout[p.stdout.index("{"):])
     job = result["jobs"][0]
