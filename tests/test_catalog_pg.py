@@ -8,6 +8,10 @@ and a server restart or crash in the middle of reads and transactions.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import psycopg
@@ -18,6 +22,7 @@ from engine.catalog import ChainRow, VolumeRow, now, schema_sql
 from engine.catalog_pg import (LEASE_DDL, MIGRATE_LOCK, PG_SCHEMA_VERSION, PgCatalog,
                                PgSettings)
 from engine.errors import CatalogUnavailable, EngineError, RepositoryError
+import test_repo_model
 
 FAST = PgSettings(reconnect_wait=5.0)
 
@@ -356,3 +361,240 @@ def test_integrity_problems_on_a_clean_and_a_broken_catalog(c, pg_url):
 
 def test_engine_exports_the_error():
     assert engine.CatalogUnavailable is CatalogUnavailable
+
+
+# --- a repository on the PostgreSQL catalog, end to end -------------------------------------------
+
+CS = 4096
+SIZE = 512 << 10
+
+
+def pat(byte, n=CS):
+    return bytes([byte]) * n
+
+
+def build(repo):
+    """vm1 (qcow2 base) with snapshots s1, s2, s3 and a leaf: deleting s2 is cheaper as a
+    commit, deleting s3 as a pull (as in the kill tests).  Returns (ids, disk, snaps)."""
+    c = repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS)
+    disk = bytearray(SIZE)
+
+    def w(off, data):
+        c.write(off, data)
+        disk[off:off + len(data)] = data
+
+    w(0, pat(1, SIZE // 2))
+    ids, snaps = {}, {}
+    ids["s1"] = c.snapshot("s1").id
+    snaps["s1"] = bytes(disk)
+    for i in range(16):
+        w((2 * i + 1) * CS, pat(2))
+    ids["s2"] = c.snapshot("s2").id
+    snaps["s2"] = bytes(disk)
+    w(40 * CS, pat(3))
+    ids["s3"] = c.snapshot("s3").id
+    snaps["s3"] = bytes(disk)
+    for i in range(24):
+        w((3 * i) * CS, pat(4, 100))
+    return ids, disk, snaps
+
+
+def qemu_clean(repo):
+    from qemu import qemu_check
+    for v in repo._cat.volumes().values():
+        if v.format == "qcow2":
+            code, data = qemu_check(os.path.join(repo.path, v.path))
+            assert code == 0, (v.path, data)
+
+
+def test_repository_on_the_postgresql_catalog(tmp_path, pg_url):
+    path = tmp_path / "repo"
+    with engine.Repository.create(path, catalog=pg_url, host_id="h1") as repo:
+        assert isinstance(repo._cat, PgCatalog) and repo.host_id == "h1"
+        assert not os.path.exists(path / "catalog.db") and (path / "repository.id").is_file()
+        ids, disk, snaps = build(repo)
+        repo.create_chain("raw1", SIZE).write(0, b"raw")
+    # several opens at once (no folder lock), each a host of its own
+    a = engine.Repository.open(path, catalog=pg_url, host_id="h1")
+    b = engine.Repository.open(path, catalog=pg_url, host_id="h2")
+    try:
+        vm1 = a.chain("vm1")
+        assert vm1.read(0, SIZE) == bytes(disk)
+        assert [s.id for s in b.chain("vm1").snapshots] == [ids["s1"], ids["s2"], ids["s3"]]
+        assert vm1.delete_snapshot(ids["s2"]).direction == "commit"
+        assert vm1.delete_snapshot(ids["s3"]).direction == "pull"
+        assert [s.id for s in vm1.snapshots] == [ids["s1"]]
+        assert vm1.read(0, SIZE) == bytes(disk)
+        with vm1.open_snapshot(ids["s1"]) as img:
+            assert img.read(0, SIZE) == snaps["s1"]
+        k = vm1.clone(ids["s1"], "vmc")
+        k.write(5, b"clone")
+        vm1.revert(ids["s1"])
+        assert vm1.read(0, SIZE) == snaps["s1"]
+        vm1.export(str(tmp_path / "out.raw"), format="raw")
+        assert (tmp_path / "out.raw").read_bytes() == snaps["s1"]
+        assert [c.name for c in b.chains()] == ["raw1", "vm1", "vmc"]   # h2 sees h1's work
+        with pytest.raises(engine.ImageLocked):
+            b.chain("vmc").read(0, 10)           # h1 holds its leaf open for writing
+        k.close()
+        assert b.chain("vmc").read(0, 10) == snaps["s1"][:5] + b"clone"
+        b.close()                                # (its handle of vmc's leaf)
+        res = a.check()
+        assert res.ok and not res.problems, res.to_dict()
+    finally:
+        a.close()
+        b.close()
+    with engine.Repository.open(path, catalog=pg_url, readonly=True) as ro:
+        assert ro.chain("vm1").read(0, SIZE) == snaps["s1"]
+        qemu_clean(ro)
+
+
+def test_wrong_folder_or_missing_marker_refused(tmp_path, pg_url):
+    with engine.Repository.create(tmp_path / "a", catalog=pg_url) as repo:
+        repo.create_chain("vm1", SIZE)
+    engine.Repository.create(tmp_path / "b").close()               # a SQLite repository
+    with pytest.raises(engine.NotFound, match="repository.id"):
+        engine.Repository.open(tmp_path / "b", catalog=pg_url)
+    os.makedirs(tmp_path / "c" / "volumes")
+    (tmp_path / "c" / "repository.id").write_text("another-folder\n")
+    with pytest.raises(RepositoryError, match="describes another volume folder") as e:
+        engine.Repository.open(tmp_path / "c", catalog=pg_url)
+    assert "mounted at any path" in e.value.hint
+    # the same folder under another path (another host's mount point) is accepted
+    os.symlink(tmp_path / "a", tmp_path / "mnt")
+    with engine.Repository.open(tmp_path / "mnt", catalog=pg_url) as repo:
+        assert repo.chain("vm1").read(0, 3) == b"\0\0\0"
+
+
+def test_create_refused_by_the_catalog_leaves_the_folder_as_it_was(tmp_path, pg_url):
+    engine.Repository.create(tmp_path / "a", catalog=pg_url).close()
+    with pytest.raises(RepositoryError, match="already holds a cowchain catalog"):
+        engine.Repository.create(tmp_path / "b", catalog=pg_url)
+    assert not os.path.exists(tmp_path / "b")
+    os.mkdir(tmp_path / "empty")
+    with pytest.raises(RepositoryError):
+        engine.Repository.create(tmp_path / "empty", catalog=pg_url)
+    assert os.listdir(tmp_path / "empty") == []
+
+
+WORKER = r"""
+import os, sys
+import engine
+path, url, host, action, sid = sys.argv[1:6]
+with engine.Repository.open(path, catalog=url, host_id=host) as repo:
+    vm1 = repo.chain("vm1")
+    if action == "delete":
+        vm1.delete_snapshot(sid)
+    else:
+        vm1.snapshot("new")
+"""
+
+
+@pytest.mark.parametrize("action,kill_at", [("delete", "delete_snapshot.copied:1"),
+                                            ("snapshot", "snapshot.intent:1")])
+def test_crash_recovery_on_the_postgresql_catalog(tmp_path, pg_url, action, kill_at):
+    """A host killed in the middle of an operation leaves its journal entry in the
+    PostgreSQL catalog.  Another host's open leaves it alone (its chains are not its own);
+    the crashed host's next open recovers it, or any host recovers it by naming the chain."""
+    path = tmp_path / "repo"
+    with engine.Repository.create(path, catalog=pg_url, host_id="h1") as repo:
+        ids, disk, snaps = build(repo)
+    env = dict(os.environ, COWCHAIN_KILL_AT=kill_at)
+    out = subprocess.run([sys.executable, "-c", WORKER, str(path), pg_url, "h1", action,
+                          ids["s2"]], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    with engine.Repository.open(path, catalog=pg_url, host_id="h2") as other:
+        [j] = other._cat.journal()
+        assert (j.host, j.chain) == ("h1", "vm1")                  # not h2's to recover
+    reopen = ({"host_id": "h1"}, {"host_id": "h3", "chains": ["vm1"]})[action == "snapshot"]
+    with engine.Repository.open(path, catalog=pg_url, host_id=reopen["host_id"]) as repo:
+        if "chains" in reopen:
+            assert len(repo.recover(chains=["other"])) == 0
+            assert len(repo.recover(chains=reopen["chains"])) == 1
+        assert repo._cat.journal() == []
+        vm1 = repo.chain("vm1")
+        assert vm1.read(0, SIZE) == bytes(disk)
+        want = [ids["s1"], ids["s3"]] if action == "delete" else [ids["s1"], ids["s2"],
+                                                                     ids["s3"]]
+        assert [s.id for s in vm1.snapshots] == want
+        for s in vm1.snapshots:
+            name = {v: k for k, v in ids.items()}[s.id]
+            with vm1.open_snapshot(s.id) as img:
+                assert img.read(0, SIZE) == snaps[name]
+        res = repo.check()
+        assert not [p for p in res.problems if p.kind != "image"], res.to_dict()
+        qemu_clean(repo)
+
+
+# --- the repository model's random operations, on the PostgreSQL catalog ------------------------
+
+_SERVER: list = []
+
+
+@pytest.fixture(autouse=True)
+def _session_server(pg_server):
+    """The session's server, for the state machine below (a unittest class: no fixtures)."""
+    _SERVER[:] = [pg_server]
+    if not pg_server.running:
+        pg_server.start()
+
+
+class PgRepoMachine(test_repo_model.RepoMachine):
+    """test_repo_model's state machine, every repository on a new PostgreSQL database."""
+
+    made = 0
+
+    def repo_kw(self) -> dict:
+        PgRepoMachine.made += 1
+        return {"catalog": _SERVER[0].create_database(f"model{os.getpid()}_{self.made}"),
+                "host_id": "model"}
+
+
+PgRepoMachine.TestCase.settings = test_repo_model.RepoMachine.TestCase.settings
+TestPgRepoModel = PgRepoMachine.TestCase
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def cli(*argv, env=None):
+    out = subprocess.run([sys.executable, "-m", "engine.cli", *argv], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **(env or {})})
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_cli_catalog_flags_environment_and_upgrade(tmp_path, pg_url):
+    repo = str(tmp_path / "repo")
+    code, out, err = cli("--repo", repo, "--catalog", pg_url, "repo", "init")
+    assert code == 0, err
+    assert os.path.isfile(os.path.join(repo, "repository.id"))
+    code, out, err = cli("chain", "create", "vm1", "1M", "--repo", repo, "--catalog", pg_url,
+                         "--host-id", "h7")
+    assert code == 0, err
+    env = {"COWCHAIN_REPO": repo, "COWCHAIN_CATALOG": pg_url, "COWCHAIN_HOST_ID": "h8"}
+    code, out, err = cli("--output", "json", "chain", "list", env=env)
+    assert code == 0 and '"vm1"' in out, (out, err)
+    code, out, err = cli("--output", "json", "repo", "upgrade", env=env)
+    assert code == 0 and '"schema": 3' in out and "\"schema-before\": 3" in out, (out, err)
+    # without the catalog the folder holds no repository (no catalog.db there)
+    code, out, err = cli("chain", "list", "--repo", repo)
+    assert code == engine.NotFound.exit_code and "no cowchain repository" in err
+    raw(pg_url, "INSERT INTO schema_version VALUES (99, 'x')")
+    code, out, err = cli("repo", "upgrade", env=env)
+    assert code == RepositoryError.exit_code and "schema version 99" in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_upgrade_of_a_sqlite_repository(tmp_path):
+    repo = str(tmp_path / "repo")
+    assert cli("--repo", repo, "repo", "init")[0] == 0
+    import sqlite3
+    db = sqlite3.connect(os.path.join(repo, "catalog.db"))
+    with db:
+        for col in ("size", "ino", "stamp", "damaged"):
+            db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
+        db.execute("UPDATE schema_version SET version = 1")
+    db.close()
+    code, out, err = cli("--repo", repo, "repo", "upgrade")
+    assert code == 0 and "Catalog schema version 2 (was 1)" in out, (out, err)
+    code, out, err = cli("--repo", repo, "repo", "upgrade")
+    assert code == 0 and "already current" in out, (out, err)
