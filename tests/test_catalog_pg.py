@@ -586,14 +586,9 @@ def test_cli_catalog_flags_environment_and_upgrade(tmp_path, pg_url):
 
 def test_cli_upgrade_of_a_sqlite_repository(tmp_path):
     repo = str(tmp_path / "repo")
+    from test_repo_safety import _downgrade_to_v1
     assert cli("--repo", repo, "repo", "init")[0] == 0
-    import sqlite3
-    db = sqlite3.connect(os.path.join(repo, "catalog.db"))
-    with db:
-        for col in ("size", "ino", "stamp", "damaged"):
-            db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
-        db.execute("UPDATE schema_version SET version = 1")
-    db.close()
+    _downgrade_to_v1(repo)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
     assert code == 0 and "Catalog schema version 2 (was 1)" in out, (out, err)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
