@@ -31,12 +31,17 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-import psycopg
-from psycopg import sql as _sql
-from psycopg.rows import dict_row
-
 from engine.catalog import (SqlCatalog, migration_sql, now, refuse_newer, schema_sql)
 from engine.errors import CatalogUnavailable, EngineError, RepositoryError
+
+try:
+    import psycopg
+    from psycopg import sql as _sql
+    from psycopg.rows import dict_row
+except ImportError:       # the optional 'postgresql' extra: only PgCatalog needs it
+    HAVE_PSYCOPG = False
+else:
+    HAVE_PSYCOPG = True
 
 #: The schema version of a PostgreSQL catalog (versions 1-2 are the shared tables).
 PG_SCHEMA_VERSION = 3
@@ -143,6 +148,9 @@ class PgCatalog(SqlCatalog):
 
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False,
                  repository_id: str | None = None, settings: PgSettings | None = None) -> None:
+        if not HAVE_PSYCOPG:
+            raise RepositoryError("a PostgreSQL catalog needs the 'psycopg' module, which is "
+                                  "not installed", hint="pip install 'cowchain[postgresql]'")
         super().__init__()
         self.url = url
         self.path = redact(url)

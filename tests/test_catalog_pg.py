@@ -415,7 +415,10 @@ def test_repository_on_the_postgresql_catalog(tmp_path, pg_url):
         ids, disk, snaps = build(repo)
         repo.create_chain("raw1", SIZE).write(0, b"raw")
     # several opens at once (no folder lock), each a host of its own
-    a = engine.Repository.open(path, catalog=pg_url, host_id="h1")
+    a = engine.Repository.open(path, catalog=pg_url, host_id="h1",
+                               catalog_settings=PgSettings(lock_timeout=4.5))
+    got = a._cat._exec("SELECT current_setting('lock_timeout') AS t").fetchall()
+    assert got == [{"t": "4500ms"}]
     b = engine.Repository.open(path, catalog=pg_url, host_id="h2")
     try:
         vm1 = a.chain("vm1")
@@ -554,7 +557,7 @@ PgRepoMachine.TestCase.settings = test_repo_model.RepoMachine.TestCase.settings
 TestPgRepoModel = PgRepoMachine.TestCase
 
 
-# --- the command line ------------------------------------------------------------------------------
+# --- the command line ----------------------------------------------------------------------
 
 def cli(*argv, env=None):
     out = subprocess.run([sys.executable, "-m", "engine.cli", *argv], capture_output=True,
@@ -593,3 +596,21 @@ def test_cli_upgrade_of_a_sqlite_repository(tmp_path):
     assert code == 0 and "Catalog schema version 2 (was 1)" in out, (out, err)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
     assert code == 0 and "already current" in out, (out, err)
+
+
+def test_without_psycopg_only_the_postgresql_catalog_is_refused(tmp_path, pg_url):
+    """psycopg is an optional extra: without it cowchain works on the SQLite catalog and a
+    PostgreSQL URL is refused with a typed error that says what to install."""
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "import engine\n"
+            "with engine.Repository.create(sys.argv[1] + '/a') as r:\n"
+            "    r.create_chain('vm', 1 << 20)\n"
+            "try:\n"
+            "    engine.Repository.create(sys.argv[1] + '/b', catalog=sys.argv[2])\n"
+            "except engine.RepositoryError as e:\n"
+            "    print('refused:', e.hint)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), pg_url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "refused: pip install 'cowchain[postgresql]'"
+    assert not os.path.exists(tmp_path / "b")

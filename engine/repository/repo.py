@@ -12,7 +12,7 @@ from typing import Iterable
 
 from engine import destination as _destination
 from engine.catalog import Catalog
-from engine.catalog_pg import PgCatalog
+from engine.catalog_pg import PgCatalog, PgSettings
 from engine.errors import EngineError, ImageClosed, NotFound, RepositoryError
 from engine.repository import check as _check
 from engine.repository import journal, operations
@@ -44,7 +44,8 @@ class Repository:
     """
 
     def __init__(self, path: PathArg, *, _create: bool = False, readonly: bool = False,
-                 catalog: str | None = None, host_id: str | None = None) -> None:
+                 catalog: str | None = None, host_id: str | None = None,
+                 catalog_settings: PgSettings | None = None) -> None:
         self._path = os.path.abspath(os.fspath(path))
         self._lock_fd: int | None = None
         #: the host this process acts as in a shared repository (None: a local catalog)
@@ -52,7 +53,7 @@ class Repository:
         if not readonly and catalog is None:
             self._lock()
         try:
-            self._cat = self._open_catalog(catalog, _create, readonly)
+            self._cat = self._open_catalog(catalog, _create, readonly, catalog_settings)
         except BaseException:
             self._unlock()
             raise
@@ -66,7 +67,8 @@ class Repository:
                 self.close()
                 raise
 
-    def _open_catalog(self, url: str | None, create: bool, readonly: bool) -> CatalogStore:
+    def _open_catalog(self, url: str | None, create: bool, readonly: bool,
+                      settings: PgSettings | None) -> CatalogStore:
         """The SQLite catalog in the folder, or the PostgreSQL catalog at URL, which must
         describe this folder (the id in its ``repository.id``; several hosts may mount the
         folder at different paths)."""
@@ -74,7 +76,8 @@ class Repository:
             return Catalog(os.path.join(self._path, CATALOG_NAME), create=create,
                            readonly=readonly)
         folder_id = _read_folder_id(self._path)
-        cat = PgCatalog(url, create=create, readonly=readonly, repository_id=folder_id)
+        cat = PgCatalog(url, create=create, readonly=readonly, repository_id=folder_id,
+                        settings=settings)
         try:
             cat.host = self.host_id
             recorded = cat.repository_id() if cat.version >= 3 else None
@@ -105,8 +108,8 @@ class Repository:
     # --- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: PathArg, *, catalog: str | None = None,
-               host_id: str | None = None) -> Repository:
+    def create(cls, path: PathArg, *, catalog: str | None = None, host_id: str | None = None,
+               catalog_settings: PgSettings | None = None) -> Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
 
         Arguments:
@@ -115,6 +118,7 @@ class Repository:
                 that several hosts share; None: the SQLite catalog in the folder.
             host_id (str | None): this host's stable id with a shared catalog (default:
                 the host name).
+            catalog_settings (PgSettings | None): the PostgreSQL connection's timeouts.
 
         Raises:
             RepositoryError: PATH already holds a repository, or exists and is not an empty
@@ -140,7 +144,8 @@ class Repository:
         else:
             _write_folder_id(path)
             try:
-                repo = cls(path, _create=True, catalog=catalog, host_id=host_id)
+                repo = cls(path, _create=True, catalog=catalog, host_id=host_id,
+                           catalog_settings=catalog_settings)
             except BaseException:
                 # the folder as it was: a catalog refused leaves no half repository
                 for name in (FOLDER_ID_NAME, VOLUMES_DIR):
@@ -156,7 +161,8 @@ class Repository:
 
     @classmethod
     def open(cls, path: PathArg, *, readonly: bool = False, catalog: str | None = None,
-             host_id: str | None = None) -> Repository:
+             host_id: str | None = None,
+             catalog_settings: PgSettings | None = None) -> Repository:
         """Open the repository in PATH and recover interrupted operations.
 
         With ``readonly=True`` nothing is locked, recovered or changed: any number of
@@ -168,7 +174,8 @@ class Repository:
 
         With ``catalog`` (the PostgreSQL URL the repository was created with) the folder is
         not locked: several hosts open it at once, each with its own ``host_id`` (default:
-        the host name), and an open recovers only the operations this host left in flight.
+        the host name), and an open recovers only the operations this host left in flight;
+        ``catalog_settings`` sets the connection's timeouts.
 
         Raises:
             NotFound: PATH holds no repository.
@@ -183,7 +190,8 @@ class Repository:
                            "no cowchain repository here (no repository.id: a repository "
                            "created with a PostgreSQL catalog has one)", path=path,
                            hint="create one with 'cowchain repo init DIR'")
-        return cls(path, readonly=readonly, catalog=catalog, host_id=host_id)
+        return cls(path, readonly=readonly, catalog=catalog, host_id=host_id,
+                   catalog_settings=catalog_settings)
 
     @classmethod
     def upgrade(cls, path: PathArg, *, catalog: str | None = None,
