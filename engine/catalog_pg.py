@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from engine.catalog import (SqlCatalog, migration_sql, now, refuse_newer, schema_sql)
 from engine.errors import CatalogUnavailable, EngineError, RepositoryError
@@ -157,7 +157,7 @@ class PgCatalog(SqlCatalog):
         self.settings = settings or PgSettings()
         self._readonly = readonly
         self._owner = threading.get_ident()
-        self.fence: Callable[[psycopg.Connection[Any]], None] | None = None
+        self.fence = None
         self.host: str | None = None
         self.epoch: int | None = None
         self.version = PG_SCHEMA_VERSION

@@ -614,3 +614,72 @@ def test_without_psycopg_only_the_postgresql_catalog_is_refused(tmp_path, pg_url
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "refused: pip install 'cowchain[postgresql]'"
     assert not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.parametrize("how", ["restart", "down for a while", "crash"])
+def test_a_server_restart_in_the_middle_of_an_operation(tmp_path, pg_url, server, monkeypatch,
+                                                        how):
+    """The server restarts (or is down for a moment, or crashes and recovers) between an
+    operation's intent and its commit: the operation reconnects at its next transaction and
+    completes; nothing is lost and the repository checks clean."""
+    from engine.repository import journal
+    path = tmp_path / "repo"
+    repo = engine.Repository.create(path, catalog=pg_url, host_id="h1")
+    try:
+        c = repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS)
+        c.write(0, b"before")
+        real = journal.kill_point
+
+        def hit(name):
+            if name == "snapshot.intent":
+                if how == "restart":
+                    server.restart("fast")
+                elif how == "crash":
+                    server.restart("immediate")
+                else:
+                    server.stop("fast")
+                    threading.Timer(1.0, server.start).start()
+            real(name)
+
+        monkeypatch.setattr(journal, "kill_point", hit)
+        s = c.snapshot("across a restart")
+        monkeypatch.setattr(journal, "kill_point", real)
+        c.write(0, b"after!")
+        assert [x.id for x in c.snapshots] == [s.id] and repo._cat.journal() == []
+        with c.open_snapshot(s.id) as img:
+            assert img.read(0, 6) == b"before"
+        assert c.read(0, 6) == b"after!"
+        res = repo.check()
+        assert res.ok and not res.problems, res.to_dict()
+    finally:
+        repo.close()
+
+
+def test_a_restart_inside_an_operations_transaction_rolls_it_back(tmp_path, pg_url, server,
+                                                                   monkeypatch):
+    """The server restarts while an operation's commit transaction is open: the operation
+    fails with CatalogUnavailable (retryable), the chain is as before, and the retry works."""
+    path = tmp_path / "repo"
+    repo = engine.Repository.create(path, catalog=pg_url, host_id="h1")
+    try:
+        c = repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS)
+        c.write(0, b"data")
+        cat = repo._cat
+        real = cat.insert_snapshot
+
+        def cut(row):
+            server.restart("fast")
+            real(row)
+
+        monkeypatch.setattr(cat, "insert_snapshot", cut)
+        with pytest.raises(CatalogUnavailable):
+            c.snapshot("lost")
+        monkeypatch.setattr(cat, "insert_snapshot", real)
+        assert c.snapshots == [] and c.read(0, 4) == b"data"
+        repo.recover()
+        s = c.snapshot("again")
+        assert [x.id for x in c.snapshots] == [s.id]
+        res = repo.check()
+        assert res.ok and not res.problems, res.to_dict()
+    finally:
+        repo.close()
