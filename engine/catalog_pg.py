@@ -131,8 +131,10 @@ class PgCatalog(SqlCatalog):
         url (str): a libpq connection string or URL (``postgresql://...``).
         create (bool): make a new catalog (the database must hold none).
         readonly (bool): read only (an older schema is read as it is).
-        repository_id (str | None): with ``create``, the id of the volume folder it
-            describes (``repository_id`` reads it back).
+        repository_id (str | None): the id of the volume folder the catalog describes:
+            recorded by ``create`` (and by a read-write open of a catalog that has none yet),
+            and an open with another id is refused.
+        host (str | None): this host's id (see ``host`` below).
         settings (PgSettings | None): connection settings.
 
     Attributes:
@@ -142,12 +144,14 @@ class PgCatalog(SqlCatalog):
 
     Raises:
         RepositoryError: the database holds no cowchain catalog (or already one, with
-            ``create``), or its schema is newer than this version understands.
+            ``create``), its schema is newer than this version understands, or it
+            describes another volume folder.
         CatalogUnavailable: the server cannot be reached.
     """
 
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False,
-                 repository_id: str | None = None, settings: PgSettings | None = None) -> None:
+                 repository_id: str | None = None, host: str | None = None,
+                 settings: PgSettings | None = None) -> None:
         if not HAVE_PSYCOPG:
             raise RepositoryError("a PostgreSQL catalog needs the 'psycopg' module, which is "
                                   "not installed", hint="pip install 'cowchain[postgresql]'")
@@ -158,7 +162,7 @@ class PgCatalog(SqlCatalog):
         self._readonly = readonly
         self._owner = threading.get_ident()
         self.fence = None
-        self.host: str | None = None
+        self.host = host
         self.epoch: int | None = None
         self.version = PG_SCHEMA_VERSION
         self._db: psycopg.Connection[dict[str, Any]] | None = None
@@ -169,6 +173,8 @@ class PgCatalog(SqlCatalog):
                 self._create(repository_id)
             else:
                 self._check_schema()
+                if repository_id is not None:
+                    self._check_repository_id(repository_id)
         except BaseException:
             self.close()
             raise
@@ -382,14 +388,22 @@ class PgCatalog(SqlCatalog):
 
     def repository_id(self) -> str | None:
         """The id of the volume folder the catalog describes (None: not recorded yet)."""
+        if self.version < 3:
+            return None                 # an older catalog read as it is
         rows = self._exec("SELECT id FROM repository").fetchall()
         return str(rows[0]["id"]) if rows else None
 
-    def record_repository_id(self, rid: str) -> None:
-        """Record the volume folder's id (a catalog that has none yet)."""
-        with self.transaction():
-            self._exec("DELETE FROM repository")
-            self._exec("INSERT INTO repository VALUES (?, ?)", (rid, now()))
+    def _check_repository_id(self, rid: str) -> None:
+        recorded = self.repository_id()
+        if recorded is None and not self._readonly and self.version >= 3:
+            with self.transaction():                 # a catalog migrated just now
+                self._exec("INSERT INTO repository VALUES (?, ?)", (rid, now()))
+        elif recorded is not None and recorded != rid:
+            raise RepositoryError(
+                f"the catalog {self.path} describes another volume folder (id {recorded}), "
+                f"not this one (id {rid})",
+                hint="give the folder that catalog was created with (mounted at any path), "
+                     "or the catalog URL of this folder")
 
     # --- maintenance -------------------------------------------------------------------------
 

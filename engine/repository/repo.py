@@ -75,24 +75,9 @@ class Repository:
         if url is None:
             return Catalog(os.path.join(self._path, CATALOG_NAME), create=create,
                            readonly=readonly)
-        folder_id = _read_folder_id(self._path)
-        cat = PgCatalog(url, create=create, readonly=readonly, repository_id=folder_id,
-                        settings=settings)
-        try:
-            cat.host = self.host_id
-            recorded = cat.repository_id() if cat.version >= 3 else None
-            if recorded is None and not readonly:
-                cat.record_repository_id(folder_id)         # a catalog migrated just now
-            elif recorded is not None and recorded != folder_id:
-                raise RepositoryError(
-                    f"the catalog {cat.path} describes another volume folder (id "
-                    f"{recorded}), not this one (id {folder_id})", path=self._path,
-                    hint="give the folder that catalog was created with (mounted at any "
-                         "path), or the catalog URL of this folder")
-        except BaseException:
-            cat.close()
-            raise
-        return cat
+        return PgCatalog(url, create=create, readonly=readonly,
+                         repository_id=_read_folder_id(self._path), host=self.host_id,
+                         settings=settings)
 
     def _recover_on_open(self) -> None:
         """Recover interrupted operations: all of them with a local catalog; with a shared
