@@ -21,7 +21,7 @@ import engine
 from engine.catalog import ChainRow, VolumeRow, now, schema_sql
 from engine.catalog_pg import (LEASE_DDL, MIGRATE_LOCK, PG_SCHEMA_VERSION, PgCatalog,
                                PgSettings)
-from engine.errors import CatalogUnavailable, EngineError, RepositoryError
+from engine.errors import CatalogUnavailable, RepositoryError
 import test_repo_model
 
 FAST = PgSettings(reconnect_wait=5.0)
@@ -219,8 +219,9 @@ def test_a_lock_wait_past_lock_timeout_is_a_typed_retryable_error(pg_url):
 
 # --- the fence hook -------------------------------------------------------------------------------
 
-class Fenced(EngineError):
-    """The test's stand-in for a lost lease."""
+class Fenced(Exception):
+    """The test's stand-in for a lost lease (not an EngineError subclass: those are the
+    exit-code table)."""
 
 
 def test_fence_runs_first_in_every_write_transaction(c):
