@@ -86,6 +86,9 @@ _UNAVAILABLE = {"57P01": "the server shut down or restarted",
                 "40001": "a concurrent transaction conflicted",
                 "40P01": "a deadlock with another transaction"}
 
+#: What a server that refuses a connection for now says (libpq's text; no SQLSTATE then).
+_TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many clients")
+
 
 @dataclasses.dataclass(frozen=True)
 class PgSettings:
@@ -192,6 +195,11 @@ class PgCatalog(SqlCatalog):
                                        options=opts, application_name="cowchain",
                                        connect_timeout=max(1, int(self.settings.connect_timeout)))
             except psycopg.OperationalError as e:
+                text = str(e)
+                if "FATAL" in text and not any(t in text for t in _TRANSIENT_REFUSALS):
+                    # the server answered and refused: no database, no role, no access
+                    raise RepositoryError(f"catalog {self.path}: {_last_line(e)}",
+                                          hint="check the catalog URL") from None
                 if time.monotonic() >= deadline:
                     raise CatalogUnavailable(
                         f"cannot connect to the catalog {self.path}: {_first_line(e)}") from None
@@ -433,3 +441,7 @@ class PgCatalog(SqlCatalog):
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _last_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1].split("FATAL:")[-1].strip()

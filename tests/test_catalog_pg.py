@@ -121,6 +121,13 @@ def test_unreachable_server_is_a_typed_error(pg_server):
     assert e.value.hint and e.value.exit_code == 24
 
 
+def test_a_refused_connection_is_not_waited_for(pg_server):
+    """No such database (or role): the server answered, so no retrying: RepositoryError."""
+    with pytest.raises(RepositoryError, match='database "nosuchdb" does not exist') as e:
+        PgCatalog(pg_server.url("nosuchdb"), settings=PgSettings(reconnect_wait=600))
+    assert not isinstance(e.value, CatalogUnavailable) and "URL" in e.value.hint
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 def test_newer_schema_refused(c, pg_url, readonly):
     raw(pg_url, "INSERT INTO schema_version VALUES (%s, %s)", (PG_SCHEMA_VERSION + 1, now()))
