@@ -450,8 +450,7 @@ def test_repository_on_the_postgresql_catalog(tmp_path, pg_url):
         k.close()
         assert b.chain("vmc").read(0, 10) == snaps["s1"][:5] + b"clone"
         b.close()                                # (its handle of vmc's leaf)
-        res = a.check()
-        assert res.ok and not res.problems, res.to_dict()
+        check_clean(a)
     finally:
         a.close()
         b.close()
@@ -624,70 +623,69 @@ def test_without_psycopg_only_the_postgresql_catalog_is_refused(tmp_path, pg_url
     assert not os.path.exists(tmp_path / "b")
 
 
+@pytest.fixture
+def pg_repo(tmp_path, pg_url, server):
+    """A repository on the PostgreSQL catalog with one qcow2 chain vm1 reading b"before"."""
+    repo = engine.Repository.create(tmp_path / "repo", catalog=pg_url, host_id="h1")
+    repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS).write(0, b"before")
+    yield repo
+    repo.close()
+
+
+def check_clean(repo):
+    res = repo.check()
+    assert res.ok and not res.problems, res.to_dict()
+
+
 @pytest.mark.parametrize("how", ["restart", "down for a while", "crash"])
-def test_a_server_restart_in_the_middle_of_an_operation(tmp_path, pg_url, server, monkeypatch,
-                                                        how):
+def test_a_server_restart_in_the_middle_of_an_operation(pg_repo, server, monkeypatch, how):
     """The server restarts (or is down for a moment, or crashes and recovers) between an
     operation's intent and its commit: the operation reconnects at its next transaction and
     completes; nothing is lost and the repository checks clean."""
     from engine.repository import journal
-    path = tmp_path / "repo"
-    repo = engine.Repository.create(path, catalog=pg_url, host_id="h1")
-    try:
-        c = repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS)
-        c.write(0, b"before")
-        real = journal.kill_point
+    c = pg_repo.chain("vm1")
+    real = journal.kill_point
 
-        def hit(name):
-            if name == "snapshot.intent":
-                if how == "restart":
-                    server.restart("fast")
-                elif how == "crash":
-                    server.restart("immediate")
-                else:
-                    server.stop("fast")
-                    threading.Timer(1.0, server.start).start()
-            real(name)
+    def hit(name):
+        if name == "snapshot.intent":
+            if how == "restart":
+                server.restart("fast")
+            elif how == "crash":
+                server.restart("immediate")
+            else:
+                server.stop("fast")
+                threading.Timer(1.0, server.start).start()
+        real(name)
 
-        monkeypatch.setattr(journal, "kill_point", hit)
-        s = c.snapshot("across a restart")
-        monkeypatch.setattr(journal, "kill_point", real)
-        c.write(0, b"after!")
-        assert [x.id for x in c.snapshots] == [s.id] and repo._cat.journal() == []
-        with c.open_snapshot(s.id) as img:
-            assert img.read(0, 6) == b"before"
-        assert c.read(0, 6) == b"after!"
-        res = repo.check()
-        assert res.ok and not res.problems, res.to_dict()
-    finally:
-        repo.close()
+    monkeypatch.setattr(journal, "kill_point", hit)
+    s = c.snapshot("across a restart")
+    monkeypatch.setattr(journal, "kill_point", real)
+    c.write(0, b"after!")
+    assert [x.id for x in c.snapshots] == [s.id] and pg_repo._cat.journal() == []
+    with c.open_snapshot(s.id) as img:
+        assert img.read(0, 6) == b"before"
+    assert c.read(0, 6) == b"after!"
+    check_clean(pg_repo)
 
 
-def test_a_restart_inside_an_operations_transaction_rolls_it_back(tmp_path, pg_url, server,
+def test_a_restart_inside_an_operations_transaction_rolls_it_back(pg_repo, server,
                                                                    monkeypatch):
     """The server restarts while an operation's commit transaction is open: the operation
     fails with CatalogUnavailable (retryable), the chain is as before, and the retry works."""
-    path = tmp_path / "repo"
-    repo = engine.Repository.create(path, catalog=pg_url, host_id="h1")
-    try:
-        c = repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS)
-        c.write(0, b"data")
-        cat = repo._cat
-        real = cat.insert_snapshot
+    c = pg_repo.chain("vm1")
+    cat = pg_repo._cat
+    real = cat.insert_snapshot
 
-        def cut(row):
-            server.restart("fast")
-            real(row)
+    def cut(row):
+        server.restart("fast")
+        real(row)
 
-        monkeypatch.setattr(cat, "insert_snapshot", cut)
-        with pytest.raises(CatalogUnavailable):
-            c.snapshot("lost")
-        monkeypatch.setattr(cat, "insert_snapshot", real)
-        assert c.snapshots == [] and c.read(0, 4) == b"data"
-        repo.recover()
-        s = c.snapshot("again")
-        assert [x.id for x in c.snapshots] == [s.id]
-        res = repo.check()
-        assert res.ok and not res.problems, res.to_dict()
-    finally:
-        repo.close()
+    monkeypatch.setattr(cat, "insert_snapshot", cut)
+    with pytest.raises(CatalogUnavailable):
+        c.snapshot("lost")
+    monkeypatch.setattr(cat, "insert_snapshot", real)
+    assert c.snapshots == [] and c.read(0, 6) == b"before"
+    assert cat.journal() == []            # undone at once, on a new connection
+    s = c.snapshot("again")               # the retry the error asks for
+    assert [x.id for x in c.snapshots] == [s.id]
+    check_clean(pg_repo)
