@@ -208,6 +208,27 @@ def test_every_connection_sets_the_timeouts(pg_url):
     cat.close()
 
 
+def test_a_transaction_left_idle_past_the_timeout_is_ended_by_the_server(pg_url):
+    """A client paused inside a transaction (here: sleeping) loses its session after
+    idle_in_transaction_session_timeout: its locks are freed for others, its transaction is
+    rolled back, and its next statement raises CatalogUnavailable; the catalog then goes on
+    on a new connection."""
+    import time
+    cat = PgCatalog(pg_url, create=True, settings=PgSettings(idle_in_transaction_timeout=0.3))
+    add_chain(cat)
+    with pytest.raises(CatalogUnavailable, match="rolled back"):
+        with cat.transaction():
+            cat.update_chain("c1", size=2 << 20)
+            time.sleep(1.5)
+            cat.update_chain("c1", size=3 << 20)
+    assert cat.chain("c1").size == 1 << 20
+    with psycopg.connect(pg_url, autocommit=True) as other:        # nothing held any more
+        other.execute("SET lock_timeout = '5s'")
+        other.execute("UPDATE chains SET size = 4194304 WHERE name = 'c1'")
+    assert cat.chain("c1").size == 4 << 20
+    cat.close()
+
+
 def test_a_lock_wait_past_lock_timeout_is_a_typed_retryable_error(pg_url):
     """Another client holds the catalog's write lock: the transaction gives up after
     lock_timeout with CatalogUnavailable (retryable), changing nothing."""
