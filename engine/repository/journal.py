@@ -144,15 +144,19 @@ def abort(ctx: Context, jid: int, chain: str) -> None:
         ctx.blocked[chain] = "an interrupted operation"
 
 
-def recover(ctx: Context) -> list[str]:
-    """Finish or undo every operation the journal shows in flight (``open`` calls this).
+def recover(ctx: Context, chains: Iterable[str] | None = None) -> list[str]:
+    """Finish or undo every operation the journal shows in flight (``open`` calls this),
+    or only those on CHAINS (a host taking chains over recovers just theirs).
 
     Returns:
         list[str]: one line per operation recovered, saying what was done.
     """
     ctx.check_writable()
+    only = None if chains is None else set(chains)
     done = []
     for j in ctx.cat.journal():
+        if only is not None and j.chain not in only:
+            continue
         done.append(recover_row(ctx, j))
         if j.chain is not None:
             ctx.blocked.pop(j.chain, None)
