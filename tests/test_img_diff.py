@@ -485,6 +485,28 @@ def test_bench_runs_the_qemu_img_pattern(case, capsys):
     assert theirs("bench", "-c", "200", "-s", "4k", "-f", "qcow2", "top.qcow2")[0] == 0
 
 
+@pytest.mark.parametrize("step,offset", [("4M", "0"), ("4100k", "0"), ("12k", "8k")])
+def test_bench_writes_where_qemu_img_bench_writes(tmp_path, monkeypatch, capsys, step, offset):
+    """The same -c/-S/-o give the same offsets as qemu-img bench (each STEP further,
+    modulo the disk size): written with a pattern, the two images compare identical."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("q.qcow2", "c.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", name, "16M")
+    args = ["-w", "--pattern", "17", "-c", "40", "-s", "4k", "-S", step, "-o", offset,
+            "-f", "qcow2"]
+    assert theirs("bench", "-d", "1", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "bench", *args, "c.qcow2")
+    assert code == 0, err
+    assert theirs("compare", "q.qcow2", "c.qcow2")[0] == 0
+
+
+def test_bench_refuses_a_request_past_the_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "c.qcow2", "1M")
+    code, _, err = ours(capsys, "bench", "-c", "3", "-s", "4k", "-o", "1022k", "c.qcow2")
+    assert code == 1 and "passes the end of the disk" in err
+
+
 # --- internal snapshots both ways -----------------------------------------------------------
 
 def _flat(name: str, out: str) -> None:
