@@ -188,6 +188,15 @@ def test_map(case, capsys):
     assert c == without_recursed_zeros(q)
 
 
+@pytest.mark.parametrize("size,args", [("0", []), ("1M", ["--start-offset", "2M"]),
+                                       ("1M", ["--start-offset", "4k", "--max-length", "0"])])
+def test_map_of_an_empty_range(tmp_path, monkeypatch, capsys, size, args):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "e.qcow2", size)
+    q, c = both_json(capsys, "map", *args, "e.qcow2")
+    assert c == q
+
+
 def test_map_text_is_qemu_img_text(case, capsys):
     c1, o1, _ = theirs("map", "--output=json", "-f", "qcow2", "top.qcow2")
     c2, o2, _ = ours(capsys, "map", "--output=json", "-f", "qcow2", "top.qcow2")
@@ -327,6 +336,82 @@ def test_create_is_byte_identical(tmp_path, monkeypatch, capsys, opts, backing):
     assert o2.replace("c.qcow2", "q.qcow2") == o1
     with open("q.qcow2", "rb") as a, open("c.qcow2", "rb") as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("opts,size", [
+    ("cluster_size=64k", "5M"), ("cluster_size=64k", "1000000"), ("cluster_size=64k", "0"),
+    ("cluster_size=512", "3M"),                 # refcount blocks and tables grow on the way
+    ("cluster_size=512,refcount_bits=1", "2M"), ("cluster_size=1k,compat=0.10", "3M"),
+    ("cluster_size=4k,refcount_bits=64", "9M"), ("extended_l2=on", "8M"),
+    ("cluster_size=2M,compression_type=zstd,lazy_refcounts=on", "9M")])
+def test_create_preallocated_is_byte_identical(tmp_path, monkeypatch, capsys, mode, opts,
+                                               size):
+    """preallocation=metadata|falloc|full: the file qemu-img writes, byte for byte (L2
+    tables, refcounts and data clusters where QEMU puts them), and the same info, check
+    and map JSON (map: qemu-img guesses zeros from the file's holes, see
+    without_recursed_zeros)."""
+    monkeypatch.chdir(tmp_path)
+    o = f"preallocation={mode},{opts}"
+    c1, o1, _ = theirs("create", "-f", "qcow2", "-o", o, "q.qcow2", size)
+    c2, o2, e2 = ours(capsys, "create", "-f", "qcow2", "-o", o, "c.qcow2", size)
+    assert c1 == c2 == 0, e2
+    assert o2.replace("c.qcow2", "q.qcow2") == o1
+    with open("q.qcow2", "rb") as a, open("c.qcow2", "rb") as b:
+        assert a.read() == b.read()
+    for verb in ("info", "check"):
+        q, c = (json.loads(theirs(verb, "--output=json", n)[1]) for n in ("q.qcow2", "c.qcow2"))
+        for d in (q, c):
+            d.pop("filename"), d.pop("actual-size", None)
+        assert c == q, verb
+    q, c = both_json(capsys, "map", "-f", "qcow2", "c.qcow2")
+    assert c == without_recursed_zeros(q)
+
+
+@pytest.mark.parametrize("mode", ["falloc", "full"])
+def test_create_raw_preallocated(tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.chdir(tmp_path)
+    c1, o1, _ = theirs("create", "-f", "raw", "-o", f"preallocation={mode}", "q.raw", "3M")
+    c2, o2, _ = ours(capsys, "create", "-f", "raw", "-o", f"preallocation={mode}", "c.raw",
+                     "3M")
+    assert c1 == c2 == 0 and o2.replace("c.raw", "q.raw") == o1
+    assert os.path.getsize("c.raw") == 3 << 20
+    assert os.stat("c.raw").st_blocks * 512 >= 3 << 20      # every block allocated
+    assert theirs("compare", "q.raw", "c.raw")[0] == 0
+
+
+@pytest.mark.parametrize("fmt,opts,extra", [
+    ("raw", "preallocation=metadata", []),
+    ("qcow2", "preallocation=metadata", ["-b", "base.raw", "-F", "raw"]),
+    ("qcow2", "preallocation=falloc", ["-b", "base.raw", "-F", "raw"])])
+def test_create_preallocation_refusals_match(tmp_path, monkeypatch, capsys, fmt, opts, extra):
+    """What qemu-img refuses (raw metadata preallocation; a backing file with
+    preallocation but without extended L2) cowchain refuses, with the same exit code and
+    message."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "raw", "base.raw", "1M")
+    c1, _, e1 = theirs("create", "-f", fmt, "-o", opts, *extra, "q.img", "1M")
+    c2, _, e2 = ours(capsys, "create", "-f", fmt, "-o", opts, *extra, "c.img", "1M")
+    assert c1 == c2 == 1
+    assert e1.strip().split(": ", 2)[-1] in e2
+    assert not os.path.exists("c.img")
+
+
+def test_create_preallocated_over_a_backing_file_with_extended_l2(tmp_path, monkeypatch,
+                                                                  capsys):
+    """With extended L2 entries a preallocated overlay still reads its backing file (the
+    subcluster bitmaps stay 0), as qemu-img makes it."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "raw", "base.raw", "2M")
+    qemu_io("base.raw", "write -P 7 0 1M", fmt="raw")
+    args = ["-f", "qcow2", "-o", "preallocation=metadata,extended_l2=on", "-b", "base.raw",
+            "-F", "raw"]
+    assert theirs("create", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "create", *args, "c.qcow2")
+    assert code == 0, err
+    with open("q.qcow2", "rb") as a, open("c.qcow2", "rb") as b:
+        assert a.read() == b.read()
+    assert theirs("compare", "-F", "raw", "c.qcow2", "base.raw")[0] == 0
 
 
 def test_create_unsafe_records_a_missing_backing_file(tmp_path, monkeypatch, capsys):

@@ -53,6 +53,7 @@ STRICT_MODULES = [
     "img/map.py",
     "img/measure.py",
     "img/modify.py",
+    "img/prealloc.py",
     "img/snapshot.py",
     "image/__init__.py",
     "image/api.py",
