@@ -448,6 +448,78 @@ def test_convert_with_backing_writes_only_differences(case, capsys):
         == f"base.{case.backing}"
 
 
+def _allocated_clusters(name: str) -> set[int]:
+    """The guest clusters (64 KiB) an image's own layer holds (qemu-img map, depth 0)."""
+    out = set()
+    for e in json.loads(theirs("map", "--output=json", name)[1]):
+        if e["depth"] == 0 and e["present"]:
+            out.update(range(e["start"] >> 16, (e["start"] + e["length"] + 65535) >> 16))
+    return out
+
+
+def test_convert_with_backing_writes_no_more_than_qemu_img(tmp_path, monkeypatch, capsys):
+    """-B: qemu-img writes what the source's top layer holds; cowchain writes only the
+    blocks that read differently through the new backing file.  With the source's own base
+    as the backing file, cowchain's output reads the same and holds a subset of the
+    clusters qemu-img's holds (not those the overlay rewrote with the base's bytes)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    qemu_io("base.qcow2", "write -P 1 0 2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    qemu_io("top.qcow2", "write -P 1 0 256k", "write -P 2 1M 128k", "write -z 3M 64k")
+    args = ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert theirs("convert", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "convert", *args, "c.qcow2")
+    assert code == 0, err
+    for name in ("q.qcow2", "c.qcow2"):
+        assert theirs("compare", "top.qcow2", name)[0] == 0
+        assert theirs("check", name)[0] == 0
+    q, c = _allocated_clusters("q.qcow2"), _allocated_clusters("c.qcow2")
+    assert c < q and {16, 17} <= c and 0 not in c
+
+
+def test_convert_into_an_existing_target(tmp_path, monkeypatch, capsys):
+    """-n: both tools overwrite an existing image of another layout (junk where the source
+    holds zeros or nothing) so that it reads as the source."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 5 64k 1M", "write -z 2M 64k")
+    for name, fmt in (("q.qcow2", "qcow2"), ("c.qcow2", "qcow2"), ("q.raw", "raw"),
+                      ("c.raw", "raw")):
+        qemu_img("create", "-q", "-f", fmt, "-o" if fmt == "qcow2" else "-q",
+                 *(["cluster_size=4k"] if fmt == "qcow2" else []), name, "4M")
+        qemu_io(name, "write -P 9 0 4M", fmt=fmt)
+    for fmt in ("qcow2", "raw"):
+        assert theirs("convert", "-n", "-O", fmt, "src.qcow2", f"q.{fmt}")[0] == 0
+        code, _, err = ours(capsys, "convert", "-n", "-O", fmt, "src.qcow2", f"c.{fmt}")
+        assert code == 0, err
+        for name in (f"q.{fmt}", f"c.{fmt}"):
+            assert theirs("compare", "-F", fmt, "src.qcow2", name)[0] == 0
+        assert theirs("compare", f"q.{fmt}", f"c.{fmt}")[0] == 0
+    assert theirs("check", "c.qcow2")[0] == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-c", "-O", "raw", "src.qcow2", "t.raw"], "Compression not supported for this file "
+                                                "format"),
+    (["-n", "-O", "qcow2", "src.qcow2", "missing.qcow2"], "Could not open 'missing.qcow2'"),
+    (["-n", "-O", "qcow2", "src.qcow2", "small.qcow2"], "output file is smaller than input "
+                                                        "file")])
+def test_convert_refusals_match(tmp_path, monkeypatch, capsys, args, message):
+    """What qemu-img convert refuses, cowchain refuses: exit 1, the same message, and no
+    target left behind or changed."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 3 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "small.qcow2", "1M")
+    before = open("small.qcow2", "rb").read()
+    c1, _, e1 = theirs("convert", *args)
+    c2, _, e2 = ours(capsys, "convert", *args)
+    assert c1 == c2 == 1 and message in e1 and message in e2, (e1, e2)
+    assert not os.path.exists("t.raw") and not os.path.exists("missing.qcow2")
+    assert open("small.qcow2", "rb").read() == before
+
+
 def refuses_writes(case: Case, code: int, err: str) -> bool:
     """The engine does not write extended-L2 images yet, nor images with persistent bitmaps
     (it would drop them): a verb that must write into one exits 1 with that one-line reason
