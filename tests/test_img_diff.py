@@ -664,6 +664,26 @@ def test_bench_refuses_a_request_past_the_end(tmp_path, monkeypatch, capsys):
     assert code == 1 and "passes the end of the disk" in err
 
 
+def test_a_bitmap_breaking_the_constraints_fails_info_like_qemu_img(tmp_path, monkeypatch,
+                                                                     capsys):
+    """info reads the bitmap directory with the check's reader (QEMU's load-time checks):
+    a bitmap whose granularity is out of range makes both tools fail (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "b.qcow2", "4M")
+    qemu_img("bitmap", "--add", "b.qcow2", "b1")
+    with open("b.qcow2", "r+b") as f:
+        head = f.read(65536)
+        pos = int.from_bytes(head[100:104], "big")
+        while int.from_bytes(head[pos:pos + 4], "big") != 0x23852875:
+            pos += 8 + ((int.from_bytes(head[pos + 4:pos + 8], "big") + 7) & ~7)
+        doff = int.from_bytes(head[pos + 24:pos + 32], "big")
+        f.seek(doff + 17)
+        f.write(bytes([40]))                    # granularity bits, QEMU allows 9..31
+    c1, _, e1 = theirs("info", "--output=json", "b.qcow2")
+    c2, _, e2 = ours(capsys, "info", "--output=json", "b.qcow2")
+    assert c1 == c2 == 1 and "constraints" in e1 and "constraints" in e2, (e1, e2)
+
+
 # --- internal snapshots both ways -----------------------------------------------------------
 
 def _flat(name: str, out: str) -> None:

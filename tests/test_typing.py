@@ -66,6 +66,7 @@ STRICT_MODULES = [
     "image/naming.py",
     "qcow2/__init__.py",
     "qcow2/args.py",
+    "qcow2/bitmaps.py",
     "qcow2/header.py",
     "qcow2/layout.py",
     "qcow2/refblocks.py",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from engine import destination as _destination
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature
-from engine.img._open import format_arg, open_image
+from engine.img._open import format_arg, open_image, unlink_quietly
 from engine.img.compress import write_compressed
 from engine.img.create import create
 from engine.ops._copy import Meter, Progress, runs_total
@@ -92,16 +92,9 @@ def _compressed(src: Image, dest: str, opts: dict[str, Any], progress: Progress 
             written = write_compressed(src, out, progress)
         d.commit(tmp)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return written
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _copy(src: Image, dst: Image, sparse: int, *, differ_only: bool, full: bool,

@@ -9,7 +9,7 @@ import os
 from engine import destination as _destination
 from engine import image as _image
 from engine.errors import InvalidArgument, UnsupportedFeature
-from engine.img._open import format_arg, open_image, parse_size, rewrite_header
+from engine.img._open import format_arg, open_image, parse_size, unlink_quietly
 from engine.img.prealloc import preallocated_image, write_layout, write_raw
 from engine.qcow2.layout import new_image_header
 from engine.qcow2.spec import COMPRESSION_ZSTD, INCOMPAT_COMPRESSION
@@ -131,7 +131,7 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
                     h.incompatible_features |= INCOMPAT_COMPRESSION
                 if unsafe and backing:
                     h.backing_file, h.backing_format = backing, backing_format
-            rewrite_header(again, change)
+            again.rewrite_header(change)
     opts["backing_file"], opts["backing_fmt"] = backing, backing_format
     return formatting_line(path, fmt, opts, given=set(options or {}))
 
@@ -161,10 +161,7 @@ def _preallocate(path: str, fmt: str, mode: str, size: int, kw: dict[str, Any],
             os.close(fd)
         d.commit(tmp)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature, io_error
-from engine.img._open import format_arg, open_image, parse_size, rewrite_header
+from engine.img._open import format_arg, open_image, parse_size
 from engine.ops._copy import Meter, Progress, runs_total
 from engine.ops.measure import layer_runs
 from engine.img._meta import MetaWriter
@@ -235,7 +235,7 @@ def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> N
             _check_downgrade(img, h, lazy)
         if bits != h.refcount_bits:
             _check_width(img, h, bits, compat)
-        rewrite_header(img, lambda new: _amend_header(new, compat, lazy))
+        img.rewrite_header(lambda new: _amend_header(new, compat, lazy))
         if bits != h.refcount_bits:
             _change_width(img, bits)
 
