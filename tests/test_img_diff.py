@@ -614,6 +614,44 @@ def test_commit(case, capsys):
     assert theirs("check", c)[0] == 0
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shared", ["snapshots", "compressed"])
+def test_amend_narrower_refcounts_with_shared_clusters(tmp_path, monkeypatch, capsys, bits,
+                                                       shared):
+    """refcount_bits narrower than the refcounts that internal snapshots or compressed
+    clusters need: refused with qemu-img's message (the first cluster that does not fit),
+    the file unchanged; where every refcount fits, done as qemu-img does it (same info,
+    check clean, same data, the snapshots kept)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 1 0 1M", "write -P 2 2M 64k")
+    if shared == "snapshots":
+        qemu_img("snapshot", "-c", "a", "src.qcow2")
+        qemu_img("snapshot", "-c", "b", "src.qcow2")      # refcounts of 3
+    else:
+        qemu_img("convert", "-c", "-O", "qcow2", "src.qcow2", "z.qcow2")
+        os.replace("z.qcow2", "src.qcow2")                  # many streams per cluster
+    for n in ("q.qcow2", "c.qcow2"):
+        shutil.copy("src.qcow2", n)
+    before = open("c.qcow2", "rb").read()
+    c1, _, e1 = theirs("amend", "-o", f"refcount_bits={bits}", "q.qcow2")
+    c2, _, e2 = ours(capsys, "amend", "-o", f"refcount_bits={bits}", "c.qcow2")
+    assert c1 == c2, (e1, e2)
+    if c1:
+        assert "Cannot decrease refcount entry width" in e1
+        assert e1.strip().split("': ", 1)[-1].removeprefix("qemu-img: ") in e2, (e1, e2)
+        assert open("c.qcow2", "rb").read() == before
+        return
+    qi, ci = (json.loads(theirs("info", "--output=json", n)[1]) for n in ("q.qcow2", "c.qcow2"))
+    for d in (qi, ci):
+        d.pop("filename"), d.pop("actual-size")
+    assert ci == qi and ci["format-specific"]["data"]["refcount-bits"] == bits
+    assert theirs("check", "c.qcow2")[0] == 0
+    assert theirs("compare", "q.qcow2", "c.qcow2")[0] == 0
+    assert theirs("snapshot", "-l", "c.qcow2")[1].count("\n") == \
+        theirs("snapshot", "-l", "q.qcow2")[1].count("\n")
+
+
 @pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "lazy_refcounts=on",
                                   "lazy_refcounts=off", "refcount_bits=64", "refcount_bits=1",
                                   "refcount_bits=4,lazy_refcounts=on"])

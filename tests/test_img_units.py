@@ -100,7 +100,7 @@ def test_refused_operations_leave_the_file_as_it_was(tmp_path, monkeypatch, acti
     calls = {
         "amend-refcount": lambda: img.amend("a.qcow2", {"refcount_bits": 3}),
         "amend-downgrade": lambda: img.amend("a.qcow2", {"compat": "0.10"}),
-        "amend-narrow-shared": lambda: img.amend("a.qcow2", {"refcount_bits": 8}),
+        "amend-narrow-shared": lambda: img.amend("a.qcow2", {"refcount_bits": 1}),
         "apply-missing": lambda: img.snapshot_apply("a.qcow2", "nope"),
         "delete-missing": lambda: img.snapshot_delete("a.qcow2", "nope"),
         "snapshot-rc1": lambda: img.snapshot_create("a.qcow2", "s"),
