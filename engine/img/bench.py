@@ -84,8 +84,8 @@ def bench(path: str, *, format: str | None = None, count: int = 75000, depth: in
     Offsets are :func:`request_plan`'s: qemu-img bench's sequence, or random ones.
     ``write_ratio`` mixes reads and writes (0.0-1.0; default: all writes with ``write``,
     else all reads).  ``threads`` workers share the requests (DEPTH is accepted for the
-    command line and bounds nothing: each worker has one request in flight).  ``duration`` stops after that
-    many seconds instead of after COUNT requests.  Writes change the image.
+    command line and bounds nothing: each worker has one request in flight).  ``duration``
+    stops after that many seconds instead of after COUNT requests.  Writes change the image.
     """
     if size <= 0 or count < 0 or threads < 1:
         raise InvalidArgument("size must be positive, count not negative, threads at least 1")

@@ -92,7 +92,7 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
     prealloc = opts["preallocation"]
     if fmt == "raw" and prealloc == "metadata":
         raise InvalidArgument("Unsupported preallocation mode: metadata", path=path,
-                              hint="raw images take preallocation=off, falloc or full")
+                              hint="raw images take the preallocation modes off, falloc and full")
     if fmt == "qcow2" and prealloc != "off" and backing is not None \
             and not opts["extended_l2"]:
         raise InvalidArgument("Backing file and preallocation can only be used at the same "

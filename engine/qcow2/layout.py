@@ -227,7 +227,9 @@ def _refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: 
 
 class CreateAllocator:
     """A replay of QEMU 7.2's qcow2 cluster allocator, limited to what ``qemu-img create``
-    (preallocation off) does: allocate the header area, grow the L1 to its exact size.
+    does: allocate the header area, grow the L1 to its exact size (and, for the
+    preallocation modes, what ``engine.img.prealloc`` drives: ``alloc``, ``alloc_at`` and an
+    exact ``refcount_area``).
 
     Mirrors ``alloc_clusters_noref``, ``update_refcount`` (with its undo on -EAGAIN),
     ``alloc_refcount_block`` and ``qcow2_refcount_area`` in ``block/qcow2-refcount.c``,
@@ -539,20 +541,27 @@ def lay_out_new_image(h: Header, sim: CreateAllocator,
     sim._write(0, encode_header(h))
 
 
-def new_image_layout(size: int, **options: Any) -> tuple[Header, bytes]:
+def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                     compat: str = COMPAT_V3, refcount_bits: int = 16,
+                     lazy_refcounts: bool = False, backing_file: str | None = None,
+                     backing_format: str | None = None, extended_l2: bool = False,
+                     compression_type: str = "zlib") -> tuple[Header, bytes]:
     """The complete initial content of a new, empty QCOW2 file (preallocation off).
 
     Byte-identical to ``qemu-img create -f qcow2 -o OPTIONS FILE SIZE`` from QEMU 7.2, file
     length included: header cluster, refcount table and blocks, and a zeroed L1 whose last
     cluster is not padded.  For most images that is 3 clusters plus the L1; when the L1
     needs more refcount blocks than the first reftable cluster holds, QEMU's
-    self-describing reftable growth is replayed.  OPTIONS and errors: those of
+    self-describing reftable growth is replayed.  Arguments and errors: those of
     :func:`new_image_header`.
 
     Returns:
         (Header, bytes): the parsed header of the new image and the whole file content.
     """
-    h = new_image_header(size, **options)
+    h = new_image_header(size, cluster_size=cluster_size, compat=compat,
+                         refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
+                         backing_file=backing_file, backing_format=backing_format,
+                         extended_l2=extended_l2, compression_type=compression_type)
     sim = CreateAllocator(h.cluster_bits, h.refcount_order)
     lay_out_new_image(h, sim)
     data = bytes(sim.file)
