@@ -188,6 +188,15 @@ def test_map(case, capsys):
     assert c == without_recursed_zeros(q)
 
 
+@pytest.mark.parametrize("size,args", [("0", []), ("1M", ["--start-offset", "2M"]),
+                                       ("1M", ["--start-offset", "4k", "--max-length", "0"])])
+def test_map_of_an_empty_range(tmp_path, monkeypatch, capsys, size, args):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "e.qcow2", size)
+    q, c = both_json(capsys, "map", *args, "e.qcow2")
+    assert c == q
+
+
 def test_map_text_is_qemu_img_text(case, capsys):
     c1, o1, _ = theirs("map", "--output=json", "-f", "qcow2", "top.qcow2")
     c2, o2, _ = ours(capsys, "map", "--output=json", "-f", "qcow2", "top.qcow2")
@@ -329,6 +338,82 @@ def test_create_is_byte_identical(tmp_path, monkeypatch, capsys, opts, backing):
         assert a.read() == b.read()
 
 
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("opts,size", [
+    ("cluster_size=64k", "5M"), ("cluster_size=64k", "1000000"), ("cluster_size=64k", "0"),
+    ("cluster_size=512", "3M"),                 # refcount blocks and tables grow on the way
+    ("cluster_size=512,refcount_bits=1", "2M"), ("cluster_size=1k,compat=0.10", "3M"),
+    ("cluster_size=4k,refcount_bits=64", "9M"), ("extended_l2=on", "8M"),
+    ("cluster_size=2M,compression_type=zstd,lazy_refcounts=on", "9M")])
+def test_create_preallocated_is_byte_identical(tmp_path, monkeypatch, capsys, mode, opts,
+                                               size):
+    """preallocation=metadata|falloc|full: the file qemu-img writes, byte for byte (L2
+    tables, refcounts and data clusters where QEMU puts them), and the same info, check
+    and map JSON (map: qemu-img guesses zeros from the file's holes, see
+    without_recursed_zeros)."""
+    monkeypatch.chdir(tmp_path)
+    o = f"preallocation={mode},{opts}"
+    c1, o1, _ = theirs("create", "-f", "qcow2", "-o", o, "q.qcow2", size)
+    c2, o2, e2 = ours(capsys, "create", "-f", "qcow2", "-o", o, "c.qcow2", size)
+    assert c1 == c2 == 0, e2
+    assert o2.replace("c.qcow2", "q.qcow2") == o1
+    with open("q.qcow2", "rb") as a, open("c.qcow2", "rb") as b:
+        assert a.read() == b.read()
+    for verb in ("info", "check"):
+        q, c = (json.loads(theirs(verb, "--output=json", n)[1]) for n in ("q.qcow2", "c.qcow2"))
+        for d in (q, c):
+            d.pop("filename"), d.pop("actual-size", None)
+        assert c == q, verb
+    q, c = both_json(capsys, "map", "-f", "qcow2", "c.qcow2")
+    assert c == without_recursed_zeros(q)
+
+
+@pytest.mark.parametrize("mode", ["falloc", "full"])
+def test_create_raw_preallocated(tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.chdir(tmp_path)
+    c1, o1, _ = theirs("create", "-f", "raw", "-o", f"preallocation={mode}", "q.raw", "3M")
+    c2, o2, _ = ours(capsys, "create", "-f", "raw", "-o", f"preallocation={mode}", "c.raw",
+                     "3M")
+    assert c1 == c2 == 0 and o2.replace("c.raw", "q.raw") == o1
+    assert os.path.getsize("c.raw") == 3 << 20
+    assert os.stat("c.raw").st_blocks * 512 >= 3 << 20      # every block allocated
+    assert theirs("compare", "q.raw", "c.raw")[0] == 0
+
+
+@pytest.mark.parametrize("fmt,opts,extra", [
+    ("raw", "preallocation=metadata", []),
+    ("qcow2", "preallocation=metadata", ["-b", "base.raw", "-F", "raw"]),
+    ("qcow2", "preallocation=falloc", ["-b", "base.raw", "-F", "raw"])])
+def test_create_preallocation_refusals_match(tmp_path, monkeypatch, capsys, fmt, opts, extra):
+    """What qemu-img refuses (raw metadata preallocation; a backing file with
+    preallocation but without extended L2) cowchain refuses, with the same exit code and
+    message."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "raw", "base.raw", "1M")
+    c1, _, e1 = theirs("create", "-f", fmt, "-o", opts, *extra, "q.img", "1M")
+    c2, _, e2 = ours(capsys, "create", "-f", fmt, "-o", opts, *extra, "c.img", "1M")
+    assert c1 == c2 == 1
+    assert e1.strip().split(": ", 2)[-1] in e2
+    assert not os.path.exists("c.img")
+
+
+def test_create_preallocated_over_a_backing_file_with_extended_l2(tmp_path, monkeypatch,
+                                                                  capsys):
+    """With extended L2 entries a preallocated overlay still reads its backing file (the
+    subcluster bitmaps stay 0), as qemu-img makes it."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "raw", "base.raw", "2M")
+    qemu_io("base.raw", "write -P 7 0 1M", fmt="raw")
+    args = ["-f", "qcow2", "-o", "preallocation=metadata,extended_l2=on", "-b", "base.raw",
+            "-F", "raw"]
+    assert theirs("create", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "create", *args, "c.qcow2")
+    assert code == 0, err
+    with open("q.qcow2", "rb") as a, open("c.qcow2", "rb") as b:
+        assert a.read() == b.read()
+    assert theirs("compare", "-F", "raw", "c.qcow2", "base.raw")[0] == 0
+
+
 def test_create_unsafe_records_a_missing_backing_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["-f", "qcow2", "-u", "-b", "nothere.raw", "-F", "raw"]
@@ -361,6 +446,78 @@ def test_convert_with_backing_writes_only_differences(case, capsys):
     assert theirs("compare", "-f", "qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2")[0] == 0
     assert json.loads(theirs("info", "--output=json", "out.qcow2")[1])["backing-filename"] \
         == f"base.{case.backing}"
+
+
+def _allocated_clusters(name: str) -> set[int]:
+    """The guest clusters (64 KiB) an image's own layer holds (qemu-img map, depth 0)."""
+    out = set()
+    for e in json.loads(theirs("map", "--output=json", name)[1]):
+        if e["depth"] == 0 and e["present"]:
+            out.update(range(e["start"] >> 16, (e["start"] + e["length"] + 65535) >> 16))
+    return out
+
+
+def test_convert_with_backing_writes_no_more_than_qemu_img(tmp_path, monkeypatch, capsys):
+    """-B: qemu-img writes what the source's top layer holds; cowchain writes only the
+    blocks that read differently through the new backing file.  With the source's own base
+    as the backing file, cowchain's output reads the same and holds a subset of the
+    clusters qemu-img's holds (not those the overlay rewrote with the base's bytes)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    qemu_io("base.qcow2", "write -P 1 0 2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    qemu_io("top.qcow2", "write -P 1 0 256k", "write -P 2 1M 128k", "write -z 3M 64k")
+    args = ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"]
+    assert theirs("convert", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "convert", *args, "c.qcow2")
+    assert code == 0, err
+    for name in ("q.qcow2", "c.qcow2"):
+        assert theirs("compare", "top.qcow2", name)[0] == 0
+        assert theirs("check", name)[0] == 0
+    q, c = _allocated_clusters("q.qcow2"), _allocated_clusters("c.qcow2")
+    assert c < q and {16, 17} <= c and 0 not in c
+
+
+def test_convert_into_an_existing_target(tmp_path, monkeypatch, capsys):
+    """-n: both tools overwrite an existing image of another layout (junk where the source
+    holds zeros or nothing) so that it reads as the source."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 5 64k 1M", "write -z 2M 64k")
+    for name, fmt in (("q.qcow2", "qcow2"), ("c.qcow2", "qcow2"), ("q.raw", "raw"),
+                      ("c.raw", "raw")):
+        qemu_img("create", "-q", "-f", fmt, "-o" if fmt == "qcow2" else "-q",
+                 *(["cluster_size=4k"] if fmt == "qcow2" else []), name, "4M")
+        qemu_io(name, "write -P 9 0 4M", fmt=fmt)
+    for fmt in ("qcow2", "raw"):
+        assert theirs("convert", "-n", "-O", fmt, "src.qcow2", f"q.{fmt}")[0] == 0
+        code, _, err = ours(capsys, "convert", "-n", "-O", fmt, "src.qcow2", f"c.{fmt}")
+        assert code == 0, err
+        for name in (f"q.{fmt}", f"c.{fmt}"):
+            assert theirs("compare", "-F", fmt, "src.qcow2", name)[0] == 0
+        assert theirs("compare", f"q.{fmt}", f"c.{fmt}")[0] == 0
+    assert theirs("check", "c.qcow2")[0] == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-c", "-O", "raw", "src.qcow2", "t.raw"], "Compression not supported for this file "
+                                                "format"),
+    (["-n", "-O", "qcow2", "src.qcow2", "missing.qcow2"], "Could not open 'missing.qcow2'"),
+    (["-n", "-O", "qcow2", "src.qcow2", "small.qcow2"], "output file is smaller than input "
+                                                        "file")])
+def test_convert_refusals_match(tmp_path, monkeypatch, capsys, args, message):
+    """What qemu-img convert refuses, cowchain refuses: exit 1, the same message, and no
+    target left behind or changed."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 3 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "small.qcow2", "1M")
+    before = open("small.qcow2", "rb").read()
+    c1, _, e1 = theirs("convert", *args)
+    c2, _, e2 = ours(capsys, "convert", *args)
+    assert c1 == c2 == 1 and message in e1 and message in e2, (e1, e2)
+    assert not os.path.exists("t.raw") and not os.path.exists("missing.qcow2")
+    assert open("small.qcow2", "rb").read() == before
 
 
 def refuses_writes(case: Case, code: int, err: str) -> bool:
@@ -457,6 +614,44 @@ def test_commit(case, capsys):
     assert theirs("check", c)[0] == 0
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shared", ["snapshots", "compressed"])
+def test_amend_narrower_refcounts_with_shared_clusters(tmp_path, monkeypatch, capsys, bits,
+                                                       shared):
+    """refcount_bits narrower than the refcounts that internal snapshots or compressed
+    clusters need: refused with qemu-img's message (the first cluster that does not fit),
+    the file unchanged; where every refcount fits, done as qemu-img does it (same info,
+    check clean, same data, the snapshots kept)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "src.qcow2", "4M")
+    qemu_io("src.qcow2", "write -P 1 0 1M", "write -P 2 2M 64k")
+    if shared == "snapshots":
+        qemu_img("snapshot", "-c", "a", "src.qcow2")
+        qemu_img("snapshot", "-c", "b", "src.qcow2")      # refcounts of 3
+    else:
+        qemu_img("convert", "-c", "-O", "qcow2", "src.qcow2", "z.qcow2")
+        os.replace("z.qcow2", "src.qcow2")                  # many streams per cluster
+    for n in ("q.qcow2", "c.qcow2"):
+        shutil.copy("src.qcow2", n)
+    before = open("c.qcow2", "rb").read()
+    c1, _, e1 = theirs("amend", "-o", f"refcount_bits={bits}", "q.qcow2")
+    c2, _, e2 = ours(capsys, "amend", "-o", f"refcount_bits={bits}", "c.qcow2")
+    assert c1 == c2, (e1, e2)
+    if c1:
+        assert "Cannot decrease refcount entry width" in e1
+        assert e1.strip().split("': ", 1)[-1].removeprefix("qemu-img: ") in e2, (e1, e2)
+        assert open("c.qcow2", "rb").read() == before
+        return
+    qi, ci = (json.loads(theirs("info", "--output=json", n)[1]) for n in ("q.qcow2", "c.qcow2"))
+    for d in (qi, ci):
+        d.pop("filename"), d.pop("actual-size")
+    assert ci == qi and ci["format-specific"]["data"]["refcount-bits"] == bits
+    assert theirs("check", "c.qcow2")[0] == 0
+    assert theirs("compare", "q.qcow2", "c.qcow2")[0] == 0
+    assert theirs("snapshot", "-l", "c.qcow2")[1].count("\n") == \
+        theirs("snapshot", "-l", "q.qcow2")[1].count("\n")
+
+
 @pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "lazy_refcounts=on",
                                   "lazy_refcounts=off", "refcount_bits=64", "refcount_bits=1",
                                   "refcount_bits=4,lazy_refcounts=on"])
@@ -483,6 +678,48 @@ def test_bench_runs_the_qemu_img_pattern(case, capsys):
     res = json.loads(out)
     assert (res["requests"], res["reads"], res["bytes"]) == (200, 200, 200 * 4096)
     assert theirs("bench", "-c", "200", "-s", "4k", "-f", "qcow2", "top.qcow2")[0] == 0
+
+
+@pytest.mark.parametrize("step,offset", [("4M", "0"), ("4100k", "0"), ("12k", "8k")])
+def test_bench_writes_where_qemu_img_bench_writes(tmp_path, monkeypatch, capsys, step, offset):
+    """The same -c/-S/-o give the same offsets as qemu-img bench (each STEP further,
+    modulo the disk size): written with a pattern, the two images compare identical."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("q.qcow2", "c.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", name, "16M")
+    args = ["-w", "--pattern", "17", "-c", "40", "-s", "4k", "-S", step, "-o", offset,
+            "-f", "qcow2"]
+    assert theirs("bench", "-d", "1", *args, "q.qcow2")[0] == 0
+    code, _, err = ours(capsys, "bench", *args, "c.qcow2")
+    assert code == 0, err
+    assert theirs("compare", "q.qcow2", "c.qcow2")[0] == 0
+
+
+def test_bench_refuses_a_request_past_the_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "c.qcow2", "1M")
+    code, _, err = ours(capsys, "bench", "-c", "3", "-s", "4k", "-o", "1022k", "c.qcow2")
+    assert code == 1 and "passes the end of the disk" in err
+
+
+def test_a_bitmap_breaking_the_constraints_fails_info_like_qemu_img(tmp_path, monkeypatch,
+                                                                     capsys):
+    """info reads the bitmap directory with the check's reader (QEMU's load-time checks):
+    a bitmap whose granularity is out of range makes both tools fail (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "b.qcow2", "4M")
+    qemu_img("bitmap", "--add", "b.qcow2", "b1")
+    with open("b.qcow2", "r+b") as f:
+        head = f.read(65536)
+        pos = int.from_bytes(head[100:104], "big")
+        while int.from_bytes(head[pos:pos + 4], "big") != 0x23852875:
+            pos += 8 + ((int.from_bytes(head[pos + 4:pos + 8], "big") + 7) & ~7)
+        doff = int.from_bytes(head[pos + 24:pos + 32], "big")
+        f.seek(doff + 17)
+        f.write(bytes([40]))                    # granularity bits, QEMU allows 9..31
+    c1, _, e1 = theirs("info", "--output=json", "b.qcow2")
+    c2, _, e2 = ours(capsys, "info", "--output=json", "b.qcow2")
+    assert c1 == c2 == 1 and "constraints" in e1 and "constraints" in e2, (e1, e2)
 
 
 # --- internal snapshots both ways -----------------------------------------------------------

@@ -100,7 +100,7 @@ def test_refused_operations_leave_the_file_as_it_was(tmp_path, monkeypatch, acti
     calls = {
         "amend-refcount": lambda: img.amend("a.qcow2", {"refcount_bits": 3}),
         "amend-downgrade": lambda: img.amend("a.qcow2", {"compat": "0.10"}),
-        "amend-narrow-shared": lambda: img.amend("a.qcow2", {"refcount_bits": 8}),
+        "amend-narrow-shared": lambda: img.amend("a.qcow2", {"refcount_bits": 1}),
         "apply-missing": lambda: img.snapshot_apply("a.qcow2", "nope"),
         "delete-missing": lambda: img.snapshot_delete("a.qcow2", "nope"),
         "snapshot-rc1": lambda: img.snapshot_create("a.qcow2", "s"),
@@ -172,3 +172,23 @@ def test_kill_during_a_metadata_change(tmp_path, monkeypatch, point, verb):
     assert done.returncode == 0 or other.returncode == 0
     assert "old" in names or verb[:2] == ["snapshot", "-d"]
     assert not os.path.exists("packed.qcow2")
+
+
+def test_header_changes_go_through_the_public_rewrite(tmp_path):
+    """Image.rewrite_header is the one way to change header fields: what the header cannot
+    hold raises before a byte is written; a raw image has no header to change."""
+    import engine
+    from engine.errors import EngineError, UnsupportedFeature
+    path = str(tmp_path / "a.qcow2")
+    img = engine.create(path, 1 << 20)
+    before = open(path, "rb").read()
+    with pytest.raises(EngineError):
+        img.rewrite_header(lambda h: setattr(h, "backing_file", "x" * 5000))
+    assert open(path, "rb").read() == before
+    img.rewrite_header(lambda h: setattr(h, "compatible_features", 1))
+    assert img.header.lazy_refcounts
+    img.close()
+    raw = engine.create(str(tmp_path / "r.raw"), 1 << 20, format="raw")
+    with pytest.raises(UnsupportedFeature):
+        raw.rewrite_header(lambda h: None)
+    raw.close()

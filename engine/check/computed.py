@@ -17,6 +17,7 @@ import numpy as np
 
 from engine import _core
 from engine.qcow2 import spec
+from engine.qcow2.bitmaps import directory_location_problem, parse_bitmap_directory
 from engine.qcow2.refblocks import reftable_offsets
 from engine.qcow2.snapshots import SnapshotEntry
 from engine.check.result import _FIX_ERRORS, _Abort, _Pass
@@ -68,41 +69,15 @@ def _lookup(uidx: np.ndarray, ucnt: np.ndarray, clusters: np.ndarray) -> np.ndar
 
 def _bitmap_directory(img: _Image, nb: int, dsize: int, doff: int
                       ) -> list[tuple[int, int]] | str:
-    """bitmap_list_load's checks: the (table offset, table size) of each bitmap, or the reason
-    the directory is unusable (a string)."""
-    if dsize == 0:
-        return "size is zero"
-    if dsize > spec.MAX_BITMAP_DIRECTORY_SIZE:
-        return "size is too big"
-    if doff > spec.MAX_DISK_LENGTH - dsize:
-        return "cannot be read"
-    d = img.pread(doff, dsize)
-    pos = 0
-    tables: list[tuple[int, int]] = []
-    while pos < dsize:                   # per bitmap directory entry
-        if pos + spec.BME_DIR_ENTRY_SIZE > dsize:
-            return "broken bitmap directory"
-        toff, tsize, flags, btype, gran, name_len, extra = spec.BME_DIR_ENTRY_STRUCT.unpack_from(
-            d, pos)
-        if len(tables) >= nb:
-            return "more bitmaps found than specified in header extension"
-        step = (spec.BME_DIR_ENTRY_SIZE + extra + name_len + 7) & ~7
-        if pos + step > dsize:
-            return "broken bitmap directory"
-        if extra:
-            return "bitmap extra data is not supported"
-        phys = tsize * img.C
-        if (tsize == 0 or toff == 0 or toff % img.C or tsize > spec.BME_MAX_TABLE_SIZE
-                or not spec.BME_MIN_GRANULARITY_BITS <= gran <= spec.BME_MAX_GRANULARITY_BITS
-                or flags & spec.BME_RESERVED_FLAGS or name_len > spec.BME_MAX_NAME_SIZE
-                or btype != spec.BITMAP_TYPE_DIRTY_TRACKING or phys > spec.BME_MAX_PHYS_SIZE
-                or (not flags & spec.BME_FLAG_IN_USE and img.size > (phys * 8) << gran)):
-            return f"bitmap {len(tables)} does not satisfy the constraints"
-        tables.append((toff, tsize))
-        pos += step
-    if len(tables) != nb:
-        return "less bitmaps found than specified in header extension"
-    return tables
+    """bitmap_list_load's checks (:mod:`engine.qcow2.bitmaps`): the (table offset, table
+    size) of each bitmap, or the reason the directory is unusable (a string)."""
+    problem = directory_location_problem(dsize, doff)
+    if problem is not None:
+        return problem
+    entries = parse_bitmap_directory(img.pread(doff, dsize), nb, img.C, img.size)
+    if isinstance(entries, str):
+        return entries
+    return [(e.table_offset, e.table_size) for e in entries]
 
 
 class _Calc:

@@ -20,7 +20,7 @@ import dataclasses
 import errno
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 from engine import _core
 from engine._core import CoreImage
@@ -452,12 +452,43 @@ class Image:
                                       f"{type(backing_name).__name__}", value=backing_name)
             backing_format = fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
             self._open_new_chain(backing_name, backing_format, allow_unsafe_backing).close()
+        def set_backing(h: fmt.Header) -> None:
+            h.backing_file = backing_name
+            h.backing_format = backing_format
+
+        old_opts = self._opts
+        if allow_unsafe_backing and not old_opts.allow_unsafe_backing:
+            # the reload after the header write opens the new chain under this policy
+            self._opts = dataclasses.replace(old_opts, allow_unsafe_backing=True)
+        try:
+            self.rewrite_header(set_backing)   # a name too long for the header raises unwritten
+        except BaseException:
+            self._opts = old_opts
+            raise
+
+    def rewrite_header(self, change: Callable[[fmt.Header], None]) -> None:
+        """Change header fields directly: CHANGE gets the header as parsed from the file and
+        edits it in place; the result is encoded as a new cluster 0, written, and the image
+        reloaded on it.
+
+        The one rule for header changes made beside the write path (``rebase``, and the
+        ``engine.img`` verbs: ``amend``, ``create -u``, the dirty bit and table switches of
+        internal snapshots): the header codec (:func:`engine.qcow2.header.encode_header`)
+        encodes the new cluster 0, so a combination the format cannot hold (a name too long,
+        a v2 header with v3 features) raises before anything is written; the core's pending
+        writes are flushed first; a write or reload that fails puts the old bytes back, so
+        the call that raises leaves the file as it was.
+
+        Raises:
+            UnsupportedFeature: a raw image (it has no header).
+            ImageClosed, ReadOnlyImage, and what the header codec and the reload raise.
+        """
+        self._check_usable(write=True)
+        if self._header is None:
+            raise UnsupportedFeature("header changes on raw images", path=self._path)
         h = self._read_header()
-        h.backing_file = backing_name
-        h.backing_format = backing_format
-        data = fmt.encode_header(h)     # a name too long for the header raises here, unwritten
-        if allow_unsafe_backing and not self._opts.allow_unsafe_backing:
-            self._opts = dataclasses.replace(self._opts, allow_unsafe_backing=True)
+        change(h)
+        data = fmt.encode_header(h)
         self._core.flush()
         self._rewrite_header(data)
 

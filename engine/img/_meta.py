@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Callable
 
 from engine.errors import CorruptImage, EngineError, io_error
-from engine.img._open import rewrite_header
 from engine.ops._hooks import kill_point
 from engine.qcow2.header import Header
 from engine.qcow2.spec import INCOMPAT_DIRTY
@@ -64,7 +63,7 @@ class MetaWriter:
             and not self.img.header.dirty
         if self.dirty_set:
             try:
-                rewrite_header(self.img, _set_dirty)
+                self.img.rewrite_header(_set_dirty)
             except BaseException:
                 os.close(self.fd)
                 raise
@@ -110,7 +109,7 @@ class MetaWriter:
         self.sync()
         kill_point("img.meta.written")
         self.published = True
-        rewrite_header(self.img, change)
+        self.img.rewrite_header(change)
         kill_point("img.meta.published")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -141,7 +140,7 @@ class MetaWriter:
             os.ftruncate(self.fd, self.start_size)
             os.fsync(self.fd)
             if self.dirty_set:
-                rewrite_header(self.img, _clear_dirty)
+                self.img.rewrite_header(_clear_dirty)
         except (OSError, EngineError):
             pass
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from engine import image as _image
 from engine.errors import InvalidArgument, UnsupportedFeature
-from engine.qcow2.header import Header, encode_header
 
 if TYPE_CHECKING:
     from engine.image import Image
@@ -71,19 +70,12 @@ def chain_names(top: Image, name: str) -> list[str]:
     return names
 
 
-def rewrite_header(img: Image, change: Callable[[Header], None]) -> None:
-    """Apply CHANGE to IMG's parsed header and write it back (cluster 0, then a reload).
-
-    The one place the verbs change header fields directly (``create -u`` recording a backing
-    file without opening it, ``amend``): the header codec of :mod:`engine.qcow2.header`
-    encodes the new cluster 0, so an impossible combination raises before anything is
-    written; a write that fails puts the old bytes back.
-    """
-    h = img._read_header()
-    change(h)
-    data = encode_header(h)
-    img.flush()
-    img._rewrite_header(data)
+def unlink_quietly(path: str) -> None:
+    """Remove a temporary file a failed write leaves behind (gone already is fine)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def parse_size(text: str | int, what: str = "size") -> int:

@@ -41,6 +41,37 @@ class BenchResult:
         return f"Run completed in {self.seconds:.3f} seconds.\n"
 
 
+def request_plan(disk: int, count: int, size: int, step: int, offset: int,
+                 random_offsets: bool, seed: int, write_ratio: float) -> list[tuple[int, bool]]:
+    """The requests of a run: (offset, is_write) pairs.
+
+    Offsets are those QEMU 7.2's ``qemu-img bench`` visits: OFFSET first, then each one STEP
+    further, taken modulo the disk size (``b->offset %= b->image_size``), so a step that is
+    not a divisor of the disk walks a different set of offsets on each pass.  With
+    ``random_offsets`` they are drawn at random, aligned to SIZE, from a seeded generator
+    (which also draws, per request, whether it writes, with probability WRITE_RATIO).
+
+    Raises:
+        InvalidArgument: a request would pass the end of the disk (qemu-img bench fails
+            that request with an I/O error).
+    """
+    rng = random.Random(seed)
+    plan = []
+    pos = offset
+    for _ in range(count):
+        if random_offsets:
+            off = rng.randrange(0, (disk - size) // size + 1) * size
+        else:
+            off = pos
+            pos = (pos + step) % disk if disk else 0
+        if off + size > disk:
+            raise InvalidArgument(f"request at offset {off} of {size} bytes passes the end of "
+                                  f"the disk ({disk} bytes)", value=off,
+                                  hint="choose -o/-S/-s so that every request fits")
+        plan.append((off, rng.random() < write_ratio))
+    return plan
+
+
 def bench(path: str, *, format: str | None = None, count: int = 75000, depth: int = 64,
           size: int = 4096, step: int | None = None, offset: int = 0, write: bool = False,
           pattern: int = 0xA5, random_offsets: bool = False, seed: int = 0,
@@ -50,12 +81,11 @@ def bench(path: str, *, format: str | None = None, count: int = 75000, depth: in
     """Run ``count`` requests of ``size`` bytes against PATH (with its chain), as
     ``qemu-img bench -c COUNT -d DEPTH -s SIZE -S STEP -o OFFSET [-w] [--pattern P]``.
 
-    Offsets go from OFFSET by STEP (default: SIZE), wrapping at the end of the disk, or are
-    drawn at random (``random_offsets``, aligned to SIZE, seeded).  ``write_ratio`` mixes
-    reads and writes (0.0-1.0; default: all writes with ``write``, else all reads).
-    ``threads`` workers share the requests (DEPTH is accepted for the command line and
-    bounds nothing: each worker has one request in flight).  ``duration`` stops after that
-    many seconds instead of after COUNT requests.  Writes change the image.
+    Offsets are :func:`request_plan`'s: qemu-img bench's sequence, or random ones.
+    ``write_ratio`` mixes reads and writes (0.0-1.0; default: all writes with ``write``,
+    else all reads).  ``threads`` workers share the requests (DEPTH is accepted for the
+    command line and bounds nothing: each worker has one request in flight).  ``duration``
+    stops after that many seconds instead of after COUNT requests.  Writes change the image.
     """
     if size <= 0 or count < 0 or threads < 1:
         raise InvalidArgument("size must be positive, count not negative, threads at least 1")
@@ -69,19 +99,8 @@ def bench(path: str, *, format: str | None = None, count: int = 75000, depth: in
                     allow_unsafe_backing=allow_unsafe_backing) as img:
         if size > img.size:
             raise InvalidArgument(f"request size {size} is larger than the disk", path=path)
-        span = img.size - size
-        rng = random.Random(seed)
-        plan = []
-        pos = offset
-        for _ in range(count if duration is None else max(count, 1)):
-            if random_offsets:
-                off = rng.randrange(0, span // size + 1) * size
-            else:
-                if pos > span:
-                    pos = 0
-                off = pos
-                pos += step
-            plan.append((off, rng.random() < ratio))
+        plan = request_plan(img.size, count if duration is None else max(count, 1), size,
+                            step, offset, random_offsets, seed, ratio)
         data = bytes([pattern & 0xFF]) * size
         lat: list[float] = []
         counts = [0, 0]

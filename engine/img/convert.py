@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from engine import destination as _destination
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature
-from engine.img._open import format_arg, open_image
+from engine.img._open import format_arg, open_image, unlink_quietly
 from engine.img.compress import write_compressed
 from engine.img.create import create
 from engine.ops._copy import Meter, Progress, runs_total
@@ -45,9 +45,12 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
         int: bytes of data written.
     """
     out = format_arg(out_format, "output format") or "raw"
-    if compress and (out != "qcow2" or backing is not None or no_create):
+    if compress and out != "qcow2":
+        raise InvalidArgument("Compression not supported for this file format", path=dest,
+                              hint="use -O qcow2 with -c")
+    if compress and (backing is not None or no_create):
         raise UnsupportedFeature("compressed output (-c) here", "-c writes a new qcow2 image "
-                                 "(not raw, not with -B or -n)", path=dest, hint="")
+                                 "(not with -B or -n)", path=dest, hint="")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("Invalid buffer size for sparse output specified: a multiple of "
                               "512 bytes is needed", value=sparse_size)
@@ -65,11 +68,13 @@ def convert(src_path: str, dest: str, *, format: str | None = None, out_format: 
             create(dest, src.size, format=out, options=opts, backing=backing,
                    backing_format=backing_format)
         elif not os.path.exists(dest):
-            raise InvalidArgument("-n needs an existing target", path=dest)
+            raise InvalidArgument(f"Could not open '{dest}': No such file or directory",
+                                  path=dest, hint="-n writes into an existing image; "
+                                  "leave -n out to create it")
         with open_image(dest, format=out if not no_create else None, readonly=False) as dst:
             if dst.size < src.size:
-                raise InvalidArgument(f"the target holds {dst.size} bytes, less than the "
-                                      f"source's {src.size}", path=dest)
+                raise InvalidArgument(f"output file is smaller than input file ({dst.size} "
+                                      f"< {src.size} bytes)", path=dest)
             written = _copy(src, dst, sparse_size, differ_only=backing is not None,
                             full=no_create, progress=progress)
             dst.flush()
@@ -87,16 +92,9 @@ def _compressed(src: Image, dest: str, opts: dict[str, Any], progress: Progress 
             written = write_compressed(src, out, progress)
         d.commit(tmp)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return written
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _copy(src: Image, dst: Image, sparse: int, *, differ_only: bool, full: bool,

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
+from engine import destination as _destination
 from engine import image as _image
 from engine.errors import InvalidArgument, UnsupportedFeature
-from engine.img._open import format_arg, open_image, parse_size, rewrite_header
+from engine.img._open import format_arg, open_image, parse_size, unlink_quietly
+from engine.img.prealloc import preallocated_image, write_layout, write_raw
+from engine.qcow2.layout import new_image_header
 from engine.qcow2.spec import COMPRESSION_ZSTD, INCOMPAT_COMPRESSION
 
 #: ``-o`` options per format, with qemu-img's defaults (the order of its "Formatting" line).
@@ -14,7 +19,7 @@ QCOW2_OPTIONS: dict[str, Any] = {"cluster_size": 65536, "extended_l2": False, "p
                  "compression_type": "zlib", "size": None, "compat": "1.1",
                  "backing_file": None, "backing_fmt": None, "lazy_refcounts": False,
                  "refcount_bits": 16}
-RAW_OPTIONS: dict[str, Any] = {"preallocation": "off", "size": None}
+RAW_OPTIONS: dict[str, Any] = {"size": None, "preallocation": "off"}
 _BOOLS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 _SIZES = ("cluster_size", "size")
@@ -65,8 +70,9 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
         size (int | str | None): bytes or a size with a suffix; None takes the backing
             file's size (not with ``unsafe``).
         format (str): "qcow2" or "raw".
-        options (dict): :func:`parse_options` output; ``preallocation`` other than "off" is
-            refused (UnsupportedFeature).
+        options (dict): :func:`parse_options` output; ``preallocation`` "metadata" (qcow2),
+            "falloc" or "full" lays the image out as qemu-img does
+            (:mod:`engine.img.prealloc`).
         backing, backing_format: ``-b``/``-F`` (a backing file needs its format).
         unsafe (bool): ``-u``: record the backing file without opening it (a size is then
             required).
@@ -83,9 +89,14 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
                                 else opts.get("backing_fmt"), "backing format")
     if size is not None:
         opts["size"] = parse_size(size)
-    if opts["preallocation"] != "off":
-        raise UnsupportedFeature(f"preallocation={opts['preallocation']}",
-                                 "only preallocation=off is supported", path=path)
+    prealloc = opts["preallocation"]
+    if fmt == "raw" and prealloc == "metadata":
+        raise InvalidArgument("Unsupported preallocation mode: metadata", path=path,
+                              hint="raw images take the preallocation modes off, falloc and full")
+    if fmt == "qcow2" and prealloc != "off" and backing is not None \
+            and not opts["extended_l2"]:
+        raise InvalidArgument("Backing file and preallocation can only be used at the same "
+                              "time if extended_l2 is on", path=path)
     if backing is not None and backing_format is None:
         raise InvalidArgument("Backing file specified without backing format", path=path,
                               hint="add -F raw or -F qcow2")
@@ -109,7 +120,10 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
                         allow_unsafe_backing=allow_unsafe_backing, **kw)
     opts["size"] = img.size if opts["size"] is None else opts["size"]
     img.close()
-    if fmt == "qcow2" and (opts["compression_type"] == "zstd" or (unsafe and backing)):
+    if prealloc != "off":
+        _preallocate(path, fmt, prealloc, opts["size"], kw, opts["compression_type"]
+                     if fmt == "qcow2" else "zlib", backing, backing_format)
+    elif fmt == "qcow2" and (opts["compression_type"] == "zstd" or (unsafe and backing)):
         with open_image(path, readonly=False, backing=False) as again:
             def change(h: Any) -> None:
                 if opts["compression_type"] == "zstd":
@@ -117,9 +131,38 @@ def create(path: str, size: int | str | None = None, *, format: str = "qcow2",
                     h.incompatible_features |= INCOMPAT_COMPRESSION
                 if unsafe and backing:
                     h.backing_file, h.backing_format = backing, backing_format
-            rewrite_header(again, change)
+            again.rewrite_header(change)
     opts["backing_file"], opts["backing_fmt"] = backing, backing_format
     return formatting_line(path, fmt, opts, given=set(options or {}))
+
+
+def _preallocate(path: str, fmt: str, mode: str, size: int, kw: dict[str, Any],
+                 compression_type: str, backing: str | None,
+                 backing_format: str | None) -> None:
+    """Replace the image just made at PATH (every check of :func:`engine.image.create`
+    passed) by its preallocated form (:mod:`engine.img.prealloc`), written under a
+    temporary name and renamed over it."""
+    d = _destination.check(path, overwrite=True)
+    tmp = d.temp_path()
+    try:
+        if fmt == "raw":
+            sim = None
+        else:
+            h = new_image_header(size, compression_type=compression_type,
+                                 backing_file=backing, backing_format=backing_format, **kw)
+            sim = preallocated_image(h, mode)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if sim is None:
+                write_raw(fd, size, mode, path)
+            else:
+                write_layout(fd, sim, mode, path)
+        finally:
+            os.close(fd)
+        d.commit(tmp)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
 
 
 def formatting_line(path: str, fmt: str, opts: dict[str, Any], given: set[str]) -> str:

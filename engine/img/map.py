@@ -22,11 +22,18 @@ def map_entries(path: str, *, format: str | None = None, start_offset: int = 0,
         list of dicts with the keys of :data:`KEYS`, one per run, adjacent runs merged as
         qemu-img merges them (same depth/present/zero/data, contiguous offsets); each dict
         also carries the layer's ``filename`` (qemu-img prints it in human output only).
+        An empty range (an empty disk, a start at or past its end, a zero length) gives
+        qemu-img's one empty record at START_OFFSET.
     """
     with open_image(path, format=format, force_share=force_share,
                     allow_unsafe_backing=allow_unsafe_backing) as img:
         names = chain_names(img, path)
         out: list[dict[str, Any]] = []
+        end = img.size if max_length is None else min(img.size, start_offset + max_length)
+        if start_offset >= end:
+            # qemu-img maps nothing and prints its empty first record
+            return [{"start": start_offset, "length": 0, "depth": 0, "present": False,
+                     "zero": False, "data": False, "filename": names[0]}]
         for e in img.extents(start_offset, max_length):
             d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth,
                                  "present": e.present, "zero": e.zero, "data": e.data}

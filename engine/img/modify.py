@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from engine import ops
 from engine.errors import InvalidArgument, UnsupportedFeature, io_error
-from engine.img._open import format_arg, open_image, parse_size, rewrite_header
+from engine.img._open import format_arg, open_image, parse_size
 from engine.ops._copy import Meter, Progress, runs_total
 from engine.ops.measure import layer_runs
 from engine.img._meta import MetaWriter
 from engine.qcow2.header import Header, l1_entries_for
+from engine.qcow2.refblocks import decode_refblocks, reftable_offsets
 from engine.qcow2.spec import COMPAT_LAZY_REFCOUNTS, L1E_SIZE, V3_HEADER_LENGTH
 
 
@@ -209,8 +212,9 @@ def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> N
     """``qemu-img amend -o OPTIONS [-f FMT] PATH``: ``compat`` 0.10 -> 1.1, ``compat`` 1.1 ->
     0.10 when nothing needs v3 (no zero clusters, snapshots, extended L2, lazy refcounts,
     zstd, refcount width other than 16), ``lazy_refcounts`` on/off (v3), ``refcount_bits``
-    (v3): wider always, narrower when nothing is shared (no internal snapshot, no
-    compressed cluster), so every refcount is 1.  A new width is a
+    (v3): wider always, narrower when every stored refcount fits (as qemu-img: internal
+    snapshots and compressed clusters share clusters; a refcount too large for the new width
+    is refused with qemu-img's message, naming the first such cluster).  A new width is a
     :class:`~engine.img._meta.MetaWriter` change: the refcount table is cleared and the
     header gets the new order, so the repair lays out new refcount structures.  Options
     qemu-img cannot amend (cluster_size, extended_l2, compression_type, preallocation,
@@ -235,7 +239,7 @@ def amend(path: str, options: dict[str, Any], *, format: str | None = None) -> N
             _check_downgrade(img, h, lazy)
         if bits != h.refcount_bits:
             _check_width(img, h, bits, compat)
-        rewrite_header(img, lambda new: _amend_header(new, compat, lazy))
+        img.rewrite_header(lambda new: _amend_header(new, compat, lazy))
         if bits != h.refcount_bits:
             _change_width(img, bits)
 
@@ -248,12 +252,44 @@ def _check_width(img: Any, h: Header, bits: int, compat: str) -> None:
         raise InvalidArgument("Different refcount widths than 16 bits require compatibility "
                               "level 1.1 or above (use compat=1.1 or greater)", value=bits,
                               path=img.path)
-    if bits < h.refcount_bits and (h.nb_snapshots or any(e.compressed and e.depth == 0
-                                                         for e in img.extents())):
-        raise UnsupportedFeature("a narrower refcount width with shared clusters",
-                                 "internal snapshots or compressed clusters share clusters; "
-                                 "cowchain narrows the refcount width only when every "
-                                 "refcount is 1", path=img.path, hint="")
+    if bits < h.refcount_bits:
+        found = _first_refcount_over(img, (1 << bits) - 1)
+        if found is not None:
+            raise InvalidArgument(f"Cannot decrease refcount entry width to {bits} bits: "
+                                  f"Cluster at offset {found[0]:#x} has a refcount of "
+                                  f"{found[1]}", value=bits, path=img.path,
+                                  hint="choose a width that holds every refcount")
+
+
+def _first_refcount_over(img: Any, limit: int) -> tuple[int, int] | None:
+    """(host offset, refcount) of the first cluster, in file order, whose stored refcount
+    is over LIMIT (internal snapshots and compressed clusters share clusters), or None.
+    The image was opened read-write, so its refcounts are consistent (a dirty image was
+    repaired on open)."""
+    h = img.header
+    C = h.cluster_size
+    per_block = C * 8 >> h.refcount_order
+    fd = os.open(img.path, os.O_RDONLY)
+    try:
+        rt = np.frombuffer(os.pread(fd, h.refcount_table_clusters * C,
+                                    h.refcount_table_offset), ">u8").astype(np.uint64)
+        offsets, unreadable = reftable_offsets(rt, C)
+        for i, off in enumerate(offsets.tolist()):
+            if not off or unreadable[i]:
+                continue
+            raw = np.frombuffer(os.pread(fd, C, off), np.uint8)
+            if len(raw) < C:
+                continue
+            vals = decode_refblocks(raw.reshape(1, C), h.refcount_order)[0]
+            over = np.flatnonzero(vals > limit)
+            if len(over):
+                j = int(over[0])
+                return (i * per_block + j) * C, int(vals[j])
+    except OSError as e:
+        raise io_error(e.errno or 0, "cannot read the refcounts", path=img.path) from None
+    finally:
+        os.close(fd)
+    return None
 
 
 def _change_width(img: Any, bits: int) -> None:

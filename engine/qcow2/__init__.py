@@ -4,6 +4,7 @@
 - :mod:`engine.qcow2.args`: argument checks of the public API and the on-disk name codec.
 - :mod:`engine.qcow2.header`: cluster 0 (header and extensions): parse, validate, encode.
 - :mod:`engine.qcow2.snapshots`: the snapshot table: one parser (strict or lenient), one encoder.
+- :mod:`engine.qcow2.bitmaps`: the bitmap directory: one reader with QEMU's load-time checks.
 - :mod:`engine.qcow2.refblocks`: refcount blocks and reftable entries, every refcount width.
 - :mod:`engine.qcow2.layout`: a new image's layout (QEMU's create-time allocator) and the size
   rules of create and resize.

@@ -9,7 +9,7 @@ caller may ask for.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -227,7 +227,9 @@ def _refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: 
 
 class CreateAllocator:
     """A replay of QEMU 7.2's qcow2 cluster allocator, limited to what ``qemu-img create``
-    (preallocation off) does: allocate the header area, grow the L1 to its exact size.
+    does: allocate the header area, grow the L1 to its exact size (and, for the
+    preallocation modes, what ``engine.img.prealloc`` drives: ``alloc``, ``alloc_at`` and an
+    exact ``refcount_area``).
 
     Mirrors ``alloc_clusters_noref``, ``update_refcount`` (with its undo on -EAGAIN),
     ``alloc_refcount_block`` and ``qcow2_refcount_area`` in ``block/qcow2-refcount.c``,
@@ -323,6 +325,19 @@ class CreateAllocator:
             except _Again:
                 continue
 
+    def alloc_at(self, offset: int, n: int) -> int:
+        """qcow2_alloc_clusters_at: take the free clusters among the N from OFFSET on, up
+        to the first one in use (retrying on -EAGAIN); returns how many were taken."""
+        first = offset >> self.cb
+        while True:
+            used = self.used.clip(first, first + n)
+            k = used[0][0] - first if used else n
+            try:
+                self.update_refcount(offset, k << self.cb, False)
+                return k
+            except _Again:
+                continue
+
     def free(self, offset: int, nbytes: int) -> None:
         self.update_refcount(offset, nbytes, True)
 
@@ -347,16 +362,20 @@ class CreateAllocator:
         self.refcount_area(blocks_used * self.E * self.C, ti, new_block)
         raise _Again
 
-    def refcount_area(self, start_offset: int, new_index: int, new_block: int) -> int:
-        """qcow2_refcount_area with additional_clusters=0, exact_size=false: new refblocks
-        and a new, larger reftable at ``start_offset``, all describing themselves."""
+    def refcount_area(self, start_offset: int, new_index: int, new_block: int,
+                      additional: int = 0, exact: bool = False) -> int:
+        """qcow2_refcount_area: new refblocks and a new, larger reftable at
+        ``start_offset``, all describing themselves, able to count ``additional`` more
+        clusters; ``exact``: no growth margin (a preallocating truncate), else half again
+        as many reftable entries (a refblock allocation)."""
         C, E = self.C, self.E
-        total = _refcount_metadata_blocks(start_offset // C, C, self.order, True)
+        total = _refcount_metadata_blocks(start_offset // C + additional, C, self.order,
+                                          not exact)
         if total > MAX_REFTABLE_SIZE:
             raise SafetyLimitExceeded("refcount table would exceed QEMU's limit",
                                       limit=MAX_REFTABLE_SIZE)
         area_index = (start_offset // C) // E
-        table_size = reftable_entries(total + -(-total // 2), C)
+        table_size = reftable_entries(total if exact else total + -(-total // 2), C)
         table_clusters = reftable_clusters(table_size, C)
         if table_size > MAX_REFTABLE_SIZE:
             raise SafetyLimitExceeded("refcount table would exceed QEMU's limit",
@@ -409,19 +428,15 @@ class CreateAllocator:
 
 
 
-def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+def new_image_header(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
                      compat: str = COMPAT_V3, refcount_bits: int = 16,
                      lazy_refcounts: bool = False, backing_file: str | None = None,
                      backing_format: str | None = None, extended_l2: bool = False,
-                     compression_type: str = "zlib") -> tuple[Header, bytes]:
-    """The complete initial content of a new, empty QCOW2 file.
-
-    Byte-identical to ``qemu-img create -f qcow2 -o cluster_size=..,compat=..,
-    refcount_bits=..,lazy_refcounts=..,extended_l2=..,compression_type=.. [-b NAME -F FMT]
-    FILE SIZE`` from QEMU 7.2 (preallocation off), file length included: header cluster,
-    refcount table and blocks, and a zeroed L1 whose last cluster is not padded.  For most
-    images that is 3 clusters plus the L1; when the L1 needs more refcount blocks than the
-    first reftable cluster holds, QEMU's self-describing reftable growth is replayed.
+                     compression_type: str = "zlib") -> Header:
+    """The checked header of a new QCOW2 image (``qemu-img create -f qcow2 -o
+    cluster_size=..,compat=..,refcount_bits=..,lazy_refcounts=..,extended_l2=..,
+    compression_type=.. [-b NAME -F FMT] FILE SIZE``), its table offsets not placed yet
+    (:func:`lay_out_new_image` places them).
 
     Arguments:
         size (int): virtual size in bytes; rounded up to a multiple of 512 as qemu-img does.
@@ -434,9 +449,6 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
             (qemu-img 7.2 refuses to create an overlay without it).
         extended_l2 (bool): 128-bit L2 entries (v3, clusters of at least 16 KiB).
         compression_type (str): "zlib" or "zstd" (v3 only for zstd).
-
-    Returns:
-        (Header, bytes): the parsed header of the new image and the whole file content.
 
     Raises:
         InvalidArgument: an option is out of range or the options conflict, or the size is
@@ -503,18 +515,54 @@ def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
     # Fail on a too-long backing name before doing any work.
     encode_header(h)
 
-    sim = CreateAllocator(cluster_bits, refcount_order)
+    return h
+
+
+def lay_out_new_image(h: Header, sim: CreateAllocator,
+                      preallocate: Callable[[CreateAllocator, Header], None] | None = None
+                      ) -> None:
+    """Replay ``qemu-img create`` for the header H (from :func:`new_image_header`) on SIM:
+    the header clusters, the L1 grown to its exact size, then PREALLOCATE (the
+    ``preallocation`` modes other than off, which continue the same allocator), the
+    refblocks and the header, with its table offsets filled in."""
     # qcow2_co_create: open the new image and take references on the first three clusters.
-    if sim.alloc(CREATE_HEADER_CLUSTERS * cluster_size) != 0:
+    if sim.alloc(CREATE_HEADER_CLUSTERS * sim.C) != 0:
         raise _internal("header clusters not at offset 0")
     # blk_truncate -> qcow2_grow_l1_table(exact): a zeroed L1 of exactly l1_size entries,
     # written with its byte length (the file is not padded to a cluster).
-    if l1_size:
-        h.l1_table_offset = sim.alloc(l1_size * L1E_SIZE)
-        sim._write(h.l1_table_offset, bytes(l1_size * L1E_SIZE))
+    if h.l1_size:
+        h.l1_table_offset = sim.alloc(h.l1_size * L1E_SIZE)
+        sim._write(h.l1_table_offset, bytes(h.l1_size * L1E_SIZE))
+    if preallocate is not None:
+        preallocate(sim, h)
     sim.write_refblocks()
     h.refcount_table_offset = sim.reftable_offset
     h.refcount_table_clusters = sim.reftable_clusters
     sim._write(0, encode_header(h))
+
+
+def new_image_layout(size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                     compat: str = COMPAT_V3, refcount_bits: int = 16,
+                     lazy_refcounts: bool = False, backing_file: str | None = None,
+                     backing_format: str | None = None, extended_l2: bool = False,
+                     compression_type: str = "zlib") -> tuple[Header, bytes]:
+    """The complete initial content of a new, empty QCOW2 file (preallocation off).
+
+    Byte-identical to ``qemu-img create -f qcow2 -o OPTIONS FILE SIZE`` from QEMU 7.2, file
+    length included: header cluster, refcount table and blocks, and a zeroed L1 whose last
+    cluster is not padded.  For most images that is 3 clusters plus the L1; when the L1
+    needs more refcount blocks than the first reftable cluster holds, QEMU's
+    self-describing reftable growth is replayed.  Arguments and errors: those of
+    :func:`new_image_header`.
+
+    Returns:
+        (Header, bytes): the parsed header of the new image and the whole file content.
+    """
+    h = new_image_header(size, cluster_size=cluster_size, compat=compat,
+                         refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
+                         backing_file=backing_file, backing_format=backing_format,
+                         extended_l2=extended_l2, compression_type=compression_type)
+    sim = CreateAllocator(h.cluster_bits, h.refcount_order)
+    lay_out_new_image(h, sim)
     data = bytes(sim.file)
     return parse_header(data[:min(len(data), 1 << MAX_CLUSTER_BITS)], len(data)), data
