@@ -38,7 +38,7 @@ from engine.errors import (
     UnsupportedFeature,
     io_error,
 )
-from engine.image.chain import _attach_chain, _geometry, _open_image, _Options, \
+from engine.image.chain import _attach_chain, _geometry, _open_image, _open_one, _Options, \
     _validate_snapshots, _virtual_size
 from engine.image.extent import Extent
 from engine.image.files import _check_file_length, _read_head
@@ -289,6 +289,36 @@ class Image:
                 img = img._backing
         if err is not None:
             raise err
+
+    def reopen_readonly(self) -> Image:
+        """This image's file again, read-only, over the backing chain this handle holds
+        (handed over, not opened again); this handle is flushed and closed.  What a new
+        overlay is stacked on (``create(..., backing_image=)``) when the image written until
+        now becomes a backing file: one file is opened, whatever the chain's depth.
+
+        Raises:
+            what :meth:`close` and :func:`open` raise; the backing chain is then closed too.
+        """
+        with self._close_lock:
+            if self._closed:
+                raise ImageClosed("image is closed", path=self._path)
+            self._closed = True
+        below, below_path, self._backing = self._backing, self._backing_path, None
+        try:
+            try:
+                # flush and trim as close() does; the core lets go of the backing core
+                self._core.close(flush=not self._readonly)
+            finally:
+                self._release()
+            img = _open_one(type(self), self._path, self._format, True, self._opts, set())
+        except BaseException:
+            if below is not None:
+                below.close()
+            raise
+        if below is not None:
+            img._backing, img._backing_path = below, below_path
+            img._core.set_backing(below._core)
+        return img
 
     def _release(self) -> None:
         with self._close_lock:

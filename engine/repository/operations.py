@@ -15,7 +15,7 @@ from engine import image
 from engine import ops
 from engine.catalog import ChainRow, SnapshotRow, VolumeRow, now
 from engine.errors import EngineError, InvalidArgument, RepositoryError, UnsupportedFeature
-from engine.repository import graph, journal, merge
+from engine.repository import files, graph, journal, merge
 from engine.repository.values import (DiffResult, ExportResult, MergeResult, PathArg, Progress,
                                       Snapshot)
 
@@ -155,8 +155,9 @@ def record_unrecorded(ctx: Context) -> None:
                 ctx.cat.update_volume(vid, **rec)
 
 
-def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> ChainRow:
-    """Common checks before a chain operation; closes the chain's leaf handle."""
+def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False,
+             release: bool = True) -> ChainRow:
+    """Common checks before a chain operation; closes the chain's leaf handle (RELEASE)."""
     ctx.check_writable()
     row = ctx.chain_row(chain.name)
     ctx.check_not_blocked(chain.name)
@@ -164,7 +165,8 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> Chai
         raise RepositoryError(
             f"chain {chain.name!r} is previewing snapshot {row.preview}",
             hint="commit_preview() or undo_preview() first")
-    chain.release_leaf()
+    if release:
+        chain.release_leaf()
     return row
 
 
@@ -174,7 +176,7 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
     the chain opened) a QCOW2 volume with the corrupt bit set."""
     flagged = ctx.cat.flagged_volumes()          # normally none: one cheap query
     if flagged:
-        line = {v.id for v in graph.ancestry(ctx.cat.volumes(), row.leaf)}
+        line = {v.id for v in ctx.line(row.leaf)}
         for v in flagged:
             if v.id not in line:
                 continue
@@ -196,30 +198,44 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
 def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snapshot:
     if not isinstance(description, str):
         raise InvalidArgument("description must be a string")
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     leaf = ctx.volume_row(row.leaf)
     if not force:
         _refuse_damaged(ctx, row)
-    vid, rel = ctx.new_volume("qcow2")
-    sid = str(uuid.uuid4())
-    with journal.journaled(ctx, "snapshot", row.name, {"created": [rel], "snapshot": sid}) as j:
-        img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
-                                        verify=not force))
+    # The chain as it is open (else opened now): the leaf, flushed, turns read-only and the
+    # new overlay is stacked on it, so a snapshot opens two files whatever the depth.
+    below = chain.take_leaf()
+    below = (below.reopen_readonly() if below is not None else
+             ctx.open_volume(leaf, readonly=True, verify=False))
+    stacked = False
+    try:
         if not force:
-            _refuse_damaged(ctx, row, img)
-        # the leaf is sealed now: record what it is, to notice later if it is changed
-        sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
-        j.step("created")
-        with ctx.cat.transaction():
-            ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
-                                                     leaf.id, row.size))
-            ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
-                                                leaf.id))
-            ctx.cat.update_volume(leaf.id, **sealed)
-            ctx.cat.update_chain(row.name, leaf=vid)
-            ctx.refresh_roles()
-            ctx.cat.journal_end(j.jid)
-        j.leaf_of(chain, img)
+            ctx.verify_identity(below)
+            _refuse_damaged(ctx, row, below)
+        vid, rel = ctx.new_volume("qcow2")
+        sid = str(uuid.uuid4())
+        with journal.journaled(ctx, "snapshot", row.name,
+                               {"created": [rel], "snapshot": sid}) as j:
+            img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
+                                            verify=False, below=below))
+            stacked = True                  # the overlay owns BELOW from here on
+            # the leaf is sealed now: record what it is, to notice later if it is changed
+            sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
+            j.step("created")
+            with ctx.cat.transaction():
+                ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
+                                                         leaf.id, row.size))
+                ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
+                                                    leaf.id))
+                ctx.cat.update_volume(leaf.id, **sealed)
+                ctx.cat.update_chain(row.name, leaf=vid)
+                ctx.refresh_roles(leaf.id)       # the old leaf has a child now
+                ctx.cat.journal_end(j.jid)
+            j.leaf_of(chain, img)
+    except BaseException:
+        if not stacked:
+            files.close_quietly(below)
+        raise
     return ctx.snapshot_of(ctx.snapshot_row(sid))
 
 
