@@ -92,7 +92,7 @@ CREATE TABLE journal (
 
 
 #: Indexes for the operations' keyed reads (the chains on a volume, the snapshots owning one,
-#: the flagged volumes), so that none reads a whole table.  They change no row and no
+#: the flagged and the unrecorded volumes), so that none reads a whole table.  They change no row and no
 #: meaning: a read-write open adds any that a catalog made by an older cowchain lacks.
 _INDEXES = [
     "CREATE INDEX IF NOT EXISTS chains_leaf ON chains(leaf)",
@@ -100,6 +100,7 @@ _INDEXES = [
     "CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots(volume)",
     "CREATE INDEX IF NOT EXISTS volumes_flagged ON volumes(id) "
     "WHERE legality != 'LEGAL' OR damaged IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS volumes_unrecorded ON volumes(id) WHERE size IS NULL",
 ]
 
 #: SQLite's limit on the parameters of one statement is 32766; lists of ids go in pieces.

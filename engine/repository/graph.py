@@ -31,6 +31,20 @@ def ancestry(vols: dict[str, VolumeRow], vid: str | None) -> list[VolumeRow]:
     return out
 
 
+def line_to(vols: dict[str, VolumeRow], top: str, stop: str) -> list[str] | None:
+    """TOP and the volumes under it down to STOP (not included), top first; None when the
+    parent links from TOP leave VOLS (or loop) before they reach STOP."""
+    out: list[str] = []
+    vid: str | None = top
+    while vid != stop:
+        row = vols.get(vid) if vid is not None else None
+        if row is None or len(out) > len(vols):
+            return None
+        out.append(row.id)
+        vid = row.parent
+    return out
+
+
 def _tops(c: ChainRow) -> list[str]:
     return [top for top in (c.leaf, c.saved_leaf) if top is not None]
 
