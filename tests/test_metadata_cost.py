@@ -80,6 +80,27 @@ def test_snapshot_of_a_chain_not_open_opens_it_read_only_once(repo, monkeypatch)
     assert len(opened) == 2
 
 
+@pytest.mark.parametrize("op", ["revert", "preview"])
+def test_revert_and_preview_open_only_the_new_leaf(repo, monkeypatch, op):
+    """The chain's open handle is cut at the snapshot's volume (the volumes above it are
+    closed) and the new leaf is stacked there: one file is opened, whatever the depth."""
+    c = repo.create_chain("vm", MiB, base_format="qcow2")
+    snaps = []
+    for i in range(10):
+        c.write(0, bytes([i + 1]) * 8)
+        snaps.append(c.snapshot())
+    c.write(0, b"leaf")
+    c.read(0, 4)
+    opened = _count_opens(monkeypatch)
+    getattr(c, op)(snaps[3].id)
+    assert len(opened) == 1 and opened[0] == c.leaf.path
+    assert c.read(0, 8) == bytes([4]) * 8
+    if op == "preview":
+        c.undo_preview()
+        assert c.read(0, 8) == b"leaf" + bytes([10]) * 4
+    assert repo.check().problems == []
+
+
 _WHOLE_TABLE = re.compile(r"\bSCAN (volumes|chains|snapshots|v|c|s)\b(?! USING)")
 
 
@@ -227,3 +248,18 @@ def test_backing_image_must_be_the_named_file_open_read_only(tmp_path):
         with pytest.raises(InvalidArgument, match="backing file name"):
             engine.create(str(tmp_path / "c.qcow2"), MiB, backing_image=ro)
     assert sorted(os.listdir(tmp_path)) == ["base.qcow2", "other.qcow2"]
+
+
+def test_close_above_keeps_the_chain_under_a_file(tmp_path):
+    names = [str(tmp_path / f"v{i}.qcow2") for i in range(4)]
+    img = engine.create(names[0], MiB)
+    img.write(0, b"0")
+    for i in range(1, 4):
+        img = engine.create(names[i], None, backing=os.path.basename(names[i - 1]),
+                            backing_format="qcow2", backing_image=img.reopen_readonly())
+        img.write(i, str(i).encode())
+    chain = img.chain()
+    kept = img.close_above(names[1])
+    assert kept is chain[2] and all(i.closed for i in chain[:2])
+    assert not kept.closed and kept.read(0, 4) == b"01\0\0"
+    assert kept.close_above(names[3]) is None and kept.closed and chain[3].closed

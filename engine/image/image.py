@@ -320,6 +320,29 @@ class Image:
             img._core.set_backing(below._core)
         return img
 
+    def close_above(self, path: str) -> Image | None:
+        """Close this image and the images of its chain above the file PATH, which stays
+        open (read-only, with the chain under it) and is returned, owned by the caller from
+        then on: what a new overlay is stacked on when the top of a chain is dropped for an
+        older point (a revert).  None, with the whole chain closed, when no backing image of
+        this one is PATH.
+
+        Raises:
+            what :meth:`close` raises; the image of PATH is then closed too.
+        """
+        images = self.chain()
+        keep = next((img for img in images[1:] if img._path == path), None)
+        if keep is None:
+            self.close()
+            return None
+        images[images.index(keep) - 1]._backing = None     # close() stops above KEEP
+        try:
+            self.close()
+        except BaseException:
+            keep.close()
+            raise
+        return keep
+
     def _release(self) -> None:
         with self._close_lock:
             if self._released:

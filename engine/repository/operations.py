@@ -200,6 +200,29 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
                                   chain=row.name, snapshot=True)
 
 
+class _Below:
+    """A volume of a chain open read-only with its chain under it, for a new overlay to be
+    stacked on (``Context.create_overlay(below=)``).  Taken from the chain's open leaf
+    handle when there is one (the leaf flushed and reopened read-only, or the volumes above
+    closed), else opened: the chain is not opened again.  Use with ``with``: the image is
+    closed if the block raises before ``stacked`` (the overlay owns it from then on)."""
+
+    def __init__(self, ctx: Context, chain: Chain, vol: VolumeRow) -> None:
+        path = ctx.abs(vol.path)
+        img = chain.take_leaf()
+        if img is not None:
+            img = img.reopen_readonly() if img.path == path else img.close_above(path)
+        self.image = img or ctx.open_volume(vol, readonly=True, verify=False)
+        self.stacked = False
+
+    def __enter__(self) -> _Below:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None and not self.stacked:
+            files.close_quietly(self.image)
+
+
 def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snapshot:
     if not isinstance(description, str):
         raise InvalidArgument("description must be a string")
@@ -207,23 +230,19 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
     leaf = ctx.volume_row(row.leaf)
     if not force:
         _refuse_damaged(ctx, row)
-    # The chain as it is open (else opened now): the leaf, flushed, turns read-only and the
-    # new overlay is stacked on it, so a snapshot opens two files whatever the depth.
-    below = chain.take_leaf()
-    below = (below.reopen_readonly() if below is not None else
-             ctx.open_volume(leaf, readonly=True, verify=False))
-    stacked = False
-    try:
+    # the leaf, flushed, turns read-only and the new overlay is stacked on it: a snapshot
+    # opens two files whatever the chain's depth
+    with _Below(ctx, chain, leaf) as below:
         if not force:
-            ctx.verify_identity(below)
-            _refuse_damaged(ctx, row, below)
+            ctx.verify_identity(below.image)
+            _refuse_damaged(ctx, row, below.image)
         vid, rel = ctx.new_volume("qcow2")
         sid = str(uuid.uuid4())
         with journal.journaled(ctx, "snapshot", row.name,
                                {"created": [rel], "snapshot": sid}) as j:
             img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
-                                            verify=False, below=below))
-            stacked = True                  # the overlay owns BELOW from here on
+                                            verify=False, below=below.image))
+            below.stacked = True
             # the leaf is sealed now: record what it is, to notice later if it is changed
             sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
             j.step("created")
@@ -237,10 +256,6 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
                 ctx.refresh_roles(leaf.id)       # the old leaf has a child now
                 ctx.cat.journal_end(j.jid)
             j.leaf_of(chain, img)
-    except BaseException:
-        if not stacked:
-            files.close_quietly(below)
-        raise
     return ctx.snapshot_of(ctx.snapshot_row(sid))
 
 
@@ -276,8 +291,12 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
     base = ctx.snapshot_volume(snap)
     size = ctx.volume_size(base)
     vid, rel = ctx.new_volume("qcow2")
-    with journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
-        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
+    with _Below(ctx, chain, base) as below, \
+            journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
+        ctx.verify_identity(below.image)
+        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size, verify=False,
+                                        below=below.image))
+        below.stacked = True
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
@@ -315,7 +334,7 @@ def _settle(ctx: Context, dropped: list[str] | None, top: str, root: str) -> lis
 
 
 def revert(ctx: Context, chain: Chain, sid: str) -> None:
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     snap = ctx.find_snapshot(row.name, sid)
     dropped = graph.line_to(ctx.cat.volumes_over(snap.volume), row.leaf, snap.volume)
 
@@ -328,7 +347,7 @@ def revert(ctx: Context, chain: Chain, sid: str) -> None:
 
 
 def preview(ctx: Context, chain: Chain, sid: str) -> None:
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     snap = ctx.find_snapshot(row.name, sid)
     kept = graph.line_to(ctx.cat.volumes_over(snap.volume), row.leaf, snap.volume)
 
