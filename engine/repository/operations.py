@@ -178,8 +178,9 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False,
 def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> None:
     """A snapshot is not taken on a chain known to be damaged: a volume marked ILLEGAL
     (an operation on it did not finish) or damaged (by check) in the catalog, or (IMG:
-    the chain opened) a QCOW2 volume with the corrupt bit set."""
-    flagged = ctx.cat.flagged_volumes()          # normally none: one cheap query
+    the chain opened, then the catalog is not read again) a QCOW2 volume with the corrupt
+    bit set."""
+    flagged = ctx.cat.flagged_volumes() if img is None else []   # normally none: an index
     if flagged:
         line = {v.id for v in ctx.line(row.leaf)}
         for v in flagged:
@@ -249,14 +250,14 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
             with ctx.cat.transaction():
                 ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
                                                          leaf.id, row.size))
-                ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
-                                                    leaf.id))
+                snap = SnapshotRow(sid, row.name, now(), description, leaf.id)
+                ctx.cat.insert_snapshot(snap)
                 ctx.cat.update_volume(leaf.id, **sealed)
                 ctx.cat.update_chain(row.name, leaf=vid)
                 ctx.refresh_roles(leaf.id)       # the old leaf has a child now
                 ctx.cat.journal_end(j.jid)
             j.leaf_of(chain, img)
-    return ctx.snapshot_of(ctx.snapshot_row(sid))
+    return ctx.snapshot_of(snap)
 
 
 def resize(ctx: Context, chain: Chain, new_size: int) -> None:
