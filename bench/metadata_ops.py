@@ -7,6 +7,7 @@ Two figures (bench/RESULTS.md holds a run):
   repository of a few volumes and of 2,000+ volumes, made through the API.  Each sample
   takes a snapshot (timed) and reverts to the snapshot before it (untimed, unless asked), so
   the depth stays what it says.
+- ``open``: open the repository and a depth-400 chain, read once.
 - ``scale``: every metadata operation on a depth-5 chain of 1 GiB in repositories of
   10 / 100 / 1,000 / 10,000 / 100,000 volumes.  The other volumes are catalog rows written
   directly into the catalog (chains of 10 volumes each, no files behind them: none of the
@@ -75,9 +76,8 @@ def worker_snapshot(engine: Any, repo_path: str, n: int) -> dict[str, list[float
     return out
 
 
-def worker_ops(engine: Any, repo_path: str, n: int) -> dict[str, list[float]]:
-    """N rounds of every metadata operation on chain 'm' (depth and catalog unchanged
-    after each round)."""
+def worker_open(engine: Any, repo_path: str, n: int) -> dict[str, list[float]]:
+    """N opens of the repository, of chain 'm' and one 4 KiB read."""
     out: dict[str, list[float]] = {}
     buf = bytearray(4096)
 
@@ -87,6 +87,13 @@ def worker_ops(engine: Any, repo_path: str, n: int) -> dict[str, list[float]]:
 
     for _ in range(n):
         _timed(out, "open+read", open_read)
+    return out
+
+
+def worker_ops(engine: Any, repo_path: str, n: int) -> dict[str, list[float]]:
+    """N rounds of every metadata operation on chain 'm' (depth and catalog unchanged
+    after each round)."""
+    out = worker_open(engine, repo_path, n)
     with engine.Repository.open(repo_path) as repo:
         c = repo.chain("m")
         c.read(0, 4096)
@@ -197,7 +204,7 @@ def main() -> None:
     ap.add_argument("--engines", default=".", help="comma-separated source trees (first: "
                     "the reference, e.g. the engine before the change)")
     ap.add_argument("--workdir", default="/tmp/cowchain-mdops")
-    ap.add_argument("--only", default="snapshot,scale")
+    ap.add_argument("--only", default="snapshot,open,scale")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--sizes", default="10,100,1000,10000,100000")
     ap.add_argument("--worker"), ap.add_argument("--engine"), ap.add_argument("--repo")
@@ -205,7 +212,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         eng = _engine(a.engine)
-        fn = worker_snapshot if a.worker == "snapshot" else worker_ops
+        fn = {"snapshot": worker_snapshot, "open": worker_open, "ops": worker_ops}[a.worker]
         print(json.dumps(fn(eng, a.repo, a.n)))
         return
     engines = [os.path.abspath(e) for e in a.engines.split(",")]
@@ -238,6 +245,15 @@ def main() -> None:
                           flush=True)
                     shutil.rmtree(p, ignore_errors=True)
         print(f"\nload: {load()}")
+    if "open" in a.only:
+        p = os.path.join(a.workdir, "open400")
+        shutil.rmtree(p, ignore_errors=True)
+        build_measured(eng, p, GiB, 400, 0)
+        med = side_by_side(engines, "open", p, a.rounds, a.n)
+        print("\nopen the repository, a depth-400 chain of 1 GiB, read 4 KiB once: median "
+              "wall ms (CPU ms): " + ", ".join(f"{name} {_cell(med[e], 'open+read')}"
+                                               for e, name in zip(engines, names)))
+        shutil.rmtree(p, ignore_errors=True)
     if "scale" in a.only:
         ops = ["snapshot", "revert", "preview+undo", "clone", "delete_chain", "open+read"]
         print("\nmedian wall ms (CPU ms) per operation")
