@@ -31,7 +31,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, fields
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from engine.errors import EngineError, RepositoryError, io_error
 
@@ -95,6 +95,22 @@ CREATE TABLE journal (
     started     TEXT NOT NULL
 );
 """
+
+
+#: Indexes for the operations' keyed reads (the chains on a volume, the snapshots owning one,
+#: the flagged and the unrecorded volumes), so that none reads a whole table.  They change no row and no
+#: meaning: a read-write open adds any that a catalog made by an older cowchain lacks.
+INDEXES = [
+    "CREATE INDEX IF NOT EXISTS chains_leaf ON chains(leaf)",
+    "CREATE INDEX IF NOT EXISTS chains_saved_leaf ON chains(saved_leaf)",
+    "CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots(volume)",
+    "CREATE INDEX IF NOT EXISTS volumes_flagged ON volumes(id) "
+    "WHERE legality != 'LEGAL' OR damaged IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS volumes_unrecorded ON volumes(id) WHERE size IS NULL",
+]
+
+#: SQLite's limit on the parameters of one statement is 32766; lists of ids go in pieces.
+_IDS_PER_QUERY = 500
 
 
 #: Schema changes, by the version they lead to: the statements that bring a catalog of the
@@ -391,6 +407,46 @@ class SqlCatalog:
         """Volumes whose size (and identity) is not recorded yet (a migrated catalog)."""
         return self._rows(VolumeRow, "WHERE size IS NULL")
 
+    def volumes_under(self, vid: str) -> dict[str, VolumeRow]:
+        """VID and the volumes its parent links lead to (its chain down to the base), by
+        id: one keyed read per level, whatever the repository's size."""
+        return self._linked(vid, "SELECT v.parent FROM volumes v JOIN linked ON v.id = linked.id "
+                                 "WHERE v.parent IS NOT NULL")
+
+    def volumes_over(self, vid: str) -> dict[str, VolumeRow]:
+        """VID and the volumes whose parent links lead to it (everything stacked on it), by
+        id."""
+        return self._linked(vid, "SELECT v.id FROM volumes v JOIN linked ON v.parent = linked.id")
+
+    def _linked(self, vid: str, step: str) -> dict[str, VolumeRow]:
+        # UNION (not UNION ALL) ends a walk that comes back to a volume: a loop in the
+        # parent links is returned as it is, for the caller to report
+        cur = self._exec(f"WITH RECURSIVE linked(id) AS (SELECT ? UNION {step}) "
+                         "SELECT * FROM volumes WHERE id IN (SELECT id FROM linked)", (vid,))
+        return {r["id"]: VolumeRow(**dict(r)) for r in cur}
+
+    def chains_on(self, vids: Iterable[str]) -> list[ChainRow]:
+        """The chains whose leaf or saved leaf is one of VIDS, by name."""
+        ids = list(dict.fromkeys(vids))
+        out: dict[str, ChainRow] = {}
+        for i in range(0, len(ids), _IDS_PER_QUERY):
+            part = ids[i:i + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(part))
+            for r in self._rows(ChainRow, f"WHERE leaf IN ({marks}) OR saved_leaf IN ({marks})",
+                                (*part, *part)):
+                out[r.name] = r
+        return [out[k] for k in sorted(out)]
+
+    def snapshots_on(self, vids: Iterable[str]) -> list[SnapshotRow]:
+        """The snapshots whose volume is one of VIDS, oldest first."""
+        ids = list(dict.fromkeys(vids))
+        out: list[SnapshotRow] = []
+        for i in range(0, len(ids), _IDS_PER_QUERY):
+            part = ids[i:i + _IDS_PER_QUERY]
+            out += self._rows(SnapshotRow, f"WHERE volume IN ({', '.join('?' * len(part))})",
+                              tuple(part))
+        return sorted(out, key=lambda r: r.seq or 0)
+
     def flagged_volumes(self) -> list[VolumeRow]:
         """Volumes marked ILLEGAL or damaged."""
         return self._rows(VolumeRow, "WHERE legality != 'LEGAL' OR damaged IS NOT NULL")
@@ -506,6 +562,9 @@ class Catalog(SqlCatalog):
                     f"PRAGMA user_version = {SCHEMA_VERSION};"
                     "COMMIT;")
             self._check_schema()
+            if not readonly:
+                for sql in INDEXES:
+                    self._db.execute(sql)
         except sqlite3.DatabaseError as e:
             raise RepositoryError(f"catalog {path} cannot be used: {e}") from e
 

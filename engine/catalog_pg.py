@@ -31,7 +31,8 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
-from engine.catalog import (SqlCatalog, migration_sql, now, refuse_newer, schema_sql)
+from engine.catalog import (INDEXES, SqlCatalog, migration_sql, now, refuse_newer,
+                            schema_sql)
 from engine.errors import CatalogUnavailable, EngineError, RepositoryError
 
 try:
@@ -393,6 +394,8 @@ class PgCatalog(SqlCatalog):
                         else migration_sql(v, "postgresql")):
                 self._run(sql, None)
             self._run("INSERT INTO schema_version VALUES (?, ?)", (v, now()))
+        for sql in INDEXES:          # as the SQLite catalog: the keyed reads' indexes
+            self._run(sql, None)
 
     def repository_id(self) -> str | None:
         """The id of the volume folder the catalog describes (None: not recorded yet)."""

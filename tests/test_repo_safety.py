@@ -355,6 +355,8 @@ def _downgrade_to_v1(path: str) -> None:
     """Make the catalog what cowchain with schema version 1 wrote."""
     db = sqlite3.connect(os.path.join(path, "catalog.db"))
     with db:
+        for index in ("volumes_flagged", "volumes_unrecorded"):   # on columns v1 lacks
+            db.execute(f"DROP INDEX {index}")
         for col in ("size", "ino", "stamp", "damaged"):
             db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
         db.execute("UPDATE schema_version SET version = 1")

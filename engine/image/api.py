@@ -9,7 +9,7 @@ from typing import Any
 
 from engine import format as fmt
 from engine.errors import InvalidArgument, io_error
-from engine.image.chain import MAX_CHAIN_DEPTH, _open_image, _Options, _probe_size
+from engine.image.chain import MAX_CHAIN_DEPTH, _open_image, _open_over, _Options, _probe_size
 from engine.image.files import _check_file_length, _create_file, _CreateSync, _unlink_quietly
 from engine.image.image import Image
 from engine.image.naming import _check_backing_name, _path_arg
@@ -53,7 +53,8 @@ def open(path: Any, *, format: str | None = None, readonly: bool = False, backin
 def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: int = 65536,
            backing: str | None = None, backing_format: str | None = None, compat: str = "1.1",
            refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
-           overwrite: bool = False, allow_unsafe_backing: bool = False) -> Image:
+           overwrite: bool = False, allow_unsafe_backing: bool = False,
+           backing_image: Image | None = None) -> Image:
     """Create an image (laid out exactly as ``qemu-img create`` lays it out) and open it
     read-write.
 
@@ -72,6 +73,11 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         compat, refcount_bits, lazy_refcounts, extended_l2: as ``qemu-img create -o``.
         overwrite (bool): replace an existing file.
         allow_unsafe_backing (bool): follow absolute, ``..`` and protocol backing names.
+        backing_image (Image | None): the file ``backing`` names, already open read-only
+            with its chain: the new image is stacked on it instead of opening the chain
+            again (one file is opened, whatever the depth), and owns it once created
+            (closing the new image closes it).  If create raises, the caller closes
+            it (it may be closed already; closing again does nothing).
 
     Raises:
         InvalidArgument (a bad argument; a size over a limit, with the limit in the message),
@@ -97,10 +103,14 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
                                   "never probes a format", hint="pass backing_format='raw' or 'qcow2'")
         fmt.choice_arg(backing_format, "backing format", fmt.FORMATS)
         full = _check_backing_name(backing, bdir, allow_unsafe_backing)
+        if backing_image is not None:
+            _check_backing_image(backing_image, full, backing_format)
         if size is None:
             size = _probe_size(full, backing_format)
     elif backing_format is not None:
         raise InvalidArgument("a backing format without a backing file", value=backing_format)
+    elif backing_image is not None:
+        raise InvalidArgument("a backing image without a backing file name")
     if size is None:
         raise InvalidArgument("a size is required (None takes the backing file's size, and "
                               "there is no backing file)")
@@ -138,7 +148,13 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         _unlink_quietly(path)
         raise
     try:
-        img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
+        if backing_image is not None:
+            assert backing is not None              # checked with the other arguments
+            img = _open_over(Image, path, format,
+                             _Options(allow_unsafe_backing=allow_unsafe_backing),
+                             backing_image, os.path.join(bdir, backing))
+        else:
+            img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
     except BaseException:
         # the backing chain (checked whole only now) is unusable: leave nothing behind
         sync.wait()
@@ -151,3 +167,21 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         raise io_error(err.errno or errno.EIO, "cannot write the new image",
                        path=path) from None
     return img
+
+
+def _check_backing_image(img: Any, full: str, backing_format: str) -> None:
+    """``create``'s backing_image: an open read-only Image of the file FULL, in that format."""
+    if not isinstance(img, Image):
+        raise InvalidArgument(f"backing_image must be an open Image, not {type(img).__name__}")
+    if img.closed or not img.readonly:
+        raise InvalidArgument("backing_image must be open read-only", path=img.path)
+    if img.format != backing_format:
+        raise InvalidArgument(f"backing_image is {img.format}, not {backing_format}",
+                              path=img.path)
+    try:
+        same = os.path.samestat(os.fstat(img._fd), os.stat(full))
+    except OSError:
+        same = False
+    if not same:
+        raise InvalidArgument("backing_image is not the file the backing name names",
+                              path=img.path, value=full)

@@ -76,6 +76,23 @@ def _open_image(image_cls: type[Image], path: str, format: str | None, readonly:
     return top
 
 
+def _open_over(image_cls: type[Image], path: str, format: str, opts: _Options,
+               below: Image, below_path: str) -> Image:
+    """Open ``path`` read-write with ``below`` (open, read-only, with its own chain: the file
+    the header of ``path`` names, as the caller checked) linked under it as its backing
+    chain: one file is opened, whatever the chain's depth."""
+    if len(below.chain()) > opts.max_chain_depth:
+        raise ChainError(f"backing chain deeper than {opts.max_chain_depth} images",
+                         path=path, hint="pass a larger max_chain_depth if the chain is "
+                         "meant to be this deep")
+    top = _open_one(image_cls, path, format, False, opts, set())
+    top._backing = below
+    top._backing_path = below_path
+    top._core.set_backing(below._core)
+    top._core.enable_owner_map()
+    return top
+
+
 def _attach_chain(top: Image, opts: _Options, seen: set[tuple[int, int]]) -> None:
     """Open the backing chain of ``top`` read-only, by policy, level by level (a loop, not
     recursion: chains may be deeper than Python's recursion limit), then link the cores."""

@@ -38,7 +38,7 @@ from engine.errors import (
     UnsupportedFeature,
     io_error,
 )
-from engine.image.chain import _attach_chain, _geometry, _open_image, _Options, \
+from engine.image.chain import _attach_chain, _geometry, _open_image, _open_one, _Options, \
     _validate_snapshots, _virtual_size
 from engine.image.extent import Extent
 from engine.image.files import _check_file_length, _read_head
@@ -289,6 +289,59 @@ class Image:
                 img = img._backing
         if err is not None:
             raise err
+
+    def reopen_readonly(self) -> Image:
+        """This image's file again, read-only, over the backing chain this handle holds
+        (handed over, not opened again); this handle is flushed and closed.  What a new
+        overlay is stacked on (``create(..., backing_image=)``) when the image written until
+        now becomes a backing file: one file is opened, whatever the chain's depth.
+
+        Raises:
+            what :meth:`close` and :func:`open` raise; the backing chain is then closed too.
+        """
+        with self._close_lock:
+            if self._closed:
+                raise ImageClosed("image is closed", path=self._path)
+            self._closed = True
+        below, below_path, self._backing = self._backing, self._backing_path, None
+        try:
+            try:
+                # flush and trim as close() does; the core lets go of the backing core
+                self._core.close(flush=not self._readonly)
+            finally:
+                self._release()
+            img = _open_one(type(self), self._path, self._format, True, self._opts, set())
+        except BaseException:
+            if below is not None:
+                below.close()
+            raise
+        if below is not None:
+            img._backing, img._backing_path = below, below_path
+            img._core.set_backing(below._core)
+        return img
+
+    def close_above(self, path: str) -> Image | None:
+        """Close this image and the images of its chain above the file PATH, which stays
+        open (read-only, with the chain under it) and is returned, owned by the caller from
+        then on: what a new overlay is stacked on when the top of a chain is dropped for an
+        older point (a revert).  None, with the whole chain closed, when no backing image of
+        this one is PATH.
+
+        Raises:
+            what :meth:`close` raises; the image of PATH is then closed too.
+        """
+        images = self.chain()
+        keep = next((img for img in images[1:] if img._path == path), None)
+        if keep is None:
+            self.close()
+            return None
+        images[images.index(keep) - 1]._backing = None     # close() stops above KEEP
+        try:
+            self.close()
+        except BaseException:
+            keep.close()
+            raise
+        return keep
 
     def _release(self) -> None:
         with self._close_lock:

@@ -317,6 +317,12 @@ class Chain:
         """Take IMG, open read-write, as the leaf handle (an operation made the new leaf)."""
         self._img = img
 
+    def take_leaf(self) -> Image | None:
+        """Hand over the open leaf handle, if any (the chain holds none until
+        ``adopt_leaf``): a snapshot stacks the new leaf on it."""
+        img, self._img = self._img, None
+        return img if img is not None and not img.closed else None
+
     def leaf_uses(self, paths: set[str]) -> bool:
         """The open leaf handle reads through one of the files PATHS."""
         img = self._img

@@ -161,13 +161,16 @@ class Context:
 
     def chain_volumes(self, name: str) -> list[Volume]:
         row = self.chain_row(name)
-        vols = self.cat.volumes()
-        main = list(reversed(graph.ancestry(vols, row.leaf)))
+        main = list(reversed(self.line(row.leaf)))
         seen = {v.id for v in main}
         extra = []
         if row.saved_leaf:
-            extra = [v for v in reversed(graph.ancestry(vols, row.saved_leaf)) if v.id not in seen]
+            extra = [v for v in reversed(self.line(row.saved_leaf)) if v.id not in seen]
         return [self.volume_of(v) for v in main + extra]
+
+    def line(self, top: str) -> list[VolumeRow]:
+        """TOP and the volumes under it, top first (read by key: one row per level)."""
+        return graph.ancestry(self.cat.volumes_under(top), top)
 
     def volume_row_for(self, vid: str, chain: str, rel: str, fmt: str, parent: str | None,
                        size: int) -> VolumeRow:
@@ -180,22 +183,34 @@ class Context:
         ext = "qcow2" if fmt == "qcow2" else "raw"
         return vid, f"{VOLUMES_DIR}/{vid}.{ext}"
 
-    def refresh_roles(self) -> None:
-        """Recompute every volume's role from the parent links (inside a transaction)."""
-        vols = self.cat.volumes()
-        for vid, role in graph.roles(vols, self.cat.chains()).items():
+    def refresh_roles(self, root: str | None = None) -> None:
+        """Recompute the roles (inside a transaction): of every volume, or of ROOT and the
+        volumes over it, the only ones whose role an operation that changed nothing under
+        ROOT can have changed (a role depends only on what lies over the volume)."""
+        if root is None:
+            vols = self.cat.volumes()
+            new = graph.roles(vols, self.cat.chains())
+        else:
+            vols = self.cat.volumes_over(root)
+            new = graph.roles(vols, self.cat.chains_on(vols), local=True)
+        for vid, role in new.items():
             if role != vols[vid].role:
                 self.cat.update_volume(vid, role=role)
 
     def collect_garbage(self, candidates: Iterable[str]) -> list[str]:
         """Drop the catalog rows of CANDIDATES no chain reads through any more (inside a
-        transaction); return their files' relative paths, for removal after the commit."""
-        vols = self.cat.volumes()
-        users = graph.volume_users(vols, self.cat.chains())
-        owned = {s.volume for s in self.cat.snapshots()}
+        transaction); return their files' relative paths, for removal after the commit.
+        Whether a chain reads through a volume is read from the volumes over it alone."""
+        cands = list(dict.fromkeys(candidates))
+        over: dict[str, VolumeRow] = {}
+        for vid in reversed(cands):          # the lowest first: its rows hold those above
+            if vid not in over:
+                over.update(self.cat.volumes_over(vid))
+        users = graph.users_over(over, self.cat.chains_on(over))
+        owned = {s.volume for s in self.cat.snapshots_on(cands)}
         remove = []
-        for vid in dict.fromkeys(candidates):
-            row = vols.get(vid)
+        for vid in cands:
+            row = over.get(vid)
             if row is None or users.get(vid) or vid in owned:
                 continue
             self.cat.delete_volume(vid)
@@ -324,12 +339,13 @@ class Context:
                 c.release_leaf()
 
     def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
-                       verify: bool = True) -> Image:
+                       verify: bool = True, below: Image | None = None) -> Image:
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
-        the chain is not opened a second time (opening costs one step per level).  VERIFY:
-        as for ``open_volume``."""
+        the chain is not opened a second time (opening costs one step per level).  BELOW:
+        PARENT already open read-only with its chain (a snapshot's old leaf): the overlay is
+        stacked on it, and the chain is not opened at all.  VERIFY: as for ``open_volume``."""
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
-                           backing_format=parent.format)
+                           backing_format=parent.format, backing_image=below)
         return self._verified(img) if verify else img

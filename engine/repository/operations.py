@@ -15,7 +15,7 @@ from engine import image
 from engine import ops
 from engine.catalog import ChainRow, SnapshotRow, VolumeRow, now
 from engine.errors import EngineError, InvalidArgument, RepositoryError, UnsupportedFeature
-from engine.repository import graph, journal, merge
+from engine.repository import files, graph, journal, merge
 from engine.repository.values import (DiffResult, ExportResult, MergeResult, PathArg, Progress,
                                       Snapshot)
 
@@ -111,10 +111,15 @@ def delete_chain(ctx: Context, name: str) -> None:
     ctx.check_writable()
     row = ctx.chain_row(name)
     ctx.check_not_blocked(name)
-    vols = ctx.cat.volumes()
-    chains = ctx.cat.chains()
-    users = graph.volume_users(vols, chains)
-    for v in vols.values():
+    # the chain's lines, and everything stacked on their bases: the only volumes whose
+    # users, and so whose fate and role, the deletion changes
+    lines = [ctx.line(top) for top in (row.leaf, row.saved_leaf) if top]
+    bases = list(dict.fromkeys(line[-1].id for line in lines))
+    family: dict[str, VolumeRow] = {}
+    for b in bases:
+        family.update(ctx.cat.volumes_over(b))
+    users = graph.users_over(family, ctx.cat.chains_on(family))
+    for v in family.values():
         if v.chain == name:
             others = sorted(users.get(v.id, set()) - {name})
             if others:
@@ -125,15 +130,15 @@ def delete_chain(ctx: Context, name: str) -> None:
     if c is not None:
         c.close()
     with ctx.cat.transaction():
-        candidates = [v.id for v in vols.values() if v.chain == name]
-        for top in (row.leaf, row.saved_leaf):
-            if top:
-                candidates += [v.id for v in graph.ancestry(vols, top)]
+        candidates = [v.id for v in family.values() if v.chain == name]
+        for line in lines:
+            candidates += [v.id for v in line]
         for s in ctx.cat.snapshots(name):
             ctx.cat.delete_snapshot(s.id)
         ctx.cat.delete_chain(name)
         remove = ctx.collect_garbage(candidates)
-        ctx.refresh_roles()
+        for b in bases:
+            ctx.refresh_roles(b)
         jid = ctx.cat.journal_begin("delete_chain", name, {"remove": remove},
                                     state="committed")
     journal.kill_point("delete_chain.committed")
@@ -155,8 +160,9 @@ def record_unrecorded(ctx: Context) -> None:
                 ctx.cat.update_volume(vid, **rec)
 
 
-def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> ChainRow:
-    """Common checks before a chain operation; closes the chain's leaf handle."""
+def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False,
+             release: bool = True) -> ChainRow:
+    """Common checks before a chain operation; closes the chain's leaf handle (RELEASE)."""
     ctx.check_writable()
     row = ctx.chain_row(chain.name)
     ctx.check_not_blocked(chain.name)
@@ -164,17 +170,19 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> Chai
         raise RepositoryError(
             f"chain {chain.name!r} is previewing snapshot {row.preview}",
             hint="commit_preview() or undo_preview() first")
-    chain.release_leaf()
+    if release:
+        chain.release_leaf()
     return row
 
 
 def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> None:
     """A snapshot is not taken on a chain known to be damaged: a volume marked ILLEGAL
     (an operation on it did not finish) or damaged (by check) in the catalog, or (IMG:
-    the chain opened) a QCOW2 volume with the corrupt bit set."""
-    flagged = ctx.cat.flagged_volumes()          # normally none: one cheap query
+    the chain opened, then the catalog is not read again) a QCOW2 volume with the corrupt
+    bit set."""
+    flagged = ctx.cat.flagged_volumes() if img is None else []   # normally none: an index
     if flagged:
-        line = {v.id for v in graph.ancestry(ctx.cat.volumes(), row.leaf)}
+        line = {v.id for v in ctx.line(row.leaf)}
         for v in flagged:
             if v.id not in line:
                 continue
@@ -193,34 +201,63 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
                                   chain=row.name, snapshot=True)
 
 
+class _Below:
+    """A volume of a chain open read-only with its chain under it, for a new overlay to be
+    stacked on (``Context.create_overlay(below=)``).  Taken from the chain's open leaf
+    handle when there is one (the leaf flushed and reopened read-only, or the volumes above
+    closed), else opened: the chain is not opened again.  Use with ``with``: the image is
+    closed if the block raises before ``stacked`` (the overlay owns it from then on)."""
+
+    def __init__(self, ctx: Context, chain: Chain, vol: VolumeRow) -> None:
+        path = ctx.abs(vol.path)
+        img = chain.take_leaf()
+        if img is not None:
+            img = img.reopen_readonly() if img.path == path else img.close_above(path)
+        self.image = img or ctx.open_volume(vol, readonly=True, verify=False)
+        self.stacked = False
+
+    def __enter__(self) -> _Below:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None and not self.stacked:
+            files.close_quietly(self.image)
+
+
 def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snapshot:
     if not isinstance(description, str):
         raise InvalidArgument("description must be a string")
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     leaf = ctx.volume_row(row.leaf)
     if not force:
         _refuse_damaged(ctx, row)
-    vid, rel = ctx.new_volume("qcow2")
-    sid = str(uuid.uuid4())
-    with journal.journaled(ctx, "snapshot", row.name, {"created": [rel], "snapshot": sid}) as j:
-        img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
-                                        verify=not force))
+    # the leaf, flushed, turns read-only and the new overlay is stacked on it: a snapshot
+    # opens two files whatever the chain's depth
+    with _Below(ctx, chain, leaf) as below:
         if not force:
-            _refuse_damaged(ctx, row, img)
-        # the leaf is sealed now: record what it is, to notice later if it is changed
-        sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
-        j.step("created")
-        with ctx.cat.transaction():
-            ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
-                                                     leaf.id, row.size))
-            ctx.cat.insert_snapshot(SnapshotRow(sid, row.name, now(), description,
-                                                leaf.id))
-            ctx.cat.update_volume(leaf.id, **sealed)
-            ctx.cat.update_chain(row.name, leaf=vid)
-            ctx.refresh_roles()
-            ctx.cat.journal_end(j.jid)
-        j.leaf_of(chain, img)
-    return ctx.snapshot_of(ctx.snapshot_row(sid))
+            ctx.verify_identity(below.image)
+            _refuse_damaged(ctx, row, below.image)
+        vid, rel = ctx.new_volume("qcow2")
+        sid = str(uuid.uuid4())
+        with journal.journaled(ctx, "snapshot", row.name,
+                               {"created": [rel], "snapshot": sid}) as j:
+            img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
+                                            verify=False, below=below.image))
+            below.stacked = True
+            # the leaf is sealed now: record what it is, to notice later if it is changed
+            sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
+            j.step("created")
+            with ctx.cat.transaction():
+                ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
+                                                         leaf.id, row.size))
+                snap = SnapshotRow(sid, row.name, now(), description, leaf.id)
+                ctx.cat.insert_snapshot(snap)
+                ctx.cat.update_volume(leaf.id, **sealed)
+                ctx.cat.update_chain(row.name, leaf=vid)
+                ctx.refresh_roles(leaf.id)       # the old leaf has a child now
+                ctx.cat.journal_end(j.jid)
+            j.leaf_of(chain, img)
+    return ctx.snapshot_of(snap)
 
 
 def resize(ctx: Context, chain: Chain, new_size: int) -> None:
@@ -251,19 +288,22 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
                  apply: Callable[[str], list[str]]) -> None:
     """Revert and preview: a new empty leaf on top of SNAP's volume, at the size the disk
     had at SNAP (the chain takes that size), then APPLY(vid) inside the commit
-    transaction (it returns the files to remove afterwards)."""
+    transaction (it settles the roles and returns the files to remove afterwards)."""
     base = ctx.snapshot_volume(snap)
     size = ctx.volume_size(base)
     vid, rel = ctx.new_volume("qcow2")
-    with journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
-        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
+    with _Below(ctx, chain, base) as below, \
+            journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
+        ctx.verify_identity(below.image)
+        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size, verify=False,
+                                        below=below.image))
+        below.stacked = True
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
                                                      base.id, size))
             ctx.cat.update_chain(row.name, size=size)
             j.remove = apply(vid)
-            ctx.refresh_roles()
             if j.remove:
                 ctx.cat.journal_commit(j.jid, {"remove": j.remove})
             else:
@@ -278,26 +318,43 @@ def _drop_newer(ctx: Context, row: ChainRow, snap: SnapshotRow) -> None:
             ctx.cat.delete_snapshot(s.id)
 
 
+def _settle(ctx: Context, dropped: list[str] | None, top: str, root: str) -> list[str]:
+    """Inside a commit transaction that took TOP's line off a chain, which now reads
+    through ROOT (a volume under TOP): drop the rows of DROPPED (TOP's line down to ROOT)
+    that nothing uses any more and recompute the roles that could change, those of ROOT and
+    the volumes over it; return the files to remove.  DROPPED None (TOP's line does not
+    reach ROOT: a damaged catalog): the whole line is a candidate and every role is
+    recomputed."""
+    if dropped is None:
+        remove = ctx.collect_garbage(v.id for v in ctx.line(top))
+        ctx.refresh_roles()
+        return remove
+    remove = ctx.collect_garbage(dropped)
+    ctx.refresh_roles(root)
+    return remove
+
+
 def revert(ctx: Context, chain: Chain, sid: str) -> None:
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     snap = ctx.find_snapshot(row.name, sid)
-    vols = ctx.cat.volumes()
-    old = [v.id for v in graph.ancestry(vols, row.leaf)]
+    dropped = graph.line_to(ctx.cat.volumes_over(snap.volume), row.leaf, snap.volume)
 
     def apply(vid: str) -> list[str]:
         _drop_newer(ctx, row, snap)
         ctx.cat.update_chain(row.name, leaf=vid)
-        return ctx.collect_garbage(old)
+        return _settle(ctx, dropped, row.leaf, snap.volume)
 
     _new_leaf_on(ctx, "revert", chain, row, snap, apply)
 
 
 def preview(ctx: Context, chain: Chain, sid: str) -> None:
-    row = _prepare(ctx, chain)
+    row = _prepare(ctx, chain, release=False)
     snap = ctx.find_snapshot(row.name, sid)
+    kept = graph.line_to(ctx.cat.volumes_over(snap.volume), row.leaf, snap.volume)
 
     def apply(vid: str) -> list[str]:
         ctx.cat.update_chain(row.name, leaf=vid, saved_leaf=row.leaf, preview=snap.id)
+        ctx.refresh_roles(snap.volume if kept is not None else None)
         return []
 
     _new_leaf_on(ctx, "preview", chain, row, snap, apply)
@@ -308,20 +365,23 @@ def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
     row = _prepare(ctx, chain, allow_preview=True)
     if not row.preview or row.saved_leaf is None:
         raise RepositoryError(f"chain {row.name!r} is not previewing a snapshot")
-    vols = ctx.cat.volumes()
-    saved_size = None if keep else ctx.volume_size(vols[row.saved_leaf])
+    saved_size = None if keep else ctx.volume_size(ctx.volume_row(row.saved_leaf))
+    top, other = (row.saved_leaf, row.leaf) if keep else (row.leaf, row.saved_leaf)
+    # the previewed snapshot's volume: where the dropped line meets the kept one
+    snap = ctx.cat.snapshot(row.preview)
+    over = ctx.cat.volumes_over(snap.volume) if snap is not None else {}
+    dropped = None
+    if snap is not None and graph.line_to(over, other, snap.volume) is not None:
+        dropped = graph.line_to(over, top, snap.volume)
+    root = snap.volume if snap is not None else top
     with ctx.cat.transaction():
         if keep:
-            snap = ctx.snapshot_row(row.preview)
-            _drop_newer(ctx, row, snap)
+            _drop_newer(ctx, row, ctx.snapshot_row(row.preview))
             ctx.cat.update_chain(row.name, saved_leaf=None, preview=None)
-            candidates = [v.id for v in graph.ancestry(vols, row.saved_leaf)]
         else:
             ctx.cat.update_chain(row.name, leaf=row.saved_leaf, saved_leaf=None,
                                  preview=None, size=saved_size)
-            candidates = [v.id for v in graph.ancestry(vols, row.leaf)]
-        remove = ctx.collect_garbage(candidates)
-        ctx.refresh_roles()
+        remove = _settle(ctx, dropped, top, root)
         jid = ctx.cat.journal_begin(op, row.name, {"remove": remove}, state="committed")
     journal.kill_point(f"{op}.committed")
     journal.finish(ctx, jid, op, remove)
@@ -347,7 +407,12 @@ def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
                                           origin_chain=row.name, origin_snapshot=snap.id))
             ctx.cat.insert_volume(ctx.volume_row_for(vid, name, rel, "qcow2", base.id,
                                                      size))
-            ctx.refresh_roles()
+            # the new chain reads through every volume under its leaf, and has none of
+            # its own there: each of them has a child and another chain as a user now
+            for v in ctx.line(base.id):
+                role = graph.role(v, True, {name})
+                if role != v.role:
+                    ctx.cat.update_volume(v.id, role=role)
             ctx.cat.journal_end(j.jid)
         j.leaf_of(name, img)
     return ctx.chain(name)
@@ -357,21 +422,20 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
                     progress: Progress | None) -> MergeResult:
     row = _prepare(ctx, chain)
     snap = ctx.find_snapshot(row.name, sid)
-    vols = ctx.cat.volumes()
-    users = graph.volume_users(vols, ctx.cat.chains())
+    over = ctx.cat.volumes_over(snap.volume)
+    users = graph.users_over(over, ctx.cat.chains_on(over))
     others = sorted(users.get(snap.volume, set()) - {row.name})
     if others:
         raise RepositoryError(
             f"snapshot {snap.id} of chain {row.name!r} cannot be deleted: clone "
             f"{others[0]!r} uses its volume {snap.volume}",
             hint=f"delete chain {others[0]!r} first")
-    line = graph.ancestry(vols, row.leaf)
-    ids = [v.id for v in line]
-    if snap.volume not in ids or ids.index(snap.volume) == 0:
+    above = graph.line_to(over, row.leaf, snap.volume)
+    if not above:
         raise RepositoryError(f"snapshot {snap.id}'s volume is not under the leaf of chain "
                               f"{row.name!r}", hint="run 'cowchain chain check'")
-    vol = vols[snap.volume]
-    child = line[ids.index(snap.volume) - 1]
+    vol = over[snap.volume]
+    child = over[above[-1]]
     kids = ctx.cat.children(vol.id)
     if [k.id for k in kids] != [child.id]:
         raise RepositoryError(f"volume {vol.id} has other children than {child.id}",
@@ -444,7 +508,7 @@ def diff(ctx: Context, chain: Chain, from_id: str, to_id: str | None) -> DiffRes
         row = ctx.chain_row(chain.name)
         a = ctx.find_snapshot(row.name, from_id).volume
         b = ctx.find_snapshot(row.name, to_id).volume if to_id is not None else row.leaf
-        vols = ctx.cat.volumes()
+        vols = {**ctx.cat.volumes_under(a), **ctx.cat.volumes_under(b)}
     path_a = [v.id for v in graph.ancestry(vols, a)]
     path_b = [v.id for v in graph.ancestry(vols, b)]
     in_b = set(path_b)
