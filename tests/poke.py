@@ -8,6 +8,7 @@ to aim a poke; they deliberately do no validation, since their job is to make ba
 from __future__ import annotations
 
 import os
+import sqlite3
 import struct
 
 _FMT = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
@@ -174,3 +175,15 @@ def snapshot_entry(path, index: int = 0) -> int:
         name_len = read_be(path, off + 14, 2)
         off += (40 + extra + id_len + name_len + 7) & ~7
     return off
+
+
+def downgrade_catalog_to_v1(db_file: str) -> None:
+    """Make a SQLite catalog file what cowchain with schema version 1 wrote."""
+    db = sqlite3.connect(db_file)
+    with db:
+        for index in ("volumes_flagged", "volumes_unrecorded"):   # on columns v1 lacks
+            db.execute(f"DROP INDEX IF EXISTS {index}")
+        for col in ("size", "ino", "stamp", "damaged"):
+            db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
+        db.execute("UPDATE schema_version SET version = 1")
+    db.close()

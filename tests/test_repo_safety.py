@@ -353,14 +353,7 @@ def test_sealed_qcow2_volume_truncated_below_its_data(repo, repo_path):
 
 def _downgrade_to_v1(path: str) -> None:
     """Make the catalog what cowchain with schema version 1 wrote."""
-    db = sqlite3.connect(os.path.join(path, "catalog.db"))
-    with db:
-        for index in ("volumes_flagged", "volumes_unrecorded"):   # on columns v1 lacks
-            db.execute(f"DROP INDEX {index}")
-        for col in ("size", "ino", "stamp", "damaged"):
-            db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
-        db.execute("UPDATE schema_version SET version = 1")
-    db.close()
+    poke.downgrade_catalog_to_v1(os.path.join(path, "catalog.db"))
 
 
 def test_older_catalog_is_migrated(repo, repo_path):
