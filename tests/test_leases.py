@@ -103,6 +103,16 @@ def test_settings_profiles_are_valid_and_unsafe_timings_refused():
         LeaseSettings(lease=-1.0)
 
 
+def test_settings_profile_from_the_environment(monkeypatch):
+    monkeypatch.delenv("COWCHAIN_LEASE_PROFILE", raising=False)
+    assert LeaseSettings.from_env() == LeaseSettings()
+    monkeypatch.setenv("COWCHAIN_LEASE_PROFILE", "test")
+    assert LeaseSettings.from_env() == LeaseSettings.for_tests()
+    monkeypatch.setenv("COWCHAIN_LEASE_PROFILE", "fast")
+    with pytest.raises(InvalidArgument, match="COWCHAIN_LEASE_PROFILE"):
+        LeaseSettings.from_env()
+
+
 def test_every_connection_sets_the_session_timeouts(url):
     s = LeaseSettings.for_tests()
     with connect(url, s) as conn:

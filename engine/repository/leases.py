@@ -101,6 +101,18 @@ class LeaseSettings:
         base.update(changes)
         return cls(**base)
 
+    @classmethod
+    def from_env(cls) -> LeaseSettings:
+        """The profile named by ``COWCHAIN_LEASE_PROFILE``: ``test`` (:meth:`for_tests`) or
+        unset/``production`` (the defaults)."""
+        name = os.environ.get("COWCHAIN_LEASE_PROFILE", "production")
+        if name == "test":
+            return cls.for_tests()
+        if name == "production":
+            return cls()
+        raise InvalidArgument(f"COWCHAIN_LEASE_PROFILE must be 'test' or 'production', "
+                              f"not {name!r}", value=name)
+
     def validate(self) -> None:
         """Refuse timings that break the safety or liveness rule (``InvalidArgument``)."""
         L, P, R, G = self.lease, self.renew_interval, self.renew_deadline, self.grace
