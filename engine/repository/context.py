@@ -11,13 +11,13 @@ import dataclasses
 import os
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
 from engine.errors import (ChainError, ImageClosed, ImageLocked, ImageNotFound,
                            InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
-from engine.repository import files, graph
+from engine.repository import files, graph, journal
 from engine.repository.files import VOLUMES_DIR
 from engine.repository.catalog_api import CatalogStore
 from engine.repository.chain import Chain
@@ -25,6 +25,7 @@ from engine.repository.values import Snapshot, Volume
 
 if TYPE_CHECKING:
     from engine.image import Image
+    from engine.repository.leases import Lease, LeaseManager
     from engine.repository.repo import Repository
 
 #: Snapshot ids may be given by a unique prefix of at least this many characters.
@@ -78,6 +79,10 @@ class Context:
         self.closed = False
         self.chains: dict[str, Chain] = {}
         self.blocked: dict[str, str] = {}
+        #: this host's write leases when several hosts share the catalog (else None)
+        self.leases: LeaseManager | None = None
+        self._leases: dict[str, Lease] = {}       # the lease each chain is written under
+        self._writing: list[str] = []             # chains whose lease fences catalog writes
 
     def chain(self, name: str) -> Chain:
         """The chain NAME (the same object each call while it is open)."""
@@ -106,6 +111,89 @@ class Context:
         if op is not None:
             raise RepositoryError(f"chain {name!r} has an interrupted {op} in flight",
                                   hint="call Repository.recover() or reopen the repository")
+
+    # --- write leases (a catalog shared by several hosts; see docs/multihost.md) ----------
+
+    def lease(self, name: str, *, wait: float = 0) -> Lease | None:
+        """The write lease of chain NAME, acquired on first use (None without leases).
+
+        A lease newly acquired (a new epoch) first recovers the chain's unfinished journal
+        entries (a dead host's, or this host's from before it lost the lease), fenced by
+        the new lease.  A lease found lost is dropped with the chain's leaf handle (never
+        flushed again) and raises LeaseLost; the next call acquires a new one.
+
+        Raises:
+            ChainLeased: another live host holds the chain's lease.
+        """
+        lm = self.leases
+        if lm is None:
+            return None
+        have = self._leases.get(name)
+        if have is not None:
+            if have.lost:
+                self._leases.pop(name)
+                c = self.chains.get(name)
+                if c is not None:
+                    c.abandon_leaf()
+                have.check()
+            return have
+        lease = self._leases[name] = lm.acquire(name, wait=wait)
+        with self.writing(name):
+            journal.recover(self, chains=[name])
+        return lease
+
+    def held_lease(self, name: str) -> Lease | None:
+        return self._leases.get(name)
+
+    def leased(self) -> set[str]:
+        """The chains whose write lease this host holds (not known lost)."""
+        return {n for n, lease in self._leases.items() if not lease.lost}
+
+    def release_lease(self, name: str) -> None:
+        """Give chain NAME's lease up, unless an operation on it is running here.  A lost
+        lease is left to expire (its holder's unflushed writes may still reach storage:
+        the grace after expiry covers them)."""
+        lease = self._leases.get(name)
+        if lease is None or self.leases is None or name in self._writing:
+            return
+        del self._leases[name]
+        if not lease.lost:
+            self.leases.release(name)
+
+    def may_flush(self, name: str) -> bool:
+        """Chain NAME's open leaf may be flushed: no leases, or its lease is not lost."""
+        lease = self._leases.get(name)
+        return self.leases is None or lease is None or not lease.lost
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[None]:
+        """Catalog changes made inside are fenced by chain NAME's lease (acquired here)."""
+        if self.leases is None:
+            yield
+            return
+        if name not in self._leases:
+            self.lease(name)
+        self._writing.append(name)
+        try:
+            self.check_lease(name)
+            yield
+        finally:
+            self._writing.remove(name)
+
+    def check_lease(self, name: str) -> None:
+        """Before a write batch, a flush or a commit on chain NAME: its lease is held and
+        not lost (LeaseLost otherwise). No-op without leases."""
+        lease = self.lease(name)
+        if lease is not None:
+            lease.check()
+
+    def fence(self, conn: Any) -> None:
+        """The catalog's fence: the SQL check of every lease the current operation holds."""
+        lm = self.leases
+        for name in self._writing:
+            lease = self._leases.get(name)
+            if lm is not None and lease is not None:
+                lm.fence_for(lease)(conn)
 
     def abs(self, rel: str) -> str:
         return os.path.join(self.path, rel)

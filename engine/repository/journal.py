@@ -76,7 +76,17 @@ def journaled(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
     (``abort``), and the error goes on.  After it returned, the held images are
     closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
     point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
-    removed."""
+    removed.  With a catalog shared by several hosts all of it runs under the chain's
+    write lease (``Context.writing``; an export writes no chain and needs none)."""
+    with contextlib.ExitStack() as fenced:
+        if op != "export":
+            fenced.enter_context(ctx.writing(chain))
+        yield from _journaled(ctx, op, chain, args, illegal, hold, verify, committed)
+
+
+def _journaled(ctx: Context, op: str, chain: str, args: dict[str, Any],
+               illegal: Iterable[str], hold: list[tuple[VolumeRow, bool, bool]] | Held | None,
+               verify: bool, committed: str | None) -> Iterator[Journaled]:
     with contextlib.ExitStack() as stack:
         if isinstance(hold, list):
             hold = ctx.holding(hold, verify=verify) if hold else None
@@ -144,15 +154,19 @@ def abort(ctx: Context, jid: int, chain: str) -> None:
         ctx.blocked[chain] = "an interrupted operation"
 
 
-def recover(ctx: Context) -> list[str]:
-    """Finish or undo every operation the journal shows in flight (``open`` calls this).
+def recover(ctx: Context, chains: Iterable[str] | None = None) -> list[str]:
+    """Finish or undo every operation the journal shows in flight (``open`` calls this);
+    with CHAINS, only the operations on those chains (a takeover of their leases).
 
     Returns:
         list[str]: one line per operation recovered, saying what was done.
     """
     ctx.check_writable()
     done = []
+    only = None if chains is None else set(chains)
     for j in ctx.cat.journal():
+        if only is not None and j.chain not in only:
+            continue
         done.append(recover_row(ctx, j))
         if j.chain is not None:
             ctx.blocked.pop(j.chain, None)

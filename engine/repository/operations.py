@@ -109,6 +109,13 @@ def import_chain(ctx: Context, name: str, source: PathArg, *, format: str,
 def delete_chain(ctx: Context, name: str) -> None:
     """``Repository.delete_chain``."""
     ctx.check_writable()
+    ctx.chain_row(name)
+    with ctx.writing(name):
+        _delete_chain(ctx, name)
+    ctx.release_lease(name)
+
+
+def _delete_chain(ctx: Context, name: str) -> None:
     row = ctx.chain_row(name)
     ctx.check_not_blocked(name)
     vols = ctx.cat.volumes()
@@ -159,6 +166,7 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False) -> Chai
     """Common checks before a chain operation; closes the chain's leaf handle."""
     ctx.check_writable()
     row = ctx.chain_row(chain.name)
+    ctx.check_lease(chain.name)        # before anything is written: a lease, recovery
     ctx.check_not_blocked(chain.name)
     if row.preview and not allow_preview:
         raise RepositoryError(
@@ -304,6 +312,11 @@ def preview(ctx: Context, chain: Chain, sid: str) -> None:
 
 
 def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
+    with ctx.writing(chain.name):
+        _end_preview(ctx, chain, keep)
+
+
+def _end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
     op = "commit_preview" if keep else "undo_preview"
     row = _prepare(ctx, chain, allow_preview=True)
     if not row.preview or row.saved_leaf is None:
