@@ -1,7 +1,9 @@
 """The ``cowchain`` command: argument parsing and output only; the work is in engine.repository.
 
-Usage: ``cowchain [--repo DIR] [--output human|json] GROUP VERB ...`` (``--repo`` defaults to
-``$COWCHAIN_REPO``; both options may also follow the verb).  See ``cowchain --help``.
+Usage: ``cowchain [--repo DIR] [--catalog URL] [--host-id ID] [--output human|json] GROUP VERB
+...`` (``--repo`` defaults to ``$COWCHAIN_REPO``, ``--catalog`` to ``$COWCHAIN_CATALOG``,
+``--host-id`` to ``$COWCHAIN_HOST_ID``; the options may also follow the verb).  See
+``cowchain --help``.
 
 Exit codes: one table, in engine/errors.py (``exit_code_table()``), printed by ``cowchain
 --help``: ``check`` uses qemu-img check's 0-3, each EngineError subclass its own code, 64 a
@@ -185,19 +187,39 @@ def _repo_dir(args) -> str:
     return path
 
 
+def _catalog(args) -> dict:
+    """The catalog options: ``catalog`` (a PostgreSQL URL, or None: the folder's SQLite
+    catalog) and ``host_id``."""
+    return {"catalog": getattr(args, "catalog", None) or os.environ.get("COWCHAIN_CATALOG")
+            or None,
+            "host_id": getattr(args, "host_id", None) or os.environ.get("COWCHAIN_HOST_ID")
+            or None}
+
+
 def _open_repo(args, *, readonly: bool = False):
     from engine.repository import Repository
 
-    return Repository.open(_repo_dir(args), readonly=readonly)
+    return Repository.open(_repo_dir(args), readonly=readonly, **_catalog(args))
 
 
 def cmd_repo_init(args) -> int:
     from engine.repository import Repository
 
     path = args.dir or _repo_dir(args)
-    with Repository.create(path) as repo:
+    with Repository.create(path, **_catalog(args)) as repo:
         _emit(args, {"repository": repo.path, "created": True},
               f"Created repository {repo.path}")
+    return 0
+
+
+def cmd_repo_upgrade(args) -> int:
+    from engine.repository import Repository
+
+    before, after = Repository.upgrade(_repo_dir(args), **_catalog(args))
+    _emit(args, {"repository": os.path.abspath(_repo_dir(args)), "schema_before": before,
+                 "schema": after},
+          f"Catalog schema version {after}" + (f" (was {before})" if before != after
+                                               else " (already current)"))
     return 0
 
 
@@ -570,6 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--repo", metavar="DIR",
                             default=None if default else argparse.SUPPRESS,
                             help="the repository folder (default: $COWCHAIN_REPO)")
+        parser.add_argument("--catalog", metavar="URL",
+                            default=None if default else argparse.SUPPRESS,
+                            help="a PostgreSQL URL holding the catalog, for a folder several "
+                                 "hosts share (default: $COWCHAIN_CATALOG; none: the "
+                                 "folder's own catalog)")
+        parser.add_argument("--host-id", metavar="ID",
+                            default=None if default else argparse.SUPPRESS,
+                            help="this host's stable id with --catalog (default: "
+                                 "$COWCHAIN_HOST_ID, else the host name)")
         parser.add_argument("--output", choices=("human", "json"),
                             default="human" if default else argparse.SUPPRESS,
                             help="output format (default: human)")
@@ -620,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(exit 0 clean, 2 problems, 3 only leaks)")
     sp.add_argument("--repair", action="store_true",
                     help="fix what can be fixed (leaks, catalog mismatches, image repairs)")
+    verb(rverbs, "upgrade", cmd_repo_upgrade, "bring the catalog's schema up to this "
+                                              "version's (any read-write open also does)")
 
     verbs = group("chain", "create, snapshot, merge, clone, export chains")
     sp = verb(verbs, "create", cmd_create, "create a chain (one base volume)", NAME)

@@ -31,13 +31,15 @@ from collections import Counter
 from engine.errors import InvalidArgument, NotFound, UnsafeDestination, io_error
 
 #: The repository folder: <repo>/catalog.db, <repo>/volumes/<uuid>.qcow2|.raw,
-#: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside.  Named here,
+#: <repo>/repository.lock, and lost+found/ for stray files a repair moved aside; a folder
+#: whose catalog is in PostgreSQL has <repo>/repository.id instead of catalog.db.  Named here,
 #: the lowest room that needs them (this rule must know a repository's files without
 #: importing the repository); engine.repository takes them from here.
 CATALOG_NAME = "catalog.db"
 VOLUMES_DIR = "volumes"
 LOCK_NAME = "repository.lock"
 LOST_FOUND = "lost+found"
+FOLDER_ID_NAME = "repository.id"
 
 _lock = threading.Lock()
 _files: Counter = Counter()        # (st_dev, st_ino) of files open images use
@@ -79,7 +81,8 @@ def _is_repository(folder: str) -> bool:
     with _lock:
         if folder in _folders:
             return True
-    return (os.path.isfile(os.path.join(folder, CATALOG_NAME))
+    return ((os.path.isfile(os.path.join(folder, CATALOG_NAME))
+             or os.path.isfile(os.path.join(folder, FOLDER_ID_NAME)))
             and os.path.isdir(os.path.join(folder, VOLUMES_DIR)))
 
 

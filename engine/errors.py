@@ -219,6 +219,18 @@ class NotFound(RepositoryError, LookupError):
     exit_code = 16
 
 
+class CatalogUnavailable(RepositoryError):
+    """The PostgreSQL catalog could not be reached or did not answer in time (a restart, a
+    broken connection, a lock or statement timeout).  Nothing was half applied: a catalog
+    transaction that was interrupted was rolled back by the server, so the operation can be
+    retried."""
+
+    exit_code = 24
+    exit_meaning = "the shared catalog is unreachable or busy (retry the operation)"
+    default_hint = ("retry the operation once the database server is reachable; reopen the "
+                    "repository if it keeps failing")
+
+
 class VolumeDamaged(RepositoryError):
     """A volume of a chain is damaged, or is not the file the catalog recorded: a raw volume
     truncated or replaced, a QCOW2 volume with the corrupt bit set, a volume marked ILLEGAL or

@@ -1,4 +1,5 @@
-"""Unit tests of engine/catalog.py, the repository's SQLite catalog, used directly.
+"""Unit tests of engine/catalog.py, the repository's SQLite catalog, used directly; the
+behaviours every backend shares run against the PostgreSQL catalog too (``backend``).
 
 Schema creation and version refusal, open/create refusals, durable transactions (rollback on
 an exception, nested transactions joining the outer one, a failed COMMIT leaving the catalog
@@ -28,9 +29,66 @@ def db_path(tmp_path):
     return str(tmp_path / "catalog.db")
 
 
+class SqliteBackend:
+    """The SQLite catalog in a file, and a plain connection behind its back."""
+
+    IntegrityError = sqlite3.IntegrityError
+
+    def __init__(self, path):
+        self.path = path
+
+    def make(self, *, create=False, readonly=False):
+        return Catalog(self.path, create=create, readonly=readonly)
+
+    def raw(self, sql):
+        """SQL's rows, run behind the catalog's back (foreign keys not enforced)."""
+        db = raw(self.path)
+        try:
+            return [tuple(r) for r in db.execute(sql).fetchall()]
+        finally:
+            db.close()
+
+    @staticmethod
+    def in_transaction(c):
+        return c._db.in_transaction
+
+
+class PgBackend:
+    """The PostgreSQL catalog in a new database of the session's server."""
+
+    def __init__(self, url):
+        import psycopg
+        self.url = url
+        self.IntegrityError = psycopg.IntegrityError
+
+    def make(self, *, create=False, readonly=False):
+        from engine.catalog_pg import PgCatalog
+        return PgCatalog(self.url, create=create, readonly=readonly)
+
+    def raw(self, sql):
+        import psycopg
+        with psycopg.connect(self.url, autocommit=True) as db:
+            db.execute("SET session_replication_role = replica")   # foreign keys not enforced
+            cur = db.execute(sql)
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+    @staticmethod
+    def in_transaction(c):
+        import psycopg
+        return c._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, db_path):
+    """Each catalog backend in turn: the behaviours below hold for both."""
+    if request.param == "sqlite":
+        return SqliteBackend(db_path)
+    return PgBackend(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture
-def c(db_path):
-    catalog = Catalog(db_path, create=True)
+def c(backend):
+    catalog = backend.make(create=True)
     yield catalog
     catalog.close()
 
@@ -73,6 +131,28 @@ def test_create_makes_schema_and_version(db_path):
     rows = db.execute("SELECT version, applied FROM schema_version").fetchall()
     assert len(rows) == 1 and rows[0][0] == cat.SCHEMA_VERSION and TS.match(rows[0][1])
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == cat.SCHEMA_VERSION   # mirrored
+    db.close()
+
+
+def test_user_version_mirrors_the_schema_version(db_path):
+    """A file made before the mirror (user_version 0), or migrated, carries the schema
+    version in ``PRAGMA user_version`` after a read-write open; a read-only open leaves it."""
+    Catalog(db_path, create=True).close()
+    db = raw(db_path)
+    db.execute("PRAGMA user_version = 0")
+    Catalog(db_path, readonly=True).close()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    Catalog(db_path).close()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == cat.SCHEMA_VERSION
+    db.execute("PRAGMA user_version = 0")
+    for col in ("size", "ino", "stamp", "damaged"):
+        db.execute(f"ALTER TABLE volumes DROP COLUMN {col}")
+    db.execute("UPDATE schema_version SET version = 1")
+    c = Catalog(db_path)
+    assert c.version == cat.SCHEMA_VERSION
+    c.close()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == cat.SCHEMA_VERSION
     db.close()
 
 
@@ -144,14 +224,13 @@ def test_garbage_file_refused(db_path):
 
 # --- transactions ------------------------------------------------------------------------------
 
-def test_transaction_commits(c, db_path):
+def test_transaction_commits(c, backend):
     add_chain(c)
-    db = raw(db_path)            # another connection sees the committed rows
-    assert db.execute("SELECT name, leaf FROM chains").fetchall() == [("c1", "v1")]
-    db.close()
+    # another connection sees the committed rows
+    assert backend.raw("SELECT name, leaf FROM chains") == [("c1", "v1")]
 
 
-def test_transaction_rolls_back_on_exception(c):
+def test_transaction_rolls_back_on_exception(c, backend):
     add_chain(c)
     with pytest.raises(KeyError):
         with c.transaction():
@@ -161,7 +240,7 @@ def test_transaction_rolls_back_on_exception(c):
             raise KeyError("boom")
     assert c.chain("c1").size == 1 << 20
     assert c.volume("v2") is None
-    assert not c._db.in_transaction
+    assert not backend.in_transaction(c)
     add_chain(c, "c2", "w1")     # the catalog is usable afterwards
     assert [r.name for r in c.chains()] == ["c1", "c2"]
 
@@ -184,22 +263,22 @@ def test_nested_transaction_joins_outer(c):
     assert c.chain("c1") is not None
 
 
-def test_failed_commit_rolls_back(c):
+def test_failed_commit_rolls_back(c, backend):
     """A deferred foreign key broken at COMMIT: the error is loud (an IntegrityError: a bug in
     our own code, not bad input) and the catalog is as it was, with no transaction left open."""
     add_chain(c)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.IntegrityError):
         with c.transaction():
             c.update_chain("c1", size=5)
             c.insert_chain(chain_row("c2", leaf="no-such-volume"))
     assert c.chain("c1").size == 1 << 20 and c.chain("c2") is None
-    assert not c._db.in_transaction
+    assert not backend.in_transaction(c)
     assert c.integrity_problems() == []
 
 
-def test_integrity_error_is_not_translated(c):
+def test_integrity_error_is_not_translated(c, backend):
     add_chain(c)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.IntegrityError):
         c.insert_chain(chain_row())               # duplicate primary key
 
 
@@ -246,8 +325,8 @@ def test_other_thread_refused(c):
     assert [r.name for r in c.chains()] == ["c1"]   # the owner goes on
 
 
-def test_closed_catalog_refuses_use(db_path):
-    c = Catalog(db_path, create=True)
+def test_closed_catalog_refuses_use(backend):
+    c = backend.make(create=True)
     c.close()
     assert c.closed
     c.close()                                       # closing twice is harmless
@@ -257,10 +336,10 @@ def test_closed_catalog_refuses_use(db_path):
         c.journal_begin("op", None, {})
 
 
-def test_readonly_reads_and_refuses_writes(db_path):
-    w = Catalog(db_path, create=True)
+def test_readonly_reads_and_refuses_writes(backend):
+    w = backend.make(create=True)
     add_chain(w)
-    r = Catalog(db_path, readonly=True)
+    r = backend.make(readonly=True)
     try:
         assert [x.name for x in r.chains()] == ["c1"]
         with pytest.raises(engine.RepositoryError, match="readonly"):
@@ -272,7 +351,9 @@ def test_readonly_reads_and_refuses_writes(db_path):
     finally:
         r.close()
         w.close()
-    assert Catalog(db_path).chain("c1").size == 1 << 20
+    w = backend.make()
+    assert w.chain("c1").size == 1 << 20
+    w.close()
 
 
 # --- error translation -------------------------------------------------------------------------
@@ -288,7 +369,7 @@ def test_translate_maps_errors_to_typed_ones():
 
 # --- chains ------------------------------------------------------------------------------------
 
-def test_chain_methods(c):
+def test_chain_methods(c, backend):
     assert c.chain("c1") is None
     add_chain(c, "b")
     add_chain(c, "a", "w1")
@@ -308,7 +389,7 @@ def test_chain_methods(c):
     assert c.chain("missing") is None
     with pytest.raises(ValueError, match="cannot update chains"):
         c.update_chain("b", colour="red")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.IntegrityError):
         c.delete_chain("a")                                     # its volume still names it
     assert c.chain("a") is not None
     with c.transaction():                                       # chain and volumes together
@@ -320,7 +401,7 @@ def test_chain_methods(c):
 
 # --- volumes -----------------------------------------------------------------------------------
 
-def test_volume_methods(c):
+def test_volume_methods(c, backend):
     assert c.volume("v1") is None and c.children("v1") == []
     add_chain(c)
     c.insert_volume(vol("v3", parent="v1", created="2026-01-01T00:00:02.000000Z"))
@@ -336,9 +417,9 @@ def test_volume_methods(c):
     assert c.volume("missing") is None
     with pytest.raises(ValueError):
         c.update_volume("v3", id="v4")
-    with pytest.raises(sqlite3.IntegrityError):                 # the schema's CHECK constraints
+    with pytest.raises(backend.IntegrityError):               # the schema's CHECK constraints
         c.update_volume("v3", role="bogus")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.IntegrityError):
         c.insert_volume(vol("v5", path="volumes/v1.raw"))         # paths are unique
     c.delete_volume("v3")
     c.delete_volume("missing")
@@ -395,7 +476,7 @@ def test_journal_lifecycle(c):
     assert c.journal() == []
 
 
-def test_journal_order_and_initial_state(c):
+def test_journal_order_and_initial_state(c, backend):
     a = c.journal_begin("op_a", None, {})
     b = c.journal_begin("op_b", "c1", {"x": 1}, state="committed")
     assert b > a
@@ -403,7 +484,7 @@ def test_journal_order_and_initial_state(c):
     assert [r.id for r in rows] == [a, b]                       # oldest first
     assert (rows[0].chain, rows[0].args, rows[0].state) == (None, {}, "running")
     assert (rows[1].state, rows[1].step) == ("committed", "intent")
-    with pytest.raises(sqlite3.IntegrityError):                 # the state CHECK constraint
+    with pytest.raises(backend.IntegrityError):                 # the state CHECK constraint
         c.journal_begin("op_c", None, {}, state="half-done")
 
 
@@ -431,13 +512,11 @@ def test_journal_args_must_be_json(c):
 
 # --- maintenance -------------------------------------------------------------------------------
 
-def test_integrity_problems_reports_broken_foreign_keys(c, db_path):
+def test_integrity_problems_reports_broken_foreign_keys(c, backend):
     add_chain(c)
     assert c.integrity_problems() == []
-    db = raw(db_path)                                           # foreign keys off here
-    db.execute("INSERT INTO snapshots (id, chain, created, volume) VALUES ('s', 'nochain', "
-               "'2026-01-01T00:00:00.000000Z', 'novolume')")
-    db.close()
+    backend.raw("INSERT INTO snapshots (id, chain, created, volume) VALUES ('s', 'nochain', "
+                "'2026-01-01T00:00:00.000000Z', 'novolume')")   # foreign keys off there
     problems = c.integrity_problems()
     assert problems and all(p.startswith("foreign key:") for p in problems), problems
 

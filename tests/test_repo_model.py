@@ -60,6 +60,11 @@ class RepoMachine(RuleBasedStateMachine):
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def repo_kw(self) -> dict:
+        """Keyword arguments of Repository.create and open (a subclass puts the catalog
+        elsewhere)."""
+        return {}
+
     def pick(self, i: int) -> str:
         names = sorted(self.chains)
         return names[i % len(names)]
@@ -79,7 +84,8 @@ class RepoMachine(RuleBasedStateMachine):
                 cluster_size=st.sampled_from([4096, 65536]))
     def init(self, base_format, cluster_size):
         self.cs = cluster_size
-        self.repo = engine.Repository.create(self.path)
+        self.kw = self.repo_kw()
+        self.repo = engine.Repository.create(self.path, **self.kw)
         self.repo.create_chain("c0", SIZE, base_format=base_format, cluster_size=cluster_size)
         self.chains["c0"] = ChainModel(bytearray(SIZE))
 
@@ -250,7 +256,7 @@ class RepoMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self):
         self.repo.close()
-        self.repo = engine.Repository.open(self.path)
+        self.repo = engine.Repository.open(self.path, **self.kw)
 
     @precondition(lambda self: self.snaps)
     @rule(i=st.integers(0, 7))
@@ -291,7 +297,7 @@ class RepoMachine(RuleBasedStateMachine):
             if self.repo is None:
                 return
             self.repo.close()
-            with engine.Repository.open(self.path) as repo:
+            with engine.Repository.open(self.path, **self.kw) as repo:
                 res = repo.check()
                 assert res.ok and not res.problems, res.to_dict()
                 vols = repo._cat.volumes()

@@ -27,6 +27,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 STRICT_MODULES = [
     "__init__.py",
     "catalog.py",
+    "catalog_pg.py",
     "cli_img.py",
     "errors.py",
     "format.py",

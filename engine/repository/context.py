@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
-from engine.errors import (ChainError, ImageClosed, ImageLocked, ImageNotFound,
+from engine.errors import (ChainError, ChainLeased, ImageClosed, ImageLocked, ImageNotFound,
                            InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
 from engine.repository import files, graph, journal
 from engine.repository.files import VOLUMES_DIR
@@ -24,6 +24,7 @@ from engine.repository.chain import Chain
 from engine.repository.values import Snapshot, Volume
 
 if TYPE_CHECKING:
+    from engine.catalog_pg import PgCatalog
     from engine.image import Image
     from engine.repository.leases import Lease, LeaseManager
     from engine.repository.repo import Repository
@@ -81,8 +82,10 @@ class Context:
         self.blocked: dict[str, str] = {}
         #: this host's write leases when several hosts share the catalog (else None)
         self.leases: LeaseManager | None = None
+        self._shared: PgCatalog | None = None
         self._leases: dict[str, Lease] = {}       # the lease each chain is written under
         self._writing: list[str] = []             # chains whose lease fences catalog writes
+        self._recovered: list[str] = []           # what takeovers recovered
 
     def chain(self, name: str) -> Chain:
         """The chain NAME (the same object each call while it is open)."""
@@ -114,6 +117,38 @@ class Context:
 
     # --- write leases (a catalog shared by several hosts; see docs/multihost.md) ----------
 
+    def attach_leases(self, leases: LeaseManager, cat: PgCatalog) -> None:
+        """Write under leases (a catalog shared by several hosts): CAT's transactions are
+        fenced by the leases of the operation in progress and its journal entries record
+        their epoch."""
+        self.leases = leases
+        self._shared = cat
+        cat.fence = self.fence
+
+    def recover(self, chains: Iterable[str] | None = None, *,
+                skip_leased: bool = False) -> list[str]:
+        """Recover the interrupted operations (of CHAINS only, if given).  With leases each
+        chain's recovery runs under its lease, acquired here (a chain another live host
+        holds raises ChainLeased, or is skipped with SKIP_LEASED)."""
+        if self.leases is None:
+            return journal.recover(self, chains=chains)
+        self.check_writable()
+        pending = {j.chain for j in self.cat.journal() if j.chain is not None}
+        done: list[str] = []
+        for name in sorted(pending if chains is None else pending & set(chains)):
+            if name in self.leased():
+                with self.writing(name):
+                    done += journal.recover(self, chains=[name])
+                continue
+            try:
+                self.lease(name)
+            except ChainLeased:
+                if not skip_leased:
+                    raise
+            done += self._recovered
+            self._recovered.clear()
+        return done
+
     def lease(self, name: str, *, wait: float = 0) -> Lease | None:
         """The write lease of chain NAME, acquired on first use (None without leases).
 
@@ -139,7 +174,7 @@ class Context:
             return have
         lease = self._leases[name] = lm.acquire(name, wait=wait)
         with self.writing(name):
-            journal.recover(self, chains=[name])
+            self._recovered += journal.recover(self, chains=[name])
         return lease
 
     def held_lease(self, name: str) -> Lease | None:
@@ -174,11 +209,17 @@ class Context:
         if name not in self._leases:
             self.lease(name)
         self._writing.append(name)
+        shared = self._shared
+        epoch = None if shared is None else shared.epoch
         try:
             self.check_lease(name)
+            if shared is not None:
+                shared.epoch = self._leases[name].epoch
             yield
         finally:
             self._writing.remove(name)
+            if shared is not None:
+                shared.epoch = epoch
 
     def check_lease(self, name: str) -> None:
         """Before a write batch, a flush or a commit on chain NAME: its lease is held and

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.catalog import VolumeRow
 from engine.destination import CATALOG_NAME as CATALOG_NAME, LOCK_NAME as LOCK_NAME, \
-    LOST_FOUND as LOST_FOUND, VOLUMES_DIR as VOLUMES_DIR
+    LOST_FOUND as LOST_FOUND, VOLUMES_DIR as VOLUMES_DIR, FOLDER_ID_NAME as FOLDER_ID_NAME
 from engine.errors import EngineError, ImageNotFound, io_error
 
 if TYPE_CHECKING:

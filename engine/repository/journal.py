@@ -155,15 +155,15 @@ def abort(ctx: Context, jid: int, chain: str) -> None:
 
 
 def recover(ctx: Context, chains: Iterable[str] | None = None) -> list[str]:
-    """Finish or undo every operation the journal shows in flight (``open`` calls this);
-    with CHAINS, only the operations on those chains (a takeover of their leases).
+    """Finish or undo every operation the journal shows in flight (``open`` calls this),
+    or only those on CHAINS (a host taking chains over recovers just theirs).
 
     Returns:
         list[str]: one line per operation recovered, saying what was done.
     """
     ctx.check_writable()
-    done = []
     only = None if chains is None else set(chains)
+    done = []
     for j in ctx.cat.journal():
         if only is not None and j.chain not in only:
             continue

@@ -34,24 +34,13 @@ from typing import Any
 
 import psycopg
 
-from engine.errors import ChainLeased, InvalidArgument, LeaseLost, RepositoryError
+from engine.catalog_pg import LEASE_DDL as _PG_LEASE_DDL
+from engine.catalog_pg import PgSettings
+from engine.errors import (CatalogUnavailable, ChainLeased, InvalidArgument, LeaseLost,
+                           RepositoryError)
 
-#: The two lease tables (the PostgreSQL catalog's schema creates them with this same text).
-LEASE_DDL: list[str] = [
-    """CREATE TABLE hosts (
-    host_id     TEXT PRIMARY KEY,
-    hostname    TEXT NOT NULL,
-    pid         INTEGER NOT NULL,
-    joined_at   TIMESTAMPTZ NOT NULL,
-    heartbeat   TIMESTAMPTZ NOT NULL
-)""",
-    """CREATE TABLE chain_leases (
-    chain       TEXT PRIMARY KEY,
-    holder      TEXT REFERENCES hosts(host_id),
-    epoch       BIGINT NOT NULL DEFAULT 0,
-    expires_at  TIMESTAMPTZ
-)""",
-]
+#: The two lease tables: one home, the PostgreSQL catalog's schema, which creates them.
+LEASE_DDL: list[str] = _PG_LEASE_DDL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +135,17 @@ class LeaseSettings:
             raise InvalidArgument("connect_timeout must be at least 2 s (libpq's minimum)",
                                   value=self.connect_timeout)
 
+    def pg_settings(self) -> PgSettings:
+        """The same session timeouts for the catalog's own connection."""
+        return PgSettings(idle_in_transaction_timeout=self.idle_in_transaction_timeout,
+                          lock_timeout=self.lock_timeout,
+                          statement_timeout=self.statement_timeout,
+                          connect_timeout=self.connect_timeout,
+                          reconnect_wait=self.reconnect_timeout)
+
     def options(self) -> str:
         """The per-session settings, as libpq's ``options`` string."""
-        ms = {"idle_in_transaction_session_timeout": self.idle_in_transaction_timeout,
-              "lock_timeout": self.lock_timeout, "statement_timeout": self.statement_timeout}
-        return " ".join(f"-c {k}={int(v * 1000)}" for k, v in ms.items())
+        return self.pg_settings().options()
 
 
 def connect(url: str, settings: LeaseSettings) -> psycopg.Connection[Any]:
@@ -284,10 +279,8 @@ class LeaseManager:
                         raise RepositoryError(f"the catalog database refused a lease "
                                               f"request: {e}".strip()) from None
                     if time.monotonic() >= give_up:
-                        raise RepositoryError(
-                            f"the catalog database is unreachable: {e}".strip(),
-                            hint="check that PostgreSQL runs and the catalog URL is "
-                                 "right, then retry") from None
+                        raise CatalogUnavailable(
+                            f"the catalog database is unreachable: {e}".strip()) from None
                     time.sleep(min(self.settings.renew_interval, 0.5))
 
     # --- host -------------------------------------------------------------------------------

@@ -118,8 +118,9 @@ def delete_chain(ctx: Context, name: str) -> None:
 def _delete_chain(ctx: Context, name: str) -> None:
     row = ctx.chain_row(name)
     ctx.check_not_blocked(name)
-    vols = ctx.cat.volumes()
-    chains = ctx.cat.chains()
+    with ctx.cat.read():                 # one state: other hosts change other chains
+        vols = ctx.cat.volumes()
+        chains = ctx.cat.chains()
     users = graph.volume_users(vols, chains)
     for v in vols.values():
         if v.chain == name:
@@ -370,8 +371,9 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
                     progress: Progress | None) -> MergeResult:
     row = _prepare(ctx, chain)
     snap = ctx.find_snapshot(row.name, sid)
-    vols = ctx.cat.volumes()
-    users = graph.volume_users(vols, ctx.cat.chains())
+    with ctx.cat.read():                 # one state: other hosts change other chains
+        vols = ctx.cat.volumes()
+        users = graph.volume_users(vols, ctx.cat.chains())
     others = sorted(users.get(snap.volume, set()) - {row.name})
     if others:
         raise RepositoryError(

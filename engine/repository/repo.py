@@ -3,17 +3,25 @@ and the public verbs, which the operations carry out."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import socket
+import uuid
+from typing import Iterable
 
 from engine import destination as _destination
 from engine.catalog import Catalog
+from engine.catalog_pg import PgCatalog
 from engine.errors import EngineError, ImageClosed, NotFound, RepositoryError
 from engine.repository import check as _check
-from engine.repository import journal, operations
+from engine.repository import operations
 from engine.repository.chain import Chain
+from engine.repository.catalog_api import CatalogStore
 from engine.repository.context import Context
-from engine.repository.files import CATALOG_NAME, LOCK_NAME, VOLUMES_DIR, fsync_dir
+from engine.repository.leases import LeaseManager, LeaseSettings
+from engine.repository.files import (CATALOG_NAME, FOLDER_ID_NAME, LOCK_NAME, VOLUMES_DIR,
+                                     fsync_dir)
 from engine.repository.values import PathArg, Progress, RepositoryCheck
 
 
@@ -36,42 +44,105 @@ class Repository:
     b'hello'
     """
 
-    def __init__(self, path: PathArg, *, _create: bool = False, readonly: bool = False) -> None:
+    def __init__(self, path: PathArg, *, _create: bool = False, readonly: bool = False,
+                 catalog: str | None = None, host_id: str | None = None) -> None:
         self._path = os.path.abspath(os.fspath(path))
         self._lock_fd: int | None = None
-        if not readonly:
+        #: the host this process acts as in a shared repository (None: a local catalog)
+        self.host_id = (host_id or socket.gethostname()) if catalog else None
+        if not readonly and catalog is None:
             self._lock()
         try:
-            self._cat = Catalog(os.path.join(self._path, CATALOG_NAME), create=_create,
-                                readonly=readonly)
+            self._cat = self._open_catalog(catalog, _create, readonly)
         except BaseException:
             self._unlock()
             raise
         self._in_use = _destination.register_folder(self._path)   # for the export rule
         self._ctx: Context = Context(self, self._path, self._cat, readonly)
+        if isinstance(self._cat, PgCatalog) and self.host_id is not None:
+            self._attach_leases(self._cat, self.host_id, readonly)
         if not _create and not readonly:
             try:
-                self.recover()
+                self._recover_on_open()
                 operations.record_unrecorded(self._ctx)
             except BaseException:
                 self.close()
                 raise
 
+    def _open_catalog(self, url: str | None, create: bool, readonly: bool) -> CatalogStore:
+        """The SQLite catalog in the folder, or the PostgreSQL catalog at URL, which must
+        describe this folder (the id in its ``repository.id``; several hosts may mount the
+        folder at different paths)."""
+        if url is None:
+            return Catalog(os.path.join(self._path, CATALOG_NAME), create=create,
+                           readonly=readonly)
+        folder_id = _read_folder_id(self._path)
+        cat = PgCatalog(url, create=create, readonly=readonly, repository_id=folder_id,
+                        settings=LeaseSettings.from_env().pg_settings())
+        try:
+            cat.host = self.host_id
+            recorded = cat.repository_id() if cat.version >= 3 else None
+            if recorded is None and not readonly:
+                cat.record_repository_id(folder_id)         # a catalog migrated just now
+            elif recorded is not None and recorded != folder_id:
+                raise RepositoryError(
+                    f"the catalog {cat.path} describes another volume folder (id "
+                    f"{recorded}), not this one (id {folder_id})", path=self._path,
+                    hint="give the folder that catalog was created with (mounted at any "
+                         "path), or the catalog URL of this folder")
+        except BaseException:
+            cat.close()
+            raise
+        return cat
+
+    def _attach_leases(self, cat: PgCatalog, host_id: str, readonly: bool) -> None:
+        """Writes under per-chain leases (docs/multihost.md); a read-write open joins."""
+        try:
+            leases = LeaseManager(cat.url, host_id, LeaseSettings.from_env())
+            if not readonly:
+                leases.join()
+        except BaseException:
+            self.close()
+            raise
+        self._ctx.attach_leases(leases, cat)
+
+    def _recover_on_open(self) -> None:
+        """Recover interrupted operations: all of them with a local catalog; with a shared
+        one only those this host began (another host's are recovered by whoever takes its
+        chains over)."""
+        if self.host_id is None:
+            self.recover()
+            return
+        mine = {j.chain for j in self._cat.journal() if j.host == self.host_id}
+        if mine:
+            # each under its lease; one still held (by this host's crashed process, until
+            # it expires) is recovered by whoever acquires it next
+            self._ctx.recover([c for c in mine if c is not None], skip_leased=True)
+
     # --- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: PathArg) -> Repository:
+    def create(cls, path: PathArg, *, catalog: str | None = None,
+               host_id: str | None = None) -> Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
+
+        Arguments:
+            catalog (str | None): a PostgreSQL URL (``postgresql://...``, an empty database
+                or one without a cowchain catalog) to keep the catalog there, for a folder
+                that several hosts share; None: the SQLite catalog in the folder.
+            host_id (str | None): this host's stable id with a shared catalog (default:
+                the host name).
 
         Raises:
             RepositoryError: PATH already holds a repository, or exists and is not an empty
-                folder.
+                folder; the database already holds a catalog.
         """
         path = os.path.abspath(os.fspath(path))
-        if os.path.isfile(os.path.join(path, CATALOG_NAME)):
+        if any(os.path.isfile(os.path.join(path, n)) for n in (CATALOG_NAME, FOLDER_ID_NAME)):
             raise RepositoryError("already holds a cowchain repository", path=path,
                                   hint="open it with Repository.open, or choose a new folder")
-        if os.path.exists(path):
+        made = not os.path.exists(path)
+        if not made:
             if not os.path.isdir(path) or os.listdir(path):
                 raise RepositoryError("exists and is not an empty folder", path=path)
         else:
@@ -81,12 +152,28 @@ class Repository:
             os.mkdir(path)
             fsync_dir(parent)
         os.mkdir(os.path.join(path, VOLUMES_DIR))
-        repo = cls(path, _create=True)
+        if catalog is None:
+            repo = cls(path, _create=True)
+        else:
+            _write_folder_id(path)
+            try:
+                repo = cls(path, _create=True, catalog=catalog, host_id=host_id)
+            except BaseException:
+                # the folder as it was: a catalog refused leaves no half repository
+                for name in (FOLDER_ID_NAME, VOLUMES_DIR):
+                    with contextlib.suppress(OSError):
+                        (os.rmdir if name == VOLUMES_DIR else os.unlink)(
+                            os.path.join(path, name))
+                if made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
+                raise
         fsync_dir(path)
         return repo
 
     @classmethod
-    def open(cls, path: PathArg, *, readonly: bool = False) -> Repository:
+    def open(cls, path: PathArg, *, readonly: bool = False, catalog: str | None = None,
+             host_id: str | None = None) -> Repository:
         """Open the repository in PATH and recover interrupted operations.
 
         With ``readonly=True`` nothing is locked, recovered or changed: any number of
@@ -96,16 +183,39 @@ class Repository:
         raises ImageLocked while snapshots stay readable. Every operation that would change
         the repository raises RepositoryError.
 
+        With ``catalog`` (the PostgreSQL URL the repository was created with) the folder is
+        not locked: several hosts open it at once, each with its own ``host_id`` (default:
+        the host name), and an open recovers only the operations this host left in flight.
+
         Raises:
             NotFound: PATH holds no repository.
             RepositoryError: another process has it open read-write (read-write opens
-                only), or the catalog is unusable.
+                only), the catalog is unusable, or it describes another folder.
+            CatalogUnavailable: the PostgreSQL server cannot be reached.
         """
         path = os.path.abspath(os.fspath(path))
-        if not os.path.isfile(os.path.join(path, CATALOG_NAME)):
-            raise NotFound("no cowchain repository here", path=path,
+        marker = CATALOG_NAME if catalog is None else FOLDER_ID_NAME
+        if not os.path.isfile(os.path.join(path, marker)):
+            raise NotFound("no cowchain repository here" if catalog is None else
+                           "no cowchain repository here (no repository.id: a repository "
+                           "created with a PostgreSQL catalog has one)", path=path,
                            hint="create one with 'cowchain repo init DIR'")
-        return cls(path, readonly=readonly)
+        return cls(path, readonly=readonly, catalog=catalog, host_id=host_id)
+
+    @classmethod
+    def upgrade(cls, path: PathArg, *, catalog: str | None = None,
+                host_id: str | None = None) -> tuple[int, int]:
+        """Bring the catalog's schema up to this cowchain's version (an older one is also
+        migrated by any read-write open); returns (version before, version after).
+
+        Raises:
+            RepositoryError: the catalog is newer than this cowchain understands, or
+                NotFound and the errors of :meth:`open`.
+        """
+        with cls.open(path, readonly=True, catalog=catalog) as old:
+            before = old._cat.version
+        with cls.open(path, catalog=catalog, host_id=host_id) as repo:
+            return before, repo._cat.version
 
     @property
     def readonly(self) -> bool:
@@ -146,6 +256,8 @@ class Repository:
             except EngineError as e:
                 err = err or e
         ctx.chains.clear()
+        if ctx.leases is not None:
+            ctx.leases.close()                  # releases the leases still held
         self._cat.close()
         self._unlock()
         _destination.unregister_folder(self._in_use)
@@ -254,13 +366,14 @@ class Repository:
 
     # --- recovery and check -----------------------------------------------------------------
 
-    def recover(self) -> list[str]:
-        """Finish or undo every operation the journal shows in flight (``open`` calls this).
+    def recover(self, chains: Iterable[str] | None = None) -> list[str]:
+        """Finish or undo every operation the journal shows in flight (``open`` calls this),
+        or only those on CHAINS.
 
         Returns:
             list[str]: one line per operation recovered, saying what was done.
         """
-        return journal.recover(self._ctx)
+        return self._ctx.recover(chains)
 
     def check(self, repair: bool = False, *, chain: str | None = None) -> RepositoryCheck:
         """Compare the catalog with the volume files and run the image check on each volume.
@@ -309,3 +422,25 @@ class Repository:
     def _check_open(self) -> None:
         if self.closed:
             raise ImageClosed("the repository is closed", path=self._path)
+
+
+def _write_folder_id(path: str) -> None:
+    """Give the folder PATH a new id (``repository.id``), durably."""
+    tmp = os.path.join(path, FOLDER_ID_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{uuid.uuid4()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(path, FOLDER_ID_NAME))
+    fsync_dir(path)
+
+
+def _read_folder_id(path: str) -> str:
+    try:
+        with open(os.path.join(path, FOLDER_ID_NAME)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        raise NotFound("no cowchain repository here (no repository.id)", path=path) from None
+    except OSError as e:
+        raise RepositoryError(f"cannot read {FOLDER_ID_NAME}: {e.strerror}",
+                              path=path) from None
