@@ -265,7 +265,7 @@ class ChainLeased(EngineError):
     exit_code = 22
     exit_meaning = "refused: another host holds the chain's write lease"
     default_hint = ("wait for that host to release it, or for the lease to expire; if the "
-                    "host is dead, an operator may release the lease by force")
+                    "host is dead, an operator may run 'cowchain chain release --force CHAIN'")
 
     def __init__(self, chain: str, holder: str, expires_in: float, **kw: str | None):
         self.chain = chain

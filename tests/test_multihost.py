@@ -179,6 +179,54 @@ def _volumes_clean(folder: str) -> list[str]:
     return bad
 
 
+# --- the operator's view ----------------------------------------------------------------------
+
+def _cli(folder: str, url: str, *argv: str) -> tuple[int, str, str]:
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "--repo", folder, "--catalog",
+                          url, *argv], capture_output=True, text=True, timeout=120,
+                         env=_env())
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_host_list_chain_holder_and_forced_release(shared):
+    folder, url = shared
+    with _open(folder, url, "h1") as repo:
+        c = repo.chain("c0")
+        c.write(0, b"one")
+        epoch = c.lease.epoch
+        code, out, err = _cli(folder, url, "host", "list", "--output", "json")
+        assert code == 0, err
+        [h1] = [h for h in json.loads(out) if h["host-id"] == "h1"]
+        assert (h1["pid"], h1["alive"], h1["leases"]) == (os.getpid(), True, 1)
+        code, out, err = _cli(folder, url, "host", "list")
+        assert code == 0 and "h1" in out and "alive" in out, (out, err)
+        code, out, err = _cli(folder, url, "chain", "info", "c0", "--output", "json")
+        assert code == 0, err
+        holder = json.loads(out)["holder"]
+        assert (holder["host"], holder["epoch"], holder["live"]) == ("h1", epoch, True)
+        code, out, _ = _cli(folder, url, "chain", "info", "c0")
+        assert f"holder:     h1 (epoch {epoch}" in out
+        code, out, err = _cli(folder, url, "chain", "release", "c0")
+        assert code == 64 and "--force" in err
+        code, out, err = _cli(folder, url, "chain", "release", "--force", "c0", "--output",
+                              "json")
+        assert code == 0 and json.loads(out)["epoch"] == epoch + 1, err
+        # the old holder's next catalog change is fenced out; nothing of it is recorded
+        with pytest.raises(LeaseLost):
+            c.snapshot("late")
+        assert c.snapshots == []
+        c.write(0, b"two")                           # a new lease, a new epoch
+        assert c.lease.epoch == epoch + 2 and c.read(0, 3) == b"two"
+        code, out, _ = _cli(folder, url, "chain", "info", "c0")
+        assert f"holder:     h1 (epoch {epoch + 2}" in out
+    code, out, _ = _cli(folder, url, "chain", "info", "c0")
+    assert f"holder:     none (epoch {epoch + 2})" in out
+    code, out, err = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--repo", folder, "host", "list"],
+        capture_output=True, text=True).returncode, "", ""
+    assert code != 0                                 # a local catalog has no hosts
+
+
 # --- the random run ---------------------------------------------------------------------------
 
 def _check_logs(events: list[dict]) -> tuple[dict[tuple[str, int], set[str]], int]:

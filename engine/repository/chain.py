@@ -116,7 +116,7 @@ class Chain:
 
     def _to_dict(self) -> dict[str, Any]:
         row = self._row()
-        return {
+        d = {
             "name": row.name, "size": row.size, "cluster_size": row.cluster_size,
             "created": row.created, "leaf": row.leaf, "previewing": row.preview,
             "origin": (None if row.origin_chain is None else
@@ -124,6 +124,10 @@ class Chain:
             "volumes": [v.to_dict() for v in self.volumes],
             "snapshots": [s.to_dict() for s in self.snapshots],
         }
+        holder = self._ctx.holder_of(row.name)    # a shared repository: the write lease
+        if holder is not None:
+            d["holder"] = holder
+        return d
 
     # --- data path --------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
 from engine.errors import (ChainError, ChainLeased, ImageClosed, ImageLocked, ImageNotFound,
-                           InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
+                           InvalidArgument, LeaseLost, NotFound, RepositoryError,
+                           VolumeDamaged, io_error)
 from engine.repository import files, graph, journal
 from engine.repository.files import VOLUMES_DIR
 from engine.repository.catalog_api import CatalogStore
@@ -86,6 +87,7 @@ class Context:
         self._leases: dict[str, Lease] = {}       # the lease each chain is written under
         self._writing: list[str] = []             # chains whose lease fences catalog writes
         self._recovered: list[str] = []           # what takeovers recovered
+        self._lost: dict[str, Lease] = {}         # leases dropped lost, until reacquired
 
     def chain(self, name: str) -> Chain:
         """The chain NAME (the same object each call while it is open)."""
@@ -124,6 +126,25 @@ class Context:
         self.leases = leases
         self._shared = cat
         cat.fence = self.fence
+
+    def lease_manager(self) -> LeaseManager:
+        """The leases of a shared repository (RepositoryError with a local catalog)."""
+        if self.leases is None:
+            raise RepositoryError("the repository has a local catalog: one host, no leases",
+                                  path=self.path,
+                                  hint="open it with the PostgreSQL catalog URL it was "
+                                       "created with (--catalog URL)")
+        return self.leases
+
+    def holder_of(self, name: str) -> dict[str, Any] | None:
+        """Chain NAME's lease row as the operator sees it (None with a local catalog)."""
+        if self.leases is None:
+            return None
+        info = self.leases.lease_of(name)
+        if info is None:
+            return {"host": None, "epoch": 0, "live": False, "expires_in": None}
+        return {"host": info.holder, "epoch": info.epoch, "live": info.live,
+                "expires_in": info.expires_in}
 
     def recover(self, chains: Iterable[str] | None = None, *,
                 skip_leased: bool = False) -> list[str]:
@@ -166,16 +187,24 @@ class Context:
         have = self._leases.get(name)
         if have is not None:
             if have.lost:
-                self._leases.pop(name)
-                c = self.chains.get(name)
-                if c is not None:
-                    c.abandon_leaf()
+                self._drop_lease(name)
                 have.check()
             return have
         lease = self._leases[name] = lm.acquire(name, wait=wait)
+        self._lost.pop(name, None)
         with self.writing(name):
             self._recovered += journal.recover(self, chains=[name])
         return lease
+
+    def _drop_lease(self, name: str) -> None:
+        """Chain NAME's lease was found lost: forget it and drop the chain's leaf handle
+        unflushed (the next write acquires a new lease and reopens the leaf)."""
+        lost = self._leases.pop(name, None)
+        if lost is not None:
+            self._lost[name] = lost
+        c = self.chains.get(name)
+        if c is not None:
+            c.abandon_leaf()
 
     def held_lease(self, name: str) -> Lease | None:
         return self._leases.get(name)
@@ -233,8 +262,14 @@ class Context:
         lm = self.leases
         for name in self._writing:
             lease = self._leases.get(name)
+            if lease is None and name in self._lost:
+                self._lost[name].check()          # an operation outliving its lease
             if lm is not None and lease is not None:
-                lm.fence_for(lease)(conn)
+                try:
+                    lm.fence_for(lease)(conn)
+                except LeaseLost:
+                    self._drop_lease(name)
+                    raise
 
     def abs(self, rel: str) -> str:
         return os.path.join(self.path, rel)

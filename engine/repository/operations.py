@@ -342,6 +342,11 @@ def _end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
 
 
 def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
+    with ctx.writing(chain.name):        # the source's volumes become shared: its lease too
+        return _clone(ctx, chain, sid, name)
+
+
+def _clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
     row = _prepare(ctx, chain, allow_preview=True)
     check_name(name)
     snap = ctx.find_snapshot(row.name, sid)

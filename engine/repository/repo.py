@@ -19,7 +19,7 @@ from engine.repository import operations
 from engine.repository.chain import Chain
 from engine.repository.catalog_api import CatalogStore
 from engine.repository.context import Context
-from engine.repository.leases import LeaseManager, LeaseSettings
+from engine.repository.leases import HostInfo, LeaseManager, LeaseSettings
 from engine.repository.files import (CATALOG_NAME, FOLDER_ID_NAME, LOCK_NAME, VOLUMES_DIR,
                                      fsync_dir)
 from engine.repository.values import PathArg, Progress, RepositoryCheck
@@ -374,6 +374,19 @@ class Repository:
             list[str]: one line per operation recovered, saying what was done.
         """
         return self._ctx.recover(chains)
+
+    def hosts(self) -> list[HostInfo]:
+        """The hosts sharing the repository: heartbeat, alive (renewed within the lease
+        length), chain leases held.  RepositoryError with a local catalog."""
+        return self._ctx.lease_manager().hosts()
+
+    def force_release(self, chain: str) -> int:
+        """Free CHAIN's write lease whoever holds it and bump its epoch, so that no
+        catalog change of the old holder commits any more.  Only for a host known to be
+        dead: a live holder stops writing at its next check.  Returns the new epoch."""
+        self._check_open()
+        self._ctx.chain_row(chain)
+        return self._ctx.lease_manager().force_release(chain)
 
     def check(self, repair: bool = False, *, chain: str | None = None) -> RepositoryCheck:
         """Compare the catalog with the volume files and run the image check on each volume.
