@@ -12,8 +12,14 @@ write leases (``docs/multihost.md``).
   snapshot deletion (both merge directions); another host takes the chain over once the
   lease expired, its recovery leaves the chain as before or after the operation, never
   mixed, and every volume passes ``qemu-img check``.
+- **Paused host**: a writer stopped (SIGSTOP) past its lease; another host takes the chain
+  over; resumed, the writer acknowledges nothing new (at most the one write in flight when
+  it stopped) and its next write fails with ``LeaseLost``; the new holder's data is intact.
+- **Operator view**: ``cowchain host list``, the holder in ``chain info``, ``chain release
+  --force`` (the old holder's next catalog change is fenced out).
 
-Run as a script, this file is one host process (``_host_main``, ``_victim_main``).
+Run as a script, this file is one host process (``_host_main``, ``_victim_main``,
+``_writer_main``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +36,8 @@ import pytest
 
 import engine
 import engine.testing
-from engine.errors import ChainLeased, EngineError, LeaseLost
+from engine.errors import (ChainLeased, EngineError, LeaseLost,
+                           RepositoryError)
 
 import qemu
 
@@ -108,6 +116,16 @@ def _host_main(folder: str, url: str, host: str, seed: str, seconds: str, log: s
             _log(log, ev="refused", chain=name, host=host)
         except LeaseLost as e:
             _log(log, ev="lost", chain=name, host=host, epoch=e.epoch)
+        except RepositoryError as e:
+            # the catalog restarting: the operation failed cleanly (rolled back, or left
+            # to recovery, which runs under the chain's lease)
+            _log(log, ev="failed", chain=name, host=host, error=type(e).__name__,
+                 message=str(e))
+            try:
+                repo.recover(chains=[name])
+            except EngineError as e2:
+                _log(log, ev="failed", chain=name, host=host, error=type(e2).__name__,
+                     message=str(e2))
         time.sleep(rnd.random() * 0.05)
     repo.close()
     _log(log, ev="done", host=host)
@@ -145,6 +163,30 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
         c.delete_snapshot(str(before["target"]))
     print("the operation finished: the kill point was not reached", flush=True)
     sys.exit(3)
+
+
+def _writer_main(folder: str, url: str, host: str, log: str) -> None:
+    """Write tagged blocks into c0 (each flushed, then logged) until the lease is lost;
+    then try once more (another host holds the chain by then)."""
+    repo = _open(folder, url, host)
+    c = repo.chain("c0")
+    seq = 0
+    try:
+        while True:
+            seq += 1
+            off = (seq % 64) * 512
+            _log(log, ev="attempt", off=off, tag=f"{host}/{seq}")
+            c.write(off, _block(f"{host}/{seq}"))
+            c.flush()
+            _log(log, ev="ack", off=off, tag=f"{host}/{seq}", epoch=c.lease.epoch)
+    except LeaseLost as e:
+        _log(log, ev="lost", error=str(e))
+    try:
+        c.write(0, _block(f"{host}/late"))
+        _log(log, ev="late write accepted")
+    except (ChainLeased, LeaseLost) as e:
+        _log(log, ev="refused", error=type(e).__name__)
+    repo.close()
 
 
 # --- helpers of the tests ---------------------------------------------------------------------
@@ -227,6 +269,67 @@ def test_host_list_chain_holder_and_forced_release(shared):
     assert code != 0                                 # a local catalog has no hosts
 
 
+# --- a host paused past its lease -------------------------------------------------------------
+
+def test_a_host_paused_past_its_lease_writes_nothing_after_resume(shared, tmp_path):
+    folder, url = shared
+    log = str(tmp_path / "writer.log")
+    p = _spawn("writer", folder, url, "h-paused", log)
+    try:
+        _until_lines(log, 30)
+        os.kill(p.pid, signal.SIGSTOP)
+        with _open(folder, url, "h-new") as repo:
+            c = repo.chain("c0")
+            lease = c.take_lease(wait=60.0)           # after expiry + grace
+            assert lease is not None and lease.taken_over
+            before = _events(log)
+            in_flight = [e["tag"] for e in before if e["ev"] == "attempt"][-1]
+            os.kill(p.pid, signal.SIGCONT)
+            out = p.communicate(timeout=120)[0]
+            assert p.returncode == 0, out[-3000:]
+            events = _events(log)
+            # after the resume nothing new is acknowledged: at most the write that was in
+            # flight when the process stopped completes (the check-then-write window); the
+            # next one fails with LeaseLost, and a retry with ChainLeased
+            new = events[len(before):]
+            assert [e["tag"] for e in new if e["ev"] == "ack"] in ([], [in_flight])
+            assert [e["ev"] for e in events[-2:]] == ["lost", "refused"], events[-3:]
+            assert events[-1]["error"] == "ChainLeased"
+            acked_before = [e for e in events if e["ev"] == "ack"]
+            # the new holder writes; its data and everything acknowledged before is there
+            c.write(64 * 512, _block("h-new/1"))
+            c.flush()
+            data = c.read(0, 65 * 512)
+            assert _tag_of(data[64 * 512:]) == "h-new/1"
+            last = {e["off"]: e["tag"] for e in acked_before}
+            unacked = {e["tag"] for e in events if e["ev"] == "attempt"} - \
+                {e["tag"] for e in acked_before}
+            for off, tag in last.items():
+                got = _tag_of(data[off:off + 512])
+                assert got == tag or got in unacked, (off, got, tag)
+            assert repo.check().ok
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait()
+    assert _volumes_clean(folder) == []
+
+
+def _events(log: str) -> list[dict]:
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def _until_lines(log: str, n: int, limit: float = 60.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if os.path.exists(log) and sum(e["ev"] == "ack" for e in _events(log)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the writer did not acknowledge {n} writes")
+
+
 # --- the random run ---------------------------------------------------------------------------
 
 def _check_logs(events: list[dict]) -> tuple[dict[tuple[str, int], set[str]], int]:
@@ -240,12 +343,21 @@ def _check_logs(events: list[dict]) -> tuple[dict[tuple[str, int], set[str]], in
     return writers, sum(e["ev"] == "ack" for e in events)
 
 
-def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary):
+@pytest.mark.parametrize("restart", [False, True], ids=["steady", "server-restart"])
+def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary, pg_server,
+                                                     restart):
     folder, url = shared
     logs = [str(tmp_path / f"host{i}.log") for i in range(HOSTS)]
     seed = int(os.environ.get("COWCHAIN_SEED", "0")) or random.randrange(1 << 30)
     procs = [_spawn("host", folder, url, f"h{i}", str(seed + i), str(RUN_SECONDS), logs[i])
              for i in range(HOSTS)]
+    if restart:                               # PostgreSQL restarted in the middle of the run
+        time.sleep(RUN_SECONDS / 2)
+        try:
+            pg_server.restart()
+        finally:
+            if not pg_server.running:
+                pg_server.start()
     outs = [p.communicate(timeout=RUN_SECONDS + 300)[0] for p in procs]
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"host h{i} (seed {seed + i}) failed:\n{outs[i][-3000:]}"
@@ -267,6 +379,8 @@ def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary):
             unacked.setdefault(key, set()).add(e["tag"])
     wrong = []
     with _open(folder, url, "checker") as repo:
+        for name in CHAINS:        # operations left to recovery are recovered on takeover
+            repo.chain(name).take_lease(wait=60.0)
         for name in CHAINS:
             data = repo.chain(name).read(0, DISK)
             for (chain, off), (_, _, tag) in last.items():
@@ -282,13 +396,19 @@ def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary):
     ops = [e for e in events if e["ev"] == "op"]
     refused = sum(e["ev"] == "refused" for e in events)
     lost = sum(e["ev"] == "lost" for e in events)
+    failed = [e for e in events if e["ev"] == "failed"]
+    if not restart:
+        assert not failed, failed[:5]
+    assert {e["error"] for e in failed} <= {"CatalogUnavailable", "RepositoryError"}, failed
     handoffs = sum(len({k[1] for k in writers if k[0] == c}) for c in CHAINS)
     assert acks > 0 and handoffs > len(CHAINS), (acks, handoffs)
     summary.append(
-        f"multihost: {HOSTS} hosts x {RUN_SECONDS:g} s on {len(CHAINS)} chains (seed "
-        f"{seed}): {acks} acknowledged writes, {len(ops)} snapshot/delete operations, "
-        f"{handoffs} lease epochs, {refused} refusals, {lost} leases lost; 0 epochs with two "
-        f"writers, 0 lost writes, repo check and qemu-img check clean")
+        f"multihost: {HOSTS} hosts x {RUN_SECONDS:g} s on {len(CHAINS)} chains"
+        f"{', PostgreSQL restarted halfway' if restart else ''} (seed {seed}): {acks} "
+        f"acknowledged writes, {len(ops)} snapshot/delete operations, {handoffs} lease "
+        f"epochs, {refused} refusals, {lost} leases lost, {len(failed)} operations failed "
+        f"cleanly; 0 epochs with two writers, 0 lost writes, repo check and qemu-img check "
+        f"clean")
 
 
 # --- kill -9 in the middle of an operation, then a takeover -----------------------------------
@@ -336,4 +456,5 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
 
 
 if __name__ == "__main__":
-    {"host": _host_main, "victim": _victim_main}[sys.argv[1]](*sys.argv[2:])
+    {"host": _host_main, "victim": _victim_main,
+     "writer": _writer_main}[sys.argv[1]](*sys.argv[2:])
