@@ -31,7 +31,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, fields
 from contextlib import AbstractContextManager
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from engine.errors import EngineError, RepositoryError, io_error
 
@@ -256,6 +256,9 @@ class SqlCatalog:
     path: str
     #: the schema version of the store (older ones are read, not written)
     version: int
+    #: called with the database connection first in every write transaction; it raises to
+    #: abort the transaction (a shared catalog checks a chain's lease; SQLite never calls it)
+    fence: Callable[[Any], None] | None = None
 
     def __init__(self) -> None:
         self._depth = 0
@@ -468,9 +471,6 @@ class Catalog(SqlCatalog):
         RepositoryError: the file is not a cowchain catalog, or its schema is newer than
             this version understands.
     """
-
-    #: the fence hook of a shared catalog; a one-host catalog has no lease to check
-    fence = None
 
     def __init__(self, path: str, *, create: bool = False, readonly: bool = False) -> None:
         super().__init__()

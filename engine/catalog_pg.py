@@ -29,14 +29,19 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
-
-import psycopg
-from psycopg import sql as _sql
-from psycopg.rows import dict_row
+from typing import Any, Iterator, Sequence
 
 from engine.catalog import (SqlCatalog, migration_sql, now, refuse_newer, schema_sql)
 from engine.errors import CatalogUnavailable, EngineError, RepositoryError
+
+try:
+    import psycopg
+    from psycopg import sql as _sql
+    from psycopg.rows import dict_row
+except ImportError:       # the optional 'postgresql' extra: only PgCatalog needs it
+    HAVE_PSYCOPG = False
+else:
+    HAVE_PSYCOPG = True
 
 #: The schema version of a PostgreSQL catalog (versions 1-2 are the shared tables).
 PG_SCHEMA_VERSION = 3
@@ -80,6 +85,9 @@ _UNAVAILABLE = {"57P01": "the server shut down or restarted",
                 "57014": "a statement ran too long (statement_timeout)",
                 "40001": "a concurrent transaction conflicted",
                 "40P01": "a deadlock with another transaction"}
+
+#: What a server that refuses a connection for now says (libpq's text; no SQLSTATE then).
+_TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many clients")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +134,10 @@ class PgCatalog(SqlCatalog):
         url (str): a libpq connection string or URL (``postgresql://...``).
         create (bool): make a new catalog (the database must hold none).
         readonly (bool): read only (an older schema is read as it is).
-        repository_id (str | None): with ``create``, the id of the volume folder it
-            describes (``repository_id`` reads it back).
+        repository_id (str | None): the id of the volume folder the catalog describes:
+            recorded by ``create`` (and by a read-write open of a catalog that has none yet),
+            and an open with another id is refused.
+        host (str | None): this host's id (see ``host`` below).
         settings (PgSettings | None): connection settings.
 
     Attributes:
@@ -137,20 +147,25 @@ class PgCatalog(SqlCatalog):
 
     Raises:
         RepositoryError: the database holds no cowchain catalog (or already one, with
-            ``create``), or its schema is newer than this version understands.
+            ``create``), its schema is newer than this version understands, or it
+            describes another volume folder.
         CatalogUnavailable: the server cannot be reached.
     """
 
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False,
-                 repository_id: str | None = None, settings: PgSettings | None = None) -> None:
+                 repository_id: str | None = None, host: str | None = None,
+                 settings: PgSettings | None = None) -> None:
+        if not HAVE_PSYCOPG:
+            raise RepositoryError("a PostgreSQL catalog needs the 'psycopg' module, which is "
+                                  "not installed", hint="pip install 'cowchain[postgresql]'")
         super().__init__()
         self.url = url
         self.path = redact(url)
         self.settings = settings or PgSettings()
         self._readonly = readonly
         self._owner = threading.get_ident()
-        self.fence: Callable[[psycopg.Connection[Any]], None] | None = None
-        self.host: str | None = None
+        self.fence = None
+        self.host = host
         self.epoch: int | None = None
         self.version = PG_SCHEMA_VERSION
         self._db: psycopg.Connection[dict[str, Any]] | None = None
@@ -161,6 +176,8 @@ class PgCatalog(SqlCatalog):
                 self._create(repository_id)
             else:
                 self._check_schema()
+                if repository_id is not None:
+                    self._check_repository_id(repository_id)
         except BaseException:
             self.close()
             raise
@@ -178,6 +195,11 @@ class PgCatalog(SqlCatalog):
                                        options=opts, application_name="cowchain",
                                        connect_timeout=max(1, int(self.settings.connect_timeout)))
             except psycopg.OperationalError as e:
+                text = str(e)
+                if "FATAL" in text and not any(t in text for t in _TRANSIENT_REFUSALS):
+                    # the server answered and refused: no database, no role, no access
+                    raise RepositoryError(f"catalog {self.path}: {_last_line(e)}",
+                                          hint="check the catalog URL") from None
                 if time.monotonic() >= deadline:
                     raise CatalogUnavailable(
                         f"cannot connect to the catalog {self.path}: {_first_line(e)}") from None
@@ -374,14 +396,22 @@ class PgCatalog(SqlCatalog):
 
     def repository_id(self) -> str | None:
         """The id of the volume folder the catalog describes (None: not recorded yet)."""
+        if self.version < 3:
+            return None                 # an older catalog read as it is
         rows = self._exec("SELECT id FROM repository").fetchall()
         return str(rows[0]["id"]) if rows else None
 
-    def record_repository_id(self, rid: str) -> None:
-        """Record the volume folder's id (a catalog that has none yet)."""
-        with self.transaction():
-            self._exec("DELETE FROM repository")
-            self._exec("INSERT INTO repository VALUES (?, ?)", (rid, now()))
+    def _check_repository_id(self, rid: str) -> None:
+        recorded = self.repository_id()
+        if recorded is None and not self._readonly and self.version >= 3:
+            with self.transaction():                 # a catalog migrated just now
+                self._exec("INSERT INTO repository VALUES (?, ?)", (rid, now()))
+        elif recorded is not None and recorded != rid:
+            raise RepositoryError(
+                f"the catalog {self.path} describes another volume folder (id {recorded}), "
+                f"not this one (id {rid})",
+                hint="give the folder that catalog was created with (mounted at any path), "
+                     "or the catalog URL of this folder")
 
     # --- maintenance -------------------------------------------------------------------------
 
@@ -411,3 +441,7 @@ class PgCatalog(SqlCatalog):
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _last_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1].split("FATAL:")[-1].strip()

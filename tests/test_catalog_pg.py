@@ -22,7 +22,7 @@ import engine
 from engine.catalog import ChainRow, VolumeRow, now, schema_sql
 from engine.catalog_pg import (LEASE_DDL, MIGRATE_LOCK, PG_SCHEMA_VERSION, PgCatalog,
                                PgSettings)
-from engine.errors import CatalogUnavailable, EngineError, RepositoryError
+from engine.errors import CatalogUnavailable, RepositoryError
 from engine.repository.leases import LeaseManager, LeaseSettings
 import test_repo_model
 
@@ -123,6 +123,13 @@ def test_unreachable_server_is_a_typed_error(pg_server):
     assert e.value.hint and e.value.exit_code == 24
 
 
+def test_a_refused_connection_is_not_waited_for(pg_server):
+    """No such database (or role): the server answered, so no retrying: RepositoryError."""
+    with pytest.raises(RepositoryError, match='database "nosuchdb" does not exist') as e:
+        PgCatalog(pg_server.url("nosuchdb"), settings=PgSettings(reconnect_wait=600))
+    assert not isinstance(e.value, CatalogUnavailable) and "URL" in e.value.hint
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 def test_newer_schema_refused(c, pg_url, readonly):
     raw(pg_url, "INSERT INTO schema_version VALUES (%s, %s)", (PG_SCHEMA_VERSION + 1, now()))
@@ -203,6 +210,27 @@ def test_every_connection_sets_the_timeouts(pg_url):
     cat.close()
 
 
+def test_a_transaction_left_idle_past_the_timeout_is_ended_by_the_server(pg_url):
+    """A client paused inside a transaction (here: sleeping) loses its session after
+    idle_in_transaction_session_timeout: its locks are freed for others, its transaction is
+    rolled back, and its next statement raises CatalogUnavailable; the catalog then goes on
+    on a new connection."""
+    import time
+    cat = PgCatalog(pg_url, create=True, settings=PgSettings(idle_in_transaction_timeout=0.3))
+    add_chain(cat)
+    with pytest.raises(CatalogUnavailable, match="rolled back"):
+        with cat.transaction():
+            cat.update_chain("c1", size=2 << 20)
+            time.sleep(1.5)
+            cat.update_chain("c1", size=3 << 20)
+    assert cat.chain("c1").size == 1 << 20
+    with psycopg.connect(pg_url, autocommit=True) as other:        # nothing held any more
+        other.execute("SET lock_timeout = '5s'")
+        other.execute("UPDATE chains SET size = 4194304 WHERE name = 'c1'")
+    assert cat.chain("c1").size == 4 << 20
+    cat.close()
+
+
 def test_a_lock_wait_past_lock_timeout_is_a_typed_retryable_error(pg_url):
     """Another client holds the catalog's write lock: the transaction gives up after
     lock_timeout with CatalogUnavailable (retryable), changing nothing."""
@@ -221,8 +249,9 @@ def test_a_lock_wait_past_lock_timeout_is_a_typed_retryable_error(pg_url):
 
 # --- the fence hook -------------------------------------------------------------------------------
 
-class Fenced(EngineError):
-    """The test's stand-in for a lost lease."""
+class Fenced(Exception):
+    """The test's stand-in for a lost lease (not an EngineError subclass: those are the
+    exit-code table)."""
 
 
 def test_fence_runs_first_in_every_write_transaction(c):
@@ -417,7 +446,10 @@ def test_repository_on_the_postgresql_catalog(tmp_path, pg_url):
         ids, disk, snaps = build(repo)
         repo.create_chain("raw1", SIZE).write(0, b"raw")
     # several opens at once (no folder lock), each a host of its own
-    a = engine.Repository.open(path, catalog=pg_url, host_id="h1")
+    a = engine.Repository.open(path, catalog=pg_url, host_id="h1",
+                               catalog_settings=PgSettings(lock_timeout=4.5))
+    got = a._cat._exec("SELECT current_setting('lock_timeout') AS t").fetchall()
+    assert got == [{"t": "4500ms"}]
     b = engine.Repository.open(path, catalog=pg_url, host_id="h2")
     try:
         vm1 = a.chain("vm1")
@@ -441,8 +473,7 @@ def test_repository_on_the_postgresql_catalog(tmp_path, pg_url):
         k.close()
         assert b.chain("vmc").read(0, 10) == snaps["s1"][:5] + b"clone"
         b.close()                                # (its handle of vmc's leaf)
-        res = a.check()
-        assert res.ok and not res.problems, res.to_dict()
+        check_clean(a)
     finally:
         a.close()
         b.close()
@@ -565,7 +596,7 @@ PgRepoMachine.TestCase.settings = test_repo_model.RepoMachine.TestCase.settings
 TestPgRepoModel = PgRepoMachine.TestCase
 
 
-# --- the command line ------------------------------------------------------------------------------
+# --- the command line ----------------------------------------------------------------------
 
 def cli(*argv, env=None):
     out = subprocess.run([sys.executable, "-m", "engine.cli", *argv], capture_output=True,
@@ -604,3 +635,89 @@ def test_cli_upgrade_of_a_sqlite_repository(tmp_path):
     assert code == 0 and "Catalog schema version 2 (was 1)" in out, (out, err)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
     assert code == 0 and "already current" in out, (out, err)
+
+
+def test_without_psycopg_only_the_postgresql_catalog_is_refused(tmp_path, pg_url):
+    """psycopg is an optional extra: without it cowchain works on the SQLite catalog and a
+    PostgreSQL URL is refused with a typed error that says what to install."""
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "import engine\n"
+            "with engine.Repository.create(sys.argv[1] + '/a') as r:\n"
+            "    r.create_chain('vm', 1 << 20)\n"
+            "try:\n"
+            "    engine.Repository.create(sys.argv[1] + '/b', catalog=sys.argv[2])\n"
+            "except engine.RepositoryError as e:\n"
+            "    print('refused:', e.hint)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), pg_url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "refused: pip install 'cowchain[postgresql]'"
+    assert not os.path.exists(tmp_path / "b")
+
+
+@pytest.fixture
+def pg_repo(tmp_path, pg_url, server):
+    """A repository on the PostgreSQL catalog with one qcow2 chain vm1 reading b"before"."""
+    repo = engine.Repository.create(tmp_path / "repo", catalog=pg_url, host_id="h1")
+    repo.create_chain("vm1", SIZE, base_format="qcow2", cluster_size=CS).write(0, b"before")
+    yield repo
+    repo.close()
+
+
+def check_clean(repo):
+    res = repo.check()
+    assert res.ok and not res.problems, res.to_dict()
+
+
+@pytest.mark.parametrize("how", ["restart", "down for a while", "crash"])
+def test_a_server_restart_in_the_middle_of_an_operation(pg_repo, server, monkeypatch, how):
+    """The server restarts (or is down for a moment, or crashes and recovers) between an
+    operation's intent and its commit: the operation reconnects at its next transaction and
+    completes; nothing is lost and the repository checks clean."""
+    from engine.repository import journal
+    c = pg_repo.chain("vm1")
+    real = journal.kill_point
+
+    def hit(name):
+        if name == "snapshot.intent":
+            if how == "restart":
+                server.restart("fast")
+            elif how == "crash":
+                server.restart("immediate")
+            else:
+                server.stop("fast")
+                threading.Timer(1.0, server.start).start()
+        real(name)
+
+    monkeypatch.setattr(journal, "kill_point", hit)
+    s = c.snapshot("across a restart")
+    monkeypatch.setattr(journal, "kill_point", real)
+    c.write(0, b"after!")
+    assert [x.id for x in c.snapshots] == [s.id] and pg_repo._cat.journal() == []
+    with c.open_snapshot(s.id) as img:
+        assert img.read(0, 6) == b"before"
+    assert c.read(0, 6) == b"after!"
+    check_clean(pg_repo)
+
+
+def test_a_restart_inside_an_operations_transaction_rolls_it_back(pg_repo, server,
+                                                                   monkeypatch):
+    """The server restarts while an operation's commit transaction is open: the operation
+    fails with CatalogUnavailable (retryable), the chain is as before, and the retry works."""
+    c = pg_repo.chain("vm1")
+    cat = pg_repo._cat
+    real = cat.insert_snapshot
+
+    def cut(row):
+        server.restart("fast")
+        real(row)
+
+    monkeypatch.setattr(cat, "insert_snapshot", cut)
+    with pytest.raises(CatalogUnavailable):
+        c.snapshot("lost")
+    monkeypatch.setattr(cat, "insert_snapshot", real)
+    assert c.snapshots == [] and c.read(0, 6) == b"before"
+    assert cat.journal() == []            # undone at once, on a new connection
+    s = c.snapshot("again")               # the retry the error asks for
+    assert [x.id for x in c.snapshots] == [s.id]
+    check_clean(pg_repo)

@@ -197,15 +197,18 @@ def protocol_members() -> set[str]:
         set(CatalogStore.__annotations__)
 
 
-def test_sqlite_catalog_implements_the_catalog_interface():
+@pytest.mark.parametrize("impl", ["engine.catalog:Catalog", "engine.catalog_pg:PgCatalog"])
+def test_each_catalog_implements_the_catalog_interface(impl):
+    import importlib
     import inspect
 
-    from engine.catalog import Catalog
     from engine.repository.catalog_api import CatalogStore
 
-    for name in protocol_members() - {"version"}:
+    module, name = impl.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    for name in protocol_members() - set(CatalogStore.__annotations__):     # the methods
         want = inspect.signature(getattr(CatalogStore, name))
-        have = inspect.signature(getattr(Catalog, name))
+        have = inspect.signature(getattr(cls, name))
         assert list(want.parameters) == list(have.parameters), name
 
 

@@ -18,7 +18,7 @@ What an implementation promises:
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from engine.catalog import ChainRow, JournalRow, SnapshotRow, VolumeRow
 
@@ -28,6 +28,9 @@ class CatalogStore(Protocol):
 
     #: the schema version of the store (older ones are read, not written)
     version: int
+    #: called with the connection first in every write transaction of a shared catalog (it
+    #: raises to abort it: a lost lease); None: no check
+    fence: Callable[[Any], None] | None
 
     def close(self) -> None: ...
     def transaction(self) -> AbstractContextManager[None]: ...

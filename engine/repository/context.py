@@ -119,13 +119,13 @@ class Context:
 
     # --- write leases (a catalog shared by several hosts; see docs/multihost.md) ----------
 
-    def attach_leases(self, leases: LeaseManager, cat: PgCatalog) -> None:
-        """Write under leases (a catalog shared by several hosts): CAT's transactions are
-        fenced by the leases of the operation in progress and its journal entries record
-        their epoch."""
+    def attach_leases(self, leases: LeaseManager, shared: PgCatalog) -> None:
+        """Write under leases (a catalog shared by several hosts): SHARED's transactions
+        are fenced by the leases of the operation in progress and its journal entries
+        record their epoch."""
         self.leases = leases
-        self._shared = cat
-        cat.fence = self.fence
+        self._shared = shared
+        shared.fence = self.fence
 
     def lease_manager(self) -> LeaseManager:
         """The leases of a shared repository (RepositoryError with a local catalog)."""

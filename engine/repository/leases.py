@@ -32,7 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
+try:
+    import psycopg
+except ImportError:       # the optional 'postgresql' extra: leases exist only with it
+    pass
 
 from engine.catalog_pg import LEASE_DDL as _PG_LEASE_DDL
 from engine.catalog_pg import PgSettings

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from engine import destination as _destination
 from engine.catalog import Catalog
-from engine.catalog_pg import PgCatalog
+from engine.catalog_pg import PgCatalog, PgSettings
 from engine.errors import EngineError, ImageClosed, NotFound, RepositoryError
 from engine.repository import check as _check
 from engine.repository import operations
@@ -45,7 +45,8 @@ class Repository:
     """
 
     def __init__(self, path: PathArg, *, _create: bool = False, readonly: bool = False,
-                 catalog: str | None = None, host_id: str | None = None) -> None:
+                 catalog: str | None = None, host_id: str | None = None,
+                 catalog_settings: PgSettings | None = None) -> None:
         self._path = os.path.abspath(os.fspath(path))
         self._lock_fd: int | None = None
         #: the host this process acts as in a shared repository (None: a local catalog)
@@ -53,7 +54,7 @@ class Repository:
         if not readonly and catalog is None:
             self._lock()
         try:
-            self._cat = self._open_catalog(catalog, _create, readonly)
+            self._cat = self._open_catalog(catalog, _create, readonly, catalog_settings)
         except BaseException:
             self._unlock()
             raise
@@ -69,42 +70,28 @@ class Repository:
                 self.close()
                 raise
 
-    def _open_catalog(self, url: str | None, create: bool, readonly: bool) -> CatalogStore:
+    def _open_catalog(self, url: str | None, create: bool, readonly: bool,
+                      settings: PgSettings | None) -> CatalogStore:
         """The SQLite catalog in the folder, or the PostgreSQL catalog at URL, which must
         describe this folder (the id in its ``repository.id``; several hosts may mount the
         folder at different paths)."""
         if url is None:
             return Catalog(os.path.join(self._path, CATALOG_NAME), create=create,
                            readonly=readonly)
-        folder_id = _read_folder_id(self._path)
-        cat = PgCatalog(url, create=create, readonly=readonly, repository_id=folder_id,
-                        settings=LeaseSettings.from_env().pg_settings())
-        try:
-            cat.host = self.host_id
-            recorded = cat.repository_id() if cat.version >= 3 else None
-            if recorded is None and not readonly:
-                cat.record_repository_id(folder_id)         # a catalog migrated just now
-            elif recorded is not None and recorded != folder_id:
-                raise RepositoryError(
-                    f"the catalog {cat.path} describes another volume folder (id "
-                    f"{recorded}), not this one (id {folder_id})", path=self._path,
-                    hint="give the folder that catalog was created with (mounted at any "
-                         "path), or the catalog URL of this folder")
-        except BaseException:
-            cat.close()
-            raise
-        return cat
+        return PgCatalog(url, create=create, readonly=readonly,
+                         repository_id=_read_folder_id(self._path), host=self.host_id,
+                         settings=settings or LeaseSettings.from_env().pg_settings())
 
-    def _attach_leases(self, cat: PgCatalog, host_id: str, readonly: bool) -> None:
+    def _attach_leases(self, shared: PgCatalog, host_id: str, readonly: bool) -> None:
         """Writes under per-chain leases (docs/multihost.md); a read-write open joins."""
         try:
-            leases = LeaseManager(cat.url, host_id, LeaseSettings.from_env())
+            leases = LeaseManager(shared.url, host_id, LeaseSettings.from_env())
             if not readonly:
                 leases.join()
         except BaseException:
             self.close()
             raise
-        self._ctx.attach_leases(leases, cat)
+        self._ctx.attach_leases(leases, shared)
 
     def _recover_on_open(self) -> None:
         """Recover interrupted operations: all of them with a local catalog; with a shared
@@ -122,8 +109,8 @@ class Repository:
     # --- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: PathArg, *, catalog: str | None = None,
-               host_id: str | None = None) -> Repository:
+    def create(cls, path: PathArg, *, catalog: str | None = None, host_id: str | None = None,
+               catalog_settings: PgSettings | None = None) -> Repository:
         """Make a new repository in PATH (a new or empty folder) and open it.
 
         Arguments:
@@ -132,6 +119,7 @@ class Repository:
                 that several hosts share; None: the SQLite catalog in the folder.
             host_id (str | None): this host's stable id with a shared catalog (default:
                 the host name).
+            catalog_settings (PgSettings | None): the PostgreSQL connection's timeouts.
 
         Raises:
             RepositoryError: PATH already holds a repository, or exists and is not an empty
@@ -157,7 +145,8 @@ class Repository:
         else:
             _write_folder_id(path)
             try:
-                repo = cls(path, _create=True, catalog=catalog, host_id=host_id)
+                repo = cls(path, _create=True, catalog=catalog, host_id=host_id,
+                           catalog_settings=catalog_settings)
             except BaseException:
                 # the folder as it was: a catalog refused leaves no half repository
                 for name in (FOLDER_ID_NAME, VOLUMES_DIR):
@@ -173,7 +162,8 @@ class Repository:
 
     @classmethod
     def open(cls, path: PathArg, *, readonly: bool = False, catalog: str | None = None,
-             host_id: str | None = None) -> Repository:
+             host_id: str | None = None,
+             catalog_settings: PgSettings | None = None) -> Repository:
         """Open the repository in PATH and recover interrupted operations.
 
         With ``readonly=True`` nothing is locked, recovered or changed: any number of
@@ -185,7 +175,8 @@ class Repository:
 
         With ``catalog`` (the PostgreSQL URL the repository was created with) the folder is
         not locked: several hosts open it at once, each with its own ``host_id`` (default:
-        the host name), and an open recovers only the operations this host left in flight.
+        the host name), and an open recovers only the operations this host left in flight;
+        ``catalog_settings`` sets the connection's timeouts.
 
         Raises:
             NotFound: PATH holds no repository.
@@ -200,7 +191,8 @@ class Repository:
                            "no cowchain repository here (no repository.id: a repository "
                            "created with a PostgreSQL catalog has one)", path=path,
                            hint="create one with 'cowchain repo init DIR'")
-        return cls(path, readonly=readonly, catalog=catalog, host_id=host_id)
+        return cls(path, readonly=readonly, catalog=catalog, host_id=host_id,
+                   catalog_settings=catalog_settings)
 
     @classmethod
     def upgrade(cls, path: PathArg, *, catalog: str | None = None,
