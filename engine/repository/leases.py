@@ -387,16 +387,6 @@ class LeaseManager:
             mine._lose("released by force")
         return epoch
 
-    def forget(self, chain: str) -> None:
-        """Drop the chain's lease row (the chain was deleted under our lease)."""
-        with self._state:
-            lease = self._mine.pop(chain, None)
-        if lease is not None:
-            lease._lose("chain deleted")
-        self._run(lambda conn: conn.execute(
-            "DELETE FROM chain_leases WHERE chain = %s AND holder = %s",
-            (chain, self.host_id)))
-
     def fence_for(self, lease: Lease) -> Callable[[psycopg.Connection[Any]], None]:
         """The SQL fence for a catalog transaction made under ``lease``: call it first in
         the transaction, on the catalog's connection. It checks the local deadline, then
