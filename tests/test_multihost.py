@@ -8,10 +8,10 @@ write leases (``docs/multihost.md``).
   had two writers in one epoch, that every acknowledged-and-flushed write is readable at
   the end (or overwritten by a later write), and that the repository check and
   ``qemu-img check`` are clean.
-- **Kill and takeover**: a host killed (SIGKILL) in the middle of a snapshot or of a
-  snapshot deletion (both merge directions); another host takes the chain over once the
-  lease expired, its recovery leaves the chain as before or after the operation, never
-  mixed, and every volume passes ``qemu-img check``.
+- **Kill and takeover**: a host killed (SIGKILL) in the middle of a snapshot, a snapshot
+  deletion (both merge directions), a revert or an import; another host takes the chain
+  over once the lease expired, its recovery leaves the chain as before or after the
+  operation, never mixed, and every volume passes ``qemu-img check``.
 - **Paused host**: a writer stopped (SIGSTOP) past its lease; another host takes the chain
   over; resumed, the writer acknowledges nothing new (at most the one write in flight when
   it stopped) and its next write fails with ``LeaseLost``; the new holder's data is intact.
@@ -138,8 +138,18 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
     repo = _open(folder, url, host)
     c = repo.chain("c0")
     before: dict[str, object] = {}
-    if op == "snapshot":
+    if op == "import":
+        src = os.path.join(os.path.dirname(state), "source.raw")
+        with open(src, "wb") as f:
+            f.write(bytes(range(256)) * (DISK // 256))
+        before["source"] = src
+        before["data_after"] = (bytes(range(256)) * (DISK // 256)).hex()
+    elif op == "snapshot":
         c.write(0, b"A" * 65536)
+    elif op == "revert":
+        c.write(0, b"R" * 65536)
+        before["target"] = c.snapshot("s1").id
+        c.write(4096, b"N" * 65536)
     else:
         # 'commit': the snapshot's volume holds more than its child; 'pull': the reverse
         big, small = (b"B" * 262144, b"s" * 4096)
@@ -153,12 +163,19 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
     c.flush()
     before["snapshots"] = [s.id for s in c.snapshots]
     before["data"] = c.read(0, DISK).hex()
+    if op == "revert":
+        with c.open_snapshot(str(before["target"])) as img:
+            before["data_after"] = img.read(0, DISK).hex()
     with open(state, "w") as f:
         json.dump(before, f)
     os.environ[engine.testing.KILL_ENV] = kill_at
     engine.testing.configure()
-    if op == "snapshot":
+    if op == "import":
+        repo.import_chain("imp", str(before["source"]), format="raw", base_format="qcow2")
+    elif op == "snapshot":
         c.snapshot("killed")
+    elif op == "revert":
+        c.revert(str(before["target"]))
     else:
         c.delete_snapshot(str(before["target"]))
     print("the operation finished: the kill point was not reached", flush=True)
@@ -417,7 +434,30 @@ KILLS = [("snapshot", p) for p in ("snapshot.intent", "snapshot.created",
                                    "snapshot.committed")] + \
         [(d, p) for d in ("commit", "pull")
          for p in ("delete_snapshot.intent", "delete_snapshot.copied",
-                   "delete_snapshot.rebased", "delete_snapshot.committed")]
+                   "delete_snapshot.rebased", "delete_snapshot.committed")] + \
+        [("revert", p) for p in ("revert.intent", "revert.created", "revert.committed")] + \
+        [("import", p) for p in ("import_chain.intent", "import.copy",
+                                 "import_chain.written")]
+
+
+def _import_taken_over(folder: str, url: str, before: dict) -> bool:
+    """The chain a killed import was making: recovered by another host once the lease
+    expired; absent, or present with the source's content. Returns whether present."""
+    with _open(folder, url, "h-taker") as repo:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                repo.recover(chains=["imp"])
+                break
+            except ChainLeased:
+                assert time.monotonic() < end, "the killed host's lease never expired"
+                time.sleep(0.2)
+        names = [c.name for c in repo.chains()]
+        if "imp" in names:
+            assert repo.chain("imp").read(0, DISK).hex() == before["data_after"]
+        result = repo.check()
+        assert result.ok, [str(p) for p in result.problems]
+    return "imp" in names
 
 
 @pytest.mark.parametrize("op,kill_at", KILLS, ids=[f"{o}-{p.split('.')[1]}" for o, p in KILLS])
@@ -429,6 +469,12 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
     assert p.returncode == -9, f"the victim was not killed at {kill_at}:\n{out[-3000:]}"
     with open(state) as f:
         before = json.load(f)
+    if op == "import":
+        after = _import_taken_over(folder, url, before)
+        assert _volumes_clean(folder) == []
+        summary.append(f"multihost: kill -9 at {kill_at} ({op}), takeover by another host: "
+                       f"chain {'after' if after else 'before'} the operation, check clean")
+        return
     with _open(folder, url, "h-taker") as repo:
         c = repo.chain("c0")
         with pytest.raises(ChainLeased):          # the victim's lease is still live
@@ -437,12 +483,17 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
         assert lease is not None and lease.taken_over
         snaps = [s.id for s in c.snapshots]
         data = c.read(0, DISK).hex()
-        assert data == before["data"], "the disk changed"
-        if op == "snapshot":
+        if op == "revert":
+            assert snaps == before["snapshots"]
+            assert data in (before["data"], before["data_after"]), "a mixed disk"
+            after = data == before["data_after"]
+        elif op == "snapshot":
+            assert data == before["data"], "the disk changed"
             assert snaps[:len(before["snapshots"])] == before["snapshots"]
             assert len(snaps) - len(before["snapshots"]) in (0, 1), snaps
             after = len(snaps) > len(before["snapshots"])
         else:
+            assert data == before["data"], "the disk changed"
             assert snaps in (before["snapshots"],
                              [s for s in before["snapshots"] if s != before["target"]]), snaps
             after = before["target"] not in snaps
