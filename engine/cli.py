@@ -14,6 +14,7 @@ the traceback too); their hints name this command's verbs and flags (:data:`CLI_
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -149,6 +150,11 @@ def _chain_human(d: dict) -> str:
         f"created:    {d['created']}",
         f"leaf:       {d['leaf']}",
     ]
+    h = d.get("holder")
+    if h is not None:
+        lines.append("holder:     " + (
+            f"{h['host']} (epoch {h['epoch']}, expires in {h['expires_in']:.1f} s)"
+            if h["live"] else f"none (epoch {h['epoch']})"))
     if d["previewing"]:
         lines.append(f"state:      previewing snapshot {d['previewing']} "
                      "(commit-preview or undo-preview)")
@@ -306,6 +312,33 @@ def cmd_info(args) -> int:
     with _open_repo(args, readonly=True) as repo:
         d = repo.chain(args.name).to_dict()
         _emit(args, d, _chain_human(d))
+    return 0
+
+
+def cmd_host_list(args) -> int:
+    with _open_repo(args, readonly=True) as repo:
+        items = [{"host_id": h.host_id, "hostname": h.hostname, "pid": h.pid,
+                  "joined": _utc(h.joined_at), "heartbeat": _utc(h.heartbeat),
+                  "alive": h.alive, "leases": h.leases} for h in repo.hosts()]
+    rows = [[i["host_id"], i["hostname"], str(i["pid"]), i["heartbeat"][:19].replace("T", " "),
+             "alive" if i["alive"] else "silent", str(i["leases"])] for i in items]
+    _emit(args, items, _table(rows, ["HOST", "HOSTNAME", "PID", "HEARTBEAT (UTC)", "STATE",
+                                     "LEASES"]) if items else "(no hosts)")
+    return 0
+
+
+def _utc(t) -> str:
+    return t.astimezone(datetime.timezone.utc).isoformat()
+
+
+def cmd_release(args) -> int:
+    if not args.force:
+        raise UsageError("'chain release' frees the write lease another host holds: pass "
+                         "--force, and only for a host known to be dead")
+    with _open_repo(args, readonly=True) as repo:
+        epoch = repo.force_release(args.name)
+    _emit(args, {"chain": args.name, "released": True, "epoch": epoch},
+          f"Released the write lease of chain {args.name} (epoch now {epoch})")
     return 0
 
 
@@ -614,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
                 True)
     p.add_argument("--version", action="version", version=f"cowchain {__version__}",
                    help="print the version and exit")
-    groups = p.add_subparsers(dest="group", metavar="{repo,chain,img,serve}", parser_class=_Parser)
+    groups = p.add_subparsers(dest="group", metavar="{repo,chain,host,img,serve}",
+                              parser_class=_Parser)
     groups.required = True
 
     def group(name, help):
@@ -654,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb(rverbs, "upgrade", cmd_repo_upgrade, "bring the catalog's schema up to this "
                                               "version's (any read-write open also does)")
 
+    hverbs = group("host", "the hosts sharing a repository (a PostgreSQL catalog)")
+    verb(hverbs, "list", cmd_host_list, "list the hosts: heartbeat, alive or silent, chain "
+                                        "leases held")
+
     verbs = group("chain", "create, snapshot, merge, clone, export chains")
     sp = verb(verbs, "create", cmd_create, "create a chain (one base volume)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="virtual size, e.g. 10G")
@@ -676,7 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
               "revert to one gives the disk its size again)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="new virtual size, e.g. 20G")
     verb(verbs, "list", cmd_list, "list the chains")
-    verb(verbs, "info", cmd_info, "show a chain's volumes and snapshots", NAME)
+    verb(verbs, "info", cmd_info, "show a chain's volumes and snapshots (and, in a shared "
+                                  "repository, which host holds its write lease)", NAME)
+    sp = verb(verbs, "release", cmd_release, "free a chain's write lease that a dead host "
+                                             "holds (a shared repository; bumps its epoch)",
+              NAME)
+    sp.add_argument("--force", action="store_true",
+                    help="required: only for a host known to be dead")
     sp = verb(verbs, "snapshot", cmd_snapshot, "take a snapshot (prints its id)", NAME)
     sp.add_argument("-d", "--description", default="", help="free text")
     sp.add_argument("--force", action="store_true",

@@ -253,6 +253,48 @@ class VolumeDamaged(RepositoryError):
         self.cli_hint = self.hint if cli_hint is None else cli_hint
 
 
+
+class ChainLeased(EngineError):
+    """Another host holds the chain's write lease (a repository shared by several hosts).
+
+    Attributes:
+        chain (str): the chain.   holder (str): the host holding its lease.
+        expires_in (float): seconds until that lease expires unless renewed.
+    """
+
+    exit_code = 22
+    exit_meaning = "refused: another host holds the chain's write lease"
+    default_hint = ("wait for that host to release it, or for the lease to expire; if the "
+                    "host is dead, an operator may run 'cowchain chain release --force CHAIN'")
+
+    def __init__(self, chain: str, holder: str, expires_in: float, **kw: str | None):
+        self.chain = chain
+        self.holder = holder
+        self.expires_in = expires_in
+        super().__init__(f"chain {chain!r} is leased for writing by host {holder!r} "
+                         f"(the lease expires in {max(expires_in, 0.0):.1f} s unless renewed)",
+                         **kw)
+
+
+class LeaseLost(EngineError):
+    """This host no longer holds the chain's write lease (its renewal failed or came too
+    late, or another host took the chain over): writes and catalog changes are refused.
+
+    Attributes:
+        chain (str): the chain.   epoch (int): the lease's fencing epoch this host held.
+    """
+
+    exit_code = 23
+    exit_meaning = "refused: this host lost the chain's write lease"
+    default_hint = ("this host stopped writing the chain; acquire the lease again (a new "
+                    "epoch) and reopen the chain before writing")
+
+    def __init__(self, chain: str, epoch: int, why: str, **kw: str | None):
+        self.chain, self.epoch = chain, epoch
+        super().__init__(f"lost the write lease of chain {chain!r} (epoch {epoch}): {why}",
+                         **kw)
+
+
 #: The process exit codes, in one table: the command line exits with these, ``cowchain
 #: --help`` and README print them (:func:`exit_code_table`). ``check`` uses qemu-img check's
 #: codes 0-3 and nothing else uses 1-3; every EngineError subclass has its own code.

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from engine.catalog import ChainRow, VolumeRow, now, schema_sql
 from engine.catalog_pg import (LEASE_DDL, MIGRATE_LOCK, PG_SCHEMA_VERSION, PgCatalog,
                                PgSettings)
 from engine.errors import CatalogUnavailable, RepositoryError
+from engine.repository.leases import LeaseManager, LeaseSettings
 import test_repo_model
 
 FAST = PgSettings(reconnect_wait=5.0)
@@ -523,11 +525,13 @@ with engine.Repository.open(path, catalog=url, host_id=host) as repo:
 
 @pytest.mark.parametrize("action,kill_at", [("delete", "delete_snapshot.copied:1"),
                                             ("snapshot", "snapshot.intent:1")])
-def test_crash_recovery_on_the_postgresql_catalog(tmp_path, pg_url, action, kill_at):
+def test_crash_recovery_on_the_postgresql_catalog(tmp_path, pg_url, action, kill_at,
+                                                  monkeypatch):
     """A host killed in the middle of an operation leaves its journal entry in the
     PostgreSQL catalog.  Another host's open leaves it alone (its chains are not its own);
     the crashed host's next open recovers it, or any host recovers it by naming the chain."""
     path = tmp_path / "repo"
+    monkeypatch.setenv("COWCHAIN_LEASE_PROFILE", "test")
     with engine.Repository.create(path, catalog=pg_url, host_id="h1") as repo:
         ids, disk, snaps = build(repo)
     env = dict(os.environ, COWCHAIN_KILL_AT=kill_at)
@@ -537,6 +541,13 @@ def test_crash_recovery_on_the_postgresql_catalog(tmp_path, pg_url, action, kill
     with engine.Repository.open(path, catalog=pg_url, host_id="h2") as other:
         [j] = other._cat.journal()
         assert (j.host, j.chain) == ("h1", "vm1")                  # not h2's to recover
+    # the killed process's lease on vm1 must expire first (it is recovered under a lease)
+    with LeaseManager(pg_url, "observer", LeaseSettings.for_tests()) as lm:
+        info = lm.lease_of("vm1")
+        while info is not None and info.holder is not None and \
+                (info.expires_in or 0) > -lm.settings.grace:
+            time.sleep(0.1)
+            info = lm.lease_of("vm1")
     reopen = ({"host_id": "h1"}, {"host_id": "h3", "chains": ["vm1"]})[action == "snapshot"]
     with engine.Repository.open(path, catalog=pg_url, host_id=reopen["host_id"]) as repo:
         if "chains" in reopen:

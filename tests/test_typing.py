@@ -100,6 +100,7 @@ STRICT_MODULES = [
     "repository/files.py",
     "repository/graph.py",
     "repository/journal.py",
+    "repository/leases.py",
     "repository/merge.py",
     "repository/operations.py",
     "repository/repo.py",

@@ -14,6 +14,7 @@ from engine.repository.values import (DiffResult, ExportResult, MergeResult, Pat
 if TYPE_CHECKING:
     from engine.image import Extent, Image
     from engine.repository.context import Context
+    from engine.repository.leases import Lease
     from engine.repository.repo import Repository
 
 
@@ -115,7 +116,7 @@ class Chain:
 
     def _to_dict(self) -> dict[str, Any]:
         row = self._row()
-        return {
+        d = {
             "name": row.name, "size": row.size, "cluster_size": row.cluster_size,
             "created": row.created, "leaf": row.leaf, "previewing": row.preview,
             "origin": (None if row.origin_chain is None else
@@ -123,18 +124,34 @@ class Chain:
             "volumes": [v.to_dict() for v in self.volumes],
             "snapshots": [s.to_dict() for s in self.snapshots],
         }
+        holder = self._ctx.holder_of(row.name)    # a shared repository: the write lease
+        if holder is not None:
+            d["holder"] = holder
+        return d
 
     # --- data path --------------------------------------------------------------------------
 
-    def _image(self) -> Image:
+    def _image(self, write: bool = False) -> Image:
+        """The leaf handle, opened on first use. With write leases (a catalog shared by
+        several hosts) a write first checks the chain's lease (acquiring it), and the leaf
+        is open read-write only while this host holds it."""
+        ctx = self._ctx
+        if write:
+            self._check_open()
+            ctx.check_lease(self._name)
         img = self._img
+        if img is not None and write and img.readonly and not ctx.readonly:
+            self.release_leaf()                  # opened for reading before the lease
+            img = None
         if img is None:
             self._check_open()
-            with self._ctx.cat.read():
+            with ctx.cat.read():
                 row = self._row()
-                leaf = self._ctx.volume_row(row.leaf)
-            self._ctx.check_not_blocked(self._name)
-            img = self._img = self._ctx.open_volume(leaf, readonly=self._ctx.readonly)
+                leaf = ctx.volume_row(row.leaf)
+            ctx.check_not_blocked(self._name)
+            readonly = ctx.readonly or (ctx.leases is not None and not write
+                                        and self._name not in ctx.leased())
+            img = self._img = ctx.open_volume(leaf, readonly=readonly)
         return img
 
     def read(self, offset: int, length: int) -> bytes:
@@ -147,20 +164,21 @@ class Chain:
 
     def write(self, offset: int, data: Any) -> int:
         """Write DATA (any buffer) at OFFSET into the leaf."""
-        return self._image().write(offset, data)
+        return self._image(write=True).write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeros (zero clusters in the leaf; no data written)."""
-        self._image().write_zeroes(offset, length, unmap=unmap)
+        self._image(write=True).write_zeroes(offset, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the leaf's mapping of the whole clusters in the range: the snapshot below
         (or zeros, with no snapshot) shows through there."""
-        self._image().discard(offset, length)
+        self._image(write=True).discard(offset, length)
 
     def flush(self) -> None:
         """Make every write so far durable."""
-        if self._img is not None:
+        if self._img is not None and not self._img.readonly:
+            self._ctx.check_lease(self._name)
             self._img.flush()
         else:
             self._check_open()
@@ -329,15 +347,45 @@ class Chain:
         return img is not None and not img.closed and any(i.path in paths for i in img.chain())
 
     def release_leaf(self) -> None:
-        """Flush and close the leaf handle (it reopens on the next I/O)."""
+        """Flush and close the leaf handle (it reopens on the next I/O); a handle of a
+        lost write lease is dropped unflushed (``abandon_leaf``)."""
+        if not self._ctx.may_flush(self._name):
+            self.abandon_leaf()
+            return
         img, self._img = self._img, None
         if img is not None:
             img.close()
+
+    def abandon_leaf(self) -> None:
+        """Drop the leaf handle without writing anything more (no flush, no trim): the
+        chain's write lease was lost, another host may write the leaf now."""
+        img, self._img = self._img, None
+        if img is not None:
+            for i in img.chain():
+                i._release()
 
     def _check_open(self) -> None:
         if self._closed:
             raise ImageClosed(f"chain {self._name!r} is closed")
         self._ctx.check_open()
+
+    def take_lease(self, *, wait: float = 0) -> Lease | None:
+        """Acquire the chain's write lease now (None without a shared catalog), waiting up
+        to WAIT seconds for another host's lease to be released or to expire.  Taking it
+        over from another host first finishes or undoes that host's interrupted operations
+        on the chain.  Every write acquires it anyway; this makes the wait explicit.
+
+        Raises:
+            ChainLeased: another live host still holds it after WAIT seconds.
+        """
+        self._check_open()
+        return self._ctx.lease(self._name, wait=wait)
+
+    @property
+    def lease(self) -> Lease | None:
+        """The chain's write lease while this host holds it (a catalog shared by several
+        hosts), else None."""
+        return self._ctx.held_lease(self._name)
 
     @property
     def closed(self) -> bool:
@@ -351,6 +399,7 @@ class Chain:
         for view in list(self._views):
             view.close()
         self.release_leaf()
+        self._ctx.release_lease(self._name)
 
     def __enter__(self) -> "Chain":
         return self

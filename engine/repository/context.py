@@ -11,20 +11,23 @@ import dataclasses
 import os
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 from engine import image
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
-from engine.errors import (ChainError, ImageClosed, ImageLocked, ImageNotFound,
-                           InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
-from engine.repository import files, graph
+from engine.errors import (ChainError, ChainLeased, ImageClosed, ImageLocked, ImageNotFound,
+                           InvalidArgument, LeaseLost, NotFound, RepositoryError,
+                           VolumeDamaged, io_error)
+from engine.repository import files, graph, journal
 from engine.repository.files import VOLUMES_DIR
 from engine.repository.catalog_api import CatalogStore
 from engine.repository.chain import Chain
 from engine.repository.values import Snapshot, Volume
 
 if TYPE_CHECKING:
+    from engine.catalog_pg import PgCatalog
     from engine.image import Image
+    from engine.repository.leases import Lease, LeaseManager
     from engine.repository.repo import Repository
 
 #: Snapshot ids may be given by a unique prefix of at least this many characters.
@@ -78,6 +81,13 @@ class Context:
         self.closed = False
         self.chains: dict[str, Chain] = {}
         self.blocked: dict[str, str] = {}
+        #: this host's write leases when several hosts share the catalog (else None)
+        self.leases: LeaseManager | None = None
+        self._shared: PgCatalog | None = None
+        self._leases: dict[str, Lease] = {}       # the lease each chain is written under
+        self._writing: list[str] = []             # chains whose lease fences catalog writes
+        self._recovered: list[str] = []           # what takeovers recovered
+        self._lost: dict[str, Lease] = {}         # leases dropped lost, until reacquired
 
     def chain(self, name: str) -> Chain:
         """The chain NAME (the same object each call while it is open)."""
@@ -106,6 +116,160 @@ class Context:
         if op is not None:
             raise RepositoryError(f"chain {name!r} has an interrupted {op} in flight",
                                   hint="call Repository.recover() or reopen the repository")
+
+    # --- write leases (a catalog shared by several hosts; see docs/multihost.md) ----------
+
+    def attach_leases(self, leases: LeaseManager, shared: PgCatalog) -> None:
+        """Write under leases (a catalog shared by several hosts): SHARED's transactions
+        are fenced by the leases of the operation in progress and its journal entries
+        record their epoch."""
+        self.leases = leases
+        self._shared = shared
+        shared.fence = self.fence
+
+    def lease_manager(self) -> LeaseManager:
+        """The leases of a shared repository (RepositoryError with a local catalog)."""
+        if self.leases is None:
+            raise RepositoryError("the repository has a local catalog: one host, no leases",
+                                  path=self.path,
+                                  hint="open it with the PostgreSQL catalog URL it was "
+                                       "created with (--catalog URL)")
+        return self.leases
+
+    def holder_of(self, name: str) -> dict[str, Any] | None:
+        """Chain NAME's lease row as the operator sees it (None with a local catalog)."""
+        if self.leases is None:
+            return None
+        info = self.leases.lease_of(name)
+        if info is None:
+            return {"host": None, "epoch": 0, "live": False, "expires_in": None}
+        return {"host": info.holder, "epoch": info.epoch, "live": info.live,
+                "expires_in": info.expires_in}
+
+    def recover(self, chains: Iterable[str] | None = None, *,
+                skip_leased: bool = False) -> list[str]:
+        """Recover the interrupted operations (of CHAINS only, if given).  With leases each
+        chain's recovery runs under its lease, acquired here (a chain another live host
+        holds raises ChainLeased, or is skipped with SKIP_LEASED)."""
+        if self.leases is None:
+            return journal.recover(self, chains=chains)
+        self.check_writable()
+        pending = {j.chain for j in self.cat.journal() if j.chain is not None}
+        done: list[str] = []
+        for name in sorted(pending if chains is None else pending & set(chains)):
+            if name in self.leased():
+                with self.writing(name):
+                    done += journal.recover(self, chains=[name])
+                continue
+            try:
+                self.lease(name)
+            except ChainLeased:
+                if not skip_leased:
+                    raise
+            done += self._recovered
+            self._recovered.clear()
+        return done
+
+    def lease(self, name: str, *, wait: float = 0) -> Lease | None:
+        """The write lease of chain NAME, acquired on first use (None without leases).
+
+        A lease newly acquired (a new epoch) first recovers the chain's unfinished journal
+        entries (a dead host's, or this host's from before it lost the lease), fenced by
+        the new lease.  A lease found lost is dropped with the chain's leaf handle (never
+        flushed again) and raises LeaseLost; the next call acquires a new one.
+
+        Raises:
+            ChainLeased: another live host holds the chain's lease.
+        """
+        lm = self.leases
+        if lm is None:
+            return None
+        have = self._leases.get(name)
+        if have is not None:
+            if have.lost:
+                self._drop_lease(name)
+                have.check()
+            return have
+        lease = self._leases[name] = lm.acquire(name, wait=wait)
+        self._lost.pop(name, None)
+        with self.writing(name):
+            self._recovered += journal.recover(self, chains=[name])
+        return lease
+
+    def _drop_lease(self, name: str) -> None:
+        """Chain NAME's lease was found lost: forget it and drop the chain's leaf handle
+        unflushed (the next write acquires a new lease and reopens the leaf)."""
+        lost = self._leases.pop(name, None)
+        if lost is not None:
+            self._lost[name] = lost
+        c = self.chains.get(name)
+        if c is not None:
+            c.abandon_leaf()
+
+    def held_lease(self, name: str) -> Lease | None:
+        return self._leases.get(name)
+
+    def leased(self) -> set[str]:
+        """The chains whose write lease this host holds (not known lost)."""
+        return {n for n, lease in self._leases.items() if not lease.lost}
+
+    def release_lease(self, name: str) -> None:
+        """Give chain NAME's lease up, unless an operation on it is running here.  A lost
+        lease is left to expire (its holder's unflushed writes may still reach storage:
+        the grace after expiry covers them)."""
+        lease = self._leases.get(name)
+        if lease is None or self.leases is None or name in self._writing:
+            return
+        del self._leases[name]
+        if not lease.lost:
+            self.leases.release(name)
+
+    def may_flush(self, name: str) -> bool:
+        """Chain NAME's open leaf may be flushed: no leases, or its lease is not lost."""
+        lease = self._leases.get(name)
+        return self.leases is None or lease is None or not lease.lost
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[None]:
+        """Catalog changes made inside are fenced by chain NAME's lease (acquired here)."""
+        if self.leases is None:
+            yield
+            return
+        if name not in self._leases:
+            self.lease(name)
+        self._writing.append(name)
+        shared = self._shared
+        epoch = None if shared is None else shared.epoch
+        try:
+            self.check_lease(name)
+            if shared is not None:
+                shared.epoch = self._leases[name].epoch
+            yield
+        finally:
+            self._writing.remove(name)
+            if shared is not None:
+                shared.epoch = epoch
+
+    def check_lease(self, name: str) -> None:
+        """Before a write batch, a flush or a commit on chain NAME: its lease is held and
+        not lost (LeaseLost otherwise). No-op without leases."""
+        lease = self.lease(name)
+        if lease is not None:
+            lease.check()
+
+    def fence(self, conn: Any) -> None:
+        """The catalog's fence: the SQL check of every lease the current operation holds."""
+        lm = self.leases
+        for name in self._writing:
+            lease = self._leases.get(name)
+            if lease is None and name in self._lost:
+                self._lost[name].check()          # an operation outliving its lease
+            if lm is not None and lease is not None:
+                try:
+                    lm.fence_for(lease)(conn)
+                except LeaseLost:
+                    self._drop_lease(name)
+                    raise
 
     def abs(self, rel: str) -> str:
         return os.path.join(self.path, rel)

@@ -76,7 +76,17 @@ def journaled(ctx: Context, op: str, chain: str, args: dict[str, Any], *,
     (``abort``), and the error goes on.  After it returned, the held images are
     closed, the new leaf handle (``Journaled.leaf_of``) is handed to its chain, the kill
     point ``OP.COMMITTED`` is passed (None: none) and the files in ``Journaled.remove`` are
-    removed."""
+    removed.  With a catalog shared by several hosts all of it runs under the chain's
+    write lease (``Context.writing``; an export writes no chain and needs none)."""
+    with contextlib.ExitStack() as fenced:
+        if op != "export":
+            fenced.enter_context(ctx.writing(chain))
+        yield from _journaled(ctx, op, chain, args, illegal, hold, verify, committed)
+
+
+def _journaled(ctx: Context, op: str, chain: str, args: dict[str, Any],
+               illegal: Iterable[str], hold: list[tuple[VolumeRow, bool, bool]] | Held | None,
+               verify: bool, committed: str | None) -> Iterator[Journaled]:
     with contextlib.ExitStack() as stack:
         if isinstance(hold, list):
             hold = ctx.holding(hold, verify=verify) if hold else None

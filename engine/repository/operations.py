@@ -109,16 +109,25 @@ def import_chain(ctx: Context, name: str, source: PathArg, *, format: str,
 def delete_chain(ctx: Context, name: str) -> None:
     """``Repository.delete_chain``."""
     ctx.check_writable()
+    ctx.chain_row(name)
+    with ctx.writing(name):
+        _delete_chain(ctx, name)
+    ctx.release_lease(name)
+
+
+def _delete_chain(ctx: Context, name: str) -> None:
     row = ctx.chain_row(name)
     ctx.check_not_blocked(name)
     # the chain's lines, and everything stacked on their bases: the only volumes whose
-    # users, and so whose fate and role, the deletion changes
-    lines = [ctx.line(top) for top in (row.leaf, row.saved_leaf) if top]
-    bases = list(dict.fromkeys(line[-1].id for line in lines))
-    family: dict[str, VolumeRow] = {}
-    for b in bases:
-        family.update(ctx.cat.volumes_over(b))
-    users = graph.users_over(family, ctx.cat.chains_on(family))
+    # users, and so whose fate and role, the deletion changes; in one state (other hosts
+    # change other chains)
+    with ctx.cat.read():
+        lines = [ctx.line(top) for top in (row.leaf, row.saved_leaf) if top]
+        bases = list(dict.fromkeys(line[-1].id for line in lines))
+        family: dict[str, VolumeRow] = {}
+        for b in bases:
+            family.update(ctx.cat.volumes_over(b))
+        users = graph.users_over(family, ctx.cat.chains_on(family))
     for v in family.values():
         if v.chain == name:
             others = sorted(users.get(v.id, set()) - {name})
@@ -165,6 +174,7 @@ def _prepare(ctx: Context, chain: Chain, *, allow_preview: bool = False,
     """Common checks before a chain operation; closes the chain's leaf handle (RELEASE)."""
     ctx.check_writable()
     row = ctx.chain_row(chain.name)
+    ctx.check_lease(chain.name)        # before anything is written: a lease, recovery
     ctx.check_not_blocked(chain.name)
     if row.preview and not allow_preview:
         raise RepositoryError(
@@ -361,6 +371,11 @@ def preview(ctx: Context, chain: Chain, sid: str) -> None:
 
 
 def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
+    with ctx.writing(chain.name):
+        _end_preview(ctx, chain, keep)
+
+
+def _end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
     op = "commit_preview" if keep else "undo_preview"
     row = _prepare(ctx, chain, allow_preview=True)
     if not row.preview or row.saved_leaf is None:
@@ -388,6 +403,11 @@ def end_preview(ctx: Context, chain: Chain, keep: bool) -> None:
 
 
 def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
+    with ctx.writing(chain.name):        # the source's volumes become shared: its lease too
+        return _clone(ctx, chain, sid, name)
+
+
+def _clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
     row = _prepare(ctx, chain, allow_preview=True)
     check_name(name)
     snap = ctx.find_snapshot(row.name, sid)
@@ -422,8 +442,9 @@ def delete_snapshot(ctx: Context, chain: Chain, sid: str,
                     progress: Progress | None) -> MergeResult:
     row = _prepare(ctx, chain)
     snap = ctx.find_snapshot(row.name, sid)
-    over = ctx.cat.volumes_over(snap.volume)
-    users = graph.users_over(over, ctx.cat.chains_on(over))
+    with ctx.cat.read():                 # one state: other hosts change other chains
+        over = ctx.cat.volumes_over(snap.volume)
+        users = graph.users_over(over, ctx.cat.chains_on(over))
     others = sorted(users.get(snap.volume, set()) - {row.name})
     if others:
         raise RepositoryError(

@@ -15,10 +15,11 @@ from engine.catalog import Catalog
 from engine.catalog_pg import PgCatalog, PgSettings
 from engine.errors import EngineError, ImageClosed, NotFound, RepositoryError
 from engine.repository import check as _check
-from engine.repository import journal, operations
+from engine.repository import operations
 from engine.repository.chain import Chain
 from engine.repository.catalog_api import CatalogStore
 from engine.repository.context import Context
+from engine.repository.leases import HostInfo, LeaseManager, LeaseSettings
 from engine.repository.files import (CATALOG_NAME, FOLDER_ID_NAME, LOCK_NAME, VOLUMES_DIR,
                                      fsync_dir)
 from engine.repository.values import PathArg, Progress, RepositoryCheck
@@ -59,6 +60,8 @@ class Repository:
             raise
         self._in_use = _destination.register_folder(self._path)   # for the export rule
         self._ctx: Context = Context(self, self._path, self._cat, readonly)
+        if isinstance(self._cat, PgCatalog) and self.host_id is not None:
+            self._attach_leases(self._cat, self.host_id, readonly)
         if not _create and not readonly:
             try:
                 self._recover_on_open()
@@ -77,7 +80,18 @@ class Repository:
                            readonly=readonly)
         return PgCatalog(url, create=create, readonly=readonly,
                          repository_id=_read_folder_id(self._path), host=self.host_id,
-                         settings=settings)
+                         settings=settings or LeaseSettings.from_env().pg_settings())
+
+    def _attach_leases(self, shared: PgCatalog, host_id: str, readonly: bool) -> None:
+        """Writes under per-chain leases (docs/multihost.md); a read-write open joins."""
+        try:
+            leases = LeaseManager(shared.url, host_id, LeaseSettings.from_env())
+            if not readonly:
+                leases.join()
+        except BaseException:
+            self.close()
+            raise
+        self._ctx.attach_leases(leases, shared)
 
     def _recover_on_open(self) -> None:
         """Recover interrupted operations: all of them with a local catalog; with a shared
@@ -88,7 +102,9 @@ class Repository:
             return
         mine = {j.chain for j in self._cat.journal() if j.host == self.host_id}
         if mine:
-            journal.recover(self._ctx, chains=[c for c in mine if c is not None])
+            # each under its lease; one still held (by this host's crashed process, until
+            # it expires) is recovered by whoever acquires it next
+            self._ctx.recover([c for c in mine if c is not None], skip_leased=True)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -232,6 +248,8 @@ class Repository:
             except EngineError as e:
                 err = err or e
         ctx.chains.clear()
+        if ctx.leases is not None:
+            ctx.leases.close()                  # releases the leases still held
         self._cat.close()
         self._unlock()
         _destination.unregister_folder(self._in_use)
@@ -347,7 +365,20 @@ class Repository:
         Returns:
             list[str]: one line per operation recovered, saying what was done.
         """
-        return journal.recover(self._ctx, chains=chains)
+        return self._ctx.recover(chains)
+
+    def hosts(self) -> list[HostInfo]:
+        """The hosts sharing the repository: heartbeat, alive (renewed within the lease
+        length), chain leases held.  RepositoryError with a local catalog."""
+        return self._ctx.lease_manager().hosts()
+
+    def force_release(self, chain: str) -> int:
+        """Free CHAIN's write lease whoever holds it and bump its epoch, so that no
+        catalog change of the old holder commits any more.  Only for a host known to be
+        dead: a live holder stops writing at its next check.  Returns the new epoch."""
+        self._check_open()
+        self._ctx.chain_row(chain)
+        return self._ctx.lease_manager().force_release(chain)
 
     def check(self, repair: bool = False, *, chain: str | None = None) -> RepositoryCheck:
         """Compare the catalog with the volume files and run the image check on each volume.
