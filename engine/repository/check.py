@@ -46,8 +46,9 @@ def run(ctx: Context, repair: bool, only: str | None) -> RepositoryCheck:
     # Our own handles hold locks that a repair (and an accurate check) must not meet.
     for handle in ctx.chains.values():
         handle.release_leaf()
-    vols = cat.volumes()
-    chains = cat.chains()
+    with cat.read():                     # one state: other hosts may commit in between
+        vols = cat.volumes()
+        chains = cat.chains()
     scope_chains = [c for c in chains if only is None or c.name == only]
     in_scope: dict[str, VolumeRow] = {}
     reachable: dict[str, set[str]] = {}
@@ -102,8 +103,9 @@ def run(ctx: Context, repair: bool, only: str | None) -> RepositoryCheck:
             elif repair:
                 p.repair = "left ILLEGAL: its image check is not clean"
             add(p)
-    vols = cat.volumes()
-    roles = graph.roles(vols, cat.chains())
+    with cat.read():
+        vols = cat.volumes()
+        roles = graph.roles(vols, cat.chains())
     stale = []
     for v in vols.values():
         role = roles[v.id]
