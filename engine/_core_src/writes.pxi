@@ -346,6 +346,8 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
     cdef uint8_t *t
     cdef int rc, kind
     cdef uint64_t h, r, ee
+    if L.ext_l2:
+        return layer_write_ext(L, vaddr, src, n)
     while n > 0:
         ci = vaddr >> L.cluster_bits
         l1i = ci >> L.l2_bits
@@ -419,6 +421,8 @@ cdef int layer_zero(Layer *L, uint64_t vaddr, uint64_t n, int mode) noexcept nog
     cdef uint64_t ci, l1i, l2i, e, off, ne, end = vaddr + n
     cdef uint8_t *t
     cdef int rc
+    if L.ext_l2:
+        return layer_zero_ext(L, vaddr, n, mode)
     while vaddr < end:
         ci = vaddr >> L.cluster_bits
         l1i = ci >> L.l2_bits
