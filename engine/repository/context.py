@@ -14,6 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from engine import image
+from engine.image.chain import probe_header
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
 from engine.errors import (ChainError, ImageClosed, ImageLocked, ImageNotFound,
                            InvalidArgument, NotFound, RepositoryError, VolumeDamaged, io_error)
@@ -328,8 +329,11 @@ class Context:
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  VERIFY:
-        as for ``open_volume``."""
+        as for ``open_volume``.  A chain's extended-L2 option lives in its volumes: the
+        overlay has extended L2 entries when PARENT has (a qcow2 header read)."""
+        ext = parent.format == "qcow2" and bool(getattr(
+            probe_header(self.abs(parent.path), parent.format), "extended_l2", False))
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
-                           backing_format=parent.format)
+                           backing_format=parent.format, extended_l2=ext)
         return self._verified(img) if verify else img
