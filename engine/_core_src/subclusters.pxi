@@ -41,10 +41,10 @@ cdef inline uint64_t sc_mask(uint64_t first, uint64_t stop) noexcept nogil:
 
 
 cdef int ext_fill(Layer *L, uint64_t cbase, uint64_t host, uint64_t a, uint64_t in_off,
-                  const uint8_t *src, uint64_t chunk, uint64_t b) noexcept nogil:
+                  const uint8_t *src, uint64_t chunk, uint64_t b, int fresh) noexcept nogil:
     """Store bytes [a, b) of guest cluster cbase at host + a: chunk bytes of src (NULL: zeros)
     at in_off, and around them ([a, in_off) and [in_off + chunk, b)) what the image reads
-    there now (read before any entry changes)."""
+    there now (read before any entry changes). fresh: host is a cluster just allocated."""
     cdef uint64_t head = in_off - a
     cdef uint64_t tail = b - in_off - chunk
     cdef iovec iov[3]
@@ -70,7 +70,7 @@ cdef int ext_fill(Layer *L, uint64_t cbase, uint64_t host, uint64_t a, uint64_t 
         rc = hook(L, COW_READ)
         if rc < 0:
             return rc
-    return store_pieces(L, host + a, iov, cnt, b - a)
+    return store_pieces(L, host + a, iov, cnt, b - a, fresh)
 
 
 cdef int layer_write_ext(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) noexcept nogil:
@@ -114,7 +114,7 @@ cdef int layer_write_ext(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t 
                 a = in_off
             if (bm >> sc1) & 1:
                 b = in_off + chunk
-            rc = ext_fill(L, cbase, off, a, in_off, src, chunk, b)
+            rc = ext_fill(L, cbase, off, a, in_off, src, chunk, b, 0)
             if rc < 0:
                 return rc
             r = sc_mask(sc0, sc1 + 1)
@@ -135,7 +135,7 @@ cdef int layer_write_ext(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t 
             rc = alloc_cluster(L, &newoff)
             if rc < 0:
                 return rc
-            rc = ext_fill(L, cbase, newoff, a, in_off, src, chunk, b)
+            rc = ext_fill(L, cbase, newoff, a, in_off, src, chunk, b, 1)
             if rc == 0:
                 rc = hook(L, COW_WRITE)
             if rc < 0:
