@@ -3,8 +3,7 @@
 
 Usage::
 
-    python bench/xl2_compare.py [--size 1G] [--repeat 5] [--min-time 1] [--workdir DIR]
-                                [--json OUT]
+    python bench/xl2_compare.py [--size 1G] [--repeat 7] [--workdir DIR] [--json OUT]
 
 What it measures, on one chain made by QEMU's tools (a base of random bytes and three
 overlays, ``compare_qemu.build_chain``) and with the offsets ``qemu-img bench -w -S 4M+64K``
@@ -18,10 +17,10 @@ covers two whole 2 KiB subclusters):
 - ``qemu_xl2``: ``qemu-img bench -w -d 1 -t writeback`` on a fresh ``extended_l2=on``
   overlay of the same chain; ``qemu`` the same on a plain overlay (for reference).
 
-Every overlay has ``lazy_refcounts=on`` on both sides, as in compare_qemu.py.  Rounds of the
-four run interleaved (xl2, copyup, qemu_xl2, qemu, xl2, ...), each round on a fresh overlay,
-``--repeat`` times; each figure is the median of its rounds, in writes per second, and the
-ratios are of medians.  The final flush() of cowchain's overlays is timed apart and printed
+Every overlay has ``lazy_refcounts=on`` on both sides, as in compare_qemu.py.  A round is
+one fresh overlay written once at every offset; rounds of the four run interleaved (xl2,
+copyup, qemu_xl2, qemu, xl2, ...) after one warm-up round each, ``--repeat`` times; each
+figure is the median of its rounds, in writes per second, and the ratios are of medians.  The final flush() of cowchain's overlays is timed apart and printed
 (qemu-img bench does not time its final flush either).  The load average is printed at the
 start and the end: the machine may be shared.  After the runs, ``qemu-img check`` of the last
 overlays of each kind must be clean and the last cowchain overlays must read the same as
@@ -51,7 +50,7 @@ MiB = cq.MiB
 CLUSTER = cq.CLUSTER
 
 
-def measure(d: str, chain: dict, size: int, repeat: int, min_time: float) -> dict:
+def measure(d: str, chain: dict, size: int, repeat: int) -> dict:
     top = chain["top"]
     q = cq.QemuBench(top)
     step = 4 * MiB + CLUSTER
@@ -84,39 +83,27 @@ def measure(d: str, chain: dict, size: int, repeat: int, min_time: float) -> dic
             img = engine.create(path, None, backing=os.path.basename(top),
                                 backing_format="qcow2", lazy_refcounts=True, extended_l2=ext)
             w = img.write
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             for o in offs:
                 w(o, data)
-            dt = time.perf_counter() - t
-            t = time.perf_counter()
-            img.flush()
-            flushes[tag].append(time.perf_counter() - t)
+            t1 = time.perf_counter()
+            img.flush()                 # timed apart: not in the rate
+            flushes[tag].append(time.perf_counter() - t1)
             img.close()
             keep(tag, path)
-            return dt
+            return t1 - t0
         return one
 
-    def rate(one_round):
-        def r():
-            total, ops = 0.0, 0
-            while total < min_time or ops == 0:
-                total += one_round()
-                ops += per_round
-            return ops / total
-        return r
-
-    raters = {"xl2": rate(cowchain_round("xl2", True)),
-              "copyup": rate(cowchain_round("copyup", False)),
-              "qemu_xl2": rate(qemu_round("qemu_xl2", True)),
-              "qemu": rate(qemu_round("qemu", False))}
+    rounds = {"xl2": cowchain_round("xl2", True), "copyup": cowchain_round("copyup", False),
+              "qemu_xl2": qemu_round("qemu_xl2", True), "qemu": qemu_round("qemu", False)}
     cq.log(f"warm-up ({per_round} writes per overlay)")
-    for fn in raters.values():
+    for fn in rounds.values():
         fn()
-    cq.log(f"measuring: {repeat} interleaved rounds")
-    runs: dict = {k: [] for k in raters}
+    cq.log(f"measuring: {repeat} interleaved rounds, one fresh overlay each")
+    runs: dict = {k: [] for k in rounds}
     for _ in range(repeat):
-        for k, fn in raters.items():
-            runs[k].append(fn())
+        for k, fn in rounds.items():
+            runs[k].append(per_round / fn())
     checks = {}
     for tag, path in last.items():
         chk = subprocess.run(["qemu-img", "check", "-q", path], capture_output=True, text=True)
@@ -140,8 +127,7 @@ def measure(d: str, chain: dict, size: int, repeat: int, min_time: float) -> dic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="virtual size of the chain (default 1G)")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--workdir")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -154,7 +140,7 @@ def main(argv=None) -> int:
         cq.log(f"building the chain ({size >> 20} MiB base, 3 overlays) in {d}")
         chain = cq.build_chain(d, {"base": size, "overlays": 3, "overlay_bytes": 16 * MiB})
         cq.warm_files(chain["files"])
-        res = measure(d, chain, size, a.repeat, a.min_time)
+        res = measure(d, chain, size, a.repeat)
     finally:
         if not a.workdir:
             shutil.rmtree(d, ignore_errors=True)

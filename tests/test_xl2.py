@@ -26,7 +26,8 @@ from engine import _core, cli
 from engine import format as fmt
 from engine.errors import InvalidArgument
 from engine.image.chain import probe_header
-from qemu import assert_qemu_clean, convert_to_raw, create, qemu_compare, qemu_img, qemu_io
+from qemu import (assert_qemu_clean, convert_to_raw, create, qemu_compare, qemu_img, qemu_img_json,
+                  qemu_io)
 
 KiB, MiB = 1 << 10, 1 << 20
 CLUSTERS = [16 * KiB, 64 * KiB, 2 * MiB]
@@ -72,19 +73,14 @@ def test_qemu_writes_cowchain_reads(tmp_path, cluster, seed):
     top = create(tmp_path / "top.qcow2", size, backing="base.raw", backing_fmt="raw",
                  cluster_size=cluster, extended_l2=True)
     rnd = random.Random(seed * 1000 + cluster)
+    # weighted: writes 11, zeroes 4, zeroes with unmap 2, discards 3 (of 20)
+    ops = (["write -q -P {p} {o} {n}"] * 11 + ["write -q -z {o} {n}"] * 4 +
+           ["write -q -z -u {o} {n}"] * 2 + ["discard -q {o} {n}"] * 3)
     cmds = []
     for i in range(80):
         length = rnd.choice([512, sub, 3 * sub + 512, cluster, 2 * cluster + sub])
         off = rnd.randrange(0, (size - length) // 512 + 1) * 512
-        kind = rnd.random()
-        if kind < 0.55:
-            cmds.append(f"write -q -P {i % 250 + 1} {off} {length}")
-        elif kind < 0.75:
-            cmds.append(f"write -q -z {off} {length}")
-        elif kind < 0.85:
-            cmds.append(f"write -q -z -u {off} {length}")
-        else:
-            cmds.append(f"discard -q {off} {length}")
+        cmds.append(rnd.choice(ops).format(p=i % 250 + 1, o=off, n=length))
     qemu_io(top, *cmds)
     want = convert_to_raw(top)
     with engine.open(top, readonly=True) as img:
@@ -287,3 +283,20 @@ def test_cli_chain_create_extended_l2(tmp_path, capsys):
         r.close()
     assert cli.main(["--repo", repo, "chain", "create", "bad", "8M", "--extended-l2",
                      "--format", "raw"]) != 0
+
+
+def test_img_commit_empties_an_extended_l2_overlay(tmp_path):
+    """``cowchain img commit`` (no -d) empties the overlay afterwards by discarding it."""
+    from engine import img as cimg
+    c = 64 * KiB
+    base = create(tmp_path / "base.qcow2", 8 * c, extended_l2=True)
+    qemu_io(base, f"write -q -P 7 0 {8 * c}")
+    top = create(tmp_path / "top.qcow2", 8 * c, backing="base.qcow2", backing_fmt="qcow2",
+                 extended_l2=True)
+    qemu_io(top, f"write -q -P 9 {c + 2048} 4096", f"write -q -z {3 * c} {c}")
+    want = convert_to_raw(top)
+    cimg.commit(str(top))
+    assert convert_to_raw(top) == want == convert_to_raw(base)
+    assert all(e["depth"] == 1 for e in qemu_img_json("map", "-f", "qcow2", top))
+    assert_qemu_clean(top)
+    assert_qemu_clean(base)
