@@ -331,8 +331,9 @@ class Context:
         the chain is not opened a second time (opening costs one step per level).  VERIFY:
         as for ``open_volume``.  A chain's extended-L2 option lives in its volumes: the
         overlay has extended L2 entries when PARENT has (a qcow2 header read)."""
-        ext = parent.format == "qcow2" and bool(getattr(
-            probe_header(self.abs(parent.path), parent.format), "extended_l2", False))
+        h = probe_header(self.abs(parent.path), parent.format) if parent.format == "qcow2" \
+            else None
+        ext = h is not None and bool(h.extended_l2)
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
                            backing_format=parent.format, extended_l2=ext)
