@@ -300,3 +300,22 @@ def test_img_commit_empties_an_extended_l2_overlay(tmp_path):
     assert all(e["depth"] == 1 for e in qemu_img_json("map", "-f", "qcow2", top))
     assert_qemu_clean(top)
     assert_qemu_clean(base)
+
+
+def test_write_in_place_where_qemus_file_ends_inside_the_cluster(tmp_path):
+    """QEMU writes only the subclusters it allocates, so its file may end inside the last
+    cluster; a write into that cluster's other subclusters goes in place all the same."""
+    c = 64 * KiB
+    sub = c // 32
+    top = create(tmp_path / "top.qcow2", 4 * c, extended_l2=True)
+    qemu_io(top, f"write -q -P 3 {c} {sub}")
+    end = len(open(top, "rb").read())
+    entry, _ = _l2_entry(top, c)
+    assert end < (entry & 0x00FFFFFFFFFFFE00) + c      # the file ends inside the cluster
+    with engine.open(top) as img:
+        img.write(2 * c - 100, b"\x07" * 100)           # subcluster 31, in place
+    entry2, bitmap = _l2_entry(top, c)
+    assert entry2 == entry and bitmap == 1 | (1 << 31)
+    assert_qemu_clean(top)
+    want = bytes(c) + b"\x03" * sub + bytes(c - sub - 100) + b"\x07" * 100 + bytes(2 * c)
+    assert convert_to_raw(top) == want

@@ -109,7 +109,11 @@ cdef int layer_write_ext(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t 
         b = (sc1 + 1) << sbits
         if (e & QCOW_OFLAG_COPIED) and not (e & QCOW_OFLAG_COMPRESSED) and off != 0:
             if off + C > L.file_size:
-                return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+                # QEMU writes only the subclusters it allocates: its file may end inside this
+                # cluster (check_ext_entry saw it start inside the file). Cover the rest.
+                rc = ensure_size(L, off + C)
+                if rc < 0:
+                    return rc
             if (bm >> sc0) & 1:         # allocated subclusters hold their own bytes
                 a = in_off
             if (bm >> sc1) & 1:
