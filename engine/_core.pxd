@@ -74,7 +74,7 @@ ctypedef struct Layer:
     int writable
     int raw                     # a raw file: guest byte k is file byte k
     int version                 # qcow2 2 or 3
-    int ext_l2                  # extended L2 entries (subclusters), read-only support
+    int ext_l2                  # extended L2 entries (subclusters)
     int cluster_bits
     int l2_bits
     int entry_shift             # log2 of the L2 entry size: 3, or 4 for extended L2

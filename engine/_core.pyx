@@ -45,6 +45,7 @@ include "_core_src/alloc.pxi"        # file growth, metadata overlap, refcounts 
 include "_core_src/lookup.pxi"       # L1/L2 lookup: what a guest range maps to
 include "_core_src/reads.pxi"        # reads (plain, compressed, batched) and the owner map
 include "_core_src/writes.pxi"       # L2 cache, writeback, writes, copy-up, zeroing, raw pwrite
+include "_core_src/subclusters.pxi"  # extended L2: writes, zeroing and discard by subcluster
 include "_core_src/status.pxi"       # block status: extents; the one place runs are coalesced
 include "_core_src/coreimage.pxi"    # CoreImage, the Python-facing handle; argument rules
 include "_core_src/bgsync.pxi"       # BackgroundSync: fdatasync on a native thread for create()

@@ -258,14 +258,15 @@ def cmd_check(args) -> int:
 def cmd_create(args) -> int:
     with _open_repo(args) as repo:
         c = repo.create_chain(args.name, args.size, base_format=args.format,
-                              cluster_size=args.cluster_size)
+                              cluster_size=args.cluster_size, extended_l2=args.extended_l2)
         _emit_new_chain(args, c, f"Created chain {args.name}")
     return 0
 
 
 def _emit_new_chain(args, chain, what: str) -> None:
     d = chain.to_dict()
-    _emit(args, d, f"{what} ({human_size(d['size'])}, {args.format} base volume {d['leaf']})")
+    base = d["volumes"][0]["format"] if d["volumes"] else args.format
+    _emit(args, d, f"{what} ({human_size(d['size'])}, {base} base volume {d['leaf']})")
 
 
 def cmd_import(args) -> int:
@@ -695,9 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = group("chain", "create, snapshot, merge, clone, export chains")
     sp = verb(verbs, "create", cmd_create, "create a chain (one base volume)", NAME)
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="virtual size, e.g. 10G")
-    sp.add_argument("--format", choices=("raw", "qcow2"), default="raw",
-                    help="format of the base volume (default: raw)")
+    sp.add_argument("--format", choices=("raw", "qcow2"), default=None,
+                    help="format of the base volume (default: raw; qcow2 with --extended-l2)")
     cluster_flag(sp)
+    sp.add_argument("--extended-l2", action="store_true",
+                    help="extended L2 entries (32 subclusters per cluster) in every qcow2 "
+                         "volume of the chain: small writes into a new overlay copy nothing "
+                         "from below; needs a cluster size of at least 16K")
     sp = verb(verbs, "import", cmd_import, "create a chain whose base volume is a copy of an "
                                            "existing disk image (the source is not changed)",
               NAME, ("source", "the disk image to copy"))

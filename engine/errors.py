@@ -58,7 +58,7 @@ class ImageFormatError(EngineError):
 
 class UnsupportedFeature(EngineError):
     """The image uses a feature this engine does not implement (an unknown incompatible bit,
-    encryption, an external data file, writes to extended-L2 images, ...).
+    encryption, an external data file, ...).
 
     Attributes:
         feature (str): the feature's name.

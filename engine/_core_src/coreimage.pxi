@@ -379,17 +379,12 @@ cdef class CoreImage:
         if not self.L.writable:
             from engine.errors import ReadOnlyImage
             raise ReadOnlyImage("image is open read-only", path=self.path)
-        if self.L.ext_l2:
-            from engine.errors import UnsupportedFeature
-            raise UnsupportedFeature("extended L2 writes", "writing to images with "
-                                     "extended L2 entries (subclusters) is not supported yet",
-                                     path=self.path)
         return 0
 
     # -- public (internal) API ---------------------------------------------------------------
     def check_range(self, offset, length, bint write=False):
         """The checks of an I/O call, for engine.image's calls that split or size a request
-        before reaching the core: open (and, with write, writable with plain L2 entries),
+        before reaching the core: open (and, with write, writable),
         offset and length by engine.format.int_arg, inside the disk. Returns them as ints."""
         cdef uint64_t off, n
         if write:
@@ -650,7 +645,8 @@ cdef class CoreImage:
 
     def zero_clusters(self, uint64_t offset, uint64_t length, int mode):
         """mode ZERO_DISCARD: drop the mapping; ZERO_UNMAP: zero flag and free; ZERO_KEEP: zero
-        flag, keep the allocation. offset and length must be cluster-aligned (or reach the end of the disk)."""
+        flag, keep the allocation. offset and length must be cluster-aligned (subcluster-aligned
+        with extended L2 entries), or reach the end of the disk."""
         cdef int rc = 0
         cdef ErrInfo err
         self._check_open()

@@ -105,6 +105,26 @@ cdef int resolve(Layer *L, uint64_t vaddr, uint64_t maxlen, int *kind, uint64_t 
     return 0
 
 
+cdef int check_ext_entry(Layer *L, uint64_t e, uint64_t bm, uint64_t vaddr) noexcept nogil:
+    """The rules of an extended L2 entry (qcow2.txt, "Extended L2 Entries") for the cluster
+    holding vaddr: the one check of readers and writers."""
+    cdef uint64_t off = e & L2E_OFFSET_MASK
+    cdef uint64_t cv = vaddr & ~(L.cluster_size - 1)
+    if e & QCOW_OFLAG_COMPRESSED:
+        if bm != 0:
+            return fail(L, E_CORRUPT, "compressed extended L2 entry with a non-zero bitmap", vaddr)
+        return 0
+    if e & (L2E_RESERVED | QCOW_OFLAG_ZERO):
+        return fail(L, E_CORRUPT, "reserved bits set in an extended L2 entry", cv)
+    if off != 0 and ((off & (L.cluster_size - 1)) or off >= L.file_size):
+        return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
+    if (bm & LOW32) & (bm >> 32):
+        return fail(L, E_CORRUPT, "subcluster both allocated and zero", cv)
+    if off == 0 and (bm & LOW32):
+        return fail(L, E_CORRUPT, "allocated subclusters without a host cluster", cv)
+    return 0
+
+
 cdef int resolve_ext(Layer *L, uint8_t *t, uint64_t vaddr, uint64_t maxlen, int *kind,
                      uint64_t *host, uint64_t *run, uint64_t *entry) noexcept nogil:
     """Extended L2 (subclusters): classify within one cluster, subcluster by subcluster."""
@@ -118,23 +138,16 @@ cdef int resolve_ext(Layer *L, uint8_t *t, uint64_t vaddr, uint64_t maxlen, int 
     cdef uint64_t off = e & L2E_OFFSET_MASK
     cdef uint64_t sc, n
     cdef int kd, k0 = -1
+    cdef int rc = check_ext_entry(L, e, bm, vaddr)
     entry[0] = e
+    if rc < 0:
+        return rc
     if e & QCOW_OFLAG_COMPRESSED:
-        if bm != 0:
-            return fail(L, E_CORRUPT, "compressed extended L2 entry with a non-zero bitmap", vaddr)
         kind[0] = K_COMPRESSED
         host[0] = 0
         n = C - in_off
         run[0] = n if n < maxlen else maxlen
         return 0
-    if e & (L2E_RESERVED | QCOW_OFLAG_ZERO):
-        return fail(L, E_CORRUPT, "reserved bits set in an extended L2 entry", ci << L.cluster_bits)
-    if off != 0 and ((off & (C - 1)) or off >= L.file_size):
-        return fail(L, E_CORRUPT, "data cluster offset unaligned or past the end of the file", off)
-    if (bm & LOW32) & (bm >> 32):
-        return fail(L, E_CORRUPT, "subcluster both allocated and zero", ci << L.cluster_bits)
-    if off == 0 and (bm & LOW32):
-        return fail(L, E_CORRUPT, "allocated subclusters without a host cluster", ci << L.cluster_bits)
     sc = in_off // scsize
     n = 0
     while sc < 32:

@@ -135,11 +135,14 @@ cdef inline int maybe_writeback(Layer *L) noexcept nogil:
     return 0
 
 
-cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt, uint64_t n) noexcept nogil:
+cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt, uint64_t n,
+                      int fresh=0) noexcept nogil:
     """Store n bytes, given as pieces (iov_base NULL: zeros), at a host offset inside one
-    cluster. Stores of 16 KiB and more go in one pwritev: write() fills the page cache without
-    a page fault (and, on most filesystems, a page_mkwrite call) per page of the mapping, and
-    stays coherent with it. Smaller ones, and zeros alone, go through the mapping."""
+    cluster. Stores of 16 KiB and more, and stores into a cluster just allocated (fresh: its
+    pages are not in the page cache), go in one pwritev: write() fills the page cache without
+    a page fault (and, on most filesystems, a page_mkwrite call and a read of the page) per
+    page of the mapping, and stays coherent with it. Other small ones, and zeros alone into
+    a cluster in use, go through the mapping."""
     cdef int rc, i
     cdef ssize_t w
     cdef uint64_t pos = host
@@ -148,7 +151,7 @@ cdef int store_pieces(Layer *L, uint64_t host, iovec *iov, int cnt, uint64_t n) 
     rc = ensure_backed(L, host)
     if rc < 0:
         return rc
-    if n < 16384 or (cnt == 1 and iov[0].iov_base == NULL):
+    if not fresh and (n < 16384 or (cnt == 1 and iov[0].iov_base == NULL)):
         for i in range(cnt):
             if iov[i].iov_base == NULL:
                 memset(L.base + pos, 0, iov[i].iov_len)
@@ -346,6 +349,8 @@ cdef int layer_write(Layer *L, uint64_t vaddr, const uint8_t *src, uint64_t n) n
     cdef uint8_t *t
     cdef int rc, kind
     cdef uint64_t h, r, ee
+    if L.ext_l2:
+        return layer_write_ext(L, vaddr, src, n)
     while n > 0:
         ci = vaddr >> L.cluster_bits
         l1i = ci >> L.l2_bits
@@ -419,6 +424,8 @@ cdef int layer_zero(Layer *L, uint64_t vaddr, uint64_t n, int mode) noexcept nog
     cdef uint64_t ci, l1i, l2i, e, off, ne, end = vaddr + n
     cdef uint8_t *t
     cdef int rc
+    if L.ext_l2:
+        return layer_zero_ext(L, vaddr, n, mode)
     while vaddr < end:
         ci = vaddr >> L.cluster_bits
         l1i = ci >> L.l2_bits

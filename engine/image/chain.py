@@ -218,13 +218,23 @@ def _prepare_rw(fd: int, path: str, h: fmt.Header, size: int) -> fmt.Header:
     return h
 
 
-def _probe_size(path: str, format: str) -> int:
-    """The virtual size of an image from its header alone (create's size=None)."""
+def _probe(path: str, format: str) -> tuple[fmt.Header | None, int]:
+    """The header of an image (None for raw) and its file's size, from its header alone."""
     fd = _os_open(path, os.O_RDONLY)
     try:
         head, size = _read_head(fd, path)
     finally:
         os.close(fd)
-    if format == "raw":
-        return size
-    return _virtual_size(fmt.parse_header(head, size, path=path))
+    return (None if format == "raw" else fmt.parse_header(head, size, path=path)), size
+
+
+def _probe_size(path: str, format: str) -> int:
+    """The virtual size of an image from its header alone (create's size=None)."""
+    h, size = _probe(path, format)
+    return size if h is None else _virtual_size(h)
+
+
+def probe_header(path: str, format: str) -> fmt.Header | None:
+    """The header of the image at PATH (None for raw), read from the file alone: no lock,
+    no backing chain, no mapping."""
+    return _probe(path, format)[0]

@@ -128,6 +128,11 @@ class Image:
         return self._header.cluster_size if self._header is not None else None
 
     @property
+    def extended_l2(self) -> bool:
+        """Whether the image has extended L2 entries (32 subclusters per cluster)."""
+        return self._header is not None and bool(self._header.extended_l2)
+
+    @property
     def backing(self) -> Image | None:
         return self._backing
 
@@ -230,15 +235,16 @@ class Image:
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make [offset, offset+length) read as zeros. With QCOW2 v3 whole clusters get the
-        zero flag (their allocation kept, or freed with ``unmap=True``); partial clusters are
-        written with zero bytes."""
+        zero flag (their allocation kept, or freed with ``unmap=True``), and with extended L2
+        entries whole subclusters their zero bits; partial ones are written with zero
+        bytes."""
         offset, length = self._core.check_range(offset, length, write=True)
         if length == 0:
             return
         if self._header is None:
             self._core.raw_punch(offset, length)
             return
-        start, end = self._aligned_span(offset, length, self._header.cluster_size)
+        start, end = self._aligned_span(offset, length, self._header.subcluster_size)
         if self._header.version < 3 or start >= end:
             if self._header.version < 3 and unmap and self._backing is None and start < end:
                 self._core.zero_clusters(start, end - start, _core.ZERO_DISCARD)
@@ -255,13 +261,14 @@ class Image:
             self._core.write_zero_bytes(end, offset + length - end)
 
     def discard(self, offset: int, length: int) -> None:
-        """Drop the mapping of the whole clusters inside the range, so the backing file (or
-        zeros, without one) shows through there. Partial clusters are left as they are."""
+        """Drop the mapping of the whole clusters (subclusters, with extended L2 entries)
+        inside the range, so the backing file (or zeros, without one) shows through there.
+        Partial ones are left as they are."""
         offset, length = self._core.check_range(offset, length, write=True)
         if self._header is None:
             self._core.raw_punch(offset, length)
             return
-        start, end = self._aligned_span(offset, length, self._header.cluster_size)
+        start, end = self._aligned_span(offset, length, self._header.subcluster_size)
         if start < end:
             self._core.zero_clusters(start, end - start, _core.ZERO_DISCARD)
 

@@ -184,11 +184,6 @@ def commit(path: str, *, format: str | None = None, base: str | None = None,
                                       value=base, path=path)
             depth, drop = found[0], True
         base_path, base_fmt = chain[depth].path, chain[depth].format
-        if not drop and probe.header is not None and probe.header.extended_l2:
-            # emptying it afterwards would be refused half-way, after the base changed
-            raise UnsupportedFeature("emptying an extended-L2 overlay", "the engine does not "
-                                     "write images with extended L2 entries yet", path=path,
-                                     hint="commit with -d to keep the overlay as it is")
         if depth > 1:
             with open_image(base_path, format=base_fmt, readonly=False, backing=False) as low:
                 if low.size < probe.size:

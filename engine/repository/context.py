@@ -14,6 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 from engine import image
+from engine.image.chain import probe_header
 from engine.catalog import VolumeRow, ChainRow, SnapshotRow, now, parse_time
 from engine.errors import (ChainError, ChainLeased, ImageClosed, ImageLocked, ImageNotFound,
                            InvalidArgument, LeaseLost, NotFound, RepositoryError,
@@ -508,8 +509,17 @@ class Context:
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  BELOW:
         PARENT already open read-only with its chain (a snapshot's old leaf): the overlay is
-        stacked on it, and the chain is not opened at all.  VERIFY: as for ``open_volume``."""
+        stacked on it, and the chain is not opened at all.  VERIFY: as for ``open_volume``.
+        A chain's extended-L2 option lives in its volumes: the overlay has extended L2
+        entries when PARENT has (read from BELOW, else from PARENT's header)."""
+        if below is not None:
+            ext = below.extended_l2
+        else:
+            h = probe_header(self.abs(parent.path), parent.format) \
+                if parent.format == "qcow2" else None
+            ext = h is not None and bool(h.extended_l2)
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
-                           backing_format=parent.format, backing_image=below)
+                           backing_format=parent.format, backing_image=below,
+                           extended_l2=ext)
         return self._verified(img) if verify else img

@@ -51,14 +51,22 @@ def _check_new_chain(ctx: Context, name: str, size: int, base_format: str,
         raise RepositoryError(f"a chain named {name!r} exists already")
 
 
-def create_chain(ctx: Context, name: str, size: int, *, base_format: str = "raw",
-                 cluster_size: int = 65536) -> Chain:
+def create_chain(ctx: Context, name: str, size: int, *, base_format: str | None = None,
+                 cluster_size: int = 65536, extended_l2: bool = False) -> Chain:
     """``Repository.create_chain``."""
+    if not isinstance(extended_l2, bool):
+        raise InvalidArgument(f"extended_l2 must be True or False, not {extended_l2!r}")
+    if base_format is None:
+        base_format = "qcow2" if extended_l2 else "raw"
+    elif extended_l2 and base_format != "qcow2":
+        raise InvalidArgument("a chain with extended L2 entries needs a qcow2 base volume "
+                              "(every overlay takes the option from the volume below it)",
+                              hint="make the base qcow2, or leave its format unset")
     _check_new_chain(ctx, name, size, base_format, cluster_size)
     vid, rel = ctx.new_volume(base_format)
     with journal.journaled(ctx, "create_chain", name, {"created": [rel]}) as j:
         img = j.hold(image.create(ctx.abs(rel), size, format=base_format,
-                                  cluster_size=cluster_size))
+                                  cluster_size=cluster_size, extended_l2=extended_l2))
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_chain(ChainRow(name, size, cluster_size, now(), vid))

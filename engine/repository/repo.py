@@ -300,22 +300,27 @@ class Repository:
         with self._cat.read():
             return [self.chain(r.name) for r in self._cat.chains()]
 
-    def create_chain(self, name: str, size: int, *, base_format: str = "raw",
-                     cluster_size: int = 65536) -> Chain:
+    def create_chain(self, name: str, size: int, *, base_format: str | None = None,
+                     cluster_size: int = 65536, extended_l2: bool = False) -> Chain:
         """Make a chain of one base volume (also its leaf) of SIZE bytes, reading as zeros.
 
         Arguments:
             name (str): the chain's name (letters, digits, '.', '_', '-').
             size (int): virtual size in bytes, a multiple of 512.
-            base_format (str): "raw" or "qcow2".
+            base_format (str | None): "raw" or "qcow2"; None: raw, or qcow2 with
+                ``extended_l2``.
             cluster_size (int): cluster size of the chain's qcow2 volumes, a power of two
-                from 512 to 2 MiB (bytes).
+                from 512 to 2 MiB (bytes); at least 16 KiB with ``extended_l2``.
+            extended_l2 (bool): every qcow2 volume of the chain (the base, and each overlay
+                a snapshot, revert, preview or clone makes) has extended L2 entries: 32
+                subclusters per cluster, so a small write into a fresh overlay copies
+                nothing from below. Needs a qcow2 base.
 
         Raises:
             InvalidArgument, RepositoryError (the name is taken).
         """
         return operations.create_chain(self._ctx, name, size, base_format=base_format,
-                                       cluster_size=cluster_size)
+                                       cluster_size=cluster_size, extended_l2=extended_l2)
 
     def import_chain(self, name: str, source: PathArg, *, format: str, base_format: str = "raw",
                      cluster_size: int = 65536, progress: Progress | None = None,
