@@ -1,15 +1,20 @@
 """The transmission phase of one connection (NBD protocol specification, ``doc/proto.md`` of
 the NetworkBlockDevice/nbd project, section "Transmission phase").
 
-One thread reads requests. Small reads and writes without FUA run on it at once (a memory copy
-from the mapping, then one ``sendmsg``); everything else goes to the connection's worker
-threads, so several requests are in flight and replies leave in completion order, matched by
-cookie. Each reply (header and data, or all chunks of a structured reply) leaves in one send
-under the connection's send lock. The engine releases the GIL while it copies, and the socket
-calls release it too, so the workers overlap.
+One thread reads requests. Reads run on it at once: small ones are copied from the engine
+into an arena and the replies of a batch leave in one ``sendmsg``; larger ones leave in one
+``sendmsg`` built by the engine (``engine._core.nbd_send_read``): the reply's headers and the
+pieces of the owning layers' mappings, no copy in between, ranges that read as zeros as
+``OFFSET_HOLE`` chunks. Small writes without FUA run on the reader too; everything else goes to
+the connection's worker threads, so several requests are in flight and replies leave in
+completion order, matched by cookie. Each reply (header and data, or all chunks of a
+structured reply) leaves whole under the connection's send lock. The engine releases the GIL
+while it copies and sends, and the socket calls release it too, so the threads overlap.
 
 Memory per connection is bounded: at most ``max_inflight`` requests and ``max_inflight_bytes``
-payload bytes wait for a worker; past that the reader stops reading until replies go out.
+payload bytes wait for a worker or for the socket (a read reply the client is slow to take is
+copied out of the mapping, so no engine lock waits on a client); past that the reader stops
+reading until replies go out.
 
 Errors: a request the server refuses (bad flags, past the end, read-only export, too large)
 gets the protocol's error value and the connection goes on; a broken request stream (bad
@@ -23,6 +28,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine._core import nbd_send_read
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -85,6 +91,8 @@ class Connection:
         self._local = threading.local()
         self._wbuf = bytearray(INLINE_MAX)
         self.broken = False
+        # read replies go out from the engine's mappings, unless TLS must wrap them
+        self._fd = -1 if self.wire.tls else self.wire.sock.fileno()
 
     @property
     def peak_inflight_bytes(self) -> int:
@@ -226,8 +234,9 @@ class Connection:
                 self.wire.skip(req.length)
             self._fail(req.cookie, refusal.error, str(refusal))
             return
-        inline = (req.type in (proto.CMD_READ, proto.CMD_WRITE) and req.length <= INLINE_MAX
-                  and not req.flags & proto.CMD_FLAG_FUA) or req.type == proto.CMD_CACHE
+        inline = (req.type == proto.CMD_WRITE and req.length <= INLINE_MAX
+                  and not req.flags & proto.CMD_FLAG_FUA) \
+            or req.type in (proto.CMD_READ, proto.CMD_CACHE)
         payload: Any = None
         if inline:
             if req.type == proto.CMD_WRITE:
@@ -295,6 +304,24 @@ class Connection:
     def _read(self, req: proto.Request) -> None:
         off, n, cookie = req.offset, req.length, req.cookie
         ex = self.export
+        if n and self._fd >= 0:
+            mode = 0 if not self.structured else 2 if req.flags & proto.CMD_FLAG_DF else 1
+            # what the socket does not take at once is copied out: count it in the budget
+            self._budget.take(n)
+            try:
+                with self._send_lock:
+                    if self.broken:
+                        return
+                    # one sendmsg: headers, pieces of the owning layers' mappings, holes
+                    if nbd_send_read(ex.core(), self._fd, off, n, cookie, mode):
+                        return
+            except OSError:
+                self.broken = True
+                self.shutdown()
+                return
+            finally:
+                self._budget.give(n)
+            # compressed clusters or a layer read with pread: through a buffer, below
         if not self.structured:
             buf = self._buffer(n)
             if n:

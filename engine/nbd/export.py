@@ -108,6 +108,13 @@ class Export:
                 out.append((start, ln - start, e.zero))
         return out
 
+    def core(self) -> Any:
+        """The engine's handle of the disk's top layer now (the Chain's leaf is opened on
+        first use, and an image swaps its handle when it reloads): what the connection sends
+        read replies from."""
+        img = self.disk._image() if hasattr(self.disk, "_image") else self.disk
+        return img._core
+
     def readinto(self, offset: int, buf: Any) -> None:
         """Fill BUF from the disk at OFFSET (the disk's own method, bound in __init__)."""
         self.disk.readinto(offset, buf)

@@ -34,7 +34,7 @@ class Wire:
         self._start = 0
         self._end = 0
         self.deadline: float | None = None
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
     def _recv_into(self, view: memoryview) -> int:
         if self.deadline is not None:
@@ -107,7 +107,7 @@ class Wire:
         """Send every buffer, in order (one sendmsg while the kernel takes them whole).
         Buffers are bytes-like objects of unsigned bytes (bytes, bytearray, memoryviews of
         them)."""
-        if self._tls:                                  # no sendmsg over TLS
+        if self.tls:                                  # no sendmsg over TLS
             for b in buffers:
                 self.sock.sendall(b)
             return
