@@ -147,6 +147,7 @@ class Connection:
         that arrived together leave in one sendmsg."""
         wire, ex = self.wire, self.export
         size, readinto, write = ex.size, ex.readinto, ex.disk.write
+        enter, leave = ex.gate.enter, ex.gate.leave
         writable = not ex.readonly
         wbuf = memoryview(self._wbuf)
         arena = memoryview(bytearray(_ARENA))
@@ -172,6 +173,7 @@ class Connection:
                 elif used + length > _ARENA:
                     self._send(pending)
                     pending, used = [], 0
+                enter()
                 try:
                     if is_read:
                         view = arena[used:used + length]
@@ -186,6 +188,8 @@ class Connection:
                     self._send(pending)
                     pending, used = [], 0
                     self._fail(cookie, nbd_error(e), str(e))
+                finally:
+                    leave()
                 continue
             if pending:
                 self._send(pending)
@@ -264,10 +268,13 @@ class Connection:
             self._budget.give(nbytes)
 
     def _run(self, req: proto.Request, payload: Any) -> None:
+        self.export.gate.enter()
         try:
             self._execute(req, payload)
         except Exception as e:      # noqa: BLE001  (every failure becomes an NBD error reply)
             self._fail(req.cookie, nbd_error(e), str(e))
+        finally:
+            self.export.gate.leave()
 
     # --- commands -------------------------------------------------------------------------
 

@@ -9,10 +9,31 @@ and data together, repeated only when the kernel takes less than all of it).
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import stat
 import time
 from typing import Any, Sequence
+
+
+def unix_listener(path: str, backlog: int) -> socket.socket:
+    """A Unix socket listening at PATH (an abstract name when it starts with NUL); an old
+    socket file at PATH is replaced, any other file is left alone (bind then fails: OSError)."""
+    if not path.startswith("\0"):
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Disconnected(Exception):
