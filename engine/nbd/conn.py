@@ -41,6 +41,8 @@ INLINE_MAX = 128 << 10
 SPARSE_READ_MIN = 64 << 10
 #: The reader's arena for the replies to a batch of small reads.
 _ARENA = 1 << 20
+#: Bytes of WRITE payload buffers kept for reuse per size class (at least one buffer).
+_KEEP_PAYLOADS = 16 << 20
 #: Read buffers up to this size are kept per thread and reused.
 _KEEP_BUFFER = 2 << 20
 
@@ -90,6 +92,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._local = threading.local()
         self._wbuf = bytearray(INLINE_MAX)
+        self._free: dict[int, list[bytearray]] = {}        # WRITE payload buffers, by size
         self.broken = False
         # read replies go out from the engine's mappings, unless TLS must wrap them
         self._fd = -1 if self.wire.tls else self.wire.sock.fileno()
@@ -252,7 +255,7 @@ class Connection:
         self._budget.take(nbytes)
         try:
             if req.type == proto.CMD_WRITE:
-                payload = memoryview(bytearray(req.length))
+                payload = self._payload(req.length)
                 self.wire.read_into(payload)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, "cowchain-nbd")
@@ -261,9 +264,23 @@ class Connection:
             self._budget.give(nbytes)
             raise
 
+    def _payload(self, n: int) -> memoryview:
+        """A buffer for a WRITE payload of N bytes, from the free list of its size class
+        (a power of two): a new buffer costs an mmap and a page fault per page."""
+        size = 1 << max(n - 1, 1).bit_length()
+        free = self._free.get(size)
+        buf = free.pop() if free else bytearray(size)
+        return memoryview(buf)[:n]
+
     def _run_pooled(self, req: proto.Request, payload: Any, nbytes: int) -> None:
         try:
             self._run(req, payload)
+            if payload is not None:
+                buf = payload.obj
+                payload.release()
+                free = self._free.setdefault(len(buf), [])
+                if len(free) * len(buf) < _KEEP_PAYLOADS:
+                    free.append(buf)
         finally:
             self._budget.give(nbytes)
 
