@@ -7,9 +7,10 @@
 # a buffer first), and, in structured mode, OFFSET_HOLE chunks for the ranges that read as zeros
 # (NBD protocol specification, doc/proto.md, "Structured reply chunk message types"). The top
 # layer's read lock is held from the lookup to the end of the send, so no write can move the
-# leaf's mapping under the kernel's copy; to keep a client that stops reading from holding that
-# lock, the send is non-blocking: what the socket does not take at once is copied out and sent
-# after the lock is released. Ranges the mappings cannot serve (compressed clusters, layers read
+# leaf's mapping under the kernel's copy; to keep a client that stops reading from holding a
+# writable leaf's lock, the send waits for room in the socket NBD_WAIT_MS at most: what the
+# socket has not taken by then is copied out and sent after the lock is released. (Nothing
+# writes a read-only top layer, so its replies wait for the client as long as it takes.) Ranges the mappings cannot serve (compressed clusters, layers read
 # with pread) are left to the ordinary read path.
 
 from posix.uio cimport iovec
@@ -38,6 +39,8 @@ cdef extern from "<poll.h>" nogil:
     short POLLOUT
 
 DEF NBD_IOV_MAX = 1024              # Linux's IOV_MAX
+DEF NBD_WAIT_MS = 20                # how long a full socket may hold a writable leaf's lock,
+DEF NBD_WAITS = 16                  #   and how many times per reply
 DEF NBD_ZEROS = 1 << 20             # the shared zero buffer (holes sent as data)
 DEF NBD_REPLY_MAGIC = 0x67446698
 DEF NBD_CHUNK_MAGIC = 0x668e33ef
@@ -170,29 +173,32 @@ cdef int nbd_iov_data(iovec *iov, int k, int cap, const uint8_t *ptr, uint64_t n
     return k
 
 
-cdef int nbd_send_all(int sock, iovec *iov, int k, bint wait) noexcept nogil:
-    """Send the k buffers; without WAIT, stop when the socket is full. Returns the number of
-    buffers left (iov[0] advanced past what went out), or -errno."""
+cdef int nbd_send_all(int sock, iovec *iov, int k, int wait_ms) noexcept nogil:
+    """Send the k buffers, waiting for room in the socket WAIT_MS milliseconds at most each
+    time it is full, NBD_WAITS times at most (WAIT_MS -1: as long as it takes). Returns the number of buffers left (iov[0]
+    advanced past what went out), or -errno."""
     cdef msghdr msg
     cdef ssize_t r
-    cdef int i = 0, flags = MSG_NOSIGNAL
+    cdef int i = 0, waits = 0
     cdef pollfd pfd
-    if not wait:
-        flags |= MSG_DONTWAIT
     memset(&msg, 0, sizeof(msg))
     while i < k:
         msg.msg_iov = iov + i
         msg.msg_iovlen = <size_t>(k - i if k - i < NBD_IOV_MAX else NBD_IOV_MAX)
-        r = sendmsg(sock, &msg, flags)
+        r = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
         if r < 0:
             if errno == EINTR:
                 continue
             if errno == EAGAIN:          # (EWOULDBLOCK on Linux)
-                if not wait:
-                    break
                 pfd.fd = sock
                 pfd.events = POLLOUT
-                poll(&pfd, 1, -1)
+                pfd.revents = 0
+                if wait_ms >= 0:
+                    waits += 1
+                    if waits > NBD_WAITS or poll(&pfd, 1, wait_ms) == 0:
+                        break            # still full after WAIT_MS, or full too often
+                else:
+                    poll(&pfd, 1, -1)
                 continue
             return -errno
         while r > 0 and i < k:
@@ -302,7 +308,9 @@ def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t le
                         k += 2
                     h += 32
         if rc == 0 and k > 0:       # (k < 0 cannot happen: cap counts every buffer)
-            left = nbd_send_all(sock, iov, k, False)
+            # a read-only top layer never moves its mapping: wait for the client as long as
+            # it takes; a writable one waits a little, then the rest is copied out
+            left = nbd_send_all(sock, iov, k, NBD_WAIT_MS if img.L.writable else -1)
             if left < 0:
                 serr = -left
                 left = 0
@@ -322,7 +330,7 @@ def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t le
         if rest != NULL and serr == 0:
             iov[0].iov_base = rest
             iov[0].iov_len = total
-            left = nbd_send_all(sock, iov, 1, True)
+            left = nbd_send_all(sock, iov, 1, -1)
             if left < 0:
                 serr = -left
     free(rest)

@@ -59,10 +59,13 @@ class _Budget:
         self.requests = self.bytes = self.peak = 0
         self.cond = threading.Condition()
 
-    def take(self, nbytes: int) -> None:
+    def take(self, nbytes: int, wait: bool = True) -> None:
+        """Count a request of NBYTES in; with WAIT, first wait while the ceilings are
+        reached (without: the caller is inside the export's gate, where waiting for requests
+        that may be held at the gate could deadlock a live snapshot)."""
         with self.cond:
-            while self.requests and (self.requests >= self.max_requests
-                                     or self.bytes + nbytes > self.max_bytes):
+            while wait and self.requests and (self.requests >= self.max_requests
+                                              or self.bytes + nbytes > self.max_bytes):
                 self.cond.wait()
             self.requests += 1
             self.bytes += nbytes
@@ -330,8 +333,9 @@ class Connection:
         ex = self.export
         if n and self._fd >= 0:
             mode = 0 if not self.structured else 2 if req.flags & proto.CMD_FLAG_DF else 1
-            # what the socket does not take at once is copied out: count it in the budget
-            self._budget.take(n)
+            # what the socket does not take soon is copied out: count it in the budget (one
+            # reply at a time: reads run on the reader thread)
+            self._budget.take(n, wait=False)
             try:
                 with self._send_lock:
                     if self.broken:
