@@ -17,7 +17,7 @@ import threading
 import pytest
 
 import engine
-from engine._core import nbd_send_read
+from engine._core import nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 
 MiB = 1 << 20
@@ -151,5 +151,37 @@ def test_a_client_that_does_not_read_holds_no_engine_lock(chain):
         t.join(10)
         assert sent.is_set()
         assert data[:C] == b"\x11" * C and data[C:2 * C] == b"\x33" * C
+        a.close()
+        b.close()
+
+
+def test_serve_reads_stops_before_what_it_does_not_serve(chain):
+    """The engine's loop for a read-only export: plain reads of at least MIN_LEN are answered
+    from the buffer in order; it stops before anything else (here a small read, then a
+    WRITE header) and leaves that request in the buffer for the connection."""
+    def req(t: int, offset: int, length: int, cookie: int, flags: int = 0) -> bytes:
+        return proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, t, cookie, offset, length)
+
+    with engine.open(chain, readonly=True) as img:
+        expected = bytearray(4 * MiB)
+        img.readinto(0, expected)
+        stream = (req(proto.CMD_READ, 0, C, 1) + req(proto.CMD_READ, 2 * MiB, 2 * MiB, 2)
+                  + req(proto.CMD_READ, 0, 512, 3) + req(proto.CMD_WRITE, 0, 512, 4))
+        buf = bytearray(1 << 16)
+        buf[:28] = stream[:28]                     # one request buffered, the rest to recv
+        a, b = socket.socketpair()
+        b.sendall(stream[28:])
+        got: list = []
+        t = threading.Thread(target=lambda: got.extend(
+            [_read_reply(b, 0, C, True), _read_reply(b, 2 * MiB, 2 * MiB, True)]))
+        t.start()
+        start, end, served, err = nbd_serve_reads(img._core, a.fileno(), buf, 0, 28,
+                                                  img.size, 1, C, 32 * MiB, 64)
+        t.join(10)
+        assert (served, err) == (2, 0)
+        assert bytes(buf[start:end]) == stream[56:]       # the small read and the WRITE
+        assert got[0][0] == bytes(expected[:C])
+        assert got[1][0] == bytes(expected[2 * MiB:])
+        assert proto.REPLY_TYPE_OFFSET_HOLE in got[1][1]  # the unallocated tail
         a.close()
         b.close()

@@ -42,6 +42,7 @@ DEF NBD_IOV_MAX = 1024              # Linux's IOV_MAX
 DEF NBD_WAIT_MS = 20                # how long a full socket may hold a writable leaf's lock,
 DEF NBD_WAITS = 16                  #   and how many times per reply
 DEF NBD_ZEROS = 1 << 20             # the shared zero buffer (holes sent as data)
+DEF NBD_REQUEST_MAGIC = 0x25609513
 DEF NBD_REPLY_MAGIC = 0x67446698
 DEF NBD_CHUNK_MAGIC = 0x668e33ef
 DEF NBD_CHUNK_DONE = 1
@@ -60,6 +61,9 @@ ctypedef struct NbdPieces:
     uint64_t cap
 
 cdef uint8_t *_nbd_zeros = NULL
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
 
 
 cdef int nbd_push(NbdPieces *P, uint64_t vaddr, uint64_t n, const uint8_t *ptr) noexcept nogil:
@@ -215,8 +219,130 @@ cdef int nbd_send_all(int sock, iovec *iov, int k, int wait_ms) noexcept nogil:
     return k - i
 
 
+cdef int nbd_reply(Layer *L, bint *is_open, int sock, uint64_t offset, uint64_t length,
+                   uint64_t cookie, int mode, int wait_ms, ErrInfo *err, int *serr) noexcept nogil:
+    """Send the reply to one READ (see nbd_send_read). Returns 0 (sent, or *serr set to the
+    errno of a failed send), E_NBD_FALLBACK (nothing sent) or a layer error (in *err,
+    nothing sent)."""
+    cdef NbdPieces P
+    cdef iovec *iov = NULL
+    cdef uint8_t *hdr = NULL
+    cdef uint8_t *rest = NULL
+    cdef uint8_t *h
+    cdef uint64_t i, total = 0, done
+    cdef int k = 0, cap, left = 0, rc = 0
+    cdef bint structured = mode != 0, holes = mode == 1, last
+    P.v = NULL
+    P.n = P.cap = 0
+    serr[0] = 0
+    pthread_rwlock_rdlock(&L.lock)
+    if not is_open[0]:
+        rc = E_CLOSED
+    elif offset > L.size or L.size - offset < length:
+        rc = E_RANGE
+    else:
+        rc = nbd_collect(L, offset, length, &P)
+        if rc < 0 and rc != E_NBD_FALLBACK:
+            take_err(L, rc, err)
+    if rc == 0:
+        # worst case: a header and a data buffer per piece, plus zero-buffer splits
+        cap = <int>(2 * P.n + length // NBD_ZEROS + 4)
+        iov = <iovec *>malloc(cap * sizeof(iovec))
+        hdr = <uint8_t *>malloc(32 * (P.n + 1))
+        if iov == NULL or hdr == NULL:
+            rc = fail(L, E_NOMEM, "out of memory", 0)
+            take_err(L, rc, err)
+    if rc == 0:
+        h = hdr
+        if not structured:
+            put_be32(h, NBD_REPLY_MAGIC)
+            put_be32(h + 4, 0)
+            put_be64(h + 8, cookie)
+            iov[0].iov_base = h
+            iov[0].iov_len = 16
+            k = 1
+            for i in range(P.n):
+                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+        elif not holes:
+            put_be32(h, NBD_CHUNK_MAGIC)
+            put_be16(h + 4, NBD_CHUNK_DONE)
+            put_be16(h + 6, NBD_CHUNK_DATA)
+            put_be64(h + 8, cookie)
+            put_be32(h + 16, 8 + length)
+            put_be64(h + 20, offset)
+            iov[0].iov_base = h
+            iov[0].iov_len = 28
+            k = 1
+            for i in range(P.n):
+                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+        else:
+            for i in range(P.n):
+                last = i == P.n - 1
+                put_be32(h, NBD_CHUNK_MAGIC)
+                put_be16(h + 4, NBD_CHUNK_DONE if last else 0)
+                put_be64(h + 8, cookie)
+                put_be64(h + 20, P.v[i].vaddr)
+                iov[k].iov_base = h
+                if P.v[i].ptr == NULL:
+                    put_be16(h + 6, NBD_CHUNK_HOLE)
+                    put_be32(h + 16, 12)
+                    put_be32(h + 28, P.v[i].n)
+                    iov[k].iov_len = 32
+                    k += 1
+                else:
+                    put_be16(h + 6, NBD_CHUNK_DATA)
+                    put_be32(h + 16, 8 + P.v[i].n)
+                    iov[k].iov_len = 28
+                    iov[k + 1].iov_base = <void *>P.v[i].ptr
+                    iov[k + 1].iov_len = P.v[i].n
+                    k += 2
+                h += 32
+    if rc == 0 and k > 0:       # (k < 0 cannot happen: cap counts every buffer)
+        # a read-only top layer never moves its mapping: wait for the client as long as it
+        # takes; a writable one waits a little, then the rest is copied out
+        if wait_ms == -2:
+            wait_ms = NBD_WAIT_MS if L.writable else -1
+        left = nbd_send_all(sock, iov, k, wait_ms)
+        if left < 0:
+            serr[0] = -left
+            left = 0
+        elif left:
+            # the socket is full: copy out the rest, send it after the lock is released
+            for i in range(<uint64_t>left):
+                total += iov[i].iov_len
+            rest = <uint8_t *>malloc(total)
+            if rest == NULL:
+                serr[0] = ENOMEM
+            else:
+                done = 0
+                for i in range(<uint64_t>left):
+                    memcpy(rest + done, iov[i].iov_base, iov[i].iov_len)
+                    done += iov[i].iov_len
+    pthread_rwlock_unlock(&L.lock)
+    if rest != NULL and serr[0] == 0:
+        iov[0].iov_base = rest
+        iov[0].iov_len = total
+        left = nbd_send_all(sock, iov, 1, -1)
+        if left < 0:
+            serr[0] = -left
+    free(rest)
+    free(iov)
+    free(hdr)
+    free(P.v)
+    return rc
+
+
+cdef int nbd_zeros_ready() except -1:
+    global _nbd_zeros
+    if _nbd_zeros == NULL:
+        _nbd_zeros = <uint8_t *>calloc(NBD_ZEROS, 1)
+        if _nbd_zeros == NULL:
+            raise MemoryError()
+    return 0
+
+
 def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t length,
-                  uint64_t cookie, int mode):
+                  uint64_t cookie, int mode, int wait_ms=-2):
     """Send the reply to an NBD READ of [offset, offset+length) of IMG's disk on the
     connected socket SOCK (blocking mode), in one sendmsg when the socket takes it whole.
     MODE 0: a simple reply (zeros sent as data); 1: structured, zero ranges as OFFSET_HOLE
@@ -226,117 +352,14 @@ def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t le
     pread): the caller then reads it into a buffer. Raises OSError when the socket fails
     (part of the reply may have gone out: the connection is broken) and the engine's error
     when a lookup fails (nothing sent)."""
-    global _nbd_zeros
-    cdef NbdPieces P
-    cdef iovec *iov = NULL
-    cdef uint8_t *hdr = NULL
-    cdef uint8_t *rest = NULL
-    cdef uint8_t *h
-    cdef uint64_t i, total = 0, done
-    cdef int k = 0, cap, left = 0, rc = 0, serr = 0
+    cdef int rc, serr = 0
     cdef ErrInfo err
-    cdef bint structured = mode != 0, holes = mode == 1, last
     if not img._open:
         img._closed_error()
-    if _nbd_zeros == NULL:
-        _nbd_zeros = <uint8_t *>calloc(NBD_ZEROS, 1)
-        if _nbd_zeros == NULL:
-            raise MemoryError()
-    P.v = NULL
-    P.n = P.cap = 0
+    nbd_zeros_ready()
     with nogil:
-        pthread_rwlock_rdlock(&img.L.lock)
-        if not img._open:
-            rc = E_CLOSED
-        elif offset > img.L.size or img.L.size - offset < length:
-            rc = E_RANGE
-        else:
-            rc = nbd_collect(&img.L, offset, length, &P)
-            if rc < 0 and rc != E_NBD_FALLBACK:
-                take_err(&img.L, rc, &err)
-        if rc == 0:
-            # worst case: a header and a data buffer per piece, plus zero-buffer splits
-            cap = <int>(2 * P.n + length // NBD_ZEROS + 4)
-            iov = <iovec *>malloc(cap * sizeof(iovec))
-            hdr = <uint8_t *>malloc(32 * (P.n + 1))
-            if iov == NULL or hdr == NULL:
-                rc = fail(&img.L, E_NOMEM, "out of memory", 0)
-                take_err(&img.L, rc, &err)
-        if rc == 0:
-            h = hdr
-            if not structured:
-                put_be32(h, NBD_REPLY_MAGIC)
-                put_be32(h + 4, 0)
-                put_be64(h + 8, cookie)
-                iov[0].iov_base = h
-                iov[0].iov_len = 16
-                k = 1
-                for i in range(P.n):
-                    k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
-            elif not holes:
-                put_be32(h, NBD_CHUNK_MAGIC)
-                put_be16(h + 4, NBD_CHUNK_DONE)
-                put_be16(h + 6, NBD_CHUNK_DATA)
-                put_be64(h + 8, cookie)
-                put_be32(h + 16, 8 + length)
-                put_be64(h + 20, offset)
-                iov[0].iov_base = h
-                iov[0].iov_len = 28
-                k = 1
-                for i in range(P.n):
-                    k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
-            else:
-                for i in range(P.n):
-                    last = i == P.n - 1
-                    put_be32(h, NBD_CHUNK_MAGIC)
-                    put_be16(h + 4, NBD_CHUNK_DONE if last else 0)
-                    put_be64(h + 8, cookie)
-                    put_be64(h + 20, P.v[i].vaddr)
-                    iov[k].iov_base = h
-                    if P.v[i].ptr == NULL:
-                        put_be16(h + 6, NBD_CHUNK_HOLE)
-                        put_be32(h + 16, 12)
-                        put_be32(h + 28, P.v[i].n)
-                        iov[k].iov_len = 32
-                        k += 1
-                    else:
-                        put_be16(h + 6, NBD_CHUNK_DATA)
-                        put_be32(h + 16, 8 + P.v[i].n)
-                        iov[k].iov_len = 28
-                        iov[k + 1].iov_base = <void *>P.v[i].ptr
-                        iov[k + 1].iov_len = P.v[i].n
-                        k += 2
-                    h += 32
-        if rc == 0 and k > 0:       # (k < 0 cannot happen: cap counts every buffer)
-            # a read-only top layer never moves its mapping: wait for the client as long as
-            # it takes; a writable one waits a little, then the rest is copied out
-            left = nbd_send_all(sock, iov, k, NBD_WAIT_MS if img.L.writable else -1)
-            if left < 0:
-                serr = -left
-                left = 0
-            elif left:
-                # the socket is full: copy out the rest, send it after the lock is released
-                for i in range(<uint64_t>left):
-                    total += iov[i].iov_len
-                rest = <uint8_t *>malloc(total)
-                if rest == NULL:
-                    serr = ENOMEM
-                else:
-                    done = 0
-                    for i in range(<uint64_t>left):
-                        memcpy(rest + done, iov[i].iov_base, iov[i].iov_len)
-                        done += iov[i].iov_len
-        pthread_rwlock_unlock(&img.L.lock)
-        if rest != NULL and serr == 0:
-            iov[0].iov_base = rest
-            iov[0].iov_len = total
-            left = nbd_send_all(sock, iov, 1, -1)
-            if left < 0:
-                serr = -left
-    free(rest)
-    free(iov)
-    free(hdr)
-    free(P.v)
+        rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, wait_ms,
+                       &err, &serr)
     if rc == E_NBD_FALLBACK:
         return False
     if rc < 0:
@@ -344,3 +367,64 @@ def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t le
     if serr:
         raise OSError(serr, "cannot send the reply")
     return True
+
+
+cdef inline uint64_t get_be(const uint8_t *p, int n) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(n):
+        v = (v << 8) | p[i]
+    return v
+
+
+def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
+                    Py_ssize_t end, uint64_t size, int mode, uint64_t min_len,
+                    uint64_t max_len, int max_requests):
+    """Serve a run of plain READ requests of one connection without the GIL: requests are
+    parsed from BUF[start:end] (the connection's receive buffer; more is received into it
+    without blocking), and each READ with no flags, of MIN_LEN..MAX_LEN bytes, inside SIZE,
+    is answered as nbd_send_read answers it (MODE 0 or 1). Stops before any other request,
+    when no whole request can be had without waiting, or after MAX_REQUESTS. Returns
+    (start, end, served, errno): the buffer's new window, the replies sent, and the errno of
+    a failed send (0: none; the connection is broken then)."""
+    cdef uint8_t *b = <uint8_t *>(<char *>buf)
+    cdef Py_ssize_t cap = len(buf)
+    cdef ssize_t r
+    cdef int rc, serr = 0, served = 0
+    cdef uint64_t flags_type, cookie, offset, length
+    cdef ErrInfo err
+    if not img._open:
+        img._closed_error()
+    nbd_zeros_ready()
+    with nogil:
+        while served < max_requests:
+            if end - start < 28:
+                if start:
+                    memmove(b, b + start, end - start)
+                    end -= start
+                    start = 0
+                r = recv(sock, b + end, cap - end, MSG_DONTWAIT)
+                if r < 0 and errno == EINTR:
+                    continue
+                if r <= 0:
+                    break                 # nothing more now, EOF or an error: for the caller
+                end += r
+                continue
+            if get_be(b + start, 4) != NBD_REQUEST_MAGIC:
+                break
+            flags_type = get_be(b + start + 4, 4)
+            cookie = get_be(b + start + 8, 8)
+            offset = get_be(b + start + 16, 8)
+            length = get_be(b + start + 24, 4)
+            if (flags_type != 0 or length < min_len or length > max_len or offset > size
+                    or size - offset < length):
+                break                     # not a plain READ in range: for the caller
+            rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, -2,
+                           &err, &serr)
+            if rc < 0:
+                break                     # nothing sent: the caller serves it (or its error)
+            start += 28
+            served += 1
+            if serr:
+                break
+    return start, end, served, serr

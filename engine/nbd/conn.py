@@ -5,7 +5,9 @@ One thread reads requests. Reads run on it at once: small ones are copied from t
 into an arena and the replies of a batch leave in one ``sendmsg``; larger ones leave in one
 ``sendmsg`` built by the engine (``engine._core.nbd_send_read``): the reply's headers and the
 pieces of the owning layers' mappings, no copy in between, ranges that read as zeros as
-``OFFSET_HOLE`` chunks. Small writes without FUA run on the reader too; everything else goes to
+``OFFSET_HOLE`` chunks; on a read-only export a run of such reads is served by the engine's
+own loop (``engine._core.nbd_serve_reads``: parse, look up, send, without the GIL), which hands
+back to this thread at the first other request. Small writes without FUA run on the reader too; everything else goes to
 the connection's worker threads, so several requests are in flight and replies leave in
 completion order, matched by cookie. Each reply (header and data, or all chunks of a
 structured reply) leaves whole under the connection's send lock. The engine releases the GIL
@@ -28,7 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._core import nbd_send_read
+from engine._core import nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -161,15 +163,35 @@ class Connection:
         used = 0
         small = min(INLINE_MAX, SPARSE_READ_MIN - 1)
         structured = self.structured
+        # a read-only export streams its large plain reads from the engine's own loop (its
+        # top layer never moves; a writable one goes request by request, below, so that a
+        # reply the client is slow to take counts in the connection's memory budget)
+        streaming = ex.readonly and self._fd >= 0
+        fd, mode = self._fd, 1 if structured else 0
         while True:
             if pending and wire.buffered < proto.REQUEST.size:
                 self._send(pending)         # nothing more has arrived: answer the batch
                 pending, used = [], 0
             magic, flags, t, cookie, offset, length = proto.REQUEST.unpack(
                 wire.peek(proto.REQUEST.size))
-            wire.consume(proto.REQUEST.size)
             if magic != proto.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
+            if streaming and t == proto.CMD_READ and not flags and not pending \
+                    and SPARSE_READ_MIN <= length <= proto.MAX_PAYLOAD:
+                # this read and the plain reads after it: served by the engine, no GIL
+                enter()
+                try:
+                    with self._send_lock:
+                        served, err = wire.run_on_buffer(lambda buf, start, end: nbd_serve_reads(
+                            ex.core(), fd, buf, start, end, size, mode, SPARSE_READ_MIN,
+                            proto.MAX_PAYLOAD, 64))
+                finally:
+                    leave()
+                if err:
+                    raise Disconnected(f"cannot send a reply: errno {err}")
+                if served:
+                    continue
+            wire.consume(proto.REQUEST.size)
             is_read = t == proto.CMD_READ and not flags and 0 < length <= small \
                 and offset + length <= size
             if is_read or (t == proto.CMD_WRITE and not flags and length <= INLINE_MAX

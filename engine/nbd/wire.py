@@ -14,7 +14,7 @@ import socket
 import ssl
 import stat
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def unix_listener(path: str, backlog: int) -> socket.socket:
@@ -87,6 +87,14 @@ class Wire:
             while self._end - self._start < n:
                 self._end += self._recv_into(self._view[self._end:])
         return self._view[self._start:self._start + n]
+
+    def run_on_buffer(self, fn: Callable[[bytearray, int, int], tuple[int, ...]]
+                      ) -> tuple[int, ...]:
+        """Let FN(buffer, start, end) take requests from the receive buffer (and receive more
+        into it) itself: it returns the new (start, end, ...); the rest is returned."""
+        start, end, *rest = fn(self._buf, self._start, self._end)
+        self._start, self._end = (0, 0) if start == end else (start, end)
+        return tuple(rest)
 
     def consume(self, n: int) -> None:
         self._start += n
