@@ -19,7 +19,6 @@ from engine.nbd.handshake import Negotiation, Policy, ProtocolError
 from engine.nbd.wire import Disconnected, Wire, unix_listener
 
 
-
 class Server:
     """An NBD server for one or more :class:`~engine.nbd.Export` objects.
 
