@@ -137,12 +137,16 @@ def request(repo_path: str, chain: str, description: str = "",
     if reply.get("ok"):
         snap: dict[str, Any] = reply["snapshot"]
         return snap
-    message, hint = str(reply.get("message")), reply.get("hint")
+    # the server's own hint goes into the message: it says what to do over there
+    message = str(reply.get("message"))
+    if reply.get("hint"):
+        message += f" ({reply['hint']})"
+    server = "the NBD server holding the repository refused it"
     cls = getattr(errors, str(reply.get("error")), None)
-    err: EngineError = RepositoryError(message, path=repo_path, hint=hint)
+    err: EngineError = RepositoryError(message, path=repo_path, hint=server)
     if isinstance(cls, type) and issubclass(cls, EngineError):
         try:
-            err = cls(message, path=repo_path, hint=hint)
+            err = cls(message, path=repo_path, hint=server)
         except TypeError:                   # a class with other arguments: the generic one
             pass
     raise err

@@ -125,8 +125,8 @@ class Repository:
             os.close(fd)
             raise RepositoryError(f"the repository is in use by another process (pid {holder})",
                                   path=self._path, hint="close it there first (a chain "
-                                  "served by 'cowchain serve' takes snapshots through the "
-                                  "server: 'cowchain chain snapshot' asks it)") from None
+                                  "exported by the NBD server takes snapshots through it: "
+                                  "'cowchain chain snapshot' asks the server)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
