@@ -18,6 +18,7 @@ from typing import Any
 from engine.errors import EngineIOError, InvalidArgument, NoSpace, ReadOnlyImage, \
     RepositoryError
 from engine.nbd import proto
+from engine.repository.chain import Chain
 
 #: The metadata contexts every export offers, with the id each is given on a connection.
 CONTEXTS = {proto.CONTEXT_BASE_ALLOCATION: 1, proto.CONTEXT_ALLOCATION_DEPTH: 2}
@@ -228,6 +229,11 @@ class Export:
             out[cid] = ext
         return out
 
+    @property
+    def chain_name(self) -> str | None:
+        """The name of the repository chain whose leaf this export serves read-write."""
+        return self.disk.name if isinstance(self.disk, Chain) and not self.readonly else None
+
     def snapshot(self, description: str = "", *, force: bool = False,
                  drain_timeout: float = 30.0) -> Any:
         """Take a snapshot of the served chain while clients use it (what a live snapshot
@@ -241,7 +247,7 @@ class Export:
             RepositoryError: the requests in flight did not finish within DRAIN_TIMEOUT
                 seconds; or what ``Chain.snapshot`` raises (nothing changed then).
         """
-        if self.readonly or not callable(getattr(self.disk, "snapshot", None)):
+        if self.chain_name is None:
             raise InvalidArgument(f"export {self.name!r} is not a chain's leaf served "
                                   "read-write: there is nothing to snapshot through it")
         self.gate.pause(drain_timeout)

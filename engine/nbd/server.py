@@ -183,8 +183,7 @@ class Server:
         """Take a snapshot of CHAIN, exported read-write here, while it is served
         (:meth:`Export.snapshot`); returns the Snapshot."""
         for ex in self.exports.values():
-            if not ex.readonly and getattr(ex.disk, "name", None) == chain \
-                    and callable(getattr(ex.disk, "snapshot", None)):
+            if ex.chain_name == chain:
                 return ex.snapshot(description, force=force)
         raise RepositoryError(f"chain {chain!r} is not exported read-write by this server "
                               f"(pid {os.getpid()}); it serves "
