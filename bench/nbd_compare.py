@@ -14,7 +14,8 @@ What it does:
 2. Serves the chain with ``cowchain serve --read-only`` and ``qemu-nbd -r -t -e 4``, and the
    raw file with ``nbdkit file`` (its fastest case: no chain), each on a Unix socket.
 3. Measures, for each server, interleaved (server A, B, C, then again) ``--repeat`` times,
-   keeping each server's best run:
+   reporting each server's median run (the machine is shared: medians of interleaved
+   rounds are what compares fairly):
    - ``nbdcopy URI null:`` of the whole disk (GiB/s),
    - fio (nbd engine, one job) 4 KiB random read at queue depth 32 (IOPS),
    - fio 1 MiB sequential read at queue depth 8 (GiB/s),
@@ -189,11 +190,20 @@ def copy_row(uri: str, size: int):
     return run
 
 
+def _median(values: list[float]) -> float:
+    """The median of the runs that did not fail (NaN when all failed)."""
+    ok = sorted(v for v in values if v == v)
+    if not ok:
+        return float("nan")
+    mid = len(ok) // 2
+    return ok[mid] if len(ok) % 2 else (ok[mid - 1] + ok[mid]) / 2
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="disk size (default 1G)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio run")
-    ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median kept)")
     ap.add_argument("--workdir", help="where to build the files (default: a temporary folder)")
     ap.add_argument("--json", help="write every run here")
     args = ap.parse_args()
@@ -246,8 +256,7 @@ def main() -> int:
     print(f"\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} {'cowchain':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}  goals")
     for row in rows:
-        best = {k: max((v for v in runs[k][row] if v == v), default=float("nan"))
-                for k in KINDS}
+        best = {k: _median(runs[k][row]) for k in KINDS}
         rq, rk = best["cowchain"] / best["qemu-nbd"], best["cowchain"] / best["nbdkit"]
         goal_q = rq >= 1.5
         goal_k = rk >= 1.0 or "write" in row
@@ -255,12 +264,11 @@ def main() -> int:
         print(f"{row:40} " + " ".join(fmt.format(best[k]) for k in KINDS)
               + f" {rq:>11.2f}x {rk:>9.2f}x  "
               + ("met" if goal_q and goal_k else "MISSED" if rq == rq and rk == rk else "N/A"))
-    print(f"\nserver CPU per unit of work (best run; lower is better): us per op for IOPS "
+    print(f"\nserver CPU per unit of work (median run; lower is better): us per op for IOPS "
           f"rows, s per GiB otherwise\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'cowchain':>10} {'vs qemu-nbd':>12} {'vs nbdkit':>10}")
     for row in rows:
-        best = {k: min((v for v in cpu[k][row] if v == v), default=float("nan"))
-                * (1e6 if "IOPS" in row else 1) for k in KINDS}
+        best = {k: _median(cpu[k][row]) * (1e6 if "IOPS" in row else 1) for k in KINDS}
         print(f"{row:40} " + " ".join(f"{best[k]:>10.2f}" for k in KINDS)
               + f" {best['qemu-nbd'] / best['cowchain']:>11.2f}x "
                 f"{best['nbdkit'] / best['cowchain']:>9.2f}x")

@@ -50,5 +50,6 @@ include "_core_src/status.pxi"       # block status: extents; the one place runs
 include "_core_src/coreimage.pxi"    # CoreImage, the Python-facing handle; argument rules
 include "_core_src/bgsync.pxi"       # BackgroundSync: fdatasync on a native thread for create()
 include "_core_src/copy.pxi"         # bulk copy: runs of a chain into an image (export, commit, pull)
+include "_core_src/nbdsend.pxi"      # NBD read replies sent straight from the mappings
 
 _arm_from_env()

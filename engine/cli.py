@@ -344,10 +344,20 @@ def cmd_release(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
-    with _open_repo(args) as repo:
-        s = repo.chain(args.name).snapshot(args.description, force=args.force)
-        # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
-        _emit(args, s.to_dict(), s.id)
+    from engine.errors import RepositoryError
+    from engine.nbd import control
+
+    try:
+        with _open_repo(args) as repo:
+            d = repo.chain(args.name).snapshot(args.description, force=args.force).to_dict()
+    except RepositoryError:
+        # held by 'cowchain serve': the server takes the snapshot between two requests
+        served = control.request(_repo_dir(args), args.name, args.description, args.force)
+        if served is None:
+            raise
+        d = served
+    # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
+    _emit(args, d, d["id"])
     return 0
 
 

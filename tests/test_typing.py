@@ -76,6 +76,7 @@ STRICT_MODULES = [
     "_core.pyi",
     "nbd/__init__.py",
     "nbd/conn.py",
+    "nbd/control.py",
     "nbd/export.py",
     "nbd/handshake.py",
     "nbd/proto.py",

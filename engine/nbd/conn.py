@@ -1,15 +1,22 @@
 """The transmission phase of one connection (NBD protocol specification, ``doc/proto.md`` of
 the NetworkBlockDevice/nbd project, section "Transmission phase").
 
-One thread reads requests. Small reads and writes without FUA run on it at once (a memory copy
-from the mapping, then one ``sendmsg``); everything else goes to the connection's worker
-threads, so several requests are in flight and replies leave in completion order, matched by
-cookie. Each reply (header and data, or all chunks of a structured reply) leaves in one send
-under the connection's send lock. The engine releases the GIL while it copies, and the socket
-calls release it too, so the workers overlap.
+One thread reads requests. Reads run on it at once: small ones are copied from the engine
+into an arena and the replies of a batch leave in one ``sendmsg``; larger ones leave in one
+``sendmsg`` built by the engine (``engine._core.nbd_send_read``): the reply's headers and the
+pieces of the owning layers' mappings, no copy in between, ranges that read as zeros as
+``OFFSET_HOLE`` chunks; on a read-only export a run of such reads is served by the engine's
+own loop (``engine._core.nbd_serve_reads``: parse, look up, send, without the GIL), which hands
+back to this thread at the first other request. Small writes without FUA run on the reader too; everything else goes to
+the connection's worker threads, so several requests are in flight and replies leave in
+completion order, matched by cookie. Each reply (header and data, or all chunks of a
+structured reply) leaves whole under the connection's send lock. The engine releases the GIL
+while it copies and sends, and the socket calls release it too, so the threads overlap.
 
 Memory per connection is bounded: at most ``max_inflight`` requests and ``max_inflight_bytes``
-payload bytes wait for a worker; past that the reader stops reading until replies go out.
+payload bytes wait for a worker or for the socket (a read reply the client is slow to take is
+copied out of the mapping, so no engine lock waits on a client); past that the reader stops
+reading until replies go out.
 
 Errors: a request the server refuses (bad flags, past the end, read-only export, too large)
 gets the protocol's error value and the connection goes on; a broken request stream (bad
@@ -23,6 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine._core import nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -35,6 +43,8 @@ INLINE_MAX = 128 << 10
 SPARSE_READ_MIN = 64 << 10
 #: The reader's arena for the replies to a batch of small reads.
 _ARENA = 1 << 20
+#: Bytes of WRITE payload buffers kept for reuse per size class (at least one buffer).
+_KEEP_PAYLOADS = 16 << 20
 #: Read buffers up to this size are kept per thread and reused.
 _KEEP_BUFFER = 2 << 20
 
@@ -51,10 +61,13 @@ class _Budget:
         self.requests = self.bytes = self.peak = 0
         self.cond = threading.Condition()
 
-    def take(self, nbytes: int) -> None:
+    def take(self, nbytes: int, wait: bool = True) -> None:
+        """Count a request of NBYTES in; with WAIT, first wait while the ceilings are
+        reached (without: the caller is inside the export's gate, where waiting for requests
+        that may be held at the gate could deadlock a live snapshot)."""
         with self.cond:
-            while self.requests and (self.requests >= self.max_requests
-                                     or self.bytes + nbytes > self.max_bytes):
+            while wait and self.requests and (self.requests >= self.max_requests
+                                              or self.bytes + nbytes > self.max_bytes):
                 self.cond.wait()
             self.requests += 1
             self.bytes += nbytes
@@ -84,7 +97,10 @@ class Connection:
         self._send_lock = threading.Lock()
         self._local = threading.local()
         self._wbuf = bytearray(INLINE_MAX)
+        self._free: dict[int, list[bytearray]] = {}        # WRITE payload buffers, by size
         self.broken = False
+        # read replies go out from the engine's mappings, unless TLS must wrap them
+        self._fd = -1 if self.wire.tls else self.wire.sock.fileno()
 
     @property
     def peak_inflight_bytes(self) -> int:
@@ -139,6 +155,7 @@ class Connection:
         that arrived together leave in one sendmsg."""
         wire, ex = self.wire, self.export
         size, readinto, write = ex.size, ex.readinto, ex.disk.write
+        enter, leave = ex.gate.enter, ex.gate.leave
         writable = not ex.readonly
         wbuf = memoryview(self._wbuf)
         arena = memoryview(bytearray(_ARENA))
@@ -146,15 +163,35 @@ class Connection:
         used = 0
         small = min(INLINE_MAX, SPARSE_READ_MIN - 1)
         structured = self.structured
+        # a read-only export streams its large plain reads from the engine's own loop (its
+        # top layer never moves; a writable one goes request by request, below, so that a
+        # reply the client is slow to take counts in the connection's memory budget)
+        streaming = ex.readonly and self._fd >= 0
+        fd, mode = self._fd, 1 if structured else 0
         while True:
             if pending and wire.buffered < proto.REQUEST.size:
                 self._send(pending)         # nothing more has arrived: answer the batch
                 pending, used = [], 0
             magic, flags, t, cookie, offset, length = proto.REQUEST.unpack(
                 wire.peek(proto.REQUEST.size))
-            wire.consume(proto.REQUEST.size)
             if magic != proto.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
+            if streaming and t == proto.CMD_READ and not flags and not pending \
+                    and SPARSE_READ_MIN <= length <= proto.MAX_PAYLOAD:
+                # this read and the plain reads after it: served by the engine, no GIL
+                enter()
+                try:
+                    with self._send_lock:
+                        served, err = wire.run_on_buffer(lambda buf, start, end: nbd_serve_reads(
+                            ex.core(), fd, buf, start, end, size, mode, SPARSE_READ_MIN,
+                            proto.MAX_PAYLOAD, 64))
+                finally:
+                    leave()
+                if err:
+                    raise Disconnected(f"cannot send a reply: errno {err}")
+                if served:
+                    continue
+            wire.consume(proto.REQUEST.size)
             is_read = t == proto.CMD_READ and not flags and 0 < length <= small \
                 and offset + length <= size
             if is_read or (t == proto.CMD_WRITE and not flags and length <= INLINE_MAX
@@ -164,6 +201,7 @@ class Connection:
                 elif used + length > _ARENA:
                     self._send(pending)
                     pending, used = [], 0
+                enter()
                 try:
                     if is_read:
                         view = arena[used:used + length]
@@ -178,6 +216,8 @@ class Connection:
                     self._send(pending)
                     pending, used = [], 0
                     self._fail(cookie, nbd_error(e), str(e))
+                finally:
+                    leave()
                 continue
             if pending:
                 self._send(pending)
@@ -226,8 +266,9 @@ class Connection:
                 self.wire.skip(req.length)
             self._fail(req.cookie, refusal.error, str(refusal))
             return
-        inline = (req.type in (proto.CMD_READ, proto.CMD_WRITE) and req.length <= INLINE_MAX
-                  and not req.flags & proto.CMD_FLAG_FUA) or req.type == proto.CMD_CACHE
+        inline = (req.type == proto.CMD_WRITE and req.length <= INLINE_MAX
+                  and not req.flags & proto.CMD_FLAG_FUA) \
+            or req.type in (proto.CMD_READ, proto.CMD_CACHE)
         payload: Any = None
         if inline:
             if req.type == proto.CMD_WRITE:
@@ -239,7 +280,7 @@ class Connection:
         self._budget.take(nbytes)
         try:
             if req.type == proto.CMD_WRITE:
-                payload = memoryview(bytearray(req.length))
+                payload = self._payload(req.length)
                 self.wire.read_into(payload)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, "cowchain-nbd")
@@ -248,17 +289,34 @@ class Connection:
             self._budget.give(nbytes)
             raise
 
+    def _payload(self, n: int) -> memoryview:
+        """A buffer for a WRITE payload of N bytes, from the free list of its size class
+        (a power of two): a new buffer costs an mmap and a page fault per page."""
+        size = 1 << max(n - 1, 1).bit_length()
+        free = self._free.get(size)
+        buf = free.pop() if free else bytearray(size)
+        return memoryview(buf)[:n]
+
     def _run_pooled(self, req: proto.Request, payload: Any, nbytes: int) -> None:
         try:
             self._run(req, payload)
+            if payload is not None:
+                buf = payload.obj
+                payload.release()
+                free = self._free.setdefault(len(buf), [])
+                if len(free) * len(buf) < _KEEP_PAYLOADS:
+                    free.append(buf)
         finally:
             self._budget.give(nbytes)
 
     def _run(self, req: proto.Request, payload: Any) -> None:
+        self.export.gate.enter()
         try:
             self._execute(req, payload)
         except Exception as e:      # noqa: BLE001  (every failure becomes an NBD error reply)
             self._fail(req.cookie, nbd_error(e), str(e))
+        finally:
+            self.export.gate.leave()
 
     # --- commands -------------------------------------------------------------------------
 
@@ -295,6 +353,25 @@ class Connection:
     def _read(self, req: proto.Request) -> None:
         off, n, cookie = req.offset, req.length, req.cookie
         ex = self.export
+        if n and self._fd >= 0:
+            mode = 0 if not self.structured else 2 if req.flags & proto.CMD_FLAG_DF else 1
+            # what the socket does not take soon is copied out: count it in the budget (one
+            # reply at a time: reads run on the reader thread)
+            self._budget.take(n, wait=False)
+            try:
+                with self._send_lock:
+                    if self.broken:
+                        return
+                    # one sendmsg: headers, pieces of the owning layers' mappings, holes
+                    if nbd_send_read(ex.core(), self._fd, off, n, cookie, mode):
+                        return
+            except OSError:
+                self.broken = True
+                self.shutdown()
+                return
+            finally:
+                self._budget.give(n)
+            # compressed clusters or a layer read with pread: through a buffer, below
         if not self.structured:
             buf = self._buffer(n)
             if n:

@@ -11,10 +11,14 @@ connection flushes the one engine handle all of them wrote through.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
-from engine.errors import EngineIOError, InvalidArgument, NoSpace, ReadOnlyImage
+from engine.errors import EngineIOError, InvalidArgument, NoSpace, ReadOnlyImage, \
+    RepositoryError
 from engine.nbd import proto
+from engine.repository.chain import Chain
 
 #: The metadata contexts every export offers, with the id each is given on a connection.
 CONTEXTS = {proto.CONTEXT_BASE_ALLOCATION: 1, proto.CONTEXT_ALLOCATION_DEPTH: 2}
@@ -41,6 +45,50 @@ def nbd_error(e: BaseException) -> int:
     if isinstance(e, EngineIOError) and e.errno in (28, 122, 27):   # ENOSPC, EDQUOT, EFBIG
         return proto.ENOSPC
     return proto.EIO
+
+
+class Gate:
+    """Requests pass through while it is open; :meth:`pause` closes it and waits until the
+    requests inside have finished, :meth:`resume` opens it again. What lets the server switch
+    a chain's leaf between two requests."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._paused = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._paused:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._paused and not self._active:
+                self._cond.notify_all()
+
+    def pause(self, timeout: float) -> None:
+        """Close the gate and wait for the requests inside (RepositoryError after TIMEOUT
+        seconds: the gate is open again then)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._paused = True
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._paused = False
+                    self._cond.notify_all()
+                    raise RepositoryError(f"the requests in flight did not finish within "
+                                          f"{timeout:g} s (a client that does not take its "
+                                          "replies?)", hint="try again")
+                self._cond.wait(left)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
 
 
 class Export:
@@ -80,6 +128,8 @@ class Export:
                       | proto.TF_SEND_FAST_ZERO)
         self.transmission_flags = flags
         self.readinto = disk.readinto         # type: ignore[method-assign]  # one frame less
+        #: every request that reaches the disk passes it (see :meth:`snapshot`)
+        self.gate = Gate()
 
     def __repr__(self) -> str:
         return f"<engine.nbd.Export {self.name!r} {'ro' if self.readonly else 'rw'}>"
@@ -107,6 +157,13 @@ class Export:
             else:
                 out.append((start, ln - start, e.zero))
         return out
+
+    def core(self) -> Any:
+        """The engine's handle of the disk's top layer now (the Chain's leaf is opened on
+        first use, and an image swaps its handle when it reloads): what the connection sends
+        read replies from."""
+        img = self.disk._image() if hasattr(self.disk, "_image") else self.disk
+        return img._core
 
     def readinto(self, offset: int, buf: Any) -> None:
         """Fill BUF from the disk at OFFSET (the disk's own method, bound in __init__)."""
@@ -171,6 +228,36 @@ class Export:
                 ext = [(min(ext[0][0], length), ext[0][1])]
             out[cid] = ext
         return out
+
+    @property
+    def chain_name(self) -> str | None:
+        """The name of the repository chain whose leaf this export serves read-write."""
+        return self.disk.name if isinstance(self.disk, Chain) and not self.readonly else None
+
+    def snapshot(self, description: str = "", *, force: bool = False,
+                 drain_timeout: float = 30.0) -> Any:
+        """Take a snapshot of the served chain while clients use it (what a live snapshot
+        is): requests stop entering, the ones in flight finish, the chain takes the snapshot
+        (its leaf becomes the snapshot, a new empty leaf takes the writes), and requests go on
+        against the new leaf. Returns the :class:`engine.repository.Snapshot`. Call it on
+        the thread that opened the repository.
+
+        Raises:
+            InvalidArgument: the export is not a repository chain served read-write.
+            RepositoryError: the requests in flight did not finish within DRAIN_TIMEOUT
+                seconds; or what ``Chain.snapshot`` raises (nothing changed then).
+        """
+        if self.chain_name is None:
+            raise InvalidArgument(f"export {self.name!r} is not a chain's leaf served "
+                                  "read-write: there is nothing to snapshot through it")
+        self.gate.pause(drain_timeout)
+        try:
+            return self.disk.snapshot(description, force=force)
+        finally:
+            try:
+                self.disk.read(0, 0)        # reopen the leaf here, not on a request thread
+            finally:
+                self.gate.resume()
 
     def close(self) -> None:
         """Flush and close the disk (when the export owns it). Idempotent."""

@@ -60,6 +60,8 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
                 raise InvalidArgument("give an image, or a repository and a chain")
             ro = readonly or snapshot is not None
             r = stack.enter_context(Repository.open(repo, readonly=ro))
+            if not ro:
+                r.note_holder(f"cowchain serve of chain {chain!r}")
             c = r.chain(chain)
             stack.callback(c.close)
             if snapshot is not None:
@@ -77,8 +79,10 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
                                                                         readonly=readonly)),
                                   readonly=readonly, close=False,
                                   description=os.path.basename(path)))
+        # a chain's leaf served read-write: snapshots of it come in on the control socket
+        ctl = repo if repo is not None and not readonly else None
         server = Server(exports, socket_path=socket_path, bind=bind, tls=tls,
-                        tls_required=tls_required, **server_opts)
+                        tls_required=tls_required, control_repo=ctl, **server_opts)
         stack.callback(server.close)
         uri = server.listen()
         if pid_file:

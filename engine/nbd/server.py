@@ -6,21 +6,17 @@ import os
 import selectors
 import socket
 import ssl
-import stat
 import threading
 import time
 import urllib.parse
 from typing import Iterable
 
-from engine.errors import EngineError, InvalidArgument
+from engine.errors import EngineError, InvalidArgument, RepositoryError
+from engine.nbd import control
 from engine.nbd.conn import Connection
 from engine.nbd.export import Export
 from engine.nbd.handshake import Negotiation, Policy, ProtocolError
-from engine.nbd.wire import Disconnected, Wire
-
-
-#: Send buffer asked for each connection (the kernel caps it at net.core.wmem_max).
-_SNDBUF = 4 << 20
+from engine.nbd.wire import Disconnected, Wire, unix_listener
 
 
 class Server:
@@ -44,6 +40,10 @@ class Server:
         max_options (int): options one client may send before the server hangs up.
         tls (ssl.SSLContext | None): offer TLS (``NBD_OPT_STARTTLS``) with this context.
         tls_required (bool): refuse clients that do not start TLS.
+        control_repo (str | None): the folder of the repository whose chains are exported
+            read-write: listen on its control socket (:mod:`engine.nbd.control`) for
+            snapshot requests from other processes, served by the thread that runs
+            :meth:`serve_forever` (which must be the thread that opened the repository).
 
     Use::
 
@@ -61,7 +61,8 @@ class Server:
                  bind: tuple[str, int] | None = None, max_connections: int = 64,
                  workers: int = 4, max_inflight_bytes: int = 64 << 20,
                  handshake_timeout: float = 30.0, max_options: int = 256,
-                 tls: ssl.SSLContext | None = None, tls_required: bool = False):
+                 tls: ssl.SSLContext | None = None, tls_required: bool = False,
+                 control_repo: str | None = None):
         self.exports: dict[str, Export] = {}
         for ex in exports:
             if ex.name in self.exports:
@@ -79,6 +80,8 @@ class Server:
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
         self._listener: socket.socket | None = None
+        self.control_repo = control_repo
+        self._control: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
         # re-entrant: shutdown() may run in a signal handler on a thread that holds it
@@ -101,15 +104,8 @@ class Server:
         if self.socket_path is not None:
             path = self.socket_path
             try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(path)
+                sock = unix_listener(path, min(self.max_connections, 128))
             except OSError as e:
-                sock.close()
                 raise InvalidArgument(f"cannot listen on {path}: {e.strerror} (is it an "
                                       "existing file, or a folder that does not exist?)",
                                       value=path) from None
@@ -129,6 +125,8 @@ class Server:
                                       value=self.bind) from None
         sock.listen(min(self.max_connections, 128))
         self._listener = sock
+        if self.control_repo is not None:
+            self._control = control.listen(self.control_repo)
         return self.uri
 
     @property
@@ -162,10 +160,35 @@ class Server:
         with selectors.DefaultSelector() as sel:
             sel.register(self._listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
+            if self._control is not None:
+                sel.register(self._control, selectors.EVENT_READ)
             while not self._stop.is_set():
                 for key, _ in sel.select():
-                    if key.fileobj is self._listener and not self._stop.is_set():
+                    if self._stop.is_set():
+                        break
+                    if key.fileobj is self._listener:
                         self._accept()
+                    elif key.fileobj is self._control:
+                        self._control_request()
+
+    def _control_request(self) -> None:
+        assert self._control is not None
+        try:
+            conn, _ = self._control.accept()
+        except OSError:
+            return
+        control.handle(conn, self.snapshot)
+
+    def snapshot(self, chain: str, description: str = "", force: bool = False) -> object:
+        """Take a snapshot of CHAIN, exported read-write here, while it is served
+        (:meth:`Export.snapshot`); returns the Snapshot."""
+        for ex in self.exports.values():
+            if ex.chain_name == chain:
+                return ex.snapshot(description, force=force)
+        raise RepositoryError(f"chain {chain!r} is not exported read-write by this server "
+                              f"(pid {os.getpid()}); it serves "
+                              + ", ".join(repr(n) for n in self.exports),
+                              hint="stop the server to change the repository otherwise")
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -189,9 +212,9 @@ class Server:
         try:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # room for a few whole replies in the kernel (the default fits less than one of
-            # nbdcopy's 256 KiB reads), so a worker rarely waits for the client to catch up
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            # the kernel's default send buffer: a larger one (4 MiB was tried) keeps megabytes
+            # of replies in flight, out of the CPU caches by the time the client copies them,
+            # and made nbdcopy about half as fast here
             wire = Wire(sock)
             wire.deadline = time.monotonic() + self.handshake_timeout
             session = Negotiation(wire, lambda: self.exports, self.policy).run()
@@ -285,6 +308,10 @@ class Server:
                     os.unlink(self.socket_path)
                 except OSError:
                     pass
+        if self._control is not None:
+            self._control.close()
+            assert self.control_repo is not None
+            control.unlink(self.control_repo)
         self._wake_r.close()
         self._wake_w.close()
         err: EngineError | None = None

@@ -9,10 +9,31 @@ and data together, repeated only when the kernel takes less than all of it).
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import stat
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+
+def unix_listener(path: str, backlog: int) -> socket.socket:
+    """A Unix socket listening at PATH (an abstract name when it starts with NUL); an old
+    socket file at PATH is replaced, any other file is left alone (bind then fails: OSError)."""
+    if not path.startswith("\0"):
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Disconnected(Exception):
@@ -34,7 +55,7 @@ class Wire:
         self._start = 0
         self._end = 0
         self.deadline: float | None = None
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
     def _recv_into(self, view: memoryview) -> int:
         if self.deadline is not None:
@@ -66,6 +87,14 @@ class Wire:
             while self._end - self._start < n:
                 self._end += self._recv_into(self._view[self._end:])
         return self._view[self._start:self._start + n]
+
+    def run_on_buffer(self, fn: Callable[[bytearray, int, int], tuple[int, ...]]
+                      ) -> tuple[int, ...]:
+        """Let FN(buffer, start, end) take requests from the receive buffer (and receive more
+        into it) itself: it returns the new (start, end, ...); the rest is returned."""
+        start, end, *rest = fn(self._buf, self._start, self._end)
+        self._start, self._end = (0, 0) if start == end else (start, end)
+        return tuple(rest)
 
     def consume(self, n: int) -> None:
         self._start += n
@@ -107,7 +136,7 @@ class Wire:
         """Send every buffer, in order (one sendmsg while the kernel takes them whole).
         Buffers are bytes-like objects of unsigned bytes (bytes, bytearray, memoryviews of
         them)."""
-        if self._tls:                                  # no sendmsg over TLS
+        if self.tls:                                  # no sendmsg over TLS
             for b in buffers:
                 self.sock.sendall(b)
             return

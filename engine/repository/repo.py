@@ -223,13 +223,21 @@ class Repository:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise RepositoryError(f"the repository is in use by another process (pid {holder})",
-                                  path=self._path, hint="close it there first") from None
+                                  path=self._path, hint="close it there first (a chain "
+                                  "exported by the NBD server takes snapshots through it: "
+                                  "'cowchain chain snapshot' asks the server)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def note_holder(self, what: str) -> None:
+        """Say in the lock file what holds the repository (after the pid), for the error
+        another process gets when it finds the repository in use."""
+        if self._lock_fd is not None:
+            os.pwrite(self._lock_fd, f"{os.getpid()}, {what}\n".encode()[:256], 0)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

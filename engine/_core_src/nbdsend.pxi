@@ -1,0 +1,430 @@
+# Included by engine/_core.pyx (one compiled module); see the list of rooms there.
+
+# --- NBD read replies sent straight from the mappings ------------------------------------------
+#
+# A READ reply of the NBD server (engine/nbd) leaves in one sendmsg: the reply's headers, built
+# here, interleaved with pieces of the mappings of the layers that own each range (no copy into
+# a buffer first), and, in structured mode, OFFSET_HOLE chunks for the ranges that read as zeros
+# (NBD protocol specification, doc/proto.md, "Structured reply chunk message types"). The top
+# layer's read lock is held from the lookup to the end of the send, so no write can move the
+# leaf's mapping under the kernel's copy; to keep a client that stops reading from holding a
+# writable leaf's lock, the send waits for room in the socket NBD_WAIT_MS at most: what the
+# socket has not taken by then is copied out and sent after the lock is released. (Nothing
+# writes a read-only top layer, so its replies wait for the client as long as it takes.) Ranges the mappings cannot serve (compressed clusters, layers read
+# with pread) are left to the ordinary read path.
+
+from posix.uio cimport iovec
+from libc.string cimport memmove
+from libc.errno cimport EAGAIN
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
+    int MSG_DONTWAIT, MSG_NOSIGNAL
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLOUT
+
+DEF NBD_IOV_MAX = 1024              # Linux's IOV_MAX
+DEF NBD_WAIT_MS = 20                # how long a full socket may hold a writable leaf's lock,
+DEF NBD_WAITS = 16                  #   and how many times per reply
+DEF NBD_ZEROS = 1 << 20             # the shared zero buffer (holes sent as data)
+DEF NBD_REQUEST_MAGIC = 0x25609513
+DEF NBD_REPLY_MAGIC = 0x67446698
+DEF NBD_CHUNK_MAGIC = 0x668e33ef
+DEF NBD_CHUNK_DONE = 1
+DEF NBD_CHUNK_DATA = 1
+DEF NBD_CHUNK_HOLE = 2
+DEF E_NBD_FALLBACK = -10000          # not servable from the mappings (never a layer error)
+
+ctypedef struct NbdPiece:
+    uint64_t vaddr
+    uint64_t n
+    const uint8_t *ptr                  # NULL: reads as zeros
+
+ctypedef struct NbdPieces:
+    NbdPiece *v
+    uint64_t n
+    uint64_t cap
+
+cdef uint8_t *_nbd_zeros = NULL
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+
+
+cdef int nbd_push(NbdPieces *P, uint64_t vaddr, uint64_t n, const uint8_t *ptr) noexcept nogil:
+    """Append a piece, merged with the last one when it continues it (zeros after zeros, or
+    the next bytes of the same mapping)."""
+    cdef NbdPiece *last
+    cdef NbdPiece *p
+    if n == 0:
+        return 0
+    if P.n:
+        last = &P.v[P.n - 1]
+        if last.vaddr + last.n == vaddr and (
+                (ptr == NULL and last.ptr == NULL) or
+                (ptr != NULL and last.ptr != NULL and last.ptr + last.n == ptr)):
+            last.n += n
+            return 0
+    if P.n == P.cap:
+        P.cap = P.cap * 2 if P.cap else 32
+        p = <NbdPiece *>realloc(P.v, P.cap * sizeof(NbdPiece))
+        if p == NULL:
+            return E_NOMEM
+        P.v = p
+    P.v[P.n].vaddr = vaddr
+    P.v[P.n].n = n
+    P.v[P.n].ptr = ptr
+    P.n += 1
+    return 0
+
+
+cdef int nbd_collect(Layer *L, uint64_t vaddr, uint64_t n, NbdPieces *P) noexcept nogil:
+    """The pieces of [vaddr, vaddr+n) through L and its backing chain: where in a mapping
+    each range is, or that it reads as zeros (the same cases as layer_read)."""
+    cdef int rc, kind
+    cdef uint64_t host, run, e, m, avail
+    while n > 0:
+        if vaddr >= L.size:
+            return nbd_push(P, vaddr, n, NULL)
+        m = L.size - vaddr
+        if m > n:
+            m = n
+        if L.raw:
+            kind = K_DATA
+            host = vaddr
+            run = m
+        else:
+            rc = resolve(L, vaddr, m, &kind, &host, &run, &e)
+            if rc < 0:
+                return rc
+        if kind == K_DATA:
+            if L.pread_data or L.base == NULL:
+                return E_NBD_FALLBACK
+            avail = L.file_size - host if host < L.file_size else 0
+            if avail > run:
+                avail = run
+            if avail:
+                advise_read(L, host, avail)
+            rc = nbd_push(P, vaddr, avail, L.base + host)
+            if rc == 0:
+                rc = nbd_push(P, vaddr + avail, run - avail, NULL)   # past the end of the file
+        elif kind == K_ZERO:
+            rc = nbd_push(P, vaddr, run, NULL)
+        elif kind == K_UNALLOC:
+            if L.backing != NULL:
+                rc = nbd_collect(L.backing, vaddr, run, P)
+                if rc < 0 and rc != E_NBD_FALLBACK:
+                    copy_err(L, L.backing)
+            else:
+                rc = nbd_push(P, vaddr, run, NULL)
+        else:
+            return E_NBD_FALLBACK                               # compressed
+        if rc == E_NOMEM:
+            return fail(L, E_NOMEM, "out of memory", 0)
+        if rc < 0:
+            return rc
+        vaddr += run
+        n -= run
+    return 0
+
+
+cdef inline void put_be16(uint8_t *p, uint64_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+
+cdef inline void put_be32(uint8_t *p, uint64_t v) noexcept nogil:
+    put_be16(p, v >> 16)
+    put_be16(p + 2, v)
+
+
+cdef inline void put_be64(uint8_t *p, uint64_t v) noexcept nogil:
+    put_be32(p, v >> 32)
+    put_be32(p + 4, v)
+
+
+cdef int nbd_iov_data(iovec *iov, int k, int cap, const uint8_t *ptr, uint64_t n) noexcept nogil:
+    """Add n bytes at ptr (NULL: zeros, from the shared zero buffer); returns the new count,
+    or -1 when cap is reached."""
+    cdef uint64_t step
+    while n:
+        if k == cap:
+            return -1
+        step = n
+        if ptr == NULL and step > NBD_ZEROS:
+            step = NBD_ZEROS
+        iov[k].iov_base = <void *>(ptr if ptr != NULL else _nbd_zeros)
+        iov[k].iov_len = step
+        k += 1
+        n -= step
+        if ptr != NULL:
+            ptr += step
+    return k
+
+
+cdef int nbd_send_all(int sock, iovec *iov, int k, int wait_ms) noexcept nogil:
+    """Send the k buffers, waiting for room in the socket WAIT_MS milliseconds at most each
+    time it is full, NBD_WAITS times at most (WAIT_MS -1: as long as it takes). Returns the number of buffers left (iov[0]
+    advanced past what went out), or -errno."""
+    cdef msghdr msg
+    cdef ssize_t r
+    cdef int i = 0, waits = 0
+    cdef pollfd pfd
+    memset(&msg, 0, sizeof(msg))
+    while i < k:
+        msg.msg_iov = iov + i
+        msg.msg_iovlen = <size_t>(k - i if k - i < NBD_IOV_MAX else NBD_IOV_MAX)
+        r = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:          # (EWOULDBLOCK on Linux)
+                pfd.fd = sock
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                if wait_ms >= 0:
+                    waits += 1
+                    if waits > NBD_WAITS or poll(&pfd, 1, wait_ms) == 0:
+                        break            # still full after WAIT_MS, or full too often
+                else:
+                    poll(&pfd, 1, -1)
+                continue
+            return -errno
+        while r > 0 and i < k:
+            if <size_t>r >= iov[i].iov_len:
+                r -= iov[i].iov_len
+                i += 1
+            else:
+                iov[i].iov_base = <uint8_t *>iov[i].iov_base + r
+                iov[i].iov_len -= r
+                r = 0
+    # left-justify what is left
+    if i and i < k:
+        memmove(iov, iov + i, (k - i) * sizeof(iovec))
+    return k - i
+
+
+cdef int nbd_reply(Layer *L, bint *is_open, int sock, uint64_t offset, uint64_t length,
+                   uint64_t cookie, int mode, int wait_ms, ErrInfo *err, int *serr) noexcept nogil:
+    """Send the reply to one READ (see nbd_send_read). Returns 0 (sent, or *serr set to the
+    errno of a failed send), E_NBD_FALLBACK (nothing sent) or a layer error (in *err,
+    nothing sent)."""
+    cdef NbdPieces P
+    cdef iovec *iov = NULL
+    cdef uint8_t *hdr = NULL
+    cdef uint8_t *rest = NULL
+    cdef uint8_t *h
+    cdef uint64_t i, total = 0, done
+    cdef int k = 0, cap, left = 0, rc = 0
+    cdef bint structured = mode != 0, holes = mode == 1, last
+    P.v = NULL
+    P.n = P.cap = 0
+    serr[0] = 0
+    pthread_rwlock_rdlock(&L.lock)
+    if not is_open[0]:
+        rc = E_CLOSED
+    elif offset > L.size or L.size - offset < length:
+        rc = E_RANGE
+    else:
+        rc = nbd_collect(L, offset, length, &P)
+        if rc < 0 and rc != E_NBD_FALLBACK:
+            take_err(L, rc, err)
+    if rc == 0:
+        # worst case: a header and a data buffer per piece, plus zero-buffer splits
+        cap = <int>(2 * P.n + length // NBD_ZEROS + 4)
+        iov = <iovec *>malloc(cap * sizeof(iovec))
+        hdr = <uint8_t *>malloc(32 * (P.n + 1))
+        if iov == NULL or hdr == NULL:
+            rc = fail(L, E_NOMEM, "out of memory", 0)
+            take_err(L, rc, err)
+    if rc == 0:
+        h = hdr
+        if not structured:
+            put_be32(h, NBD_REPLY_MAGIC)
+            put_be32(h + 4, 0)
+            put_be64(h + 8, cookie)
+            iov[0].iov_base = h
+            iov[0].iov_len = 16
+            k = 1
+            for i in range(P.n):
+                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+        elif not holes:
+            put_be32(h, NBD_CHUNK_MAGIC)
+            put_be16(h + 4, NBD_CHUNK_DONE)
+            put_be16(h + 6, NBD_CHUNK_DATA)
+            put_be64(h + 8, cookie)
+            put_be32(h + 16, 8 + length)
+            put_be64(h + 20, offset)
+            iov[0].iov_base = h
+            iov[0].iov_len = 28
+            k = 1
+            for i in range(P.n):
+                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+        else:
+            for i in range(P.n):
+                last = i == P.n - 1
+                put_be32(h, NBD_CHUNK_MAGIC)
+                put_be16(h + 4, NBD_CHUNK_DONE if last else 0)
+                put_be64(h + 8, cookie)
+                put_be64(h + 20, P.v[i].vaddr)
+                iov[k].iov_base = h
+                if P.v[i].ptr == NULL:
+                    put_be16(h + 6, NBD_CHUNK_HOLE)
+                    put_be32(h + 16, 12)
+                    put_be32(h + 28, P.v[i].n)
+                    iov[k].iov_len = 32
+                    k += 1
+                else:
+                    put_be16(h + 6, NBD_CHUNK_DATA)
+                    put_be32(h + 16, 8 + P.v[i].n)
+                    iov[k].iov_len = 28
+                    iov[k + 1].iov_base = <void *>P.v[i].ptr
+                    iov[k + 1].iov_len = P.v[i].n
+                    k += 2
+                h += 32
+    if rc == 0 and k > 0:       # (k < 0 cannot happen: cap counts every buffer)
+        # a read-only top layer never moves its mapping: wait for the client as long as it
+        # takes; a writable one waits a little, then the rest is copied out
+        if wait_ms == -2:
+            wait_ms = NBD_WAIT_MS if L.writable else -1
+        left = nbd_send_all(sock, iov, k, wait_ms)
+        if left < 0:
+            serr[0] = -left
+            left = 0
+        elif left:
+            # the socket is full: copy out the rest, send it after the lock is released
+            for i in range(<uint64_t>left):
+                total += iov[i].iov_len
+            rest = <uint8_t *>malloc(total)
+            if rest == NULL:
+                serr[0] = ENOMEM
+            else:
+                done = 0
+                for i in range(<uint64_t>left):
+                    memcpy(rest + done, iov[i].iov_base, iov[i].iov_len)
+                    done += iov[i].iov_len
+    pthread_rwlock_unlock(&L.lock)
+    if rest != NULL and serr[0] == 0:
+        iov[0].iov_base = rest
+        iov[0].iov_len = total
+        left = nbd_send_all(sock, iov, 1, -1)
+        if left < 0:
+            serr[0] = -left
+    free(rest)
+    free(iov)
+    free(hdr)
+    free(P.v)
+    return rc
+
+
+cdef int nbd_zeros_ready() except -1:
+    global _nbd_zeros
+    if _nbd_zeros == NULL:
+        _nbd_zeros = <uint8_t *>calloc(NBD_ZEROS, 1)
+        if _nbd_zeros == NULL:
+            raise MemoryError()
+    return 0
+
+
+def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t length,
+                  uint64_t cookie, int mode, int wait_ms=-2):
+    """Send the reply to an NBD READ of [offset, offset+length) of IMG's disk on the
+    connected socket SOCK (blocking mode), in one sendmsg when the socket takes it whole.
+    MODE 0: a simple reply (zeros sent as data); 1: structured, zero ranges as OFFSET_HOLE
+    chunks; 2: structured, one OFFSET_DATA chunk (the DF flag). The caller holds the
+    connection's send lock and has checked the range. Returns False, having sent nothing,
+    when the range cannot be sent from the mappings (compressed clusters, a layer read with
+    pread): the caller then reads it into a buffer. Raises OSError when the socket fails
+    (part of the reply may have gone out: the connection is broken) and the engine's error
+    when a lookup fails (nothing sent)."""
+    cdef int rc, serr = 0
+    cdef ErrInfo err
+    if not img._open:
+        img._closed_error()
+    nbd_zeros_ready()
+    with nogil:
+        rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, wait_ms,
+                       &err, &serr)
+    if rc == E_NBD_FALLBACK:
+        return False
+    if rc < 0:
+        img._fail(rc, &err, offset, length)
+    if serr:
+        raise OSError(serr, "cannot send the reply")
+    return True
+
+
+cdef inline uint64_t get_be(const uint8_t *p, int n) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(n):
+        v = (v << 8) | p[i]
+    return v
+
+
+def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
+                    Py_ssize_t end, uint64_t size, int mode, uint64_t min_len,
+                    uint64_t max_len, int max_requests):
+    """Serve a run of plain READ requests of one connection without the GIL: requests are
+    parsed from BUF[start:end] (the connection's receive buffer; more is received into it
+    without blocking), and each READ with no flags, of MIN_LEN..MAX_LEN bytes, inside SIZE,
+    is answered as nbd_send_read answers it (MODE 0 or 1). Stops before any other request,
+    when no whole request can be had without waiting, or after MAX_REQUESTS. Returns
+    (start, end, served, errno): the buffer's new window, the replies sent, and the errno of
+    a failed send (0: none; the connection is broken then)."""
+    cdef uint8_t *b = <uint8_t *>(<char *>buf)
+    cdef Py_ssize_t cap = len(buf)
+    cdef ssize_t r
+    cdef int rc, serr = 0, served = 0
+    cdef uint64_t flags_type, cookie, offset, length
+    cdef ErrInfo err
+    if not img._open:
+        img._closed_error()
+    nbd_zeros_ready()
+    with nogil:
+        while served < max_requests:
+            if end - start < 28:
+                if start:
+                    memmove(b, b + start, end - start)
+                    end -= start
+                    start = 0
+                r = recv(sock, b + end, cap - end, MSG_DONTWAIT)
+                if r < 0 and errno == EINTR:
+                    continue
+                if r <= 0:
+                    break                 # nothing more now, EOF or an error: for the caller
+                end += r
+                continue
+            if get_be(b + start, 4) != NBD_REQUEST_MAGIC:
+                break
+            flags_type = get_be(b + start + 4, 4)
+            cookie = get_be(b + start + 8, 8)
+            offset = get_be(b + start + 16, 8)
+            length = get_be(b + start + 24, 4)
+            if (flags_type != 0 or length < min_len or length > max_len or offset > size
+                    or size - offset < length):
+                break                     # not a plain READ in range: for the caller
+            rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, -2,
+                           &err, &serr)
+            if rc < 0:
+                break                     # nothing sent: the caller serves it (or its error)
+            start += 28
+            served += 1
+            if serr:
+                break
+    return start, end, served, serr
