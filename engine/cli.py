@@ -548,7 +548,8 @@ def cmd_serve(args) -> int:
                  description=args.description, pid_file=args.pid_file,
                  tls_certs=args.tls_certs if args.tls != "off" else None,
                  tls_required=args.tls == "require", more=args.export,
-                 max_connections=args.max_connections)
+                 max_connections=args.max_connections,
+                 **(_catalog(args) if args.chain else {}))
 
 
 def _name_image(text: str) -> tuple[str, str]:

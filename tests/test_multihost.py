@@ -509,3 +509,36 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
 if __name__ == "__main__":
     {"host": _host_main, "victim": _victim_main,
      "writer": _writer_main}[sys.argv[1]](*sys.argv[2:])
+
+
+# --- serving a chain of a shared repository -----------------------------------------------------
+
+def test_serve_read_write_holds_the_chain_lease(shared, tmp_path):
+    """``cowchain serve --chain`` on a shared repository takes the chain's write lease before
+    it listens: writes over NBD land in the leaf, another host is refused the chain while the
+    server runs (ChainLeased), and after SIGTERM the lease is free and the other host reads
+    what the client wrote."""
+    folder, url = shared
+    sock = str(tmp_path / "s.sock")
+    env = dict(_env(), COWCHAIN_REPO=folder, COWCHAIN_CATALOG=url, COWCHAIN_HOST_ID="server")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--socket", sock,
+                             "--chain", CHAINS[0]], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        uri = proc.stdout.readline().strip()
+        assert uri.startswith("nbd+unix://"), proc.stderr.read()
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 65536 131072",
+                              "-c", "flush", uri], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "wrote 131072" in out.stdout, out.stdout + out.stderr
+        with _open(folder, url, "other") as repo:
+            with pytest.raises(ChainLeased):
+                repo.chain(CHAINS[0]).write(0, b"x" * 512)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    with _open(folder, url, "other") as repo:
+        c = repo.chain(CHAINS[0])
+        assert c.read(65536, 131072) == b"\x5a" * 131072
+        c.write(0, b"y" * 512)                          # the lease was released: free
+        c.flush()
+    assert _volumes_clean(folder) == []

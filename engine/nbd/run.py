@@ -39,13 +39,20 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
           bind: tuple[str, int] | None = None, export_name: str = "", description: str = "",
           pid_file: str | None = None, tls_certs: str | None = None,
           tls_required: bool = False, more: list[tuple[str, str]] | None = None,
-          out: TextIO | None = None, **server_opts: Any) -> int:
+          out: TextIO | None = None, catalog: str | None = None,
+          host_id: str | None = None, **server_opts: Any) -> int:
     """Serve IMAGE (a file and its backing chain), or CHAIN of the repository REPO (its leaf
     read-write, or SNAPSHOT read-only), as the export EXPORT_NAME, and the images of MORE
     ((name, path) pairs) under their names, until SIGTERM or SIGINT. Prints the NBD URI on OUT
     (default stdout) once listening, writes PID_FILE then; on the signal, finishes the
     requests in flight, flushes, closes (releasing the image and repository locks) and
-    returns 0."""
+    returns 0.
+
+    CATALOG/HOST_ID: the repository's PostgreSQL catalog and this host's id (a repository
+    shared by several hosts). Serving the leaf read-write takes the chain's write lease
+    before listening (ChainLeased when another live host holds it) and holds it, renewed,
+    until the server ends; a lease lost while serving fails every later write (the client
+    sees EIO) and nothing more is written: restart the server to take a new lease."""
     out = out or sys.stdout
     tls = tls_context(tls_certs) if tls_certs else None
     with contextlib.ExitStack() as stack:
@@ -59,11 +66,14 @@ def serve(*, image: str | None = None, repo: str | None = None, chain: str | Non
             if repo is None or chain is None:
                 raise InvalidArgument("give an image, or a repository and a chain")
             ro = readonly or snapshot is not None
-            r = stack.enter_context(Repository.open(repo, readonly=ro))
+            r = stack.enter_context(Repository.open(repo, readonly=ro, catalog=catalog,
+                                                    host_id=host_id))
             if not ro:
                 r.note_holder(f"cowchain serve of chain {chain!r}")
             c = r.chain(chain)
             stack.callback(c.close)
+            if not ro:
+                c.take_lease()    # on this thread, before any client (None: one host)
             if snapshot is not None:
                 disk = stack.enter_context(c.open_snapshot(snapshot))
                 default_desc = f"{chain} at snapshot {c.get_snapshot(snapshot).id}"
