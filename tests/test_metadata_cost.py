@@ -263,3 +263,26 @@ def test_close_above_keeps_the_chain_under_a_file(tmp_path):
     assert kept is chain[2] and all(i.closed for i in chain[:2])
     assert not kept.closed and kept.read(0, 4) == b"01\0\0"
     assert kept.close_above(names[3]) is None and kept.closed and chain[3].closed
+
+
+def test_delete_snapshot_keeps_roles_exact_in_both_directions(repo):
+    """A merge recomputes roles over the merged volume (commit) or the child's new parent
+    (pull) only; the result is the rule over the whole repository, clones included."""
+    c = repo.create_chain("m", 8 << 20, base_format="qcow2")
+    for i in range(4):
+        c.write(0, bytes([i + 1]) * ((4 << 20) if i % 2 == 0 else 4096))
+        s = c.snapshot()
+        if i == 0:
+            c.clone(s.id, "mk")               # a clone reads through the lowest volume
+    seen = []
+    for under, over in ((4 << 20, 4096), (4096, 6 << 20), (4 << 20, 4096)):
+        # the newest snapshot: its child is the leaf (a commit makes the snapshot's volume
+        # the leaf); the one above the clone's: two inner volumes
+        c.write(0, b"U" * under)
+        newest = c.snapshot()
+        c.write(0, b"O" * over)
+        for sid in (newest.id, c.snapshots[1].id):
+            seen.append(c.delete_snapshot(sid).direction)
+            _assert_roles_exact(repo)
+            assert repo.check().problems == []
+    assert seen[0] == "commit" and seen[2] == "pull", seen

@@ -76,13 +76,13 @@ def steps(ctx: Context, j: Journaled, args: dict[str, Any], step: str,
         if commit:
             for gid in args["grandchildren"]:
                 cat.update_volume(gid, parent=vol.id)
-            for c in cat.chains():
+            for c in cat.chains_on([child.id]):
                 if c.leaf == child.id:
                     cat.update_chain(c.name, leaf=vol.id)
                 if c.saved_leaf == child.id:
                     cat.update_chain(c.name, saved_leaf=vol.id)
-            for s in cat.snapshots(vol.chain):
-                if s.volume == child.id:
+            for s in cat.snapshots_on([child.id]):
+                if s.chain == vol.chain:
                     cat.update_snapshot(s.id, volume=vol.id)
             cat.delete_snapshot(args["snapshot"])
             cat.delete_volume(child.id)
@@ -93,6 +93,8 @@ def steps(ctx: Context, j: Journaled, args: dict[str, Any], step: str,
             cat.delete_snapshot(args["snapshot"])
             cat.delete_volume(vol.id)
             remove = [vol.path]
-        ctx.refresh_roles()
+        # roles change only over the merged volume (commit) or over the child's new parent
+        # (pull): what lies under them is as it was
+        ctx.refresh_roles(vol.id if commit else (vol.parent or child.id))
         cat.journal_commit(j.jid, {"remove": remove})
     return copied, remove
