@@ -344,18 +344,10 @@ def cmd_release(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
-    from engine.errors import RepositoryError
     from engine.nbd import control
 
-    try:
-        with _open_repo(args) as repo:
-            d = repo.chain(args.name).snapshot(args.description, force=args.force).to_dict()
-    except RepositoryError:
-        # held by 'cowchain serve': the server takes the snapshot between two requests
-        served = control.request(_repo_dir(args), args.name, args.description, args.force)
-        if served is None:
-            raise
-        d = served
+    d = control.snapshot_chain(lambda: _open_repo(args), _repo_dir(args), args.name,
+                               args.description, args.force)
     # The id alone on stdout, so that SNAP=$(cowchain chain snapshot vm1) works.
     _emit(args, d, d["id"])
     return 0

@@ -150,3 +150,26 @@ def request(repo_path: str, chain: str, description: str = "",
         except TypeError:                   # a class with other arguments: the generic one
             pass
     raise err
+
+
+def snapshot_chain(open_repo: Callable[[], Any], repo_path: str, chain: str,
+                   description: str = "", force: bool = False) -> dict[str, Any]:
+    """Snapshot CHAIN of the repository in REPO_PATH and return the snapshot's dict: in
+    this process (OPEN_REPO opens the repository read-write), or, when a ``cowchain serve``
+    of the chain holds the repository, by that server between two requests (``request``).
+
+    Raises:
+        RepositoryError: the repository is held and no server answers for it; and the
+            errors of ``Chain.snapshot``.
+    """
+    try:
+        with open_repo() as repo:
+            snap: dict[str, Any] = repo.chain(chain).snapshot(description,
+                                                              force=force).to_dict()
+            return snap
+    except RepositoryError:
+        served = request(repo_path, chain, description, force)
+        if served is None:
+            raise
+        return served
+
