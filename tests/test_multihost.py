@@ -1,15 +1,19 @@
 """Several hosts sharing one repository: one volume folder, one PostgreSQL catalog, per-chain
 write leases (``docs/multihost.md``).
 
-- **Random run**: three host processes (different host ids) run random writes, snapshots
-  and snapshot deletions on random chains for a fixed time (``COWCHAIN_LONG=1``: longer).
-  Every write is tagged with its host and lease epoch in a per-host log, written before
-  (attempt) and after it was acknowledged and flushed.  The checker proves that no chain
-  had two writers in one epoch, that every acknowledged-and-flushed write is readable at
-  the end (or overwritten by a later write), and that the repository check and
-  ``qemu-img check`` are clean.
+- **Random run**: three host processes (different host ids) run random writes, snapshots,
+  snapshot deletions, reverts, previews (kept or undone), clones and resizes on random
+  chains for a fixed time (``COWCHAIN_LONG=1``: longer).  Each host logs every operation
+  with its lease epoch and the digest of the disk before and after it, before (try) and
+  after it was acknowledged (writes flushed).  The checker proves that no chain had two
+  writers in one epoch, replays each chain's history (every epoch starts from the disk the
+  previous one left, or from the disk before or after the operation in flight when that
+  epoch lost its lease or failed; every snapshot, clone and preview reads what the chain
+  read when the snapshot was taken), and that the repository check and ``qemu-img check``
+  are clean.
 - **Kill and takeover**: a host killed (SIGKILL) in the middle of a snapshot, a snapshot
-  deletion (both merge directions), a revert or an import; another host takes the chain
+  deletion (both merge directions), a revert, a preview, a clone, a resize or an import;
+  another host takes the chain
   over once the lease expired, its recovery leaves the chain as before or after the
   operation, never mixed, and every volume passes ``qemu-img check``.
 - **Paused host**: a writer stopped (SIGSTOP) past its lease; another host takes the chain
@@ -24,6 +28,7 @@ Run as a script, this file is one host process (``_host_main``, ``_victim_main``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -31,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -79,6 +85,113 @@ def _open(folder: str, url: str, host: str) -> engine.Repository:
 
 # --- the host processes -----------------------------------------------------------------------
 
+def _digest(data: bytes | bytearray) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+class _Visit:
+    """One host's turn on one chain: everything it does is logged with the lease epoch,
+    and with the digest of the disk before and after, so the checker can replay the
+    chain's history across hosts (``_replay``)."""
+
+    def __init__(self, repo: engine.Repository, c: Any, host: str, log: str,
+                 rnd: random.Random):
+        self.repo, self.c, self.host, self.log, self.rnd = repo, c, host, log, rnd
+        self.epoch = 0
+        self.model = bytearray()
+
+    def emit(self, ev: str, **kw: Any) -> None:
+        _log(self.log, ev=ev, chain=self.c.name, host=self.host, epoch=self.epoch, **kw)
+
+    def begin(self) -> None:
+        lease = self.c.take_lease()               # ChainLeased: another host has it
+        assert lease is not None
+        self.epoch = lease.epoch
+        if self.c.previewing is not None:         # left by a host that lost the chain
+            self.c.undo_preview()
+            self.emit("leftover", op="undo_preview")
+        self.model = bytearray(self.c.read(0, self.c.size))
+        self.emit("begin", h=_digest(self.model))
+
+    def _snapshot_data(self, sid: str) -> bytes:
+        with self.c.open_snapshot(sid) as img:
+            return img.read(0, img.size)
+
+    def run(self, what: str, seq: int) -> None:
+        c, h0 = self.c, _digest(self.model)
+        if what == "write":
+            off = self.rnd.randrange(SECTORS) * 512
+            tag = f"{self.host}/{seq}"
+            after = bytearray(self.model)
+            after[off:off + 512] = _block(tag)
+            self.emit("try", op=what, h0=h0, h1=_digest(after), off=off, tag=tag)
+            c.write(off, _block(tag))
+            c.flush()
+            self.model = after
+            self.emit("done", op=what, h=_digest(after), off=off, tag=tag)
+        elif what == "snapshot":
+            self.emit("try", op=what, h0=h0, h1=h0)
+            s = c.snapshot(self.host)
+            self.emit("done", op=what, h=h0, snapshot=s.id)
+        elif what == "resize":
+            if len(self.model) >= DISK + 8 * 65536:
+                return
+            after = self.model + bytes(65536)
+            self.emit("try", op=what, h0=h0, h1=_digest(after))
+            c.resize(len(after))
+            self.model = after
+            self.emit("done", op=what, h=_digest(after))
+        else:
+            snaps = c.snapshots
+            if not snaps:
+                return
+            sid = self.rnd.choice(snaps).id
+            if what == "delete":
+                self.emit("try", op=what, h0=h0, h1=h0, snapshot=sid)
+                r = c.delete_snapshot(sid)
+                self.emit("done", op=what, h=h0, snapshot=sid, direction=r.direction)
+                return
+            data = self._snapshot_data(sid)
+            # what the snapshot reads now must be what the chain read when it was taken
+            self.emit("snapref", snapshot=sid, h=_digest(data))
+            if what == "clone":
+                name = f"{c.name}-{self.host}-{seq}"
+                self.emit("try", op=what, h0=h0, h1=h0, snapshot=sid, clone=name)
+                clone = c.clone(sid, name)
+                try:
+                    got = clone.read(0, clone.size)
+                finally:
+                    clone.close()
+                self.repo.delete_chain(name)
+                self.emit("done", op=what, h=h0, snapshot=sid, clone_h=_digest(got))
+            elif what == "revert":
+                self.emit("try", op=what, h0=h0, h1=_digest(data), snapshot=sid)
+                c.revert(sid)
+                self.model = bytearray(data)
+                self.emit("done", op=what, h=_digest(data), snapshot=sid)
+            else:                                 # preview, then keep it or undo it
+                keep = self.rnd.random() < 0.5
+                after = bytearray(data) if keep else self.model
+                self.emit("try", op=what, h0=h0, h1=_digest(after), snapshot=sid, keep=keep)
+                c.preview(sid)
+                seen = c.read(0, c.size)
+                if keep:
+                    c.commit_preview()
+                else:
+                    c.undo_preview()
+                self.model = after
+                self.emit("done", op=what, h=_digest(after), snapshot=sid,
+                          preview_h=_digest(seen))
+
+    def end(self) -> None:
+        self.c.close()                            # flushes and releases the lease
+        self.emit("end", h=_digest(self.model))
+
+
+OPS = {"write": 16, "snapshot": 4, "delete": 2, "revert": 1, "preview": 1, "clone": 1,
+       "resize": 1}
+
+
 def _host_main(folder: str, url: str, host: str, seed: str, seconds: str, log: str) -> None:
     rnd = random.Random(int(seed))
     repo = _open(folder, url, host)
@@ -86,32 +199,14 @@ def _host_main(folder: str, url: str, host: str, seed: str, seconds: str, log: s
     seq = 0
     while time.monotonic() < end:
         name = rnd.choice(CHAINS)
+        c = repo.chain(name)
+        v = _Visit(repo, c, host, log, rnd)
         try:
-            c = repo.chain(name)
-            try:
-                for _ in range(rnd.randint(1, 6)):
-                    what = rnd.choices(["write", "snapshot", "delete"], [8, 2, 1])[0]
-                    if what == "write":
-                        seq += 1
-                        off = rnd.randrange(SECTORS) * 512
-                        tag = f"{host}/{seq}"
-                        _log(log, ev="attempt", chain=name, off=off, tag=tag, host=host)
-                        c.write(off, _block(tag))
-                        c.flush()
-                        _log(log, ev="ack", chain=name, off=off, tag=tag, host=host,
-                             seq=seq, epoch=c.lease.epoch)
-                    elif what == "snapshot":
-                        s = c.snapshot(f"{host}")
-                        _log(log, ev="op", op="snapshot", chain=name, host=host,
-                             epoch=c.lease.epoch, snapshot=s.id)
-                    else:
-                        snaps = c.snapshots
-                        if snaps:
-                            r = c.delete_snapshot(rnd.choice(snaps).id)
-                            _log(log, ev="op", op="delete_snapshot", chain=name, host=host,
-                                 epoch=c.lease.epoch, direction=r.direction)
-            finally:
-                c.close()                       # flushes and releases the lease
+            v.begin()
+            for _ in range(rnd.randint(1, 6)):
+                seq += 1
+                v.run(rnd.choices(list(OPS), list(OPS.values()))[0], seq)
+            v.end()
         except ChainLeased:
             _log(log, ev="refused", chain=name, host=host)
         except LeaseLost as e:
@@ -119,16 +214,22 @@ def _host_main(folder: str, url: str, host: str, seed: str, seconds: str, log: s
         except RepositoryError as e:
             # the catalog restarting: the operation failed cleanly (rolled back, or left
             # to recovery, which runs under the chain's lease)
-            _log(log, ev="failed", chain=name, host=host, error=type(e).__name__,
-                 message=str(e))
+            _log(log, ev="failed", chain=name, host=host, epoch=v.epoch,
+                 error=type(e).__name__, message=str(e))
             try:
                 repo.recover(chains=[name])
             except EngineError as e2:
-                _log(log, ev="failed", chain=name, host=host, error=type(e2).__name__,
-                     message=str(e2))
+                _log(log, ev="failed", chain=name, host=host, epoch=v.epoch,
+                     error=type(e2).__name__, message=str(e2))
+        finally:
+            if not c.closed:
+                try:
+                    c.close()
+                except EngineError:
+                    pass
         time.sleep(rnd.random() * 0.05)
     repo.close()
-    _log(log, ev="done", host=host)
+    _log(log, ev="finished", host=host)
 
 
 def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
@@ -146,10 +247,13 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
         before["data_after"] = (bytes(range(256)) * (DISK // 256)).hex()
     elif op == "snapshot":
         c.write(0, b"A" * 65536)
-    elif op == "revert":
+    elif op in ("revert", "preview", "clone"):
         c.write(0, b"R" * 65536)
         before["target"] = c.snapshot("s1").id
         c.write(4096, b"N" * 65536)
+    elif op == "resize":
+        c.write(DISK - 65536, b"E" * 65536)
+        before["data_after"] = (c.read(0, DISK) + bytes(DISK)).hex()
     else:
         # 'commit': the snapshot's volume holds more than its child; 'pull': the reverse
         big, small = (b"B" * 262144, b"s" * 4096)
@@ -163,7 +267,7 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
     c.flush()
     before["snapshots"] = [s.id for s in c.snapshots]
     before["data"] = c.read(0, DISK).hex()
-    if op == "revert":
+    if op in ("revert", "preview", "clone"):
         with c.open_snapshot(str(before["target"])) as img:
             before["data_after"] = img.read(0, DISK).hex()
     with open(state, "w") as f:
@@ -176,6 +280,12 @@ def _victim_main(folder: str, url: str, host: str, op: str, kill_at: str,
         c.snapshot("killed")
     elif op == "revert":
         c.revert(str(before["target"]))
+    elif op == "preview":
+        c.preview(str(before["target"]))
+    elif op == "clone":
+        c.clone(str(before["target"]), "cl")
+    elif op == "resize":
+        c.resize(2 * DISK)
     else:
         c.delete_snapshot(str(before["target"]))
     print("the operation finished: the kill point was not reached", flush=True)
@@ -349,15 +459,79 @@ def _until_lines(log: str, n: int, limit: float = 60.0) -> None:
 
 # --- the random run ---------------------------------------------------------------------------
 
-def _check_logs(events: list[dict]) -> tuple[dict[tuple[str, int], set[str]], int]:
-    """No chain had two writers in one epoch; returns the writers and the acks."""
+def _check_logs(events: list[dict]) -> dict[tuple[str, int], set[str]]:
+    """No chain had two writers in one epoch; returns the writers of each epoch."""
     writers: dict[tuple[str, int], set[str]] = {}
     for e in events:
-        if "epoch" in e and e["ev"] in ("ack", "op"):
+        if e.get("epoch") and e["ev"] in ("begin", "try", "done", "end"):
             writers.setdefault((e["chain"], e["epoch"]), set()).add(e["host"])
     two = {k: v for k, v in writers.items() if len(v) > 1}
     assert not two, f"two writers in one epoch: {two}"
-    return writers, sum(e["ev"] == "ack" for e in events)
+    return writers
+
+
+def _replay(name: str, events: list[dict]) -> tuple[set[str], list[str]]:
+    """Replay one chain's history from the hosts' logs, epoch by epoch.
+
+    Each epoch must start (``begin``) from a disk the previous epoch could have left: its
+    final disk, or, when it ended by losing the lease or by a failed operation, the disk
+    before or after the operation in flight (an unacknowledged write may or may not have
+    landed; recovery rolls an operation back or forward).  Every snapshot must read what the
+    chain read when it was taken, a clone what its snapshot reads, a preview its snapshot.
+    Returns the digests the disk may have at the end, and the problems found."""
+    by_epoch: dict[int, list[dict]] = {}
+    for e in events:
+        if e.get("chain") == name and e.get("epoch"):
+            by_epoch.setdefault(e["epoch"], []).append(e)
+    cand = {_digest(bytes(DISK))}
+    snaps: dict[str, str] = {}          # snapshot id -> digest of the disk when taken
+    maybe: set[str] = set()             # digests of snapshots whose creation failed
+    refs: list[tuple[str, str]] = []
+    bad: list[str] = []
+    for epoch in sorted(by_epoch):
+        evs = by_epoch[epoch]
+        cur: str | None = None
+        pending: dict | None = None
+        ended = False
+        for e in evs:
+            if e["ev"] == "begin":
+                if e["h"] not in cand:
+                    bad.append(f"{name} epoch {epoch}: starts from {e['h']}, the previous "
+                               f"epoch left one of {sorted(cand)}")
+                cur = e["h"]
+            elif e["ev"] == "try":
+                if cur is not None and e["h0"] != cur:
+                    bad.append(f"{name} epoch {epoch}: {e['op']} from {e['h0']}, not {cur}")
+                pending = e
+                if e["op"] == "snapshot":
+                    maybe.add(e["h0"])
+            elif e["ev"] == "done":
+                assert pending is not None and pending["op"] == e["op"], e
+                if e["h"] != pending["h1"]:
+                    bad.append(f"{name} epoch {epoch}: {e['op']} gave {e['h']}, "
+                               f"expected {pending['h1']}")
+                if e["op"] == "snapshot":
+                    snaps[e["snapshot"]] = e["h"]
+                if e["op"] == "clone" and e["clone_h"] != snaps.get(e["snapshot"],
+                                                                    e["clone_h"]):
+                    bad.append(f"{name}: clone of {e['snapshot']} reads {e['clone_h']}")
+                if e["op"] == "preview":
+                    refs.append((e["snapshot"], e["preview_h"]))
+                cur, pending = e["h"], None
+            elif e["ev"] == "snapref":
+                refs.append((e["snapshot"], e["h"]))
+            elif e["ev"] == "end":
+                ended = True
+                cand = {e["h"]}
+        if not ended and cur is not None:
+            cand = {cur} | ({pending["h1"]} if pending is not None else set())
+        elif not ended and pending is not None:
+            cand = cand | {pending["h1"]}
+    for sid, h in refs:
+        if h != snaps.get(sid, h) or (sid not in snaps and h not in maybe):
+            bad.append(f"{name}: snapshot {sid} reads {h}, taken as "
+                       f"{snaps.get(sid, 'a failed snapshot')}")
+    return cand, bad
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["steady", "server-restart"])
@@ -379,38 +553,29 @@ def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary, p
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"host h{i} (seed {seed + i}) failed:\n{outs[i][-3000:]}"
     events = [json.loads(line) for log in logs for line in open(log)]
-    assert sum(e["ev"] == "done" for e in events) == HOSTS
-    writers, acks = _check_logs(events)
-    # every acknowledged-and-flushed write is readable: the last one on each sector (in
-    # epoch order, then the host's own order) or a write attempted but never acknowledged
-    last: dict[tuple[str, int], tuple[int, int, str]] = {}
-    unacked: dict[tuple[str, int], set[str]] = {}
-    acked = {e["tag"] for e in events if e["ev"] == "ack"}
-    for e in events:
-        key = (e.get("chain", ""), e.get("off", -1))
-        if e["ev"] == "ack":
-            cand = (e["epoch"], e["seq"], e["tag"])
-            if key not in last or cand[:2] > last[key][:2]:
-                last[key] = cand
-        elif e["ev"] == "attempt" and e["tag"] not in acked:
-            unacked.setdefault(key, set()).add(e["tag"])
+    assert sum(e["ev"] == "finished" for e in events) == HOSTS
+    writers = _check_logs(events)
     wrong = []
     with _open(folder, url, "checker") as repo:
         for name in CHAINS:        # operations left to recovery are recovered on takeover
-            repo.chain(name).take_lease(wait=60.0)
+            c = repo.chain(name)
+            c.take_lease(wait=60.0)
+            if c.previewing is not None:           # a preview left by a lost lease
+                c.undo_preview()
         for name in CHAINS:
-            data = repo.chain(name).read(0, DISK)
-            for (chain, off), (_, _, tag) in last.items():
-                if chain != name:
-                    continue
-                got = _tag_of(data[off:off + 512])
-                if got != tag and got not in unacked.get((chain, off), set()):
-                    wrong.append(f"{chain}@{off}: {got!r}, acknowledged {tag!r}")
+            cand, bad = _replay(name, events)
+            wrong += bad
+            c = repo.chain(name)
+            got = _digest(c.read(0, c.size))
+            if got not in cand:
+                wrong.append(f"{name}: the disk reads {got} at the end, expected one of "
+                             f"{sorted(cand)}")
         result = repo.check()
         assert result.ok, [str(p) for p in result.problems]
     assert not wrong, wrong[:20]
     assert _volumes_clean(folder) == []
-    ops = [e for e in events if e["ev"] == "op"]
+    done = [e for e in events if e["ev"] == "done" and "op" in e]
+    kinds = {k: sum(e["op"] == k for e in done) for k in OPS}
     refused = sum(e["ev"] == "refused" for e in events)
     lost = sum(e["ev"] == "lost" for e in events)
     failed = [e for e in events if e["ev"] == "failed"]
@@ -418,14 +583,15 @@ def test_hosts_share_a_repository_random_operations(shared, tmp_path, summary, p
         assert not failed, failed[:5]
     assert {e["error"] for e in failed} <= {"CatalogUnavailable", "RepositoryError"}, failed
     handoffs = sum(len({k[1] for k in writers if k[0] == c}) for c in CHAINS)
-    assert acks > 0 and handoffs > len(CHAINS), (acks, handoffs)
+    assert kinds["write"] > 0 and handoffs > len(CHAINS), (kinds, handoffs)
     summary.append(
         f"multihost: {HOSTS} hosts x {RUN_SECONDS:g} s on {len(CHAINS)} chains"
-        f"{', PostgreSQL restarted halfway' if restart else ''} (seed {seed}): {acks} "
-        f"acknowledged writes, {len(ops)} snapshot/delete operations, {handoffs} lease "
-        f"epochs, {refused} refusals, {lost} leases lost, {len(failed)} operations failed "
-        f"cleanly; 0 epochs with two writers, 0 lost writes, repo check and qemu-img check "
-        f"clean")
+        f"{', PostgreSQL restarted halfway' if restart else ''} (seed {seed}): "
+        + ", ".join(f"{n} {k}" for k, n in kinds.items())
+        + f" acknowledged; {handoffs} lease epochs, {refused} refusals, {lost} leases lost, "
+        f"{len(failed)} operations failed cleanly; 0 epochs with two writers, every epoch "
+        f"began from the disk the one before left, every snapshot, clone and preview read "
+        f"its snapshot, repo check and qemu-img check clean")
 
 
 # --- kill -9 in the middle of an operation, then a takeover -----------------------------------
@@ -437,27 +603,32 @@ KILLS = [("snapshot", p) for p in ("snapshot.intent", "snapshot.created",
                    "delete_snapshot.rebased", "delete_snapshot.committed")] + \
         [("revert", p) for p in ("revert.intent", "revert.created", "revert.committed")] + \
         [("import", p) for p in ("import_chain.intent", "import.copy",
-                                 "import_chain.written")]
+                                 "import_chain.written")] + \
+        [(o, f"{o}.{p}") for o, steps in (("preview", ("intent", "created", "committed")),
+                                           ("clone", ("intent", "created", "committed")),
+                                           ("resize", ("intent", "resized", "committed")))
+         for p in steps]
 
 
-def _import_taken_over(folder: str, url: str, before: dict) -> bool:
-    """The chain a killed import was making: recovered by another host once the lease
-    expired; absent, or present with the source's content. Returns whether present."""
+def _new_chain_taken_over(folder: str, url: str, name: str, before: dict) -> bool:
+    """The chain a killed import or clone was making: recovered by another host once the
+    lease expired; absent, or present with the content it was to have (the source's, the
+    snapshot's). Returns whether present."""
     with _open(folder, url, "h-taker") as repo:
         end = time.monotonic() + 60
         while True:
             try:
-                repo.recover(chains=["imp"])
+                repo.recover(chains=[name])
                 break
             except ChainLeased:
                 assert time.monotonic() < end, "the killed host's lease never expired"
                 time.sleep(0.2)
         names = [c.name for c in repo.chains()]
-        if "imp" in names:
-            assert repo.chain("imp").read(0, DISK).hex() == before["data_after"]
+        if name in names:
+            assert repo.chain(name).read(0, DISK).hex() == before["data_after"]
         result = repo.check()
         assert result.ok, [str(p) for p in result.problems]
-    return "imp" in names
+    return name in names
 
 
 @pytest.mark.parametrize("op,kill_at", KILLS, ids=[f"{o}-{p.split('.')[1]}" for o, p in KILLS])
@@ -469,8 +640,8 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
     assert p.returncode == -9, f"the victim was not killed at {kill_at}:\n{out[-3000:]}"
     with open(state) as f:
         before = json.load(f)
-    if op == "import":
-        after = _import_taken_over(folder, url, before)
+    if op in ("import", "clone"):
+        after = _new_chain_taken_over(folder, url, "imp" if op == "import" else "cl", before)
         assert _volumes_clean(folder) == []
         summary.append(f"multihost: kill -9 at {kill_at} ({op}), takeover by another host: "
                        f"chain {'after' if after else 'before'} the operation, check clean")
@@ -487,6 +658,17 @@ def test_a_host_killed_mid_operation_is_taken_over(shared, tmp_path, op, kill_at
             assert snaps == before["snapshots"]
             assert data in (before["data"], before["data_after"]), "a mixed disk"
             after = data == before["data_after"]
+        elif op == "preview":
+            assert snaps == before["snapshots"]
+            after = c.previewing is not None
+            assert data == before["data_after" if after else "data"], "a mixed disk"
+            if after:
+                assert c.previewing.id == before["target"]
+        elif op == "resize":
+            assert snaps == before["snapshots"]
+            after = c.size == 2 * DISK
+            assert c.size in (DISK, 2 * DISK), c.size
+            assert c.read(0, c.size).hex() == before["data_after"][:2 * c.size]
         elif op == "snapshot":
             assert data == before["data"], "the disk changed"
             assert snaps[:len(before["snapshots"])] == before["snapshots"]
