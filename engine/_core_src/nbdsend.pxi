@@ -59,6 +59,7 @@ ctypedef struct NbdPieces:
     NbdPiece *v
     uint64_t n
     uint64_t cap
+    uint64_t floor                      # pieces below this index belong to an earlier reply
 
 cdef uint8_t *_nbd_zeros = NULL
 
@@ -73,7 +74,7 @@ cdef int nbd_push(NbdPieces *P, uint64_t vaddr, uint64_t n, const uint8_t *ptr) 
     cdef NbdPiece *p
     if n == 0:
         return 0
-    if P.n:
+    if P.n > P.floor:
         last = &P.v[P.n - 1]
         if last.vaddr + last.n == vaddr and (
                 (ptr == NULL and last.ptr == NULL) or
@@ -219,90 +220,131 @@ cdef int nbd_send_all(int sock, iovec *iov, int k, int wait_ms) noexcept nogil:
     return k - i
 
 
-cdef int nbd_reply(Layer *L, bint *is_open, int sock, uint64_t offset, uint64_t length,
-                   uint64_t cookie, int mode, int wait_ms, ErrInfo *err, int *serr) noexcept nogil:
-    """Send the reply to one READ (see nbd_send_read). Returns 0 (sent, or *serr set to the
-    errno of a failed send), E_NBD_FALLBACK (nothing sent) or a layer error (in *err,
-    nothing sent)."""
+ctypedef struct NbdReq:
+    uint64_t cookie
+    uint64_t offset
+    uint64_t length
+    uint64_t p0                         # its pieces: P.v[p0:p1]
+    uint64_t p1
+    int mode                            # 0 simple, 1 structured with holes, 2 one data chunk
+
+DEF NBD_BATCH = 64                  # requests answered by one sendmsg at most
+DEF NBD_BATCH_BYTES = 1 << 20       # and their payload bytes (one larger read goes alone)
+
+
+cdef int nbd_build(NbdPieces *P, NbdReq *q, iovec *iov, int k, int cap,
+                   uint8_t **hp) noexcept nogil:
+    """Append the reply to Q (headers at *hp, advanced; data pieces P.v[q.p0:q.p1]) to IOV
+    from index K; returns the new count."""
+    cdef uint8_t *h = hp[0]
+    cdef uint64_t i
+    cdef bint last
+    if q.mode == 0:
+        put_be32(h, NBD_REPLY_MAGIC)
+        put_be32(h + 4, 0)
+        put_be64(h + 8, q.cookie)
+        iov[k].iov_base = h
+        iov[k].iov_len = 16
+        k += 1
+        h += 16
+        for i in range(q.p0, q.p1):
+            k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+    elif q.mode == 2:
+        put_be32(h, NBD_CHUNK_MAGIC)
+        put_be16(h + 4, NBD_CHUNK_DONE)
+        put_be16(h + 6, NBD_CHUNK_DATA)
+        put_be64(h + 8, q.cookie)
+        put_be32(h + 16, 8 + q.length)
+        put_be64(h + 20, q.offset)
+        iov[k].iov_base = h
+        iov[k].iov_len = 28
+        k += 1
+        h += 32
+        for i in range(q.p0, q.p1):
+            k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
+    else:
+        for i in range(q.p0, q.p1):
+            last = i == q.p1 - 1
+            put_be32(h, NBD_CHUNK_MAGIC)
+            put_be16(h + 4, NBD_CHUNK_DONE if last else 0)
+            put_be64(h + 8, q.cookie)
+            put_be64(h + 20, P.v[i].vaddr)
+            iov[k].iov_base = h
+            if P.v[i].ptr == NULL:
+                put_be16(h + 6, NBD_CHUNK_HOLE)
+                put_be32(h + 16, 12)
+                put_be32(h + 28, P.v[i].n)
+                iov[k].iov_len = 32
+                k += 1
+            else:
+                put_be16(h + 6, NBD_CHUNK_DATA)
+                put_be32(h + 16, 8 + P.v[i].n)
+                iov[k].iov_len = 28
+                iov[k + 1].iov_base = <void *>P.v[i].ptr
+                iov[k + 1].iov_len = P.v[i].n
+                k += 2
+            h += 32
+    hp[0] = h
+    return k
+
+
+cdef int nbd_replies(Layer *L, bint *is_open, int sock, NbdReq *R, int nreq, int wait_ms,
+                     int *done, ErrInfo *err, int *serr) noexcept nogil:
+    """Send the replies to the READs R[0:nreq] (see nbd_send_read) in one sendmsg while the
+    socket takes them whole, under one hold of L's read lock. Stops before the first request
+    the mappings cannot serve or whose lookup fails: *done is the number of replies sent (or
+    whose send failed, *serr set to the errno). Returns 0, or, when not even the first could
+    be served, E_NBD_FALLBACK or the layer error (in *err; nothing sent)."""
     cdef NbdPieces P
     cdef iovec *iov = NULL
     cdef uint8_t *hdr = NULL
     cdef uint8_t *rest = NULL
     cdef uint8_t *h
-    cdef uint64_t i, total = 0, done
-    cdef int k = 0, cap, left = 0, rc = 0
-    cdef bint structured = mode != 0, holes = mode == 1, last
+    cdef uint64_t i, total = 0, done_b, niov = 0
+    cdef int k = 0, cap, left = 0, rc = 0, j, nok = 0
     P.v = NULL
-    P.n = P.cap = 0
+    P.n = P.cap = P.floor = 0
     serr[0] = 0
+    done[0] = 0
     pthread_rwlock_rdlock(&L.lock)
     if not is_open[0]:
         rc = E_CLOSED
-    elif offset > L.size or L.size - offset < length:
-        rc = E_RANGE
-    else:
-        rc = nbd_collect(L, offset, length, &P)
-        if rc < 0 and rc != E_NBD_FALLBACK:
+    for j in range(nreq):
+        if rc < 0:
+            break
+        if R[j].offset > L.size or L.size - R[j].offset < R[j].length:
+            rc = E_RANGE
+            break
+        P.floor = P.n                   # no piece of this reply merges into the last one's
+        R[j].p0 = P.n
+        rc = nbd_collect(L, R[j].offset, R[j].length, &P)
+        if rc < 0:
+            break
+        R[j].p1 = P.n
+        niov += 2 * (P.n - R[j].p0) + R[j].length // NBD_ZEROS + 2
+        nok += 1
+    if nok == 0:
+        if rc != E_NBD_FALLBACK:
             take_err(L, rc, err)
-    if rc == 0:
+    else:
+        rc = 0
         # worst case: a header and a data buffer per piece, plus zero-buffer splits
-        cap = <int>(2 * P.n + length // NBD_ZEROS + 4)
+        cap = <int>niov
         iov = <iovec *>malloc(cap * sizeof(iovec))
-        hdr = <uint8_t *>malloc(32 * (P.n + 1))
+        hdr = <uint8_t *>malloc(32 * (P.n + nok))
         if iov == NULL or hdr == NULL:
             rc = fail(L, E_NOMEM, "out of memory", 0)
             take_err(L, rc, err)
-    if rc == 0:
+    if rc == 0 and nok:
         h = hdr
-        if not structured:
-            put_be32(h, NBD_REPLY_MAGIC)
-            put_be32(h + 4, 0)
-            put_be64(h + 8, cookie)
-            iov[0].iov_base = h
-            iov[0].iov_len = 16
-            k = 1
-            for i in range(P.n):
-                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
-        elif not holes:
-            put_be32(h, NBD_CHUNK_MAGIC)
-            put_be16(h + 4, NBD_CHUNK_DONE)
-            put_be16(h + 6, NBD_CHUNK_DATA)
-            put_be64(h + 8, cookie)
-            put_be32(h + 16, 8 + length)
-            put_be64(h + 20, offset)
-            iov[0].iov_base = h
-            iov[0].iov_len = 28
-            k = 1
-            for i in range(P.n):
-                k = nbd_iov_data(iov, k, cap, P.v[i].ptr, P.v[i].n)
-        else:
-            for i in range(P.n):
-                last = i == P.n - 1
-                put_be32(h, NBD_CHUNK_MAGIC)
-                put_be16(h + 4, NBD_CHUNK_DONE if last else 0)
-                put_be64(h + 8, cookie)
-                put_be64(h + 20, P.v[i].vaddr)
-                iov[k].iov_base = h
-                if P.v[i].ptr == NULL:
-                    put_be16(h + 6, NBD_CHUNK_HOLE)
-                    put_be32(h + 16, 12)
-                    put_be32(h + 28, P.v[i].n)
-                    iov[k].iov_len = 32
-                    k += 1
-                else:
-                    put_be16(h + 6, NBD_CHUNK_DATA)
-                    put_be32(h + 16, 8 + P.v[i].n)
-                    iov[k].iov_len = 28
-                    iov[k + 1].iov_base = <void *>P.v[i].ptr
-                    iov[k + 1].iov_len = P.v[i].n
-                    k += 2
-                h += 32
-    if rc == 0 and k > 0:       # (k < 0 cannot happen: cap counts every buffer)
+        for j in range(nok):
+            k = nbd_build(&P, &R[j], iov, k, cap, &h)
         # a read-only top layer never moves its mapping: wait for the client as long as it
         # takes; a writable one waits a little, then the rest is copied out
         if wait_ms == -2:
             wait_ms = NBD_WAIT_MS if L.writable else -1
         left = nbd_send_all(sock, iov, k, wait_ms)
+        done[0] = nok
         if left < 0:
             serr[0] = -left
             left = 0
@@ -314,10 +356,10 @@ cdef int nbd_reply(Layer *L, bint *is_open, int sock, uint64_t offset, uint64_t 
             if rest == NULL:
                 serr[0] = ENOMEM
             else:
-                done = 0
+                done_b = 0
                 for i in range(<uint64_t>left):
-                    memcpy(rest + done, iov[i].iov_base, iov[i].iov_len)
-                    done += iov[i].iov_len
+                    memcpy(rest + done_b, iov[i].iov_base, iov[i].iov_len)
+                    done_b += iov[i].iov_len
     pthread_rwlock_unlock(&L.lock)
     if rest != NULL and serr[0] == 0:
         iov[0].iov_base = rest
@@ -352,14 +394,18 @@ def nbd_send_read(CoreImage img not None, int sock, uint64_t offset, uint64_t le
     pread): the caller then reads it into a buffer. Raises OSError when the socket fails
     (part of the reply may have gone out: the connection is broken) and the engine's error
     when a lookup fails (nothing sent)."""
-    cdef int rc, serr = 0
+    cdef int rc, serr = 0, done = 0
     cdef ErrInfo err
+    cdef NbdReq q
     if not img._open:
         img._closed_error()
     nbd_zeros_ready()
+    q.cookie = cookie
+    q.offset = offset
+    q.length = length
+    q.mode = mode
     with nogil:
-        rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, wait_ms,
-                       &err, &serr)
+        rc = nbd_replies(&img.L, &img._open, sock, &q, 1, wait_ms, &done, &err, &serr)
     if rc == E_NBD_FALLBACK:
         return False
     if rc < 0:
@@ -378,23 +424,30 @@ cdef inline uint64_t get_be(const uint8_t *p, int n) noexcept nogil:
 
 
 def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
-                    Py_ssize_t end, uint64_t size, int mode, uint64_t min_len,
+                    Py_ssize_t end, uint64_t size, int mode, uint64_t sparse_min,
                     uint64_t max_len, int max_requests):
     """Serve a run of plain READ requests of one connection without the GIL: requests are
     parsed from BUF[start:end] (the connection's receive buffer; more is received into it
-    without blocking), and each READ with no flags, of MIN_LEN..MAX_LEN bytes, inside SIZE,
-    is answered as nbd_send_read answers it (MODE 0 or 1). Stops before any other request,
-    when no whole request can be had without waiting, or after MAX_REQUESTS. Returns
-    (start, end, served, errno): the buffer's new window, the replies sent, and the errno of
-    a failed send (0: none; the connection is broken then)."""
+    without blocking), and each READ with no flags, of 1..MAX_LEN bytes, inside SIZE, is
+    answered as nbd_send_read answers it in MODE (0 or 1; in mode 1 a read shorter than
+    SPARSE_MIN goes as one data chunk, as mode 2). The replies to the reads that arrived
+    together leave in one sendmsg (NBD_BATCH of them, NBD_BATCH_BYTES of data at most).
+    Stops before any other request, before a read the mappings cannot serve (or whose lookup
+    fails: the caller serves it, or sends its error), when no whole request can be had
+    without waiting, or after MAX_REQUESTS. Returns (start, end, served, errno): the
+    buffer's new window, the replies sent, and the errno of a failed send (0: none; the
+    connection is broken then)."""
     cdef uint8_t *b = <uint8_t *>(<char *>buf)
-    cdef Py_ssize_t cap = len(buf)
+    cdef Py_ssize_t cap = len(buf), pos
     cdef ssize_t r
-    cdef int rc, serr = 0, served = 0
-    cdef uint64_t flags_type, cookie, offset, length
+    cdef int rc, serr = 0, served = 0, n, done
+    cdef uint64_t flags_type, length, offset, nbytes
     cdef ErrInfo err
+    cdef NbdReq R[NBD_BATCH]
     if not img._open:
         img._closed_error()
+    if not 0 <= start <= end <= cap:
+        raise ValueError("the buffer window is outside the buffer")
     nbd_zeros_ready()
     with nogil:
         while served < max_requests:
@@ -410,21 +463,33 @@ def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t 
                     break                 # nothing more now, EOF or an error: for the caller
                 end += r
                 continue
-            if get_be(b + start, 4) != NBD_REQUEST_MAGIC:
+            # the batch: the plain reads that are here, in order
+            n = 0
+            nbytes = 0
+            pos = start
+            while (end - pos >= 28 and n < NBD_BATCH and served + n < max_requests
+                   and get_be(b + pos, 4) == NBD_REQUEST_MAGIC):
+                flags_type = get_be(b + pos + 4, 4)
+                offset = get_be(b + pos + 16, 8)
+                length = get_be(b + pos + 24, 4)
+                if (flags_type != 0 or length == 0 or length > max_len or offset > size
+                        or size - offset < length):
+                    break                 # not a plain READ in range: for the caller
+                if n and nbytes + length > NBD_BATCH_BYTES:
+                    break
+                R[n].cookie = get_be(b + pos + 8, 8)
+                R[n].offset = offset
+                R[n].length = length
+                R[n].mode = 2 if mode == 1 and length < sparse_min else mode
+                nbytes += length
+                n += 1
+                pos += 28
+            if n == 0:
                 break
-            flags_type = get_be(b + start + 4, 4)
-            cookie = get_be(b + start + 8, 8)
-            offset = get_be(b + start + 16, 8)
-            length = get_be(b + start + 24, 4)
-            if (flags_type != 0 or length < min_len or length > max_len or offset > size
-                    or size - offset < length):
-                break                     # not a plain READ in range: for the caller
-            rc = nbd_reply(&img.L, &img._open, sock, offset, length, cookie, mode, -2,
-                           &err, &serr)
-            if rc < 0:
-                break                     # nothing sent: the caller serves it (or its error)
-            start += 28
-            served += 1
-            if serr:
-                break
+            done = 0
+            rc = nbd_replies(&img.L, &img._open, sock, R, n, -2, &done, &err, &serr)
+            start += 28 * done
+            served += done
+            if done < n or serr:
+                break                     # the caller serves what is left (or its error)
     return start, end, served, serr
