@@ -128,7 +128,10 @@ cdef int nbd_collect(Layer *L, uint64_t vaddr, uint64_t n, NbdPieces *P) noexcep
             rc = nbd_push(P, vaddr, run, NULL)
         elif kind == K_UNALLOC:
             if L.backing != NULL:
-                rc = nbd_collect(L.backing, vaddr, run, P)
+                if L.backing.omap != NULL:
+                    rc = nbd_collect_omap(L.backing.omap, vaddr, run, P)
+                else:
+                    rc = nbd_collect(L.backing, vaddr, run, P)
                 if rc < 0 and rc != E_NBD_FALLBACK:
                     copy_err(L, L.backing)
             else:
@@ -137,6 +140,47 @@ cdef int nbd_collect(Layer *L, uint64_t vaddr, uint64_t n, NbdPieces *P) noexcep
             return E_NBD_FALLBACK                               # compressed
         if rc == E_NOMEM:
             return fail(L, E_NOMEM, "out of memory", 0)
+        if rc < 0:
+            return rc
+        vaddr += run
+        n -= run
+    return 0
+
+
+cdef int nbd_collect_omap(OwnerMap *M, uint64_t vaddr, uint64_t n, NbdPieces *P) noexcept nogil:
+    """nbd_collect through the immutable part of a chain: one owner lookup per run of
+    chunks (as omap_read), then the owner's own lookup."""
+    cdef uint64_t chunk, i, run, m, g = 1 << M.gbits, mask = (1 << OMAP_BLOCK_BITS) - 1
+    cdef uint16_t *b
+    cdef uint16_t own
+    cdef int rc
+    cdef Layer *src
+    while n > 0:
+        if vaddr >= M.size:
+            return nbd_push(P, vaddr, n, NULL)
+        m = M.size - vaddr
+        if m > n:
+            m = n
+        chunk = vaddr >> M.gbits
+        rc = omap_block(M, chunk >> OMAP_BLOCK_BITS, &b)
+        if rc < 0:
+            return rc
+        i = chunk & mask
+        own = b[i]
+        run = ((chunk + 1) << M.gbits) - vaddr
+        i += 1
+        while run < m and i <= mask and b[i] == own:
+            run += g
+            i += 1
+        if run > m:
+            run = m
+        if own == OWN_ZERO:
+            rc = nbd_push(P, vaddr, run, NULL)
+        else:
+            src = M.layers[0] if own == OWN_MIXED else M.layers[own]
+            rc = nbd_collect(src, vaddr, run, P)
+            if rc < 0 and rc != E_NBD_FALLBACK and src != M.layers[0]:
+                copy_err(M.layers[0], src)
         if rc < 0:
             return rc
         vaddr += run
