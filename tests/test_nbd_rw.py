@@ -7,17 +7,24 @@ reads any block. A read must return, for every block, a whole pattern of that bl
 version is at least the one whose WRITE reply had arrived (on any connection) before the
 read was sent: the promise that an acknowledged write is seen by every later read, now that
 the reads of a writable export are served by the engine's loop while the writes go through
-the engine's write path (copy-up from the backing file, the reader thread, the workers).
+the engine's write path (copy-up from the backing file, the reader thread, the workers, or
+straight into the mapping for a small rewrite).
+
+And the rule of the in-place path: a WRITE payload lands only once it has wholly arrived,
+so a client that disconnects mid-payload leaves the image as it was.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 import struct
 import threading
+import time
 
 import engine
 import engine.nbd.conn as nbd_conn
+from engine._core import nbd_recv_write
 import qemu
 from engine.nbd import Export, Server, proto
 from test_nbd_hostile import Client
@@ -134,6 +141,15 @@ def test_reads_see_acknowledged_writes_across_connections(tmp_path, monkeypatch)
         return r
 
     monkeypatch.setattr(nbd_conn, "nbd_serve_reads", counting)
+    in_place = [0]
+    real_w = nbd_conn.nbd_recv_write
+
+    def counting_w(*a):  # type: ignore[no-untyped-def]
+        r = real_w(*a)
+        in_place[0] += r[2]
+        return r
+
+    monkeypatch.setattr(nbd_conn, "nbd_recv_write", counting_w)
     sock = str(tmp_path / "nbd.sock")
     img = engine.open(top)
     srv = Server([Export("", img)], socket_path=sock)
@@ -151,8 +167,9 @@ def test_reads_see_acknowledged_writes_across_connections(tmp_path, monkeypatch)
         assert not any(t.is_alive() for t in threads), "a client hung"
         if errors:
             raise errors[0]
-        # the reads of this writable export went through the engine's loop
-        assert served[0] > 0
+        # the reads of this writable export went through the engine's loop, and rewrites
+        # of clusters the overlay owns were received in place
+        assert served[0] > 0 and in_place[0] > 0
         # a last look: every block holds exactly its last acknowledged version
         c = Client(sock)
         c.go()
@@ -161,3 +178,68 @@ def test_reads_see_acknowledged_writes_across_connections(tmp_path, monkeypatch)
     finally:
         srv.close()
     qemu.assert_qemu_clean(top)
+
+
+def _rewrite_fixture(tmp_path):  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "d.qcow2")
+    qemu.create(path, SIZE)
+    qemu.qemu_io(path, "write -P 0x5a 0 1M")
+    return path
+
+
+def test_in_place_write_takes_a_whole_payload_only(tmp_path):
+    """nbd_recv_write: a rewrite of an owned cluster is taken from the buffer and the
+    socket straight into the image; a payload not wholly arrived, a cluster not yet
+    allocated (copy-up), or a range across two clusters is left to the buffered path with
+    nothing consumed and nothing written."""
+    path = _rewrite_fixture(tmp_path)
+    with engine.open(path) as img:
+        a, b = socket.socketpair()
+        buf = bytearray(1 << 16)
+        buf[:1000] = b"\x01" * 1000                 # the payload's first bytes, buffered
+        b.sendall(b"\x01" * (B - 1000))
+        assert nbd_recv_write(img._core, a.fileno(), buf, 0, 1000, 8192, B) == (0, 0, True)
+        assert img.read(8192, B) == b"\x01" * B
+        assert img.read(8192 - 1, 1) == b"\x5a" and img.read(8192 + B, 1) == b"\x5a"
+        # half a payload: nothing taken, the bytes stay where they were
+        b.sendall(b"\x02" * 1000)
+        buf[:500] = b"\x02" * 500
+        assert nbd_recv_write(img._core, a.fileno(), buf, 0, 500, 0, B) == (0, 500, False)
+        assert img.read(0, B) == b"\x5a" * B
+        assert a.recv(4096) == b"\x02" * 1000
+        # whole payloads the ordinary path must take
+        buf[:B] = b"\x03" * B
+        for offset in (2 * MiB, 64 * 1024 - 100):        # unallocated; two clusters
+            assert nbd_recv_write(img._core, a.fileno(), buf, 0, B, offset, B) == \
+                (0, B, False)
+        assert img.read(2 * MiB, B) == bytes(B)
+        a.close()
+        b.close()
+    qemu.assert_qemu_clean(path)
+
+
+def test_disconnect_mid_write_payload_leaves_the_image(tmp_path):
+    """A client that sends a small rewrite's header and part of its payload, then hangs up:
+    the image reads as before and checks clean."""
+    path = _rewrite_fixture(tmp_path)
+    sock = str(tmp_path / "nbd.sock")
+    img = engine.open(path)
+    before = img.read(0, SIZE)
+    srv = Server([Export("", img)], socket_path=sock)
+    srv.start()
+    try:
+        for sent in (0, 1, 2000, B - 1):
+            c = Client(sock)
+            c.go()
+            c.s.sendall(proto.pack_request(proto.CMD_WRITE, 1, 4096, B) + b"\x77" * sent)
+            time.sleep(0.05)
+            c.close()
+        c = Client(sock)
+        c.go()
+        assert c.read(0, SIZE) == before
+        c.close()
+    finally:
+        srv.close()
+    qemu.assert_qemu_clean(path)
+    with engine.open(path, readonly=True) as img2:
+        assert img2.read(0, SIZE) == before

@@ -537,3 +537,102 @@ def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t 
             if done < n or serr:
                 break                     # the caller serves what is left (or its error)
     return start, end, served, serr
+
+
+# --- NBD WRITE payloads received straight into place ------------------------------------------
+#
+# A WRITE that rewrites clusters the top layer already owns (allocated there with the COPIED
+# flag: no copy-up, no allocation, no metadata change) takes its payload from the connection's
+# receive buffer and the socket straight into the layer's mapping, with no buffer in between.
+# The rule that keeps this as safe as the buffered path: the payload lands only once it has
+# wholly arrived. Bytes still on their way are waited for before the layer's lock is taken
+# (FIONREAD must count all of them), so a client that disconnects mid-payload leaves the image
+# untouched, and a slow client never holds the lock. The stores are those of the ordinary
+# rewrite (the same mapping, the same dirty flag, made durable by the next flush), so the crash
+# rules and QEMU's locks are unchanged. Only small pieces go this way, as in store_pieces: a
+# larger rewrite goes through a buffer and pwrite, which fills the page cache without a page
+# fault per page (what a receive into the mapping would take).
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long FIONREAD
+
+DEF NBD_INPLACE_MAX = 16384             # as store_pieces: smaller stores go through the mapping
+
+
+cdef int nbd_rewrite_host(Layer *L, uint64_t vaddr, uint64_t n, uint64_t *host) noexcept nogil:
+    """1 and the host offset when [vaddr, vaddr+n) lies in one cluster the top layer owns
+    (data, COPIED, not a preallocated zero cluster) that the mapping covers; 0 when not
+    (a write that allocates, copies up, or needs pwrite); <0 on a lookup error."""
+    cdef int rc, kind
+    cdef uint64_t run, e
+    if L.raw or L.ext_l2 or L.pread_data or L.base == NULL or not L.writable:
+        return 0
+    if (vaddr >> L.cluster_bits) != ((vaddr + n - 1) >> L.cluster_bits):
+        return 0
+    rc = resolve(L, vaddr, n, &kind, host, &run, &e)
+    if rc < 0:
+        return rc
+    if kind != K_DATA or run < n or not (e & QCOW_OFLAG_COPIED) or e & QCOW_OFLAG_ZERO:
+        return 0
+    if host[0] + n > L.file_size or overlaps_meta(L, host[0], n):
+        return 0                                # the ordinary path says what is wrong
+    return 1
+
+
+def nbd_recv_write(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
+                   Py_ssize_t end, uint64_t offset, uint64_t length):
+    """Take the payload of an NBD WRITE of LENGTH bytes at OFFSET straight into IMG's top
+    layer when that is a rewrite of one cluster it owns and LENGTH is under NBD_INPLACE_MAX:
+    the payload's first bytes from BUF[start:end] (the connection's receive buffer), the rest
+    received from SOCK into the mapping, once FIONREAD counts all of it. Returns (start, end,
+    taken): the buffer's new window and True when the write is done (not yet durable: as any
+    write, until a flush), or the window unchanged and False, nothing consumed or written,
+    when the write must take the ordinary path. Raises OSError when the socket fails after the
+    payload was counted in it (the range may hold part of it then, as a torn write on a disk:
+    the write is never acknowledged and the connection ends)."""
+    cdef uint8_t *b = <uint8_t *>(<char *>buf)
+    cdef Py_ssize_t cap = len(buf)
+    cdef uint64_t host = 0, have, got
+    cdef int rc = 0, q = 0, serr = 0
+    cdef ssize_t r
+    cdef bint taken = False, here = True
+    if not img._open:
+        img._closed_error()
+    if not 0 <= start <= end <= cap:
+        raise ValueError("the buffer window is outside the buffer")
+    if length == 0 or length >= NBD_INPLACE_MAX or offset > img.L.size \
+            or img.L.size - offset < length:
+        return start, end, False
+    have = <uint64_t>(end - start)
+    if have > length:
+        have = length
+    with nogil:
+        if have < length and (ioctl(sock, FIONREAD, &q) < 0 or <uint64_t>q < length - have):
+            here = False                            # not all here yet: the ordinary path
+        if here:
+            pthread_rwlock_wrlock(&img.L.lock)
+            if img._open:
+                rc = nbd_rewrite_host(&img.L, offset, length, &host)
+            if rc == 1 and ensure_backed(&img.L, host) == 0:
+                memcpy(img.L.base + host, b + start, have)
+                got = have
+                while got < length:
+                    r = recv(sock, img.L.base + host + got, length - got, MSG_DONTWAIT)
+                    if r < 0 and errno == EINTR:
+                        continue
+                    if r <= 0:
+                        serr = errno if r < 0 else 104      # ECONNRESET
+                        break
+                    got += <uint64_t>r
+                img.L.data_dirty = 1
+                taken = True
+            pthread_rwlock_unlock(&img.L.lock)
+    if serr:
+        raise OSError(serr, "the WRITE payload did not arrive whole")
+    if not taken:
+        return start, end, False
+    start += <Py_ssize_t>have
+    if start == end:
+        start = end = 0
+    return start, end, True

@@ -31,7 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._core import nbd_send_read, nbd_serve_reads
+from engine._core import nbd_recv_write, nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -40,6 +40,9 @@ from engine.nbd.wire import Disconnected, Wire
 #: Reads and writes up to this size run on the reader thread (a copy costs less than a
 #: handoff to a worker).
 INLINE_MAX = 128 << 10
+#: Writes shorter than this that rewrite one cluster the top layer owns are received straight
+#: into its mapping (the engine's NBD_INPLACE_MAX; larger ones go through a buffer and pwrite).
+INPLACE_MAX = 16 << 10
 #: Reads at least this large ask the engine where the zeros are and send those as holes.
 SPARSE_READ_MIN = 64 << 10
 #: The reader's arena for the replies to a batch of small reads.
@@ -193,6 +196,10 @@ class Connection:
             if is_read or (t == proto.CMD_WRITE and not flags and length <= INLINE_MAX
                            and writable and offset + length <= size):
                 if not is_read:
+                    if length < INPLACE_MAX and self._fd >= 0 and self._write_in_place(
+                            offset, length):
+                        pending.append(proto.simple_reply(cookie))
+                        continue
                     wire.read_into(wbuf[:length])
                 elif used + length > _ARENA:
                     self._send(pending)
@@ -259,6 +266,25 @@ class Connection:
             self.broken = True
             raise Disconnected(f"cannot send a reply: errno {err}")
         return served
+
+    def _write_in_place(self, offset: int, length: int) -> bool:
+        """Take a small WRITE's payload straight into the top layer when it rewrites one
+        cluster the layer owns (``nbd_recv_write``: the payload lands only once it has wholly
+        arrived); False, nothing consumed, when it must take the buffered path."""
+        ex, fd = self.export, self._fd
+        ex.gate.enter()
+        try:
+            try:
+                core = ex.write_core()
+            except Exception:       # noqa: BLE001  (the buffered path sends the error reply)
+                return False
+            taken, = self.wire.run_on_buffer(lambda buf, start, end: nbd_recv_write(
+                core, fd, buf, start, end, offset, length))
+        except OSError as e:
+            raise Disconnected(str(e)) from None
+        finally:
+            ex.gate.leave()
+        return bool(taken)
 
     def _refusal(self, req: proto.Request) -> RequestError | None:
         """Why REQ cannot be served, checked before any payload is used."""
