@@ -8,8 +8,10 @@ pieces of the owning layers' mappings, no copy in between, ranges that read as z
 ``OFFSET_HOLE`` chunks. A run of plain reads, on read-only and writable exports alike, is
 served by the engine's own loop (``engine._core.nbd_serve_reads``: parse, look up, send the
 replies of the reads that arrived together in one ``sendmsg``, without the GIL), which hands
-back to this thread at the first other request. Small writes without FUA run on the reader too; everything else goes to
-the connection's worker threads, so several requests are in flight and replies leave in
+back to this thread at the first other request. Small writes without FUA run on the reader
+too (one under ``INPLACE_MAX`` that rewrites a cluster the top layer owns is received straight
+into its mapping, ``engine._core.nbd_recv_write``, once its whole payload has arrived); everything
+else goes to the connection's worker threads, so several requests are in flight and replies leave in
 completion order, matched by cookie. Each reply (header and data, or all chunks of a
 structured reply) leaves whole under the connection's send lock. The engine releases the GIL
 while it copies and sends, and the socket calls release it too, so the threads overlap.
