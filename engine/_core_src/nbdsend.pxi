@@ -580,6 +580,42 @@ cdef int nbd_rewrite_host(Layer *L, uint64_t vaddr, uint64_t n, uint64_t *host) 
     return 1
 
 
+cdef int nbd_write_in_place(Layer *L, bint *is_open, int sock, const uint8_t *have_p,
+                            uint64_t have, uint64_t offset, uint64_t length,
+                            int *serr) noexcept nogil:
+    """The in-place WRITE (see above): HAVE bytes of the payload at HAVE_P (the receive
+    buffer), the rest from SOCK once FIONREAD counts it. Returns 1 when the write is done,
+    0 when it must take the ordinary path (nothing consumed or written); *serr is set when
+    the socket failed part-way (see nbd_recv_write)."""
+    cdef uint64_t host = 0, got
+    cdef int q = 0, rc = 0
+    cdef ssize_t r
+    serr[0] = 0
+    if length == 0 or length >= NBD_INPLACE_MAX or have > length:
+        return 0
+    if have < length and (ioctl(sock, FIONREAD, &q) < 0 or <uint64_t>q < length - have):
+        return 0                                # not all here yet: the ordinary path
+    pthread_rwlock_wrlock(&L.lock)
+    if is_open[0] and offset <= L.size and L.size - offset >= length:
+        rc = nbd_rewrite_host(L, offset, length, &host)
+    if rc == 1 and ensure_backed(L, host) == 0:
+        memcpy(L.base + host, have_p, have)
+        got = have
+        while got < length:
+            r = recv(sock, L.base + host + got, length - got, MSG_DONTWAIT)
+            if r < 0 and errno == EINTR:
+                continue
+            if r <= 0:
+                serr[0] = errno if r < 0 else 104      # ECONNRESET
+                break
+            got += <uint64_t>r
+        L.data_dirty = 1
+    else:
+        rc = 0
+    pthread_rwlock_unlock(&L.lock)
+    return rc
+
+
 def nbd_recv_write(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
                    Py_ssize_t end, uint64_t offset, uint64_t length):
     """Take the payload of an NBD WRITE of LENGTH bytes at OFFSET straight into IMG's top
@@ -593,44 +629,21 @@ def nbd_recv_write(CoreImage img not None, int sock, bytearray buf, Py_ssize_t s
     the write is never acknowledged and the connection ends)."""
     cdef uint8_t *b = <uint8_t *>(<char *>buf)
     cdef Py_ssize_t cap = len(buf)
-    cdef uint64_t host = 0, have, got
-    cdef int rc = 0, q = 0, serr = 0
-    cdef ssize_t r
-    cdef bint taken = False, here = True
+    cdef uint64_t have
+    cdef int rc, serr = 0
     if not img._open:
         img._closed_error()
     if not 0 <= start <= end <= cap:
         raise ValueError("the buffer window is outside the buffer")
-    if length == 0 or length >= NBD_INPLACE_MAX or offset > img.L.size \
-            or img.L.size - offset < length:
-        return start, end, False
     have = <uint64_t>(end - start)
     if have > length:
         have = length
     with nogil:
-        if have < length and (ioctl(sock, FIONREAD, &q) < 0 or <uint64_t>q < length - have):
-            here = False                            # not all here yet: the ordinary path
-        if here:
-            pthread_rwlock_wrlock(&img.L.lock)
-            if img._open:
-                rc = nbd_rewrite_host(&img.L, offset, length, &host)
-            if rc == 1 and ensure_backed(&img.L, host) == 0:
-                memcpy(img.L.base + host, b + start, have)
-                got = have
-                while got < length:
-                    r = recv(sock, img.L.base + host + got, length - got, MSG_DONTWAIT)
-                    if r < 0 and errno == EINTR:
-                        continue
-                    if r <= 0:
-                        serr = errno if r < 0 else 104      # ECONNRESET
-                        break
-                    got += <uint64_t>r
-                img.L.data_dirty = 1
-                taken = True
-            pthread_rwlock_unlock(&img.L.lock)
+        rc = nbd_write_in_place(&img.L, &img._open, sock, b + start, have, offset, length,
+                                &serr)
     if serr:
         raise OSError(serr, "the WRITE payload did not arrive whole")
-    if not taken:
+    if not rc:
         return start, end, False
     start += <Py_ssize_t>have
     if start == end:
