@@ -43,6 +43,7 @@ DEF NBD_WAIT_MS = 20                # how long a full socket may hold a writable
 DEF NBD_WAITS = 16                  #   and how many times per reply
 DEF NBD_ZEROS = 1 << 20             # the shared zero buffer (holes sent as data)
 DEF NBD_REQUEST_MAGIC = 0x25609513
+DEF NBD_CMD_WRITE = 1                # (with no flags: the flags are the high 16 bits)
 DEF NBD_REPLY_MAGIC = 0x67446698
 DEF NBD_CHUNK_MAGIC = 0x668e33ef
 DEF NBD_CHUNK_DONE = 1
@@ -467,27 +468,44 @@ cdef inline uint64_t get_be(const uint8_t *p, int n) noexcept nogil:
     return v
 
 
+cdef int nbd_flush_acks(int sock, uint8_t *acks, int *nacks) noexcept nogil:
+    """Send the NACKS simple replies gathered in ACKS; 0 or an errno."""
+    cdef iovec one
+    cdef int left
+    if nacks[0] == 0:
+        return 0
+    one.iov_base = acks
+    one.iov_len = 16 * nacks[0]
+    nacks[0] = 0
+    left = nbd_send_all(sock, &one, 1, -1)
+    return -left if left < 0 else 0
+
+
 def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t start,
                     Py_ssize_t end, uint64_t size, int mode, uint64_t sparse_min,
-                    uint64_t max_len, int max_requests):
+                    uint64_t max_len, int max_requests, bint writes=False):
     """Serve a run of plain READ requests of one connection without the GIL: requests are
     parsed from BUF[start:end] (the connection's receive buffer; more is received into it
     without blocking), and each READ with no flags, of 1..MAX_LEN bytes, inside SIZE, is
-    answered as nbd_send_read answers it in MODE (0 or 1; in mode 1 a read shorter than
+    answered as nbd_send_read answers it (MODE 0 or 1; in mode 1 a read shorter than
     SPARSE_MIN goes as one data chunk, as mode 2). The replies to the reads that arrived
     together leave in one sendmsg (NBD_BATCH of them, NBD_BATCH_BYTES of data at most).
+    With WRITES (the caller has made the checks of a write: a chain's lease), a WRITE with no
+    flags that nbd_write_in_place can take is served too, and the replies of such writes
+    that arrived together leave in one send, before the replies of any read after them.
     Stops before any other request, before a read the mappings cannot serve (or whose lookup
-    fails: the caller serves it, or sends its error), when no whole request can be had
-    without waiting, or after MAX_REQUESTS. Returns (start, end, served, errno): the
-    buffer's new window, the replies sent, and the errno of a failed send (0: none; the
-    connection is broken then)."""
+    fails: the caller serves it, or sends its error), before a write that must take the
+    ordinary path, when no whole request can be had without waiting, or after MAX_REQUESTS.
+    Returns (start, end, served, errno): the buffer's new window, the requests answered, and
+    the errno of a failed send or receive (0: none; the connection is broken then)."""
     cdef uint8_t *b = <uint8_t *>(<char *>buf)
     cdef Py_ssize_t cap = len(buf), pos
     cdef ssize_t r
-    cdef int rc, serr = 0, served = 0, n, done
-    cdef uint64_t flags_type, length, offset, nbytes
+    cdef int rc, serr = 0, served = 0, n, done, nacks = 0
+    cdef uint64_t flags_type, length, offset, nbytes, have
     cdef ErrInfo err
     cdef NbdReq R[NBD_BATCH]
+    cdef uint8_t acks[16 * NBD_BATCH]
     if not img._open:
         img._closed_error()
     if not 0 <= start <= end <= cap:
@@ -506,6 +524,32 @@ def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t 
                 if r <= 0:
                     break                 # nothing more now, EOF or an error: for the caller
                 end += r
+                continue
+            if (writes and get_be(b + start, 4) == NBD_REQUEST_MAGIC
+                    and get_be(b + start + 4, 4) == NBD_CMD_WRITE):
+                # a small rewrite, straight into place; its reply joins the others
+                offset = get_be(b + start + 16, 8)
+                length = get_be(b + start + 24, 4)
+                if offset > size or size - offset < length:
+                    break
+                have = <uint64_t>(end - start - 28)
+                if have > length:
+                    have = length
+                if not nbd_write_in_place(&img.L, &img._open, sock, b + start + 28, have,
+                                          offset, length, &serr):
+                    break
+                if serr:
+                    break
+                put_be32(acks + 16 * nacks, NBD_REPLY_MAGIC)
+                put_be32(acks + 16 * nacks + 4, 0)
+                memcpy(acks + 16 * nacks + 8, b + start + 8, 8)     # the cookie, as sent
+                nacks += 1
+                start += 28 + <Py_ssize_t>have
+                served += 1
+                if nacks == NBD_BATCH:
+                    serr = nbd_flush_acks(sock, acks, &nacks)
+                    if serr:
+                        break
                 continue
             # the batch: the plain reads that are here, in order
             n = 0
@@ -530,12 +574,19 @@ def nbd_serve_reads(CoreImage img not None, int sock, bytearray buf, Py_ssize_t 
                 pos += 28
             if n == 0:
                 break
+            serr = nbd_flush_acks(sock, acks, &nacks)
+            if serr:
+                break
             done = 0
             rc = nbd_replies(&img.L, &img._open, sock, R, n, -2, &done, &err, &serr)
             start += 28 * done
             served += done
             if done < n or serr:
                 break                     # the caller serves what is left (or its error)
+        if serr == 0:
+            serr = nbd_flush_acks(sock, acks, &nacks)
+    if start == end:
+        start = end = 0
     return start, end, served, serr
 
 

@@ -8,10 +8,10 @@ pieces of the owning layers' mappings, no copy in between, ranges that read as z
 ``OFFSET_HOLE`` chunks. A run of plain reads, on read-only and writable exports alike, is
 served by the engine's own loop (``engine._core.nbd_serve_reads``: parse, look up, send the
 replies of the reads that arrived together in one ``sendmsg``, without the GIL), which hands
-back to this thread at the first other request. Small writes without FUA run on the reader
-too (one under ``INPLACE_MAX`` that rewrites a cluster the top layer owns is received straight
-into its mapping, ``engine._core.nbd_recv_write``, once its whole payload has arrived); everything
-else goes to the connection's worker threads, so several requests are in flight and replies leave in
+back to this thread at the first other request; on a writable export the loop also takes a
+WRITE under ``INPLACE_MAX`` that rewrites a cluster the top layer owns, straight into its
+mapping once the whole payload has arrived. Other small writes without FUA run on the reader
+too; everything else goes to the connection's worker threads, so several requests are in flight and replies leave in
 completion order, matched by cookie. Each reply (header and data, or all chunks of a
 structured reply) leaves whole under the connection's send lock. The engine releases the GIL
 while it copies and sends, and the socket calls release it too, so the threads overlap.
@@ -33,7 +33,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._core import nbd_recv_write, nbd_send_read, nbd_serve_reads
+from engine._core import nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -157,9 +157,9 @@ class Connection:
                 self._pool.shutdown(wait=True)
 
     def _loop(self) -> None:
-        """Read requests until DISC. Plain reads go to the engine's loop
-        (:meth:`_stream_reads`). Small writes (the common case of a pipelining client), and
-        small reads over TLS or that the engine's loop leaves here, take a fast path on this
+        """Read requests until DISC. Plain reads and small rewrites go to the engine's loop
+        (:meth:`_stream_reads`). Small writes (the common case of a pipelining client) that
+        the engine's loop leaves here, and small reads over TLS, take a fast path on this
         thread: a read is copied from the engine into the next slice of a reader-owned
         arena, a write's payload is received into a reader-owned buffer and handed to the
         engine, and the replies of all the requests that arrived together leave in one
@@ -185,8 +185,9 @@ class Connection:
                 wire.peek(proto.REQUEST.size))
             if magic != proto.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            if streaming and t == proto.CMD_READ and not flags and not self.broken \
-                    and 0 < length <= proto.MAX_PAYLOAD and offset + length <= size:
+            if streaming and not flags and not self.broken and offset + length <= size and (
+                    (t == proto.CMD_READ and 0 < length <= proto.MAX_PAYLOAD)
+                    or (t == proto.CMD_WRITE and writable and 0 < length < INPLACE_MAX)):
                 if pending:
                     self._send(pending)
                     pending, used = [], 0
@@ -198,10 +199,6 @@ class Connection:
             if is_read or (t == proto.CMD_WRITE and not flags and length <= INLINE_MAX
                            and writable and offset + length <= size):
                 if not is_read:
-                    if length < INPLACE_MAX and self._fd >= 0 and self._write_in_place(
-                            offset, length):
-                        pending.append(proto.simple_reply(cookie))
-                        continue
                     wire.read_into(wbuf[:length])
                 elif used + length > _ARENA:
                     self._send(pending)
@@ -234,8 +231,11 @@ class Connection:
     def _stream_reads(self, first: int) -> int:
         """Serve the plain READs at the head of the receive buffer in the engine's loop
         (``nbd_serve_reads``: parse, look up, send the replies of a batch in one sendmsg,
-        without the GIL); returns how many it served (0: the first one is for
-        :meth:`_read`).
+        without the GIL), and on a writable export the small WRITEs among them that rewrite
+        a cluster the top layer owns (received straight into its mapping once the whole
+        payload has arrived; a chain's write lease is checked when the run starts, and a
+        run never waits); returns how many it served (0: the first one is for the ordinary
+        path).
 
         Ordering with writes: a write's reply leaves only once the engine has applied it,
         and each batch of replies is built under the top layer's read lock, so a read that
@@ -254,13 +254,19 @@ class Connection:
         self._budget.take(most, wait=False)
         ex.gate.enter()
         try:
+            writes = not ex.readonly
             try:
-                core = ex.core()
+                try:
+                    core = ex.write_core() if writes else ex.core()
+                except Exception:   # noqa: BLE001  (writes take the ordinary path, which
+                    writes = False  # sends their error reply)
+                    core = ex.core()
             except Exception:       # noqa: BLE001  (the ordinary path sends the error reply)
                 return 0
             with self._send_lock:
                 served, err = wire.run_on_buffer(lambda buf, start, end: nbd_serve_reads(
-                    core, fd, buf, start, end, ex.size, mode, SPARSE_READ_MIN, most, 256))
+                    core, fd, buf, start, end, ex.size, mode, SPARSE_READ_MIN, most, 256,
+                    writes))
         finally:
             ex.gate.leave()
             self._budget.give(most)
@@ -268,25 +274,6 @@ class Connection:
             self.broken = True
             raise Disconnected(f"cannot send a reply: errno {err}")
         return served
-
-    def _write_in_place(self, offset: int, length: int) -> bool:
-        """Take a small WRITE's payload straight into the top layer when it rewrites one
-        cluster the layer owns (``nbd_recv_write``: the payload lands only once it has wholly
-        arrived); False, nothing consumed, when it must take the buffered path."""
-        ex, fd = self.export, self._fd
-        ex.gate.enter()
-        try:
-            try:
-                core = ex.write_core()
-            except Exception:       # noqa: BLE001  (the buffered path sends the error reply)
-                return False
-            taken, = self.wire.run_on_buffer(lambda buf, start, end: nbd_recv_write(
-                core, fd, buf, start, end, offset, length))
-        except OSError as e:
-            raise Disconnected(str(e)) from None
-        finally:
-            ex.gate.leave()
-        return bool(taken)
 
     def _refusal(self, req: proto.Request) -> RequestError | None:
         """Why REQ cannot be served, checked before any payload is used."""
