@@ -4,7 +4,8 @@
 Usage::
 
     python bench/nbd_compare.py [--size 1G] [--runtime 5] [--repeat 2] [--workdir DIR]
-                                [--json OUT]
+                                [--json OUT] [--only copy|randread|seqread|randwrite ...]
+                                [--servers nbdkit,cowchain]
 
 What it does:
 
@@ -150,6 +151,9 @@ def nbdcopy(uri: str) -> float:
 
 
 KINDS = ["qemu-nbd", "nbdkit", "cowchain"]
+#: --only names of the workloads
+ROWS = {"copy": "nbdcopy GiB/s", "randread": "4k randread QD32 IOPS",
+        "seqread": "1M seq read QD8 GiB/s", "randwrite": "4k randwrite QD32 IOPS (fresh overlay)"}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -206,7 +210,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median kept)")
     ap.add_argument("--workdir", help="where to build the files (default: a temporary folder)")
     ap.add_argument("--json", help="write every run here")
+    ap.add_argument("--only", action="append", choices=list(ROWS),
+                    help="run only this workload (repeatable; default: all)")
+    ap.add_argument("--servers", default=",".join(KINDS),
+                    help=f"comma-separated servers to compare (default {','.join(KINDS)})")
     args = ap.parse_args()
+    only = set(args.only or ROWS)
+    kinds = [k for k in KINDS if k in args.servers.split(",")]
+    if "cowchain" not in kinds:
+        raise SystemExit("--servers must include cowchain")
     size = int(args.size[:-1]) * {"M": MiB, "G": GiB}[args.size[-1].upper()]
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdcopy", "fio"):
         if shutil.which(tool) is None:
@@ -217,27 +229,27 @@ def main() -> int:
     print(f"building the chain ({args.size} base + 10 overlays) in {work} ...", flush=True)
     top, flat = build(work, size)
     warm([os.path.join(work, f"l{i}.qcow2") for i in range(11)] + [flat])
-    runs: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
-    cpu: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    runs: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    cpu: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     print(f"load average at start: {os.getloadavg()}", flush=True)
 
     servers = {k: start(k, flat if k == "nbdkit" else top, os.path.join(work, f"{k}.sock"),
-                        True) for k in KINDS}
+                        True) for k in kinds} if only - {"randwrite"} else {}
     try:
         for _ in range(args.repeat):
-            for s in servers.values():
-                measure(runs, cpu, s, "nbdcopy GiB/s", copy_row(s.uri, size))
-            for s in servers.values():
-                measure(runs, cpu, s, "4k randread QD32 IOPS",
-                        fio_row(s.uri, "randread", "4k", 32, args.runtime, True))
-            for s in servers.values():
-                measure(runs, cpu, s, "1M seq read QD8 GiB/s",
-                        fio_row(s.uri, "read", "1M", 8, args.runtime, False))
+            for key, fn in (("copy", lambda s: copy_row(s.uri, size)),
+                            ("randread", lambda s: fio_row(s.uri, "randread", "4k", 32,
+                                                           args.runtime, True)),
+                            ("seqread", lambda s: fio_row(s.uri, "read", "1M", 8,
+                                                          args.runtime, False))):
+                if key in only:
+                    for s in servers.values():
+                        measure(runs, cpu, s, ROWS[key], fn(s))
     finally:
         for s in servers.values():
             s.stop()
-    for rnd in range(args.repeat):
-        for k in KINDS:
+    for rnd in range(args.repeat if "randwrite" in only else 0):
+        for k in kinds:
             target = os.path.join(work, f"w-{k}-{rnd}")
             if k == "nbdkit":
                 shutil.copyfile(flat, target)
@@ -246,7 +258,7 @@ def main() -> int:
                    "-F", "qcow2", target)
             s = start(k, target, os.path.join(work, f"w{k}.sock"), False)
             try:
-                measure(runs, cpu, s, "4k randwrite QD32 IOPS (fresh overlay)",
+                measure(runs, cpu, s, ROWS["randwrite"],
                         fio_row(s.uri, "randwrite", "4k", 32, args.runtime, True))
             finally:
                 s.stop()
@@ -256,7 +268,7 @@ def main() -> int:
     print(f"\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} {'cowchain':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}  goals")
     for row in rows:
-        best = {k: _median(runs[k][row]) for k in KINDS}
+        best = {k: _median(runs.get(k, {}).get(row, [])) for k in KINDS}
         rq, rk = best["cowchain"] / best["qemu-nbd"], best["cowchain"] / best["nbdkit"]
         goal_q = rq >= 1.5
         goal_k = rk >= 1.0 or "write" in row
@@ -268,7 +280,8 @@ def main() -> int:
           f"rows, s per GiB otherwise\n{'workload':40} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'cowchain':>10} {'vs qemu-nbd':>12} {'vs nbdkit':>10}")
     for row in rows:
-        best = {k: _median(cpu[k][row]) * (1e6 if "IOPS" in row else 1) for k in KINDS}
+        best = {k: _median(cpu.get(k, {}).get(row, [])) * (1e6 if "IOPS" in row else 1)
+                for k in KINDS}
         print(f"{row:40} " + " ".join(f"{best[k]:>10.2f}" for k in KINDS)
               + f" {best['qemu-nbd'] / best['cowchain']:>11.2f}x "
                 f"{best['nbdkit'] / best['cowchain']:>9.2f}x")

@@ -155,33 +155,67 @@ def test_a_client_that_does_not_read_holds_no_engine_lock(chain):
         b.close()
 
 
-def test_serve_reads_stops_before_what_it_does_not_serve(chain):
-    """The engine's loop for a read-only export: plain reads of at least MIN_LEN are answered
-    from the buffer in order; it stops before anything else (here a small read, then a
-    WRITE header) and leaves that request in the buffer for the connection."""
-    def req(t: int, offset: int, length: int, cookie: int, flags: int = 0) -> bytes:
-        return proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, t, cookie, offset, length)
+def _req(t: int, offset: int, length: int, cookie: int, flags: int = 0) -> bytes:
+    return proto.REQUEST.pack(proto.REQUEST_MAGIC, flags, t, cookie, offset, length)
 
-    with engine.open(chain, readonly=True) as img:
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_serve_reads_stops_before_what_it_does_not_serve(chain, readonly):
+    """The engine's loop, on a read-only and on a writable top layer alike: plain reads of
+    any size are answered from the buffer in order (a read shorter than SPARSE_MIN as one
+    data chunk); it stops before anything else (here a WRITE header, then a read with a
+    flag) and leaves that request in the buffer for the connection."""
+    with engine.open(chain, readonly=readonly) as img:
         expected = bytearray(4 * MiB)
         img.readinto(0, expected)
-        stream = (req(proto.CMD_READ, 0, C, 1) + req(proto.CMD_READ, 2 * MiB, 2 * MiB, 2)
-                  + req(proto.CMD_READ, 0, 512, 3) + req(proto.CMD_WRITE, 0, 512, 4))
+        stream = (_req(proto.CMD_READ, 0, C, 1) + _req(proto.CMD_READ, 2 * MiB, 2 * MiB, 2)
+                  + _req(proto.CMD_READ, 3 * MiB + 7, 512, 3)
+                  + _req(proto.CMD_WRITE, 0, 512, 4)
+                  + _req(proto.CMD_READ, 0, 512, 5, proto.CMD_FLAG_DF))
         buf = bytearray(1 << 16)
         buf[:28] = stream[:28]                     # one request buffered, the rest to recv
         a, b = socket.socketpair()
         b.sendall(stream[28:])
         got: list = []
         t = threading.Thread(target=lambda: got.extend(
-            [_read_reply(b, 0, C, True), _read_reply(b, 2 * MiB, 2 * MiB, True)]))
+            [_read_reply(b, 0, C, True), _read_reply(b, 2 * MiB, 2 * MiB, True),
+             _read_reply(b, 3 * MiB + 7, 512, True)]))
         t.start()
         start, end, served, err = nbd_serve_reads(img._core, a.fileno(), buf, 0, 28,
                                                   img.size, 1, C, 32 * MiB, 64)
         t.join(10)
-        assert (served, err) == (2, 0)
-        assert bytes(buf[start:end]) == stream[56:]       # the small read and the WRITE
+        assert (served, err) == (3, 0)
+        assert bytes(buf[start:end]) == stream[84:]       # the WRITE and the DF read
         assert got[0][0] == bytes(expected[:C])
         assert got[1][0] == bytes(expected[2 * MiB:])
         assert proto.REPLY_TYPE_OFFSET_HOLE in got[1][1]  # the unallocated tail
+        assert got[2] == (bytes(expected[3 * MiB + 7:3 * MiB + 519]),
+                          [proto.REPLY_TYPE_OFFSET_DATA])  # small: one data chunk
+        a.close()
+        b.close()
+
+
+def test_serve_reads_batches_replies_in_one_send(chain):
+    """Reads that arrived together are answered together (one sendmsg per batch): the
+    replies of 40 small reads on a writable image (and only they) are on the socket after
+    one call, in request order, each matching readinto."""
+    with engine.open(chain) as img:
+        expected = bytearray(4 * MiB)
+        img.readinto(0, expected)
+        offs = [(i * 97 * 1024 + i) % (4 * MiB - 4096) for i in range(40)]
+        stream = b"".join(_req(proto.CMD_READ, o, 4096, 100 + i) for i, o in enumerate(offs))
+        buf = bytearray(1 << 16)
+        buf[:len(stream)] = stream
+        a, b = socket.socketpair()
+        start, end, served, err = nbd_serve_reads(img._core, a.fileno(), buf, 0, len(stream),
+                                                  img.size, 0, C, 32 * MiB, 64)
+        assert (served, err, start, end) == (40, 0, 0, 0)      # the buffer is drained
+        for i, o in enumerate(offs):
+            magic, e, cookie = proto.SIMPLE_REPLY.unpack(_recv(b, proto.SIMPLE_REPLY.size))
+            assert (magic, e, cookie) == (proto.SIMPLE_REPLY_MAGIC, 0, 100 + i)
+            assert _recv(b, 4096) == bytes(expected[o:o + 4096])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)
         a.close()
         b.close()

@@ -5,10 +5,13 @@ One thread reads requests. Reads run on it at once: small ones are copied from t
 into an arena and the replies of a batch leave in one ``sendmsg``; larger ones leave in one
 ``sendmsg`` built by the engine (``engine._core.nbd_send_read``): the reply's headers and the
 pieces of the owning layers' mappings, no copy in between, ranges that read as zeros as
-``OFFSET_HOLE`` chunks; on a read-only export a run of such reads is served by the engine's
-own loop (``engine._core.nbd_serve_reads``: parse, look up, send, without the GIL), which hands
-back to this thread at the first other request. Small writes without FUA run on the reader too; everything else goes to
-the connection's worker threads, so several requests are in flight and replies leave in
+``OFFSET_HOLE`` chunks. A run of plain reads, on read-only and writable exports alike, is
+served by the engine's own loop (``engine._core.nbd_serve_reads``: parse, look up, send the
+replies of the reads that arrived together in one ``sendmsg``, without the GIL), which hands
+back to this thread at the first other request; on a writable export the loop also takes a
+WRITE under ``INPLACE_MAX`` that rewrites a cluster the top layer owns, straight into its
+mapping once the whole payload has arrived. Other small writes without FUA run on the reader
+too; everything else goes to the connection's worker threads, so several requests are in flight and replies leave in
 completion order, matched by cookie. Each reply (header and data, or all chunks of a
 structured reply) leaves whole under the connection's send lock. The engine releases the GIL
 while it copies and sends, and the socket calls release it too, so the threads overlap.
@@ -39,10 +42,16 @@ from engine.nbd.wire import Disconnected, Wire
 #: Reads and writes up to this size run on the reader thread (a copy costs less than a
 #: handoff to a worker).
 INLINE_MAX = 128 << 10
+#: Writes shorter than this that rewrite one cluster the top layer owns are received straight
+#: into its mapping (the engine's NBD_INPLACE_MAX; larger ones go through a buffer and pwrite).
+INPLACE_MAX = 16 << 10
 #: Reads at least this large ask the engine where the zeros are and send those as holes.
 SPARSE_READ_MIN = 64 << 10
 #: The reader's arena for the replies to a batch of small reads.
 _ARENA = 1 << 20
+#: The engine's loop answers at most this many bytes of reads in one sendmsg (its
+#: NBD_BATCH_BYTES; a single larger read goes alone).
+_BATCH_BYTES = 1 << 20
 #: Bytes of WRITE payload buffers kept for reuse per size class (at least one buffer).
 _KEEP_PAYLOADS = 16 << 20
 #: Read buffers up to this size are kept per thread and reused.
@@ -148,11 +157,13 @@ class Connection:
                 self._pool.shutdown(wait=True)
 
     def _loop(self) -> None:
-        """Read requests until DISC. Small plain reads and writes (the common case of a
-        pipelining client) take a fast path on this thread: a read is copied from the engine
-        into the next slice of a reader-owned arena, a write's payload is received into a
-        reader-owned buffer and handed to the engine, and the replies of all the requests
-        that arrived together leave in one sendmsg."""
+        """Read requests until DISC. Plain reads and small rewrites go to the engine's loop
+        (:meth:`_stream_reads`). Small writes (the common case of a pipelining client) that
+        the engine's loop leaves here, and small reads over TLS, take a fast path on this
+        thread: a read is copied from the engine into the next slice of a reader-owned
+        arena, a write's payload is received into a reader-owned buffer and handed to the
+        engine, and the replies of all the requests that arrived together leave in one
+        sendmsg."""
         wire, ex = self.wire, self.export
         size, readinto, write = ex.size, ex.readinto, ex.disk.write
         enter, leave = ex.gate.enter, ex.gate.leave
@@ -163,11 +174,9 @@ class Connection:
         used = 0
         small = min(INLINE_MAX, SPARSE_READ_MIN - 1)
         structured = self.structured
-        # a read-only export streams its large plain reads from the engine's own loop (its
-        # top layer never moves; a writable one goes request by request, below, so that a
-        # reply the client is slow to take counts in the connection's memory budget)
-        streaming = ex.readonly and self._fd >= 0
-        fd, mode = self._fd, 1 if structured else 0
+        # plain reads are served by the engine's own loop, on read-only and writable exports
+        # alike (not over TLS: its records are built here)
+        streaming = self._fd >= 0
         while True:
             if pending and wire.buffered < proto.REQUEST.size:
                 self._send(pending)         # nothing more has arrived: answer the batch
@@ -176,20 +185,13 @@ class Connection:
                 wire.peek(proto.REQUEST.size))
             if magic != proto.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            if streaming and t == proto.CMD_READ and not flags and not pending \
-                    and SPARSE_READ_MIN <= length <= proto.MAX_PAYLOAD:
-                # this read and the plain reads after it: served by the engine, no GIL
-                enter()
-                try:
-                    with self._send_lock:
-                        served, err = wire.run_on_buffer(lambda buf, start, end: nbd_serve_reads(
-                            ex.core(), fd, buf, start, end, size, mode, SPARSE_READ_MIN,
-                            proto.MAX_PAYLOAD, 64))
-                finally:
-                    leave()
-                if err:
-                    raise Disconnected(f"cannot send a reply: errno {err}")
-                if served:
+            if streaming and not flags and not self.broken and offset + length <= size and (
+                    (t == proto.CMD_READ and 0 < length <= proto.MAX_PAYLOAD)
+                    or (t == proto.CMD_WRITE and writable and 0 < length < INPLACE_MAX)):
+                if pending:
+                    self._send(pending)
+                    pending, used = [], 0
+                if self._stream_reads(length):
                     continue
             wire.consume(proto.REQUEST.size)
             is_read = t == proto.CMD_READ and not flags and 0 < length <= small \
@@ -225,6 +227,53 @@ class Connection:
             if t == proto.CMD_DISC:
                 return
             self._dispatch(proto.Request(flags, t, cookie, offset, length))
+
+    def _stream_reads(self, first: int) -> int:
+        """Serve the plain READs at the head of the receive buffer in the engine's loop
+        (``nbd_serve_reads``: parse, look up, send the replies of a batch in one sendmsg,
+        without the GIL), and on a writable export the small WRITEs among them that rewrite
+        a cluster the top layer owns (received straight into its mapping once the whole
+        payload has arrived; a chain's write lease is checked when the run starts, and a
+        run never waits); returns how many it served (0: the first one is for the ordinary
+        path).
+
+        Ordering with writes: a write's reply leaves only once the engine has applied it,
+        and each batch of replies is built under the top layer's read lock, so a read that
+        arrives after the client saw a write's reply sees the write. The loop runs inside
+        the export's gate with the top layer of that moment (``Export.core``): a live
+        snapshot waits for it to hand back (it never waits for the client to send more:
+        it stops when no whole request is buffered), and the next run starts from the
+        new leaf. A reply the socket does not take within the engine's short wait (a
+        writable top layer's lock must not wait on a client) is copied out, one batch at a
+        time, and sent after the lock is released: the run counts the most that can be
+        (a batch, or the FIRST read alone when larger) in the connection's memory budget,
+        and hands back at a read larger than that."""
+        ex, wire, fd = self.export, self.wire, self._fd
+        mode = 1 if self.structured else 0
+        most = max(first, _BATCH_BYTES)
+        self._budget.take(most, wait=False)
+        ex.gate.enter()
+        try:
+            writes = not ex.readonly
+            try:
+                try:
+                    core = ex.write_core() if writes else ex.core()
+                except Exception:   # noqa: BLE001  (writes take the ordinary path, which
+                    writes = False  # sends their error reply)
+                    core = ex.core()
+            except Exception:       # noqa: BLE001  (the ordinary path sends the error reply)
+                return 0
+            with self._send_lock:
+                served, err = wire.run_on_buffer(lambda buf, start, end: nbd_serve_reads(
+                    core, fd, buf, start, end, ex.size, mode, SPARSE_READ_MIN, most, 256,
+                    writes))
+        finally:
+            ex.gate.leave()
+            self._budget.give(most)
+        if err:
+            self.broken = True
+            raise Disconnected(f"cannot send a reply: errno {err}")
+        return served
 
     def _refusal(self, req: proto.Request) -> RequestError | None:
         """Why REQ cannot be served, checked before any payload is used."""

@@ -165,6 +165,14 @@ class Export:
         img = self.disk._image() if hasattr(self.disk, "_image") else self.disk
         return img._core
 
+    def write_core(self) -> Any:
+        """The engine's handle of the top layer for a write now, after the checks the
+        disk's own ``write`` makes first (a chain's write lease): what a WRITE payload is
+        received into in place."""
+        self._check_writable()
+        img = self.disk._image(write=True) if hasattr(self.disk, "_image") else self.disk
+        return img._core
+
     def readinto(self, offset: int, buf: Any) -> None:
         """Fill BUF from the disk at OFFSET (the disk's own method, bound in __init__)."""
         self.disk.readinto(offset, buf)
