@@ -148,11 +148,13 @@ PROFILES = {
     "full": dict(base=1 * GiB, overlays=10, overlay_bytes=16 * MiB, deep_base=256 * MiB,
                  deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=5,
                  merge_bytes=256 * MiB, pull_bytes=512 * MiB, md_depth=300,
-                 md_background=400, md_rounds=4, md_n=10, md_max_volumes=100000),
+                 md_background=400, md_rounds=4, md_n=10, md_max_volumes=100000,
+                 md_fresh_process=True),
     "quick": dict(base=32 * MiB, overlays=10, overlay_bytes=1 * MiB, deep_base=8 * MiB,
                   deep_depth=10, rss_depth=20, snap_reps=3, min_time=0.03, repeat=1,
                   merge_bytes=8 * MiB, pull_bytes=16 * MiB, md_depth=8,
-                  md_background=4, md_rounds=1, md_n=2, md_max_volumes=100),
+                  md_background=4, md_rounds=1, md_n=2, md_max_volumes=100,
+                  md_fresh_process=False),
 }
 
 
@@ -1186,9 +1188,14 @@ MD_SIZES = [10, 100, 1000, 10000, 100000]
 MD_OPS = ["snapshot", "revert", "preview+undo", "clone", "delete_chain", "open+read"]
 
 
-def _md_engine() -> list[str]:
-    """metadata_ops runs its workers in fresh processes on a source tree: this engine's."""
-    return [ENGINE_PARENT]
+def _md_medians(mo, kind: str, path: str, p: dict, rounds: int, n: int) -> dict:
+    """Medians of metadata_ops' worker KIND ("snapshot" or "ops") on the repository at PATH:
+    in fresh processes on this engine's source tree, ROUNDS rounds of N samples on a copy
+    (metadata_ops.side_by_side), or with --quick in this process, on PATH itself."""
+    if not p["md_fresh_process"]:
+        fn = {"snapshot": mo.worker_snapshot, "ops": mo.worker_ops}[kind]
+        return {op: statistics.median(ts) for op, ts in fn(engine, path, n).items()}
+    return mo.side_by_side([ENGINE_PARENT], kind, path, rounds, n)[ENGINE_PARENT]
 
 
 def fig_snapshot_cases(res, p, d):
@@ -1196,7 +1203,6 @@ def fig_snapshot_cases(res, p, d):
     then worker_snapshot in a fresh process, rounds on a copy of the repository)."""
     import metadata_ops as mo
 
-    e = _md_engine()
     depth, bg = p["md_depth"], p["md_background"]
     ref = None
     for key, size, deep, many in SNAP_CASES:
@@ -1205,7 +1211,7 @@ def fig_snapshot_cases(res, p, d):
         log(f"snapshot creation: {key}: building through the API")
         mo.build_measured(engine, path, size, depth if deep else 5, bg if many else 0)
         vols = mo.volume_count(path)
-        med = mo.side_by_side(e, "snapshot", path, p["md_rounds"], p["md_n"])[e[0]]
+        med = _md_medians(mo, "snapshot", path, p, p["md_rounds"], p["md_n"])
         shutil.rmtree(path, ignore_errors=True)
         wall, cpu = med["snapshot"], med["snapshot/cpu"]
         ref = ref if ref is not None else wall
@@ -1215,8 +1221,8 @@ def fig_snapshot_cases(res, p, d):
                 "1 GiB, depth 5, few volumes", ref, wall, "ms", ratio, "< 2 ms, <= 1.3x",
                 wall < 2.0 and ratio <= 1.3,
                 f"CPU {cpu:.2f} ms; median of {p['md_rounds']} rounds x {p['md_n']} snapshots "
-                f"(each undone by an untimed revert), metadata_ops.worker_snapshot in a fresh "
-                f"process")
+                f"(each undone by an untimed revert), metadata_ops.worker_snapshot "
+                f"{'in a fresh process per round' if p['md_fresh_process'] else 'in this process'}")
 
 
 def fig_md_scale(res, p, d):
@@ -1224,7 +1230,6 @@ def fig_md_scale(res, p, d):
     1 GiB made through the API, the other volumes catalog rows; worker_ops)."""
     import metadata_ops as mo
 
-    e = _md_engine()
     ref = None
     for total in MD_SIZES:
         key = f"mdops_{total}"
@@ -1240,7 +1245,7 @@ def fig_md_scale(res, p, d):
         mo.build_measured(engine, path, GiB, 5, 0)
         mo.add_catalog_rows(path, total - mo.volume_count(path))
         n = p["md_n"] if total <= 10000 else max(2, p["md_n"] // 4)
-        med = mo.side_by_side(e, "ops", path, p["md_rounds"] if total <= 10000 else 2, n)[e[0]]
+        med = _md_medians(mo, "ops", path, p, p["md_rounds"] if total <= 10000 else 2, n)
         shutil.rmtree(path, ignore_errors=True)
         tot = sum(med[o] for o in MD_OPS)
         ref = ref if ref is not None else tot
