@@ -997,7 +997,8 @@ def fig_merge(res, p, d):
     ref, cc = med["commit qemu"], med["commit cowchain"]
     res.add("delete_commit", "delete_snapshot, commit direction: overlay 1 down into the base "
             "(s)", "qemu-img commit -t writeback -d + rebase -u + unlink", ref, cc, "s", ref / cc,
-            ">= 1.2x", ref >= 1.2 * cc, case, runs=runs)
+            ">= 1.2x", ref >= 1.2 * cc, case,
+            runs={k: v for k, v in runs.items() if k.startswith("commit")})
     ref, alt, cc = med["pull qemu rebase"], med["pull qemu convert -B"], med["pull cowchain"]
     res.add("delete_pull", "delete_snapshot, pull direction: overlay 1 up into overlay 2 (s)",
             "qemu-img rebase -t writeback (safe mode) + unlink", ref, cc, "s", ref / cc, ">= 1.2x",
@@ -1006,7 +1007,8 @@ def fig_merge(res, p, d):
             f"{alt / cc:.2f}x; the row's figure is safe-mode rebase + unlink of overlay 1, "
             f"which writes into overlay 2 as cowchain does (qemu-img rebase alone "
             f"{ref - statistics.median(unlinks['rebase']):.2f} s, "
-            f"{(ref - statistics.median(unlinks['rebase'])) / cc:.2f}x)", runs=runs)
+            f"{(ref - statistics.median(unlinks['rebase'])) / cc:.2f}x)",
+            runs={k: v for k, v in runs.items() if k.startswith("pull")})
 
 
 def _bare_copy(src: str, dst: str) -> float:
