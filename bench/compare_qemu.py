@@ -22,6 +22,17 @@ What it does:
    overlays made with engine.create (depth 200 vs depth 1), overlay creation over 1 TiB and
    1 GiB volumes, 2 reader threads vs 1, and the peak RSS of a fresh process that opens 200
    volumes of 1 TiB.
+   The bulk operations, each against the qemu-img command that does the same work, on copies
+   of the same files: export (``qemu-img convert``), delete_snapshot in the commit direction
+   (``qemu-img commit`` + ``rebase -u``) and the pull direction (safe-mode ``qemu-img rebase``;
+   ``convert -B`` in the note), on a repository made through the API and copied afresh for
+   every round, and Repository.import_chain of a qcow2 and a raw disk (``qemu-img convert``
+   into the same format); beside them the machine's ceilings, a bare durable copy of the
+   same bytes and a bare fdatasync/fsync.  Then the figures of bench/xl2_compare.py (writes
+   into an ``extended_l2=on`` overlay, its ``measure``) and of bench/metadata_ops.py
+   (snapshot creation by size, depth and repository size; every metadata operation against
+   repository size, its ``build_measured``/``add_catalog_rows`` and workers), so that one
+   command prints every figure.
 3. Prints one row per figure: reference, reference value, cowchain value, ratio, target,
    met/MISSED.  A missed target is printed as MISSED with its numbers, never hidden; a figure
    that cannot be measured here is printed as N/A with the reason.  Rows whose target says
