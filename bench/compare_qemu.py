@@ -22,6 +22,17 @@ What it does:
    overlays made with engine.create (depth 200 vs depth 1), overlay creation over 1 TiB and
    1 GiB volumes, 2 reader threads vs 1, and the peak RSS of a fresh process that opens 200
    volumes of 1 TiB.
+   The bulk operations, each against the qemu-img command that does the same work, on copies
+   of the same files: export (``qemu-img convert``), delete_snapshot in the commit direction
+   (``qemu-img commit`` + ``rebase -u``) and the pull direction (safe-mode ``qemu-img rebase``;
+   ``convert -B`` in the note), on a repository made through the API and copied afresh for
+   every round, and Repository.import_chain of a qcow2 and a raw disk (``qemu-img convert``
+   into the same format); beside them the machine's ceilings, a bare durable copy of the
+   same bytes and a bare fdatasync/fsync.  Then the figures of bench/xl2_compare.py (writes
+   into an ``extended_l2=on`` overlay, its ``measure``) and of bench/metadata_ops.py
+   (snapshot creation by size, depth and repository size; every metadata operation against
+   repository size, its ``build_measured``/``add_catalog_rows`` and workers), so that one
+   command prints every figure.
 3. Prints one row per figure: reference, reference value, cowchain value, ratio, target,
    met/MISSED.  A missed target is printed as MISSED with its numbers, never hidden; a figure
    that cannot be measured here is printed as N/A with the reason.  Rows whose target says
@@ -120,14 +131,41 @@ FIGURES = [
     "export_qcow2",
     "export_raw",
     "export_unsafe",
+    "delete_commit",
+    "delete_pull",
+    "import_qcow2",
+    "import_raw",
+    "ceiling_copy",
+    "ceiling_sync",
+    "xl2_vs_copyup",
+    "xl2_vs_qemu",
+    "snapcase_1g_d5_few",
+    "snapcase_1g_d5_many",
+    "snapcase_1g_d300_few",
+    "snapcase_1g_d300_many",
+    "snapcase_1t_d5_few",
+    "snapcase_1t_d5_many",
+    "snapcase_1t_d300_few",
+    "snapcase_1t_d300_many",
+    "mdops_10",
+    "mdops_100",
+    "mdops_1000",
+    "mdops_10000",
+    "mdops_100000",
 ]
 
 PROFILES = {
     # base size, overlays, bytes per overlay, deep-chain base size and depth, RSS chain depth
     "full": dict(base=1 * GiB, overlays=10, overlay_bytes=16 * MiB, deep_base=256 * MiB,
-                 deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=5),
+                 deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=5,
+                 merge_bytes=256 * MiB, pull_bytes=512 * MiB, md_depth=300,
+                 md_background=400, md_rounds=4, md_n=10, md_max_volumes=100000,
+                 md_fresh_process=True),
     "quick": dict(base=32 * MiB, overlays=10, overlay_bytes=1 * MiB, deep_base=8 * MiB,
-                  deep_depth=10, rss_depth=20, snap_reps=3, min_time=0.03, repeat=1),
+                  deep_depth=10, rss_depth=20, snap_reps=3, min_time=0.03, repeat=1,
+                  merge_bytes=8 * MiB, pull_bytes=16 * MiB, md_depth=8,
+                  md_background=4, md_rounds=1, md_n=2, md_max_volumes=100,
+                  md_fresh_process=False),
 }
 
 
@@ -837,6 +875,409 @@ def fig_export(res, chain, p, d):
             f"{cq:.2f} s to qcow2, {best['cowchain export raw']:.2f} s to raw")
 
 
+
+# --- delete_snapshot, import and the machine's ceilings ---------------------------------------
+
+def _fill(c, size: int, rng) -> None:
+    """Write SIZE bytes of random data through C's write from offset 0 (8 MiB steps)."""
+    step = 8 * MiB
+    for off in range(0, size, step):
+        c.write(off, rng.integers(0, 256, min(step, size - off), dtype=np.uint8).tobytes())
+
+
+def _scatter(c, size: int, nbytes: int, rng, fill: int) -> None:
+    """NBYTES of 64 KiB writes at random clusters of a SIZE-byte disk (each cluster once)."""
+    data = bytes([fill]) * CLUSTER
+    for k in np.sort(rng.choice(size // CLUSTER, size=nbytes // CLUSTER, replace=False)).tolist():
+        c.write(k * CLUSTER, data)
+
+
+def build_merge_repo(path: str, p: dict) -> dict:
+    """The issue's merge case through the Repository API: chain 'm' of a qcow2 base fully
+    written (p['base']), overlay 1 holding p['merge_bytes'] of scattered 64 KiB writes,
+    overlay 2 holding p['pull_bytes'] and an empty leaf; snapshots s1 (base), s2 (overlay 1),
+    s3 (overlay 2).  Deleting s1 commits overlay 1 down (256 MiB against 768 to pull), deleting
+    s2 pulls overlay 1 up into overlay 2 (what overlay 2 does not hold, against 512 MiB to
+    commit).  Returns the volumes' paths relative to the repository and the snapshot ids."""
+    rng = np.random.default_rng(13)
+    size = p["base"]
+    with engine.Repository.create(path) as repo:
+        c = repo.create_chain("m", size, base_format="qcow2")
+        _fill(c, size, rng)
+        s1 = c.snapshot()
+        _scatter(c, size, p["merge_bytes"], rng, 0x31)
+        s2 = c.snapshot()
+        _scatter(c, size, p["pull_bytes"], rng, 0x32)
+        s3 = c.snapshot()
+        vols = {v.id: os.path.relpath(v.path, path) for v in c.volumes}
+        snaps = [s1, s2, s3]
+        out = {"snapshots": [s.id for s in snaps],
+               "files": [vols[s.volume] for s in snaps] + [vols[c.leaf.id]]}
+    return out
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """A copy of the folder SRC at DST, written back to disk (each file fsynced: the timed
+    syncs that follow then write only what the timed operation wrote, and other jobs' dirty
+    data on this shared machine is not waited for, as os.sync would)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    for folder, _, names in os.walk(dst):
+        for name in names + ["."]:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def fig_merge(res, p, d):
+    """delete_snapshot in both directions against qemu-img on copies of the same volumes:
+    each round copies the master repository afresh for each side, outside the timing, and
+    syncs the copy so that no copy's writeback is billed to the timed syncs."""
+    master = os.path.join(d, "merge-master")
+    log(f"delete_snapshot: building the repository ({p['base'] // MiB} MiB base, overlays of "
+        f"{p['merge_bytes'] // MiB} and {p['pull_bytes'] // MiB} MiB) through the API")
+    shutil.rmtree(master, ignore_errors=True)
+    m = build_merge_repo(master, p)
+    base, ov1, ov2, leaf = m["files"]
+    s1, s2, _ = m["snapshots"]
+    fresh = os.path.join(d, "merge-q")
+    cc_copy = os.path.join(d, "merge-c")
+    directions: dict = {}
+
+    def setup(folder):
+        _copy_tree(master, folder)
+
+    def cowchain(sid, direction):
+        def once():
+            setup(cc_copy)
+            with engine.Repository.open(cc_copy) as repo:
+                c = repo.chain("m")
+                t = time.perf_counter()
+                r = c.delete_snapshot(sid)
+                dt = time.perf_counter() - t
+            directions[direction] = r.direction
+            if r.direction != direction:
+                raise SystemExit(f"delete_snapshot chose {r.direction}, the case expects "
+                                 f"{direction} (commit {r.commit_bytes}, pull {r.pull_bytes})")
+            return dt
+        return once
+
+    def qemu(cmds, tag):
+        def once():
+            setup(fresh)
+            t = time.perf_counter()
+            for cmd in cmds:
+                run(cmd, cwd=fresh)
+            t1 = time.perf_counter()
+            # cowchain's delete_snapshot removes the merged-away volume: so does this side
+            os.unlink(os.path.join(fresh, ov1))
+            t2 = time.perf_counter()
+            unlinks.setdefault(tag, []).append(t2 - t1)
+            return t2 - t
+        return once
+
+    unlinks: dict = {}
+    wb = ["-t", "writeback"]
+    raters = {
+        "commit qemu": qemu([["qemu-img", "commit", "-q", *wb, "-d", ov1],
+                             ["qemu-img", "rebase", "-q", "-u", "-b",
+                              os.path.basename(base), "-F", "qcow2", ov2]], "commit"),
+        "commit cowchain": cowchain(s1, "commit"),
+        "pull qemu rebase": qemu([["qemu-img", "rebase", "-q", *wb, "-b",
+                                   os.path.basename(base), "-F", "qcow2", ov2]], "rebase"),
+        "pull qemu convert -B": qemu([["qemu-img", "convert", *wb, "-f", "qcow2", "-O",
+                                       "qcow2", "-B", os.path.basename(base), "-F", "qcow2",
+                                       ov2, ov2 + ".new"]], "convert"),
+        "pull cowchain": cowchain(s2, "pull"),
+    }
+    log("delete_snapshot: warm-up, then interleaved rounds")
+    warm_files([os.path.join(master, f) for f in m["files"]])
+    runs = {k: [] for k in raters}
+    for i in range(p["repeat"] + 1):
+        for k, fn in raters.items():
+            t = fn()
+            if i:                   # the first round is the warm-up
+                runs[k].append(t)
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.rmtree(cc_copy, ignore_errors=True)
+    shutil.rmtree(master, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    case = (f"{p['base'] // MiB} MiB qcow2 base fully written; overlay 1 holds "
+            f"{p['merge_bytes'] // MiB} MiB, overlay 2 {p['pull_bytes'] // MiB} MiB (scattered "
+            f"64 KiB clusters), made through the Repository API; median of {p['repeat']} "
+            f"interleaved rounds, each on fresh copies of the same files (copy and fsync "
+            f"outside the timing); seconds to a durable result, qemu-img's process starts "
+            f"included, cowchain's Chain.delete_snapshot (opening the volumes included); the "
+            f"qemu side ends with os.unlink of overlay 1, as cowchain removes the merged-away "
+            f"volume (median unlink {1e3 * statistics.median(unlinks['commit']):.0f} ms; "
+            f"qemu-img alone {med['commit qemu'] - statistics.median(unlinks['commit']):.2f} s"
+            f", {(med['commit qemu'] - statistics.median(unlinks['commit'])) / med['commit cowchain']:.2f}x)")
+    ref, cc = med["commit qemu"], med["commit cowchain"]
+    res.add("delete_commit", "delete_snapshot, commit direction: overlay 1 down into the base "
+            "(s)", "qemu-img commit -t writeback -d + rebase -u + unlink", ref, cc, "s", ref / cc,
+            ">= 1.2x", ref >= 1.2 * cc, case,
+            runs={k: v for k, v in runs.items() if k.startswith("commit")})
+    ref, alt, cc = med["pull qemu rebase"], med["pull qemu convert -B"], med["pull cowchain"]
+    res.add("delete_pull", "delete_snapshot, pull direction: overlay 1 up into overlay 2 (s)",
+            "qemu-img rebase -t writeback (safe mode) + unlink", ref, cc, "s", ref / cc, ">= 1.2x",
+            ref >= 1.2 * cc,
+            f"qemu-img convert -t writeback -B base (a new overlay 2) + unlink: {alt:.2f} s, "
+            f"{alt / cc:.2f}x; the row's figure is safe-mode rebase + unlink of overlay 1, "
+            f"which writes into overlay 2 as cowchain does (qemu-img rebase alone "
+            f"{ref - statistics.median(unlinks['rebase']):.2f} s, "
+            f"{(ref - statistics.median(unlinks['rebase'])) / cc:.2f}x)",
+            runs={k: v for k, v in runs.items() if k.startswith("pull")})
+
+
+def _bare_copy(src: str, dst: str) -> float:
+    """Seconds to copy SRC into a new file DST with 8 MiB read + write and one fdatasync."""
+    buf = bytearray(8 * MiB)
+    t = time.perf_counter()
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            g.write(memoryview(buf)[:n])
+        os.fdatasync(g.fileno())
+    return time.perf_counter() - t
+
+
+def _cfr_copy(src: str, dst: str) -> float:
+    """Seconds to copy SRC into a new file DST with copy_file_range and one fdatasync."""
+    t = time.perf_counter()
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+        left = os.fstat(f.fileno()).st_size
+        while left:
+            n = os.copy_file_range(f.fileno(), g.fileno(), min(left, 1 << 30))
+            if not n:
+                break
+            left -= n
+        os.fdatasync(g.fileno())
+    return time.perf_counter() - t
+
+
+def _sync_latency(d: str, n: int) -> tuple[float, float]:
+    """Median ms of a 4 KiB pwrite + fdatasync, and of the same + fsync (alternating), on
+    this filesystem; each write goes to a page of its own of a file written and synced
+    before, so every sync has exactly one dirty page to write and no size change."""
+    path = os.path.join(d, "sync-probe.bin")
+    ts: dict = {os.fdatasync: [], os.fsync: []}
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, b"\1" * 4096 * 2 * n, 0)
+        os.fsync(fd)
+        for i in range(2 * n):
+            sync = os.fdatasync if i % 2 == 0 else os.fsync
+            os.pwrite(fd, bytes([i & 255]) * 4096, i * 4096)
+            t = time.perf_counter()
+            sync(fd)
+            ts[sync].append((time.perf_counter() - t) * 1e3)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(ts[os.fdatasync]), statistics.median(ts[os.fsync])
+
+
+def fig_import(res, chain, p, d):
+    """Repository.import_chain of a qcow2 and a raw disk against qemu-img convert into the
+    same format, interleaved with the machine's bare copy of the same bytes."""
+    src = {"qcow2": chain["files"][0], "raw": chain["flat"]}
+    size = os.path.getsize(chain["flat"])
+    out = os.path.join(d, "import-out")
+    repo_dir = os.path.join(d, "import-repo")
+
+    def clean():
+        for path in (out, out + ".cfr"):
+            if os.path.exists(path):
+                os.unlink(path)
+        shutil.rmtree(repo_dir, ignore_errors=True)
+
+    def cowchain(fmt):
+        def once():
+            clean()
+            repo = engine.Repository.create(repo_dir)
+            try:
+                t = time.perf_counter()
+                repo.import_chain("i", src[fmt], format=fmt, base_format=fmt)
+                dt = time.perf_counter() - t
+            finally:
+                repo.close()
+            clean()
+            return dt
+        return once
+
+    def qemu(fmt, cache):
+        def once():
+            clean()
+            t = time.perf_counter()
+            run(["qemu-img", "convert", "-t", cache, "-f", fmt, "-O", fmt, src[fmt], out])
+            dt = time.perf_counter() - t
+            clean()
+            return dt
+        return once
+
+    def bare(fn):
+        def once():
+            clean()
+            dt = fn(chain["flat"], out)
+            clean()
+            return dt
+        return once
+
+    raters = {}
+    for fmt in ("qcow2", "raw"):
+        raters[f"qemu {fmt} writeback"] = qemu(fmt, "writeback")
+        raters[f"qemu {fmt} unsafe"] = qemu(fmt, "unsafe")
+        raters[f"cowchain {fmt}"] = cowchain(fmt)
+    raters["bare read+write"] = bare(_bare_copy)
+    raters["bare copy_file_range"] = bare(_cfr_copy)
+    log("import: warm-up, then interleaved rounds (with the bare copies)")
+    warm_files(list(src.values()))
+    os.sync()
+    runs = {k: [] for k in raters}
+    for i in range(p["repeat"] + 1):
+        for k, fn in raters.items():
+            t = fn()
+            if i:
+                runs[k].append(t)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    for fmt in ("qcow2", "raw"):
+        ref, cc = med[f"qemu {fmt} writeback"], med[f"cowchain {fmt}"]
+        uns = med[f"qemu {fmt} unsafe"]
+        res.add(f"import_{fmt}", f"import a {size // MiB} MiB {fmt} disk into a {fmt} base (s)",
+                "qemu-img convert -t writeback", ref, cc, "s", ref / cc, ">= 1.0x",
+                ref >= cc,
+                f"Repository.import_chain (fresh repository per round, made outside the "
+                f"timing) vs qemu-img convert -f {fmt} -O {fmt}; median of {p['repeat']} "
+                f"interleaved rounds; qemu-img -t unsafe (no flush): {uns:.2f} s "
+                f"({uns / cc:.2f}x); source: "
+                f"{'the chain base, fully written' if fmt == 'qcow2' else 'the flat raw file'}",
+                runs={k: v for k, v in runs.items() if fmt in k})
+    rw, cfr = med["bare read+write"], med["bare copy_file_range"]
+    best = min(rw, cfr)
+    cc = min(med["cowchain raw"], med["cowchain qcow2"])
+    res.add("ceiling_copy", f"the machine's bare copy of the same {size // MiB} MiB into a new "
+            "file, durable (s)", "8 MiB read+write + fdatasync", rw, cfr, "s", rw / cfr,
+            "info (machine ceiling)", None,
+            f"copy_file_range + fdatasync {cfr:.2f} s ({size / cfr / MiB:,.0f} MiB/s), "
+            f"read+write {rw:.2f} s ({size / rw / MiB:,.0f} MiB/s); the fastest cowchain "
+            f"import took {cc / best:.2f}x the best bare copy", runs={"read+write": runs[
+                "bare read+write"], "copy_file_range": runs["bare copy_file_range"]})
+    fd_ms, fs_ms = _sync_latency(d, 20 if p["min_time"] < 0.5 else 100)
+    res.add("ceiling_sync", "the machine's bare sync latency: 4 KiB pwrite + fdatasync | fsync "
+            "(ms)", "fdatasync", fd_ms, fs_ms, "ms", None, "info (machine ceiling)", None,
+            f"median of {20 if p['min_time'] < 0.5 else 100} each, alternating, one new dirty "
+            f"page of a synced file each; "
+            f"fdatasync {fd_ms:.2f} ms, fsync {fs_ms:.2f} ms")
+
+
+# --- extended L2 writes and metadata operations (bench/xl2_compare.py, bench/metadata_ops.py) --
+
+def fig_xl2(res, chain, p, d):
+    """4 KiB writes into a fresh extended_l2=on overlay of the chain: xl2_compare.measure on
+    this run's chain (its rounds: cowchain xl2, cowchain copy-up, qemu-img bench -w on an
+    extended_l2=on overlay and on a plain one, interleaved; medians)."""
+    import xl2_compare
+
+    size = os.path.getsize(chain["flat"])
+    log("extended L2 writes: xl2_compare.measure (interleaved rounds)")
+    r = xl2_compare.measure(d, chain, size, p["repeat"])
+    m = r["median"]
+    note = (f"{r['writes_per_overlay']} writes per fresh overlay (one per 64 KiB cluster, "
+            f"lazy_refcounts=on on both sides), median of {p['repeat']} interleaved rounds; "
+            f"qemu-img check of the last overlays: {r['check']}")
+    res.add("xl2_vs_copyup", "4 KiB writes into a fresh extended_l2=on overlay vs cowchain's "
+            "own copy-up into a plain overlay", "cowchain copy-up", m["copyup"], m["xl2"],
+            "IOPS", r["ratio_xl2_vs_copyup"], ">= 5x", r["ratio_xl2_vs_copyup"] >= 5, note,
+            runs={k: r["runs"][k] for k in ("copyup", "xl2")})
+    res.add("xl2_vs_qemu", "4 KiB writes into a fresh extended_l2=on overlay vs qemu-img bench "
+            "-w on an extended_l2=on overlay of the same chain",
+            f"qemu-img bench -w -i {r['qemu_aio']}", m["qemu_xl2"], m["xl2"], "IOPS",
+            r["ratio_xl2_vs_qemu_xl2"], "> 1x", r["ratio_xl2_vs_qemu_xl2"] > 1,
+            f"plain overlays: qemu {m['qemu']:,.0f}, cowchain {m['copyup']:,.0f} writes/s; "
+            f"cowchain's flush, not in the rate: {r['flush_ms']['xl2']:.0f} ms (xl2)",
+            runs={k: r["runs"][k] for k in ("qemu_xl2", "xl2")})
+
+
+#: The snapshot-creation cases: (key, virtual size, deep?, many volumes?)
+SNAP_CASES = [(f"snapcase_{'1t' if big else '1g'}_{'d300' if deep else 'd5'}_"
+               f"{'many' if many else 'few'}", TiB if big else GiB, deep, many)
+              for big in (False, True) for deep in (False, True) for many in (False, True)]
+MD_SIZES = [10, 100, 1000, 10000, 100000]
+MD_OPS = ["snapshot", "revert", "preview+undo", "clone", "delete_chain", "open+read"]
+
+
+def _md_medians(mo, kind: str, path: str, p: dict, rounds: int, n: int) -> dict:
+    """Medians of metadata_ops' worker KIND ("snapshot" or "ops") on the repository at PATH:
+    in fresh processes on this engine's source tree, ROUNDS rounds of N samples on a copy
+    (metadata_ops.side_by_side), or with --quick in this process, on PATH itself."""
+    if not p["md_fresh_process"]:
+        fn = {"snapshot": mo.worker_snapshot, "ops": mo.worker_ops}[kind]
+        return {op: statistics.median(ts) for op, ts in fn(engine, path, n).items()}
+    return mo.side_by_side([ENGINE_PARENT], kind, path, rounds, n)[ENGINE_PARENT]
+
+
+def fig_snapshot_cases(res, p, d):
+    """Snapshot creation medians through the Repository API (metadata_ops: build_measured,
+    then worker_snapshot in a fresh process, rounds on a copy of the repository)."""
+    import metadata_ops as mo
+
+    depth, bg = p["md_depth"], p["md_background"]
+    ref = None
+    for key, size, deep, many in SNAP_CASES:
+        path = os.path.join(d, f"md-{key}")
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"snapshot creation: {key}: building through the API")
+        mo.build_measured(engine, path, size, depth if deep else 5, bg if many else 0)
+        vols = mo.volume_count(path)
+        med = _md_medians(mo, "snapshot", path, p, p["md_rounds"], p["md_n"])
+        shutil.rmtree(path, ignore_errors=True)
+        wall, cpu = med["snapshot"], med["snapshot/cpu"]
+        ref = ref if ref is not None else wall
+        ratio = wall / ref
+        res.add(key, f"snapshot creation, {'1 TiB' if size == TiB else '1 GiB'}, depth "
+                f"{depth if deep else 5}, {vols:,} volumes (Chain.snapshot, median ms)",
+                "1 GiB, depth 5, few volumes", ref, wall, "ms", ratio, "< 2 ms, <= 1.3x",
+                wall < 2.0 and ratio <= 1.3,
+                f"CPU {cpu:.2f} ms; median of {p['md_rounds']} rounds x {p['md_n']} snapshots "
+                f"(each undone by an untimed revert), metadata_ops.worker_snapshot "
+                f"{'in a fresh process per round' if p['md_fresh_process'] else 'in this process'}")
+
+
+def fig_md_scale(res, p, d):
+    """Every metadata operation against repository size (metadata_ops: a depth-5 chain of
+    1 GiB made through the API, the other volumes catalog rows; worker_ops)."""
+    import metadata_ops as mo
+
+    ref = None
+    for total in MD_SIZES:
+        key = f"mdops_{total}"
+        what = (f"metadata operations in a repository of {total:,} volumes "
+                f"({' | '.join(MD_OPS)}; sum of medians, ms)")
+        if total > p["md_max_volumes"]:
+            res.na(key, what, "<= 1.3x of 10 volumes", f"not run in this profile (up to "
+                   f"{p['md_max_volumes']:,} volumes)")
+            continue
+        path = os.path.join(d, f"md-scale{total}")
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"metadata operations: {total:,} volumes")
+        mo.build_measured(engine, path, GiB, 5, 0)
+        mo.add_catalog_rows(path, total - mo.volume_count(path))
+        n = p["md_n"] if total <= 10000 else max(2, p["md_n"] // 4)
+        med = _md_medians(mo, "ops", path, p, p["md_rounds"] if total <= 10000 else 2, n)
+        shutil.rmtree(path, ignore_errors=True)
+        tot = sum(med[o] for o in MD_OPS)
+        ref = ref if ref is not None else tot
+        detail = ", ".join(f"{o} {med[o]:.2f} ({med[o + '/cpu']:.2f} CPU)" for o in MD_OPS)
+        first = total == MD_SIZES[0]
+        res.add(key, what, f"{MD_SIZES[0]} volumes", ref, tot, "ms", tot / ref,
+                "info (reference)" if first else "<= 1.3x of 10 volumes",
+                None if first else tot <= 1.3 * ref, f"medians, ms: {detail}")
+
+
 _SPIN = ("import time\nt = time.perf_counter()\nx = 0\nfor i in range(%d): x += i\n"
          "print(time.perf_counter() - t)")
 
@@ -1057,6 +1498,8 @@ def fig_rss(res, p, d):
 # --- main -------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    # xl2_compare imports this module by name: let it find this one, not load a second copy
+    sys.modules.setdefault("compare_qemu", sys.modules[__name__])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, short timings (smoke run)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
@@ -1069,7 +1512,7 @@ def main(argv=None) -> int:
                     "reported)")
     ap.add_argument("--batch", type=int, default=1024, help="offsets per readv call")
     ap.add_argument("--only", help="comma-separated groups: reads,seq,writes,depth,snapshot,"
-                    "threads,rss,export,cold")
+                    "threads,rss,export,merge,import,xl2,mdsnap,mdscale,cold")
     args = ap.parse_args(argv)
 
     p = dict(PROFILES["quick" if args.quick else "full"])
@@ -1077,7 +1520,8 @@ def main(argv=None) -> int:
         p["min_time"] = args.min_time
     if args.repeat:
         p["repeat"] = args.repeat
-    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss,export,cold").split(","))
+    groups = set((args.only or "reads,seq,writes,depth,snapshot,threads,rss,export,merge,import,"
+                      "xl2,mdsnap,mdscale,cold").split(","))
 
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -1147,6 +1591,12 @@ def main(argv=None) -> int:
             ("rss", ["rss_open200"], lambda: fig_rss(res, p, d)),
             ("export", ["export_qcow2", "export_raw", "export_unsafe"],
              lambda: fig_export(res, chain, p, d)),
+            ("merge", ["delete_commit", "delete_pull"], lambda: fig_merge(res, p, d)),
+            ("import", ["import_qcow2", "import_raw", "ceiling_copy", "ceiling_sync"],
+             lambda: fig_import(res, chain, p, d)),
+            ("xl2", ["xl2_vs_copyup", "xl2_vs_qemu"], lambda: fig_xl2(res, chain, p, d)),
+            ("mdsnap", [c[0] for c in SNAP_CASES], lambda: fig_snapshot_cases(res, p, d)),
+            ("mdscale", [f"mdops_{n}" for n in MD_SIZES], lambda: fig_md_scale(res, p, d)),
             ("cold", ["cold_rand4k"], lambda: fig_cold(res, q, chain, p)),   # leaves it cold
         ]
         for group, keys, fn in steps:

@@ -332,3 +332,38 @@ def test_fault_during_commit_is_typed_and_consistent(tmp_path, nth):
     qemu.qemu_img("rebase", "-u", "-b", "", "-f", "qcow2", top)
     assert_same(base, ref)
     qemu.assert_qemu_clean(base)
+
+
+def test_removing_a_large_volume_file_leaves_freeing_its_blocks_to_a_helper_thread(tmp_path):
+    """A removed volume's name is gone when ``files.unlink`` returns; its blocks and cached
+    pages (about 0.1 s of kernel work per 256 MiB) are freed by a helper thread closing the
+    descriptor held across the unlink, which it does shortly after."""
+    import threading
+    import time
+
+    from engine.repository import files
+
+    big = tmp_path / "big.qcow2"
+    with open(big, "wb") as f:
+        f.truncate(files._RELEASE_LATER_BYTES)      # sparse: only the size counts
+    small = tmp_path / "small.qcow2"
+    small.write_bytes(b"x" * 4096)
+    ino = big.stat().st_ino
+
+    def held() -> bool:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
+                    return True
+            except OSError:
+                pass
+        return False
+
+    assert files.unlink(str(small)) and not small.exists()
+    assert files.unlink(str(big)) and not big.exists()
+    assert not files.unlink(str(big))                 # gone: False, as before
+    assert any(t.name == "cowchain-release" for t in threading.enumerate())
+    deadline = time.monotonic() + 10
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not held(), "the helper thread never closed the removed file"

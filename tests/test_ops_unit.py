@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 import qemu
@@ -490,9 +491,16 @@ class _Ext:
 class _Img:
     def __init__(self, extents):
         self._extents = extents
+        self.size = sum(e.length for e in extents)
+        self._core = self                   # layer_runs reads the core's block status table
 
     def extents(self):
         return list(self._extents)
+
+    def block_status(self, offset, length):
+        assert (offset, length) == (0, self.size)
+        return np.array([(e.start, e.length, e.depth, e.present | e.zero << 1 | e.data << 2, 0)
+                         for e in self._extents], dtype=np.uint64).reshape(-1, 5)
 
 
 def test_diff_and_measure_remerge_core_runs_by_their_coarser_kind():

@@ -263,8 +263,16 @@ def test_delete_snapshot_opens_each_volume_once_and_reads_extents_once(
         extents.append(self.path)
         return real_extents(self, *a, **kw)
 
+    from engine.ops import merge as ops_merge
+    real_runs = ops_merge.layer_runs
+
+    def counting_runs(img, *a, **kw):         # reads the block status table, not extents()
+        extents.append(img.path)
+        return real_runs(img, *a, **kw)
+
     monkeypatch.setattr(image, "open", counting_open)
     monkeypatch.setattr(image.Image, "extents", counting_extents)
+    monkeypatch.setattr(ops_merge, "layer_runs", counting_runs)
     r = c.delete_snapshot(s2.id)
     monkeypatch.undo()
     assert r.direction == expected

@@ -26,9 +26,22 @@ def layer_runs(image: Image, depth: int = 0, *, keep_zeros: bool = True,
         list of (start, length, zero) in guest order, adjacent runs of one kind merged.
     """
     lo = depth if min_depth is None else min_depth
-    held = ((e.start, e.length, bool(e.zero) and not e.data) for e in image.extents()
-            if e.present and lo <= e.depth <= depth)
-    return coalesce(r for r in held if keep_zeros or not r[2])
+    if image.size == 0:
+        return []
+    # The core's block status table (start, length, depth, flags, offset), filtered with
+    # numpy: a volume written in scattered clusters has one row per cluster, and building an
+    # Extent for each would cost more than the merge that follows.
+    st = image._core.block_status(0, image.size)
+    flags, d = st[:, 3], st[:, 2]
+    zero = (flags & _F_ZERO != 0) & (flags & _F_DATA == 0)
+    keep = (flags & _F_PRESENT != 0) & (d >= lo) & (d <= depth)
+    if not keep_zeros:
+        keep &= ~zero
+    return coalesce(zip(st[keep, 0].tolist(), st[keep, 1].tolist(), zero[keep].tolist()))
+
+
+#: Flags of the core's block status (``Image.extents`` reads the same bits).
+_F_PRESENT, _F_ZERO, _F_DATA = 1, 2, 4
 
 
 def allocated_bytes(image: Image, depth: int = 0, *, keep_zeros: bool = True) -> int:

@@ -59,7 +59,8 @@ def plan_merge(top: Image, base: Image | None, *, keep_zeros: bool = True) -> Me
         # of TOP's allocation units are widened to whole units (copied as data, read
         # through BASE's chain); in a chain of one cluster size none does.
         grain = top.header.subcluster_size
-        pull = subtract(coalesce(_widened(pull, grain, base.size)), held)
+        if any(s % grain or (s + n) % grain and s + n != base.size for s, n, _ in pull):
+            pull = subtract(coalesce(_widened(pull, grain, base.size)), held)
     return MergePlan(held, pull)
 
 
