@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
+#: depth, bottom and first corrupt image of a backing chain (see ``Image._below``)
+_BelowFacts = tuple[int, "Image | None", "Image | None"]
+
+
 class Image:
     """An open QCOW2 or RAW image with its backing chain (use :func:`open` / :func:`create`).
 
@@ -72,6 +76,8 @@ class Image:
     _close_lock: threading.Lock
     _in_use: tuple[int, int]
     _opts: _Options
+    #: (the backing image they were worked out for, _Below facts of the chain under it)
+    _below_memo: tuple[Image, _BelowFacts] | None
 
     def __init__(self) -> None:  # built by _open_image only
         raise TypeError("use engine.open() or engine.create()")
@@ -91,6 +97,7 @@ class Image:
         self._readonly = readonly
         self._lock = lock
         self._backing_path = backing_path
+        self._below_memo = None
         self._closed = False
         self._released = False
         self._close_lock = threading.Lock()
@@ -165,6 +172,50 @@ class Image:
             out.append(img)
             img = img._backing
         return out
+
+    @property
+    def chain_depth(self) -> int:
+        """How many images the chain holds, this one included (1: no backing file)."""
+        return self._below()[0] + 1
+
+    def bottom(self) -> Image:
+        """The last image of the chain (this one, without a backing file)."""
+        return self._below()[1] or self
+
+    def first_corrupt(self) -> Image | None:
+        """The first image of the chain, top first, whose header has the corrupt bit set
+        (None: none has)."""
+        if self._header is not None and self._header.corrupt:
+            return self
+        return self._below()[2]
+
+    def _below(self) -> _BelowFacts:
+        """(depth, bottom, first corrupt image) of the backing chain under this image, in
+        constant time: each image keeps them for its backing image, worked out once from the
+        backing image's own (a chain opened, or a new image stacked on one, walks only what
+        has none yet).  Images under the top are read-only: their headers and links do not
+        change while they are open; a reload or rebase of the top links a new backing image,
+        for which the facts are worked out again."""
+        stack: list[Image] = []
+        img: Image = self
+        while True:
+            b = img._backing
+            if b is None:
+                facts: _BelowFacts = (0, None, None)
+                break
+            memo = img._below_memo
+            if memo is not None and memo[0] is b:
+                facts = memo[1]
+                break
+            stack.append(img)
+            img = b
+        for above in reversed(stack):        # img is the backing image of above
+            depth, bottom, bad = facts
+            corrupt = img._header is not None and img._header.corrupt
+            facts = (depth + 1, bottom or img, img if corrupt else bad)
+            above._below_memo = (img, facts)
+            img = above
+        return facts
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("ro" if self._readonly else "rw")

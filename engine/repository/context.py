@@ -419,7 +419,7 @@ class Context:
     def verify_identity(self, img: Image) -> None:
         """The cheap identity check made at every open: a raw volume (only a chain's base can
         be raw) must have the size and inode the catalog recorded for it."""
-        bottom = img.chain()[-1]
+        bottom = img.bottom()
         if bottom.format != "raw":
             return
         v = self.cat.volume_by_path(os.path.relpath(bottom.path, self.path))

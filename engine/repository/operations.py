@@ -209,14 +209,13 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
                                   chain=row.name, snapshot=True)
             raise ctx.damaged(v, f"was found damaged by check: {v.damaged}",
                               chain=row.name, snapshot=True)
-    if img is not None:
-        for im in img.chain():
-            if im.header is not None and im.header.corrupt:
-                rel = os.path.relpath(im.path, ctx.path)
-                v = ctx.cat.volume_by_path(rel) or VolumeRow(
-                    "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
-                raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
-                                  chain=row.name, snapshot=True)
+    im = img.first_corrupt() if img is not None else None
+    if im is not None:
+        rel = os.path.relpath(im.path, ctx.path)
+        v = ctx.cat.volume_by_path(rel) or VolumeRow(
+            "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
+        raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
+                          chain=row.name, snapshot=True)
 
 
 class _Below:
