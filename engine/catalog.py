@@ -170,7 +170,15 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+#: What ``now`` writes (the one shape ``parse_time`` reads the quick way).
+_TIME_SHAPE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+
+
 def parse_time(text: str) -> _dt.datetime:
+    """A time as the catalog stores it (``now``), as an aware UTC datetime."""
+    if _TIME_SHAPE.match(text):
+        # fromisoformat: some fifty times quicker than strptime, for the same result
+        return _dt.datetime.fromisoformat(text[:-1] + "+00:00")
     return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.timezone.utc)
 
 
@@ -255,8 +263,14 @@ Row = ChainRow | VolumeRow | SnapshotRow
 R = TypeVar("R", ChainRow, VolumeRow, SnapshotRow)
 
 
+_COLUMNS: dict[str, tuple[str, ...]] = {}
+
+
 def _columns(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+    cols = _COLUMNS.get(cls.__name__)
+    if cols is None:
+        cols = _COLUMNS[cls.__name__] = tuple(f.name for f in fields(cls))
+    return cols
 
 
 class SqlCatalog:

@@ -722,6 +722,26 @@ cdef class CoreImage:
         if rc < 0:
             self._fail(rc, &err)
 
+    def make_readonly(self):
+        """Write back, sync and trim (as close(flush=True) does), then serve reads only, from
+        the same mapping: what a read-only reopen of the file gives, without one.  A failed
+        flush raises and leaves the image writable."""
+        cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if not self._open:
+                rc = E_CLOSED
+            elif self.L.writable:
+                rc = self._flush_locked(&err)
+                if rc == 0:
+                    self._trim_locked()
+                    self.L.writable = 0
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._fail(rc, &err)
+
     def poison(self, int err):
         """Fail every later flush with ``err``, as a failed sync of this image does: for a
         write or sync of metadata done beside the core (a header rewrite, a repair) that

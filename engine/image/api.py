@@ -186,8 +186,11 @@ def _layout(size: int, cluster_size: int, compat: str, refcount_bits: int,
     and a name of the same length, so a snapshot lays out no file; the template was laid
     out (and every option checked) by the first."""
     name = None if backing is None else fmt.encode_name(backing, "backing file name")
-    key = (size, cluster_size, compat, refcount_bits, lazy_refcounts, backing_format,
-           extended_l2, None if name is None else len(name))
+    # typed: a value equal to a valid one but of another type (16.0) is refused by the
+    # layout, never served from a template
+    key = tuple((type(v), v) for v in (size, cluster_size, compat, refcount_bits,
+                                       lazy_refcounts, backing_format, extended_l2,
+                                       None if name is None else len(name)))
     kept = _LAYOUTS.get(key)
     if kept is None:
         kept = fmt.new_image_layout(

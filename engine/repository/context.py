@@ -298,10 +298,10 @@ class Context:
         """The snapshot of CHAIN with id SID, or with a unique prefix SID."""
         if not isinstance(sid, str) or not sid:
             raise InvalidArgument(f"a snapshot id is required, not {sid!r}")
+        row = self.cat.snapshot(sid)            # by key: the whole id, the usual case
+        if row is not None and row.chain == chain:
+            return row
         rows = self.cat.snapshots(chain)
-        exact = [r for r in rows if r.id == sid]
-        if exact:
-            return exact[0]
         if len(sid) >= MIN_ID_PREFIX:
             hits = [r for r in rows if r.id.startswith(sid)]
             if len(hits) == 1:

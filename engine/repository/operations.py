@@ -264,6 +264,9 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
             # the leaf is sealed now: record what it is, to notice later if it is changed
             sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
             j.step("created")
+            # the old leaf's role: it has a child now, and nothing but its own chain's new
+            # leaf lies over it (a leaf has no child; a chain in preview is refused)
+            sealed["role"] = graph.role(leaf, True, {row.name})
             with ctx.cat.transaction():
                 ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
                                                          leaf.id, row.size))
@@ -271,7 +274,6 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
                 ctx.cat.insert_snapshot(snap)
                 ctx.cat.update_volume(leaf.id, **sealed)
                 ctx.cat.update_chain(row.name, leaf=vid)
-                ctx.refresh_roles(leaf.id)       # the old leaf has a child now
                 ctx.cat.journal_end(j.jid)
             j.leaf_of(chain, img)
     return ctx.snapshot_of(snap)
