@@ -722,6 +722,19 @@ cdef class CoreImage:
         if rc < 0:
             self._fail(rc, &err)
 
+    cdef void _shrink_map_locked(self) noexcept nogil:
+        """Give back the address space reserved for growth: keep the mapping of the file as
+        it is, as a read-only open maps it (a chain of many former leaves of a large disk
+        would otherwise run out of address space)."""
+        cdef Layer *L = &self.L
+        cdef uint64_t keep = (L.file_size + 4095) & ~(<uint64_t>4095)
+        if L.base == NULL or keep >= L.map_len:
+            return
+        munmap(L.base + keep, L.map_len - keep)
+        L.map_len = keep
+        if keep == 0:
+            L.base = NULL
+
     def make_readonly(self):
         """Write back, sync and trim (as close(flush=True) does), then serve reads only, from
         the same mapping: what a read-only reopen of the file gives, without one.  A failed
@@ -737,6 +750,7 @@ cdef class CoreImage:
                 rc = self._flush_locked(&err)
                 if rc == 0:
                     self._trim_locked()
+                    self._shrink_map_locked()
                     self.L.writable = 0
             pthread_rwlock_unlock(&self.L.lock)
         if rc < 0:
