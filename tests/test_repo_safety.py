@@ -205,7 +205,7 @@ def test_readonly_lookup_is_one_consistent_read(repo, repo_path):
     reader = engine.Repository.open(repo_path, readonly=True)
     try:
         rc = reader.chain("vm1")
-        real = reader._cat.snapshots
+        real = reader._cat.snapshot          # the lookup of a whole id is by key
 
         def snapshots_then_a_writer_commits(*a):
             rows = real(*a)
@@ -221,7 +221,7 @@ def test_readonly_lookup_is_one_consistent_read(repo, repo_path):
             return rows
 
         done: list = []
-        reader._cat.snapshots = snapshots_then_a_writer_commits
+        reader._cat.snapshot = snapshots_then_a_writer_commits
         with rc.open_snapshot(s1.id) as img:
             assert img.read(0, 3) == b"one"
         assert done
