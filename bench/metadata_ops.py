@@ -218,7 +218,9 @@ def main() -> None:
         return
     engines = [os.path.abspath(e) for e in a.engines.split(",")]
     names = [os.path.basename(e.rstrip("/")) or e for e in engines]
-    eng = _engine(engines[-1])
+    # the repositories are made by the reference (first) engine: a newer engine reads an
+    # older catalog (and migrates its own copy at its first open), not the reverse
+    eng = _engine(engines[0])
     os.makedirs(a.workdir, exist_ok=True)
     print(f"metadata operations, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"engines: {', '.join(names)}; load at start: {load()}")

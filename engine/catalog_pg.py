@@ -45,7 +45,7 @@ else:
     HAVE_PSYCOPG = True
 
 #: The schema version of a PostgreSQL catalog (versions 1-2 are the shared tables).
-PG_SCHEMA_VERSION = 3
+PG_SCHEMA_VERSION = 4
 
 #: The lease tables (same as leases.LEASE_DDL).
 LEASE_DDL: list[str] = [
@@ -70,6 +70,7 @@ PG_MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE journal ADD COLUMN epoch BIGINT",
         "CREATE TABLE repository (id TEXT NOT NULL, created TEXT NOT NULL)",
         *LEASE_DDL],
+    4: INDEXES,                 # the keyed reads' indexes, as SQLite's version 3
 }
 
 #: Advisory lock keys ("cowchain" in ASCII, and the next number): schema creation and
@@ -356,7 +357,13 @@ class PgCatalog(SqlCatalog):
 
     def upgrade(self) -> tuple[int, int]:
         """Bring the schema up to PG_SCHEMA_VERSION (under the migration lock, in one
-        transaction); returns (version before, version after)."""
+        transaction); returns (version before, version after).  A current catalog is only
+        read: no lock is taken, no statement run."""
+        with self.read():
+            version = self._stored_version()
+        if version == PG_SCHEMA_VERSION:
+            self.version = version
+            return version, version
         with self._schema_lock():
             version = self._stored_version()
             refuse_newer(version, PG_SCHEMA_VERSION, f"catalog {self.path}")
@@ -394,8 +401,6 @@ class PgCatalog(SqlCatalog):
                         else migration_sql(v, "postgresql")):
                 self._run(sql, None)
             self._run("INSERT INTO schema_version VALUES (?, ?)", (v, now()))
-        for sql in INDEXES:          # as the SQLite catalog: the keyed reads' indexes
-            self._run(sql, None)
 
     def repository_id(self) -> str | None:
         """The id of the volume folder the catalog describes (None: not recorded yet)."""

@@ -72,10 +72,10 @@ def make_v2(url):
 # --- schema: creation, refusal, migration -----------------------------------------------------
 
 def test_create_makes_the_whole_schema(c, pg_url):
-    assert c.version == PG_SCHEMA_VERSION == 3
+    assert c.version == PG_SCHEMA_VERSION == 4
     assert {"schema_version", "chains", "volumes", "snapshots", "journal", "hosts",
             "chain_leases", "repository"} <= tables(pg_url)
-    assert [r[0] for r in raw(pg_url, "SELECT version FROM schema_version ORDER BY 1")] == [2, 3]
+    assert [r[0] for r in raw(pg_url, "SELECT version FROM schema_version ORDER BY 1")] == [2, 3, 4]
     assert columns(pg_url, "journal")[-2:] == ["host", "epoch"]
     assert columns(pg_url, "chain_leases") == ["chain", "holder", "epoch", "expires_at"]
     assert c.repository_id() == "rid-1"
@@ -160,10 +160,10 @@ def test_older_schema_read_as_is_then_migrated(pg_url):
     assert "hosts" not in tables(pg_url)               # a read-only open changes nothing
     ro.close()
     rw = PgCatalog(pg_url)
-    assert rw.version == 3 and {"hosts", "chain_leases", "repository"} <= tables(pg_url)
+    assert rw.version == 4 and {"hosts", "chain_leases", "repository"} <= tables(pg_url)
     assert [r.name for r in rw.chains()] == ["c1"] and rw.journal()[0].op == "snapshot"
     assert rw.repository_id() is None                  # recorded by the repository's open
-    assert rw.upgrade() == (3, 3)                      # nothing left to do
+    assert rw.upgrade() == (4, 4)                      # nothing left to do
     rw.close()
 
 
@@ -190,11 +190,32 @@ def test_migration_waits_for_the_migration_lock(pg_url):
             assert t.is_alive() and not done           # cannot pass the held lock
         # released: the waiting open migrates
     t.join(30)
-    assert done == [3]
-    assert [r[0] for r in raw(pg_url, "SELECT version FROM schema_version ORDER BY 1")] == [2, 3]
+    assert done == [4]
+    assert [r[0] for r in raw(pg_url, "SELECT version FROM schema_version ORDER BY 1")] == [2, 3, 4]
     again = PgCatalog(pg_url)
-    assert again.upgrade() == (3, 3)
+    assert again.upgrade() == (4, 4)
     again.close()
+
+
+def test_open_of_a_current_catalog_takes_no_migration_lock(c, pg_url):
+    """A catalog at the current version opens without the migration lock and without any
+    schema statement: another session holding the lock does not hold the open up."""
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        with holder.transaction():
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            done = []
+            t = threading.Thread(target=lambda: done.append(PgCatalog(pg_url).version))
+            t.start()
+            t.join(10)
+            assert done == [PG_SCHEMA_VERSION]
+
+
+def test_version_4_adds_the_keyed_reads_indexes(pg_url):
+    make_v2(pg_url)
+    PgCatalog(pg_url).close()
+    names = {r[0] for r in raw(pg_url, "SELECT indexname FROM pg_indexes")}
+    assert {"chains_leaf", "chains_saved_leaf", "snapshots_volume", "volumes_flagged",
+            "volumes_unrecorded"} <= names
 
 
 # --- connection settings --------------------------------------------------------------------------
@@ -616,7 +637,7 @@ def test_cli_catalog_flags_environment_and_upgrade(tmp_path, pg_url):
     code, out, err = cli("--output", "json", "chain", "list", env=env)
     assert code == 0 and '"vm1"' in out, (out, err)
     code, out, err = cli("--output", "json", "repo", "upgrade", env=env)
-    assert code == 0 and '"schema": 3' in out and "\"schema-before\": 3" in out, (out, err)
+    assert code == 0 and '"schema": 4' in out and "\"schema-before\": 4" in out, (out, err)
     # without the catalog the folder holds no repository (no catalog.db there)
     code, out, err = cli("chain", "list", "--repo", repo)
     assert code == engine.NotFound.exit_code and "no cowchain repository" in err
@@ -632,7 +653,7 @@ def test_cli_upgrade_of_a_sqlite_repository(tmp_path):
     assert cli("--repo", repo, "repo", "init")[0] == 0
     _downgrade_to_v1(repo)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
-    assert code == 0 and "Catalog schema version 2 (was 1)" in out, (out, err)
+    assert code == 0 and "Catalog schema version 3 (was 1)" in out, (out, err)
     code, out, err = cli("--repo", repo, "repo", "upgrade")
     assert code == 0 and "already current" in out, (out, err)
 

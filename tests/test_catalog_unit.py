@@ -547,3 +547,47 @@ def test_volume_row_and_public_volume_build_on_one_field_list(c, tmp_path):
         assert {k: getattr(v, k) for k in shared if k != "path"} == \
             {k: getattr(r, k) for k in shared if k != "path"}
         assert v.path == str(tmp_path / "repo" / r.path)
+
+
+def _traced(monkeypatch) -> list[str]:
+    """The SQL statements the catalog's connections run from now on."""
+    seen: list[str] = []
+    real = cat.sqlite3.connect
+
+    def connect(*args, **kwargs):
+        db = real(*args, **kwargs)
+        db.set_trace_callback(seen.append)
+        return db
+
+    monkeypatch.setattr(cat.sqlite3, "connect", connect)
+    return seen
+
+
+def test_open_of_a_current_catalog_runs_no_schema_statement(db_path, monkeypatch):
+    Catalog(db_path, create=True).close()
+    seen = _traced(monkeypatch)
+    Catalog(db_path).close()
+    assert seen and not [s for s in seen if s.lstrip().upper().startswith(("CREATE", "ALTER",
+                                                                            "DROP"))]
+
+
+def test_version_3_adds_the_keyed_reads_indexes(db_path):
+    """A version 2 catalog (no indexes for the keyed reads) is brought to version 3 by a
+    read-write open, indexes included; a read-only open reads it as it is."""
+    Catalog(db_path, create=True).close()
+    db = raw(db_path)
+    names = ["chains_leaf", "chains_saved_leaf", "snapshots_volume", "volumes_flagged",
+             "volumes_unrecorded"]
+    for n in names:
+        db.execute(f"DROP INDEX {n}")
+    db.execute("DELETE FROM schema_version WHERE version = 3")
+    db.execute("INSERT INTO schema_version VALUES (2, '2026-01-01T00:00:00.000000Z')")
+    db.execute("PRAGMA user_version = 2")
+    ro = Catalog(db_path, readonly=True)
+    assert ro.version == 2
+    ro.close()
+    Catalog(db_path).close()
+    have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert set(names) <= have
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY 1")] == [2, 3]
+    db.close()

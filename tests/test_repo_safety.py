@@ -15,6 +15,7 @@ import pytest
 
 import engine
 import engine.repository as repository
+from engine import catalog as cat_module
 import poke
 from engine import cli
 from engine.errors import (CorruptImage, EngineError, ImageLocked, InvalidArgument, NotFound,
@@ -204,7 +205,7 @@ def test_readonly_lookup_is_one_consistent_read(repo, repo_path):
     reader = engine.Repository.open(repo_path, readonly=True)
     try:
         rc = reader.chain("vm1")
-        real = reader._cat.snapshots
+        real = reader._cat.snapshot          # the lookup of a whole id is by key
 
         def snapshots_then_a_writer_commits(*a):
             rows = real(*a)
@@ -220,7 +221,7 @@ def test_readonly_lookup_is_one_consistent_read(repo, repo_path):
             return rows
 
         done: list = []
-        reader._cat.snapshots = snapshots_then_a_writer_commits
+        reader._cat.snapshot = snapshots_then_a_writer_commits
         with rc.open_snapshot(s1.id) as img:
             assert img.read(0, 3) == b"one"
         assert done
@@ -367,7 +368,7 @@ def test_older_catalog_is_migrated(repo, repo_path):
     with engine.Repository.open(repo_path, readonly=True) as ro:
         assert ro.chain("vm1").read(0, 4) == b"leaf" and ro.check().ok
     with engine.Repository.open(repo_path) as repo:
-        assert repo._cat.version == 2
+        assert repo._cat.version == cat_module.SCHEMA_VERSION
         rows = repo._cat.volumes()
         assert all(r.size is not None for r in rows.values())
         b = rows[base.id]

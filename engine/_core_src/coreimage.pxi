@@ -722,6 +722,52 @@ cdef class CoreImage:
         if rc < 0:
             self._fail(rc, &err)
 
+    cdef void _shrink_map_locked(self) noexcept nogil:
+        """Give back the address space reserved for growth: map the file as it is, read-only,
+        as a read-only open maps it, and drop the old mapping (a chain of many former leaves
+        of a large disk would otherwise run out of address space).  A new mapping, not the
+        old one cut short: a small mapping left at the start of each freed reservation
+        splits the address space until no reservation fits.  If the new mapping cannot be
+        made, the old one is cut short."""
+        cdef Layer *L = &self.L
+        cdef uint64_t keep = (L.file_size + 4095) & ~(<uint64_t>4095)
+        cdef void *p
+        if L.base == NULL or keep >= L.map_len:
+            return
+        p = MAP_FAILED
+        if keep:
+            p = mmap(NULL, keep, PROT_READ, MAP_SHARED | MAP_NORESERVE, L.fd, 0)
+        if p == MAP_FAILED:
+            munmap(L.base + keep, L.map_len - keep)
+            if keep == 0:
+                L.base = NULL
+        else:
+            madvise(p, keep, MADV_RANDOM)
+            munmap(L.base, L.map_len)
+            L.base = <uint8_t *>p
+        L.map_len = keep
+
+    def make_readonly(self):
+        """Write back, sync and trim (as close(flush=True) does), then serve reads only, from
+        the same mapping: what a read-only reopen of the file gives, without one.  A failed
+        flush raises and leaves the image writable."""
+        cdef int rc = 0
+        cdef ErrInfo err
+        self._check_open()
+        with nogil:
+            pthread_rwlock_wrlock(&self.L.lock)
+            if not self._open:
+                rc = E_CLOSED
+            elif self.L.writable:
+                rc = self._flush_locked(&err)
+                if rc == 0:
+                    self._trim_locked()
+                    self._shrink_map_locked()
+                    self.L.writable = 0
+            pthread_rwlock_unlock(&self.L.lock)
+        if rc < 0:
+            self._fail(rc, &err)
+
     def poison(self, int err):
         """Fail every later flush with ``err``, as a failed sync of this image does: for a
         write or sync of metadata done beside the core (a header rewrite, a repair) that

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from typing import Any
@@ -118,10 +119,8 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
     size = fmt.check_virtual_size(size, format, cluster_size=cluster_size,
                                   extended_l2=extended_l2)
     if format == "qcow2":
-        header, data = fmt.new_image_layout(
-            size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
-            lazy_refcounts=lazy_refcounts, backing_file=backing, backing_format=backing_format,
-            extended_l2=extended_l2)
+        header, data = _layout(size, cluster_size, compat, refcount_bits, lazy_refcounts,
+                               backing, backing_format, extended_l2)
         _check_file_length(len(data), bdir, "the new file's size")
     else:
         _check_file_length(size, bdir, "virtual size")
@@ -150,9 +149,12 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
     try:
         if backing_image is not None:
             assert backing is not None              # checked with the other arguments
+            # the file just written is not read back: the image takes a descriptor of it
+            # and the header it was written from
             img = _open_over(Image, path, format,
                              _Options(allow_unsafe_backing=allow_unsafe_backing),
-                             backing_image, os.path.join(bdir, backing))
+                             backing_image, os.path.join(bdir, backing),
+                             new=(fd, header))
         else:
             img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
     except BaseException:
@@ -167,6 +169,43 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         raise io_error(err.errno or errno.EIO, "cannot write the new image",
                        path=path) from None
     return img
+
+
+#: Layouts of new QCOW2 files (``fmt.new_image_layout``) by their options and the length of
+#: their backing name; a few, as a process makes overlays of a few geometries.
+_LAYOUTS: dict[tuple[Any, ...], tuple[fmt.Header, bytes]] = {}
+_LAYOUTS_KEPT = 32
+
+
+def _layout(size: int, cluster_size: int, compat: str, refcount_bits: int,
+            lazy_refcounts: bool, backing: str | None, backing_format: str | None,
+            extended_l2: bool) -> tuple[fmt.Header, bytes]:
+    """``fmt.new_image_layout`` of these options, from a template: two new files with the
+    same options and backing names of the same length differ only in the bytes of the name,
+    at the header's ``backing_file_offset``.  Every overlay of a chain has the same options
+    and a name of the same length, so a snapshot lays out no file; the template was laid
+    out (and every option checked) by the first."""
+    name = None if backing is None else fmt.encode_name(backing, "backing file name")
+    # typed: a value equal to a valid one but of another type (16.0) is refused by the
+    # layout, never served from a template
+    key = tuple((type(v), v) for v in (size, cluster_size, compat, refcount_bits,
+                                       lazy_refcounts, backing_format, extended_l2,
+                                       None if name is None else len(name)))
+    kept = _LAYOUTS.get(key)
+    if kept is None:
+        kept = fmt.new_image_layout(
+            size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
+            lazy_refcounts=lazy_refcounts, backing_file=backing,
+            backing_format=backing_format, extended_l2=extended_l2)
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = kept
+    h, data = kept
+    if name is not None and h.backing_file != backing:
+        at = h.backing_file_offset
+        data = data[:at] + name + data[at + len(name):]
+    return dataclasses.replace(h, backing_file=backing, feature_table=list(h.feature_table),
+                               unknown_extensions=list(h.unknown_extensions)), data
 
 
 def _check_backing_image(img: Any, full: str, backing_format: str) -> None:

@@ -77,15 +77,18 @@ def _open_image(image_cls: type[Image], path: str, format: str | None, readonly:
 
 
 def _open_over(image_cls: type[Image], path: str, format: str, opts: _Options,
-               below: Image, below_path: str) -> Image:
+               below: Image, below_path: str, new: _NewFile | None = None) -> Image:
     """Open ``path`` read-write with ``below`` (open, read-only, with its own chain: the file
     the header of ``path`` names, as the caller checked) linked under it as its backing
-    chain: one file is opened, whatever the chain's depth."""
-    if len(below.chain()) > opts.max_chain_depth:
+    chain: one file is opened, whatever the chain's depth.  NEW: as for ``_open_one``, but
+    its descriptor stays the caller's (the image takes a duplicate)."""
+    if below.chain_depth > opts.max_chain_depth:
         raise ChainError(f"backing chain deeper than {opts.max_chain_depth} images",
                          path=path, hint="pass a larger max_chain_depth if the chain is "
                          "meant to be this deep")
-    top = _open_one(image_cls, path, format, False, opts, set())
+    if new is not None:
+        new = (os.dup(new[0]), new[1])
+    top = _open_one(image_cls, path, format, False, opts, set(), new)
     top._backing = below
     top._backing_path = below_path
     top._core.set_backing(below._core)
@@ -134,30 +137,40 @@ def _attach_chain(top: Image, opts: _Options, seen: set[tuple[int, int]]) -> Non
     top._core.enable_owner_map()
 
 
+#: A QCOW2 file ``create`` has just written: a read-write descriptor of it (the image opened
+#: on it takes it over) and its header, known without reading the file back.
+_NewFile = tuple[int, fmt.Header]
+
+
 def _open_one(image_cls: type[Image], path: str, format: str | None, readonly: bool,
-              opts: _Options, seen: set[tuple[int, int]]) -> Image:
-    """Open one file (no backing chain): descriptor, header, policy, lock, mapping."""
-    fd = _os_open(path, os.O_RDONLY if readonly else os.O_RDWR)
+              opts: _Options, seen: set[tuple[int, int]], new: _NewFile | None = None) -> Image:
+    """Open one file (no backing chain): descriptor, header, policy, lock, mapping.  NEW:
+    the file was just made by ``create`` (read-write, qcow2): its descriptor and header are
+    taken as they are, and nothing is read back."""
+    fd = _os_open(path, os.O_RDONLY if readonly else os.O_RDWR) if new is None else new[0]
     core = None
     try:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise ChainError("backing chain loops back to an image already in the chain",
-                             path=path)
-        seen.add(key)
-        head, size = _read_head(fd, path)
-        if format is None:
-            format = "qcow2" if head[:4] == fmt.QCOW_MAGIC_BYTES else "raw"
-        if format not in ("raw", "qcow2"):
-            raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
-        header = None
+        header: fmt.Header | None = None
         snap_size = 0
-        if format == "qcow2":
-            header = fmt.parse_header(head, size, path=path)
-            snap_size = _validate_snapshots(fd, path, header, size)
+        if new is not None:
+            format, header = "qcow2", new[1]
+        else:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                raise ChainError("backing chain loops back to an image already in the "
+                                 "chain", path=path)
+            seen.add(key)
+            head, size = _read_head(fd, path)
+            if format is None:
+                format = "qcow2" if head[:4] == fmt.QCOW_MAGIC_BYTES else "raw"
+            if format not in ("raw", "qcow2"):
+                raise InvalidArgument(f"unknown format {format!r} (use 'raw' or 'qcow2')")
+            if format == "qcow2":
+                header = fmt.parse_header(head, size, path=path)
+                snap_size = _validate_snapshots(fd, path, header, size)
         lock = _Lock(fd, path, not readonly, opts.force_share)
-        if header is not None and not readonly:
+        if header is not None and not readonly and new is None:
             header = _prepare_rw(fd, path, header, size)
         try:
             core = _core.CoreImage(fd, not readonly,

@@ -17,6 +17,8 @@ from engine.errors import ImageNotFound, InvalidArgument, io_error
 
 #: Largest header area we read: cluster 0 can be at most 2 MiB.
 _HEADER_READ = 2 << 20
+#: What is read first: cluster 0 of the usual 64 KiB clusters.
+_HEAD_FIRST = 64 << 10
 
 #: Below this many bytes every filesystem we can meet holds a file (FAT32's limit is 4 GiB
 #: less one byte), so create and resize skip the probe of the filesystem's limit.
@@ -63,10 +65,17 @@ def _open_error(e: OSError, path: str, doing: str, *, missing: str, directory: s
 
 
 def _read_head(fd: int, path: str) -> tuple[bytes, int]:
-    """The header area (up to 2 MiB) and the file's size."""
+    """The header area (cluster 0 of a QCOW2 file, up to 2 MiB; else the first 64 KiB) and
+    the file's size.  The first 64 KiB are read, then the rest of a larger cluster 0."""
     try:
         size = os.fstat(fd).st_size
-        return os.pread(fd, min(size, _HEADER_READ), 0), size
+        head = os.pread(fd, min(size, _HEAD_FIRST), 0)
+        if len(head) == _HEAD_FIRST and head[:4] == fmt.QCOW_MAGIC_BYTES:
+            bits = int.from_bytes(head[20:24], "big")
+            want = min(size, 1 << bits if bits < 22 else _HEADER_READ)
+            if want > len(head):
+                head += os.pread(fd, want - len(head), len(head))
+        return head, size
     except OSError as e:
         raise io_error(e.errno or errno.EIO, "cannot read the header", path=path) from None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import struct
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
@@ -38,7 +39,7 @@ from engine.errors import (
     UnsupportedFeature,
     io_error,
 )
-from engine.image.chain import _attach_chain, _geometry, _open_image, _open_one, _Options, \
+from engine.image.chain import _attach_chain, _geometry, _open_image, _Options, \
     _validate_snapshots, _virtual_size
 from engine.image.extent import Extent
 from engine.image.files import _check_file_length, _read_head
@@ -48,6 +49,14 @@ from engine.image.naming import _check_backing_name
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+
+#: The refcount table's offset and size in clusters: header bytes 48..59 (qcow2.txt,
+#: "Header").
+_RT_FIELDS, _RT_FIELDS_AT = struct.Struct(">QI"), 48
+
+#: depth, bottom and first corrupt image of a backing chain (see ``Image._below``)
+_BelowFacts = tuple[int, "Image | None", "Image | None"]
 
 
 class Image:
@@ -72,6 +81,8 @@ class Image:
     _close_lock: threading.Lock
     _in_use: tuple[int, int]
     _opts: _Options
+    #: (the backing image they were worked out for, _Below facts of the chain under it)
+    _below_memo: tuple[Image, _BelowFacts] | None
 
     def __init__(self) -> None:  # built by _open_image only
         raise TypeError("use engine.open() or engine.create()")
@@ -91,6 +102,7 @@ class Image:
         self._readonly = readonly
         self._lock = lock
         self._backing_path = backing_path
+        self._below_memo = None
         self._closed = False
         self._released = False
         self._close_lock = threading.Lock()
@@ -165,6 +177,50 @@ class Image:
             out.append(img)
             img = img._backing
         return out
+
+    @property
+    def chain_depth(self) -> int:
+        """How many images the chain holds, this one included (1: no backing file)."""
+        return self._below()[0] + 1
+
+    def bottom(self) -> Image:
+        """The last image of the chain (this one, without a backing file)."""
+        return self._below()[1] or self
+
+    def first_corrupt(self) -> Image | None:
+        """The first image of the chain, top first, whose header has the corrupt bit set
+        (None: none has)."""
+        if self._header is not None and self._header.corrupt:
+            return self
+        return self._below()[2]
+
+    def _below(self) -> _BelowFacts:
+        """(depth, bottom, first corrupt image) of the backing chain under this image, in
+        constant time: each image keeps them for its backing image, worked out once from the
+        backing image's own (a chain opened, or a new image stacked on one, walks only what
+        has none yet).  Images under the top are read-only: their headers and links do not
+        change while they are open; a reload or rebase of the top links a new backing image,
+        for which the facts are worked out again."""
+        stack: list[Image] = []
+        img: Image = self
+        while True:
+            b = img._backing
+            if b is None:
+                facts: _BelowFacts = (0, None, None)
+                break
+            memo = img._below_memo
+            if memo is not None and memo[0] is b:
+                facts = memo[1]
+                break
+            stack.append(img)
+            img = b
+        for above in reversed(stack):        # img is the backing image of above
+            depth, bottom, bad = facts
+            corrupt = img._header is not None and img._header.corrupt
+            facts = (depth + 1, bottom or img, img if corrupt else bad)
+            above._below_memo = (img, facts)
+            img = above
+        return facts
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("ro" if self._readonly else "rw")
@@ -298,34 +354,42 @@ class Image:
             raise err
 
     def reopen_readonly(self) -> Image:
-        """This image's file again, read-only, over the backing chain this handle holds
-        (handed over, not opened again); this handle is flushed and closed.  What a new
-        overlay is stacked on (``create(..., backing_image=)``) when the image written until
-        now becomes a backing file: one file is opened, whatever the chain's depth.
+        """Turn this image read-only in place, over the backing chain it holds, and return
+        it: it is flushed and trimmed, its lock turns a reader's (QEMU's lock bytes), and its
+        header is read again (a write may have moved tables).  What a new overlay is stacked
+        on (``create(..., backing_image=)``) when the image written until now becomes a
+        backing file: no file is opened, whatever the chain's depth.  A read-only image is
+        returned as it is.
 
         Raises:
-            what :meth:`close` and :func:`open` raise; the backing chain is then closed too.
+            what :meth:`flush` raises (the image is then closed, with its chain).
         """
-        with self._close_lock:
-            if self._closed:
-                raise ImageClosed("image is closed", path=self._path)
-            self._closed = True
-        below, below_path, self._backing = self._backing, self._backing_path, None
+        self._check_usable()
+        if self._readonly:
+            return self
         try:
-            try:
-                # flush and trim as close() does; the core lets go of the backing core
-                self._core.close(flush=not self._readonly)
-            finally:
-                self._release()
-            img = _open_one(type(self), self._path, self._format, True, self._opts, set())
+            self._core.make_readonly()      # flush and trim first, as close() does
+            self._lock.downgrade()
+            self._readonly = True
+            if self._header is not None:
+                # the one change the core makes to the header while writing: a grown
+                # refcount table's offset and size (a resize reloads the header itself)
+                try:
+                    rt = os.pread(self._fd, _RT_FIELDS.size, _RT_FIELDS_AT)
+                except OSError as e:
+                    raise io_error(e.errno or errno.EIO, "cannot read the header",
+                                   path=self._path) from None
+                offset, clusters = _RT_FIELDS.unpack(rt)
+                self._header = dataclasses.replace(
+                    self._header, refcount_table_offset=offset,
+                    refcount_table_clusters=clusters)
         except BaseException:
-            if below is not None:
-                below.close()
+            try:
+                self.close()
+            except EngineError:
+                pass                # the first error is the one to report
             raise
-        if below is not None:
-            img._backing, img._backing_path = below, below_path
-            img._core.set_backing(below._core)
-        return img
+        return self
 
     def close_above(self, path: str) -> Image | None:
         """Close this image and the images of its chain above the file PATH, which stays
@@ -337,12 +401,14 @@ class Image:
         Raises:
             what :meth:`close` raises; the image of PATH is then closed too.
         """
-        images = self.chain()
-        keep = next((img for img in images[1:] if img._path == path), None)
+        above: Image = self                 # walk down to PATH only: what lies above it
+        keep = self._backing
+        while keep is not None and keep._path != path:
+            above, keep = keep, keep._backing
         if keep is None:
             self.close()
             return None
-        images[images.index(keep) - 1]._backing = None     # close() stops above KEEP
+        above._backing = None               # close() stops above KEEP
         try:
             self.close()
         except BaseException:

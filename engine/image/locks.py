@@ -34,6 +34,7 @@ class _Lock:
         # The locks live on the image's own open file description (the core's dup shares
         # it); they go away when the last descriptor of it is closed.
         self.fd = fd
+        self.path = path
         use = [_PERM_CONSISTENT_READ] + ([_PERM_WRITE, _PERM_RESIZE] if writable else [])
         unshared = [] if force_share else [_PERM_WRITE, _PERM_RESIZE]
         try:
@@ -51,6 +52,16 @@ class _Lock:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise ImageLocked("the image is locked by another process", path=path) from None
             raise io_error(e.errno or errno.EIO, "cannot lock the image", path=path) from None
+
+    def downgrade(self) -> None:
+        """From a read-write user's bytes to a reader's: drop the write and resize use bytes
+        (101, 103), keeping the rest."""
+        try:
+            for p in (_PERM_WRITE, _PERM_RESIZE):
+                _ofd(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _LOCK_BASE_USE + p)
+        except OSError as e:
+            raise io_error(e.errno or errno.EIO, "cannot unlock the image",
+                           path=self.path) from None
 
     def release(self) -> None:
         # Dropped with the descriptor (Image.close); nothing to do separately.

@@ -298,10 +298,10 @@ class Context:
         """The snapshot of CHAIN with id SID, or with a unique prefix SID."""
         if not isinstance(sid, str) or not sid:
             raise InvalidArgument(f"a snapshot id is required, not {sid!r}")
+        row = self.cat.snapshot(sid)            # by key: the whole id, the usual case
+        if row is not None and row.chain == chain:
+            return row
         rows = self.cat.snapshots(chain)
-        exact = [r for r in rows if r.id == sid]
-        if exact:
-            return exact[0]
         if len(sid) >= MIN_ID_PREFIX:
             hits = [r for r in rows if r.id.startswith(sid)]
             if len(hits) == 1:
@@ -419,7 +419,7 @@ class Context:
     def verify_identity(self, img: Image) -> None:
         """The cheap identity check made at every open: a raw volume (only a chain's base can
         be raw) must have the size and inode the catalog recorded for it."""
-        bottom = img.chain()[-1]
+        bottom = img.bottom()
         if bottom.format != "raw":
             return
         v = self.cat.volume_by_path(os.path.relpath(bottom.path, self.path))

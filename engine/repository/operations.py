@@ -209,14 +209,13 @@ def _refuse_damaged(ctx: Context, row: ChainRow, img: Image | None = None) -> No
                                   chain=row.name, snapshot=True)
             raise ctx.damaged(v, f"was found damaged by check: {v.damaged}",
                               chain=row.name, snapshot=True)
-    if img is not None:
-        for im in img.chain():
-            if im.header is not None and im.header.corrupt:
-                rel = os.path.relpath(im.path, ctx.path)
-                v = ctx.cat.volume_by_path(rel) or VolumeRow(
-                    "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
-                raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
-                                  chain=row.name, snapshot=True)
+    im = img.first_corrupt() if img is not None else None
+    if im is not None:
+        rel = os.path.relpath(im.path, ctx.path)
+        v = ctx.cat.volume_by_path(rel) or VolumeRow(
+            "?", row.name, rel, im.format, "leaf", None, "LEGAL", "")
+        raise ctx.damaged(v, "is marked corrupt (the QCOW2 corrupt bit is set)",
+                          chain=row.name, snapshot=True)
 
 
 class _Below:
@@ -265,6 +264,9 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
             # the leaf is sealed now: record what it is, to notice later if it is changed
             sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
             j.step("created")
+            # the old leaf's role: it has a child now, and nothing but its own chain's new
+            # leaf lies over it (a leaf has no child; a chain in preview is refused)
+            sealed["role"] = graph.role(leaf, True, {row.name})
             with ctx.cat.transaction():
                 ctx.cat.insert_volume(ctx.volume_row_for(vid, row.name, rel, "qcow2",
                                                          leaf.id, row.size))
@@ -272,7 +274,6 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
                 ctx.cat.insert_snapshot(snap)
                 ctx.cat.update_volume(leaf.id, **sealed)
                 ctx.cat.update_chain(row.name, leaf=vid)
-                ctx.refresh_roles(leaf.id)       # the old leaf has a child now
                 ctx.cat.journal_end(j.jid)
             j.leaf_of(chain, img)
     return ctx.snapshot_of(snap)
