@@ -39,6 +39,16 @@ def _publish() -> str:
                f"({t['served_after']} checks); {t['fuzzed']} random requests fuzzed")
 
 
+def chunks_to_bytes(offset: int, length: int, chunks: list[tuple[int, bytes]]) -> bytes:
+    """The bytes of a structured READ reply's chunks (holes read as zeros)."""
+    out = bytearray(length)
+    for ctype, data in chunks:
+        if ctype == proto.REPLY_TYPE_OFFSET_DATA:
+            off = struct.unpack(">Q", data[:8])[0] - offset
+            out[off:off + len(data) - 8] = data[8:]
+    return bytes(out)
+
+
 class Client:
     """A bare NBD client: the handshake and requests as bytes, nothing checked for us."""
 
@@ -133,12 +143,7 @@ class Client:
         self.request(proto.CMD_READ, offset, length)
         _, err, chunks = self.reply()
         assert err == 0, err
-        out = bytearray(length)
-        for ctype, data in chunks:
-            if ctype == proto.REPLY_TYPE_OFFSET_DATA:
-                off = struct.unpack(">Q", data[:8])[0] - offset
-                out[off:off + len(data) - 8] = data[8:]
-        return bytes(out)
+        return chunks_to_bytes(offset, length, chunks)
 
     def close(self) -> None:
         self.s.close()

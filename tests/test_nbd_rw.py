@@ -28,7 +28,7 @@ from engine._core import nbd_recv_write, nbd_serve_reads
 import qemu
 from engine.nbd import Export, Server, proto
 from engine.repository import Repository
-from test_nbd_hostile import Client
+from test_nbd_hostile import Client, chunks_to_bytes
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -55,13 +55,19 @@ def _decode(data: bytes, first: int) -> list[int]:
     return out
 
 
-def _chunks_to_bytes(offset: int, length: int, chunks: list[tuple[int, bytes]]) -> bytes:
-    out = bytearray(length)
-    for ctype, data in chunks:
-        if ctype == proto.REPLY_TYPE_OFFSET_DATA:
-            off = struct.unpack(">Q", data[:8])[0] - offset
-            out[off:off + len(data) - 8] = data[8:]
-    return bytes(out)
+def _join_and_look(sock: str, threads: list[threading.Thread], errors: list[BaseException],
+                   acked: list[int]) -> None:
+    """Wait for the clients, then a last look over a new connection: every block holds
+    exactly its last acknowledged version."""
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    if errors:
+        raise errors[0]
+    c = Client(sock)
+    c.go()
+    assert _decode(c.read(0, SIZE), 0) == acked
+    c.close()
 
 
 def _worker(sock: str, me: int, seed: int, acked: list[int], lock: threading.Lock,
@@ -115,7 +121,7 @@ def _worker(sock: str, me: int, seed: int, acked: list[int], lock: threading.Loc
                             acked[b] = max(acked[b], v)
                 elif r[0] == "r":
                     _, first, n, floor = r
-                    got = _decode(_chunks_to_bytes(first * B, n * B, chunks), first)
+                    got = _decode(chunks_to_bytes(first * B, n * B, chunks), first)
                     for i, (v, f) in enumerate(zip(got, floor)):
                         assert v >= f, (f"block {first + i}: read version {v} after version "
                                         f"{f} was acknowledged")
@@ -154,18 +160,9 @@ def test_reads_see_acknowledged_writes_across_connections(tmp_path, monkeypatch)
                    for i in range(CONNS)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(120)
-        assert not any(t.is_alive() for t in threads), "a client hung"
-        if errors:
-            raise errors[0]
+        _join_and_look(sock, threads, errors, acked)
         # the requests of this writable export went through the engine's loop
         assert served[0] > 0
-        # a last look: every block holds exactly its last acknowledged version
-        c = Client(sock)
-        c.go()
-        assert _decode(c.read(0, SIZE), 0) == acked
-        c.close()
     finally:
         srv.close()
     qemu.assert_qemu_clean(top)
@@ -264,15 +261,7 @@ def test_live_snapshots_while_clients_read_and_write(tmp_path):
                 time.sleep(0.2)
                 snaps.append(srv.snapshot("vm", "live"))
             assert all(t.is_alive() for t in threads), "the snapshots came after the clients"
-            for t in threads:
-                t.join(120)
-            assert not any(t.is_alive() for t in threads), "a client hung"
-            if errors:
-                raise errors[0]
-            cl = Client(sock)
-            cl.go()
-            assert _decode(cl.read(0, SIZE), 0) == acked
-            cl.close()
+            _join_and_look(sock, threads, errors, acked)
         finally:
             srv.close()
         assert len({s.id for s in snaps}) == 3
