@@ -295,7 +295,6 @@ def resize(ctx: Context, chain: Chain, new_size: int) -> None:
         img = j.images[0]
         img.resize(new_size)                   # durable when it returns
         j.step("resized")
-        journal.kill_point("resize.resized")
         rec = ctx.volume_record(leaf, sealed=False, size=img.size)
         with ctx.cat.transaction():
             ctx.cat.update_chain(row.name, size=new_size)
