@@ -24,6 +24,7 @@ import pytest
 
 import engine
 from engine import errors, metaio
+from engine import format as fmt
 from engine.image import chain, files, locks, naming
 
 # --- locks ----------------------------------------------------------------------------------
@@ -190,15 +191,29 @@ def test_os_open_takes_only_regular_files(tmp_path, blank):
 
 
 def test_read_head_reads_at_most_the_header_area(tmp_path):
-    p = tmp_path / "big"
-    with open(p, "wb") as f:
-        f.truncate(files._HEADER_READ + 4096)
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        head, size = files._read_head(fd, str(p))
-    finally:
-        os.close(fd)
-    assert (len(head), size) == (files._HEADER_READ, files._HEADER_READ + 4096)
+    """The header area is cluster 0 of a QCOW2 file (its size from the header, at most
+    2 MiB), else the first 64 KiB; never more, whatever the file's size."""
+    def head_of(name: str, first: bytes) -> tuple[int, int]:
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.write(first)
+            f.truncate(files._HEADER_READ + 4096)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            head, size = files._read_head(fd, str(p))
+        finally:
+            os.close(fd)
+        assert size == files._HEADER_READ + 4096
+        return len(head), int.from_bytes(head[20:24], "big")
+
+    def qcow2(bits: int) -> bytes:
+        return fmt.QCOW_MAGIC_BYTES + (3).to_bytes(4, "big") + bytes(12) + \
+            bits.to_bytes(4, "big")
+
+    assert head_of("raw", b"")[0] == files._HEAD_FIRST
+    assert head_of("c16", qcow2(16)) == (1 << 16, 16)
+    assert head_of("c21", qcow2(21)) == (1 << 21, 21)
+    assert head_of("c30", qcow2(30))[0] == files._HEADER_READ     # bogus bits: capped
 
 
 def test_file_length_over_rlimit_fsize_is_refused(tmp_path):
