@@ -164,9 +164,11 @@ def test_backing_name_policy_caches_the_folders_realpath(tmp_path):
     cache: dict[str, str] = {}
     d = str(tmp_path / "via")
     os.symlink(real / "a.img", real / "lnk")
-    naming._check_backing_name("a.img", d, False, cache)
-    assert cache == {d: str(real)}
+    # a plain name that is no link stays in the folder: nothing to resolve
+    assert naming._check_backing_name("a.img", d, False, cache) == os.path.join(d, "a.img")
+    assert cache == {}
     naming._check_backing_name("lnk", d, False, cache)
+    assert cache == {d: str(real)}
     cache[d] = "/nowhere"                     # the cached root is the one used
     with pytest.raises(errors.UnsafeBackingReference, match="resolves outside"):
         naming._check_backing_name("lnk", d, False, cache)
@@ -270,3 +272,63 @@ def test_package_exports():
     for name in ("_decompress", "_geometry", "_fs_max_file_size", "_os_open"):
         assert callable(getattr(image_mod, name)), name
     assert not hasattr(engine.Extent, "from_dict")
+
+
+# --- create: the new file's layout, its sync, and the core's fresh start ----------------------
+
+@pytest.mark.parametrize("size", [1 << 30, 1 << 40])
+def test_create_writes_the_layout_allocated(tmp_path, size):
+    """A new QCOW2 file holds exactly new_image_layout's bytes, every block of it allocated
+    (written pages and fallocated zeros: no hole a write through the mapping could meet on
+    a full disk), over a backing image as alone."""
+    engine.create(tmp_path / "base.qcow2", size).close()
+    for name, backing in (("alone.qcow2", None), ("top.qcow2", "base.qcow2")):
+        path = tmp_path / name
+        kw = {}
+        if backing is not None:
+            # the new image is stacked on the open backing image, and owns it
+            kw = dict(backing=backing, backing_format="qcow2",
+                      backing_image=engine.open(tmp_path / backing, readonly=True))
+        with engine.create(path, size, **kw):
+            want = fmt.new_image_layout(size, backing_file=backing,
+                                        backing_format="qcow2" if backing else None)[1]
+            assert path.read_bytes() == want
+            assert os.stat(path).st_blocks * 512 >= len(want)
+
+
+def test_create_not_durable_yet_then_synced(tmp_path):
+    """durable=False returns with the sync running; sync_created waits for it, as many
+    times as asked (from any thread), and flush and close do too."""
+    img = engine.create(tmp_path / "a.qcow2", 1 << 20, durable=False)
+    assert img._created is not None
+    img.write(0, b"x" * 4096)
+    img.sync_created()
+    img.sync_created()
+    img.flush()
+    img.close()
+    with engine.open(tmp_path / "a.qcow2", readonly=True) as back:
+        assert back.read(0, 4096) == b"x" * 4096
+    img = engine.create(tmp_path / "b.qcow2", 1 << 20, durable=False)
+    img.close()                                 # waits for the sync, closes its descriptors
+    assert img._created.wait() is None
+    with pytest.raises(errors.InvalidArgument, match="durable"):
+        engine.create(tmp_path / "c.qcow2", 1 << 20, durable="no")
+    assert not (tmp_path / "c.qcow2").exists()
+
+
+def test_core_fresh_start_is_checked(tmp_path):
+    """CoreImage(fresh=): for a writable image only, with sorted distinct indexes."""
+    img = engine.create(tmp_path / "a.qcow2", 1 << 20)
+    img.close()
+    h = engine.open(tmp_path / "a.qcow2", readonly=True)
+    geo = chain._geometry(h.header, 0)
+    h.close()
+    fd = os.open(tmp_path / "a.qcow2", os.O_RDWR)
+    try:
+        with pytest.raises(ValueError, match="writable"):
+            engine._core.CoreImage(fd, False, geo, (2,))
+        with pytest.raises(ValueError, match="sorted"):
+            engine._core.CoreImage(fd, True, geo, (3, 2))
+        engine._core.CoreImage(fd, True, geo, (2,)).close()
+    finally:
+        os.close(fd)

@@ -118,6 +118,10 @@ cdef class CoreImage:
         writable (bool)
         geometry (Geometry or None): for qcow2, the header fields the core needs, validated
             by engine.format first; None for a raw file.
+        fresh (tuple of int or None): the file was just laid out by engine.image.create
+            (writable, qcow2): the cluster indexes of its refcount blocks, sorted; its L1 is
+            all zero.  Nothing is then read from the file at construction (reading the new
+            file's not yet written table pages costs more than the rest of an open).
 
     Lifetime and threads: every entry point takes the image's lock (readers share it) and
     checks under it that the image is open, so close() and adopt() -- which hold it
@@ -148,7 +152,7 @@ cdef class CoreImage:
         pthread_rwlock_init(&self.L.lock, &attr)
         pthread_rwlockattr_destroy(&attr)
 
-    def __init__(self, int fd, bint writable, Geometry geometry):
+    def __init__(self, int fd, bint writable, Geometry geometry, tuple fresh=None):
         import os
         cdef Layer *L = &self.L
         cdef uint64_t fsize = os.fstat(fd).st_size
@@ -221,12 +225,19 @@ cdef class CoreImage:
         if L.l1_offset + L.l1_size * 8 > fsize or L.rt_offset + L.rt_entries * 8 > fsize:
             self.close()
             raise ValueError("tables past the end of the file")
-        L.l1 = <uint64_t *>malloc(max(L.l1_size, 1) * 8)
+        if fresh is not None and not writable:
+            self.close()
+            raise ValueError("fresh is for a writable image")
+        if fresh is not None:
+            L.l1 = <uint64_t *>calloc(max(L.l1_size, 1), 8)
+        else:
+            L.l1 = <uint64_t *>malloc(max(L.l1_size, 1) * 8)
         if L.l1 == NULL:
             self.close()
             raise MemoryError()
-        for i in range(L.l1_size):
-            L.l1[i] = load_be64(L.base + L.l1_offset + i * 8)
+        if fresh is None:
+            for i in range(L.l1_size):
+                L.l1[i] = load_be64(L.base + L.l1_offset + i * 8)
         if writable:
             L.l2_cache = <uint8_t **>calloc(max(L.l1_size, 1), sizeof(uint8_t *))
             L.scratch = <uint8_t *>malloc(C)
@@ -236,7 +247,27 @@ cdef class CoreImage:
             if L.l2_cache == NULL or L.scratch == NULL or L.zeros == NULL or L.backed == NULL:
                 self.close()
                 raise MemoryError()
-            self._build_meta_set()
+            if fresh is not None:
+                self._set_meta(fresh)
+            else:
+                self._build_meta_set()
+
+    cdef _set_meta(self, tuple idx):
+        """The metadata set from a known, sorted list of cluster indexes."""
+        cdef Layer *L = &self.L
+        cdef uint64_t i, n = len(idx)
+        if n == 0:
+            return
+        L.meta_idx = <uint64_t *>malloc(n * 8)
+        if L.meta_idx == NULL:
+            self.close()
+            raise MemoryError()
+        for i in range(n):
+            L.meta_idx[i] = idx[i]
+            if i and L.meta_idx[i] <= L.meta_idx[i - 1]:
+                self.close()
+                raise ValueError("fresh: cluster indexes must be sorted and distinct")
+        L.n_meta = n
 
     cdef _build_meta_set(self):
         # Refblocks and active L2 tables at open, sorted: the allocator skips them and no data

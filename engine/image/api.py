@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import struct
 from typing import Any
 
 from engine import format as fmt
@@ -55,7 +56,7 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
            backing: str | None = None, backing_format: str | None = None, compat: str = "1.1",
            refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
            overwrite: bool = False, allow_unsafe_backing: bool = False,
-           backing_image: Image | None = None) -> Image:
+           backing_image: Image | None = None, durable: bool = True) -> Image:
     """Create an image (laid out exactly as ``qemu-img create`` lays it out) and open it
     read-write.
 
@@ -79,6 +80,11 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
             again (one file is opened, whatever the depth), and owns it once created
             (closing the new image closes it).  If create raises, the caller closes
             it (it may be closed already; closing again does nothing).
+        durable (bool): return only once the new file and its name are durable (the
+            default).  False: return as soon as the image is open, the sync still running
+            on a helper thread; ``Image.sync_created()`` waits for it (so do ``flush`` and
+            ``close``).  What lets a caller overlap that sync with its own work, such as
+            recording the new file in a catalog, before it commits.
 
     Raises:
         InvalidArgument (a bad argument; a size over a limit, with the limit in the message),
@@ -90,7 +96,8 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
     format = fmt.choice_arg(format, "format", fmt.FORMATS)
     cluster_size = fmt.cluster_size_arg(cluster_size)
     for name, value in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2),
-                        ("overwrite", overwrite), ("allow_unsafe_backing", allow_unsafe_backing)):
+                        ("overwrite", overwrite), ("allow_unsafe_backing", allow_unsafe_backing),
+                        ("durable", durable)):
         fmt.bool_arg(value, name)
     bdir = os.path.dirname(path) or "."
     if backing is not None:
@@ -119,15 +126,16 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
     size = fmt.check_virtual_size(size, format, cluster_size=cluster_size,
                                   extended_l2=extended_l2)
     if format == "qcow2":
-        header, data = _layout(size, cluster_size, compat, refcount_bits, lazy_refcounts,
-                               backing, backing_format, extended_l2)
-        _check_file_length(len(data), bdir, "the new file's size")
+        header, length, pages, refblocks = _layout(size, cluster_size, compat,
+                                                   refcount_bits, lazy_refcounts, backing,
+                                                   backing_format, extended_l2)
+        _check_file_length(length, bdir, "the new file's size")
     else:
         _check_file_length(size, bdir, "virtual size")
     fd = _create_file(path, overwrite)
     try:
         if format == "qcow2":
-            os.pwrite(fd, data, 0)
+            _write_layout(fd, length, pages)
         else:
             os.ftruncate(fd, size)
     except BaseException as e:
@@ -139,7 +147,7 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         raise
     # Make the file and its name durable on a helper thread while this one opens the image
     # (the two overlap: an open costs about as much CPU as the fdatasync waits); create()
-    # returns only after both syncs are done.
+    # returns only after both syncs are done, unless the caller waits for them later.
     try:
         sync = _CreateSync(fd, bdir)
     except BaseException:
@@ -154,7 +162,7 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
             img = _open_over(Image, path, format,
                              _Options(allow_unsafe_backing=allow_unsafe_backing),
                              backing_image, os.path.join(bdir, backing),
-                             new=(fd, header))
+                             new=(fd, header, refblocks))
         else:
             img = open(path, format=format, allow_unsafe_backing=allow_unsafe_backing)
     except BaseException:
@@ -162,6 +170,9 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
         sync.wait()
         _unlink_quietly(path)
         raise
+    if not durable:
+        img._created = sync
+        return img
     err = sync.wait()
     if err is not None:
         img.close()
@@ -173,18 +184,26 @@ def create(path: Any, size: int | None, *, format: str = "qcow2", cluster_size: 
 
 #: Layouts of new QCOW2 files (``fmt.new_image_layout``) by their options and the length of
 #: their backing name; a few, as a process makes overlays of a few geometries.
-_LAYOUTS: dict[tuple[Any, ...], tuple[fmt.Header, bytes]] = {}
+_LAYOUTS: dict[tuple[Any, ...], tuple[fmt.Header, int, list[tuple[int, bytes]],
+                                      tuple[int, ...]]] = {}
 _LAYOUTS_KEPT = 32
+
+#: A new file's content is written as the pages of this size that are not all zero (the
+#: header, the first refcount table and block entries); the rest is allocated, not written.
+_LAYOUT_PAGE = 4096
 
 
 def _layout(size: int, cluster_size: int, compat: str, refcount_bits: int,
             lazy_refcounts: bool, backing: str | None, backing_format: str | None,
-            extended_l2: bool) -> tuple[fmt.Header, bytes]:
-    """``fmt.new_image_layout`` of these options, from a template: two new files with the
-    same options and backing names of the same length differ only in the bytes of the name,
-    at the header's ``backing_file_offset``.  Every overlay of a chain has the same options
-    and a name of the same length, so a snapshot lays out no file; the template was laid
-    out (and every option checked) by the first."""
+            extended_l2: bool) -> tuple[fmt.Header, int, list[tuple[int, bytes]],
+                                        tuple[int, ...]]:
+    """``fmt.new_image_layout`` of these options, from a template, as (header, file length,
+    [(offset, bytes)] of the pages that are not all zero, the cluster indexes of the
+    refcount blocks, sorted).  Two new files with the same
+    options and backing names of the same length differ only in the bytes of the name, at
+    the header's ``backing_file_offset`` (in the first page).  Every overlay of a chain has
+    the same options and a name of the same length, so a snapshot lays out no file; the
+    template was laid out (and every option checked) by the first."""
     name = None if backing is None else fmt.encode_name(backing, "backing file name")
     # typed: a value equal to a valid one but of another type (16.0) is refused by the
     # layout, never served from a template
@@ -193,21 +212,45 @@ def _layout(size: int, cluster_size: int, compat: str, refcount_bits: int,
                                        None if name is None else len(name)))
     kept = _LAYOUTS.get(key)
     if kept is None:
-        kept = fmt.new_image_layout(
+        h, data = fmt.new_image_layout(
             size, cluster_size=cluster_size, compat=compat, refcount_bits=refcount_bits,
             lazy_refcounts=lazy_refcounts, backing_file=backing,
             backing_format=backing_format, extended_l2=extended_l2)
+        pages = [(at, data[at:at + _LAYOUT_PAGE]) for at in range(0, len(data), _LAYOUT_PAGE)
+                 if data.count(0, at, at + _LAYOUT_PAGE) != len(data[at:at + _LAYOUT_PAGE])]
+        assert pages and pages[0][0] == 0       # the header page: magic, never all zero
+        rt = h.refcount_table_offset
+        entries = memoryview(data)[rt:rt + (h.refcount_table_clusters << h.cluster_bits)]
+        refblocks = tuple(sorted({(e & fmt.REFT_OFFSET_MASK) >> h.cluster_bits
+                                  for (e,) in struct.iter_unpack(">Q", entries) if e}))
+        kept = (h, len(data), pages, refblocks)
         if len(_LAYOUTS) >= _LAYOUTS_KEPT:
             _LAYOUTS.clear()
         _LAYOUTS[key] = kept
-    h, data = kept
+    h, length, pages, refblocks = kept
     if name is not None and h.backing_file != backing:
         at = h.backing_file_offset
-        data = data[:at] + name + data[at + len(name):]
+        first = pages[0][1]
+        assert at + len(name) <= len(first)   # the header ends in the first page
+        pages = [(0, first[:at] + name + first[at + len(name):]), *pages[1:]]
     return dataclasses.replace(h, backing_file=backing, feature_table=list(h.feature_table),
-                               unknown_extensions=list(h.unknown_extensions)), data
+                               unknown_extensions=list(h.unknown_extensions)), length, pages, \
+        refblocks
 
 
+def _write_layout(fd: int, length: int, pages: list[tuple[int, bytes]]) -> None:
+    """Give the new file FD its LENGTH bytes, allocated (so that no later write through a
+    mapping meets a hole on a full disk), and write its PAGES; the rest reads as zeros.
+    Where the filesystem cannot allocate without writing, the zeros are written."""
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.pwrite(fd, bytes(length), 0)
+    for at, page in pages:
+        if os.pwrite(fd, page, at) != len(page):
+            raise OSError(errno.EIO, "short write")
 def _check_backing_image(img: Any, full: str, backing_format: str) -> None:
     """``create``'s backing_image: an open read-only Image of the file FULL, in that format."""
     if not isinstance(img, Image):

@@ -87,7 +87,7 @@ def _open_over(image_cls: type[Image], path: str, format: str, opts: _Options,
                          path=path, hint="pass a larger max_chain_depth if the chain is "
                          "meant to be this deep")
     if new is not None:
-        new = (os.dup(new[0]), new[1])
+        new = (os.dup(new[0]), new[1], new[2])
     top = _open_one(image_cls, path, format, False, opts, set(), new)
     top._backing = below
     top._backing_path = below_path
@@ -138,8 +138,9 @@ def _attach_chain(top: Image, opts: _Options, seen: set[tuple[int, int]]) -> Non
 
 
 #: A QCOW2 file ``create`` has just written: a read-write descriptor of it (the image opened
-#: on it takes it over) and its header, known without reading the file back.
-_NewFile = tuple[int, fmt.Header]
+#: on it takes it over), its header and the cluster indexes of its refcount blocks (sorted;
+#: its L1 is all zero), known without reading the file back.
+_NewFile = tuple[int, fmt.Header, tuple[int, ...]]
 
 
 def _open_one(image_cls: type[Image], path: str, format: str | None, readonly: bool,
@@ -174,7 +175,8 @@ def _open_one(image_cls: type[Image], path: str, format: str | None, readonly: b
             header = _prepare_rw(fd, path, header, size)
         try:
             core = _core.CoreImage(fd, not readonly,
-                                   _geometry(header, snap_size) if header is not None else None)
+                                   _geometry(header, snap_size) if header is not None else None,
+                                   new[2] if new is not None else None)
         except ValueError as e:
             raise CorruptImage(str(e), path=path) from None
         except OSError as e:

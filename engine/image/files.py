@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import resource
 import stat
 from typing import NoReturn
@@ -147,10 +148,13 @@ def _fd_headroom(n_images: int) -> None:
 
 class _CreateSync:
     """fdatasync a new file, then fsync its folder, on a native thread (no GIL needed, so it
-    overlaps the open); wait() closes the descriptors and returns the fdatasync error."""
+    overlaps the open); wait() closes the descriptors and returns the fdatasync error (once
+    done, every later or concurrent wait returns the same)."""
 
     def __init__(self, fd: int, folder: str):
         self._fd = fd
+        self._lock = threading.Lock()
+        self._done: tuple[OSError | None] | None = None
         try:
             self._dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -163,11 +167,14 @@ class _CreateSync:
             raise
 
     def wait(self) -> OSError | None:
-        err = self._job.wait()
-        os.close(self._fd)
-        if self._dfd >= 0:
-            os.close(self._dfd)
-        return OSError(err, os.strerror(err)) if err else None
+        with self._lock:
+            if self._done is None:
+                err = self._job.wait()
+                os.close(self._fd)
+                if self._dfd >= 0:
+                    os.close(self._dfd)
+                self._done = (OSError(err, os.strerror(err)) if err else None,)
+            return self._done[0]
 
 
 def _unlink_quietly(path: str) -> None:

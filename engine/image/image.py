@@ -83,6 +83,8 @@ class Image:
     _opts: _Options
     #: (the backing image they were worked out for, _Below facts of the chain under it)
     _below_memo: tuple[Image, _BelowFacts] | None
+    #: create(durable=False): the sync of the new file and its name, not waited for yet
+    _created: Any
 
     def __init__(self) -> None:  # built by _open_image only
         raise TypeError("use engine.open() or engine.create()")
@@ -103,6 +105,7 @@ class Image:
         self._lock = lock
         self._backing_path = backing_path
         self._below_memo = None
+        self._created = None
         self._closed = False
         self._released = False
         self._close_lock = threading.Lock()
@@ -331,6 +334,25 @@ class Image:
     def flush(self) -> None:
         """Make every write issued before this call durable (D1). A failed flush is sticky."""
         self._core.flush()      # checks open; a read-only image has nothing to write back
+        if self._created is not None:
+            self.sync_created()
+
+    def sync_created(self) -> None:
+        """Wait until the file ``create(..., durable=False)`` made, and its name, are
+        durable (the sync ran meanwhile on a helper thread); nothing to do for any other
+        image, or the second time.
+
+        Raises:
+            EngineIOError: the sync failed: the file may not survive a crash.
+        """
+        err = self._wait_created()
+        if err is not None:
+            raise io_error(err.errno or errno.EIO, "cannot write the new image",
+                           path=self._path) from None
+
+    def _wait_created(self) -> OSError | None:
+        sync = self._created            # its wait is idempotent and thread-safe
+        return sync.wait() if sync is not None else None
 
     def close(self) -> None:
         """Flush, trim the file, unmap, release locks; close the backing chain. Idempotent.
@@ -341,10 +363,14 @@ class Image:
             self._closed = True
         err: EngineError | None = None
         try:
+            self.sync_created()
+        except EngineError as e:
+            err = e
+        try:
             # flush, trim and unmap under one exclusive hold of the core's lock
             self._core.close(flush=not self._readonly)
         except EngineError as e:
-            err = e
+            err = err or e
         finally:
             img: Image | None = self
             while img is not None:          # a loop: chains may be 1000 deep
@@ -421,6 +447,7 @@ class Image:
             if self._released:
                 return
             self._released = self._closed = True
+        self._wait_created()
         _destination.unregister(self._in_use)
         self._core.close()
         os.close(self._fd)

@@ -44,13 +44,15 @@ def _check_backing_name(name: str, overlay_dir: str, allow_unsafe: bool,
         if ".." in name.split("/"):
             raise UnsafeBackingReference(name, f"backing file {name!r} leaves the overlay's folder")
     full = os.path.join(overlay_dir, name)
-    if not allow_unsafe:
+    # a plain name that is not a symbolic link stays in the folder: only a name with a
+    # folder in it, or a link, is resolved and compared with the folder's real path
+    if not allow_unsafe and ("/" in name or os.path.islink(full)):
         root = real_dirs.get(overlay_dir) if real_dirs is not None else None
         if root is None:
             root = os.path.realpath(overlay_dir)
             if real_dirs is not None:
                 real_dirs[overlay_dir] = root
-        real = os.path.realpath(full) if os.path.islink(full) or "/" in name else os.path.join(root, name)
+        real = os.path.realpath(full)
         if not real.startswith(root + os.sep):
             raise UnsafeBackingReference(name, f"backing file {name!r} resolves outside the "
                                          "overlay's folder")

@@ -504,14 +504,17 @@ class Context:
                 c.release_leaf()
 
     def create_overlay(self, rel: str, parent: VolumeRow, size: int, cluster_size: int, *,
-                       verify: bool = True, below: Image | None = None) -> Image:
+                       verify: bool = True, below: Image | None = None,
+                       durable: bool = True) -> Image:
         """A new empty qcow2 overlay backed by PARENT (bare name, format recorded), returned
         open read-write with its chain: the caller makes it the chain's leaf handle, so that
         the chain is not opened a second time (opening costs one step per level).  BELOW:
         PARENT already open read-only with its chain (a snapshot's old leaf): the overlay is
         stacked on it, and the chain is not opened at all.  VERIFY: as for ``open_volume``.
         A chain's extended-L2 option lives in its volumes: the overlay has extended L2
-        entries when PARENT has (read from BELOW, else from PARENT's header)."""
+        entries when PARENT has (read from BELOW, else from PARENT's header).  DURABLE
+        False: the new file's sync still runs when this returns (``image.create``); the
+        caller calls ``sync_created()`` on the image before its catalog commit names it."""
         if below is not None:
             ext = below.extended_l2
         else:
@@ -521,5 +524,5 @@ class Context:
         img = image.create(self.abs(rel), size, format="qcow2", cluster_size=cluster_size,
                            backing=os.path.basename(parent.path),
                            backing_format=parent.format, backing_image=below,
-                           extended_l2=ext)
+                           extended_l2=ext, durable=durable)
         return self._verified(img) if verify else img

@@ -259,7 +259,7 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
         with journal.journaled(ctx, "snapshot", row.name,
                                {"created": [rel], "snapshot": sid}) as j:
             img = j.hold(ctx.create_overlay(rel, leaf, row.size, row.cluster_size,
-                                            verify=False, below=below.image))
+                                            verify=False, below=below.image, durable=False))
             below.stacked = True
             # the leaf is sealed now: record what it is, to notice later if it is changed
             sealed = ctx.volume_record(leaf, sealed=True, size=row.size)
@@ -275,6 +275,7 @@ def snapshot(ctx: Context, chain: Chain, description: str, force: bool) -> Snaps
                 ctx.cat.update_volume(leaf.id, **sealed)
                 ctx.cat.update_chain(row.name, leaf=vid)
                 ctx.cat.journal_end(j.jid)
+                img.sync_created()      # the new file is durable before the commit names it
             j.leaf_of(chain, img)
     return ctx.snapshot_of(snap)
 
@@ -314,7 +315,7 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
             journal.journaled(ctx, op, row.name, {"created": [rel], "snapshot": snap.id}) as j:
         ctx.verify_identity(below.image)
         img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size, verify=False,
-                                        below=below.image))
+                                        below=below.image, durable=False))
         below.stacked = True
         j.step("created")
         with ctx.cat.transaction():
@@ -326,6 +327,7 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
                 ctx.cat.journal_commit(j.jid, {"remove": j.remove})
             else:
                 ctx.cat.journal_end(j.jid)
+            img.sync_created()          # the new file is durable before the commit names it
         j.leaf_of(chain, img)
 
 
@@ -428,7 +430,7 @@ def _clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
     vid, rel = ctx.new_volume("qcow2")
     with journal.journaled(ctx, "clone", name, {"created": [rel], "snapshot": snap.id,
                                                 "origin": row.name}) as j:
-        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size))
+        img = j.hold(ctx.create_overlay(rel, base, size, row.cluster_size, durable=False))
         j.step("created")
         with ctx.cat.transaction():
             ctx.cat.insert_chain(ChainRow(name, size, row.cluster_size, now(), vid,
@@ -442,6 +444,7 @@ def _clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
                 if role != v.role:
                     ctx.cat.update_volume(v.id, role=role)
             ctx.cat.journal_end(j.jid)
+            img.sync_created()          # the new file is durable before the commit names it
         j.leaf_of(name, img)
     return ctx.chain(name)
 
