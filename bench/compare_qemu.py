@@ -1221,31 +1221,42 @@ def _md_medians(mo, kind: str, path: str, p: dict, rounds: int, n: int) -> dict:
 
 
 def fig_snapshot_cases(res, p, d):
-    """Snapshot creation medians through the Repository API (metadata_ops: build_measured,
-    then worker_snapshot in a fresh process, rounds on a copy of the repository)."""
+    """Snapshot creation medians through the Repository API (metadata_ops: build_measured
+    for every case first, then worker_snapshot in fresh processes, the cases interleaved
+    round after round on copies of their repositories)."""
     import metadata_ops as mo
 
     depth, bg = p["md_depth"], p["md_background"]
+    paths, vols = {}, {}
+    for key, size, deep, many in SNAP_CASES:
+        paths[key] = os.path.join(d, f"md-{key}")
+        shutil.rmtree(paths[key], ignore_errors=True)
+        log(f"snapshot creation: {key}: building through the API")
+        mo.build_measured(engine, paths[key], size, depth if deep else 5, bg if many else 0)
+        vols[key] = mo.volume_count(paths[key])
+    if p["md_fresh_process"]:
+        log(f"snapshot creation: {p['md_rounds']} rounds over the {len(paths)} cases")
+        meds = mo.interleaved({k: (ENGINE_PARENT, v) for k, v in paths.items()}, "snapshot",
+                              p["md_rounds"], p["md_n"])
+    else:
+        meds = {k: _md_medians(mo, "snapshot", v, p, 1, p["md_n"]) for k, v in paths.items()}
+    for path in paths.values():
+        shutil.rmtree(path, ignore_errors=True)
     ref = None
     for key, size, deep, many in SNAP_CASES:
-        path = os.path.join(d, f"md-{key}")
-        shutil.rmtree(path, ignore_errors=True)
-        log(f"snapshot creation: {key}: building through the API")
-        mo.build_measured(engine, path, size, depth if deep else 5, bg if many else 0)
-        vols = mo.volume_count(path)
-        med = _md_medians(mo, "snapshot", path, p, p["md_rounds"], p["md_n"])
-        shutil.rmtree(path, ignore_errors=True)
+        med = meds[key]
         wall, cpu = med["snapshot"], med["snapshot/cpu"]
         ref = ref if ref is not None else wall
         ratio = wall / ref
         res.add(key, f"snapshot creation, {'1 TiB' if size == TiB else '1 GiB'}, depth "
-                f"{depth if deep else 5}, {vols:,} volumes (Chain.snapshot, median ms)",
+                f"{depth if deep else 5}, {vols[key]:,} volumes (Chain.snapshot, median ms)",
                 "1 GiB, depth 5, few volumes", ref, wall, "ms", ratio, "< 2 ms, <= 1.3x",
                 wall < 2.0 and ratio <= 1.3,
                 f"CPU {cpu:.2f} ms; median of {p['md_rounds']} rounds x {p['md_n']} snapshots "
                 f"(each undone by an untimed revert), metadata_ops.worker_snapshot "
-                f"{'in a fresh process per round' if p['md_fresh_process'] else 'in this process'}"
-                f"; the first snapshot of a process (not in the median) "
+                + (f"in a fresh process per round, the {len(SNAP_CASES)} cases interleaved"
+                   if p["md_fresh_process"] else "in this process")
+                + f"; the first snapshot of a process (not in the median) "
                 f"{med['first snapshot']:.2f} ms ({med['first snapshot/cpu']:.2f} CPU)")
 
 

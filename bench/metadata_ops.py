@@ -188,25 +188,35 @@ def load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def interleaved(jobs: dict[str, tuple[str, str]], kind: str, rounds: int,
+                n: int) -> dict[str, dict[str, float]]:
+    """JOBS: {key: (engine source tree, master repository)}.  A copy of each master, then
+    ROUNDS rounds in which each job's worker runs once (N samples, a fresh process), in an
+    order rotated round after round, so that a slow spell of a shared machine falls on every
+    job alike; the median of each operation's samples, per job."""
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in jobs}
+    copies = {}
+    for i, (k, (_, master)) in enumerate(jobs.items()):
+        copies[k] = f"{master}.j{i}"
+        shutil.rmtree(copies[k], ignore_errors=True)
+        shutil.copytree(master, copies[k])
+    # the copies' writeback is not the operations' to wait for: their syncs would join it
+    os.sync()
+    keys = list(jobs)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            for op, ts in run_worker(jobs[k][0], kind, copies[k], n).items():
+                samples[k].setdefault(op, []).extend(ts)
+    for k in keys:
+        shutil.rmtree(copies[k], ignore_errors=True)
+    return {k: {op: statistics.median(ts) for op, ts in samples[k].items()} for k in keys}
+
+
 def side_by_side(engines: list[str], kind: str, master: str, rounds: int,
                  n: int) -> dict[str, dict[str, float]]:
     """Copies of MASTER, one per engine; ROUNDS rounds of N samples each, the engines
     alternating; the median of each operation's samples, per engine."""
-    samples: dict[str, dict[str, list[float]]] = {e: {} for e in engines}
-    copies = {}
-    for i, e in enumerate(engines):
-        copies[e] = f"{master}.e{i}"
-        shutil.rmtree(copies[e], ignore_errors=True)
-        shutil.copytree(master, copies[e])
-    # the copies' writeback is not the operations' to wait for: their syncs would join it
-    os.sync()
-    for r in range(rounds):
-        for e in (engines if r % 2 == 0 else engines[::-1]):
-            for op, ts in run_worker(e, kind, copies[e], n).items():
-                samples[e].setdefault(op, []).extend(ts)
-    for e in engines:
-        shutil.rmtree(copies[e], ignore_errors=True)
-    return {e: {op: statistics.median(ts) for op, ts in samples[e].items()} for e in engines}
+    return interleaved({e: (e, master) for e in engines}, kind, rounds, n)
 
 
 def _cell(med: dict[str, float], op: str) -> str:
