@@ -199,11 +199,11 @@ def _layout(size: int, cluster_size: int, compat: str, refcount_bits: int,
                                         tuple[int, ...]]:
     """``fmt.new_image_layout`` of these options, from a template, as (header, file length,
     [(offset, bytes)] of the pages that are not all zero, the cluster indexes of the
-    refcount blocks, sorted).  Two new files with the same
-    options and backing names of the same length differ only in the bytes of the name, at
-    the header's ``backing_file_offset`` (in the first page).  Every overlay of a chain has
-    the same options and a name of the same length, so a snapshot lays out no file; the
-    template was laid out (and every option checked) by the first."""
+    refcount blocks, sorted).  Two new files with the same options and backing names of the
+    same length differ only in the bytes of the name, at the header's
+    ``backing_file_offset`` (in the first page).  Every overlay of a chain has the same
+    options and a name of the same length, so a snapshot lays out no file; the template was
+    laid out (and every option checked) by the first."""
     name = None if backing is None else fmt.encode_name(backing, "backing file name")
     # typed: a value equal to a valid one but of another type (16.0) is refused by the
     # layout, never served from a template
@@ -251,6 +251,8 @@ def _write_layout(fd: int, length: int, pages: list[tuple[int, bytes]]) -> None:
     for at, page in pages:
         if os.pwrite(fd, page, at) != len(page):
             raise OSError(errno.EIO, "short write")
+
+
 def _check_backing_image(img: Any, full: str, backing_format: str) -> None:
     """``create``'s backing_image: an open read-only Image of the file FULL, in that format."""
     if not isinstance(img, Image):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import resource
 import stat
+import threading
 from typing import NoReturn
 
 from engine import _core
