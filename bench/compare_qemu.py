@@ -159,12 +159,14 @@ PROFILES = {
     "full": dict(base=1 * GiB, overlays=10, overlay_bytes=16 * MiB, deep_base=256 * MiB,
                  deep_depth=200, rss_depth=200, snap_reps=50, min_time=1.0, repeat=5,
                  merge_bytes=256 * MiB, pull_bytes=512 * MiB, md_depth=300,
-                 md_background=400, md_rounds=4, md_n=20, md_max_volumes=100000,
+                 md_background=400, md_rounds=4, md_snap_rounds=8, md_n=20,
+                 md_max_volumes=100000,
                  md_fresh_process=True),
     "quick": dict(base=32 * MiB, overlays=10, overlay_bytes=1 * MiB, deep_base=8 * MiB,
                   deep_depth=10, rss_depth=20, snap_reps=3, min_time=0.03, repeat=1,
                   merge_bytes=8 * MiB, pull_bytes=16 * MiB, md_depth=8,
-                  md_background=4, md_rounds=1, md_n=2, md_max_volumes=100,
+                  md_background=4, md_rounds=1, md_snap_rounds=1, md_n=2,
+                  md_max_volumes=100,
                   md_fresh_process=False),
 }
 
@@ -1235,9 +1237,9 @@ def fig_snapshot_cases(res, p, d):
         mo.build_measured(engine, paths[key], size, depth if deep else 5, bg if many else 0)
         vols[key] = mo.volume_count(paths[key])
     if p["md_fresh_process"]:
-        log(f"snapshot creation: {p['md_rounds']} rounds over the {len(paths)} cases")
+        log(f"snapshot creation: {p['md_snap_rounds']} rounds over the {len(paths)} cases")
         meds = mo.interleaved({k: (ENGINE_PARENT, v) for k, v in paths.items()}, "snapshot",
-                              p["md_rounds"], p["md_n"])
+                              p["md_snap_rounds"], p["md_n"])
     else:
         meds = {k: _md_medians(mo, "snapshot", v, p, 1, p["md_n"]) for k, v in paths.items()}
     for path in paths.values():
@@ -1252,7 +1254,7 @@ def fig_snapshot_cases(res, p, d):
                 f"{depth if deep else 5}, {vols[key]:,} volumes (Chain.snapshot, median ms)",
                 "1 GiB, depth 5, few volumes", ref, wall, "ms", ratio, "< 2 ms, <= 1.3x",
                 wall < 2.0 and ratio <= 1.3,
-                f"CPU {cpu:.2f} ms; median of {p['md_rounds']} rounds x {p['md_n']} snapshots "
+                f"CPU {cpu:.2f} ms; median of {p['md_snap_rounds']} rounds x {p['md_n']} snapshots "
                 f"(each undone by an untimed revert), metadata_ops.worker_snapshot "
                 + (f"in a fresh process per round, the {len(SNAP_CASES)} cases interleaved"
                    if p["md_fresh_process"] else "in this process")
