@@ -57,10 +57,11 @@ def _timed(out: dict[str, list[float]], key: str, fn: Any) -> None:
     out.setdefault(key + "/cpu", []).append((time.process_time() - c) * 1e3)
 
 
-def _snapshot_and_back(c: Any, out: dict[str, list[float]]) -> str:
+def _snapshot_and_back(c: Any, out: dict[str, list[float]], prev: str | None = None) -> str:
     """Time a snapshot of chain C and a revert to the snapshot before it (the depth stays);
-    returns that snapshot's id."""
-    prev: str = c.snapshots[-1].id
+    returns that snapshot's id.  PREV: its id when the caller knows it (a revert back to it
+    leaves it the newest again), else it is read from the chain's list of snapshots."""
+    prev = c.snapshots[-1].id if prev is None else prev
     _timed(out, "snapshot", lambda: c.snapshot())
     _timed(out, "revert", lambda: c.revert(prev))
     return prev
@@ -76,11 +77,11 @@ def worker_snapshot(engine: Any, repo_path: str, n: int) -> dict[str, list[float
         c = repo.chain("m")
         c.read(0, 4096)
         first: dict[str, list[float]] = {}
-        _snapshot_and_back(c, first)
+        prev = _snapshot_and_back(c, first)
         out["first snapshot"] = first["snapshot"]
         out["first snapshot/cpu"] = first["snapshot/cpu"]
         for _ in range(n):
-            _snapshot_and_back(c, out)
+            _snapshot_and_back(c, out, prev)
     return out
 
 
@@ -109,8 +110,9 @@ def worker_ops(engine: Any, repo_path: str, n: int) -> dict[str, list[float]]:
     with engine.Repository.open(repo_path) as repo:
         c = repo.chain("m")
         c.read(0, 4096)
+        prev = c.snapshots[-1].id               # the newest again after each round
         for i in range(n):
-            prev = _snapshot_and_back(c, out)
+            _snapshot_and_back(c, out, prev)
 
             def preview_undo() -> None:
                 c.preview(prev)

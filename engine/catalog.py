@@ -485,10 +485,15 @@ class SqlCatalog:
     def snapshot(self, sid: str) -> SnapshotRow | None:
         return self._row(SnapshotRow, "id", sid)
 
-    def snapshots(self, chain: str | None = None) -> list[SnapshotRow]:
-        """The snapshots of CHAIN (of every chain when None), oldest first."""
+    def snapshots(self, chain: str | None = None, *,
+                  after: int | None = None) -> list[SnapshotRow]:
+        """The snapshots of CHAIN (of every chain when None), oldest first; AFTER (a seq):
+        only those taken after that snapshot of the chain."""
         if chain is None:
             return self._rows(SnapshotRow, "ORDER BY seq")
+        if after is not None:
+            return self._rows(SnapshotRow, "WHERE chain = ? AND seq > ? ORDER BY seq",
+                              (chain, after))
         return self._rows(SnapshotRow, "WHERE chain = ? ORDER BY seq", (chain,))
 
     def insert_snapshot(self, row: SnapshotRow) -> None:

@@ -333,9 +333,8 @@ def _new_leaf_on(ctx: Context, op: str, chain: Chain, row: ChainRow, snap: Snaps
 
 def _drop_newer(ctx: Context, row: ChainRow, snap: SnapshotRow) -> None:
     assert snap.seq is not None                  # a row read from the catalog has one
-    for s in ctx.cat.snapshots(row.name):
-        if s.seq is not None and s.seq > snap.seq:
-            ctx.cat.delete_snapshot(s.id)
+    for s in ctx.cat.snapshots(row.name, after=snap.seq):
+        ctx.cat.delete_snapshot(s.id)
 
 
 def _settle(ctx: Context, dropped: list[str] | None, top: str, root: str) -> list[str]:
