@@ -417,7 +417,9 @@ def clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
 
 
 def _clone(ctx: Context, chain: Chain, sid: str, name: str) -> Chain:
-    row = _prepare(ctx, chain, allow_preview=True)
+    # the source chain's leaf handle stays open: a clone reads only sealed volumes under it
+    # (shared read locks beside the handle's), and the next write need not reopen the chain
+    row = _prepare(ctx, chain, allow_preview=True, release=False)
     check_name(name)
     snap = ctx.find_snapshot(row.name, sid)
     if ctx.cat.chain(name) is not None:
