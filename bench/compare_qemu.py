@@ -1212,14 +1212,23 @@ MD_SIZES = [10, 100, 1000, 10000, 100000]
 MD_OPS = ["snapshot", "revert", "preview+undo", "clone", "delete_chain", "open+read"]
 
 
-def _md_medians(mo, kind: str, path: str, p: dict, rounds: int, n: int) -> dict:
-    """Medians of metadata_ops' worker KIND ("snapshot" or "ops") on the repository at PATH:
-    in fresh processes on this engine's source tree, ROUNDS rounds of N samples on a copy
-    (metadata_ops.side_by_side), or with --quick in this process, on PATH itself."""
-    if not p["md_fresh_process"]:
+def _md_medians(mo, kind: str, paths: dict, p: dict, rounds: int, what: str) -> dict:
+    """Medians of metadata_ops' worker KIND ("snapshot" or "ops") on the repositories PATHS
+    ({key: path}), per key: in fresh processes on this engine's source tree, ROUNDS rounds of
+    md_n samples, the repositories interleaved round after round on their copies
+    (metadata_ops.interleaved), or with --quick in this process, on each path itself.  The
+    repositories are removed afterwards."""
+    if p["md_fresh_process"]:
+        log(f"{what}: {rounds} rounds over {len(paths)} repositories")
+        meds = mo.interleaved({k: (ENGINE_PARENT, v) for k, v in paths.items()}, kind,
+                              rounds, p["md_n"])
+    else:
         fn = {"snapshot": mo.worker_snapshot, "ops": mo.worker_ops}[kind]
-        return {op: statistics.median(ts) for op, ts in fn(engine, path, n).items()}
-    return mo.side_by_side([ENGINE_PARENT], kind, path, rounds, n)[ENGINE_PARENT]
+        meds = {k: {op: statistics.median(ts) for op, ts in fn(engine, v, p["md_n"]).items()}
+                for k, v in paths.items()}
+    for path in paths.values():
+        shutil.rmtree(path, ignore_errors=True)
+    return meds
 
 
 def fig_snapshot_cases(res, p, d):
@@ -1236,14 +1245,7 @@ def fig_snapshot_cases(res, p, d):
         log(f"snapshot creation: {key}: building through the API")
         mo.build_measured(engine, paths[key], size, depth if deep else 5, bg if many else 0)
         vols[key] = mo.volume_count(paths[key])
-    if p["md_fresh_process"]:
-        log(f"snapshot creation: {p['md_snap_rounds']} rounds over the {len(paths)} cases")
-        meds = mo.interleaved({k: (ENGINE_PARENT, v) for k, v in paths.items()}, "snapshot",
-                              p["md_snap_rounds"], p["md_n"])
-    else:
-        meds = {k: _md_medians(mo, "snapshot", v, p, 1, p["md_n"]) for k, v in paths.items()}
-    for path in paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    meds = _md_medians(mo, "snapshot", paths, p, p["md_snap_rounds"], "snapshot creation")
     ref = None
     for key, size, deep, many in SNAP_CASES:
         med = meds[key]
@@ -1285,14 +1287,7 @@ def fig_md_scale(res, p, d):
     # the same samples at every size: with fewer per process, the first operations of a
     # process (its statement compilations, first touches of the catalog's pages) weigh on
     # the median of the largest catalog only
-    if p["md_fresh_process"]:
-        log(f"metadata operations: {p['md_rounds']} rounds over {len(paths)} sizes")
-        meds = mo.interleaved({k: (ENGINE_PARENT, v) for k, v in paths.items()}, "ops",
-                              p["md_rounds"], p["md_n"])
-    else:
-        meds = {k: _md_medians(mo, "ops", v, p, 1, p["md_n"]) for k, v in paths.items()}
-    for path in paths.values():
-        shutil.rmtree(path, ignore_errors=True)
+    meds = _md_medians(mo, "ops", paths, p, p["md_rounds"], "metadata operations")
     ref = None
     for total in MD_SIZES:
         key = f"mdops_{total}"
