@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+#: The flag bits of the core's block status rows (start, length, depth, flags, offset):
+#: some layer allocates the range; it reads as zeros; reading touches stored data; the
+#: offset column is the raw host offset at that depth; the data is compressed.
+BS_PRESENT, BS_ZERO, BS_DATA, BS_OFFSET, BS_COMPRESSED = 1, 2, 4, 8, 16
+
 
 class Extent(NamedTuple):
     """A run of guest bytes with one allocation status; the fields mean what the fields of

@@ -41,7 +41,8 @@ from engine.errors import (
 )
 from engine.image.chain import _attach_chain, _geometry, _open_image, _Options, \
     _validate_snapshots, _virtual_size
-from engine.image.extent import Extent
+from engine.image.extent import BS_COMPRESSED, BS_DATA, BS_OFFSET, BS_PRESENT, BS_ZERO, \
+    Extent
 from engine.image.files import _check_file_length, _read_head
 from engine.metaio import meta_sync, meta_write as _meta_write
 from engine.image.locks import _Lock
@@ -466,9 +467,10 @@ class Image:
         runs = self._core.block_status(offset, n).tolist()
         out = []
         for start, ln, depth, flags, off in runs:
-            present = bool(flags & 1)
-            out.append(Extent(start, ln, bool(flags & 4), bool(flags & 2), depth,
-                              off if flags & 8 else None, present, bool(flags & 16)))
+            present = bool(flags & BS_PRESENT)
+            out.append(Extent(start, ln, bool(flags & BS_DATA), bool(flags & BS_ZERO), depth,
+                              off if flags & BS_OFFSET else None, present,
+                              bool(flags & BS_COMPRESSED)))
         return out
 
     @overload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from engine.image.extent import BS_DATA, BS_PRESENT, BS_ZERO
 from engine.ops._copy import Run
 from engine.ops.runs import coalesce
 
@@ -33,15 +34,11 @@ def layer_runs(image: Image, depth: int = 0, *, keep_zeros: bool = True,
     # Extent for each would cost more than the merge that follows.
     st = image._core.block_status(0, image.size)
     flags, d = st[:, 3], st[:, 2]
-    zero = (flags & _F_ZERO != 0) & (flags & _F_DATA == 0)
-    keep = (flags & _F_PRESENT != 0) & (d >= lo) & (d <= depth)
+    zero = (flags & BS_ZERO != 0) & (flags & BS_DATA == 0)
+    keep = (flags & BS_PRESENT != 0) & (d >= lo) & (d <= depth)
     if not keep_zeros:
         keep &= ~zero
     return coalesce(zip(st[keep, 0].tolist(), st[keep, 1].tolist(), zero[keep].tolist()))
-
-
-#: Flags of the core's block status (``Image.extents`` reads the same bits).
-_F_PRESENT, _F_ZERO, _F_DATA = 1, 2, 4
 
 
 def allocated_bytes(image: Image, depth: int = 0, *, keep_zeros: bool = True) -> int:
