@@ -61,6 +61,10 @@ def nbd_send_read(img: CoreImage, sock: int, offset: int, length: int, cookie: i
 def nbd_serve_reads(img: CoreImage, sock: int, buf: bytearray, start: int, end: int,
                     size: int, mode: int, sparse_min: int, max_len: int,
                     max_requests: int, writes: bool = False) -> tuple[int, int, int, int]: ...
+#: The most read bytes one reply sendmsg of ``nbd_serve_reads`` answers.
+nbd_batch_bytes: int
+#: WRITEs shorter than this that rewrite one owned cluster are received in place.
+nbd_inplace_max: int
 def nbd_recv_write(img: CoreImage, sock: int, buf: bytearray, start: int, end: int,
                    offset: int, length: int) -> tuple[int, int, bool]: ...
 def _arm_from_env() -> None: ...

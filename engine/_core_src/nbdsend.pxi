@@ -275,6 +275,8 @@ ctypedef struct NbdReq:
 
 DEF NBD_BATCH = 64                  # requests answered by one sendmsg at most
 DEF NBD_BATCH_BYTES = 1 << 20       # and their payload bytes (one larger read goes alone)
+#: For the server's Python side (engine.nbd.conn): the most read bytes one sendmsg answers.
+nbd_batch_bytes = NBD_BATCH_BYTES
 
 
 cdef int nbd_build(NbdPieces *P, NbdReq *q, iovec *iov, int k, int cap,
@@ -609,6 +611,8 @@ cdef extern from "<sys/ioctl.h>" nogil:
     unsigned long FIONREAD
 
 DEF NBD_INPLACE_MAX = 16384             # as store_pieces: smaller stores go through the mapping
+#: For the server's Python side: writes shorter than this may be received in place.
+nbd_inplace_max = NBD_INPLACE_MAX
 
 
 cdef int nbd_rewrite_host(Layer *L, uint64_t vaddr, uint64_t n, uint64_t *host) noexcept nogil:

@@ -33,7 +33,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._core import nbd_send_read, nbd_serve_reads
+from engine._core import nbd_batch_bytes, nbd_inplace_max, nbd_send_read, nbd_serve_reads
 from engine.nbd import proto
 from engine.nbd.export import CONTEXTS, Export, RequestError, nbd_error
 from engine.nbd.handshake import ProtocolError, Session
@@ -43,15 +43,15 @@ from engine.nbd.wire import Disconnected, Wire
 #: handoff to a worker).
 INLINE_MAX = 128 << 10
 #: Writes shorter than this that rewrite one cluster the top layer owns are received straight
-#: into its mapping (the engine's NBD_INPLACE_MAX; larger ones go through a buffer and pwrite).
-INPLACE_MAX = 16 << 10
+#: into its mapping (the engine's rule; larger ones go through a buffer and pwrite).
+INPLACE_MAX = nbd_inplace_max
 #: Reads at least this large ask the engine where the zeros are and send those as holes.
 SPARSE_READ_MIN = 64 << 10
 #: The reader's arena for the replies to a batch of small reads.
 _ARENA = 1 << 20
-#: The engine's loop answers at most this many bytes of reads in one sendmsg (its
-#: NBD_BATCH_BYTES; a single larger read goes alone).
-_BATCH_BYTES = 1 << 20
+#: The engine's loop answers at most this many bytes of reads in one sendmsg (a single
+#: larger read goes alone).
+_BATCH_BYTES = nbd_batch_bytes
 #: Bytes of WRITE payload buffers kept for reuse per size class (at least one buffer).
 _KEEP_PAYLOADS = 16 << 20
 #: Read buffers up to this size are kept per thread and reused.
